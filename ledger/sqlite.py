@@ -1,0 +1,83 @@
+"""The one place llorch talks to SQLite from trio: aiosqlite, bridged with trio-asyncio.
+
+``open_database`` yields a ``Database`` whose methods are plain trio coroutines. sqlite3 errors are translated
+into StoreError at this boundary, with the cause in the message.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+import aiosqlite
+import trio_asyncio
+
+from ledger import limits
+from ledger.errors import StoreError
+
+
+class Database:
+    """A single aiosqlite connection in autocommit mode; use ``transaction()`` for atomic writes."""
+
+    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+        self._connection = connection
+        self.path = path
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await self._call(self._connection.execute, sql, params)
+
+    async def executescript(self, sql: str) -> None:
+        await self._call(self._connection.executescript, sql)
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
+        return await self._call(self._fetch, sql, params, True)
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return await self._call(self._fetch, sql, params, False)
+
+    async def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run statements in one IMMEDIATE transaction; commit (durable under synchronous=FULL) or roll back."""
+        await self._call(self._transaction, statements)
+
+    async def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        await self._connection.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                await self._connection.execute(sql, params)
+            await self._connection.execute("COMMIT")
+        except BaseException:
+            if self._connection.in_transaction:
+                await self._connection.execute("ROLLBACK")
+            raise
+
+    async def _fetch(self, sql: str, params: Sequence[Any], one: bool) -> Any:
+        async with self._connection.execute(sql, params) as cursor:
+            return await (cursor.fetchone() if one else cursor.fetchall())
+
+    async def _call(self, function, *args) -> Any:
+        try:
+            return await trio_asyncio.aio_as_trio(function)(*args)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite error on {self.path}: {exc}") from None
+
+
+@asynccontextmanager
+async def open_database(path: Path) -> AsyncIterator[Database]:
+    """Open (creating if needed) a SQLite file in WAL mode with synchronous=FULL: a commit is durable on return."""
+    async with trio_asyncio.open_loop():
+        try:
+            connection = await trio_asyncio.aio_as_trio(aiosqlite.connect)(
+                str(path), isolation_level=None, timeout=limits.SQLITE_BUSY_TIMEOUT_MS / 1000)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite database {path}: {exc}") from None
+        database = Database(connection, Path(path))
+        try:
+            await database.execute("PRAGMA journal_mode=WAL")
+            await database.execute("PRAGMA synchronous=FULL")
+            yield database
+        finally:
+            await trio_asyncio.aio_as_trio(connection.close)()
