@@ -129,9 +129,15 @@ class Engine:
             trio.from_thread.run(send.send, piece)
 
         async def pump() -> None:
+            # If emit fails (the reader is gone), closing the channel makes the thread's next send fail, and the
+            # thread stops before sampling another token; the result then says "cancelled".
             async with receive:
                 async for piece in receive:
-                    await emit(piece)
+                    try:
+                        await emit(piece)
+                    except Exception:
+                        stop_requested.set()
+                        return
 
         async def run_thread() -> Generation:
             try:

@@ -48,7 +48,7 @@ def ledger_origin(provider_key: bytes) -> str:
 
 # --- field checking ---------------------------------------------------------------------------------------------
 
-def _check(name: str, kind: str, value: Any) -> None:
+def check_field(name: str, kind: str, value: Any) -> None:
     if kind == "uint":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT64_MAX:
             raise EncodingError(f"field {name!r} must be an unsigned integer, got {value!r}")
@@ -67,11 +67,14 @@ def _check(name: str, kind: str, value: Any) -> None:
     elif kind == "map":
         if not isinstance(value, dict):
             raise EncodingError(f"field {name!r} must be a map")
+    elif kind == "list":
+        if not isinstance(value, list):
+            raise EncodingError(f"field {name!r} must be an array")
     else:
         raise AssertionError(f"unknown field kind {kind}")
 
 
-class _Signed:
+class SignedObject:
     """Shared strict parsing for signed dataclasses. Subclasses set SIGNED_TYPE, FIELDS and SIGNER_FIELD."""
 
     SIGNED_TYPE: ClassVar[str]
@@ -80,7 +83,7 @@ class _Signed:
 
     def __post_init__(self) -> None:
         for name, kind in self.FIELDS.items():
-            _check(name, kind, getattr(self, name))
+            check_field(name, kind, getattr(self, name))
         if self.v != VERSION:
             raise EncodingError(f"{self.SIGNED_TYPE} version {self.v} is not supported (this build speaks {VERSION})")
         self._validate()
@@ -134,7 +137,7 @@ def check_sampling(sampling: dict) -> None:
     if set(sampling) != expected:
         raise EncodingError(f"sampling must have exactly the fields {sorted(expected)}")
     for name, kind in SAMPLING_FIELDS.items():
-        _check(f"sampling.{name}", kind, sampling[name])
+        check_field(f"sampling.{name}", kind, sampling[name])
     if sampling["temperature_ppm"] > 2_000_000:
         raise EncodingError("sampling.temperature_ppm must be at most 2,000,000 (temperature 2.0)")
     if not 0 < sampling["top_p_ppm"] <= 1_000_000:
@@ -147,7 +150,7 @@ def check_sampling(sampling: dict) -> None:
 
 
 @dataclass(frozen=True)
-class Ticket(_Signed):
+class Ticket(SignedObject):
     """The gateway's signed order to one provider: serve this request, under these parameters, at these prices."""
 
     SIGNED_TYPE: ClassVar[str] = "ticket"
@@ -181,7 +184,7 @@ class Ticket(_Signed):
 
 
 @dataclass(frozen=True)
-class Receipt(_Signed):
+class Receipt(SignedObject):
     """The provider's signed account of one served request, and one entry of its hash-chained ledger."""
 
     SIGNED_TYPE: ClassVar[str] = "receipt"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 import aiosqlite
+import trio
 import trio_asyncio
 
 from ledger import limits
@@ -80,4 +81,5 @@ async def open_database(path: Path) -> AsyncIterator[Database]:
             await database.execute("PRAGMA synchronous=FULL")
             yield database
         finally:
-            await trio_asyncio.aio_as_trio(connection.close)()
+            with trio.CancelScope(shield=True):  # on shutdown too: an unclosed connection's thread blocks exit
+                await trio_asyncio.aio_as_trio(connection.close)()

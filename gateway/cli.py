@@ -1,0 +1,109 @@
+"""The `llorch` command: every subcommand of every role, in one parser.
+
+    llorch demo                          a local network (gateway + one node) on 127.0.0.1, until Ctrl-C
+    llorch gateway start --config F      run the gateway
+    llorch node start --config F         run a provider node          (node info --config F)
+    llorch keys new PATH                 create a key file (0600)
+    llorch ledger verify PATH            audit a ledger offline
+    llorch models list | fetch [ID]      the pinned model catalog
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ledger import cli as ledger_cli
+from node import cli as node_cli
+from node.errors import NodeError
+from node.lifecycle import configure_logging, run_until_signal
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llorch", description="llorch: a peer-to-peer market for LLM inference with signed receipts.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    demo = subparsers.add_parser("demo", help="run a local network (gateway + provider node) until Ctrl-C")
+    demo.add_argument("--dir", type=Path, default=Path(".llorch-demo"), help="working directory (default: %(default)s)")
+    demo.add_argument("--http-port", type=int, default=8000, help="gateway HTTP port on 127.0.0.1 (default: 8000)")
+    demo.add_argument("--nodes", type=int, default=1, help="provider nodes to start (default: 1)")
+    demo.set_defaults(handler=demo_command)
+
+    gateway = subparsers.add_parser("gateway", help="run the gateway")
+    gateway_sub = gateway.add_subparsers(dest="gateway_command", required=True)
+    start = gateway_sub.add_parser("start", help="serve the OpenAI-compatible API and place requests on providers")
+    start.add_argument("--config", type=Path, required=True, help="gateway.toml ([gateway] table; env LLORCH_GATEWAY_*)")
+    start.set_defaults(handler=gateway_start)
+
+    node_cli.add_commands(subparsers)
+    ledger_cli.add_commands(subparsers)
+    return parser
+
+
+def gateway_start(args: argparse.Namespace) -> int:
+    from gateway.config import load_gateway_config
+    from gateway.run import run_gateway
+    from ledger.errors import LedgerError
+
+    configure_logging()
+    try:
+        config = load_gateway_config(args.config)
+        return run_until_signal(lambda: run_gateway(config))
+    except (NodeError, LedgerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from gateway.localnet import LocalNetwork
+    from node.models import DEFAULT_MODEL_ID, fetch_model
+
+    fetch_model(DEFAULT_MODEL_ID)
+    network = LocalNetwork(args.dir, http_port=args.http_port)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True) or (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        network.start_gateway()
+        for index in range(args.nodes):
+            network.start_node(f"node{index + 1}", threads=2 if args.nodes == 1 else 1)
+        network.wait_for_providers(args.nodes)
+        print(_banner(network), flush=True)
+        while True:
+            network._check_alive()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping the local network ...", flush=True)
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        codes = network.stop()
+        print(f"stopped: {codes}; logs, ledgers and keys are in {network.workdir}", flush=True)
+
+
+def _banner(network) -> str:
+    base_url = network.base_url
+    return f"""
+llorch local network is up: 1 gateway, {len(network.nodes)} provider node(s) on 127.0.0.1
+  model      smollm2-135m-instruct-q4_1
+  base_url   {base_url}
+  api key    {network.api_key}
+
+Try it:
+  curl -s {base_url}/chat/completions \\
+    -H "Authorization: Bearer {network.api_key}" -H "Content-Type: application/json" \\
+    -d '{{"model": "smollm2-135m-instruct-q4_1", "seed": 42, "messages": [{{"role": "user", "content": "Say hello."}}]}}'
+
+Audit a provider's ledger:  llorch ledger verify {network.workdir / 'node1.ledger.sqlite'}
+Press Ctrl-C to stop.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)

@@ -1,0 +1,34 @@
+"""`[gateway]` in gateway.toml: one frozen dataclass, loaded with node.config.load_config."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.config import load_config
+from node.errors import ConfigError
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    key_file: Path
+    db_path: Path
+    api_key_sha256: str                       # hex sha256 of the one API key (the key itself is never stored)
+    tenant: str = "default"
+    p2p_listen_addr: str = "/ip4/127.0.0.1/tcp/0"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    state_file: Path | None = None            # written once up: peer id, multiaddrs, base_url (JSON)
+
+    def __post_init__(self) -> None:
+        if not SHA256_HEX.match(self.api_key_sha256):
+            raise ConfigError("gateway.api_key_sha256 must be 64 lowercase hex characters (sha256 of the key)")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError("gateway.http_port must be in 0..65535")
+
+
+def load_gateway_config(path: Path) -> GatewayConfig:
+    return load_config(GatewayConfig, path, "gateway", "LLORCH_GATEWAY_")

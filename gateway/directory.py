@@ -1,0 +1,39 @@
+"""The gateway's view of the market: the latest valid attestation of every provider, fed by gossip.
+
+Attestations arrive on ``llorch/attestations/1``; ``observe`` keeps one per provider and enforces that seq strictly
+increases (a replayed or reordered attestation is dropped with a logged reason).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from node.attestation import Attestation
+from node.errors import AttestationRejected
+from gateway import limits
+
+log = logging.getLogger("llorch.gateway")
+
+
+class ProviderDirectory:
+    def __init__(self) -> None:
+        self._latest: dict[bytes, Attestation] = {}
+
+    def observe(self, attestation: Attestation) -> None:
+        """Keep ``attestation`` if it is newer than what we have; raise AttestationRejected otherwise."""
+        known = self._latest.get(attestation.provider_key)
+        if known is not None and attestation.seq <= known.seq:
+            raise AttestationRejected(f"seq {attestation.seq} is not above the last seen seq {known.seq} (replay?)")
+        if known is None and len(self._latest) >= limits.ATTESTATIONS_KEPT_MAX:
+            self._forget_expired_or_oldest()
+        self._latest[attestation.provider_key] = attestation
+
+    def fresh(self, now_ms: int) -> list[Attestation]:
+        return [a for a in self._latest.values() if a.expires_ms > now_ms]
+
+    def get(self, provider_key: bytes) -> Attestation | None:
+        return self._latest.get(provider_key)
+
+    def _forget_expired_or_oldest(self) -> None:
+        oldest = min(self._latest.values(), key=lambda a: a.expires_ms)
+        del self._latest[oldest.provider_key]

@@ -1,0 +1,62 @@
+"""Errors raised by the gateway package. Each maps to one OpenAI-shaped HTTP error.
+
+    GatewayError (status, type, code)     base: ``to_http()`` gives the status and OpenAI error body
+    ├── AuthError                  401  missing or wrong API key
+    ├── BadRequest                 400  malformed body or unsupported parameter (``param`` names it)
+    ├── ModelNotFound              404  model not in the catalog
+    ├── NoProvider                 503  no fresh provider offers the model with a free slot
+    └── ProviderFailed             502  every candidate failed, or a provider broke the protocol mid-stream
+        └── ReceiptRejected        502  the provider's receipt does not match the ticket or the relayed output
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class AuthError(GatewayError):
+    """Raised when the Authorization header is missing or the key is unknown. Remedy: send `Bearer <key>`."""
+
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class BadRequest(GatewayError):
+    """Raised when the request body is malformed or asks for something unsupported; ``param`` names the field."""
+
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class ModelNotFound(GatewayError):
+    """Raised when the requested model is not in the catalog. Remedy: GET /v1/models."""
+
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class NoProvider(GatewayError):
+    """Raised when no fresh provider offers the model with a free slot. Retry later."""
+
+    status, type, code = 503, "service_unavailable", "no_provider"
+
+
+class ProviderFailed(GatewayError):
+    """Raised when every candidate provider failed or one broke the protocol after tokens were sent."""
+
+    status, type, code = 502, "provider_error", "provider_failed"
+
+
+class ReceiptRejected(ProviderFailed):
+    """Raised when a receipt fails the gateway's checks; the request is not billed and the provider is suspect."""
+
+    code = "receipt_rejected"

@@ -1,0 +1,172 @@
+"""A local llorch network on 127.0.0.1: one gateway and N provider nodes, each its own OS process started through
+the `llorch` CLI. Used by `llorch demo` (the README's first command), the end-to-end tests and the benchmarks.
+
+Everything lives in one working directory: keys (0600), TOML configs, SQLite files, state files and logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ledger.signing import SigningKey, load_key_file, write_key_file
+
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 5.0
+
+
+def llorch_command() -> list[str]:
+    """The `llorch` console script of this interpreter's environment, or the module form if it is not installed."""
+    script = Path(sys.executable).parent / "llorch"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "gateway"]
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    state_path: Path
+
+    def state(self) -> dict | None:
+        try:
+            return json.loads(self.state_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def stop(self, signum: int = signal.SIGTERM) -> int | None:
+        """Signal the process and wait up to STOP_TIMEOUT_S; kill it if it does not exit. Returns its exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+            try:
+                self.popen.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+                return None
+        return self.popen.returncode
+
+
+@dataclass
+class LocalNetwork:
+    workdir: Path
+    http_port: int = 0
+    api_key: str = field(default_factory=lambda: "sk-llorch-" + secrets.token_urlsafe(24))
+    gateway: Process | None = None
+    nodes: list[Process] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+    def key(self, name: str) -> SigningKey:
+        path = self.workdir / f"{name}.key"
+        if not path.exists():
+            write_key_file(path, SigningKey.generate())
+        return load_key_file(path)
+
+    def start_gateway(self) -> dict:
+        self.key("gateway")
+        config = self.workdir / "gateway.toml"
+        config.write_text(
+            "[gateway]\n"
+            'key_file = "gateway.key"\n'
+            'db_path = "gateway.sqlite"\n'
+            f'api_key_sha256 = "{hashlib.sha256(self.api_key.encode()).hexdigest()}"\n'
+            f"http_port = {self.http_port}\n"
+            'state_file = "gateway.state.json"\n')
+        self.gateway = self._spawn("gateway", ["gateway", "start", "--config", str(config)], "gateway.state.json")
+        return self._wait_state(self.gateway)
+
+    def start_node(self, name: str, price_in: int = 100_000, price_out: int = 200_000, country: str = "DE",
+                   threads: int = 1, extra: str = "") -> dict:
+        assert self.gateway is not None, "start the gateway first"
+        gateway_state = self.gateway.state()
+        self.key(name)
+        config = self.workdir / f"{name}.toml"
+        config.write_text(
+            "[node]\n"
+            f'key_file = "{name}.key"\n'
+            f'ledger_path = "{name}.ledger.sqlite"\n'
+            f"bootstrap = {json.dumps(gateway_state['multiaddrs'])}\n"
+            f"trusted_gateways = {json.dumps([gateway_state['peer_id']])}\n"
+            f"threads_per_slot = {threads}\n"
+            f"attestation_interval_ms = 1000\n"
+            f"price_in_per_1m = {price_in}\n"
+            f"price_out_per_1m = {price_out}\n"
+            f'country = "{country}"\n'
+            f'state_file = "{name}.state.json"\n' + extra)
+        process = self._spawn(name, ["node", "start", "--config", str(config)], f"{name}.state.json")
+        self.nodes.append(process)
+        return self._wait_state(process)
+
+    def wait_for_providers(self, count: int, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Wait until the gateway has fresh attestations from ``count`` providers."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=2) as response:
+                    if json.loads(response.read())["providers"] >= count:
+                        return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the gateway did not see {count} providers within {timeout_s:g} s; see {self.workdir}")
+
+    @property
+    def base_url(self) -> str:
+        assert self.gateway is not None
+        return self.gateway.state()["base_url"]
+
+    @property
+    def http_url(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    def stop(self) -> dict[str, int | None]:
+        """SIGTERM every process (nodes first) and return their exit codes."""
+        codes = {process.name: process.stop() for process in self.nodes}
+        if self.gateway is not None:
+            codes["gateway"] = self.gateway.stop()
+        return codes
+
+    # -- internals ----------------------------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str], state_name: str) -> Process:
+        state_path = self.workdir / state_name
+        state_path.unlink(missing_ok=True)
+        log_path = self.workdir / f"{name}.log"
+        log = open(log_path, "ab")
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        popen = subprocess.Popen(llorch_command() + args, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env=environment)
+        log.close()
+        return Process(name, popen, log_path, state_path)
+
+    def _wait_state(self, process: Process) -> dict:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            state = process.state()
+            if state is not None:
+                return state
+            if process.popen.poll() is not None:
+                raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:\n"
+                                   f"{process.log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{process.name} did not come up within {READY_TIMEOUT_S:g} s; see {process.log_path}")
+
+    def _check_alive(self) -> None:
+        for process in [self.gateway, *self.nodes]:
+            if process is not None and process.popen.poll() is not None:
+                raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:\n"
+                                   f"{process.log_path.read_text()[-3000:]}")

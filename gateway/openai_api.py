@@ -1,0 +1,93 @@
+"""Step (1) of a request: the OpenAI chat-completions request, parsed strictly, and the response shapes.
+
+Floats from the customer (temperature, top_p) are converted once, here, into integer parts per million; nothing
+downstream sees a float.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway import limits
+from gateway.errors import BadRequest
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=200_000)
+    name: str | None = Field(default=None, max_length=64)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The subset of OpenAI's chat-completions body llorch serves; anything else is a 400 naming the field."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=128)
+    messages: list[Message] = Field(min_length=1, max_length=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    max_tokens: int | None = Field(default=None, ge=1, le=limits.MAX_TOKENS_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=limits.MAX_TOKENS_MAX)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    user: str | None = Field(default=None, max_length=256)
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4 or any(not 0 < len(s) <= 64 for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings of at most 64 characters")
+        return stops
+
+    @property
+    def stop_list(self) -> list[str]:
+        return list(self.stop or [])
+
+    @property
+    def max_tokens_effective(self) -> int:
+        return self.max_tokens or self.max_completion_tokens or limits.MAX_TOKENS_DEFAULT
+
+    @property
+    def temperature_ppm(self) -> int:
+        return round(self.temperature * 1_000_000)
+
+    @property
+    def top_p_ppm(self) -> int:
+        return max(1, round(self.top_p * 1_000_000))
+
+    def prompt(self) -> dict:
+        """The prompt as the provider receives it (and as the prompt commitment hashes it)."""
+        return {"messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """Parse a request body; raise BadRequest naming the offending field."""
+    if len(body) > limits.HTTP_BODY_BYTES_MAX:
+        raise BadRequest(f"request body is {len(body)} bytes; the limit is {limits.HTTP_BODY_BYTES_MAX}")
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise BadRequest("request body must be a JSON object")
+    try:
+        return ChatRequest.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise BadRequest(f"invalid {param or 'body'}: {first['msg']}", param=param) from None

@@ -1,0 +1,84 @@
+"""Step (8) of a request: check the provider's receipt against the ticket and what was relayed, then keep it.
+
+``check_receipt`` is pure and raises ReceiptRejected naming the first mismatch. ``ReceiptBook`` stores accepted
+receipts (exact bytes) in the gateway's SQLite database, keyed by request_id.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+from gateway.errors import ReceiptRejected
+from ledger.errors import EncodingError, SignatureError
+from ledger.objects import Receipt, Ticket, prompt_commitment, sampling_sha256
+from ledger.signing import sha256
+from ledger.sqlite import Database, open_database
+
+
+def check_receipt(receipt_bytes: bytes, ticket: Ticket, ticket_bytes: bytes, salt: bytes, prompt: dict,
+                  relayed_text: str) -> Receipt:
+    """Return the receipt if it is signed by the ticket's provider and matches the ticket and the relayed text."""
+    try:
+        receipt = Receipt.from_envelope(receipt_bytes)
+    except (EncodingError, SignatureError) as exc:
+        raise ReceiptRejected(f"receipt is invalid: {exc}") from None
+    expected = {
+        "provider_key": ticket.provider_key, "request_id": ticket.request_id, "ticket_sha256": sha256(ticket_bytes),
+        "gateway_key": ticket.gateway_key, "tenant": ticket.tenant, "model_id": ticket.model_id,
+        "model_sha256": ticket.model_sha256, "seed": ticket.sampling["seed"],
+        "sampling_sha256": sampling_sha256(ticket.sampling), "price_in": ticket.price_in,
+        "price_out": ticket.price_out, "currency": ticket.currency,
+        "prompt_commitment": prompt_commitment(salt, prompt),
+        "output_sha256": sha256(relayed_text.encode("utf-8")),
+    }
+    for name, value in expected.items():
+        if getattr(receipt, name) != value:
+            raise ReceiptRejected(f"receipt {name} does not match the ticket or the relayed output")
+    if receipt.tokens_out > ticket.sampling["max_tokens"]:
+        raise ReceiptRejected(f"receipt bills {receipt.tokens_out} output tokens, the ticket allowed "
+                              f"{ticket.sampling['max_tokens']}")
+    if receipt.amount != receipt.expected_amount():
+        raise ReceiptRejected(f"receipt amount {receipt.amount} is not tokens × prices ({receipt.expected_amount()})")
+    if receipt.finish_reason == "cancelled":
+        raise ReceiptRejected("receipt says the request was cancelled, but the gateway relayed it to the end")
+    return receipt
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS receipts (
+    request_id   TEXT PRIMARY KEY,
+    provider_key BLOB NOT NULL,
+    tenant       TEXT NOT NULL,
+    amount       INTEGER NOT NULL,
+    currency     TEXT NOT NULL,
+    ticket       BLOB NOT NULL,
+    receipt      BLOB NOT NULL
+);
+"""
+
+
+class ReceiptBook:
+    """Receipts the gateway accepted, with the ticket each answers. Open with ``ReceiptBook.open(path)``."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: Path) -> AsyncIterator["ReceiptBook"]:
+        async with open_database(path) as database:
+            await database.executescript(SCHEMA)
+            yield cls(database)
+
+    async def record(self, receipt: Receipt, ticket_bytes: bytes, receipt_bytes: bytes) -> None:
+        await self._database.transaction([(
+            "INSERT INTO receipts (request_id, provider_key, tenant, amount, currency, ticket, receipt) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (receipt.request_id, receipt.provider_key, receipt.tenant, receipt.amount, receipt.currency,
+             ticket_bytes, receipt_bytes))])
+
+    async def count(self) -> int:
+        row = await self._database.fetchone("SELECT COUNT(*) FROM receipts")
+        return row[0]

@@ -1,0 +1,80 @@
+"""`llorch gateway start`: the libp2p host listening to attestation gossip, and the HTTP API, in one trio run."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from libp2p.peer.id import ID
+
+from gateway.config import GatewayConfig
+from gateway.directory import ProviderDirectory
+from gateway.http_api import build_app
+from gateway.receipts import ReceiptBook
+from gateway.service import Gateway
+from ledger.signing import load_key_file
+from node.attestation import TOPIC, parse_attestation
+from node.errors import AttestationRejected
+from node.lifecycle import write_state_file
+from node.p2p import P2P, peer_key_of, running_host
+from node.stream_io import now_ms
+
+log = logging.getLogger("llorch.gateway")
+
+
+def _sender_key(message) -> bytes | None:
+    try:
+        return peer_key_of(ID(message.from_id))
+    except Exception:  # a malformed from_id: the attestation check below names the problem
+        return None
+
+
+def validate_attestation_message(peer_id, message) -> bool:
+    """GossipSub topic validator: never raises, logs why a message is dropped."""
+    try:
+        parse_attestation(message.data, _sender_key(message), now_ms())
+        return True
+    except AttestationRejected as exc:
+        log.warning("dropped attestation from %s: %s", peer_id, exc)
+        return False
+    except Exception:
+        log.exception("attestation validator failed; dropping the message")
+        return False
+
+
+async def follow_attestations(p2p: P2P, directory: ProviderDirectory) -> None:
+    """Drain the attestation subscription into the directory (a full subscription channel would drop messages)."""
+    p2p.pubsub.set_topic_validator(TOPIC, validate_attestation_message, False)
+    subscription = await p2p.pubsub.subscribe(TOPIC)
+    while True:
+        message = await subscription.get()
+        try:
+            attestation = parse_attestation(message.data, _sender_key(message), now_ms())
+            known = directory.get(attestation.provider_key)
+            directory.observe(attestation)
+            if known is None:
+                log.info("provider %s joined: %s", ID(message.from_id), ", ".join(m["id"] for m in attestation.models))
+        except AttestationRejected as exc:
+            log.debug("attestation not kept: %s", exc)
+
+
+async def run_gateway(config: GatewayConfig) -> None:
+    key = load_key_file(config.key_file)
+    directory = ProviderDirectory()
+    async with ReceiptBook.open(config.db_path) as receipts, running_host(key, config.p2p_listen_addr) as p2p:
+        gateway = Gateway(config, key, p2p, directory, receipts)
+        http = HypercornConfig()
+        http.bind = [f"{config.http_host}:{config.http_port}"]
+        http.accesslog = None
+        http.graceful_timeout = 2.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow_attestations, p2p, directory)
+            bound = await nursery.start(lambda task_status: serve(build_app(gateway), http,
+                                                                  task_status=task_status))
+            base_url = f"{bound[0]}/v1" if bound else f"http://{config.http_host}:{config.http_port}/v1"
+            addrs = [f"{addr}/p2p/{p2p.peer_id}" if "/p2p/" not in addr else addr for addr in p2p.addrs()]
+            write_state_file(config.state_file, {"peer_id": p2p.peer_id, "multiaddrs": addrs, "base_url": base_url})
+            log.info("gateway %s: OpenAI base_url %s; libp2p %s", p2p.peer_id, base_url, ", ".join(addrs))
+            await trio.sleep_forever()

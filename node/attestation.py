@@ -1,0 +1,108 @@
+"""Signed capacity/geo attestations, gossiped on ``llorch/attestations/1``.
+
+A provider signs one every interval; the gateway keeps the latest valid one per provider. Validation order
+(each step raises AttestationRejected with the reason): size cap → canonical envelope → fields → signature →
+sender is the signer → clock skew → expiry → seq strictly increasing (checked by the directory that keeps them).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ledger.errors import EncodingError, SignatureError
+from ledger.objects import SignedObject, check_field
+from node import limits
+from node.errors import AttestationRejected
+
+TOPIC = "llorch/attestations/1"
+COUNTRY_PATTERN = re.compile(r"^[A-Z]{2}$")
+# Member states of the EU (ISO 3166-1 alpha-2). A claim only counts for EU-only routing once certified.
+EU_COUNTRIES = frozenset(
+    "AT BE BG HR CY CZ DK EE FI FR DE GR HU IE IT LV LT LU MT NL PL PT RO SK SI ES SE".split())
+
+
+@dataclass(frozen=True)
+class Attestation(SignedObject):
+    SIGNED_TYPE: ClassVar[str] = "attestation"
+    SIGNER_FIELD: ClassVar[str] = "provider_key"
+    FIELDS: ClassVar[dict[str, str]] = {
+        "v": "uint", "provider_key": "key", "seq": "uint", "issued_ms": "uint", "expires_ms": "uint",
+        "addrs": "list", "models": "list", "engine_build": "str", "slots_total": "uint", "slots_free": "uint",
+        "queue_depth": "uint", "wait_ms": "uint", "price_in": "uint", "price_out": "uint", "currency": "str",
+        "geo": "map", "sla": "map",
+    }
+
+    v: int
+    provider_key: bytes
+    seq: int
+    issued_ms: int
+    expires_ms: int
+    addrs: list
+    models: list
+    engine_build: str
+    slots_total: int
+    slots_free: int
+    queue_depth: int
+    wait_ms: int
+    price_in: int
+    price_out: int
+    currency: str
+    geo: dict
+    sla: dict
+
+    def _validate(self) -> None:
+        if not 0 < len(self.addrs) <= limits.ATTESTATION_ADDRS_MAX:
+            raise EncodingError(f"attestation needs 1..{limits.ATTESTATION_ADDRS_MAX} addrs")
+        for addr in self.addrs:
+            check_field("addrs[]", "str", addr)
+            if not addr.startswith("/"):
+                raise EncodingError(f"addr {addr!r} is not a multiaddr")
+        if not 0 < len(self.models) <= limits.ATTESTATION_MODELS_MAX:
+            raise EncodingError(f"attestation needs 1..{limits.ATTESTATION_MODELS_MAX} models")
+        for model in self.models:
+            if not isinstance(model, dict) or set(model) != {"id", "sha256", "context_tokens"}:
+                raise EncodingError("each model is a map {id, sha256, context_tokens}")
+            check_field("models[].id", "str", model["id"])
+            check_field("models[].sha256", "hash", model["sha256"])
+            check_field("models[].context_tokens", "uint", model["context_tokens"])
+        if self.slots_free > self.slots_total:
+            raise EncodingError("slots_free exceeds slots_total")
+        if self.expires_ms <= self.issued_ms:
+            raise EncodingError("expires_ms must be after issued_ms")
+        if set(self.geo) != {"country", "region"} or not isinstance(self.geo["country"], str) \
+                or not COUNTRY_PATTERN.match(self.geo["country"]):
+            raise EncodingError("geo must be {country: ISO 3166-1 alpha-2, region: str}")
+        check_field("geo.region", "str", self.geo["region"])
+        if set(self.sla) != {"uptime_ppm", "ttft_ms"}:
+            raise EncodingError("sla must be {uptime_ppm, ttft_ms}")
+        check_field("sla.uptime_ppm", "uint", self.sla["uptime_ppm"])
+        check_field("sla.ttft_ms", "uint", self.sla["ttft_ms"])
+        if not self.currency.isupper() or len(self.currency) != 3:
+            raise EncodingError("currency must be an ISO 4217 code")
+
+    def offers(self, model_id: str, sha256: bytes) -> bool:
+        return any(m["id"] == model_id and m["sha256"] == sha256 for m in self.models)
+
+
+def parse_attestation(data: bytes, sender_key: bytes | None, now_ms: int) -> Attestation:
+    """Validate gossiped bytes into an Attestation or raise AttestationRejected with the reason.
+
+    ``sender_key`` is the Ed25519 key of the gossip message's originator (None when unknown); it must be the
+    attestation's signer, so nobody can republish someone else's capacity under their own message.
+    """
+    if len(data) > limits.ATTESTATION_BYTES_MAX:
+        raise AttestationRejected(f"attestation is {len(data)} bytes, limit {limits.ATTESTATION_BYTES_MAX}")
+    try:
+        attestation = Attestation.from_envelope(data)
+    except (EncodingError, SignatureError) as exc:
+        raise AttestationRejected(f"invalid attestation: {exc}") from None
+    if sender_key is not None and sender_key != attestation.provider_key:
+        raise AttestationRejected("attestation published by a peer other than its signer")
+    if attestation.issued_ms > now_ms + limits.ATTESTATION_CLOCK_SKEW_MS:
+        raise AttestationRejected(
+            f"attestation issued {attestation.issued_ms - now_ms} ms in the future: check the provider's clock")
+    if attestation.expires_ms <= now_ms:
+        raise AttestationRejected(f"attestation expired {now_ms - attestation.expires_ms} ms ago")
+    return attestation

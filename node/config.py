@@ -1,0 +1,124 @@
+"""Configuration: one small frozen dataclass per role, loaded from TOML with ``LLORCH_<ROLE>_<FIELD>`` env overrides.
+
+``load_config`` is shared by the node and the gateway: it reads one TOML table, applies env overrides, converts
+each value to the field's type, resolves relative paths against the config file's directory, and names the field
+in every error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from inference.catalog import DEFAULT_MODEL_ID
+from node import limits
+from node.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """``[node]`` in node.toml."""
+
+    key_file: Path
+    ledger_path: Path
+    bootstrap: tuple[str, ...]               # gateway multiaddrs, /ip4/.../tcp/.../p2p/<peer id>
+    trusted_gateways: tuple[str, ...]        # peer ids whose tickets this node accepts
+    listen_addr: str = "/ip4/127.0.0.1/tcp/0"
+    models: tuple[str, ...] = (DEFAULT_MODEL_ID,)
+    model_cache_dir: Path | None = None
+    slots: int = 1
+    threads_per_slot: int = 2
+    context_tokens: int = 2048
+    batch_tokens: int = 512
+    attestation_interval_ms: int = limits.ATTESTATION_INTERVAL_MS_DEFAULT
+    price_in_per_1m: int = 100_000           # minor units (micro-EUR) per 1M input tokens
+    price_out_per_1m: int = 200_000          # minor units per 1M output tokens
+    currency: str = "EUR"
+    country: str = "DE"
+    region: str = "eu-central"
+    sla_uptime_ppm: int = 990_000
+    sla_ttft_ms: int = 1_000
+    state_file: Path | None = None           # written once the node is up: peer id and listen addrs (JSON)
+
+    def __post_init__(self) -> None:
+        if self.slots < 1 or self.slots > 64:
+            raise ConfigError("node.slots must be in 1..64")
+        if self.threads_per_slot < 1:
+            raise ConfigError("node.threads_per_slot must be at least 1")
+        if self.attestation_interval_ms < 100:
+            raise ConfigError("node.attestation_interval_ms must be at least 100")
+        if len(self.models) != 1:
+            raise ConfigError("node.models must name exactly one catalog model: run one node process per model")
+        if not self.trusted_gateways:
+            raise ConfigError("node.trusted_gateways is empty: no ticket could ever be accepted")
+
+
+def load_config(cls, path: Path, section: str, env_prefix: str):
+    """Build ``cls`` from table ``section`` of the TOML file at ``path``, with env overrides."""
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = dict(document.get(section, {}))
+    hints = typing.get_type_hints(cls)
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys in [{section}]: {sorted(unknown)}")
+    for name in known:
+        override = os.environ.get(f"{env_prefix}{name.upper()}")
+        if override is not None:
+            table[name] = override
+    values = {}
+    for name, raw in table.items():
+        values[name] = _convert(f"{section}.{name}", hints[name], raw, path.parent)
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: [{section}] {exc}") from None
+
+
+def _convert(name: str, hint, raw, base: Path):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if raw in (None, ""):
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, list):
+            raise ConfigError(f"{name} must be a list")
+        return tuple(_convert(name, args[0], item.strip() if isinstance(item, str) else item, base)
+                     for item in items if item != "")
+    if hint is Path:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{name} must be a path string")
+        candidate = Path(raw).expanduser()
+        return candidate if candidate.is_absolute() else base / candidate
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return raw.lower() in ("1", "true", "yes")
+        raise ConfigError(f"{name} must be true or false")
+    if hint is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{name} must be an integer")
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if hint is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{name} must be a string")
+        return raw
+    raise AssertionError(f"config field {name} has unsupported type {hint}")

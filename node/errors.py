@@ -1,0 +1,36 @@
+"""Errors raised by the node package.
+
+    NodeError                    base
+    ├── ConfigError              node.toml (or an env override) is missing a field or has a bad value
+    ├── ProtocolError            a peer broke /llorch/infer/1: bad frame, oversized frame, frame out of order
+    │                            (a remote fault: drop the stream, keep serving others)
+    ├── TicketRejected           a ticket is not acceptable here (untrusted gateway, wrong provider, expired,
+    │                            replayed request_id, model not offered); carries the error code sent back
+    └── AttestationRejected      a gossiped attestation failed validation (size, signature, skew, seq, expiry)
+"""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Base class of every error the node package raises on purpose."""
+
+
+class ConfigError(NodeError):
+    """Raised when a config file or env override is invalid; the message names the field and the remedy."""
+
+
+class ProtocolError(NodeError):
+    """Raised when the remote side of a stream protocol breaks it; the stream must be reset."""
+
+
+class TicketRejected(NodeError):
+    """Raised when a provider refuses a ticket; ``code`` is sent to the gateway in an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class AttestationRejected(NodeError):
+    """Raised when an attestation must be dropped; the message is logged as the reason."""

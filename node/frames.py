@@ -1,0 +1,160 @@
+"""Frames of /llorch/infer/1 and their byte encoding: unsigned-varint length, then a canonical msgpack map.
+
+Every frame map has a "t" key naming its type; the other keys are fixed per type (docs/protocol.md, "Frames").
+Frames are frozen dataclasses validated when built; ``decode_frame`` parses strictly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from ledger import canonical
+from ledger.errors import EncodingError
+from node import limits
+from node.errors import ProtocolError
+
+
+@dataclass(frozen=True)
+class Request:
+    """client → server: a signed ticket, the prompt-commitment salt, and the prompt."""
+
+    TYPE: ClassVar[str] = "request"
+    ticket: bytes
+    salt: bytes
+    prompt: dict
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ticket, bytes) or not self.ticket:
+            raise ProtocolError("request.ticket must be non-empty bin")
+        if not isinstance(self.salt, bytes) or len(self.salt) != limits.SALT_BYTES:
+            raise ProtocolError(f"request.salt must be {limits.SALT_BYTES} bytes")
+        check_prompt(self.prompt)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """server → client: the request has a slot; token frames follow."""
+
+    TYPE: ClassVar[str] = "accepted"
+
+
+@dataclass(frozen=True)
+class Busy:
+    """server → client: no free slot right now; try another provider."""
+
+    TYPE: ClassVar[str] = "busy"
+    reason: str
+
+    def __post_init__(self) -> None:
+        _check_text("busy.reason", self.reason, limits.ERROR_MESSAGE_CHARS_MAX)
+
+
+@dataclass(frozen=True)
+class Token:
+    """server → client: the next piece of output text; ``index`` counts token frames from 0."""
+
+    TYPE: ClassVar[str] = "token"
+    index: int
+    text: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
+            raise ProtocolError("token.index must be an unsigned integer")
+        _check_text("token.text", self.text, limits.TOKEN_TEXT_CHARS_MAX)
+
+
+@dataclass(frozen=True)
+class Final:
+    """server → client: the signed receipt, already durable in the provider's ledger."""
+
+    TYPE: ClassVar[str] = "final"
+    receipt: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.receipt, bytes) or not self.receipt:
+            raise ProtocolError("final.receipt must be non-empty bin")
+
+
+@dataclass(frozen=True)
+class Error:
+    """server → client: the request failed; ``code`` is stable, ``message`` says why."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+
+    def __post_init__(self) -> None:
+        _check_text("error.code", self.code, 64)
+        _check_text("error.message", self.message, limits.ERROR_MESSAGE_CHARS_MAX)
+
+
+Frame = Request | Accepted | Busy | Token | Final | Error
+FRAME_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (Request, Accepted, Busy, Token, Final, Error)}
+
+
+def _check_text(name: str, value: object, chars_max: int) -> None:
+    if not isinstance(value, str) or len(value) > chars_max:
+        raise ProtocolError(f"{name} must be a str of at most {chars_max} characters")
+
+
+def check_prompt(prompt: object) -> None:
+    """A prompt is {"messages": [{"role": str, "content": str}, ...]} with known roles."""
+    if not isinstance(prompt, dict) or set(prompt) != {"messages"} or not isinstance(prompt["messages"], list):
+        raise ProtocolError('prompt must be a map {"messages": [...]}')
+    if not 0 < len(prompt["messages"]) <= 256:
+        raise ProtocolError("prompt must have 1..256 messages")
+    for message in prompt["messages"]:
+        if (not isinstance(message, dict) or set(message) != {"role", "content"}
+                or message["role"] not in ("system", "user", "assistant")
+                or not isinstance(message["content"], str)):
+            raise ProtocolError('each message must be {"role": system|user|assistant, "content": str}')
+
+
+def encode_frame(frame: Frame) -> bytes:
+    body = canonical.encode({"t": frame.TYPE, **{f.name: getattr(frame, f.name) for f in fields(frame)}})
+    return encode_uvarint(len(body)) + body
+
+
+def decode_frame(body: bytes) -> Frame:
+    """Parse one frame body (without its length prefix)."""
+    try:
+        value = canonical.decode(body)
+    except EncodingError as exc:
+        raise ProtocolError(f"frame is not canonical msgpack: {exc}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("t"), str):
+        raise ProtocolError('a frame is a map with a str "t"')
+    cls = FRAME_TYPES.get(value.pop("t"))
+    if cls is None:
+        raise ProtocolError("unknown frame type")
+    expected = {f.name for f in fields(cls)}
+    if set(value) != expected:
+        raise ProtocolError(f"{cls.TYPE} frame must have exactly the fields {sorted(expected)}")
+    return cls(**value)
+
+
+def encode_uvarint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = number & 0x7F
+        number >>= 7
+        if number:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def decode_uvarint(buffer: bytes | bytearray, max_bytes: int = 4) -> tuple[int, int] | None:
+    """(value, bytes used), or None if the buffer ends mid-varint. Raise ProtocolError past ``max_bytes``."""
+    value = 0
+    for position in range(min(len(buffer), max_bytes)):
+        byte = buffer[position]
+        value |= (byte & 0x7F) << (7 * position)
+        if not byte & 0x80:
+            if position > 0 and byte == 0:
+                raise ProtocolError("frame length is not a minimal varint")
+            return value, position + 1
+    if len(buffer) >= max_bytes:
+        raise ProtocolError(f"frame length varint longer than {max_bytes} bytes")
+    return None

@@ -1,0 +1,103 @@
+"""/llorch/infer/1 as a sans-IO state machine: bytes in, frames out, bytes to send. No sockets here.
+
+Both ends drive the same class: the gateway as CLIENT (``request_inference`` in gateway/node_client.py), the provider
+as SERVER (``serve_inference`` in node/service.py). One stream carries one request:
+
+    AWAIT_REQUEST   --client: request-->            AWAIT_ADMISSION
+    AWAIT_ADMISSION --server: accepted-->           STREAMING
+    AWAIT_ADMISSION --server: busy | error-->       DONE
+    STREAMING       --server: token (index = n)-->  STREAMING
+    STREAMING       --server: final | error-->      DONE
+
+Anything else (a frame in the wrong state, from the wrong side, a token out of order, an oversized or malformed
+frame) raises ProtocolError and the stream must be reset.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from node import limits
+from node.errors import ProtocolError
+from node.frames import Accepted, Busy, Error, Final, Frame, Request, Token, decode_frame, decode_uvarint, encode_frame
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    AWAIT_REQUEST = "await_request"
+    AWAIT_ADMISSION = "await_admission"
+    STREAMING = "streaming"
+    DONE = "done"
+
+
+# (state, sender, frame type) -> next state. The transition table is the protocol.
+TRANSITIONS: dict[tuple[State, Role, type], State] = {
+    (State.AWAIT_REQUEST, Role.CLIENT, Request): State.AWAIT_ADMISSION,
+    (State.AWAIT_ADMISSION, Role.SERVER, Accepted): State.STREAMING,
+    (State.AWAIT_ADMISSION, Role.SERVER, Busy): State.DONE,
+    (State.AWAIT_ADMISSION, Role.SERVER, Error): State.DONE,
+    (State.STREAMING, Role.SERVER, Token): State.STREAMING,
+    (State.STREAMING, Role.SERVER, Final): State.DONE,
+    (State.STREAMING, Role.SERVER, Error): State.DONE,
+}
+
+
+class InferProtocol:
+    """One side of one /llorch/infer/1 stream."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
+        self.state = State.AWAIT_REQUEST
+        self.tokens_seen = 0
+        self._buffer = bytearray()
+
+    def send(self, frame: Frame) -> bytes:
+        """Advance the state for a frame we send; return its bytes. A local misuse raises AssertionError."""
+        try:
+            self._advance(self.role, frame)
+        except ProtocolError as exc:
+            raise AssertionError(f"{self.role.value} tried to send an invalid frame: {exc}") from None
+        return encode_frame(frame)
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes read from the peer. The buffer is bounded: more than one maximal frame is an error."""
+        self._buffer += data
+        if len(self._buffer) > limits.RECEIVE_BUFFER_BYTES_MAX:
+            raise ProtocolError(f"peer sent more than {limits.RECEIVE_BUFFER_BYTES_MAX} bytes without a whole frame")
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame from the peer, or None if more bytes are needed."""
+        header = decode_uvarint(self._buffer)
+        if header is None:
+            return None
+        length, used = header
+        cap = limits.REQUEST_FRAME_BYTES_MAX if self.state is State.AWAIT_REQUEST else limits.FRAME_BYTES_MAX
+        if length > cap:
+            raise ProtocolError(f"frame of {length} bytes exceeds the {cap}-byte limit in state {self.state.value}")
+        if len(self._buffer) < used + length:
+            return None
+        body = bytes(self._buffer[used:used + length])
+        del self._buffer[:used + length]
+        frame = decode_frame(body)
+        self._advance(self.peer_role, frame)
+        return frame
+
+    @property
+    def done(self) -> bool:
+        return self.state is State.DONE
+
+    def _advance(self, sender: Role, frame: Frame) -> None:
+        next_state = TRANSITIONS.get((self.state, sender, type(frame)))
+        if next_state is None:
+            raise ProtocolError(f"{frame.TYPE} frame from the {sender.value} is not allowed in state "
+                                f"{self.state.value}")
+        if isinstance(frame, Token):
+            if frame.index != self.tokens_seen:
+                raise ProtocolError(f"token frame {frame.index} arrived when {self.tokens_seen} was expected")
+            self.tokens_seen += 1
+        self.state = next_state

@@ -1,0 +1,68 @@
+"""Process lifecycle shared by `llorch node start` and `llorch gateway start`: logging, signals, state files.
+
+SIGINT and SIGTERM cancel the whole task tree; every task unwinds through its own ``finally``, so the process exits
+within a few seconds, with code 0 and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import trio
+
+log = logging.getLogger("llorch")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Log to stderr. Call after libp2p is imported: it configures its own loggers at import time."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # libp2p logs on its own non-propagating loggers; keep them quiet unless something is wrong.
+    for name in ("libp2p", "multiaddr", "hypercorn.error", "hypercorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+    for name in list(logging.root.manager.loggerDict):  # some libp2p modules pin their own logger to INFO
+        if name.startswith("libp2p."):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_until_signal(main: Callable[[], Awaitable[None]]) -> int:
+    """Run ``main`` in trio until it returns or SIGINT/SIGTERM arrives; return the process exit code."""
+
+    async def supervisor() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                async def watch() -> None:
+                    async for signum in signals:
+                        log.info("received %s: shutting down", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch)
+                await main()
+                nursery.cancel_scope.cancel()
+
+    trio.run(supervisor)
+    return 0
+
+
+def write_state_file(path: Path | None, state: dict) -> None:
+    """Atomically write a small JSON file telling other processes (the demo, tests) how to reach this one."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)

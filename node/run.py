@@ -1,0 +1,90 @@
+"""`llorch node start`: load the key, the engines and the ledger; run the libp2p host; gossip attestations;
+serve /llorch/infer/1 until a signal arrives."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import trio
+from libp2p.custom_types import TProtocol
+
+from inference import catalog
+from inference.engine import Engine
+from ledger.objects import VERSION
+from ledger.signing import SigningKey, load_key_file, public_key_of_peer_id
+from ledger.store import LedgerStore
+from node import limits
+from node.attestation import TOPIC, Attestation
+from node.config import NodeConfig
+from node.lifecycle import write_state_file
+from node.p2p import P2P, keep_connected, running_host
+from node.service import INFER_PROTOCOL_ID, EnginePool, ProviderService
+from node.stream_io import now_ms
+
+log = logging.getLogger("llorch.node")
+
+
+def load_engines(config: NodeConfig) -> tuple[EnginePool, dict[str, bytes]]:
+    """One engine per slot for the (first) offered model; the model file is checked against its pin first."""
+    entry = catalog.lookup(config.models[0])
+    catalog.verified_path(entry, config.model_cache_dir)
+    engines = [Engine.load(entry.id, config.model_cache_dir, threads=config.threads_per_slot,
+                           context_tokens=config.context_tokens, batch_tokens=config.batch_tokens)
+               for _ in range(config.slots)]
+    return EnginePool(engines), {entry.id: bytes.fromhex(entry.sha256)}
+
+
+def build_attestation(config: NodeConfig, key: SigningKey, p2p: P2P, pool: EnginePool, seq: int,
+                      issued_ms: int) -> bytes:
+    interval = config.attestation_interval_ms
+    busy = pool.total - len(pool.free)
+    attestation = Attestation(
+        v=VERSION, provider_key=key.public_key, seq=seq, issued_ms=issued_ms,
+        expires_ms=issued_ms + interval * limits.ATTESTATION_LIFETIME_INTERVALS,
+        addrs=p2p.addrs()[:limits.ATTESTATION_ADDRS_MAX],
+        models=[{"id": model_id, "sha256": digest, "context_tokens": config.context_tokens}
+                for model_id, digest in sorted(pool_models(pool).items())],
+        engine_build=pool.engines[0].fingerprint, slots_total=pool.total, slots_free=len(pool.free),
+        queue_depth=0, wait_ms=0 if pool.free else config.sla_ttft_ms * busy,
+        price_in=config.price_in_per_1m, price_out=config.price_out_per_1m, currency=config.currency,
+        geo={"country": config.country, "region": config.region},
+        sla={"uptime_ppm": config.sla_uptime_ppm, "ttft_ms": config.sla_ttft_ms},
+    )
+    return attestation.seal(key)
+
+
+def pool_models(pool: EnginePool) -> dict[str, bytes]:
+    return {engine.entry.id: bytes.fromhex(engine.entry.sha256) for engine in pool.engines}
+
+
+async def publish_attestations(config: NodeConfig, key: SigningKey, p2p: P2P, pool: EnginePool) -> None:
+    """Sign and gossip an attestation every interval. seq starts at the wall clock, so it grows across restarts."""
+    seq = 0
+    while True:
+        issued = now_ms()
+        seq = max(seq + 1, issued)
+        try:
+            await p2p.pubsub.publish(TOPIC, build_attestation(config, key, p2p, pool, seq, issued))
+        except Exception as exc:  # publishing with no peers yet, or a peer dropping mid-send: try next interval
+            log.debug("attestation publish failed: %s", exc)
+        await trio.sleep(config.attestation_interval_ms / 1000)
+
+
+async def run_node(config: NodeConfig) -> None:
+    key = load_key_file(config.key_file)
+    trusted = frozenset(public_key_of_peer_id(peer) for peer in config.trusted_gateways)
+    pool, offered = await trio.to_thread.run_sync(load_engines, config)
+    log.info("engine ready: %s × %d slots, build %s", ", ".join(offered), pool.total, pool.engines[0].fingerprint)
+    async with LedgerStore.open(config.ledger_path, key) as ledger:
+        service = ProviderService(key.public_key, trusted, pool, ledger, offered)
+        async with running_host(key, config.listen_addr) as p2p:
+            p2p.host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), service.serve_inference)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_connected, p2p, config.bootstrap)
+                nursery.start_soon(publish_attestations, config, key, p2p, pool)
+                write_state_file(config.state_file, {"peer_id": p2p.peer_id, "addrs": p2p.addrs(),
+                                                     "ledger": str(Path(config.ledger_path).resolve())})
+                log.info("node %s listening on %s; ledger %s (%d entries)", p2p.peer_id, ", ".join(p2p.addrs()),
+                         config.ledger_path, ledger.size)
+                await trio.sleep_forever()

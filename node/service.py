@@ -1,0 +1,191 @@
+"""The provider's side of one request: ``serve_inference`` handles one /llorch/infer/1 stream, hop by hop.
+
+  (5) read the request frame; check the ticket (signed by a trusted gateway, addressed to us, unexpired,
+      request_id unseen, model offered); take a free engine slot or answer BUSY at once;
+  (6) generate with the ticket's seed, streaming token frames;
+  (7) build the receipt, append it durably to the ledger, and only then send the final frame carrying it.
+
+Any failure is answered with an error frame when the stream still works, and never crashes the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from inference.engine import Engine, Sampling
+from inference.errors import InferenceError, RequestError
+from ledger.errors import EncodingError, LedgerError, SignatureError
+from ledger.objects import Ticket, amount_minor, prompt_commitment, sampling_sha256
+from ledger.signing import sha256
+from ledger.store import LedgerStore
+from node import limits
+from node.errors import ProtocolError, TicketRejected
+from node.frames import Accepted, Busy, Error, Final, Request, Token
+from node.infer_protocol import InferProtocol, Role
+from node.stream_io import close_quietly, now_ms, read_frame, write_frame
+
+log = logging.getLogger("llorch.node")
+
+INFER_PROTOCOL_ID = "/llorch/infer/1"
+
+
+@dataclass
+class EnginePool:
+    """The node's slots: one engine per slot, taken without waiting (a full pool means BUSY)."""
+
+    engines: list[Engine]
+    free: list[Engine] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.free = list(self.engines)
+
+    @property
+    def total(self) -> int:
+        return len(self.engines)
+
+    def try_take(self) -> Engine | None:
+        return self.free.pop() if self.free else None
+
+    def give_back(self, engine: Engine) -> None:
+        assert engine in self.engines and engine not in self.free
+        self.free.append(engine)
+
+
+class ProviderService:
+    """Serves /llorch/infer/1 for one node: tickets in, tokens and signed receipts out."""
+
+    def __init__(self, provider_key: bytes, trusted_gateway_keys: frozenset[bytes], pool: EnginePool,
+                 ledger: LedgerStore, offered: dict[str, bytes]) -> None:
+        self.provider_key = provider_key
+        self.trusted_gateway_keys = trusted_gateway_keys
+        self.pool = pool
+        self.ledger = ledger
+        self.offered = offered                      # model id -> sha256 of the file this node loaded
+        self._in_flight: set[str] = set()
+        self.served = 0
+
+    async def serve_inference(self, stream) -> None:
+        """Stream handler for /llorch/infer/1. Never raises: an exception here would take the host down."""
+        protocol = InferProtocol(Role.SERVER)
+        reset = True
+        try:
+            await self._serve(stream, protocol)
+            reset = False
+        except ProtocolError as exc:
+            log.warning("infer stream dropped: %s", exc)
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("infer stream failed unexpectedly")
+        finally:
+            await close_quietly(stream, reset=reset)
+
+    async def _serve(self, stream, protocol: InferProtocol) -> None:
+        request = await read_frame(stream, protocol, limits.REQUEST_READ_TIMEOUT_S)
+        assert isinstance(request, Request)
+        try:
+            ticket = self.check_ticket(request.ticket, now_ms())
+        except TicketRejected as exc:
+            log.info("ticket rejected (%s): %s", exc.code, exc)
+            await write_frame(stream, protocol, Error(exc.code, str(exc)))
+            return
+        engine = self.pool.try_take()
+        if engine is None:
+            await write_frame(stream, protocol, Busy(f"all {self.pool.total} slots are busy"))
+            return
+        self._in_flight.add(ticket.request_id)
+        try:
+            await self._generate(stream, protocol, request, ticket, engine)
+        finally:
+            self._in_flight.discard(ticket.request_id)
+            self.pool.give_back(engine)
+
+    def check_ticket(self, ticket_bytes: bytes, now: int) -> Ticket:
+        """Parse and check a ticket; raise TicketRejected with the code the gateway will see."""
+        try:
+            ticket = Ticket.from_envelope(ticket_bytes)
+        except (EncodingError, SignatureError) as exc:
+            raise TicketRejected("bad_ticket", f"ticket is invalid: {exc}") from None
+        if ticket.gateway_key not in self.trusted_gateway_keys:
+            raise TicketRejected("untrusted_gateway", "ticket signed by a gateway this node does not trust")
+        if ticket.provider_key != self.provider_key:
+            raise TicketRejected("wrong_provider", "ticket is addressed to another provider")
+        if ticket.expires_ms <= now:
+            raise TicketRejected("ticket_expired", f"ticket expired {now - ticket.expires_ms} ms ago: "
+                                                   f"check the gateway's clock")
+        if ticket.issued_ms > now + limits.TICKET_CLOCK_SKEW_MS:
+            raise TicketRejected("ticket_from_future", f"ticket issued {ticket.issued_ms - now} ms in the future: "
+                                                       f"check the gateway's clock")
+        if ticket.expires_ms - ticket.issued_ms > limits.TICKET_LIFETIME_MS_MAX:
+            raise TicketRejected("bad_ticket", "ticket lifetime is longer than this node accepts")
+        if ticket.request_id in self._in_flight:
+            raise TicketRejected("replayed_request", f"request {ticket.request_id} is already being served")
+        if self.offered.get(ticket.model_id) != ticket.model_sha256:
+            raise TicketRejected("model_not_offered", f"this node does not offer {ticket.model_id} with that sha256")
+        return ticket
+
+    async def _generate(self, stream, protocol: InferProtocol, request: Request, ticket: Ticket,
+                        engine: Engine) -> None:
+        if await self.ledger.contains(ticket.request_id):
+            await write_frame(stream, protocol, Error("replayed_request",
+                                                      f"request {ticket.request_id} is already in the ledger"))
+            return
+        sampling = Sampling(seed=ticket.sampling["seed"], temperature_ppm=ticket.sampling["temperature_ppm"],
+                            top_p_ppm=ticket.sampling["top_p_ppm"], max_tokens=ticket.sampling["max_tokens"],
+                            stop=tuple(ticket.sampling["stop"]))
+        try:
+            prepared = engine.prepare(request.prompt["messages"], sampling)
+        except RequestError as exc:
+            await write_frame(stream, protocol, Error("bad_request", str(exc)))
+            return
+        await write_frame(stream, protocol, Accepted())
+        accepted_ms = now_ms()
+        first_token_ms: int | None = None
+
+        async def emit(text: str) -> None:
+            nonlocal first_token_ms
+            if first_token_ms is None:
+                first_token_ms = now_ms()
+            await write_frame(stream, protocol, Token(protocol.tokens_seen, text))
+
+        try:
+            with trio.fail_after(limits.GENERATION_TIMEOUT_S):
+                generation = await engine.generate(prepared, emit)
+        except (InferenceError, trio.TooSlowError) as exc:
+            log.error("generation failed for %s: %s", ticket.request_id, exc)
+            await write_frame(stream, protocol, Error("engine_failed", f"generation failed: {exc}"))
+            return
+        finished_ms = now_ms()
+        receipt = await self._record(ticket, request, engine, generation, accepted_ms,
+                                     first_token_ms or finished_ms, finished_ms)
+        self.served += 1
+        if generation.finish_reason == "cancelled":
+            log.info("request %s cancelled by the gateway after %d tokens", ticket.request_id,
+                     generation.tokens_out)
+            raise ProtocolError("gateway went away mid-stream (receipt recorded)")
+        await write_frame(stream, protocol, Final(receipt))
+
+    async def _record(self, ticket: Ticket, request: Request, engine: Engine, generation, accepted_ms: int,
+                      first_token_ms: int, finished_ms: int) -> bytes:
+        """Build the receipt and append it durably; return the envelope bytes that were stored."""
+        fields = {
+            "request_id": ticket.request_id, "ticket_sha256": sha256(request.ticket),
+            "gateway_key": ticket.gateway_key, "tenant": ticket.tenant, "provider_key": self.provider_key,
+            "model_id": ticket.model_id, "model_sha256": ticket.model_sha256, "engine_build": engine.fingerprint,
+            "seed": ticket.sampling["seed"], "sampling_sha256": sampling_sha256(ticket.sampling),
+            "tokens_in": generation.tokens_in, "tokens_out": generation.tokens_out,
+            "accepted_ms": accepted_ms, "first_token_ms": first_token_ms, "finished_ms": finished_ms,
+            "price_in": ticket.price_in, "price_out": ticket.price_out, "currency": ticket.currency,
+            "amount": amount_minor(generation.tokens_in, generation.tokens_out, ticket.price_in, ticket.price_out),
+            "prompt_commitment": prompt_commitment(request.salt, request.prompt),
+            "output_sha256": sha256(generation.text.encode("utf-8")),
+            "finish_reason": generation.finish_reason,
+        }
+        try:
+            with trio.CancelScope(shield=True):   # a started append always finishes: no half-recorded request
+                return await self.ledger.append(fields)
+        except LedgerError as exc:
+            raise ProtocolError(f"could not record the receipt, not sending it: {exc}") from None
