@@ -65,3 +65,14 @@ class VerificationError(LedgerError):
         self.message = message
         where = f"entry {entry}" if entry is not None else "ledger"
         super().__init__(f"{code} (check {check}) at {where}: {message}")
+
+
+def sole_exception(error: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups, or ``error`` itself.
+
+    trio nurseries wrap what escapes them in ExceptionGroups; at the edges (a context manager, a command) callers
+    want the error itself so they can catch it by type and print its message.
+    """
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error

@@ -16,7 +16,7 @@ import trio
 import trio_asyncio
 
 from ledger import limits
-from ledger.errors import StoreError
+from ledger.errors import StoreError, sole_exception
 
 
 class Database:
@@ -69,6 +69,19 @@ class Database:
 @asynccontextmanager
 async def open_database(path: Path) -> AsyncIterator[Database]:
     """Open (creating if needed) a SQLite file in WAL mode with synchronous=FULL: a commit is durable on return."""
+    try:
+        async with _open_database(path) as database:
+            yield database
+    except BaseExceptionGroup as group:
+        # trio-asyncio's loop runs nested nurseries, which wrap whatever escapes the block; give callers the error.
+        sole = sole_exception(group)
+        if sole is group:
+            raise
+        raise sole from None
+
+
+@asynccontextmanager
+async def _open_database(path: Path) -> AsyncIterator[Database]:
     async with trio_asyncio.open_loop():
         try:
             connection = await trio_asyncio.aio_as_trio(aiosqlite.connect)(

@@ -16,6 +16,8 @@ from typing import Awaitable, Callable
 
 import trio
 
+from ledger.errors import sole_exception
+
 log = logging.getLogger("llorch")
 
 
@@ -53,7 +55,13 @@ def run_until_signal(main: Callable[[], Awaitable[None]]) -> int:
                 await main()
                 nursery.cancel_scope.cancel()
 
-    trio.run(supervisor)
+    try:
+        trio.run(supervisor)
+    except BaseExceptionGroup as group:
+        sole = sole_exception(group)
+        if sole is group:
+            raise
+        raise sole from None
     return 0
 
 

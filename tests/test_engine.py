@@ -1,0 +1,106 @@
+"""The real engine: llama.cpp on the pinned SmolLM2 model."""
+
+import pytest
+import trio
+
+from inference import catalog
+from inference.engine import Engine, Sampling
+from inference.errors import ModelFileError, RequestError
+
+MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
+    return Engine.load(catalog.DEFAULT_MODEL_ID, model_path.parent, threads=2)
+
+
+async def run(engine, seed=7, max_tokens=24, stop=(), temperature_ppm=800_000, messages=MESSAGES):
+    pieces = []
+
+    async def emit(text):
+        pieces.append(text)
+
+    prepared = engine.prepare(messages, Sampling(seed, temperature_ppm, 950_000, max_tokens, tuple(stop)))
+    generation = await engine.generate(prepared, emit)
+    assert "".join(pieces) == generation.text
+    return generation
+
+
+async def test_same_seed_same_output_on_one_instance(engine):
+    first = await run(engine)
+    other_prompt = await run(engine, messages=[{"role": "user", "content": "Count to three."}])
+    second = await run(engine)
+    assert first.text == second.text and first.tokens_out == second.tokens_out
+    assert other_prompt.text != first.text
+    assert first.text.strip()
+
+
+async def test_different_seeds_differ(engine):
+    texts = {(await run(engine, seed=seed)).text for seed in (1, 2, 3)}
+    assert len(texts) >= 2
+
+
+async def test_max_tokens_gives_length(engine):
+    generation = await run(engine, max_tokens=5, messages=[{"role": "user", "content": "Tell me a long story."}])
+    assert generation.finish_reason == "length" and generation.tokens_out == 5
+
+
+async def test_stop_string_truncates(engine):
+    full = await run(engine, seed=11, max_tokens=24)
+    word = full.text.split()[2]
+    stopped = await run(engine, seed=11, max_tokens=24, stop=[word])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[:full.text.index(word)]
+
+
+async def test_prompt_plus_max_tokens_over_context_is_refused_before_work(engine):
+    with pytest.raises(RequestError, match="exceed this engine's context"):
+        engine.prepare([{"role": "user", "content": "word " * 2500}], Sampling(1, 0, 1_000_000, 10))
+    with pytest.raises(RequestError, match="max_tokens"):
+        engine.prepare(MESSAGES, Sampling(1, 0, 1_000_000, 100_000))
+
+
+async def test_generation_stops_when_the_reader_goes_away(engine):
+    received = []
+
+    async def emit(text):
+        received.append(text)
+        if len(received) == 3:
+            raise ConnectionError("customer went away")
+
+    prepared = engine.prepare([{"role": "user", "content": "Tell me a long story."}],
+                              Sampling(5, 800_000, 950_000, 200))
+    generation = await engine.generate(prepared, emit)
+    assert generation.finish_reason == "cancelled"
+    # the thread notices at its next send: at most a couple of tokens beyond the three delivered
+    assert generation.tokens_out <= 3 + 2, generation.tokens_out
+    assert generation.text.startswith("".join(received))
+
+
+async def test_generation_runs_off_the_trio_thread(engine):
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await run(engine, max_tokens=32, messages=[{"role": "user", "content": "Tell me a long story."}])
+        nursery.cancel_scope.cancel()
+    assert ticks > 10
+
+
+def test_a_model_file_that_does_not_match_its_pin_is_refused(tmp_path):
+    entry = catalog.lookup(catalog.DEFAULT_MODEL_ID)
+    (tmp_path / entry.file_name).write_bytes(b"GGUF not really")
+    with pytest.raises(ModelFileError, match=entry.sha256):
+        Engine.load(entry.id, tmp_path)
+
+
+def test_unknown_model_is_a_catalog_error():
+    with pytest.raises(catalog.CatalogError, match="not in the catalog"):
+        catalog.lookup("gpt-17")

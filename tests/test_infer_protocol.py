@@ -1,0 +1,152 @@
+"""/llorch/infer/1 as a state machine: a client and a server driven against each other with no network."""
+
+import pytest
+
+from ledger import canonical
+from node import limits
+from node.errors import ProtocolError
+from node.frames import Accepted, Busy, Error, Final, Request, Token, encode_frame, encode_uvarint
+from node.infer_protocol import InferProtocol, Role, State
+
+PROMPT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def request():
+    return Request(ticket=b"ticket-bytes", salt=bytes(limits.SALT_BYTES), prompt=PROMPT)
+
+
+def pair():
+    return InferProtocol(Role.CLIENT), InferProtocol(Role.SERVER)
+
+
+def deliver(sender, receiver, frame):
+    receiver.receive_data(sender.send(frame))
+    return receiver.next_frame()
+
+
+def test_happy_path_both_sides_agree():
+    client, server = pair()
+    assert deliver(client, server, request()) == request()
+    assert deliver(server, client, Accepted()) == Accepted()
+    for i, text in enumerate(["Hel", "lo"]):
+        assert deliver(server, client, Token(i, text)) == Token(i, text)
+    assert deliver(server, client, Final(b"receipt")) == Final(b"receipt")
+    assert client.state is server.state is State.DONE
+
+
+def test_byte_at_a_time_delivery():
+    client, server = pair()
+    data = client.send(request())
+    for byte in data[:-1]:
+        server.receive_data(bytes([byte]))
+        assert server.next_frame() is None
+    server.receive_data(data[-1:])
+    assert server.next_frame() == request()
+
+
+def test_two_frames_in_one_read():
+    client, server = pair()
+    server.receive_data(client.send(request()))
+    assert server.next_frame() == request()
+    client.receive_data(server.send(Accepted()) + server.send(Token(0, "a")))
+    assert client.next_frame() == Accepted()
+    assert client.next_frame() == Token(0, "a")
+
+
+def test_busy_ends_the_conversation():
+    client, server = pair()
+    deliver(client, server, request())
+    assert deliver(server, client, Busy("full")) == Busy("full")
+    assert client.done
+
+
+def test_out_of_order_token_is_rejected():
+    client, server = pair()
+    deliver(client, server, request())
+    deliver(server, client, Accepted())
+    deliver(server, client, Token(0, "a"))
+    client.receive_data(encode_frame(Token(2, "c")))
+    with pytest.raises(ProtocolError, match="token frame 2 arrived when 1 was expected"):
+        client.next_frame()
+
+
+def test_token_before_accepted_is_rejected():
+    client, server = pair()
+    deliver(client, server, request())
+    client.receive_data(encode_frame(Token(0, "a")))
+    with pytest.raises(ProtocolError, match="not allowed in state await_admission"):
+        client.next_frame()
+
+
+def test_frame_from_the_wrong_side_is_rejected():
+    client, server = pair()
+    server.receive_data(encode_frame(Accepted()))
+    with pytest.raises(ProtocolError, match="accepted frame from the client is not allowed"):
+        server.next_frame()
+
+
+def test_second_request_on_one_stream_is_rejected():
+    client, server = pair()
+    deliver(client, server, request())
+    server.receive_data(encode_frame(request()))
+    with pytest.raises(ProtocolError):
+        server.next_frame()
+
+
+def test_oversized_frame_is_rejected_from_its_header():
+    client, server = pair()
+    deliver(client, server, request())
+    deliver(server, client, Accepted())
+    client.receive_data(encode_uvarint(limits.FRAME_BYTES_MAX + 1))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        client.next_frame()
+
+
+def test_oversized_request_is_rejected_before_buffering_it_all():
+    server = InferProtocol(Role.SERVER)
+    server.receive_data(encode_uvarint(limits.REQUEST_FRAME_BYTES_MAX + 1) + b"x" * 100)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        server.next_frame()
+
+
+def test_buffer_is_bounded():
+    server = InferProtocol(Role.SERVER)
+    with pytest.raises(ProtocolError, match="without a whole frame"):
+        server.receive_data(b"\x80" * (limits.RECEIVE_BUFFER_BYTES_MAX + 1))
+
+
+@pytest.mark.parametrize("body, message", [
+    (canonical.encode({"t": "teleport"}), "unknown frame type"),
+    (canonical.encode({"t": "request", "ticket": b"x"}), "exactly the fields"),
+    (canonical.encode([1, 2]), "map"),
+    (b"\xc1", "canonical"),
+    (canonical.encode({"t": "request", "ticket": b"x", "salt": b"short", "prompt": PROMPT}), "salt"),
+    (canonical.encode({"t": "request", "ticket": b"x", "salt": bytes(16),
+                       "prompt": {"messages": [{"role": "root", "content": "x"}]}}), "role"),
+])
+def test_malformed_request_frames(body, message):
+    server = InferProtocol(Role.SERVER)
+    server.receive_data(encode_uvarint(len(body)) + body)
+    with pytest.raises(ProtocolError, match=message):
+        server.next_frame()
+
+
+def test_non_minimal_length_prefix_is_rejected():
+    server = InferProtocol(Role.SERVER)
+    server.receive_data(b"\x85\x00")
+    with pytest.raises(ProtocolError, match="minimal"):
+        server.next_frame()
+
+
+def test_sending_an_invalid_frame_is_a_local_bug():
+    client = InferProtocol(Role.CLIENT)
+    with pytest.raises(AssertionError):
+        client.send(Accepted())
+
+
+def test_error_frame_mid_stream_ends_it():
+    client, server = pair()
+    deliver(client, server, request())
+    deliver(server, client, Accepted())
+    assert deliver(server, client, Error("engine_failed", "boom")) == Error("engine_failed", "boom")
+    assert client.done
