@@ -28,12 +28,14 @@ async def run(engine, seed=7, max_tokens=24, stop=(), temperature_ppm=800_000, m
 
 
 async def test_same_seed_same_output_on_one_instance(engine):
-    first = await run(engine)
-    other_prompt = await run(engine, messages=[{"role": "user", "content": "Count to three."}])
-    second = await run(engine)
-    assert first.text == second.text and first.tokens_out == second.tokens_out
-    assert other_prompt.text != first.text
-    assert first.text.strip()
+    # Without a canonical evaluation path, llama-cpp-python reuses the cached prompt prefix and this exact request
+    # gives a different continuation from its second run on (measured: A, B, B, B).
+    rainbow = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    runs = [await run(engine, seed=7, max_tokens=48, messages=rainbow) for _ in range(3)]
+    await run(engine, messages=[{"role": "user", "content": "Count to three."}])
+    runs.append(await run(engine, seed=7, max_tokens=48, messages=rainbow))
+    assert len({(g.text, g.tokens_out) for g in runs}) == 1
+    assert runs[0].text.strip()
 
 
 async def test_different_seeds_differ(engine):

@@ -1,0 +1,189 @@
+"""End to end: one gateway and two provider nodes as separate OS processes started through the `llorch` CLI,
+real libp2p on loopback, real llama.cpp on the pinned SmolLM2 model, real SQLite; the customer is the `openai` SDK.
+"""
+
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+
+from gateway.localnet import LocalNetwork
+from ledger.objects import Receipt
+from ledger.verify import read_sqlite_entries
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "smollm2-135m-instruct-q4_1"
+MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory, model_path):
+    net = LocalNetwork(tmp_path_factory.mktemp("net"))
+    try:
+        net.start_gateway()
+        net.start_node("node1", threads=1)
+        net.start_node("node2", threads=1)
+        net.wait_for_providers(2)
+        yield net
+    finally:
+        net.stop()
+
+
+@pytest.fixture(scope="module")
+def client(network):
+    return openai.OpenAI(base_url=network.base_url, api_key=network.api_key, max_retries=0, timeout=120)
+
+
+def chat(client, seed=1234, **extra):
+    response = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, seed=seed, max_tokens=40, temperature=0.9, **extra)
+    return response.parse(), response.headers["x-llorch-provider"]
+
+
+def ledger_receipts(network, node_name):
+    path = network.workdir / f"{node_name}.ledger.sqlite"
+    return {Receipt.from_envelope(entry).request_id: Receipt.from_envelope(entry)
+            for entry in read_sqlite_entries(path)}
+
+
+def test_models_lists_the_default_model(client):
+    assert [model.id for model in client.models.list()] == [MODEL]
+
+
+def test_non_streaming_completion(client):
+    completion, provider = chat(client)
+    text = completion.choices[0].message.content
+    assert text.strip()
+    assert completion.usage.completion_tokens > 0 and completion.usage.prompt_tokens > 0
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.system_fingerprint.startswith("llama-cpp-python/")
+    assert provider.startswith("12D3KooW")
+
+
+def test_streaming_gives_the_same_text_as_non_streaming(client):
+    reference, _ = chat(client, seed=77)
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=77, max_tokens=40, temperature=0.9,
+                                            stream=True, stream_options={"include_usage": True})
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == reference.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == reference.usage.completion_tokens
+    assert finish == reference.choices[0].finish_reason
+
+
+def test_same_seed_is_byte_identical_whichever_provider_serves(client, network):
+    results = [chat(client, seed=2024) for _ in range(4)]
+    providers = {provider for _, provider in results}
+    texts = {completion.choices[0].message.content.encode() for completion, _ in results}
+    assert len(providers) == 2, "placement should spread equal providers; both must have served"
+    assert len(texts) == 1
+    other_seed, _ = chat(client, seed=2025)
+    assert other_seed.choices[0].message.content.encode() not in texts
+
+
+def test_every_request_has_a_receipt_in_the_serving_nodes_ledger(client, network):
+    served = [chat(client, seed=seed) for seed in (5, 6, 7)]
+    by_node = {network.nodes[i].state()["peer_id"]: ledger_receipts(network, f"node{i + 1}") for i in range(2)}
+    for completion, provider in served:
+        receipt = by_node[provider][completion.id]
+        assert receipt.tokens_out == completion.usage.completion_tokens
+        assert receipt.tokens_in == completion.usage.prompt_tokens
+        assert receipt.seed == completion.model_extra["llorch"]["seed"]
+        assert receipt.amount == completion.model_extra["llorch"]["amount"]
+        others = [receipts for peer, receipts in by_node.items() if peer != provider]
+        assert all(completion.id not in receipts for receipts in others)
+
+
+def test_ledger_verify_passes_then_names_the_entry_after_a_byte_flip(client, network, tmp_path):
+    chat(client, seed=99)
+    for name in ("node1", "node2"):
+        snapshot = tmp_path / f"{name}.sqlite"
+        source = sqlite3.connect(network.workdir / f"{name}.ledger.sqlite")
+        with sqlite3.connect(snapshot) as destination:
+            source.backup(destination)
+        source.close()
+        command = [sys.executable, "-m", "gateway", "ledger", "verify", str(snapshot)]
+        passed = subprocess.run(command, capture_output=True, text=True)
+        assert passed.returncode == 0, passed.stderr
+        entries = list(read_sqlite_entries(snapshot))
+        assert entries, f"{name} served nothing"
+        victim = len(entries) - 1
+        raw = bytearray(snapshot.read_bytes())
+        position = raw.find(entries[victim][-16:])
+        assert position > 0
+        raw[position] ^= 0x80
+        snapshot.write_bytes(bytes(raw))
+        failed = subprocess.run(command, capture_output=True, text=True)
+        assert failed.returncode == 1
+        assert f"entry {victim}" in failed.stderr and "LV03" in failed.stderr, failed.stderr
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"model": "gpt-17", "messages": MESSAGES}, 404, "model_not_found"),
+    ({"model": MODEL}, 400, "invalid_request"),
+    ({"model": MODEL, "messages": MESSAGES, "temperature": 5}, 400, "invalid_request"),
+    ({"model": MODEL, "messages": MESSAGES, "n": 2}, 400, "invalid_request"),
+    ({"model": MODEL, "messages": MESSAGES, "max_tokens": 0}, 400, "invalid_request"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request"),
+    ({"model": MODEL, "messages": MESSAGES, "logit_bias": {"1": 5}}, 400, "invalid_request"),
+])
+def test_bad_requests_get_openai_shaped_errors(network, body, status, code):
+    response = httpx.post(f"{network.base_url}/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {network.api_key}"}, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+
+
+def test_malformed_json_and_oversized_bodies_are_400(network):
+    headers = {"Authorization": f"Bearer {network.api_key}", "Content-Type": "application/json"}
+    bad_json = httpx.post(f"{network.base_url}/chat/completions", content=b"{not json", headers=headers)
+    assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
+    huge = httpx.post(f"{network.base_url}/chat/completions", content=b"x" * (2 * 1024 * 1024), headers=headers)
+    assert huge.status_code == 400 and "limit" in huge.json()["error"]["message"]
+
+
+def test_wrong_or_missing_key_is_401(network):
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "Basic abc"}):
+        response = httpx.post(f"{network.base_url}/chat/completions", headers=headers,
+                              json={"model": MODEL, "messages": MESSAGES})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{network.base_url}/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=network.base_url, api_key="sk-wrong", max_retries=0).models.list()
+
+
+def test_no_provider_is_503_saying_so(tmp_path, model_path):
+    lonely = LocalNetwork(tmp_path / "lonely")
+    try:
+        lonely.start_gateway()
+        client = openai.OpenAI(base_url=lonely.base_url, api_key=lonely.api_key, max_retries=0)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES)
+        assert caught.value.status_code == 503
+        assert "no provider" in caught.value.body["message"]
+        stream_attempt = httpx.post(f"{lonely.base_url}/chat/completions",
+                                    headers={"Authorization": f"Bearer {lonely.api_key}"},
+                                    json={"model": MODEL, "messages": MESSAGES, "stream": True})
+        assert stream_attempt.status_code == 503
+    finally:
+        lonely.stop()
+
+
+def test_sigint_and_sigterm_stop_every_process_within_5_s_without_a_traceback(network):
+    signals = {"node1": signal.SIGINT, "node2": signal.SIGTERM, "gateway": signal.SIGINT}
+    for process in [*network.nodes, network.gateway]:
+        assert process.stop(signals[process.name]) == 0, f"{process.name} did not exit cleanly within 5 s"
+        log = process.log_path.read_text()
+        assert "Traceback" not in log, log[-3000:]

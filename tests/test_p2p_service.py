@@ -1,0 +1,126 @@
+"""/llorch/infer/1 over real libp2p hosts on loopback (Noise + Yamux), with a fake engine and a real SQLite ledger."""
+
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from multiaddr import Multiaddr
+
+from gateway.node_client import AttemptFailed, request_inference
+from gateway.receipts import check_receipt
+from ledger.signing import SigningKey
+from ledger.store import LedgerStore
+from ledger.verify import read_sqlite_entries
+from node.frames import Final, Request, Token
+from node.p2p import running_host
+from node.run import build_attestation
+from node.service import INFER_PROTOCOL_ID, EnginePool, ProviderService
+from node.config import NodeConfig
+from node.stream_io import now_ms
+from node.attestation import Attestation
+from tests.fakes import FakeEngine
+from tests.helpers import MODEL_ID, MODEL_SHA256, make_ticket
+
+PROMPT = {"messages": [{"role": "user", "content": "one two three"}]}
+SALT = bytes(16)
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+@asynccontextmanager
+async def provider_and_gateway(tmp_path, slots=1, delay_s=0.0):
+    gateway_key, provider_key = SigningKey.generate(), SigningKey.generate()
+    pool = EnginePool([FakeEngine(delay_s) for _ in range(slots)])
+    config = NodeConfig(key_file=tmp_path / "k", ledger_path=tmp_path / "ledger.sqlite", bootstrap=(),
+                        trusted_gateways=(gateway_key.peer_id,))
+    async with LedgerStore.open(config.ledger_path, provider_key) as ledger:
+        service = ProviderService(provider_key.public_key, frozenset({gateway_key.public_key}), pool, ledger,
+                                  {MODEL_ID: MODEL_SHA256})
+        async with running_host(provider_key, LOOPBACK) as provider_p2p, \
+                running_host(gateway_key, LOOPBACK) as gateway_p2p:
+            provider_p2p.host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), service.serve_inference)
+            attestation = Attestation.from_envelope(
+                build_attestation(config, provider_key, provider_p2p, pool, 1, now_ms()))
+            yield gateway_key, provider_key, gateway_p2p, provider_p2p, attestation, config
+
+
+async def serve_one(gateway_p2p, gateway_key, attestation, max_tokens=5, seed=3, **ticket_overrides):
+    sampling = {"seed": seed, "temperature_ppm": 0, "top_p_ppm": 1_000_000, "max_tokens": max_tokens, "stop": []}
+    ticket, ticket_bytes = make_ticket(gateway_key, attestation.provider_key, now_ms(), sampling=sampling,
+                                       **ticket_overrides)
+    tokens = []
+    async with request_inference(gateway_p2p, attestation, Request(ticket_bytes, SALT, PROMPT)) as call:
+        while True:
+            frame = await call.next_frame()
+            if isinstance(frame, Final):
+                return ticket, ticket_bytes, tokens, frame.receipt
+            tokens.append(frame.text)
+
+
+async def test_request_is_served_and_the_receipt_is_durable_before_it_is_sent(tmp_path):
+    async with provider_and_gateway(tmp_path) as (gateway_key, provider_key, gateway_p2p, _, attestation, config):
+        ticket, ticket_bytes, tokens, receipt_bytes = await serve_one(gateway_p2p, gateway_key, attestation)
+        # the moment the final frame arrives, the receipt is already in the ledger file (read independently)
+        assert receipt_bytes in list(read_sqlite_entries(config.ledger_path))
+        receipt = check_receipt(receipt_bytes, ticket, ticket_bytes, SALT, PROMPT, "".join(tokens))
+        assert receipt.tokens_out == 5 and receipt.tokens_in == 3 and len(tokens) == 5
+
+
+async def test_busy_provider_answers_busy_at_once(tmp_path):
+    async with provider_and_gateway(tmp_path, slots=1, delay_s=0.05) as (gateway_key, _, gateway_p2p, _, att, _c):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_one, gateway_p2p, gateway_key, att, 20)
+            await trio.sleep(0.3)
+            with trio.fail_after(2):
+                with pytest.raises(AttemptFailed) as caught:
+                    await serve_one(gateway_p2p, gateway_key, att, 2)
+            assert caught.value.busy
+
+
+async def test_rejected_ticket_is_an_attempt_failure_with_the_code(tmp_path):
+    async with provider_and_gateway(tmp_path) as (gateway_key, _, gateway_p2p, _, attestation, _c):
+        with pytest.raises(AttemptFailed, match="model_not_offered"):
+            await serve_one(gateway_p2p, gateway_key, attestation, model_sha256=bytes(32))
+        outsider = SigningKey.generate()
+        with pytest.raises(AttemptFailed, match="untrusted_gateway"):
+            await serve_one(gateway_p2p, outsider, attestation)
+
+
+async def test_replayed_request_id_is_refused(tmp_path):
+    async with provider_and_gateway(tmp_path) as (gateway_key, _, gateway_p2p, _, attestation, _c):
+        await serve_one(gateway_p2p, gateway_key, attestation, request_id="req-replay-01")
+        with pytest.raises(AttemptFailed, match="replayed_request"):
+            await serve_one(gateway_p2p, gateway_key, attestation, request_id="req-replay-01")
+
+
+async def test_garbage_on_the_stream_does_not_take_the_host_down(tmp_path):
+    async with provider_and_gateway(tmp_path) as (gateway_key, _, gateway_p2p, provider_p2p, attestation, _c):
+        peer = provider_p2p.host.get_id()
+        gateway_p2p.host.get_peerstore().add_addrs(peer, provider_p2p.host.get_addrs(), 60)
+        for garbage in (b"\xff\xff\xff\xff\xff", b"\x05\xc1\xc1\xc1\xc1\xc1", b"\x03abc"):
+            stream = await gateway_p2p.host.new_stream(peer, [TProtocol(INFER_PROTOCOL_ID)])
+            await stream.write(garbage)
+            assert await read_until_closed(stream) == b""
+        _, _, tokens, _ = await serve_one(gateway_p2p, gateway_key, attestation)
+        assert len(tokens) == 5
+
+
+async def test_a_silent_client_is_timed_out(tmp_path, monkeypatch):
+    monkeypatch.setattr("node.limits.REQUEST_READ_TIMEOUT_S", 0.3)
+    async with provider_and_gateway(tmp_path) as (gateway_key, _, gateway_p2p, provider_p2p, attestation, _c):
+        peer = provider_p2p.host.get_id()
+        gateway_p2p.host.get_peerstore().add_addrs(peer, provider_p2p.host.get_addrs(), 60)
+        stream = await gateway_p2p.host.new_stream(peer, [TProtocol(INFER_PROTOCOL_ID)])
+        assert await read_until_closed(stream) == b""
+
+
+async def read_until_closed(stream) -> bytes:
+    """What the provider sends before closing or resetting the stream; fails the test if it never does."""
+    with trio.fail_after(5):
+        try:
+            return await stream.read(100)
+        except BaseLibp2pError:
+            return b""  # reset by the provider
