@@ -1,0 +1,101 @@
+"""Overhead of the network path: the same request through gateway → libp2p → node versus the engine in-process.
+
+Runs both in one process tree, interleaved round by round so machine noise hits both alike, and prints tokens/s and
+time to first token (TTFT) for each, and their ratios. The in-process engine and the node use the same model file,
+thread count, seed and sampling, so they generate the same tokens.
+
+    .venv/bin/python bench/e2e_overhead.py [--rounds 5] [--max-tokens 128] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import openai
+import trio
+
+from gateway.localnet import LocalNetwork
+from inference import catalog
+from inference.engine import Engine, Sampling
+
+MODEL = catalog.DEFAULT_MODEL_ID
+MESSAGES = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+SEED, TEMPERATURE_PPM, TOP_P_PPM = 7, 800_000, 950_000
+
+
+def in_process(engine: Engine, max_tokens: int) -> tuple[float, float, int]:
+    """(tokens/s, TTFT s, tokens) for one request to the engine called directly."""
+    first: list[float] = []
+
+    async def emit(text: str) -> None:
+        if not first:
+            first.append(time.perf_counter())
+
+    async def one():
+        prepared = engine.prepare(MESSAGES, Sampling(SEED, TEMPERATURE_PPM, TOP_P_PPM, max_tokens))
+        return await engine.generate(prepared, emit)
+
+    start = time.perf_counter()
+    generation = trio.run(one)
+    elapsed = time.perf_counter() - start
+    return generation.tokens_out / elapsed, first[0] - start, generation.tokens_out
+
+
+def through_network(client: openai.OpenAI, max_tokens: int) -> tuple[float, float, int]:
+    """(tokens/s, TTFT s, tokens) for one streamed request through the gateway, as a customer sees it."""
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=SEED, max_tokens=max_tokens,
+                                            temperature=TEMPERATURE_PPM / 1e6, top_p=TOP_P_PPM / 1e6, stream=True,
+                                            stream_options={"include_usage": True})
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    elapsed = time.perf_counter() - start
+    return tokens / elapsed, (first or time.perf_counter()) - start, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    path = catalog.fetch(catalog.lookup(MODEL), log=lambda message: None)
+    engine = Engine.load(MODEL, path.parent, threads=args.threads)
+    with tempfile.TemporaryDirectory(prefix="llorch-bench-") as workdir:
+        network = LocalNetwork(workdir)
+        try:
+            network.start_gateway()
+            network.start_node("node1", threads=args.threads)
+            network.wait_for_providers(1)
+            client = openai.OpenAI(base_url=network.base_url, api_key=network.api_key, max_retries=0, timeout=300)
+            in_process(engine, 8)                      # warm-up both paths
+            through_network(client, 8)
+            local, remote = [], []
+            for _ in range(args.rounds):
+                local.append(in_process(engine, args.max_tokens))
+                remote.append(through_network(client, args.max_tokens))
+        finally:
+            network.stop()
+
+    assert {r[2] for r in local} == {r[2] for r in remote}, "both paths must generate the same number of tokens"
+    local_tps, remote_tps = statistics.median(r[0] for r in local), statistics.median(r[0] for r in remote)
+    local_ttft, remote_ttft = statistics.median(r[1] for r in local), statistics.median(r[1] for r in remote)
+    print(f"request: {local[0][2]} output tokens, seed {SEED}, {args.threads} threads, median of {args.rounds} rounds")
+    print(f"in-process engine        : {local_tps:7.1f} tokens/s   TTFT {local_ttft * 1000:7.1f} ms")
+    print(f"gateway → libp2p → node  : {remote_tps:7.1f} tokens/s   TTFT {remote_ttft * 1000:7.1f} ms")
+    print(f"throughput ratio (network / in-process): {remote_tps / local_tps:.3f}")
+    print(f"TTFT added by the network path: {(remote_ttft - local_ttft) * 1000:.1f} ms "
+          f"(ratio {remote_ttft / local_ttft:.2f})")
+
+
+if __name__ == "__main__":
+    main()
