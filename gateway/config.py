@@ -22,6 +22,7 @@ class GatewayConfig:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     state_file: Path | None = None            # written once up: peer id, multiaddrs, base_url (JSON)
+    witness_interval_ms: int = 5_000          # how often the gateway witnesses each provider's ledger
 
     def __post_init__(self) -> None:
         if not SHA256_HEX.match(self.api_key_sha256):

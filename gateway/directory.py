@@ -18,6 +18,10 @@ log = logging.getLogger("llorch.gateway")
 class ProviderDirectory:
     def __init__(self) -> None:
         self._latest: dict[bytes, Attestation] = {}
+        self.excluded: set[bytes] = set()        # providers caught forking their ledger: never placed on
+
+    def exclude(self, provider_key: bytes) -> None:
+        self.excluded.add(provider_key)
 
     def observe(self, attestation: Attestation) -> None:
         """Keep ``attestation`` if it is newer than what we have; raise AttestationRejected otherwise."""
@@ -29,7 +33,8 @@ class ProviderDirectory:
         self._latest[attestation.provider_key] = attestation
 
     def fresh(self, now_ms: int) -> list[Attestation]:
-        return [a for a in self._latest.values() if a.expires_ms > now_ms]
+        """Unexpired attestations of providers that are not excluded."""
+        return [a for a in self._latest.values() if a.expires_ms > now_ms and a.provider_key not in self.excluded]
 
     def get(self, provider_key: bytes) -> Attestation | None:
         return self._latest.get(provider_key)

@@ -6,15 +6,11 @@ receipts (exact bytes) in the gateway's SQLite database, keyed by request_id.
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import AsyncIterator
-
 from gateway.errors import ReceiptRejected
 from ledger.errors import EncodingError, SignatureError
 from ledger.objects import Receipt, Ticket, prompt_commitment, sampling_sha256
 from ledger.signing import sha256
-from ledger.sqlite import Database, open_database
+from ledger.sqlite import Database
 
 
 def check_receipt(receipt_bytes: bytes, ticket: Ticket, ticket_bytes: bytes, salt: bytes, prompt: dict,
@@ -60,24 +56,17 @@ CREATE TABLE IF NOT EXISTS receipts (
 
 
 class ReceiptBook:
-    """Receipts the gateway accepted, with the ticket each answers. Open with ``ReceiptBook.open(path)``."""
+    """Receipts the gateway accepted, with the ticket each answers, in the gateway's database."""
 
     def __init__(self, database: Database) -> None:
         self._database = database
-
-    @classmethod
-    @asynccontextmanager
-    async def open(cls, path: Path) -> AsyncIterator["ReceiptBook"]:
-        async with open_database(path) as database:
-            await database.executescript(SCHEMA)
-            yield cls(database)
 
     async def record(self, receipt: Receipt, ticket_bytes: bytes, receipt_bytes: bytes) -> None:
         await self._database.transaction([(
             "INSERT INTO receipts (request_id, provider_key, tenant, amount, currency, ticket, receipt) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (receipt.request_id, receipt.provider_key, receipt.tenant, receipt.amount, receipt.currency,
-             ticket_bytes, receipt_bytes))])
+            [(receipt.request_id, receipt.provider_key, receipt.tenant, receipt.amount, receipt.currency,
+              ticket_bytes, receipt_bytes)])])
 
     async def count(self) -> int:
         row = await self._database.fetchone("SELECT COUNT(*) FROM receipts")

@@ -12,7 +12,9 @@ from libp2p.peer.id import ID
 from gateway.config import GatewayConfig
 from gateway.directory import ProviderDirectory
 from gateway.http_api import build_app
+from gateway.db import open_gateway_db
 from gateway.receipts import ReceiptBook
+from gateway.witness import Witness, WitnessBook, witness_forever
 from gateway.service import Gateway
 from ledger.signing import load_key_file
 from node.attestation import TOPIC, parse_attestation
@@ -63,14 +65,22 @@ async def follow_attestations(p2p: P2P, directory: ProviderDirectory) -> None:
 async def run_gateway(config: GatewayConfig) -> None:
     key = load_key_file(config.key_file)
     directory = ProviderDirectory()
-    async with ReceiptBook.open(config.db_path) as receipts, running_host(key, config.p2p_listen_addr) as p2p:
-        gateway = Gateway(config, key, p2p, directory, receipts)
+    async with open_gateway_db(config.db_path) as database, running_host(key, config.p2p_listen_addr) as p2p:
+        witness_book = WitnessBook(database)
+        directory.excluded |= await witness_book.forked()
+        gateway = Gateway(config, key, p2p, directory, ReceiptBook(database))
+        witness = Witness(p2p, key, witness_book, directory.exclude)
+
+        def providers_to_witness():
+            return [(a.provider_key, list(a.addrs)) for a in directory.fresh(now_ms())]
+
         http = HypercornConfig()
         http.bind = [f"{config.http_host}:{config.http_port}"]
         http.accesslog = None
         http.graceful_timeout = 2.0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follow_attestations, p2p, directory)
+            nursery.start_soon(witness_forever, witness, providers_to_witness, config.witness_interval_ms / 1000)
             bound = await nursery.start(lambda task_status: serve(build_app(gateway), http,
                                                                   task_status=task_status))
             base_url = f"{bound[0]}/v1" if bound else f"http://{config.http_host}:{config.http_port}/v1"

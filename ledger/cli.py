@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from ledger.errors import KeyFileError, StoreError, VerificationError
+from ledger.export import export_ledger
 from ledger.signing import SigningKey, write_key_file
-from ledger.verify import verify_ledger_file
+from ledger.verify import CHECKS, load_material, load_trusted_keys, verify
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
@@ -21,15 +22,25 @@ def add_commands(subparsers) -> None:
     new.add_argument("path", type=Path)
     new.set_defaults(handler=keys_new)
 
-    ledger = subparsers.add_parser("ledger", help="audit a provider's ledger offline")
+    ledger = subparsers.add_parser("ledger", help="audit and export a provider's ledger, offline")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
-    verify = ledger_sub.add_parser(
-        "verify", help="check every receipt's encoding, signature, index, chain link, uniqueness and amount",
-        description="Exit 0 if every entry passes; 1 naming the first bad entry and the failed check; "
-                    "2 if the file cannot be read.")
-    verify.add_argument("path", type=Path, help="the node's ledger SQLite file")
-    verify.add_argument("--json", action="store_true", help="print a machine-readable report")
-    verify.set_defaults(handler=ledger_verify)
+    checks = "; ".join(f"{n} {code} {name}" for n, (code, name) in sorted(CHECKS.items()))
+    verify_parser = ledger_sub.add_parser(
+        "verify", help="run the auditor's numbered checks on a ledger file or bundle",
+        description=f"Checks: {checks}. Exit 0 if every check passes; 1 naming the first failed check and the "
+                    f"entry (or checkpoint size); 2 if an input cannot be read.")
+    verify_parser.add_argument("path", type=Path, help="the node's ledger SQLite file, or a bundle from `export`")
+    verify_parser.add_argument("--checkpoint", type=Path,
+                               help="a signed checkpoint you hold (e.g. from the gateway): detects forks and rollback")
+    verify_parser.add_argument("--trusted-keys", type=Path,
+                               help="file of trusted provider peer ids or hex public keys, one per line")
+    verify_parser.add_argument("--json", action="store_true", help="print a machine-readable report")
+    verify_parser.set_defaults(handler=ledger_verify)
+    export = ledger_sub.add_parser("export", help="write a portable bundle (entries, checkpoints, cosignatures)")
+    export.add_argument("path", type=Path, help="the node's ledger SQLite file")
+    export.add_argument("--out", type=Path, required=True, help="bundle file to write (verify accepts it)")
+    export.add_argument("--jsonl", type=Path, help="also write a human-readable JSON-lines view here")
+    export.set_defaults(handler=ledger_export)
 
 
 def keys_new(args: argparse.Namespace) -> int:
@@ -45,18 +56,37 @@ def keys_new(args: argparse.Namespace) -> int:
 
 def ledger_verify(args: argparse.Namespace) -> int:
     try:
-        report = verify_ledger_file(args.path)
-    except StoreError as exc:
+        material = load_material(args.path)
+        trusted = load_trusted_keys(args.trusted_keys) if args.trusted_keys else None
+        held = args.checkpoint.read_bytes() if args.checkpoint else None
+        report = verify(material, trusted, held)
+    except (StoreError, OSError) as exc:
         _emit(args, {"ok": False, "error": str(exc)}, f"error: {exc}")
         return EXIT_UNUSABLE
     except VerificationError as exc:
-        _emit(args, {"ok": False, "check": exc.check, "code": exc.code, "entry": exc.entry, "message": exc.message},
-              f"FAIL {exc}")
+        evidence = getattr(exc, "evidence", [])
+        text = f"FAIL {exc}" + "".join(f"\n--- evidence {i + 1} ---\n{item}" for i, item in enumerate(evidence))
+        _emit(args, {"ok": False, "check": exc.check, "code": exc.code, "entry": exc.entry, "message": exc.message,
+                     "evidence": evidence}, text)
         return EXIT_FAILED
+    held_text = f"; agrees with the held checkpoint of size {report.held_checkpoint_size}" \
+        if report.held_checkpoint_size is not None else ""
     _emit(args, {"ok": True, "entries": report.entries, "origin": report.origin,
-                 "head_sha256": report.head_sha256.hex()},
+                 "head_sha256": report.head_sha256.hex(), "root": report.root.hex(),
+                 "checkpoints": report.checkpoints, "held_checkpoint_size": report.held_checkpoint_size,
+                 "checks_passed": [CHECKS[n][0] for n in sorted(CHECKS)]},
           f"OK: {report.entries} entries of {report.origin or 'an empty ledger'} verified; "
-          f"head {report.head_sha256.hex()}")
+          f"{report.checkpoints} checkpoints consistent{held_text}; root {report.root.hex()}")
+    return EXIT_OK
+
+
+def ledger_export(args: argparse.Namespace) -> int:
+    try:
+        count = export_ledger(args.path, args.out, args.jsonl)
+    except (StoreError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    print(f"exported {count} entries to {args.out}" + (f" and {args.jsonl}" if args.jsonl else ""))
     return EXIT_OK
 
 

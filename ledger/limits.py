@@ -17,3 +17,16 @@ SQLITE_BUSY_TIMEOUT_MS = 5_000
 
 # Money: prices are per this many tokens.
 PRICE_UNIT_TOKENS = 1_000_000
+
+# Group commit: appends waiting for the writer, and appends committed in one transaction.
+APPEND_QUEUE_MAX = 1024
+APPEND_BATCH_MAX = 256
+
+# Checkpoints: a node signs one every this many entries or this many seconds (if the ledger grew).
+CHECKPOINT_EVERY_ENTRIES_DEFAULT = 64
+CHECKPOINT_EVERY_S_DEFAULT = 10.0
+CHECKPOINT_POLL_S = 0.25
+
+# /llorch/ledger/1 pages.
+ENTRIES_PAGE_MAX = 256
+ENTRIES_PAGE_BYTES_MAX = 512 * 1024

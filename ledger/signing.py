@@ -87,6 +87,10 @@ class SigningKey:
     def sign(self, signed_type: str, payload: bytes) -> bytes:
         return self._private().sign(domain_tag(signed_type) + payload)
 
+    def sign_external(self, message: bytes) -> bytes:
+        """Sign bytes of a foreign format that carries its own domain separation (C2SP signed notes)."""
+        return self._private().sign(message)
+
     def seal(self, signed_type: str, payload: dict) -> bytes:
         """Encode ``payload`` canonically, sign it and return the envelope bytes."""
         payload_bytes = canonical.encode(payload)

@@ -38,15 +38,18 @@ class Database:
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         return await self._call(self._fetch, sql, params, False)
 
-    async def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
-        """Run statements in one IMMEDIATE transaction; commit (durable under synchronous=FULL) or roll back."""
+    async def transaction(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        """Run ``executemany`` for each (sql, rows) in one IMMEDIATE transaction; commit or roll back.
+
+        Under synchronous=FULL the commit is durable when this returns.
+        """
         await self._call(self._transaction, statements)
 
-    async def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    async def _transaction(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
         await self._connection.execute("BEGIN IMMEDIATE")
         try:
-            for sql, params in statements:
-                await self._connection.execute(sql, params)
+            for sql, rows in statements:
+                await self._connection.executemany(sql, rows)
             await self._connection.execute("COMMIT")
         except BaseException:
             if self._connection.in_transaction:

@@ -1,29 +1,37 @@
-"""The offline auditor: check every entry of a provider's ledger, in order, and stop at the first bad one.
+"""The offline auditor: check a provider's ledger (a SQLite file or an exported bundle), step by step.
 
-The checks are numbered as in docs/protocol.md ("Auditor checks"); each failure raises VerificationError with the
-check number, a stable code and the entry index.
+Every failure raises VerificationError with the check number, a stable code, the entry (or checkpoint size) it is
+about, and evidence where there is some. The numbers are the ones in docs/ledger.md.
 
-  (1) LV01 malformed       the entry is canonical msgpack, a well-formed envelope and a well-typed receipt
-  (2) LV02 unknown key     the entry is signed by the ledger's owner (the key of entry 0, or of ``expected_key``)
-  (3) LV03 bad signature   the Ed25519 signature verifies under that key with the receipt domain tag
-  (4) LV04 index gap       the entry's index equals its position (0, 1, 2, ...)
-  (5) LV05 chain break     prev_hash is sha256 of the previous entry's exact bytes (zeros for entry 0)
-  (10) LV10 duplicate      no request_id appears twice
-  (11) LV11 amount         amount = ceil((tokens_in × price_in + tokens_out × price_out) / 1,000,000)
-
-Checks 6-9 (Merkle root, checkpoint signature, fork, rollback) belong to checkpoints and are reserved.
+  Per entry, in ledger order:
+  (1)  LV01 malformed        canonical envelope of a well-typed receipt
+  (2)  LV02 unknown key      signed by the ledger's owner: the key of entry 0, which must be a trusted key when
+                             the auditor gives a list of them
+  (3)  LV03 bad signature    Ed25519 under the owner's key with the receipt domain tag
+  (4)  LV04 index gap        the entry's index is its position
+  (5)  LV05 chain break      prev_hash is SHA-256 of the previous entry's bytes (zeros for entry 0)
+  (10) LV10 duplicate        no request_id appears twice
+  (11) LV11 amount           amount = ceil((tokens_in × price_in + tokens_out × price_out) / 1,000,000)
+  Then the checkpoints (the ledger's own, its cosigned copies, and one the auditor holds):
+  (7)  LV07 bad checkpoint   a C2SP signed note with a valid signature by the ledger's owner
+  (9)  LV09 rollback         no checkpoint is for a larger tree than the ledger holds
+  (6)  LV06 root mismatch    each of the ledger's own checkpoints has the Merkle root of its entries at that size
+  (8)  LV08 fork             the auditor's checkpoint agrees with the ledger at its size (both are printed if not)
 """
 
 from __future__ import annotations
 
+import base64
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ledger import canonical, merkle
 from ledger.errors import EncodingError, SignatureError, StoreError, VerificationError
+from ledger.note import Checkpoint, NoteError, open_checkpoint
 from ledger.objects import ZERO_HASH, Receipt, ledger_origin
-from ledger.signing import open_envelope, sha256, verify_signature
+from ledger.signing import open_envelope, peer_id_of, public_key_of_peer_id, sha256, verify_signature
 
 CHECKS = {
     1: ("LV01", "malformed"),
@@ -31,9 +39,24 @@ CHECKS = {
     3: ("LV03", "bad signature"),
     4: ("LV04", "index gap"),
     5: ("LV05", "chain break"),
+    6: ("LV06", "Merkle root mismatch"),
+    7: ("LV07", "bad checkpoint"),
+    8: ("LV08", "fork"),
+    9: ("LV09", "rollback"),
     10: ("LV10", "duplicate request_id"),
     11: ("LV11", "amount mismatch"),
 }
+BUNDLE_FORMAT = "llorch-ledger-bundle/1"
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+@dataclass
+class LedgerMaterial:
+    """What an auditor can have of one ledger: its entries, its signed checkpoints and cosigned copies."""
+
+    entries: Iterable[bytes]
+    checkpoints: list[bytes] = field(default_factory=list)
+    cosigned: list[bytes] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -41,75 +64,181 @@ class VerifyReport:
     entries: int
     origin: str | None
     head_sha256: bytes
+    root: bytes
+    checkpoints: int
+    held_checkpoint_size: int | None
 
 
-def _fail(check: int, entry: int | None, message: str) -> VerificationError:
-    return VerificationError(check, CHECKS[check][0], entry, message)
+def _fail(check: int, entry: int | None, message: str, evidence: list[str] | None = None) -> VerificationError:
+    error = VerificationError(check, CHECKS[check][0], entry, message)
+    error.evidence = evidence or []
+    return error
 
 
-def verify_entries(entries: Iterable[bytes], expected_key: bytes | None = None) -> VerifyReport:
-    """Run checks 1-5, 10, 11 over entries in ledger order; raise VerificationError at the first failure."""
-    owner = expected_key
+def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
+           held_checkpoint: bytes | None = None) -> VerifyReport:
+    owner, leaves, head = _verify_entries(material.entries, trusted_keys)
+    tree = merkle.MemoryTree(leaves)
+    size = len(leaves)
+    origin = ledger_origin(owner) if owner else None
+    own = [_open_checkpoint(note, owner, origin, "ledger checkpoint") for note in material.checkpoints]
+    for note in material.cosigned:
+        _open_checkpoint(note, owner, origin, "cosigned checkpoint")
+    held = _open_checkpoint(held_checkpoint, owner, origin, "the auditor's checkpoint") if held_checkpoint else None
+    for checkpoint, note in own:                                                         # (9) then (6)
+        if checkpoint.size > size:
+            raise _fail(9, checkpoint.size, f"the ledger signed a checkpoint of {checkpoint.size} entries but holds "
+                                            f"only {size}: entries were removed", [note.decode()])
+        if tree.root(checkpoint.size) != checkpoint.root:
+            raise _fail(6, checkpoint.size, f"checkpoint of size {checkpoint.size} has root "
+                                            f"{checkpoint.root.hex()}, the entries give {tree.root(checkpoint.size).hex()}",
+                        [note.decode()])
+    if held is not None:
+        checkpoint, note = held
+        if checkpoint.size > size:                                                       # (9)
+            raise _fail(9, checkpoint.size, f"the auditor holds a checkpoint of {checkpoint.size} entries, the "
+                                            f"ledger has only {size}: it was rolled back", [note.decode()])
+        ours = tree.root(checkpoint.size)
+        if ours != checkpoint.root:                                                      # (8)
+            same_size = [n for c, n in own if c.size == checkpoint.size]
+            evidence = [note.decode(), same_size[0].decode() if same_size else
+                        f"(the ledger's entries at size {checkpoint.size} give root "
+                        f"{base64.b64encode(ours).decode()})"]
+            raise _fail(8, checkpoint.size, f"two signed views of this log disagree at size {checkpoint.size}: "
+                                            f"the provider forked its ledger", evidence)
+    return VerifyReport(size, origin, head, tree.root(), len(own), held[0].size if held else None)
+
+
+def _verify_entries(entries: Iterable[bytes], trusted_keys: set[bytes] | None) -> tuple[bytes | None, list[bytes],
+                                                                                      bytes]:
+    owner: bytes | None = None
     previous_hash = ZERO_HASH
-    seen_request_ids: dict[str, int] = {}
-    count = 0
+    seen: dict[str, int] = {}
+    leaves: list[bytes] = []
     for position, data in enumerate(entries):
-        # (1) malformed
-        try:
+        try:                                                                             # (1)
             payload, payload_bytes, signature = open_envelope(data)
             receipt = Receipt.from_payload(payload)
         except EncodingError as exc:
             raise _fail(1, position, str(exc)) from None
-        # (2) unknown key
-        if owner is None:
+        if owner is None:                                                                # (2)
             owner = receipt.provider_key
+            if trusted_keys is not None and owner not in trusted_keys:
+                raise _fail(2, position, f"the ledger is signed by {peer_id_of(owner)}, which is not a trusted key")
         if receipt.provider_key != owner or receipt.origin != ledger_origin(owner):
             raise _fail(2, position, f"signed by {ledger_origin(receipt.provider_key)} with origin "
                                      f"{receipt.origin!r}, but this ledger is {ledger_origin(owner)}")
-        # (3) bad signature
-        try:
-            verify_signature("receipt", receipt.provider_key, payload_bytes, signature)
+        try:                                                                             # (3)
+            verify_signature("receipt", owner, payload_bytes, signature)
         except SignatureError as exc:
             raise _fail(3, position, str(exc)) from None
-        # (4) index gap
-        if receipt.index != position:
+        if receipt.index != position:                                                    # (4)
             raise _fail(4, position, f"entry claims index {receipt.index} at position {position}")
-        # (5) chain break
-        if receipt.prev_hash != previous_hash:
+        if receipt.prev_hash != previous_hash:                                           # (5)
             raise _fail(5, position, f"prev_hash {receipt.prev_hash.hex()} is not the hash of entry "
                                      f"{position - 1} ({previous_hash.hex()})")
-        # (10) duplicate request_id
-        if receipt.request_id in seen_request_ids:
-            raise _fail(10, position, f"request_id {receipt.request_id} already at entry "
-                                      f"{seen_request_ids[receipt.request_id]}")
-        seen_request_ids[receipt.request_id] = position
-        # (11) amount
-        if receipt.amount != receipt.expected_amount():
+        if receipt.request_id in seen:                                                   # (10)
+            raise _fail(10, position, f"request_id {receipt.request_id} already at entry {seen[receipt.request_id]}")
+        seen[receipt.request_id] = position
+        if receipt.amount != receipt.expected_amount():                                  # (11)
             raise _fail(11, position, f"amount {receipt.amount} but tokens × prices give {receipt.expected_amount()}")
         previous_hash = sha256(data)
-        count += 1
-    return VerifyReport(count, ledger_origin(owner) if owner else None, previous_hash)
+        leaves.append(merkle.leaf_hash(data))
+    return owner, leaves, previous_hash
 
+
+def _open_checkpoint(note: bytes, owner: bytes | None, origin: str | None, what: str) -> tuple[Checkpoint, bytes]:
+    if owner is None:
+        raise _fail(7, None, f"{what} cannot be checked: the ledger has no entries, so no owner key")
+    try:                                                                                 # (7)
+        return open_checkpoint(note, origin, owner), note
+    except NoteError as exc:
+        raise _fail(7, None, f"{what} is invalid: {exc}", [note.decode("utf-8", "replace")]) from None
+
+
+# --- reading ledgers ---------------------------------------------------------------------------------------------
 
 def read_sqlite_entries(path: Path) -> Iterator[bytes]:
     """Yield the stored entry bytes of a ledger file in index order, opened read-only."""
-    if not Path(path).is_file():
+    with _read_only(path) as connection:
+        try:
+            for (entry,) in connection.execute("SELECT entry FROM entries ORDER BY idx"):
+                yield entry if isinstance(entry, bytes) else b""   # a non-blob entry is malformed: check 1 names it
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read ledger entries from {path}: {exc}") from None
+
+
+class _read_only:
+    def __init__(self, path: Path) -> None:
+        if not Path(path).is_file():
+            raise StoreError(f"{path} is not a file")
+        self.path = Path(path)
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self.connection = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path}: {exc}") from None
+        return self.connection
+
+    def __exit__(self, *exc_info) -> None:
+        self.connection.close()
+
+
+def _optional_table(connection: sqlite3.Connection, sql: str) -> list[bytes]:
+    try:
+        return [row[0] for row in connection.execute(sql)]
+    except sqlite3.OperationalError:   # a ledger written before checkpoints existed has no such table
+        return []
+
+
+def load_material(path: Path) -> LedgerMaterial:
+    """Read a ledger SQLite file or an exported bundle."""
+    path = Path(path)
+    if not path.is_file():
         raise StoreError(f"{path} is not a file")
+    with open(path, "rb") as handle:
+        magic = handle.read(len(SQLITE_MAGIC))
+    if magic == SQLITE_MAGIC:
+        with _read_only(path) as connection:
+            checkpoints = _optional_table(connection, "SELECT note FROM checkpoints ORDER BY size")
+            cosigned = _optional_table(connection, "SELECT note FROM cosigned ORDER BY size, witness")
+        return LedgerMaterial(read_sqlite_entries(path), checkpoints, cosigned)
+    return read_bundle(path.read_bytes())
+
+
+def read_bundle(data: bytes) -> LedgerMaterial:
     try:
-        connection = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open {path}: {exc}") from None
-    try:
-        cursor = connection.execute("SELECT idx, entry FROM entries ORDER BY idx")
-        for idx, entry in cursor:
-            if not isinstance(entry, bytes):
-                entry = b""  # a non-blob entry is malformed; check 1 names it
-            yield entry
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read ledger entries from {path}: {exc}") from None
-    finally:
-        connection.close()
+        bundle = canonical.decode(data)
+    except EncodingError as exc:
+        raise StoreError(f"not a ledger file or bundle: {exc}") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise StoreError(f"not a ledger bundle (format {BUNDLE_FORMAT!r} expected)")
+    parts = {name: bundle.get(name) for name in ("entries", "checkpoints", "cosigned")}
+    for name, value in parts.items():
+        if not isinstance(value, list) or not all(isinstance(item, bytes) for item in value):
+            raise StoreError(f"bundle field {name!r} must be a list of bin")
+    return LedgerMaterial(parts["entries"], parts["checkpoints"], parts["cosigned"])
+
+
+def write_bundle(material: LedgerMaterial) -> bytes:
+    return canonical.encode({"format": BUNDLE_FORMAT, "entries": list(material.entries),
+                             "checkpoints": list(material.checkpoints), "cosigned": list(material.cosigned)})
+
+
+def load_trusted_keys(path: Path) -> set[bytes]:
+    """A trusted-keys file: one peer id (12D3KooW...) or 64-hex Ed25519 public key per line; # comments."""
+    keys = set()
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            keys.add(bytes.fromhex(line) if len(line) == 64 else public_key_of_peer_id(line))
+        except (ValueError, EncodingError):
+            raise StoreError(f"{path}:{number}: not a peer id or a 64-hex public key: {line!r}") from None
+    return keys
 
 
 def verify_ledger_file(path: Path) -> VerifyReport:
-    return verify_entries(read_sqlite_entries(path))
+    return verify(load_material(path))

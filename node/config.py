@@ -43,6 +43,8 @@ class NodeConfig:
     sla_uptime_ppm: int = 990_000
     sla_ttft_ms: int = 1_000
     state_file: Path | None = None           # written once the node is up: peer id and listen addrs (JSON)
+    checkpoint_every_entries: int = 64       # sign a ledger checkpoint after this many new entries ...
+    checkpoint_every_ms: int = 10_000        # ... or after this long, if anything was appended
 
     def __post_init__(self) -> None:
         if self.slots < 1 or self.slots > 64:

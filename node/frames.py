@@ -116,15 +116,15 @@ def encode_frame(frame: Frame) -> bytes:
     return encode_uvarint(len(body)) + body
 
 
-def decode_frame(body: bytes) -> Frame:
-    """Parse one frame body (without its length prefix)."""
+def decode_frame(body: bytes, types: dict[str, type] = FRAME_TYPES):
+    """Parse one frame body (without its length prefix) into one of ``types``."""
     try:
         value = canonical.decode(body)
     except EncodingError as exc:
         raise ProtocolError(f"frame is not canonical msgpack: {exc}") from None
     if not isinstance(value, dict) or not isinstance(value.get("t"), str):
         raise ProtocolError('a frame is a map with a str "t"')
-    cls = FRAME_TYPES.get(value.pop("t"))
+    cls = types.get(value.pop("t"))
     if cls is None:
         raise ProtocolError("unknown frame type")
     expected = {f.name for f in fields(cls)}
@@ -158,3 +158,31 @@ def decode_uvarint(buffer: bytes | bytearray, max_bytes: int = 4) -> tuple[int, 
     if len(buffer) >= max_bytes:
         raise ProtocolError(f"frame length varint longer than {max_bytes} bytes")
     return None
+
+
+class FrameBuffer:
+    """Bytes from a peer, cut into frame bodies. Bounded: more than ``buffer_bytes_max`` without a whole frame, or a
+    length header above the caller's cap, is a ProtocolError before the body is buffered."""
+
+    def __init__(self, buffer_bytes_max: int) -> None:
+        self._buffer = bytearray()
+        self._buffer_bytes_max = buffer_bytes_max
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) > self._buffer_bytes_max:
+            raise ProtocolError(f"peer sent more than {self._buffer_bytes_max} bytes without a whole frame")
+
+    def next_body(self, frame_bytes_max: int, state_name: str) -> bytes | None:
+        header = decode_uvarint(self._buffer)
+        if header is None:
+            return None
+        length, used = header
+        if length > frame_bytes_max:
+            raise ProtocolError(f"frame of {length} bytes exceeds the {frame_bytes_max}-byte limit in state "
+                                f"{state_name}")
+        if len(self._buffer) < used + length:
+            return None
+        body = bytes(self._buffer[used:used + length])
+        del self._buffer[:used + length]
+        return body

@@ -19,7 +19,8 @@ import enum
 
 from node import limits
 from node.errors import ProtocolError
-from node.frames import Accepted, Busy, Error, Final, Frame, Request, Token, decode_frame, decode_uvarint, encode_frame
+from node.frames import (Accepted, Busy, Error, Final, Frame, FrameBuffer, Request, Token, decode_frame,
+                         encode_frame)
 
 
 class Role(enum.Enum):
@@ -54,7 +55,7 @@ class InferProtocol:
         self.peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         self.state = State.AWAIT_REQUEST
         self.tokens_seen = 0
-        self._buffer = bytearray()
+        self._frames = FrameBuffer(limits.RECEIVE_BUFFER_BYTES_MAX)
 
     def send(self, frame: Frame) -> bytes:
         """Advance the state for a frame we send; return its bytes. A local misuse raises AssertionError."""
@@ -66,23 +67,14 @@ class InferProtocol:
 
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes read from the peer. The buffer is bounded: more than one maximal frame is an error."""
-        self._buffer += data
-        if len(self._buffer) > limits.RECEIVE_BUFFER_BYTES_MAX:
-            raise ProtocolError(f"peer sent more than {limits.RECEIVE_BUFFER_BYTES_MAX} bytes without a whole frame")
+        self._frames.feed(data)
 
     def next_frame(self) -> Frame | None:
         """The next complete frame from the peer, or None if more bytes are needed."""
-        header = decode_uvarint(self._buffer)
-        if header is None:
-            return None
-        length, used = header
         cap = limits.REQUEST_FRAME_BYTES_MAX if self.state is State.AWAIT_REQUEST else limits.FRAME_BYTES_MAX
-        if length > cap:
-            raise ProtocolError(f"frame of {length} bytes exceeds the {cap}-byte limit in state {self.state.value}")
-        if len(self._buffer) < used + length:
+        body = self._frames.next_body(cap, self.state.value)
+        if body is None:
             return None
-        body = bytes(self._buffer[used:used + length])
-        del self._buffer[:used + length]
         frame = decode_frame(body)
         self._advance(self.peer_role, frame)
         return frame

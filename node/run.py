@@ -17,6 +17,7 @@ from ledger.store import LedgerStore
 from node import limits
 from node.attestation import TOPIC, Attestation
 from node.config import NodeConfig
+from node.ledger_service import LEDGER_PROTOCOL_ID, LedgerService, sign_checkpoints
 from node.lifecycle import write_state_file
 from node.p2p import P2P, keep_connected, running_host
 from node.service import INFER_PROTOCOL_ID, EnginePool, ProviderService
@@ -80,8 +81,11 @@ async def run_node(config: NodeConfig) -> None:
         service = ProviderService(key.public_key, trusted, pool, ledger, offered)
         async with running_host(key, config.listen_addr) as p2p:
             p2p.host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), service.serve_inference)
+            p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), LedgerService(ledger, trusted).serve_ledger)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(keep_connected, p2p, config.bootstrap)
+                nursery.start_soon(sign_checkpoints, ledger, config.checkpoint_every_entries,
+                                   config.checkpoint_every_ms / 1000)
                 nursery.start_soon(publish_attestations, config, key, p2p, pool)
                 write_state_file(config.state_file, {"peer_id": p2p.peer_id, "addrs": p2p.addrs(),
                                                      "ledger": str(Path(config.ledger_path).resolve())})

@@ -12,7 +12,7 @@ from ledger.errors import ConflictError, StoreError, VerificationError
 from ledger.objects import Receipt
 from ledger.signing import SigningKey, open_envelope, sha256
 from ledger.store import LedgerStore
-from ledger.verify import read_sqlite_entries, verify_entries, verify_ledger_file
+from ledger.verify import LedgerMaterial, read_sqlite_entries, verify, verify_ledger_file
 from tests.helpers import receipt_fields
 
 
@@ -122,13 +122,13 @@ def chain(key, count, mutate=None):
 
 def expect(entries, code, entry):
     with pytest.raises(VerificationError) as caught:
-        verify_entries(entries)
+        verify(LedgerMaterial(entries))
     assert (caught.value.code, caught.value.entry) == (code, entry), str(caught.value)
     return caught.value
 
 
 def test_valid_chain_passes():
-    assert verify_entries(chain(SigningKey.generate(), 4)).entries == 4
+    assert verify(LedgerMaterial(chain(SigningKey.generate(), 4))).entries == 4
 
 
 def test_lv01_malformed():

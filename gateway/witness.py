@@ -1,0 +1,235 @@
+"""The gateway as a witness of providers' ledgers (C2SP tlog-witness style), hop 10 of docs/architecture.md.
+
+For each provider it uses, every interval: fetch the latest signed checkpoint over /llorch/ledger/1; check it is
+consistent with the last checkpoint this gateway cosigned (RFC 9162 consistency proof); fetch the new entries,
+verify each (signature, index, chain, amount) and that together they give the checkpoint's root; then cosign
+(C2SP tlog-cosignature), keep the entries for reconciliation, and hand the cosigned note back to the provider.
+
+A provider that shows a checkpoint inconsistent with one already cosigned (a different root at the same size, a
+failing consistency proof, entries that do not give the signed root, a smaller tree) is **forked**: both views are
+kept as evidence and the provider is excluded from placement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from ledger import canonical, merkle
+from ledger.errors import EncodingError, SignatureError
+from ledger.note import Checkpoint, NoteError, cosign, open_checkpoint
+from ledger.objects import ZERO_HASH, Receipt, ledger_origin
+from ledger.signing import SigningKey, peer_id_of, sha256
+from ledger.sqlite import Database
+from gateway.ledger_client import LedgerRequestFailed, request_ledger
+from node.ledger_protocol import GetCheckpoint, GetConsistency, GetEntries, PutCosigned
+from node.ledger_service import witness_name
+from node.p2p import P2P
+from node.stream_io import now_ms
+
+log = logging.getLogger("llorch.witness")
+
+ENTRIES_PER_ROUND_MAX = 100_000
+
+
+class ForkDetected(Exception):
+    """The provider showed two views of its log that cannot both be true; ``evidence`` holds both."""
+
+    def __init__(self, reason: str, evidence: list[str]) -> None:
+        super().__init__(reason)
+        self.evidence = evidence
+
+
+class BadView(Exception):
+    """The provider's answer is unusable (bad signature, malformed entry) but proves no fork: try again later."""
+
+
+@dataclass(frozen=True)
+class WitnessedState:
+    """What the witness knows of one provider's log: the last cosigned checkpoint and the tree behind it."""
+
+    size: int
+    root: bytes
+    head_hash: bytes
+    compact: merkle.CompactRange
+    note: bytes | None
+
+    @classmethod
+    def empty(cls) -> "WitnessedState":
+        return cls(0, merkle.EMPTY_ROOT, ZERO_HASH, merkle.CompactRange(), None)
+
+
+def check_checkpoint(state: WitnessedState, note: bytes, provider_key: bytes) -> Checkpoint:
+    """Parse a provider's signed checkpoint; raise ForkDetected if it contradicts what was cosigned."""
+    try:
+        checkpoint = open_checkpoint(note, ledger_origin(provider_key), provider_key)
+    except NoteError as exc:
+        raise BadView(f"checkpoint is invalid: {exc}") from None
+    evidence = [state.note.decode() if state.note else "", note.decode()]
+    if checkpoint.size < state.size:
+        raise ForkDetected(f"the provider now shows {checkpoint.size} entries after {state.size} were cosigned "
+                           f"(rollback)", evidence)
+    if checkpoint.size == state.size and checkpoint.root != state.root:
+        raise ForkDetected(f"two different roots for size {state.size}", evidence)
+    return checkpoint
+
+
+def check_consistency(state: WitnessedState, checkpoint: Checkpoint, note: bytes, proof: list[bytes]) -> None:
+    try:
+        merkle.verify_consistency(state.size, checkpoint.size, state.root, checkpoint.root, proof)
+    except merkle.ProofError as exc:
+        raise ForkDetected(f"checkpoint {checkpoint.size} is not consistent with cosigned checkpoint "
+                           f"{state.size}: {exc}", [state.note.decode() if state.note else "", note.decode(),
+                                                   json.dumps([h.hex() for h in proof])]) from None
+
+
+def extend(state: WitnessedState, checkpoint: Checkpoint, note: bytes, entries: list[bytes],
+           provider_key: bytes) -> WitnessedState:
+    """Verify entries [state.size, checkpoint.size) and that they give the checkpoint's root; the new state."""
+    if len(entries) != checkpoint.size - state.size:
+        raise BadView(f"expected {checkpoint.size - state.size} entries, got {len(entries)}")
+    compact, head = state.compact.copy(), state.head_hash
+    for offset, entry in enumerate(entries):
+        index = state.size + offset
+        try:
+            receipt = Receipt.from_envelope(entry)
+        except (EncodingError, SignatureError) as exc:
+            raise BadView(f"entry {index} is invalid: {exc}") from None
+        if receipt.provider_key != provider_key or receipt.index != index or receipt.prev_hash != head \
+                or receipt.amount != receipt.expected_amount():
+            raise BadView(f"entry {index} does not continue the ledger (key, index, chain or amount)")
+        compact.append(merkle.leaf_hash(entry))
+        head = sha256(entry)
+    if compact.root() != checkpoint.root:
+        raise ForkDetected(f"the entries up to {checkpoint.size} do not give the signed root",
+                           [note.decode(), f"(entries give root {compact.root().hex()})"])
+    return WitnessedState(checkpoint.size, checkpoint.root, head, compact, note)
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS witnessed (
+    provider_key BLOB PRIMARY KEY,
+    size         INTEGER NOT NULL,
+    root         BLOB NOT NULL,
+    head_hash    BLOB NOT NULL,
+    compact      BLOB NOT NULL,
+    note         BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS provider_entries (
+    provider_key BLOB NOT NULL,
+    idx          INTEGER NOT NULL,
+    request_id   TEXT NOT NULL,
+    entry        BLOB NOT NULL,
+    PRIMARY KEY (provider_key, idx)
+);
+CREATE TABLE IF NOT EXISTS forks (
+    provider_key BLOB PRIMARY KEY,
+    detected_ms  INTEGER NOT NULL,
+    reason       TEXT NOT NULL,
+    evidence     TEXT NOT NULL
+);
+"""
+
+
+class WitnessBook:
+    """The witness's state in the gateway database."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def state(self, provider_key: bytes) -> WitnessedState:
+        row = await self._database.fetchone(
+            "SELECT size, root, head_hash, compact, note FROM witnessed WHERE provider_key = ?", (provider_key,))
+        if row is None:
+            return WitnessedState.empty()
+        size, root, head, compact_bytes, note = row
+        nodes = [(level, hash_) for level, hash_ in canonical.decode(compact_bytes)]
+        return WitnessedState(size, root, head, merkle.CompactRange(size, nodes), note)
+
+    async def advance(self, provider_key: bytes, old: WitnessedState, new: WitnessedState,
+                      entries: list[bytes]) -> None:
+        compact = canonical.encode([[level, hash_] for level, hash_ in new.compact.nodes])
+        rows = []
+        for offset, entry in enumerate(entries):
+            rows.append((provider_key, old.size + offset, Receipt.from_envelope(entry).request_id, entry))
+        await self._database.transaction([
+            ("INSERT INTO provider_entries (provider_key, idx, request_id, entry) VALUES (?, ?, ?, ?)", rows),
+            ("INSERT OR REPLACE INTO witnessed (provider_key, size, root, head_hash, compact, note) "
+             "VALUES (?, ?, ?, ?, ?, ?)", [(provider_key, new.size, new.root, new.head_hash, compact, new.note)])])
+
+    async def record_fork(self, provider_key: bytes, reason: str, evidence: list[str]) -> None:
+        await self._database.transaction([(
+            "INSERT OR IGNORE INTO forks (provider_key, detected_ms, reason, evidence) VALUES (?, ?, ?, ?)",
+            [(provider_key, now_ms(), reason, json.dumps(evidence))])])
+
+    async def forked(self) -> set[bytes]:
+        return {row[0] for row in await self._database.fetchall("SELECT provider_key FROM forks")}
+
+    async def fork_evidence(self, provider_key: bytes) -> tuple[str, list[str]] | None:
+        row = await self._database.fetchone("SELECT reason, evidence FROM forks WHERE provider_key = ?",
+                                            (provider_key,))
+        return None if row is None else (row[0], json.loads(row[1]))
+
+
+class Witness:
+    """Runs witness rounds for providers; forked providers are reported to ``on_fork``."""
+
+    def __init__(self, p2p: P2P, key: SigningKey, book: WitnessBook, on_fork) -> None:
+        self.p2p = p2p
+        self.key = key
+        self.book = book
+        self.on_fork = on_fork
+        self.name = witness_name(key.public_key)
+
+    async def witness(self, provider_key: bytes, addrs: list[str]) -> WitnessedState | None:
+        """One round for one provider. Returns the new state, or None if the provider could not be witnessed."""
+        state = await self.book.state(provider_key)
+        try:
+            reply = await request_ledger(self.p2p, provider_key, addrs, GetCheckpoint())
+            checkpoint = check_checkpoint(state, reply.note, provider_key)
+            if checkpoint.size == state.size:
+                return state
+            if checkpoint.size - state.size > ENTRIES_PER_ROUND_MAX:
+                raise BadView(f"{checkpoint.size - state.size} new entries: more than one round takes")
+            if state.size:
+                proof = await request_ledger(self.p2p, provider_key, addrs, GetConsistency(state.size, checkpoint.size))
+                check_consistency(state, checkpoint, reply.note, proof.hashes)
+            entries = await self._fetch_entries(provider_key, addrs, state.size, checkpoint.size)
+            new_state = extend(state, checkpoint, reply.note, entries, provider_key)
+        except ForkDetected as fork:
+            log.error("provider %s FORKED its ledger: %s", peer_id_of(provider_key), fork)
+            await self.book.record_fork(provider_key, str(fork), fork.evidence)
+            self.on_fork(provider_key)
+            return None
+        except (BadView, LedgerRequestFailed) as exc:
+            log.warning("could not witness %s this round: %s", peer_id_of(provider_key), exc)
+            return None
+        cosigned = cosign(new_state.note, self.name, self.key, now_ms() // 1000)
+        new_state = WitnessedState(new_state.size, new_state.root, new_state.head_hash, new_state.compact, cosigned)
+        await self.book.advance(provider_key, state, new_state, entries)
+        try:
+            await request_ledger(self.p2p, provider_key, addrs, PutCosigned(cosigned))
+        except LedgerRequestFailed as exc:
+            log.info("provider %s did not take the cosigned checkpoint: %s", peer_id_of(provider_key), exc)
+        return new_state
+
+    async def _fetch_entries(self, provider_key: bytes, addrs: list[str], start: int, end: int) -> list[bytes]:
+        entries: list[bytes] = []
+        while start + len(entries) < end:
+            reply = await request_ledger(self.p2p, provider_key, addrs, GetEntries(start + len(entries), end))
+            if reply.start != start + len(entries):
+                raise BadView("entries reply starts at the wrong index")
+            entries.extend(reply.entries)
+        return entries[:end - start]
+
+
+async def witness_forever(witness: Witness, providers, interval_s: float) -> None:
+    """Every ``interval_s``, witness each provider ``providers()`` returns as (key, addrs)."""
+    while True:
+        for provider_key, addrs in providers():
+            with trio.move_on_after(max(interval_s, 30.0)):
+                await witness.witness(provider_key, addrs)
+        await trio.sleep(interval_s)

@@ -1,0 +1,124 @@
+"""The provider's side of /llorch/ledger/1 (``serve_ledger``): its checkpoints, entries and proofs for witnesses and
+auditors, and cosigned checkpoints back from trusted gateways. Also the task that signs checkpoints."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ledger import limits as ledger_limits
+from ledger.errors import LedgerError
+from ledger.note import NoteError, verify_cosignature
+from ledger.signing import peer_id_of
+from ledger.store import LedgerStore
+from node import limits
+from node.errors import ProtocolError
+from node.frames import Error
+from node.infer_protocol import Role
+from node.ledger_protocol import (Ack, CheckpointReply, EntriesReply, GetCheckpoint, GetConsistency, GetEntries,
+                                  GetInclusion, LedgerProtocol, ProofReply, PutCosigned)
+from node.stream_io import close_quietly, read_frame, write_frame
+
+log = logging.getLogger("llorch.node")
+
+LEDGER_PROTOCOL_ID = "/llorch/ledger/1"
+
+
+def witness_name(gateway_key: bytes) -> str:
+    """The key name a gateway uses for its cosignatures."""
+    return f"llorch-witness/{peer_id_of(gateway_key)}"
+
+
+class LedgerService:
+    def __init__(self, ledger: LedgerStore, trusted_gateway_keys: frozenset[bytes]) -> None:
+        self.ledger = ledger
+        self.trusted_gateway_keys = trusted_gateway_keys
+
+    async def serve_ledger(self, stream) -> None:
+        """Stream handler for /llorch/ledger/1. Never raises."""
+        protocol = LedgerProtocol(Role.SERVER)
+        reset = True
+        try:
+            request = await read_frame(stream, protocol, limits.LEDGER_READ_TIMEOUT_S)
+            await write_frame(stream, protocol, await self.answer(request))
+            reset = False
+        except ProtocolError as exc:
+            log.warning("ledger stream dropped: %s", exc)
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("ledger stream failed unexpectedly")
+        finally:
+            await close_quietly(stream, reset=reset)
+
+    async def answer(self, request):
+        """The reply to one request; bad ranges and store failures become error frames."""
+        try:
+            if isinstance(request, GetCheckpoint):
+                note = await self.ledger.sign_checkpoint()
+                return CheckpointReply(note)
+            if isinstance(request, GetEntries):
+                return await self._entries(request)
+            if isinstance(request, GetConsistency):
+                self._check_range(request.new_size)
+                return ProofReply(await self.ledger.consistency_proof(request.old_size, request.new_size))
+            if isinstance(request, GetInclusion):
+                self._check_range(request.size)
+                return ProofReply(await self.ledger.inclusion_proof(request.index, request.size))
+            if isinstance(request, PutCosigned):
+                return await self._put_cosigned(request)
+        except _Refused as refused:
+            return Error(refused.code, str(refused))
+        except LedgerError as exc:
+            return Error("ledger_failed", str(exc)[:1000])
+        raise AssertionError(f"unhandled request {request!r}")
+
+    async def _entries(self, request: GetEntries) -> EntriesReply:
+        self._check_range(request.end)
+        end = min(request.end, request.start + ledger_limits.ENTRIES_PAGE_MAX)
+        entries = await self.ledger.entries(request.start, end)
+        page, total = [], 0
+        for entry in entries:
+            if page and total + len(entry) > ledger_limits.ENTRIES_PAGE_BYTES_MAX:
+                break
+            page.append(entry)
+            total += len(entry)
+        return EntriesReply(request.start, page)
+
+    async def _put_cosigned(self, request: PutCosigned) -> Ack:
+        for gateway_key in self.trusted_gateway_keys:
+            try:
+                verify_cosignature(request.note, witness_name(gateway_key), gateway_key)
+            except NoteError:
+                continue
+            await self.ledger.add_cosigned(request.note, witness_name(gateway_key))
+            return Ack()
+        raise _Refused("untrusted_witness", "the note carries no valid cosignature by a gateway this node trusts")
+
+    def _check_range(self, size: int) -> None:
+        if size > self.ledger.size:
+            raise _Refused("range_beyond_size", f"the ledger has {self.ledger.size} entries; {size} asked for")
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def sign_checkpoints(ledger: LedgerStore, every_entries: int, every_s: float) -> None:
+    """Sign a checkpoint whenever ``every_entries`` new entries arrived, or ``every_s`` passed with any new entry."""
+    last_signed_at = trio.current_time()
+    while True:
+        await trio.sleep(ledger_limits.CHECKPOINT_POLL_S)
+        latest = ledger.latest_checkpoint
+        signed_size = latest[0].size if latest else 0
+        grown = ledger.size - signed_size
+        due = grown >= every_entries or (grown > 0 and trio.current_time() - last_signed_at >= every_s)
+        if due:
+            try:
+                await ledger.sign_checkpoint()
+                last_signed_at = trio.current_time()
+            except LedgerError as exc:
+                log.error("checkpoint not signed: %s", exc)
