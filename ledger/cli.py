@@ -64,10 +64,9 @@ def ledger_verify(args: argparse.Namespace) -> int:
         _emit(args, {"ok": False, "error": str(exc)}, f"error: {exc}")
         return EXIT_UNUSABLE
     except VerificationError as exc:
-        evidence = getattr(exc, "evidence", [])
-        text = f"FAIL {exc}" + "".join(f"\n--- evidence {i + 1} ---\n{item}" for i, item in enumerate(evidence))
-        _emit(args, {"ok": False, "check": exc.check, "code": exc.code, "entry": exc.entry, "message": exc.message,
-                     "evidence": evidence}, text)
+        text = f"FAIL {exc}" + "".join(f"\n--- evidence {i + 1} ---\n{item}" for i, item in enumerate(exc.evidence))
+        _emit(args, {"ok": False, "check": exc.check, "code": exc.code, "entry": exc.entry,
+                     "checkpoint_size": exc.checkpoint_size, "message": exc.message, "evidence": exc.evidence}, text)
         return EXIT_FAILED
     held_text = f"; agrees with the held checkpoint of size {report.held_checkpoint_size}" \
         if report.held_checkpoint_size is not None else ""

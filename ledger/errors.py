@@ -52,18 +52,27 @@ class ConflictError(StoreError):
 
 
 class VerificationError(LedgerError):
-    """Raised by the auditor when a ledger entry fails one of the numbered checks (docs/protocol.md).
+    """Raised by the auditor when a ledger fails one of the numbered checks (docs/ledger.md).
 
-    ``check`` is the step number, ``code`` the stable error code, ``entry`` the ledger index (or None when the
-    failure is not about one entry).
+    ``check`` is the step number, ``code`` the stable error code; ``entry`` is the ledger index of the bad entry, or
+    ``checkpoint_size`` the size of the checkpoint at fault; ``evidence`` holds texts to print (e.g. both checkpoints
+    of a fork).
     """
 
-    def __init__(self, check: int, code: str, entry: int | None, message: str) -> None:
+    def __init__(self, check: int, code: str, entry: int | None, message: str, checkpoint_size: int | None = None,
+                 evidence: list[str] | None = None) -> None:
         self.check = check
         self.code = code
         self.entry = entry
+        self.checkpoint_size = checkpoint_size
         self.message = message
-        where = f"entry {entry}" if entry is not None else "ledger"
+        self.evidence = evidence or []
+        if entry is not None:
+            where = f"entry {entry}"
+        elif checkpoint_size is not None:
+            where = f"checkpoint of size {checkpoint_size}"
+        else:
+            where = "checkpoint"
         super().__init__(f"{code} (check {check}) at {where}: {message}")
 
 

@@ -70,9 +70,12 @@ class VerifyReport:
 
 
 def _fail(check: int, entry: int | None, message: str, evidence: list[str] | None = None) -> VerificationError:
-    error = VerificationError(check, CHECKS[check][0], entry, message)
-    error.evidence = evidence or []
-    return error
+    return VerificationError(check, CHECKS[check][0], entry, message, evidence=evidence)
+
+
+def _fail_checkpoint(check: int, size: int | None, message: str, evidence: list[str] | None = None
+                     ) -> VerificationError:
+    return VerificationError(check, CHECKS[check][0], None, message, checkpoint_size=size, evidence=evidence)
 
 
 def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
@@ -87,16 +90,16 @@ def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
     held = _open_checkpoint(held_checkpoint, owner, origin, "the auditor's checkpoint") if held_checkpoint else None
     for checkpoint, note in own:                                                         # (9) then (6)
         if checkpoint.size > size:
-            raise _fail(9, checkpoint.size, f"the ledger signed a checkpoint of {checkpoint.size} entries but holds "
+            raise _fail_checkpoint(9, checkpoint.size, f"the ledger signed a checkpoint of {checkpoint.size} entries but holds "
                                             f"only {size}: entries were removed", [note.decode()])
         if tree.root(checkpoint.size) != checkpoint.root:
-            raise _fail(6, checkpoint.size, f"checkpoint of size {checkpoint.size} has root "
+            raise _fail_checkpoint(6, checkpoint.size, f"checkpoint of size {checkpoint.size} has root "
                                             f"{checkpoint.root.hex()}, the entries give {tree.root(checkpoint.size).hex()}",
                         [note.decode()])
     if held is not None:
         checkpoint, note = held
         if checkpoint.size > size:                                                       # (9)
-            raise _fail(9, checkpoint.size, f"the auditor holds a checkpoint of {checkpoint.size} entries, the "
+            raise _fail_checkpoint(9, checkpoint.size, f"the auditor holds a checkpoint of {checkpoint.size} entries, the "
                                             f"ledger has only {size}: it was rolled back", [note.decode()])
         ours = tree.root(checkpoint.size)
         if ours != checkpoint.root:                                                      # (8)
@@ -104,7 +107,7 @@ def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
             evidence = [note.decode(), same_size[0].decode() if same_size else
                         f"(the ledger's entries at size {checkpoint.size} give root "
                         f"{base64.b64encode(ours).decode()})"]
-            raise _fail(8, checkpoint.size, f"two signed views of this log disagree at size {checkpoint.size}: "
+            raise _fail_checkpoint(8, checkpoint.size, f"two signed views of this log disagree at size {checkpoint.size}: "
                                             f"the provider forked its ledger", evidence)
     return VerifyReport(size, origin, head, tree.root(), len(own), held[0].size if held else None)
 
@@ -149,11 +152,11 @@ def _verify_entries(entries: Iterable[bytes], trusted_keys: set[bytes] | None) -
 
 def _open_checkpoint(note: bytes, owner: bytes | None, origin: str | None, what: str) -> tuple[Checkpoint, bytes]:
     if owner is None:
-        raise _fail(7, None, f"{what} cannot be checked: the ledger has no entries, so no owner key")
+        raise _fail_checkpoint(7, None, f"{what} cannot be checked: the ledger has no entries, so no owner key")
     try:                                                                                 # (7)
         return open_checkpoint(note, origin, owner), note
     except NoteError as exc:
-        raise _fail(7, None, f"{what} is invalid: {exc}", [note.decode("utf-8", "replace")]) from None
+        raise _fail_checkpoint(7, None, f"{what} is invalid: {exc}", [note.decode("utf-8", "replace")]) from None
 
 
 # --- reading ledgers ---------------------------------------------------------------------------------------------

@@ -1,0 +1,259 @@
+"""Idempotent group-committed appends, checkpoints, notes, /llorch/ledger/1 and the gateway witness."""
+
+import sqlite3
+
+import pytest
+import trio
+from libp2p.custom_types import TProtocol
+
+from gateway.db import open_gateway_db
+from gateway.witness import (BadView, ForkDetected, Witness, WitnessBook, WitnessedState, check_checkpoint,
+                             check_consistency, extend)
+from ledger import merkle
+from ledger.errors import ConflictError, StoreError
+from ledger.note import (Checkpoint, NoteError, cosign, open_checkpoint, parse_note, sign_checkpoint,
+                         verify_cosignature)
+from ledger.objects import Receipt
+from ledger.signing import SigningKey
+from ledger.store import LedgerStore
+from ledger.verify import LedgerMaterial, load_material, verify
+from node.errors import ProtocolError
+from node.frames import Error
+from node.infer_protocol import Role
+from node.ledger_protocol import (CheckpointReply, EntriesReply, GetCheckpoint, GetEntries, LedgerProtocol,
+                                  ProofReply)
+from node.ledger_service import LEDGER_PROTOCOL_ID, LedgerService, witness_name
+from node.p2p import running_host
+from tests.helpers import receipt_fields
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+# --- appends ---------------------------------------------------------------------------------------------------
+
+async def test_same_receipt_again_returns_the_stored_entry_and_writes_nothing(tmp_path):
+    key = SigningKey.generate()
+    async with LedgerStore.open(tmp_path / "l.sqlite", key) as ledger:
+        first = await ledger.append(receipt_fields(key, "req-00000001"))
+        again = await ledger.append(receipt_fields(key, "req-00000001"))
+        assert again == first and ledger.size == 1
+        with pytest.raises(ConflictError, match="different content"):
+            await ledger.append(receipt_fields(key, "req-00000001", tokens_out=1))
+        assert ledger.size == 1
+
+
+async def test_concurrent_appends_share_transactions(tmp_path):
+    key = SigningKey.generate()
+    async with LedgerStore.open(tmp_path / "l.sqlite", key) as ledger:
+        results = {}
+
+        async def one(i):
+            results[i] = await ledger.append(receipt_fields(key, f"req-{i:08d}"))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(64):
+                nursery.start_soon(one, i)
+        assert ledger.size == 64 and len(set(results.values())) == 64
+        assert ledger.batches_committed < 64          # group commit: several appends per transaction
+    report = verify(load_material(tmp_path / "l.sqlite"))
+    assert report.entries == 64
+
+
+async def test_duplicates_inside_one_batch(tmp_path):
+    key = SigningKey.generate()
+    same, other = receipt_fields(key, "req-samesame"), receipt_fields(key, "req-samesame", tokens_out=3)
+    async with LedgerStore.open(tmp_path / "l.sqlite", key) as ledger:
+        outcomes = []
+
+        async def one(fields):
+            try:
+                outcomes.append((fields, await ledger.append(fields)))
+            except ConflictError as exc:
+                outcomes.append((fields, exc))
+
+        async with trio.open_nursery() as nursery:
+            for fields in (same, same, other):
+                nursery.start_soon(one, fields)
+        assert ledger.size == 1
+        stored = await ledger.entry("req-samesame")
+    winner = same if Receipt.from_envelope(stored).tokens_out == same["tokens_out"] else other
+    for fields, outcome in outcomes:       # whichever came first is stored; the same content gets it back
+        assert outcome == stored if fields == winner else isinstance(outcome, ConflictError)
+
+
+async def test_a_malformed_receipt_fails_alone(tmp_path):
+    key = SigningKey.generate()
+    async with LedgerStore.open(tmp_path / "l.sqlite", key) as ledger:
+        async with trio.open_nursery() as nursery:
+            async def bad():
+                with pytest.raises(Exception, match="malformed"):
+                    await ledger.append(receipt_fields(key, "req-badbad01", currency="euro"))
+            nursery.start_soon(bad)
+            nursery.start_soon(ledger.append, receipt_fields(key, "req-goodgood"))
+        assert ledger.size == 1
+
+
+# --- checkpoints and notes ----------------------------------------------------------------------------------------
+
+async def test_checkpoints_are_signed_consistent_and_stored(tmp_path):
+    key = SigningKey.generate()
+    async with LedgerStore.open(tmp_path / "l.sqlite", key) as ledger:
+        for i in range(5):
+            await ledger.append(receipt_fields(key, f"req-{i:08d}"))
+        first = await ledger.sign_checkpoint()
+        assert await ledger.sign_checkpoint() == first        # nothing new: the same checkpoint
+        await ledger.append(receipt_fields(key, "req-00000099"))
+        second = await ledger.sign_checkpoint()
+        a, b = (open_checkpoint(n, ledger.origin, key.public_key) for n in (first, second))
+        assert (a.size, b.size) == (5, 6)
+        merkle.verify_consistency(5, 6, a.root, b.root, await ledger.consistency_proof(5, 6))
+        assert await ledger.checkpoints() == [first, second]
+    assert verify(load_material(tmp_path / "l.sqlite")).checkpoints == 2
+
+
+async def test_a_node_refuses_to_sign_a_checkpoint_inconsistent_with_its_last(tmp_path):
+    key = SigningKey.generate()
+    path = tmp_path / "l.sqlite"
+    async with LedgerStore.open(path, key) as ledger:
+        for i in range(4):
+            await ledger.append(receipt_fields(key, f"req-{i:08d}"))
+        await ledger.sign_checkpoint()
+        await ledger.append(receipt_fields(key, "req-00000005"))
+    connection = sqlite3.connect(path)          # someone rewrites history behind the node's back
+    connection.execute("DROP TRIGGER tree_no_update")
+    connection.execute("UPDATE tree SET hash = zeroblob(32) WHERE level = 2 AND idx = 0")
+    connection.commit()
+    connection.close()
+    async with LedgerStore.open(path, key) as ledger:
+        with pytest.raises(StoreError, match="refusing to sign"):
+            await ledger.sign_checkpoint()
+
+
+def test_note_format_and_cosignature():
+    log_key, witness_key = SigningKey.generate(), SigningKey.generate()
+    origin = f"llorch/{log_key.peer_id}"
+    note = sign_checkpoint(Checkpoint(origin, 7, bytes(range(32))), log_key)
+    text = note.decode()
+    assert text.startswith(f"{origin}\n7\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n\n\u2014 {origin} ")
+    cosigned = cosign(note, "witness.example/w1", witness_key, 1_700_000_000)
+    assert verify_cosignature(cosigned, "witness.example/w1", witness_key.public_key) == 1_700_000_000
+    assert open_checkpoint(cosigned, origin, log_key.public_key).size == 7
+    with pytest.raises(NoteError):
+        verify_cosignature(cosigned, "witness.example/w1", log_key.public_key)
+    with pytest.raises(NoteError):
+        open_checkpoint(note.replace(b"\n7\n", b"\n8\n"), origin, log_key.public_key)
+    with pytest.raises(NoteError):
+        open_checkpoint(note, origin, witness_key.public_key)
+    for bad in (b"no blank line\n", note + b"\x01", b"o\n07\nAAAA\n\n\xe2\x80\x94 o AAAAAA==\n"):
+        with pytest.raises(NoteError):
+            open_checkpoint(bad, origin, log_key.public_key)
+    assert len(parse_note(cosigned).signatures) == 2
+
+
+# --- /llorch/ledger/1 state machine --------------------------------------------------------------------------------
+
+def test_ledger_protocol_pairs_requests_with_their_replies():
+    client, server = LedgerProtocol(Role.CLIENT), LedgerProtocol(Role.SERVER)
+    server.receive_data(client.send(GetEntries(0, 10)))
+    assert server.next_frame() == GetEntries(0, 10)
+    client.receive_data(server.send(EntriesReply(0, [b"x"])))
+    assert client.next_frame() == EntriesReply(0, [b"x"]) and client.done
+    client, server = LedgerProtocol(Role.CLIENT), LedgerProtocol(Role.SERVER)
+    server.receive_data(client.send(GetCheckpoint()))
+    server.next_frame()
+    with pytest.raises(AssertionError):
+        server.send(ProofReply([]))                       # not the reply to get_checkpoint
+    with pytest.raises(ProtocolError):
+        GetEntries(5, 5)
+    with pytest.raises(ProtocolError):
+        ProofReply([b"short"])
+
+
+def test_ledger_protocol_rejects_a_reply_that_does_not_match():
+    client = LedgerProtocol(Role.CLIENT)
+    client.send(GetCheckpoint())
+    from node.frames import encode_frame
+    client.receive_data(encode_frame(ProofReply([])))
+    with pytest.raises(ProtocolError, match="not allowed"):
+        client.next_frame()
+    other = LedgerProtocol(Role.CLIENT)
+    other.send(GetCheckpoint())
+    other.receive_data(encode_frame(Error("range_beyond_size", "no")))
+    assert other.next_frame() == Error("range_beyond_size", "no")
+
+
+# --- the witness, over real libp2p ---------------------------------------------------------------------------------
+
+async def fill(ledger, key, start, count, **overrides):
+    for i in range(start, start + count):
+        await ledger.append(receipt_fields(key, f"req-{i:08d}", **overrides))
+
+
+async def test_witness_cosigns_then_detects_a_fork_over_libp2p(tmp_path):
+    provider, gateway = SigningKey.generate(), SigningKey.generate()
+    forked = []
+    async with LedgerStore.open(tmp_path / "a.sqlite", provider) as honest, \
+            LedgerStore.open(tmp_path / "b.sqlite", provider) as rewritten, \
+            open_gateway_db(tmp_path / "gateway.sqlite") as database, \
+            running_host(provider, LOOPBACK) as provider_p2p, running_host(gateway, LOOPBACK) as gateway_p2p:
+        await fill(honest, provider, 0, 6)
+        await fill(rewritten, provider, 0, 3)
+        await fill(rewritten, provider, 3, 5, tokens_out=1, amount=2)       # a different history from entry 3
+        service = LedgerService(honest, frozenset({gateway.public_key}))
+        provider_p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), lambda s: service.serve_ledger(s))
+        book = WitnessBook(database)
+        witness = Witness(gateway_p2p, gateway, book, forked.append)
+        addrs = provider_p2p.addrs()
+
+        state = await witness.witness(provider.public_key, addrs)
+        assert state.size == 6 and not forked
+        cosigned = await honest.cosigned()                  # the provider got the cosigned checkpoint back
+        assert len(cosigned) == 1
+        assert verify_cosignature(cosigned[0], witness_name(gateway.public_key), gateway.public_key) > 0
+        await fill(honest, provider, 6, 2)
+        assert (await witness.witness(provider.public_key, addrs)).size == 8
+
+        service.ledger = rewritten                          # the provider now shows another history
+        assert await witness.witness(provider.public_key, addrs) is None
+        assert forked == [provider.public_key]
+        reason, evidence = await book.fork_evidence(provider.public_key)
+        assert "consistent" in reason or "roots" in reason
+        assert len(evidence) >= 2 and all(e for e in evidence[:2])
+        assert await book.forked() == {provider.public_key}
+
+
+def test_witness_core_rules():
+    provider = SigningKey.generate()
+    origin = f"llorch/{provider.peer_id}"
+    tree = merkle.MemoryTree([merkle.leaf_hash(bytes([i])) for i in range(4)])
+    note = sign_checkpoint(Checkpoint(origin, 4, tree.root()), provider)
+    state = WitnessedState(4, tree.root(), bytes(32), merkle.CompactRange(), note)
+    smaller = sign_checkpoint(Checkpoint(origin, 3, tree.root(3)), provider)
+    with pytest.raises(ForkDetected, match="rollback"):
+        check_checkpoint(state, smaller, provider.public_key)
+    other_root = sign_checkpoint(Checkpoint(origin, 4, bytes(32)), provider)
+    with pytest.raises(ForkDetected, match="two different roots"):
+        check_checkpoint(state, other_root, provider.public_key)
+    forged = sign_checkpoint(Checkpoint(origin, 9, bytes(32)), SigningKey.generate())
+    with pytest.raises(BadView):
+        check_checkpoint(state, forged, provider.public_key)
+    bigger = Checkpoint(origin, 5, bytes(32))
+    with pytest.raises(ForkDetected):
+        check_consistency(state, bigger, sign_checkpoint(bigger, provider), [bytes(32)] * 3)
+    with pytest.raises(BadView, match="expected 1 entries"):
+        extend(state, bigger, b"", [], provider.public_key)
+
+
+async def test_fork_of_two_internally_valid_copies_is_caught_by_the_auditor(tmp_path):
+    key = SigningKey.generate()
+    copies = {}
+    for name, tokens in (("a", 38), ("b", 5)):
+        async with LedgerStore.open(tmp_path / f"{name}.sqlite", key) as ledger:
+            await fill(ledger, key, 0, 4)
+            await fill(ledger, key, 4, 4, tokens_out=tokens, amount=-(-(17 * 100_000 + tokens * 200_000) // 10**6))
+            copies[name] = await ledger.sign_checkpoint()
+    for name in copies:
+        assert verify(load_material(tmp_path / f"{name}.sqlite")).entries == 8        # each is valid alone
+    with pytest.raises(Exception) as caught:
+        verify(load_material(tmp_path / "a.sqlite"), held_checkpoint=copies["b"])
+    assert caught.value.code == "LV08" and len(caught.value.evidence) == 2
