@@ -47,9 +47,44 @@ def decode(data: bytes) -> Any:
         raise EncodingError(f"not valid msgpack: {exc}") from None
     except Exception as exc:  # msgpack raises a few undocumented types on truncated input
         raise EncodingError(f"not valid msgpack: {type(exc).__name__}: {exc}") from None
-    if encode(value) != bytes(data):
-        raise EncodingError("msgpack is valid but not canonical (key order, integer width or str/bin type differs)")
+    _check_canonical_shape(value)
+    # Re-encoding in the decoded key order checks integer widths, header sizes and str/bin types; the walk above
+    # checked key order and types. Together: the bytes are exactly encode(value).
+    if msgpack.packb(value, use_bin_type=True) != bytes(data):
+        raise EncodingError("msgpack is valid but not canonical (integer width, header size or str/bin type)")
     return value
+
+
+def _check_canonical_shape(value: Any) -> None:
+    """Iteratively check decoded msgpack: maps have sorted unique str keys, no floats, depth is bounded."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > limits.CANONICAL_DEPTH_MAX:
+                raise EncodingError(f"nesting deeper than {limits.CANONICAL_DEPTH_MAX}")
+            previous = None
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise EncodingError(f"map key {key!r} is not a str")
+                encoded = key.encode("utf-8")
+                if previous is not None and encoded <= previous:
+                    raise EncodingError("msgpack is valid but not canonical (map keys not in sorted order)")
+                previous = encoded
+                if isinstance(child, (dict, list)):
+                    stack.append((child, depth + 1))
+                elif isinstance(child, float):
+                    raise EncodingError("floats are not allowed")
+        elif isinstance(item, list):
+            if depth > limits.CANONICAL_DEPTH_MAX:
+                raise EncodingError(f"nesting deeper than {limits.CANONICAL_DEPTH_MAX}")
+            for child in item:
+                if isinstance(child, (dict, list)):
+                    stack.append((child, depth + 1))
+                elif isinstance(child, float):
+                    raise EncodingError("floats are not allowed")
+        elif isinstance(item, float):
+            raise EncodingError("floats are not allowed")
 
 
 def _canonicalise(value: Any, depth: int) -> Any:

@@ -10,11 +10,12 @@ A signed object travels as an *envelope*: the canonical map ``{"p": payload_byte
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import stat
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -64,7 +65,7 @@ def public_key_of_peer_id(peer_id: str) -> bytes:
 class SigningKey:
     """A node's private key. ``public_key`` is the raw 32 bytes that signed objects name."""
 
-    seed: bytes
+    seed: bytes = field(repr=False)   # never in a log line or a traceback
 
     def __post_init__(self) -> None:
         if len(self.seed) != 32:
@@ -76,7 +77,7 @@ class SigningKey:
         return cls(private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                          serialization.NoEncryption()))
 
-    @property
+    @functools.cached_property
     def public_key(self) -> bytes:
         return self._private().public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -97,6 +98,10 @@ class SigningKey:
         return canonical.encode({"p": payload_bytes, "s": self.sign(signed_type, payload_bytes)})
 
     def _private(self) -> Ed25519PrivateKey:
+        return self._private_key
+
+    @functools.cached_property
+    def _private_key(self) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(self.seed)
 
 

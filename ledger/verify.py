@@ -22,6 +22,10 @@ about, and evidence where there is some. The numbers are the ones in docs/ledger
 from __future__ import annotations
 
 import base64
+import collections
+import itertools
+import multiprocessing
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +51,10 @@ CHECKS = {
     11: ("LV11", "amount mismatch"),
 }
 BUNDLE_FORMAT = "llorch-ledger-bundle/1"
+# Ledgers this big are inspected by worker processes (signature checks dominate and are independent per entry).
+PARALLEL_THRESHOLD_ENTRIES = 20_000
+PARALLEL_CHUNK_ENTRIES = 2_000
+PARALLEL_WORKERS_MAX = 8
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
@@ -112,41 +120,101 @@ def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
     return VerifyReport(size, origin, head, tree.root(), len(own), held[0].size if held else None)
 
 
+@dataclass(frozen=True)
+class EntryFacts:
+    """What the order-independent checks learned about one entry (computed in parallel for big ledgers)."""
+
+    malformed: str | None            # check 1 failure, or None
+    provider_key: bytes = b""
+    origin: str = ""
+    signature_valid: bool = False    # under the entry's own provider_key; check 2 compares that key to the owner's
+    signature_error: str = ""
+    index: int = 0
+    prev_hash: bytes = b""
+    request_id: str = ""
+    amount: int = 0
+    expected_amount: int = 0
+    entry_sha256: bytes = b""
+    leaf: bytes = b""
+
+
+def inspect_entry(data: bytes) -> EntryFacts:
+    """Checks 1 and 3 and the inputs of the others, for one entry; pure, so it can run in a worker process."""
+    try:
+        payload, payload_bytes, signature = open_envelope(data)
+        receipt = Receipt.from_payload(payload)
+    except EncodingError as exc:
+        return EntryFacts(malformed=str(exc))
+    try:
+        verify_signature("receipt", receipt.provider_key, payload_bytes, signature)
+        valid, error = True, ""
+    except SignatureError as exc:
+        valid, error = False, str(exc)
+    return EntryFacts(None, receipt.provider_key, receipt.origin, valid, error, receipt.index, receipt.prev_hash,
+                      receipt.request_id, receipt.amount, receipt.expected_amount(), sha256(data),
+                      merkle.leaf_hash(data))
+
+
+def _inspect_chunk(chunk: list[bytes]) -> list[EntryFacts]:
+    return [inspect_entry(data) for data in chunk]
+
+
+def _inspected(entries: Iterable[bytes]) -> Iterator[EntryFacts]:
+    """EntryFacts in ledger order; on a multi-core machine, big ledgers are inspected by worker processes."""
+    workers = min(os.cpu_count() or 1, PARALLEL_WORKERS_MAX)
+    iterator = iter(entries)
+    first = list(itertools.islice(iterator, PARALLEL_THRESHOLD_ENTRIES))
+    if workers < 2 or len(first) < PARALLEL_THRESHOLD_ENTRIES:
+        yield from (inspect_entry(data) for data in itertools.chain(first, iterator))
+        return
+    window: collections.deque = collections.deque()
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        # Chunks are read here, in the caller's thread (a SQLite cursor must stay in its thread), and a bounded
+        # window of them is in flight at a time.
+        for chunk in _chunked(itertools.chain(first, iterator), PARALLEL_CHUNK_ENTRIES):
+            window.append(pool.apply_async(_inspect_chunk, (chunk,)))
+            if len(window) > 2 * workers:
+                yield from window.popleft().get()
+        while window:
+            yield from window.popleft().get()
+
+
+def _chunked(iterator: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
 def _verify_entries(entries: Iterable[bytes], trusted_keys: set[bytes] | None) -> tuple[bytes | None, list[bytes],
                                                                                       bytes]:
     owner: bytes | None = None
+    owner_origin = ""
     previous_hash = ZERO_HASH
     seen: dict[str, int] = {}
     leaves: list[bytes] = []
-    for position, data in enumerate(entries):
-        try:                                                                             # (1)
-            payload, payload_bytes, signature = open_envelope(data)
-            receipt = Receipt.from_payload(payload)
-        except EncodingError as exc:
-            raise _fail(1, position, str(exc)) from None
+    for position, facts in enumerate(_inspected(entries)):
+        if facts.malformed is not None:                                                  # (1)
+            raise _fail(1, position, facts.malformed)
         if owner is None:                                                                # (2)
-            owner = receipt.provider_key
+            owner, owner_origin = facts.provider_key, ledger_origin(facts.provider_key)
             if trusted_keys is not None and owner not in trusted_keys:
                 raise _fail(2, position, f"the ledger is signed by {peer_id_of(owner)}, which is not a trusted key")
-        if receipt.provider_key != owner or receipt.origin != ledger_origin(owner):
-            raise _fail(2, position, f"signed by {ledger_origin(receipt.provider_key)} with origin "
-                                     f"{receipt.origin!r}, but this ledger is {ledger_origin(owner)}")
-        try:                                                                             # (3)
-            verify_signature("receipt", owner, payload_bytes, signature)
-        except SignatureError as exc:
-            raise _fail(3, position, str(exc)) from None
-        if receipt.index != position:                                                    # (4)
-            raise _fail(4, position, f"entry claims index {receipt.index} at position {position}")
-        if receipt.prev_hash != previous_hash:                                           # (5)
-            raise _fail(5, position, f"prev_hash {receipt.prev_hash.hex()} is not the hash of entry "
+        if facts.provider_key != owner or facts.origin != owner_origin:
+            raise _fail(2, position, f"signed by {ledger_origin(facts.provider_key)} with origin "
+                                     f"{facts.origin!r}, but this ledger is {owner_origin}")
+        if not facts.signature_valid:                                                    # (3)
+            raise _fail(3, position, facts.signature_error)
+        if facts.index != position:                                                      # (4)
+            raise _fail(4, position, f"entry claims index {facts.index} at position {position}")
+        if facts.prev_hash != previous_hash:                                             # (5)
+            raise _fail(5, position, f"prev_hash {facts.prev_hash.hex()} is not the hash of entry "
                                      f"{position - 1} ({previous_hash.hex()})")
-        if receipt.request_id in seen:                                                   # (10)
-            raise _fail(10, position, f"request_id {receipt.request_id} already at entry {seen[receipt.request_id]}")
-        seen[receipt.request_id] = position
-        if receipt.amount != receipt.expected_amount():                                  # (11)
-            raise _fail(11, position, f"amount {receipt.amount} but tokens × prices give {receipt.expected_amount()}")
-        previous_hash = sha256(data)
-        leaves.append(merkle.leaf_hash(data))
+        if facts.request_id in seen:                                                     # (10)
+            raise _fail(10, position, f"request_id {facts.request_id} already at entry {seen[facts.request_id]}")
+        seen[facts.request_id] = position
+        if facts.amount != facts.expected_amount:                                        # (11)
+            raise _fail(11, position, f"amount {facts.amount} but tokens × prices give {facts.expected_amount}")
+        previous_hash = facts.entry_sha256
+        leaves.append(facts.leaf)
     return owner, leaves, previous_hash
 
 

@@ -105,3 +105,17 @@ def test_unreadable_inputs_exit_2(tmp_path):
     assert run_verify(junk).returncode == 2
     assert run_verify(tmp_path / "missing").returncode == 2
     assert run_verify(FIXTURES / "valid.bundle", "--checkpoint", tmp_path / "missing").returncode == 2
+
+
+@pytest.mark.parametrize("name", ["LV03-bad-signature", "LV05-chain-break", "LV11-amount", "LV02-unknown-key"])
+def test_parallel_inspection_reports_the_same_first_failure(monkeypatch, name):
+    import ledger.verify as verifier
+
+    monkeypatch.setattr(verifier, "PARALLEL_THRESHOLD_ENTRIES", 2)
+    monkeypatch.setattr(verifier, "PARALLEL_CHUNK_ENTRIES", 2)
+    monkeypatch.setattr(verifier.os, "cpu_count", lambda: 2)
+    case = BAD[name]
+    with pytest.raises(VerificationError) as caught:
+        verify(load_material(FIXTURES / case["bundle"]))
+    assert (caught.value.code, caught.value.entry) == (case["code"], case["entry"])
+    assert verify(load_material(FIXTURES / "valid.bundle")).entries == 6
