@@ -85,6 +85,7 @@ class LocalNetwork:
             'db_path = "gateway.sqlite"\n'
             f'api_key_sha256 = "{hashlib.sha256(self.api_key.encode()).hexdigest()}"\n'
             f"http_port = {self.http_port}\n"
+            "witness_interval_ms = 1000\n"
             'state_file = "gateway.state.json"\n')
         self.gateway = self._spawn("gateway", ["gateway", "start", "--config", str(config)], "gateway.state.json")
         return self._wait_state(self.gateway)

@@ -2,17 +2,21 @@
 real libp2p on loopback, real llama.cpp on the pinned SmolLM2 model, real SQLite; the customer is the `openai` SDK.
 """
 
+import json
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
 import pytest
 
 from gateway.localnet import LocalNetwork
+from ledger.note import verify_cosignature
 from ledger.objects import Receipt
+from ledger.signing import public_key_of_peer_id
 from ledger.verify import read_sqlite_entries
 
 pytestmark = pytest.mark.e2e
@@ -127,6 +131,35 @@ def test_ledger_verify_passes_then_names_the_entry_after_a_byte_flip(client, net
         failed = subprocess.run(command, capture_output=True, text=True)
         assert failed.returncode == 1
         assert f"entry {victim}" in failed.stderr and "LV03" in failed.stderr, failed.stderr
+
+
+def test_the_gateway_witnesses_and_cosigns_each_providers_ledger(client, network, tmp_path):
+    for seed in (301, 302, 303, 304):
+        chat(client, seed=seed)
+    deadline = time.monotonic() + 30
+    witness = f"llorch-witness/{network.gateway.state()['peer_id']}"
+    for i, node in enumerate(network.nodes):
+        ledger_path = network.workdir / f"node{i + 1}.ledger.sqlite"
+        provider_key = public_key_of_peer_id(node.state()["peer_id"])
+        while True:        # the witness runs every second; wait until it has caught up with this node's ledger
+            entries = list(read_sqlite_entries(ledger_path))
+            with sqlite3.connect(network.workdir / "gateway.sqlite") as gateway_db:
+                row = gateway_db.execute("SELECT size, note FROM witnessed WHERE provider_key = ?",
+                                         (provider_key,)).fetchone()
+            if row and row[0] == len(entries):
+                break
+            assert time.monotonic() < deadline, f"node{i + 1}: witness at {row and row[0]}, ledger at {len(entries)}"
+            time.sleep(0.5)
+        size, cosigned = row
+        verify_cosignature(cosigned, witness, public_key_of_peer_id(network.gateway.state()["peer_id"]))
+        held = tmp_path / f"node{i + 1}.checkpoint"
+        held.write_bytes(cosigned)
+        result = subprocess.run([sys.executable, "-m", "gateway", "ledger", "verify", str(ledger_path),
+                                 "--checkpoint", str(held), "--json"], capture_output=True, text=True)
+        report = json.loads(result.stdout)
+        assert result.returncode == 0 and report["held_checkpoint_size"] == size, result.stdout
+        with sqlite3.connect(ledger_path) as node_db:       # the provider keeps the cosigned copy too
+            assert node_db.execute("SELECT COUNT(*) FROM cosigned").fetchone()[0] >= 1
 
 
 @pytest.mark.parametrize("body, status, code", [
