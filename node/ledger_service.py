@@ -13,12 +13,11 @@ from ledger.note import NoteError, verify_cosignature
 from ledger.signing import peer_id_of
 from ledger.store import LedgerStore
 from node import limits
-from node.errors import ProtocolError
 from node.frames import Error
 from node.infer_protocol import Role
 from node.ledger_protocol import (Ack, CheckpointReply, EntriesReply, GetCheckpoint, GetConsistency, GetEntries,
                                   GetInclusion, LedgerProtocol, ProofReply, PutCosigned)
-from node.stream_io import close_quietly, read_frame, write_frame
+from node.stream_io import read_frame, serve_stream, write_frame
 
 log = logging.getLogger("llorch.node")
 
@@ -37,20 +36,12 @@ class LedgerService:
 
     async def serve_ledger(self, stream) -> None:
         """Stream handler for /llorch/ledger/1. Never raises."""
+        await serve_stream(stream, "ledger", self._serve)
+
+    async def _serve(self, stream) -> None:
         protocol = LedgerProtocol(Role.SERVER)
-        reset = True
-        try:
-            request = await read_frame(stream, protocol, limits.LEDGER_READ_TIMEOUT_S)
-            await write_frame(stream, protocol, await self.answer(request))
-            reset = False
-        except ProtocolError as exc:
-            log.warning("ledger stream dropped: %s", exc)
-        except trio.Cancelled:
-            raise
-        except Exception:
-            log.exception("ledger stream failed unexpectedly")
-        finally:
-            await close_quietly(stream, reset=reset)
+        request = await read_frame(stream, protocol, limits.LEDGER_READ_TIMEOUT_S)
+        await write_frame(stream, protocol, await self.answer(request))
 
     async def answer(self, request):
         """The reply to one request; bad ranges and store failures become error frames."""

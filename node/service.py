@@ -25,7 +25,7 @@ from node import limits
 from node.errors import ProtocolError, TicketRejected
 from node.frames import Accepted, Busy, Error, Final, Request, Token
 from node.infer_protocol import InferProtocol, Role
-from node.stream_io import close_quietly, now_ms, read_frame, write_frame
+from node.stream_io import now_ms, read_frame, serve_stream, write_frame
 
 log = logging.getLogger("llorch.node")
 
@@ -69,19 +69,7 @@ class ProviderService:
 
     async def serve_inference(self, stream) -> None:
         """Stream handler for /llorch/infer/1. Never raises: an exception here would take the host down."""
-        protocol = InferProtocol(Role.SERVER)
-        reset = True
-        try:
-            await self._serve(stream, protocol)
-            reset = False
-        except ProtocolError as exc:
-            log.warning("infer stream dropped: %s", exc)
-        except trio.Cancelled:
-            raise
-        except Exception:
-            log.exception("infer stream failed unexpectedly")
-        finally:
-            await close_quietly(stream, reset=reset)
+        await serve_stream(stream, "infer", lambda s: self._serve(s, InferProtocol(Role.SERVER)))
 
     async def _serve(self, stream, protocol: InferProtocol) -> None:
         request = await read_frame(stream, protocol, limits.REQUEST_READ_TIMEOUT_S)

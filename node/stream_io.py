@@ -6,6 +6,7 @@ translated into ProtocolError here, so callers handle one error type for "the pe
 
 from __future__ import annotations
 
+import logging
 import time
 
 import trio
@@ -16,6 +17,8 @@ from node import limits
 from node.errors import ProtocolError
 from node.frames import Frame
 from node.infer_protocol import InferProtocol
+
+log = logging.getLogger("llorch.node")
 
 
 def now_ms() -> int:
@@ -62,3 +65,20 @@ async def close_quietly(stream, reset: bool) -> None:
             await (stream.reset() if reset else stream.close())
         except Exception:  # the stream is finished either way
             pass
+
+
+async def serve_stream(stream, name: str, serve) -> None:
+    """Run ``serve(stream)`` as a libp2p stream handler: never let an exception escape (it would take the whole
+    host down), log why a stream was dropped, and close the stream cleanly on success or reset it on failure."""
+    reset = True
+    try:
+        await serve(stream)
+        reset = False
+    except ProtocolError as exc:
+        log.warning("%s stream dropped: %s", name, exc)
+    except trio.Cancelled:
+        raise
+    except Exception:
+        log.exception("%s stream failed unexpectedly", name)
+    finally:
+        await close_quietly(stream, reset=reset)

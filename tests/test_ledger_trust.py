@@ -257,3 +257,31 @@ async def test_fork_of_two_internally_valid_copies_is_caught_by_the_auditor(tmp_
     with pytest.raises(Exception) as caught:
         verify(load_material(tmp_path / "a.sqlite"), held_checkpoint=copies["b"])
     assert caught.value.code == "LV08" and len(caught.value.evidence) == 2
+
+
+async def test_ledger_service_pages_and_refuses_unknown_ranges(tmp_path, monkeypatch):
+    import ledger.limits as ledger_limits
+
+    key, gateway = SigningKey.generate(), SigningKey.generate()
+    async with LedgerStore.open(tmp_path / "l.sqlite", key) as ledger:
+        await fill(ledger, key, 0, 10)
+        service = LedgerService(ledger, frozenset({gateway.public_key}))
+        monkeypatch.setattr(ledger_limits, "ENTRIES_PAGE_MAX", 4)
+        page = await service.answer(GetEntries(2, 10))
+        assert page.start == 2 and len(page.entries) == 4
+        assert Receipt.from_envelope(page.entries[0]).index == 2
+        beyond = await service.answer(GetEntries(5, 11))
+        assert isinstance(beyond, Error) and beyond.code == "range_beyond_size"
+        from node.ledger_protocol import GetConsistency, GetInclusion, PutCosigned
+        assert (await service.answer(GetConsistency(3, 20))).code == "range_beyond_size"
+        proof = await service.answer(GetInclusion(3, 10))
+        assert isinstance(proof, ProofReply) and len(proof.hashes) == 4
+        checkpoint = await service.answer(GetCheckpoint())
+        assert isinstance(checkpoint, CheckpointReply)
+        stranger = SigningKey.generate()
+        refused = await service.answer(PutCosigned(cosign(checkpoint.note, witness_name(stranger.public_key),
+                                                          stranger, 1)))
+        assert refused.code == "untrusted_witness" and await ledger.cosigned() == []
+        accepted = await service.answer(PutCosigned(cosign(checkpoint.note, witness_name(gateway.public_key),
+                                                           gateway, 1)))
+        assert accepted.TYPE == "ack" and len(await ledger.cosigned()) == 1
