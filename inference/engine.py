@@ -113,7 +113,9 @@ class Engine:
         if not 0 < sampling.max_tokens <= limits.MAX_TOKENS_CAP:
             raise RequestError(f"max_tokens must be in 1..{limits.MAX_TOKENS_CAP}, got {sampling.max_tokens}")
         prompt = self._format(messages=messages).prompt
-        tokens = self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        # add_bos=True means "as the model's metadata says": Gemma gets its <bos>, SmolLM2 (add_bos_token false)
+        # gets nothing; without <bos> Gemma's output is garbage.
+        tokens = self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         if len(tokens) + sampling.max_tokens > self.context_tokens:
             raise RequestError(
                 f"the prompt is {len(tokens)} tokens and max_tokens is {sampling.max_tokens}: together they exceed "

