@@ -4,7 +4,7 @@
     llorch gateway start --config F      run the gateway
     llorch node start --config F         run a provider node          (node info --config F)
     llorch keys new PATH                 create a key file (0600)
-    llorch ledger verify PATH            audit a ledger offline
+    llorch ledger verify PATH            audit a ledger offline      (ledger export, ledger replay)
     llorch models list | fetch [ID]      the pinned model catalog
 """
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.set_defaults(handler=gateway_start)
 
     node_cli.add_commands(subparsers)
-    ledger_cli.add_commands(subparsers)
+    node_cli.add_replay(ledger_cli.add_commands(subparsers))
     return parser
 
 

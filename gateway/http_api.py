@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import limits
 from gateway.errors import BadRequest, GatewayError
 from gateway.openai_api import ChatRequest, parse_chat_request
-from gateway.service import Completion, Gateway
+from gateway.service import Completion, Gateway, new_request_id
 from node.stream_io import now_ms
 
 log = logging.getLogger("llorch.gateway")
@@ -78,6 +78,7 @@ class ChatStreamResponse(Response):
         self.chat = chat
         self.tenant = tenant
         self.created = int(time.time())
+        self.request_id = new_request_id()     # known before the first byte: every chunk carries it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with trio.open_nursery() as nursery:
@@ -106,7 +107,7 @@ class ChatStreamResponse(Response):
             await self._event({"content": text}, None, send)
 
         try:
-            completion = await self.gateway.complete(self.chat, self.tenant, on_text)
+            completion = await self.gateway.complete(self.chat, self.tenant, on_text, self.request_id)
         except GatewayError as error:
             if not started:
                 response = error_response(error)
@@ -122,7 +123,7 @@ class ChatStreamResponse(Response):
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
     def _chunk(self, choices: list, completion: Completion | None = None, usage: dict | None = None) -> dict:
-        chunk = {"id": self._request_id(completion), "object": "chat.completion.chunk", "created": self.created,
+        chunk = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
                  "model": self.chat.model, "choices": choices}
         if completion is not None:
             chunk["system_fingerprint"] = completion.receipt.engine_build
@@ -130,9 +131,6 @@ class ChatStreamResponse(Response):
         if usage is not None:
             chunk["usage"] = usage
         return chunk
-
-    def _request_id(self, completion: Completion | None) -> str:
-        return completion.request_id if completion else "chatcmpl-pending"
 
     async def _event(self, delta: dict, finish_reason: str | None, send: Send,
                      completion: Completion | None = None) -> None:

@@ -1,7 +1,6 @@
 """Every size, count and duration the gateway enforces, with its unit in its name."""
 
 HTTP_BODY_BYTES_MAX = 1024 * 1024         # a chat request body
-MAX_TOKENS_DEFAULT = 256                  # when the customer sends no max_tokens
 TICKET_LIFETIME_MS = 60_000               # a ticket must be used within this long
 PLACEMENT_ATTEMPTS_MAX = 4                # providers tried per request before giving up
 STREAM_OPEN_TIMEOUT_S = 10.0              # dial + new stream to a provider
@@ -9,4 +8,3 @@ ADMISSION_TIMEOUT_S = 30.0                # request sent → accepted/busy (the 
 TOKEN_TIMEOUT_S = 60.0                    # gap between two frames while streaming
 ATTESTATIONS_KEPT_MAX = 10_000            # providers remembered by the directory
 HTTP_SHUTDOWN_GRACE_S = 2.0
-MAX_TOKENS_MAX = 4096                     # largest max_tokens a customer may ask for (the engine cap)

@@ -112,6 +112,15 @@ class LocalNetwork:
         self.nodes.append(process)
         return self._wait_state(process)
 
+    def restart_node(self, name: str) -> dict:
+        """Stop a node (SIGTERM) and start it again with the same key, config and ledger."""
+        index = next(i for i, process in enumerate(self.nodes) if process.name == name)
+        self.nodes[index].stop()
+        process = self._spawn(name, ["node", "start", "--config", str(self.workdir / f"{name}.toml")],
+                              f"{name}.state.json")
+        self.nodes[index] = process
+        return self._wait_state(process)
+
     def wait_for_providers(self, count: int, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Wait until the gateway has fresh attestations from ``count`` providers."""
         deadline = time.monotonic() + timeout_s

@@ -29,9 +29,10 @@ from ledger.signing import peer_id_of
 class AttemptFailed(Exception):
     """The provider refused (busy, rejected ticket) or failed before admission; nothing was served."""
 
-    def __init__(self, reason: str, busy: bool = False) -> None:
+    def __init__(self, reason: str, busy: bool = False, code: str | None = None) -> None:
         super().__init__(reason)
         self.busy = busy
+        self.code = code
 
 
 class InferenceCall:
@@ -73,7 +74,7 @@ async def request_inference(p2p: P2P, provider: Attestation, request: Request) -
         if isinstance(admission, Busy):
             raise AttemptFailed(f"busy: {admission.reason}", busy=True)
         if isinstance(admission, Error):
-            raise AttemptFailed(f"refused ({admission.code}): {admission.message}")
+            raise AttemptFailed(f"refused ({admission.code}): {admission.message}", code=admission.code)
         assert isinstance(admission, Accepted)
         yield InferenceCall(stream, protocol)
         finished = protocol.done

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway import limits
 from gateway.errors import BadRequest
+from node.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
 
 
 class Message(BaseModel):
@@ -36,10 +37,10 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    max_tokens: int | None = Field(default=None, ge=1, le=limits.MAX_TOKENS_MAX)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=limits.MAX_TOKENS_MAX)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_MAX)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = Field(default=None, max_length=256)
@@ -55,24 +56,16 @@ class ChatRequest(BaseModel):
         return stops
 
     @property
-    def stop_list(self) -> list[str]:
-        return list(self.stop or [])
-
-    @property
     def max_tokens_effective(self) -> int:
-        return self.max_tokens or self.max_completion_tokens or limits.MAX_TOKENS_DEFAULT
+        return self.max_tokens or self.max_completion_tokens or MAX_TOKENS_DEFAULT
 
-    @property
-    def temperature_ppm(self) -> int:
-        return round(self.temperature * 1_000_000)
-
-    @property
-    def top_p_ppm(self) -> int:
-        return max(1, round(self.top_p * 1_000_000))
+    def sampling(self, seed: int) -> dict:
+        """The ticket's integer sampling map (node/sampling.py is the one place floats become ppm)."""
+        return sampling_map(seed, self.temperature, self.top_p, self.max_tokens_effective, list(self.stop or []))
 
     def prompt(self) -> dict:
         """The prompt as the provider receives it (and as the prompt commitment hashes it)."""
-        return {"messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+        return chat_request_prompt(self.model_dump())
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:

@@ -20,7 +20,7 @@ from typing import Awaitable, Callable
 from gateway import limits
 from gateway.config import GatewayConfig
 from gateway.directory import ProviderDirectory
-from gateway.errors import AuthError, ModelNotFound, NoProvider, ProviderFailed
+from gateway.errors import AuthError, BadRequest, ModelNotFound, NoProvider, ProviderFailed
 from gateway.node_client import AttemptFailed, InferenceCall, request_inference
 from gateway.openai_api import ChatRequest
 from gateway.placement import rank_providers
@@ -39,6 +39,10 @@ log = logging.getLogger("llorch.gateway")
 
 CURRENCY = "EUR"
 CHARS_PER_TOKEN_ESTIMATE = 4
+
+
+def new_request_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(12)
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,8 @@ class Gateway:
         return [m for m in catalog_model_ids() if any(a.offers(m, catalog_pin(m)) for a in fresh)]
 
     # (3)-(8) --------------------------------------------------------------------------------------------------
-    async def complete(self, chat: ChatRequest, tenant: str, on_text: Callable[[str], Awaitable[None]]) -> Completion:
+    async def complete(self, chat: ChatRequest, tenant: str, on_text: Callable[[str], Awaitable[None]],
+                       request_id: str | None = None) -> Completion:
         """Serve one chat request, passing text to ``on_text`` as it arrives; return the verified completion."""
         pin = catalog_pin(chat.model)
         if pin is None:
@@ -95,7 +100,7 @@ class Gateway:
                                     prompt_chars // CHARS_PER_TOKEN_ESTIMATE + 1, chat.max_tokens_effective)
         if not candidates:
             raise NoProvider(f"no provider offering {chat.model} has a free slot right now; retry shortly")
-        request_id = "chatcmpl-" + secrets.token_hex(12)
+        request_id = request_id or new_request_id()
         seed = chat.seed if chat.seed is not None else secrets.randbelow(2**32)
         salt = secrets.token_bytes(SALT_BYTES)
         failures: list[str] = []
@@ -106,6 +111,8 @@ class Gateway:
                 async with request_inference(self.p2p, provider, Request(ticket_bytes, salt, prompt)) as call:
                     return await self._relay(call, ticket, ticket_bytes, salt, prompt, on_text, provider)
             except AttemptFailed as exc:
+                if exc.code == "bad_request":      # the request itself is unservable: no other provider would differ
+                    raise BadRequest(f"the provider refused the request before any work: {exc}") from None
                 log.info("provider %s did not take %s: %s", peer_id_of(provider.provider_key), request_id, exc)
                 failures.append(f"{peer_id_of(provider.provider_key)[-8:]}: {exc}")
         if all("busy" in failure for failure in failures):
@@ -118,8 +125,7 @@ class Gateway:
         ticket = Ticket(
             v=VERSION, request_id=request_id, gateway_key=self.key.public_key, provider_key=provider.provider_key,
             tenant=tenant, model_id=chat.model, model_sha256=pin,
-            sampling={"seed": seed, "temperature_ppm": chat.temperature_ppm, "top_p_ppm": chat.top_p_ppm,
-                      "max_tokens": chat.max_tokens_effective, "stop": chat.stop_list},
+            sampling=chat.sampling(seed),
             price_in=provider.price_in, price_out=provider.price_out, currency=provider.currency,
             issued_ms=issued, expires_ms=issued + limits.TICKET_LIFETIME_MS)
         return ticket, ticket.seal(self.key)

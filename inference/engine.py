@@ -63,6 +63,21 @@ def _llama_cpp():
     return llama_cpp
 
 
+def determinism_class(model_sha256_hex: str, fingerprint: str) -> str:
+    """A short name for a determinism class: outputs are byte-identical between engines of the same class (given
+    the same prompt, sampling parameters and seed)."""
+    return "dc1-" + hashlib.sha256(f"{model_sha256_hex}\n{fingerprint}".encode()).hexdigest()[:16]
+
+
+def parse_fingerprint(fingerprint: str) -> dict[str, str]:
+    """The parts of an engine build fingerprint, e.g. {"llama-cpp-python": "0.3.36", "ctx": "2048", ...}."""
+    parts = {}
+    for item in fingerprint.split(";"):
+        name, _, value = item.partition("/")
+        parts[name] = value
+    return parts
+
+
 def build_fingerprint(context_tokens: int, batch_tokens: int) -> str:
     """Engine build fingerprint: binding version, ggml CPU feature set, context and batch sizes."""
     llama_cpp = _llama_cpp()
@@ -94,6 +109,7 @@ class Engine:
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self._busy = threading.Lock()
         self.fingerprint = build_fingerprint(context_tokens, batch_tokens)
+        self.determinism_class = determinism_class(entry.sha256, self.fingerprint)
 
     @classmethod
     def load(cls, model_id: str, cache_dir: Path | None = None, threads: int = 2,

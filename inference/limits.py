@@ -6,8 +6,9 @@ MAX_TOKENS_CAP = 4096
 CONTEXT_TOKENS_DEFAULT = 2048
 # Prompt evaluation batch (tokens).
 BATCH_TOKENS_DEFAULT = 512
-# Pieces of text buffered between the generating thread and trio.
-TOKEN_QUEUE_PIECES_MAX = 64
+# Pieces of text buffered between the generating thread and trio. None: the thread never runs ahead of what was
+# sent, so a reader that goes away stops generation within one token.
+TOKEN_QUEUE_PIECES_MAX = 0
 # Chat requests: message count and total text size.
 MESSAGES_MAX = 256
 PROMPT_CHARS_MAX = 200_000

@@ -15,7 +15,8 @@ from ledger.verify import CHECKS, load_material, load_trusted_keys, verify
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
 
-def add_commands(subparsers) -> None:
+def add_commands(subparsers):
+    """Add `keys` and `ledger`; return the `ledger` subcommand group (node adds `ledger replay` to it)."""
     keys = subparsers.add_parser("keys", help="create node and gateway keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_sub.add_parser("new", help="write a new Ed25519 key file (mode 0600); prints its peer id")
@@ -41,6 +42,7 @@ def add_commands(subparsers) -> None:
     export.add_argument("--out", type=Path, required=True, help="bundle file to write (verify accepts it)")
     export.add_argument("--jsonl", type=Path, help="also write a human-readable JSON-lines view here")
     export.set_defaults(handler=ledger_export)
+    return ledger_sub
 
 
 def keys_new(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ class Database:
     def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
         self._connection = connection
         self.path = path
+        self._transaction_lock = trio.Lock()    # one connection: transactions from concurrent tasks take turns
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         await self._call(self._connection.execute, sql, params)
@@ -43,7 +44,8 @@ class Database:
 
         Under synchronous=FULL the commit is durable when this returns.
         """
-        await self._call(self._transaction, statements)
+        async with self._transaction_lock:
+            await self._call(self._transaction, statements)
 
     async def _transaction(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
         await self._connection.execute("BEGIN IMMEDIATE")

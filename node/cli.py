@@ -35,6 +35,48 @@ def add_commands(subparsers) -> None:
     fetch.set_defaults(handler=models_fetch)
 
 
+def add_replay(ledger_subparsers) -> None:
+    replay = ledger_subparsers.add_parser(
+        "replay", help="re-run a receipt's request locally and check its prompt commitment and output hash",
+        description="Exit 0: prompt, sampling and output match; 1: a mismatch (or a receipt that is not genuine); "
+                    "2: unusable input; 3: inconclusive (another determinism class, or a cancelled request).")
+    replay.add_argument("ledger", type=Path, help="the provider's ledger file or an exported bundle")
+    replay.add_argument("--request-id", required=True, help="the request_id of the receipt (llorch.request_id)")
+    replay.add_argument("--request", type=Path, required=True, help="the chat request body you sent (JSON)")
+    replay.add_argument("--salt", required=True, help="the prompt salt the gateway returned (llorch.prompt_salt)")
+    replay.add_argument("--seed", type=int, help="the seed used, if your request had none (llorch.seed)")
+    replay.add_argument("--json", action="store_true", help="print a machine-readable report")
+    replay.set_defaults(handler=ledger_replay)
+
+
+def ledger_replay(args: argparse.Namespace) -> int:
+    from node.replay import UNUSABLE, ReplayInputError, find_receipt, load_request, replay
+
+    try:
+        salt = bytes.fromhex(args.salt)
+        receipt = find_receipt(args.ledger, args.request_id)
+        body = load_request(args.request)
+    except ValueError:
+        print("error: --salt must be hex (llorch.prompt_salt of the response)", file=sys.stderr)
+        return UNUSABLE
+    except ReplayInputError as exc:
+        if "not genuine" in str(exc):
+            print(f"MISMATCH: {exc}", file=sys.stderr)
+            return 1
+        print(f"error: {exc}", file=sys.stderr)
+        return UNUSABLE
+    report = replay(receipt, body, salt, args.seed)
+    if args.json:
+        print(json.dumps({"verdict": ["match", "mismatch", "unusable", "inconclusive"][report.verdict],
+                          "prompt_matches": report.prompt_matches, "sampling_matches": report.sampling_matches,
+                          "output_matches": report.output_matches, "receipt_class": report.receipt_class,
+                          "local_class": report.local_class, "message": report.message}, indent=2))
+    else:
+        word = {0: "MATCH", 1: "MISMATCH", 3: "INCONCLUSIVE"}[report.verdict]
+        print(f"{word}: {report.message}", file=sys.stdout if report.verdict == 0 else sys.stderr)
+    return report.verdict
+
+
 def load_node_config(path: Path) -> NodeConfig:
     return load_config(NodeConfig, path, "node", "LLORCH_NODE_")
 
@@ -52,7 +94,7 @@ def node_start(args: argparse.Namespace) -> int:
 
 
 def node_info(args: argparse.Namespace) -> int:
-    from inference.engine import build_fingerprint
+    from inference.engine import build_fingerprint, determinism_class
     from ledger.signing import load_key_file
 
     try:
@@ -62,8 +104,9 @@ def node_info(args: argparse.Namespace) -> int:
     except (NodeError, LedgerError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    fingerprint = build_fingerprint(config.context_tokens, config.batch_tokens)
     print(json.dumps({"peer_id": key.peer_id, "model": entry.id, "model_sha256": entry.sha256,
-                      "engine_build": build_fingerprint(config.context_tokens, config.batch_tokens),
+                      "engine_build": fingerprint, "determinism_class": determinism_class(entry.sha256, fingerprint),
                       "slots": config.slots, "geo": {"country": config.country, "region": config.region}}, indent=2))
     return 0
 
@@ -112,6 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m node", description="llorch provider node")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_commands(subparsers)
-    ledger_cli.add_commands(subparsers)
+    add_replay(ledger_cli.add_commands(subparsers))
     args = parser.parse_args(argv)
     return args.handler(args)

@@ -200,3 +200,14 @@ def test_cli_verify_on_a_missing_file_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gateway", "ledger", "verify", str(tmp_path / "nope.sqlite")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "not a file" in result.stderr
+
+
+async def test_concurrent_transactions_on_one_database_take_turns(tmp_path):
+    from ledger.sqlite import open_database
+
+    async with open_database(tmp_path / "db.sqlite") as database:
+        await database.execute("CREATE TABLE t (x INTEGER)")
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(database.transaction, [("INSERT INTO t VALUES (?)", [(i,), (i + 100,)])])
+        assert (await database.fetchone("SELECT COUNT(*) FROM t"))[0] == 40

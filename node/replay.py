@@ -1,0 +1,120 @@
+"""`llorch ledger replay`: re-run a receipt's request on the local engine and check the receipt's commitments.
+
+Given a receipt (from a ledger or bundle, signature-checked), the customer's original request body and the prompt
+salt the gateway returned, replay reports, in order:
+
+  1. whether the request and salt give the receipt's prompt commitment (the receipt is for this prompt);
+  2. whether the request's sampling parameters (with the seed used) give the receipt's sampling hash;
+  3. whether the local engine is in the receipt's determinism class (model sha256 + engine build); if not, the
+     output cannot be compared and replay says so instead of reporting a false mismatch;
+  4. whether re-generating gives the receipt's output hash.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from inference import catalog
+from inference.engine import Engine, Sampling, determinism_class, parse_fingerprint
+from inference.errors import InferenceError
+from ledger.errors import LedgerError
+from ledger.objects import Receipt, prompt_commitment, sampling_sha256
+from ledger.signing import sha256
+from ledger.verify import load_material
+from node.sampling import chat_request_prompt, chat_request_sampling
+
+MATCH, MISMATCH, UNUSABLE, INCONCLUSIVE = 0, 1, 2, 3
+
+
+class ReplayInputError(Exception):
+    """The receipt, request or salt given to replay cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    verdict: int                   # MATCH, MISMATCH or INCONCLUSIVE
+    prompt_matches: bool
+    sampling_matches: bool
+    receipt_class: str
+    local_class: str | None
+    output_matches: bool | None    # None when not compared
+    message: str
+
+
+def find_receipt(ledger_path: Path, request_id: str) -> Receipt:
+    """The receipt for ``request_id`` in a ledger file or bundle, with its signature verified."""
+    try:
+        for entry in load_material(ledger_path).entries:
+            try:
+                receipt = Receipt.from_envelope(entry)
+            except LedgerError as exc:
+                if request_id.encode() in entry:
+                    raise ReplayInputError(f"the receipt for {request_id} is not genuine: {exc}") from None
+                continue
+            if receipt.request_id == request_id:
+                return receipt
+    except LedgerError as exc:
+        raise ReplayInputError(f"cannot read {ledger_path}: {exc}") from None
+    raise ReplayInputError(f"no receipt for {request_id} in {ledger_path}")
+
+
+def load_request(path: Path) -> dict:
+    try:
+        body = json.loads(Path(path).read_text(encoding="utf-8"))
+        chat_request_prompt(body)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ReplayInputError(f"{path} is not an OpenAI chat request body: {exc}") from None
+    return body
+
+
+def replay(receipt: Receipt, body: dict, salt: bytes, seed: int | None = None,
+           cache_dir: Path | None = None) -> ReplayReport:
+    prompt = chat_request_prompt(body)
+    prompt_matches = prompt_commitment(salt, prompt) == receipt.prompt_commitment
+    sampling = chat_request_sampling(body, receipt.seed if seed is None else seed)
+    sampling_matches = sampling_sha256(sampling) == receipt.sampling_sha256
+    receipt_class = determinism_class(receipt.model_sha256.hex(), receipt.engine_build)
+
+    def report(verdict: int, message: str, local_class: str | None = None, output: bool | None = None):
+        return ReplayReport(verdict, prompt_matches, sampling_matches, receipt_class, local_class, output, message)
+
+    if not prompt_matches:
+        return report(MISMATCH, "the request and salt do not give the receipt's prompt commitment: this receipt is "
+                                "not for this prompt (or the salt is wrong)")
+    if not sampling_matches:
+        return report(MISMATCH, "the request's sampling parameters and seed do not give the receipt's sampling hash")
+    if receipt.finish_reason == "cancelled":
+        return report(INCONCLUSIVE, "the request was cancelled mid-stream: its output cannot be regenerated exactly")
+    entry = catalog.CATALOG.get(receipt.model_id)
+    if entry is None or bytes.fromhex(entry.sha256) != receipt.model_sha256:
+        return report(INCONCLUSIVE, f"this catalog does not pin {receipt.model_id} with the receipt's sha256")
+    settings = parse_fingerprint(receipt.engine_build)
+    try:
+        engine = Engine.load(entry.id, cache_dir, threads=2, context_tokens=int(settings.get("ctx", 0)),
+                             batch_tokens=int(settings.get("batch", 0)))
+    except (ValueError, InferenceError) as exc:
+        return report(INCONCLUSIVE, f"cannot build an engine like the receipt's ({exc})")
+    if engine.fingerprint != receipt.engine_build:
+        return report(INCONCLUSIVE, f"the local engine is in another determinism class ({engine.determinism_class}: "
+                                    f"{engine.fingerprint}) than the receipt ({receipt_class}: "
+                                    f"{receipt.engine_build}); outputs are not comparable here",
+                      engine.determinism_class)
+    prepared = engine.prepare(prompt["messages"], Sampling(sampling["seed"], sampling["temperature_ppm"],
+                                                           sampling["top_p_ppm"], sampling["max_tokens"],
+                                                           tuple(sampling["stop"])))
+
+    async def ignore(text: str) -> None:
+        return None
+
+    generation = trio.run(engine.generate, prepared, ignore)
+    output_matches = sha256(generation.text.encode("utf-8")) == receipt.output_sha256
+    if output_matches:
+        return report(MATCH, f"prompt, sampling and output all match ({generation.tokens_out} tokens regenerated)",
+                      engine.determinism_class, True)
+    return report(MISMATCH, "same determinism class, but the regenerated output differs from the receipt's output "
+                            "hash: the provider did not return what this model produces", engine.determinism_class,
+                  False)

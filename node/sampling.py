@@ -1,0 +1,36 @@
+"""The one conversion from a customer's OpenAI sampling parameters to the integer sampling map a ticket carries.
+
+The gateway uses it to write tickets; `llorch ledger replay` uses it to rebuild the map from the customer's request,
+so both sides hash exactly the same thing (receipt field sampling_sha256).
+"""
+
+from __future__ import annotations
+
+from inference.limits import MAX_TOKENS_CAP as MAX_TOKENS_MAX
+
+MAX_TOKENS_DEFAULT = 256          # when the customer sends no max_tokens
+TEMPERATURE_DEFAULT = 1.0
+TOP_P_DEFAULT = 1.0
+
+
+def sampling_map(seed: int, temperature: float | None, top_p: float | None, max_tokens: int | None,
+                 stop: list[str] | None) -> dict:
+    """The ticket's sampling map: temperature and top_p as integer parts per million, rounded half to even."""
+    temperature = TEMPERATURE_DEFAULT if temperature is None else temperature
+    top_p = TOP_P_DEFAULT if top_p is None else top_p
+    return {"seed": seed, "temperature_ppm": round(temperature * 1_000_000),
+            "top_p_ppm": max(1, round(top_p * 1_000_000)),
+            "max_tokens": max_tokens or MAX_TOKENS_DEFAULT, "stop": list(stop or [])}
+
+
+def chat_request_sampling(body: dict, seed: int) -> dict:
+    """The sampling map of an OpenAI chat request body (as sent by the customer) with the seed that was used."""
+    stop = body.get("stop")
+    return sampling_map(seed, body.get("temperature"), body.get("top_p"),
+                        body.get("max_tokens") or body.get("max_completion_tokens"),
+                        [stop] if isinstance(stop, str) else stop)
+
+
+def chat_request_prompt(body: dict) -> dict:
+    """The prompt map (what the prompt commitment hashes) of an OpenAI chat request body."""
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in body["messages"]]}
