@@ -2,6 +2,8 @@
 
     llorch demo                          a local network (gateway + one node) on 127.0.0.1, until Ctrl-C
     llorch gateway start --config F      run the gateway
+    llorch gateway tenants add|list|update|revoke ...      tenants, API keys, budgets, limits
+    llorch gateway providers list|approve|certify|suspend  registered providers
     llorch node start --config F         run a provider node          (node info --config F)
     llorch keys new PATH                 create a key file (0600)
     llorch ledger verify PATH            audit a ledger offline      (ledger export, ledger replay)
@@ -16,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from gateway import admin_cli
 from ledger import cli as ledger_cli
 from node import cli as node_cli
 from node.errors import NodeError
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     start = gateway_sub.add_parser("start", help="serve the OpenAI-compatible API and place requests on providers")
     start.add_argument("--config", type=Path, required=True, help="gateway.toml ([gateway] table; env LLORCH_GATEWAY_*)")
     start.set_defaults(handler=gateway_start)
+    admin_cli.add_commands(gateway_sub)
 
     node_cli.add_commands(subparsers)
     node_cli.add_replay(ledger_cli.add_commands(subparsers))

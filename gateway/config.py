@@ -16,8 +16,9 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 class GatewayConfig:
     key_file: Path
     db_path: Path
-    api_key_sha256: str                       # hex sha256 of the one API key (the key itself is never stored)
+    api_key_sha256: str = ""                  # optional bootstrap key (hex sha256) for the unlimited tenant below
     tenant: str = "default"
+    determinism_pin: str = ""                 # the engine build tenants with require_determinism are served on
     p2p_listen_addr: str = "/ip4/127.0.0.1/tcp/0"
     http_host: str = "127.0.0.1"
     http_port: int = 8000
@@ -25,7 +26,7 @@ class GatewayConfig:
     witness_interval_ms: int = 5_000          # how often the gateway witnesses each provider's ledger
 
     def __post_init__(self) -> None:
-        if not SHA256_HEX.match(self.api_key_sha256):
+        if self.api_key_sha256 and not SHA256_HEX.match(self.api_key_sha256):
             raise ConfigError("gateway.api_key_sha256 must be 64 lowercase hex characters (sha256 of the key)")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError("gateway.http_port must be in 0..65535")

@@ -6,12 +6,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
-from gateway import receipts, witness
+from gateway import providers, receipts, tenants, witness
 from ledger.sqlite import Database, open_database
 
 
 @asynccontextmanager
 async def open_gateway_db(path: Path) -> AsyncIterator[Database]:
     async with open_database(path) as database:
-        await database.executescript(receipts.SCHEMA + witness.SCHEMA)
+        await database.executescript(receipts.SCHEMA + witness.SCHEMA + tenants.SCHEMA + providers.SCHEMA)
         yield database

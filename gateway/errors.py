@@ -1,10 +1,13 @@
 """Errors raised by the gateway package. Each maps to one OpenAI-shaped HTTP error.
 
     GatewayError (status, type, code)     base: ``to_http()`` gives the status and OpenAI error body
-    ├── AuthError                  401  missing or wrong API key
+    ├── AuthError                  401  missing, wrong or revoked API key
     ├── BadRequest                 400  malformed body or unsupported parameter (``param`` names it)
+    ├── PaymentRequired            402  the tenant's budget cannot cover the request's worst case
+    ├── Forbidden                  403  the tenant may not use this model
     ├── ModelNotFound              404  model not in the catalog
-    ├── NoProvider                 503  no fresh provider offers the model with a free slot
+    ├── RateLimited                429  request rate or concurrent requests over the tenant's limit
+    ├── NoProvider                 503  no eligible provider (EU-only, determinism, price ceiling...) has capacity
     └── ProviderFailed             502  every candidate failed, or a provider broke the protocol mid-stream
         └── ReceiptRejected        502  the provider's receipt does not match the ticket or the relayed output
 """
@@ -60,3 +63,26 @@ class ReceiptRejected(ProviderFailed):
     """Raised when a receipt fails the gateway's checks; the request is not billed and the provider is suspect."""
 
     code = "receipt_rejected"
+
+
+class Forbidden(GatewayError):
+    """Raised when the tenant may not use what it asked for (e.g. a model outside its allowed list)."""
+
+    status, type, code = 403, "permission_error", "model_not_allowed"
+
+
+class PaymentRequired(GatewayError):
+    """Raised when the tenant's remaining budget cannot cover the request's worst case."""
+
+    status, type, code = 402, "insufficient_quota", "budget_exhausted"
+
+
+class RateLimited(GatewayError):
+    """Raised when the tenant exceeds its request rate or its concurrent requests; retry after ``retry_after_s``."""
+
+    status, type, code = 429, "rate_limit_exceeded", "rate_limit_exceeded"
+
+    def __init__(self, message: str, code: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 
 import trio
@@ -18,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import limits
 from gateway.errors import BadRequest, GatewayError
 from gateway.openai_api import ChatRequest, parse_chat_request
+from gateway.providers import parse_registration_body, record_json
 from gateway.service import Completion, Gateway, new_request_id
 from node.stream_io import now_ms
 
@@ -53,15 +55,15 @@ def llorch_extension(completion: Completion) -> dict:
             "prompt_salt": completion.salt.hex(), "amount": receipt.amount, "currency": receipt.currency}
 
 
-async def read_body_capped(request: Request) -> bytes:
+async def read_body_capped(request: Request, bytes_max: int = limits.HTTP_BODY_BYTES_MAX) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.HTTP_BODY_BYTES_MAX:
-        raise BadRequest(f"request body is {declared} bytes; the limit is {limits.HTTP_BODY_BYTES_MAX}")
+    if declared is not None and declared.isdigit() and int(declared) > bytes_max:
+        raise BadRequest(f"request body is {declared} bytes; the limit is {bytes_max}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > limits.HTTP_BODY_BYTES_MAX:
-            raise BadRequest(f"request body exceeds {limits.HTTP_BODY_BYTES_MAX} bytes")
+        if len(body) > bytes_max:
+            raise BadRequest(f"request body exceeds {bytes_max} bytes")
     return bytes(body)
 
 
@@ -81,6 +83,7 @@ class ChatStreamResponse(Response):
         self.request_id = new_request_id()     # known before the first byte: every chunk carries it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope.setdefault("state", {})["request_id"] = self.request_id
         async with trio.open_nursery() as nursery:
             async def watch_disconnect() -> None:
                 while (await receive())["type"] != "http.disconnect":
@@ -149,6 +152,7 @@ async def _no_receive() -> dict:
 def build_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="llorch gateway", version="0.1.0",
                   description="OpenAI-compatible gateway to the llorch peer-to-peer inference market.")
+    app.add_middleware(RequestIdMiddleware, gateway=gateway)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, error: GatewayError) -> JSONResponse:
@@ -159,15 +163,21 @@ def build_app(gateway: Gateway) -> FastAPI:
         return {"status": "ok", "providers": len(gateway.directory.fresh(now_ms())),
                 "models": gateway.offered_models()}
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        views = await gateway.provider_views()
+        text = gateway.metrics.render(len(views), sum(v.approved for v in views))
+        return Response(text, media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
-        gateway.authenticate(request.headers.get("authorization"))
+        tenant = await gateway.authenticate(request.headers.get("authorization"))
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "llorch"}
-                                           for model_id in gateway.offered_models()]}
+                                           for model_id in gateway.offered_models() if tenant.allows(model_id)]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        tenant = gateway.authenticate(request.headers.get("authorization"))
+        tenant = await gateway.authenticate(request.headers.get("authorization"))
         chat = parse_chat_request(await read_body_capped(request))
         if chat.stream:
             return ChatStreamResponse(gateway, chat, tenant)
@@ -175,8 +185,83 @@ def build_app(gateway: Gateway) -> FastAPI:
         async def ignore(text: str) -> None:
             return None
 
-        completion = await gateway.complete(chat, tenant, ignore)
+        request_id = new_request_id()
+        request.state.request_id = request_id
+        completion = await gateway.complete(chat, tenant, ignore, request_id)
         return JSONResponse(completion_body(chat, completion, int(time.time())),
                             headers={"x-llorch-provider": completion.provider_peer_id})
 
+    @app.post("/v2/platform/providers/register")
+    async def register_provider(request: Request) -> JSONResponse:
+        body = await read_body_capped(request, REGISTRATION_BODY_BYTES_MAX)
+        try:
+            document = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        registration, envelope = parse_registration_body(document, now_ms())
+        record = await gateway.providers.register(registration, envelope, now_ms())
+        return JSONResponse(record_json(record), status_code=201 if record.status == "pending" else 200)
+
+    @app.get("/v2/platform/providers")
+    async def list_providers(request: Request) -> dict:
+        await gateway.authenticate(request.headers.get("authorization"))
+        return {"providers": [record_json(r) for r in await gateway.providers.all()]}
+
+    @app.get("/v2/platform/providers/{provider_id}/capacity")
+    async def provider_capacity(provider_id: str, request: Request) -> dict:
+        await gateway.authenticate(request.headers.get("authorization"))
+        record = await gateway.providers.get(provider_id)
+        if record is None:
+            raise NotFound(f"provider {provider_id} is not registered here")
+        attestation = gateway.directory.get(record.provider_key)
+        if attestation is None or attestation.expires_ms <= now_ms():
+            return {"provider_id": provider_id, "online": False, "available_slots": 0, "total_slots": 0,
+                    "queue_depth": 0, "estimated_wait_ms": None}
+        return {"provider_id": provider_id, "online": True, "available_slots": attestation.slots_free,
+                "total_slots": attestation.slots_total, "queue_depth": attestation.queue_depth,
+                "estimated_wait_ms": attestation.wait_ms, "engine_build": attestation.engine_build,
+                "as_of_ms": attestation.issued_ms}
+
     return app
+
+
+REGISTRATION_BODY_BYTES_MAX = 16 * 1024
+
+
+class NotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class RequestIdMiddleware:
+    """Every response carries X-Request-Id (the chat completion id where there is one); 429s carry Retry-After.
+    Also counts requests and their latency for /metrics."""
+
+    def __init__(self, app, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        fallback_id = "req_" + secrets.token_hex(12)
+        status = [500]
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                state = scope.get("state") or {}
+                request_id = state.get("request_id") or fallback_id
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                if message["status"] == 429:
+                    headers.append((b"retry-after", b"1"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.gateway.metrics.observe_request(scope.get("path", "?"), status[0],
+                                                 int((time.perf_counter() - started) * 1000))

@@ -76,7 +76,7 @@ class LocalNetwork:
             write_key_file(path, SigningKey.generate())
         return load_key_file(path)
 
-    def start_gateway(self) -> dict:
+    def start_gateway(self, determinism_pin: str = "") -> dict:
         self.key("gateway")
         config = self.workdir / "gateway.toml"
         config.write_text(
@@ -86,12 +86,15 @@ class LocalNetwork:
             f'api_key_sha256 = "{hashlib.sha256(self.api_key.encode()).hexdigest()}"\n'
             f"http_port = {self.http_port}\n"
             "witness_interval_ms = 1000\n"
+            f'determinism_pin = "{determinism_pin}"\n'
             'state_file = "gateway.state.json"\n')
         self.gateway = self._spawn("gateway", ["gateway", "start", "--config", str(config)], "gateway.state.json")
         return self._wait_state(self.gateway)
 
     def start_node(self, name: str, price_in: int = 100_000, price_out: int = 200_000, country: str = "DE",
-                   threads: int = 1, extra: str = "") -> dict:
+                   threads: int = 1, extra: str = "", approve: bool = True, certify: bool = True) -> dict:
+        """Start a provider node, register it with the gateway, and (as the operator) approve it and certify its
+        geo claim unless told otherwise."""
         assert self.gateway is not None, "start the gateway first"
         gateway_state = self.gateway.state()
         self.key(name)
@@ -110,7 +113,22 @@ class LocalNetwork:
             f'state_file = "{name}.state.json"\n' + extra)
         process = self._spawn(name, ["node", "start", "--config", str(config)], f"{name}.state.json")
         self.nodes.append(process)
-        return self._wait_state(process)
+        state = self._wait_state(process)
+        self.cli("node", "register", "--config", str(config), "--gateway", self.http_url,
+                 "--endpoint", state["addrs"][0])
+        if approve:
+            self.cli("gateway", "providers", "approve", state["peer_id"], "--config", str(self.workdir / "gateway.toml"))
+        if certify:
+            self.cli("gateway", "providers", "certify", state["peer_id"], "--config", str(self.workdir / "gateway.toml"))
+        return state
+
+    def cli(self, *args: str) -> str:
+        """Run a `llorch` command in the working directory; return its stdout, or raise with its stderr."""
+        result = subprocess.run(llorch_command() + list(args), cwd=self.workdir, capture_output=True, text=True,
+                                timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"llorch {' '.join(args)} failed ({result.returncode}): {result.stderr[-2000:]}")
+        return result.stdout
 
     def restart_node(self, name: str) -> dict:
         """Stop a node (SIGTERM) and start it again with the same key, config and ledger."""

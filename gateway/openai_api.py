@@ -28,6 +28,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class LlorchExtension(BaseModel):
+    """Optional llorch fields of a request body (`extra_body={"llorch": {...}}` in the OpenAI SDK)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_price_in_per_1m: int | None = Field(default=None, ge=0, le=10**12)
+    max_price_out_per_1m: int | None = Field(default=None, ge=0, le=10**12)
+
+
 class ChatRequest(BaseModel):
     """The subset of OpenAI's chat-completions body llorch serves; anything else is a 400 naming the field."""
 
@@ -46,6 +54,7 @@ class ChatRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256)
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    llorch: LlorchExtension | None = None
 
     @field_validator("stop")
     @classmethod

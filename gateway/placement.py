@@ -1,27 +1,119 @@
-"""Placement as a pure function: which providers may serve a request, best first.
+"""Placement as pure functions: which providers may serve a request, best first, and how observed behaviour
+updates a provider's standing. No I/O and no clocks: the caller passes everything, including ``now_ms``.
 
-Eligible: a fresh attestation (not expired at ``now_ms``) offering the model with the catalog's sha256, priced in
-the request's currency, and a slot. Ranked first by whether the latest attestation showed a free slot (it may be a second old: a busy
-provider answers BUSY and the next candidate is tried), then by the price of the request's worst case (input and output prices), then by how long ago we last
-placed on the provider (spreads load among equals), then by provider key (a stable final tie-break).
+Eligible (``why_not`` returns the first reason a provider is not):
+  fresh attestation · offers the model with the catalog's sha256 · approved by the operator · priced in the
+  request's currency · under the request's price ceiling · for EU-only tenants: geo certified by the operator, an
+  EU country, and attesting the certified country (fails closed: no fallback outside the EU) · for tenants that
+  require determinism (and for resuming a stream): the pinned engine build · not excluded (forked, or already tried).
+Ranked by: a free slot in the latest attestation, then the worst-case price of this request, then observed success
+rate, observed time to first token, load (free share of slots), least recently placed, provider key. Providers in
+back-off after a failure go last.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Iterable
 
-from node.attestation import Attestation
+from node.attestation import EU_COUNTRIES, Attestation
+
+SUCCESS_PPM_INITIAL = 1_000_000
+EWMA_WEIGHT_PPM = 200_000                  # each observation moves the average 20% of the way
+BACKOFF_MS_INITIAL = 1_000
+BACKOFF_MS_MAX = 60_000
 
 
-def rank_providers(attestations: Iterable[Attestation], model_id: str, model_sha256: bytes, currency: str,
-                   now_ms: int, last_placed_ms: Mapping[bytes, int], prompt_tokens_estimate: int,
-                   max_tokens: int) -> list[Attestation]:
-    eligible = [a for a in attestations
-                if a.expires_ms > now_ms and a.offers(model_id, model_sha256) and a.currency == currency
-                and a.slots_total > 0]
+@dataclass(frozen=True)
+class Requirements:
+    model_id: str
+    model_sha256: bytes
+    currency: str
+    prompt_tokens_estimate: int
+    max_tokens: int
+    eu_only: bool = False
+    engine_build: str | None = None          # required determinism class (pin), or the class of a stream to resume
+    max_price_in: int | None = None
+    max_price_out: int | None = None
+    exclude: frozenset[bytes] = frozenset()
 
-    def cost(a: Attestation) -> int:
-        return prompt_tokens_estimate * a.price_in + max_tokens * a.price_out
 
-    return sorted(eligible, key=lambda a: (a.slots_free == 0, cost(a), last_placed_ms.get(a.provider_key, 0),
-                                           a.provider_key))
+@dataclass(frozen=True)
+class Standing:
+    """What the gateway has observed of one provider."""
+
+    success_ppm: int = SUCCESS_PPM_INITIAL
+    ttft_ms: int = 0
+    failures_in_a_row: int = 0
+    backoff_until_ms: int = 0
+    last_placed_ms: int = 0
+
+
+@dataclass(frozen=True)
+class ProviderView:
+    attestation: Attestation
+    approved: bool
+    certified_country: str | None            # the geo claim the operator certified, if any
+    standing: Standing = Standing()
+
+    @property
+    def key(self) -> bytes:
+        return self.attestation.provider_key
+
+
+def why_not(view: ProviderView, need: Requirements, now_ms: int) -> str | None:
+    a = view.attestation
+    if a.expires_ms <= now_ms:
+        return "attestation expired"
+    if not a.offers(need.model_id, need.model_sha256):
+        return "does not offer the model"
+    if not view.approved:
+        return "not approved"
+    if view.key in need.exclude:
+        return "excluded"
+    if a.currency != need.currency:
+        return "other currency"
+    if need.max_price_in is not None and a.price_in > need.max_price_in:
+        return "above the input price ceiling"
+    if need.max_price_out is not None and a.price_out > need.max_price_out:
+        return "above the output price ceiling"
+    if need.eu_only and not (view.certified_country in EU_COUNTRIES and a.geo["country"] == view.certified_country):
+        return "not a certified EU provider"
+    if need.engine_build is not None and a.engine_build != need.engine_build:
+        return "other determinism class"
+    if a.slots_total == 0:
+        return "no slots"
+    return None
+
+
+def worst_case_cost(a: Attestation, need: Requirements) -> int:
+    return need.prompt_tokens_estimate * a.price_in + need.max_tokens * a.price_out
+
+
+def rank_providers(views: Iterable[ProviderView], need: Requirements, now_ms: int) -> list[ProviderView]:
+    eligible = [v for v in views if why_not(v, need, now_ms) is None]
+
+    def order(v: ProviderView):
+        a, s = v.attestation, v.standing
+        free_share_ppm = a.slots_free * 1_000_000 // a.slots_total
+        return (s.backoff_until_ms > now_ms, a.slots_free == 0, worst_case_cost(a, need), -s.success_ppm,
+                s.ttft_ms, -free_share_ppm, s.last_placed_ms, v.key)
+
+    return sorted(eligible, key=order)
+
+
+def after_success(standing: Standing, ttft_ms: int) -> Standing:
+    return replace(standing, success_ppm=_ewma(standing.success_ppm, 1_000_000),
+                   ttft_ms=ttft_ms if standing.ttft_ms == 0 else _ewma(standing.ttft_ms, ttft_ms),
+                   failures_in_a_row=0, backoff_until_ms=0)
+
+
+def after_failure(standing: Standing, now_ms: int) -> Standing:
+    failures = standing.failures_in_a_row + 1
+    backoff = min(BACKOFF_MS_INITIAL << (failures - 1), BACKOFF_MS_MAX)
+    return replace(standing, success_ppm=_ewma(standing.success_ppm, 0), failures_in_a_row=failures,
+                   backoff_until_ms=now_ms + backoff)
+
+
+def _ewma(average: int, observation: int) -> int:
+    return (average * (1_000_000 - EWMA_WEIGHT_PPM) + observation * EWMA_WEIGHT_PPM) // 1_000_000

@@ -13,7 +13,9 @@ from gateway.config import GatewayConfig
 from gateway.directory import ProviderDirectory
 from gateway.http_api import build_app
 from gateway.db import open_gateway_db
+from gateway.providers import ProviderBook
 from gateway.receipts import ReceiptBook
+from gateway.tenants import TenantBook
 from gateway.witness import Witness, WitnessBook, witness_forever
 from gateway.service import Gateway
 from ledger.signing import load_key_file
@@ -68,7 +70,8 @@ async def run_gateway(config: GatewayConfig) -> None:
     async with open_gateway_db(config.db_path) as database, running_host(key, config.p2p_listen_addr) as p2p:
         witness_book = WitnessBook(database)
         directory.excluded |= await witness_book.forked()
-        gateway = Gateway(config, key, p2p, directory, ReceiptBook(database))
+        gateway = Gateway(config, key, p2p, directory, ReceiptBook(database), TenantBook(database),
+                          ProviderBook(database))
         witness = Witness(p2p, key, witness_book, directory.exclude)
 
         def providers_to_witness():

@@ -1,11 +1,15 @@
 """The gateway's request flow, hop by hop (docs/architecture.md numbers the same steps):
 
-  (1)-(2) authenticate the API key → tenant (one configured key for now);
-  (3) place: rank fresh providers that offer the model (gateway/placement.py);
+  (1)-(2) authenticate the API key → tenant; admission: model allowed, rate, concurrency, and a budget reservation
+          for the request's worst case (gateway/quota.py);
+  (3) place: rank eligible providers (gateway/placement.py): approved, fresh, offering the pinned model, EU-only
+      tenants on certified EU providers only (fails closed), determinism-required tenants on the pinned class;
   (4) sign a ticket for the chosen provider;
-  (5)-(7) relay over /llorch/infer/1 (gateway/node_client.py): busy or failure before the first token → next
-      candidate; failure after it → a clean error (never a second provider's text spliced in);
-  (8) check the receipt against the ticket and the relayed text (gateway/receipts.py) and store it.
+  (5)-(7) relay over /llorch/infer/1 (gateway/node_client.py): busy or failure before the first token → the next
+      candidate; failure mid-stream → the same ticket parameters on another provider of the same determinism
+      class, skipping the text already delivered (checked to be identical), so the customer sees one answer;
+  (8) check the receipt against the ticket and everything the customer received, store it, settle the
+      reservation to the receipt's amount. Exactly one receipt is billed per customer request.
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ from typing import Awaitable, Callable
 from gateway import limits
 from gateway.config import GatewayConfig
 from gateway.directory import ProviderDirectory
-from gateway.errors import AuthError, BadRequest, ModelNotFound, NoProvider, ProviderFailed
+from gateway.errors import (AuthError, BadRequest, Forbidden, ModelNotFound, NoProvider, PaymentRequired,
+                            ProviderFailed, RateLimited)
+from gateway.metrics import Metrics
 from gateway.node_client import AttemptFailed, InferenceCall, request_inference
 from gateway.openai_api import ChatRequest
-from gateway.placement import rank_providers
+from gateway.placement import ProviderView, Requirements, Standing, after_failure, after_success, rank_providers, \
+    why_not
+from gateway.providers import ProviderBook
+from gateway.quota import QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound, worst_case_minor
 from gateway.receipts import ReceiptBook, check_receipt
+from gateway.tenants import Tenant, TenantBook
 from ledger.objects import VERSION, Receipt, Ticket
 from ledger.signing import SigningKey, peer_id_of
 from node.attestation import Attestation
@@ -39,6 +49,7 @@ log = logging.getLogger("llorch.gateway")
 
 CURRENCY = "EUR"
 CHARS_PER_TOKEN_ESTIMATE = 4
+BOOTSTRAP_TENANT = Tenant("default", "enterprise", None, 0, False, False, None, None, None, False)
 
 
 def new_request_id() -> str:
@@ -55,96 +66,243 @@ class Completion:
     provider_peer_id: str
     seed: int
     salt: bytes
+    charged_minor: int
+
+
+class MidStreamFailure(Exception):
+    """A provider failed after text was delivered; the stream may be resumed on a provider of the same class."""
+
+
+@dataclass
+class _Job:
+    """One customer request while it is being served."""
+
+    request_id: str
+    tenant: Tenant
+    chat: ChatRequest
+    pin: bytes
+    seed: int
+    salt: bytes
+    prompt: dict
+    on_text: Callable[[str], Awaitable[None]]
+    delivered: str = ""
 
 
 class Gateway:
     def __init__(self, config: GatewayConfig, key: SigningKey, p2p: P2P, directory: ProviderDirectory,
-                 receipts: ReceiptBook) -> None:
+                 receipts: ReceiptBook, tenants: TenantBook, providers: ProviderBook) -> None:
         self.config = config
         self.key = key
         self.p2p = p2p
         self.directory = directory
         self.receipts = receipts
-        self._last_placed_ms: dict[bytes, int] = {}
+        self.tenants = tenants
+        self.providers = providers
+        self.metrics = Metrics()
+        self.standings: dict[bytes, Standing] = {}
+        self._quotas: dict[str, TenantQuota] = {}
 
     # (1)-(2) --------------------------------------------------------------------------------------------------
-    def authenticate(self, authorization: str | None) -> str:
-        """Return the tenant's pseudonym for a valid ``Authorization: Bearer <key>`` header; else AuthError."""
+    async def authenticate(self, authorization: str | None) -> Tenant:
+        """The tenant of a valid ``Authorization: Bearer <key>`` header; AuthError otherwise (revoked included)."""
         if not authorization or not authorization.startswith("Bearer "):
             raise AuthError("missing API key: send the header `Authorization: Bearer <api key>`")
         presented = hashlib.sha256(authorization[len("Bearer "):].strip().encode()).hexdigest()
-        if not hmac.compare_digest(presented, self.config.api_key_sha256):
+        if self.config.api_key_sha256 and hmac.compare_digest(presented, self.config.api_key_sha256):
+            return BOOTSTRAP_TENANT
+        tenant = await self.tenants.by_key_hash(presented)
+        if tenant is None:
             raise AuthError("incorrect API key")
-        return self.tenant_pseudonym(self.config.tenant)
+        if tenant.revoked:
+            raise AuthError(f"the API key of tenant {tenant.name} has been revoked")
+        return tenant
 
     def tenant_pseudonym(self, tenant: str) -> str:
         """A stable pseudonym for the ledger: nobody but this gateway can link it to the tenant's name."""
         return "t_" + hmac.new(self.key.seed, b"llorch/tenant/v1\x00" + tenant.encode(), "sha256").hexdigest()[:24]
 
+    def _quota(self, tenant: Tenant) -> TenantQuota:
+        quota = self._quotas.get(tenant.name)
+        if quota is None:
+            quota = self._quotas[tenant.name] = TenantQuota(tenant.max_concurrent, tenant.budget_minor,
+                                                            tenant.spent_minor)
+        quota.max_concurrent, quota.budget_minor = tenant.max_concurrent, tenant.budget_minor   # may be updated
+        quota.spent_minor = max(quota.spent_minor, tenant.spent_minor)
+        if tenant.rps is None:
+            quota.bucket = None
+        elif quota.bucket is None or quota.bucket.rate_per_s != tenant.rps:
+            quota.bucket = TokenBucket(tenant.rps, tenant.rps)
+        return quota
+
+    # (3) ---------------------------------------------------------------------------------------------------------
+    async def provider_views(self) -> list[ProviderView]:
+        records = {record.provider_key: record for record in await self.providers.all()}
+        views = []
+        for attestation in self.directory.fresh(now_ms()):
+            record = records.get(attestation.provider_key)
+            certified = record.registration.geo["country"] if record and record.geo_certified else None
+            views.append(ProviderView(attestation, bool(record and record.approved), certified,
+                                      self.standings.get(attestation.provider_key, Standing())))
+        return views
+
+    def requirements(self, job: _Job, **overrides) -> Requirements:
+        extension = job.chat.llorch
+        prompt_chars = sum(len(m["content"]) for m in job.prompt["messages"])
+        fields = dict(model_id=job.chat.model, model_sha256=job.pin, currency=CURRENCY,
+                      prompt_tokens_estimate=prompt_chars // CHARS_PER_TOKEN_ESTIMATE + 1,
+                      max_tokens=job.chat.max_tokens_effective, eu_only=job.tenant.eu_only,
+                      engine_build=(self.config.determinism_pin or "(no pinned class)")
+                      if job.tenant.require_determinism else None,
+                      max_price_in=extension.max_price_in_per_1m if extension else None,
+                      max_price_out=extension.max_price_out_per_1m if extension else None)
+        fields.update(overrides)
+        return Requirements(**fields)
+
+    def no_provider(self, job: _Job, views: list[ProviderView], need: Requirements) -> NoProvider:
+        reasons = sorted({why_not(v, need, now_ms()) for v in views} - {None})
+        if need.eu_only:
+            reason, message = "eu_only", f"no certified EU provider has capacity for {job.chat.model} right now"
+        elif job.tenant.require_determinism:
+            reason, message = "determinism", f"no provider in the pinned determinism class offers {job.chat.model}"
+        else:
+            reason, message = "none_eligible", f"no provider offering {job.chat.model} has a free slot right now"
+        self.metrics.placement_failures[reason] += 1
+        detail = f" ({'; '.join(reasons)})" if reasons else ""
+        return NoProvider(f"{message}; retry shortly{detail}")
+
     def offered_models(self) -> list[str]:
         fresh = self.directory.fresh(now_ms())
         return [m for m in catalog_model_ids() if any(a.offers(m, catalog_pin(m)) for a in fresh)]
 
-    # (3)-(8) --------------------------------------------------------------------------------------------------
-    async def complete(self, chat: ChatRequest, tenant: str, on_text: Callable[[str], Awaitable[None]],
+    # (1)-(8) -----------------------------------------------------------------------------------------------------
+    async def complete(self, chat: ChatRequest, tenant: Tenant, on_text: Callable[[str], Awaitable[None]],
                        request_id: str | None = None) -> Completion:
         """Serve one chat request, passing text to ``on_text`` as it arrives; return the verified completion."""
         pin = catalog_pin(chat.model)
         if pin is None:
             raise ModelNotFound(f"the model {chat.model!r} does not exist (known: {', '.join(catalog_model_ids())})",
                                 param="model")
-        prompt = chat.prompt()
-        prompt_chars = sum(len(m["content"]) for m in prompt["messages"])
-        now = now_ms()
-        candidates = rank_providers(self.directory.fresh(now), chat.model, pin, CURRENCY, now, self._last_placed_ms,
-                                    prompt_chars // CHARS_PER_TOKEN_ESTIMATE + 1, chat.max_tokens_effective)
+        if not tenant.allows(chat.model):
+            raise Forbidden(f"tenant {tenant.name} may not use {chat.model} (allowed: {', '.join(tenant.models)})",
+                            param="model")
+        job = _Job(request_id or new_request_id(), tenant, chat, pin,
+                   chat.seed if chat.seed is not None else secrets.randbelow(2**32),
+                   secrets.token_bytes(SALT_BYTES), chat.prompt(), on_text)
+        views = await self.provider_views()
+        need = self.requirements(job)
+        candidates = rank_providers(views, need, now_ms())
         if not candidates:
-            raise NoProvider(f"no provider offering {chat.model} has a free slot right now; retry shortly")
-        request_id = request_id or new_request_id()
-        seed = chat.seed if chat.seed is not None else secrets.randbelow(2**32)
-        salt = secrets.token_bytes(SALT_BYTES)
+            raise self.no_provider(job, views, need)
+        quota = self._quota(tenant)
+        worst = max(worst_case_minor(prompt_tokens_upper_bound(len(str(job.prompt).encode()),
+                                                               len(job.prompt["messages"])),
+                                     need.max_tokens, c.attestation.price_in, c.attestation.price_out)
+                    for c in candidates)
+        try:
+            quota.admit(job.request_id, worst, now_ms())
+        except QuotaExceeded as exc:
+            raise (PaymentRequired(str(exc)) if exc.kind == "budget" else
+                   RateLimited(str(exc), "rate_limit_exceeded" if exc.kind == "rate" else "too_many_concurrent",
+                               max(1, -(-(exc.retry_after_ms or 1000) // 1000)))) from None
+        completion = None
+        try:
+            completion = await self._serve(job, candidates)
+            return completion
+        finally:
+            charged = quota.settle(job.request_id, completion.receipt.amount if completion else None)
+            if charged and tenant is not BOOTSTRAP_TENANT:
+                await self.tenants.add_spent(tenant.name, charged)
+
+    async def _serve(self, job: _Job, candidates: list[ProviderView]) -> Completion:
+        """Try candidates in order. Before any text was delivered, any failure moves on to the next candidate; after,
+        only providers of the failed one's determinism class may resume the stream."""
+        tried: set[bytes] = set()
         failures: list[str] = []
-        for provider in candidates[:limits.PLACEMENT_ATTEMPTS_MAX]:
-            ticket, ticket_bytes = self.issue_ticket(request_id, tenant, chat, pin, seed, provider)
-            self._last_placed_ms[provider.provider_key] = now_ms()
+        resume_class: str | None = None
+        while candidates and len(tried) < limits.PLACEMENT_ATTEMPTS_MAX:
+            view = candidates[0]
+            tried.add(view.key)
             try:
-                async with request_inference(self.p2p, provider, Request(ticket_bytes, salt, prompt)) as call:
-                    return await self._relay(call, ticket, ticket_bytes, salt, prompt, on_text, provider)
+                return await self._attempt(job, view.attestation)
             except AttemptFailed as exc:
-                if exc.code == "bad_request":      # the request itself is unservable: no other provider would differ
+                if exc.code == "bad_request":      # the request itself is unservable: no provider would differ
                     raise BadRequest(f"the provider refused the request before any work: {exc}") from None
-                log.info("provider %s did not take %s: %s", peer_id_of(provider.provider_key), request_id, exc)
-                failures.append(f"{peer_id_of(provider.provider_key)[-8:]}: {exc}")
-        if all("busy" in failure for failure in failures):
-            raise NoProvider(f"every provider offering {chat.model} is busy; retry shortly")
+                failures.append(f"{peer_id_of(view.key)[-8:]}: {exc}")
+                log.info("provider %s did not take %s: %s", peer_id_of(view.key), job.request_id, exc)
+            except MidStreamFailure as exc:
+                failures.append(f"{peer_id_of(view.key)[-8:]}: {exc}")
+                log.warning("provider %s failed mid-stream on %s: %s", peer_id_of(view.key), job.request_id, exc)
+                resume_class = resume_class or view.attestation.engine_build
+                self.metrics.failovers += 1
+            self._failed(view.key)
+            if job.delivered:
+                need = self.requirements(job, engine_build=resume_class, exclude=frozenset(tried))
+                candidates = rank_providers(await self.provider_views(), need, now_ms())
+            else:
+                candidates = [c for c in candidates[1:] if c.key not in tried]
+        if job.delivered:
+            self.metrics.placement_failures["resume"] += 1
+            raise ProviderFailed(f"the provider failed mid-stream and no other provider of its determinism class "
+                                 f"could resume it ({'; '.join(failures)})")
+        if failures and all("busy" in failure for failure in failures):
+            self.metrics.placement_failures["busy"] += 1
+            raise NoProvider(f"every eligible provider offering {job.chat.model} is busy; retry shortly")
+        self.metrics.placement_failures["failed"] += 1
         raise ProviderFailed(f"no provider could serve the request ({'; '.join(failures)})")
 
-    def issue_ticket(self, request_id: str, tenant: str, chat: ChatRequest, pin: bytes, seed: int,
-                     provider: Attestation) -> tuple[Ticket, bytes]:
+    def _failed(self, provider_key: bytes) -> None:
+        self.standings[provider_key] = after_failure(self.standings.get(provider_key, Standing()), now_ms())
+
+    def issue_ticket(self, job: _Job, provider: Attestation) -> tuple[Ticket, bytes]:
         issued = now_ms()
         ticket = Ticket(
-            v=VERSION, request_id=request_id, gateway_key=self.key.public_key, provider_key=provider.provider_key,
-            tenant=tenant, model_id=chat.model, model_sha256=pin,
-            sampling=chat.sampling(seed),
+            v=VERSION, request_id=job.request_id, gateway_key=self.key.public_key,
+            provider_key=provider.provider_key, tenant=self.tenant_pseudonym(job.tenant.name),
+            model_id=job.chat.model, model_sha256=job.pin, sampling=job.chat.sampling(job.seed),
             price_in=provider.price_in, price_out=provider.price_out, currency=provider.currency,
             issued_ms=issued, expires_ms=issued + limits.TICKET_LIFETIME_MS)
         return ticket, ticket.seal(self.key)
 
-    async def _relay(self, call: InferenceCall, ticket: Ticket, ticket_bytes: bytes, salt: bytes, prompt: dict,
-                     on_text: Callable[[str], Awaitable[None]], provider: Attestation) -> Completion:
-        pieces: list[str] = []
+    async def _attempt(self, job: _Job, provider: Attestation) -> Completion:
+        ticket, ticket_bytes = self.issue_ticket(job, provider)
+        standing = self.standings.get(provider.provider_key, Standing())
+        started = now_ms()
+        self.standings[provider.provider_key] = Standing(standing.success_ppm, standing.ttft_ms,
+                                                        standing.failures_in_a_row, standing.backoff_until_ms,
+                                                        started)
+        async with request_inference(self.p2p, provider, Request(ticket_bytes, job.salt, job.prompt)) as call:
+            completion = await self._relay(call, job, ticket, ticket_bytes, provider, started)
+        self.standings[provider.provider_key] = after_success(self.standings[provider.provider_key],
+                                                              completion.receipt.first_token_ms -
+                                                              completion.receipt.accepted_ms)
+        return completion
+
+    async def _relay(self, call: InferenceCall, job: _Job, ticket: Ticket, ticket_bytes: bytes,
+                     provider: Attestation, started_ms: int) -> Completion:
+        regenerated = ""                  # everything this provider sent
         while True:
             try:
                 frame = await call.next_frame()
             except ProtocolError as exc:
-                if not pieces:
+                if not job.delivered:             # the customer has nothing yet: an ordinary failed attempt
                     raise AttemptFailed(str(exc)) from None
-                raise ProviderFailed(f"the provider failed mid-stream after {len(pieces)} tokens: {exc}") from None
+                raise MidStreamFailure(str(exc)) from None
             if isinstance(frame, Final):
-                text = "".join(pieces)
-                receipt = check_receipt(frame.receipt, ticket, ticket_bytes, salt, prompt, text)
+                if regenerated != job.delivered and not regenerated.startswith(job.delivered):
+                    raise ProviderFailed("the resumed stream ended before it caught up with what was delivered")
+                receipt = check_receipt(frame.receipt, ticket, ticket_bytes, job.salt, job.prompt, regenerated)
                 await self.receipts.record(receipt, ticket_bytes, frame.receipt)
-                return Completion(ticket.request_id, text, receipt, peer_id_of(provider.provider_key),
-                                  ticket.sampling["seed"], salt)
-            pieces.append(frame.text)
-            await on_text(frame.text)
+                self.metrics.tokens["prompt"] += receipt.tokens_in
+                self.metrics.tokens["completion"] += receipt.tokens_out
+                return Completion(job.request_id, regenerated, receipt, peer_id_of(provider.provider_key), job.seed,
+                                  job.salt, receipt.amount)
+            regenerated += frame.text
+            if len(regenerated) <= len(job.delivered):
+                if not job.delivered.startswith(regenerated):
+                    raise ProviderFailed("the resumed stream differs from what was already delivered")
+                continue
+            if not regenerated.startswith(job.delivered):
+                raise ProviderFailed("the resumed stream differs from what was already delivered")
+            piece = regenerated[len(job.delivered):]
+            job.delivered = regenerated
+            await job.on_text(piece)

@@ -22,6 +22,11 @@ def add_commands(subparsers) -> None:
     start = node_sub.add_parser("start", help="join the network and serve inference until Ctrl-C")
     start.add_argument("--config", type=Path, required=True, help="node.toml ([node] table; env LLORCH_NODE_*)")
     start.set_defaults(handler=node_start)
+    register = node_sub.add_parser("register", help="register this node with a gateway (signed with its key)")
+    register.add_argument("--config", type=Path, required=True)
+    register.add_argument("--gateway", required=True, help="the gateway's HTTP URL, e.g. http://127.0.0.1:8000")
+    register.add_argument("--endpoint", help="multiaddr to announce (default: the node's listen_addr)")
+    register.set_defaults(handler=node_register)
     info = node_sub.add_parser("info", help="print the node's identity, model and engine build")
     info.add_argument("--config", type=Path, required=True)
     info.set_defaults(handler=node_info)
@@ -91,6 +96,21 @@ def node_start(args: argparse.Namespace) -> int:
     except (NodeError, LedgerError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def node_register(args: argparse.Namespace) -> int:
+    from ledger.signing import load_key_file
+    from node.register import register
+
+    try:
+        config = load_node_config(args.config)
+        key = load_key_file(config.key_file)
+        status, answer = register(config, key, args.gateway, args.endpoint or config.listen_addr)
+    except (NodeError, LedgerError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(answer, indent=2))
+    return 0 if status in (200, 201) else 1
 
 
 def node_info(args: argparse.Namespace) -> int:

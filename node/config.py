@@ -40,6 +40,8 @@ class NodeConfig:
     currency: str = "EUR"
     country: str = "DE"
     region: str = "eu-central"
+    gpus: int = 0                            # hardware claims for registration (informational)
+    vram_gb: int = 0
     sla_uptime_ppm: int = 990_000
     sla_ttft_ms: int = 1_000
     state_file: Path | None = None           # written once the node is up: peer id and listen addrs (JSON)

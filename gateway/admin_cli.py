@@ -1,0 +1,130 @@
+"""`llorch gateway tenants ...` and `llorch gateway providers ...`: the operator's commands, against the gateway's
+database (the running gateway sees every change at its next request)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import trio
+
+from gateway.config import load_gateway_config
+from gateway.db import open_gateway_db
+from gateway.providers import ProviderBook, ProviderError, record_json
+from gateway.tenants import TIERS, TenantBook, TenantError, format_amount, parse_amount
+from ledger.errors import LedgerError
+from node.errors import NodeError
+from node.stream_io import now_ms
+
+
+def add_commands(gateway_subparsers) -> None:
+    tenants = gateway_subparsers.add_parser("tenants", help="manage tenants (customers) and their API keys")
+    tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True)
+    add = tenants_sub.add_parser("add", help="create a tenant; prints its API key once (only a hash is stored)")
+    add.add_argument("name")
+    _tenant_options(add, creating=True)
+    add.set_defaults(handler=lambda args: _run(args, tenants_add))
+    update = tenants_sub.add_parser("update", help="change a tenant's tier, budget, flags or limits")
+    update.add_argument("name")
+    _tenant_options(update, creating=False)
+    update.set_defaults(handler=lambda args: _run(args, tenants_update))
+    listing = tenants_sub.add_parser("list", help="list tenants with limits and spend")
+    listing.add_argument("--config", type=Path, required=True)
+    listing.set_defaults(handler=lambda args: _run(args, tenants_list))
+    revoke = tenants_sub.add_parser("revoke", help="revoke a tenant's API key (takes effect at once)")
+    revoke.add_argument("name")
+    revoke.add_argument("--config", type=Path, required=True)
+    revoke.set_defaults(handler=lambda args: _run(args, tenants_revoke))
+
+    providers = gateway_subparsers.add_parser("providers", help="approve, certify or suspend registered providers")
+    providers_sub = providers.add_subparsers(dest="providers_command", required=True)
+    for action, text in (("approve", "allow placement on a registered provider"),
+                         ("certify", "certify a provider's geo claim (counts for EU-only tenants)"),
+                         ("suspend", "stop placing requests on a provider"),
+                         ("list", "list registered providers")):
+        parser = providers_sub.add_parser(action, help=text)
+        if action != "list":
+            parser.add_argument("peer", help="the provider's peer id")
+        parser.add_argument("--config", type=Path, required=True)
+        parser.set_defaults(handler=lambda args, action=action: _run(args, providers_action, action))
+
+
+def _tenant_options(parser, creating: bool) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="gateway.toml")
+    parser.add_argument("--tier", choices=TIERS, default="hobby" if creating else None)
+    parser.add_argument("--budget", help="budget in EUR, e.g. 25.00 (exact; default unlimited)")
+    flag = argparse.BooleanOptionalAction
+    parser.add_argument("--eu-only", action=flag, default=False if creating else None,
+                        help="serve only on operator-certified EU providers; never elsewhere")
+    parser.add_argument("--require-determinism", action=flag, default=False if creating else None,
+                        help="serve only on providers in the pinned determinism class")
+    parser.add_argument("--models", help="comma-separated catalog model ids (default: all)")
+    parser.add_argument("--rps", type=int, help="requests per second (token bucket)")
+    parser.add_argument("--max-concurrent", type=int, help="requests in flight at once")
+
+
+def _run(args: argparse.Namespace, command, *extra) -> int:
+    try:
+        config = load_gateway_config(args.config)
+        return trio.run(_with_db, config.db_path, command, args, *extra)
+    except (TenantError, ProviderError, NodeError, LedgerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _with_db(path: Path, command, args, *extra) -> int:
+    async with open_gateway_db(path) as database:
+        return await command(database, args, *extra)
+
+
+async def tenants_add(database, args) -> int:
+    models = args.models.split(",") if args.models else None
+    budget = parse_amount(args.budget) if args.budget is not None else None
+    key = await TenantBook(database).add(args.name, args.tier, budget, args.eu_only, args.require_determinism,
+                                         models, args.rps, args.max_concurrent, now_ms())
+    print(key)
+    print(f"tenant {args.name} created; the API key above is shown once and stored only as a hash",
+          file=sys.stderr)
+    return 0
+
+
+async def tenants_update(database, args) -> int:
+    changes = {name: value for name, value in (
+        ("tier", args.tier), ("budget_minor", parse_amount(args.budget) if args.budget is not None else None),
+        ("eu_only", args.eu_only), ("require_determinism", args.require_determinism),
+        ("models", args.models.split(",") if args.models else None), ("rps", args.rps),
+        ("max_concurrent", args.max_concurrent)) if value is not None}
+    tenant = await TenantBook(database).update(args.name, **changes)
+    print(json.dumps(_tenant_json(tenant), indent=2))
+    return 0
+
+
+async def tenants_list(database, args) -> int:
+    print(json.dumps([_tenant_json(t) for t in await TenantBook(database).list()], indent=2))
+    return 0
+
+
+async def tenants_revoke(database, args) -> int:
+    await TenantBook(database).revoke(args.name)
+    print(f"tenant {args.name}: API key revoked")
+    return 0
+
+
+def _tenant_json(tenant) -> dict:
+    return {"name": tenant.name, "tier": tenant.tier, "budget": format_amount(tenant.budget_minor),
+            "spent": format_amount(tenant.spent_minor), "eu_only": tenant.eu_only,
+            "require_determinism": tenant.require_determinism, "models": list(tenant.models or []) or "all",
+            "rps": tenant.rps, "max_concurrent": tenant.max_concurrent, "revoked": tenant.revoked}
+
+
+async def providers_action(database, args, action: str) -> int:
+    book = ProviderBook(database)
+    if action == "list":
+        print(json.dumps([record_json(r) for r in await book.all()], indent=2))
+        return 0
+    record = await (book.certify_geo(args.peer) if action == "certify" else
+                    book.set_status(args.peer, {"approve": "approved", "suspend": "suspended"}[action]))
+    print(json.dumps(record_json(record), indent=2))
+    return 0
