@@ -246,7 +246,9 @@ class Gateway:
                                  f"could resume it ({'; '.join(failures)})")
         if failures and all("busy" in failure for failure in failures):
             self.metrics.placement_failures["busy"] += 1
-            raise NoProvider(f"every eligible provider offering {job.chat.model} is busy; retry shortly")
+            where = "certified EU provider" if job.tenant.eu_only else "eligible provider"
+            raise NoProvider(f"no {where} has capacity for {job.chat.model} right now: every one is busy; "
+                             f"retry shortly")
         self.metrics.placement_failures["failed"] += 1
         raise ProviderFailed(f"no provider could serve the request ({'; '.join(failures)})")
 

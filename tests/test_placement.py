@@ -1,55 +1,124 @@
+"""Placement and standing as pure functions: every filter, the ranking order, and back-off."""
+
+import pytest
+
+from gateway.placement import (BACKOFF_MS_MAX, ProviderView, Requirements, Standing, after_failure, after_success,
+                               rank_providers, why_not)
 from ledger.objects import VERSION
 from ledger.signing import SigningKey
 from node.attestation import Attestation
-from gateway.placement import rank_providers
 from tests.helpers import MODEL_ID, MODEL_SHA256
 
 NOW = 10_000_000
+BUILD = "llama-cpp-python/0.3.36;ggml-cpu/abc;ctx/2048;batch/512"
 
 
-def attestation(price_in=100, price_out=200, slots_free=1, expires_ms=NOW + 5000, model_sha256=MODEL_SHA256,
-                currency="EUR", key=None):
+def attestation(price_in=100, price_out=200, slots_free=1, slots_total=1, expires_ms=NOW + 5000,
+                model_sha256=MODEL_SHA256, currency="EUR", country="DE", engine_build=BUILD, key=None):
     return Attestation(
         v=VERSION, provider_key=(key or SigningKey.generate()).public_key, seq=1, issued_ms=NOW - 1000,
         expires_ms=expires_ms, addrs=["/ip4/127.0.0.1/tcp/1"],
-        models=[{"id": MODEL_ID, "sha256": model_sha256, "context_tokens": 2048}], engine_build="b",
-        slots_total=1, slots_free=slots_free, queue_depth=0, wait_ms=0, price_in=price_in, price_out=price_out,
-        currency=currency, geo={"country": "DE", "region": "eu"}, sla={"uptime_ppm": 990_000, "ttft_ms": 100})
+        models=[{"id": MODEL_ID, "sha256": model_sha256, "context_tokens": 2048}], engine_build=engine_build,
+        slots_total=slots_total, slots_free=slots_free, queue_depth=0, wait_ms=0, price_in=price_in,
+        price_out=price_out, currency=currency, geo={"country": country, "region": "eu"},
+        sla={"uptime_ppm": 990_000, "ttft_ms": 100})
 
 
-def rank(attestations, last_placed=None):
-    return rank_providers(attestations, MODEL_ID, MODEL_SHA256, "EUR", NOW, last_placed or {}, 10, 100)
+def view(approved=True, certified="DE", standing=None, **fields):
+    return ProviderView(attestation(**fields), approved, certified, standing or Standing())
 
 
-def test_cheapest_first():
-    cheap, dear = attestation(price_out=100), attestation(price_out=300)
+def need(**fields):
+    return Requirements(**{"model_id": MODEL_ID, "model_sha256": MODEL_SHA256, "currency": "EUR",
+                           "prompt_tokens_estimate": 10, "max_tokens": 100, **fields})
+
+
+def rank(views, **fields):
+    return rank_providers(views, need(**fields), NOW)
+
+
+def test_cheapest_eligible_provider_wins():
+    cheap, dear = view(price_out=100), view(price_out=300)
     assert rank([dear, cheap]) == [cheap, dear]
 
 
-def test_expired_wrong_model_and_wrong_currency_are_not_eligible():
-    good = attestation()
-    expired = attestation(expires_ms=NOW)
-    other_model = attestation(model_sha256=bytes(32))
-    dollars = attestation(currency="USD")
-    assert rank([expired, other_model, dollars, good]) == [good]
+def test_input_price_counts_with_the_prompt_estimate():
+    cheap_in, cheap_out = view(price_in=1, price_out=50), view(price_in=1000, price_out=40)
+    assert rank([cheap_out, cheap_in], prompt_tokens_estimate=1000, max_tokens=10) == [cheap_in, cheap_out]
 
 
-def test_providers_with_a_free_slot_come_before_busy_ones_even_if_dearer():
-    busy_cheap, free_dear = attestation(price_out=1, slots_free=0), attestation(price_out=999)
+@pytest.mark.parametrize("provider, requirements, reason", [
+    (dict(expires_ms=NOW), {}, "attestation expired"),
+    (dict(model_sha256=bytes(32)), {}, "does not offer the model"),
+    (dict(approved=False), {}, "not approved"),
+    (dict(currency="USD"), {}, "other currency"),
+    (dict(price_in=500), {"max_price_in": 499}, "above the input price ceiling"),
+    (dict(price_out=500), {"max_price_out": 499}, "above the output price ceiling"),
+    (dict(certified=None), {"eu_only": True}, "not a certified EU provider"),
+    (dict(country="US", certified="US"), {"eu_only": True}, "not a certified EU provider"),
+    (dict(country="FR", certified="DE"), {"eu_only": True}, "not a certified EU provider"),
+    (dict(engine_build="other"), {"engine_build": BUILD}, "other determinism class"),
+    (dict(slots_total=0, slots_free=0), {}, "no slots"),
+])
+def test_each_filter_names_its_reason(provider, requirements, reason):
+    candidate = view(**provider)
+    assert why_not(candidate, need(**requirements), NOW) == reason
+    assert rank([candidate], **requirements) == []
+
+
+def test_excluded_providers_are_never_placed():
+    candidate = view()
+    assert rank([candidate], exclude=frozenset({candidate.key})) == []
+
+
+def test_eu_only_fails_closed_even_when_only_cheaper_non_eu_providers_exist():
+    us_cheap = view(country="US", certified="US", price_out=1)
+    uncertified_eu = view(country="DE", certified=None, price_out=2)
+    certified_eu = view(country="FR", certified="FR", price_out=500)
+    assert rank([us_cheap, uncertified_eu, certified_eu], eu_only=True) == [certified_eu]
+    assert rank([us_cheap, uncertified_eu], eu_only=True) == []
+    assert rank([us_cheap, uncertified_eu, certified_eu])[0] == us_cheap     # without the rule: cheapest
+
+
+def test_a_provider_with_a_free_slot_comes_before_a_busy_cheaper_one():
+    busy_cheap, free_dear = view(price_out=1, slots_free=0), view(price_out=999)
     assert rank([busy_cheap, free_dear]) == [free_dear, busy_cheap]
 
 
-def test_equal_providers_take_turns():
-    first, second = attestation(), attestation()
+def test_at_equal_price_reliability_then_ttft_then_load_then_turns():
+    reliable = view(standing=Standing(success_ppm=990_000))
+    flaky = view(standing=Standing(success_ppm=500_000))
+    assert rank([flaky, reliable]) == [reliable, flaky]
+    fast = view(standing=Standing(ttft_ms=50))
+    slow = view(standing=Standing(ttft_ms=900))
+    assert rank([slow, fast]) == [fast, slow]
+    idle = view(slots_total=4, slots_free=4)
+    loaded = view(slots_total=4, slots_free=1)
+    assert rank([loaded, idle]) == [idle, loaded]
+    first, second = view(), view()
     order = rank([first, second])
-    assert rank([first, second], {order[0].provider_key: NOW}) == [order[1], order[0]]
+    recent = ProviderView(order[0].attestation, True, "DE", Standing(last_placed_ms=NOW))
+    assert rank([recent, order[1]]) == [order[1], recent]
 
 
-def test_input_price_counts_with_the_prompt_estimate():
-    cheap_in, cheap_out = attestation(price_in=1, price_out=50), attestation(price_in=1000, price_out=40)
-    assert rank_providers([cheap_out, cheap_in], MODEL_ID, MODEL_SHA256, "EUR", NOW, {}, 1000, 10) == \
-        [cheap_in, cheap_out]
+def test_backed_off_providers_go_last_but_stay_available():
+    backed_off = view(price_out=1, standing=Standing(backoff_until_ms=NOW + 1000))
+    other = view(price_out=999)
+    assert rank([backed_off, other]) == [other, backed_off]
+    assert rank([backed_off]) == [backed_off]
 
 
-def test_nothing_eligible_gives_an_empty_list():
-    assert rank([]) == []
+def test_standing_after_failures_and_success():
+    standing = Standing()
+    first = after_failure(standing, NOW)
+    assert first.success_ppm < standing.success_ppm and first.backoff_until_ms == NOW + 1000
+    second = after_failure(first, NOW)
+    assert second.backoff_until_ms == NOW + 2000 and second.success_ppm < first.success_ppm
+    many = standing
+    for _ in range(20):
+        many = after_failure(many, NOW)
+    assert many.backoff_until_ms == NOW + BACKOFF_MS_MAX
+    recovered = after_success(second, ttft_ms=120)
+    assert recovered.backoff_until_ms == 0 and recovered.failures_in_a_row == 0
+    assert recovered.success_ppm > second.success_ppm and recovered.ttft_ms == 120
+    assert after_success(recovered, 220).ttft_ms == 140         # moving average, 20% weight
