@@ -97,16 +97,17 @@ class ChatStreamResponse(Response):
     async def _run(self, send: Send) -> None:
         started = False
 
-        async def start() -> None:
+        async def start(provider: str) -> None:
             nonlocal started
             if not started:
                 started = True
                 await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+                            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                                        (b"x-llorch-provider", provider.encode())]})
                 await self._event({"role": "assistant", "content": ""}, None, send)
 
-        async def on_text(text: str) -> None:
-            await start()
+        async def on_text(text: str, provider: str) -> None:
+            await start(provider)
             await self._event({"content": text}, None, send)
 
         try:
@@ -119,7 +120,7 @@ class ChatStreamResponse(Response):
             await self._data(error.body(), send)
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
             return
-        await start()
+        await start(completion.provider_peer_id)
         await self._event({}, completion.receipt.finish_reason, send, completion)
         if self.chat.stream_options and self.chat.stream_options.include_usage:
             await self._data(self._chunk([], completion, usage=usage_of(completion)), send)
@@ -182,7 +183,7 @@ def build_app(gateway: Gateway) -> FastAPI:
         if chat.stream:
             return ChatStreamResponse(gateway, chat, tenant)
 
-        async def ignore(text: str) -> None:
+        async def ignore(text: str, provider: str) -> None:
             return None
 
         request_id = new_request_id()

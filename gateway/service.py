@@ -86,6 +86,7 @@ class _Job:
     prompt: dict
     on_text: Callable[[str], Awaitable[None]]
     delivered: str = ""
+    provider_peer_id: str = ""       # the provider serving right now (changes when a stream is resumed)
 
 
 class Gateway:
@@ -175,9 +176,10 @@ class Gateway:
         return [m for m in catalog_model_ids() if any(a.offers(m, catalog_pin(m)) for a in fresh)]
 
     # (1)-(8) -----------------------------------------------------------------------------------------------------
-    async def complete(self, chat: ChatRequest, tenant: Tenant, on_text: Callable[[str], Awaitable[None]],
+    async def complete(self, chat: ChatRequest, tenant: Tenant, on_text: Callable[[str, str], Awaitable[None]],
                        request_id: str | None = None) -> Completion:
-        """Serve one chat request, passing text to ``on_text`` as it arrives; return the verified completion."""
+        """Serve one chat request, passing (text, provider peer id) to ``on_text`` as text arrives; return the
+        verified completion."""
         pin = catalog_pin(chat.model)
         if pin is None:
             raise ModelNotFound(f"the model {chat.model!r} does not exist (known: {', '.join(catalog_model_ids())})",
@@ -273,6 +275,7 @@ class Gateway:
                                                         standing.failures_in_a_row, standing.backoff_until_ms,
                                                         started)
         async with request_inference(self.p2p, provider, Request(ticket_bytes, job.salt, job.prompt)) as call:
+            job.provider_peer_id = peer_id_of(provider.provider_key)
             completion = await self._relay(call, job, ticket, ticket_bytes, provider, started)
         self.standings[provider.provider_key] = after_success(self.standings[provider.provider_key],
                                                               completion.receipt.first_token_ms -
@@ -307,4 +310,4 @@ class Gateway:
                 raise ProviderFailed("the resumed stream differs from what was already delivered")
             piece = regenerated[len(job.delivered):]
             job.delivered = regenerated
-            await job.on_text(piece)
+            await job.on_text(piece, job.provider_peer_id)
