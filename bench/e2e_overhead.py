@@ -35,7 +35,7 @@ def in_process(engine: Engine, max_tokens: int) -> tuple[float, float, int]:
             first.append(time.perf_counter())
 
     async def one():
-        prepared = engine.prepare(MESSAGES, Sampling(SEED, TEMPERATURE_PPM, TOP_P_PPM, max_tokens))
+        prepared = engine.prepare({"messages": MESSAGES}, Sampling(SEED, TEMPERATURE_PPM, TOP_P_PPM, max_tokens))
         return await engine.generate(prepared, emit)
 
     start = time.perf_counter()

@@ -32,7 +32,7 @@ async def run_concurrently(engines: list[Engine], max_tokens: int) -> tuple[floa
             if not first:
                 first.append(time.perf_counter() - start)
 
-        prepared = engine.prepare(MESSAGES, Sampling(7, 800_000, 950_000, max_tokens))
+        prepared = engine.prepare({"messages": MESSAGES}, Sampling(7, 800_000, 950_000, max_tokens))
         generation = await engine.generate(prepared, emit)
         tokens += generation.tokens_out
         ttfts.append(first[0])

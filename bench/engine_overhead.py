@@ -24,7 +24,7 @@ def wrapper_rate(engine: Engine, max_tokens: int) -> tuple[float, int]:
     async def ignore(text: str) -> None:
         return None
 
-    prepared = engine.prepare(MESSAGES, Sampling(SEED, TEMPERATURE_PPM, TOP_P_PPM, max_tokens))
+    prepared = engine.prepare({"messages": MESSAGES}, Sampling(SEED, TEMPERATURE_PPM, TOP_P_PPM, max_tokens))
     start = time.perf_counter()
     generation = trio.run(engine.generate, prepared, ignore)
     return generation.tokens_out / (time.perf_counter() - start), generation.tokens_out

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import limits
 from gateway.errors import BadRequest, GatewayError
-from gateway.openai_api import ChatRequest, parse_chat_request
+from gateway.openai_api import ChatRequest, CompletionRequest, parse_chat_request
 from gateway.providers import parse_registration_body, record_json
 from gateway.service import Completion, Gateway, new_request_id
 from node.stream_io import now_ms
@@ -30,13 +30,16 @@ def error_response(error: GatewayError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-def completion_body(chat: ChatRequest, completion: Completion, created: int) -> dict:
+def completion_body(chat, completion: Completion, created: int) -> dict:
     receipt = completion.receipt
+    if isinstance(chat, CompletionRequest):
+        kind, choice = "text_completion", {"index": 0, "text": completion.text}
+    else:
+        kind, choice = "chat.completion", {"index": 0, "message": {"role": "assistant", "content": completion.text}}
     return {
-        "id": completion.request_id, "object": "chat.completion", "created": created, "model": chat.model,
+        "id": completion.request_id, "object": kind, "created": created, "model": chat.model,
         "system_fingerprint": receipt.engine_build,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                     "finish_reason": receipt.finish_reason, "logprobs": None}],
+        "choices": [{**choice, "finish_reason": receipt.finish_reason, "logprobs": None}],
         "usage": usage_of(completion),
         "llorch": llorch_extension(completion),
     }
@@ -81,6 +84,7 @@ class ChatStreamResponse(Response):
         self.tenant = tenant
         self.created = int(time.time())
         self.request_id = new_request_id()     # known before the first byte: every chunk carries it
+        self.chat_shape = not isinstance(chat, CompletionRequest)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope.setdefault("state", {})["request_id"] = self.request_id
@@ -104,7 +108,8 @@ class ChatStreamResponse(Response):
                 await send({"type": "http.response.start", "status": 200,
                             "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                                         (b"x-llorch-provider", provider.encode())]})
-                await self._event({"role": "assistant", "content": ""}, None, send)
+                if self.chat_shape:
+                    await self._event({"role": "assistant", "content": ""}, None, send)
 
         async def on_text(text: str, provider: str) -> None:
             await start(provider)
@@ -127,7 +132,8 @@ class ChatStreamResponse(Response):
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
     def _chunk(self, choices: list, completion: Completion | None = None, usage: dict | None = None) -> dict:
-        chunk = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
+        chunk = {"id": self.request_id, "object": "chat.completion.chunk" if self.chat_shape else "text_completion",
+                 "created": self.created,
                  "model": self.chat.model, "choices": choices}
         if completion is not None:
             chunk["system_fingerprint"] = completion.receipt.engine_build
@@ -138,7 +144,8 @@ class ChatStreamResponse(Response):
 
     async def _event(self, delta: dict, finish_reason: str | None, send: Send,
                      completion: Completion | None = None) -> None:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        content = {"delta": delta} if self.chat_shape else {"text": delta.get("content", "")}
+        choice = {"index": 0, **content, "finish_reason": finish_reason, "logprobs": None}
         await self._data(self._chunk([choice], completion), send)
 
     async def _data(self, payload: dict, send: Send) -> None:
@@ -178,8 +185,15 @@ def build_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        return await serve_completion(request, ChatRequest)
+
+    @app.post("/v1/completions")
+    async def text_completions(request: Request):
+        return await serve_completion(request, CompletionRequest)
+
+    async def serve_completion(request: Request, shape: type):
         tenant = await gateway.authenticate(request.headers.get("authorization"))
-        chat = parse_chat_request(await read_body_capped(request))
+        chat = parse_chat_request(await read_body_capped(request), shape)
         if chat.stream:
             return ChatStreamResponse(gateway, chat, tenant)
 

@@ -36,17 +36,15 @@ class LlorchExtension(BaseModel):
     max_price_out_per_1m: int | None = Field(default=None, ge=0, le=10**12)
 
 
-class ChatRequest(BaseModel):
-    """The subset of OpenAI's chat-completions body llorch serves; anything else is a 400 naming the field."""
+class SamplingFields(BaseModel):
+    """What chat and text completion requests share: model, sampling, limits, streaming, the llorch extension."""
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=128)
-    messages: list[Message] = Field(min_length=1, max_length=256)
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_MAX)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -66,7 +64,7 @@ class ChatRequest(BaseModel):
 
     @property
     def max_tokens_effective(self) -> int:
-        return self.max_tokens or self.max_completion_tokens or MAX_TOKENS_DEFAULT
+        return self.max_tokens or MAX_TOKENS_DEFAULT
 
     def sampling(self, seed: int) -> dict:
         """The ticket's integer sampling map (node/sampling.py is the one place floats become ppm)."""
@@ -77,8 +75,32 @@ class ChatRequest(BaseModel):
         return chat_request_prompt(self.model_dump())
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
-    """Parse a request body; raise BadRequest naming the offending field."""
+class ChatRequest(SamplingFields):
+    """The subset of OpenAI's chat-completions body llorch serves; anything else is a 400 naming the field."""
+
+    messages: list[Message] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_MAX)
+
+    @property
+    def max_tokens_effective(self) -> int:
+        return self.max_tokens or self.max_completion_tokens or MAX_TOKENS_DEFAULT
+
+
+class CompletionRequest(SamplingFields):
+    """OpenAI's (legacy) completions body: a raw text prompt, no chat template."""
+
+    prompt_text: str = Field(alias="prompt", min_length=1, max_length=200_000)
+    echo: Literal[False] = False
+    best_of: int = Field(default=1, ge=1, le=1)
+    logprobs: None = None
+    suffix: None = None
+
+    def prompt(self) -> dict:
+        return {"text": self.prompt_text}
+
+
+def parse_chat_request(body: bytes, model: type = ChatRequest):
+    """Parse a request body into ``model``; raise BadRequest naming the offending field."""
     if len(body) > limits.HTTP_BODY_BYTES_MAX:
         raise BadRequest(f"request body is {len(body)} bytes; the limit is {limits.HTTP_BODY_BYTES_MAX}")
     try:
@@ -88,7 +110,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     if not isinstance(document, dict):
         raise BadRequest("request body must be a JSON object")
     try:
-        return ChatRequest.model_validate(document)
+        return model.model_validate(document)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None

@@ -39,7 +39,7 @@ from ledger.objects import VERSION, Receipt, Ticket
 from ledger.signing import SigningKey, peer_id_of
 from node.attestation import Attestation
 from node.errors import ProtocolError
-from node.frames import Final, Request
+from node.frames import Final, Request, prompt_chars, prompt_parts
 from node.limits import SALT_BYTES
 from node.models import catalog_model_ids, catalog_pin
 from node.p2p import P2P
@@ -148,9 +148,8 @@ class Gateway:
 
     def requirements(self, job: _Job, **overrides) -> Requirements:
         extension = job.chat.llorch
-        prompt_chars = sum(len(m["content"]) for m in job.prompt["messages"])
         fields = dict(model_id=job.chat.model, model_sha256=job.pin, currency=CURRENCY,
-                      prompt_tokens_estimate=prompt_chars // CHARS_PER_TOKEN_ESTIMATE + 1,
+                      prompt_tokens_estimate=prompt_chars(job.prompt) // CHARS_PER_TOKEN_ESTIMATE + 1,
                       max_tokens=job.chat.max_tokens_effective, eu_only=job.tenant.eu_only,
                       engine_build=(self.config.determinism_pin or "(no pinned class)")
                       if job.tenant.require_determinism else None,
@@ -196,8 +195,7 @@ class Gateway:
         if not candidates:
             raise self.no_provider(job, views, need)
         quota = self._quota(tenant)
-        worst = max(worst_case_minor(prompt_tokens_upper_bound(len(str(job.prompt).encode()),
-                                                               len(job.prompt["messages"])),
+        worst = max(worst_case_minor(prompt_tokens_upper_bound(len(str(job.prompt).encode()), prompt_parts(job.prompt)),
                                      need.max_tokens, c.attestation.price_in, c.attestation.price_out)
                     for c in candidates)
         try:

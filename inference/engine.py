@@ -120,18 +120,28 @@ class Engine:
         path = catalog.verified_path(entry, cache_dir)
         return cls(entry, path, threads, context_tokens, batch_tokens)
 
-    def prepare(self, messages: list[dict], sampling: Sampling) -> Prepared:
-        """Validate a chat request and tokenize its prompt; raise RequestError before doing any work."""
-        if not 0 < len(messages) <= limits.MESSAGES_MAX:
-            raise RequestError(f"a chat request needs 1..{limits.MESSAGES_MAX} messages, got {len(messages)}")
-        if sum(len(m.get("content", "")) for m in messages) > limits.PROMPT_CHARS_MAX:
-            raise RequestError(f"the messages exceed {limits.PROMPT_CHARS_MAX} characters")
+    def prepare(self, prompt: dict, sampling: Sampling) -> Prepared:
+        """Validate a request and tokenize its prompt; raise RequestError before doing any work.
+
+        ``prompt`` is {"messages": [...]} (a chat, formatted with the catalog's chat format) or {"text": str}
+        (a raw completion prompt, tokenized as is).
+        """
         if not 0 < sampling.max_tokens <= limits.MAX_TOKENS_CAP:
             raise RequestError(f"max_tokens must be in 1..{limits.MAX_TOKENS_CAP}, got {sampling.max_tokens}")
-        prompt = self._format(messages=messages).prompt
+        if "text" in prompt:
+            text = prompt["text"]
+            if not 0 < len(text) <= limits.PROMPT_CHARS_MAX:
+                raise RequestError(f"a completion prompt needs 1..{limits.PROMPT_CHARS_MAX} characters")
+        else:
+            messages = prompt["messages"]
+            if not 0 < len(messages) <= limits.MESSAGES_MAX:
+                raise RequestError(f"a chat request needs 1..{limits.MESSAGES_MAX} messages, got {len(messages)}")
+            if sum(len(m.get("content", "")) for m in messages) > limits.PROMPT_CHARS_MAX:
+                raise RequestError(f"the messages exceed {limits.PROMPT_CHARS_MAX} characters")
+            text = self._format(messages=messages).prompt
         # add_bos=True means "as the model's metadata says": Gemma gets its <bos>, SmolLM2 (add_bos_token false)
         # gets nothing; without <bos> Gemma's output is garbage.
-        tokens = self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=True, special="text" not in prompt)
         if len(tokens) + sampling.max_tokens > self.context_tokens:
             raise RequestError(
                 f"the prompt is {len(tokens)} tokens and max_tokens is {sampling.max_tokens}: together they exceed "

@@ -30,6 +30,7 @@ class NodeConfig:
     listen_addr: str = "/ip4/127.0.0.1/tcp/0"
     models: tuple[str, ...] = (DEFAULT_MODEL_ID,)
     model_cache_dir: Path | None = None
+    engine: str = "llama.cpp"                # "echo" runs a fake engine: for tests and benchmarks only
     slots: int = 1
     threads_per_slot: int = 2
     context_tokens: int = 2048
@@ -55,6 +56,8 @@ class NodeConfig:
             raise ConfigError("node.threads_per_slot must be at least 1")
         if self.attestation_interval_ms < 100:
             raise ConfigError("node.attestation_interval_ms must be at least 100")
+        if self.engine not in ("llama.cpp", "echo"):
+            raise ConfigError('node.engine must be "llama.cpp" (or "echo" for tests and benchmarks)')
         if len(self.models) != 1:
             raise ConfigError("node.models must name exactly one catalog model: run one node process per model")
         if not self.trusted_gateways:

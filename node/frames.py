@@ -99,9 +99,13 @@ def _check_text(name: str, value: object, chars_max: int) -> None:
 
 
 def check_prompt(prompt: object) -> None:
-    """A prompt is {"messages": [{"role": str, "content": str}, ...]} with known roles."""
+    """A prompt is {"messages": [{"role": str, "content": str}, ...]} (chat) or {"text": str} (completion)."""
+    if isinstance(prompt, dict) and set(prompt) == {"text"}:
+        if not isinstance(prompt["text"], str) or not prompt["text"]:
+            raise ProtocolError("prompt.text must be a non-empty str")
+        return
     if not isinstance(prompt, dict) or set(prompt) != {"messages"} or not isinstance(prompt["messages"], list):
-        raise ProtocolError('prompt must be a map {"messages": [...]}')
+        raise ProtocolError('prompt must be a map {"messages": [...]} or {"text": str}')
     if not 0 < len(prompt["messages"]) <= 256:
         raise ProtocolError("prompt must have 1..256 messages")
     for message in prompt["messages"]:
@@ -109,6 +113,14 @@ def check_prompt(prompt: object) -> None:
                 or message["role"] not in ("system", "user", "assistant")
                 or not isinstance(message["content"], str)):
             raise ProtocolError('each message must be {"role": system|user|assistant, "content": str}')
+
+
+def prompt_chars(prompt: dict) -> int:
+    return len(prompt["text"]) if "text" in prompt else sum(len(m["content"]) for m in prompt["messages"])
+
+
+def prompt_parts(prompt: dict) -> int:
+    return 1 if "text" in prompt else len(prompt["messages"])
 
 
 def encode_frame(frame: Frame) -> bytes:

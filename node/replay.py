@@ -103,7 +103,7 @@ def replay(receipt: Receipt, body: dict, salt: bytes, seed: int | None = None,
                                     f"{engine.fingerprint}) than the receipt ({receipt_class}: "
                                     f"{receipt.engine_build}); outputs are not comparable here",
                       engine.determinism_class)
-    prepared = engine.prepare(prompt["messages"], Sampling(sampling["seed"], sampling["temperature_ppm"],
+    prepared = engine.prepare(prompt, Sampling(sampling["seed"], sampling["temperature_ppm"],
                                                            sampling["top_p_ppm"], sampling["max_tokens"],
                                                            tuple(sampling["stop"])))
 

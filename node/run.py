@@ -10,6 +10,7 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from inference import catalog
+from inference.echo import EchoEngine
 from inference.engine import Engine
 from ledger.objects import VERSION
 from ledger.signing import SigningKey, load_key_file, public_key_of_peer_id
@@ -29,6 +30,9 @@ log = logging.getLogger("llorch.node")
 def load_engines(config: NodeConfig) -> tuple[EnginePool, dict[str, bytes]]:
     """One engine per slot for the (first) offered model; the model file is checked against its pin first."""
     entry = catalog.lookup(config.models[0])
+    if config.engine == "echo":
+        log.warning("this node runs the ECHO engine: a fake for tests and benchmarks, not a real model")
+        return EnginePool([EchoEngine(entry) for _ in range(config.slots)]), {entry.id: bytes.fromhex(entry.sha256)}
     catalog.verified_path(entry, config.model_cache_dir)
     engines = [Engine.load(entry.id, config.model_cache_dir, threads=config.threads_per_slot,
                            context_tokens=config.context_tokens, batch_tokens=config.batch_tokens)

@@ -32,5 +32,7 @@ def chat_request_sampling(body: dict, seed: int) -> dict:
 
 
 def chat_request_prompt(body: dict) -> dict:
-    """The prompt map (what the prompt commitment hashes) of an OpenAI chat request body."""
+    """The prompt map (what the prompt commitment hashes) of an OpenAI chat or completions request body."""
+    if "messages" not in body and isinstance(body.get("prompt"), str):
+        return {"text": body["prompt"]}
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in body["messages"]]}

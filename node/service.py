@@ -125,7 +125,7 @@ class ProviderService:
                             top_p_ppm=ticket.sampling["top_p_ppm"], max_tokens=ticket.sampling["max_tokens"],
                             stop=tuple(ticket.sampling["stop"]))
         try:
-            prepared = engine.prepare(request.prompt["messages"], sampling)
+            prepared = engine.prepare(request.prompt, sampling)
         except RequestError as exc:
             await write_frame(stream, protocol, Error("bad_request", str(exc)))
             return

@@ -162,6 +162,26 @@ def test_the_gateway_witnesses_and_cosigns_each_providers_ledger(client, network
             assert node_db.execute("SELECT COUNT(*) FROM cosigned").fetchone()[0] >= 1
 
 
+def test_text_completions_streaming_and_not(client, network):
+    prompt = "The three primary colours are"
+    plain = client.completions.create(model=MODEL, prompt=prompt, seed=5, max_tokens=12, temperature=0.7)
+    assert plain.object == "text_completion" and plain.choices[0].text and plain.usage.completion_tokens > 0
+    streamed = client.completions.create(model=MODEL, prompt=prompt, seed=5, max_tokens=12, temperature=0.7,
+                                         stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == plain.choices[0].text
+    chat_text = chat(client, seed=5)[0].choices[0].message.content
+    assert chat_text != plain.choices[0].text          # the chat template is not applied to a raw prompt
+
+
+def test_every_response_has_a_request_id(network):
+    for response in (httpx.get(f"{network.http_url}/healthz"), httpx.get(f"{network.base_url}/models"),
+                     httpx.post(f"{network.base_url}/chat/completions", json={})):
+        assert response.headers["x-request-id"]
+    ok = httpx.post(f"{network.base_url}/chat/completions", headers={"Authorization": f"Bearer {network.api_key}"},
+                    json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2}, timeout=60)
+    assert ok.headers["x-request-id"] == ok.json()["id"]
+
+
 @pytest.mark.parametrize("body, status, code", [
     ({"model": "gpt-17", "messages": MESSAGES}, 404, "model_not_found"),
     ({"model": MODEL}, 400, "invalid_request"),

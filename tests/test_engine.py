@@ -21,7 +21,7 @@ async def run(engine, seed=7, max_tokens=24, stop=(), temperature_ppm=800_000, m
     async def emit(text):
         pieces.append(text)
 
-    prepared = engine.prepare(messages, Sampling(seed, temperature_ppm, 950_000, max_tokens, tuple(stop)))
+    prepared = engine.prepare({"messages": messages}, Sampling(seed, temperature_ppm, 950_000, max_tokens, tuple(stop)))
     generation = await engine.generate(prepared, emit)
     assert "".join(pieces) == generation.text
     return generation
@@ -58,9 +58,9 @@ async def test_stop_string_truncates(engine):
 
 async def test_prompt_plus_max_tokens_over_context_is_refused_before_work(engine):
     with pytest.raises(RequestError, match="exceed this engine's context"):
-        engine.prepare([{"role": "user", "content": "word " * 2500}], Sampling(1, 0, 1_000_000, 10))
+        engine.prepare({"messages": [{"role": "user", "content": "word " * 2500}]}, Sampling(1, 0, 1_000_000, 10))
     with pytest.raises(RequestError, match="max_tokens"):
-        engine.prepare(MESSAGES, Sampling(1, 0, 1_000_000, 100_000))
+        engine.prepare({"messages": MESSAGES}, Sampling(1, 0, 1_000_000, 100_000))
 
 
 async def test_generation_stops_when_the_reader_goes_away(engine):
@@ -71,7 +71,7 @@ async def test_generation_stops_when_the_reader_goes_away(engine):
         if len(received) == 3:
             raise ConnectionError("customer went away")
 
-    prepared = engine.prepare([{"role": "user", "content": "Tell me a long story."}],
+    prepared = engine.prepare({"messages": [{"role": "user", "content": "Tell me a long story."}]},
                               Sampling(5, 800_000, 950_000, 200))
     generation = await engine.generate(prepared, emit)
     assert generation.finish_reason == "cancelled"

@@ -1,0 +1,41 @@
+"""The echo engine: a fast, deterministic stand-in for llama.cpp, for protocol tests and gateway benchmarks only.
+
+It "generates" words derived from the seed, one per token, optionally with a delay. Its fingerprint (``echo/1``)
+is never a real determinism class, so a gateway with a pinned class never places determinism-required tenants on
+it, and its receipts are recognisable. A node runs it only when its config says ``engine = "echo"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from inference.catalog import CatalogEntry
+from inference.engine import Generation, Prepared, Sampling, determinism_class
+
+
+class EchoEngine:
+    fingerprint = "echo/1"
+
+    def __init__(self, entry: CatalogEntry, delay_s: float = 0.0) -> None:
+        self.entry = entry
+        self.delay_s = delay_s
+        self.context_tokens = entry.context_tokens
+        self.determinism_class = determinism_class(entry.sha256, self.fingerprint)
+
+    def prepare(self, prompt: dict, sampling: Sampling) -> Prepared:
+        text = prompt["text"] if "text" in prompt else " ".join(m["content"] for m in prompt["messages"])
+        return Prepared(tuple(range(max(1, len(text.split())))), sampling)
+
+    async def generate(self, prepared: Prepared, emit) -> Generation:
+        sent: list[str] = []
+        for index in range(prepared.sampling.max_tokens):
+            await trio.sleep(self.delay_s)
+            word = f"w{prepared.sampling.seed}-{index} "
+            try:
+                await emit(word)
+            except Exception:
+                return Generation("".join(sent), len(prepared.prompt_tokens), len(sent), "cancelled")
+            sent.append(word)
+        return Generation("".join(sent), len(prepared.prompt_tokens), len(sent), "length")
