@@ -68,8 +68,8 @@ def demo_command(args: argparse.Namespace) -> int:
 
     fetch_model(DEFAULT_MODEL_ID)
     network = LocalNetwork(args.dir, http_port=args.http_port)
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True) or (_ for _ in ()).throw(KeyboardInterrupt))
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         network.start_gateway()
         for index in range(args.nodes):
@@ -86,8 +86,19 @@ def demo_command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        _ignore_signals()
         codes = network.stop()
         print(f"stopped: {codes}; logs, ledgers and keys are in {network.workdir}", flush=True)
+
+
+def _interrupt(signum, frame) -> None:
+    _ignore_signals()          # the first Ctrl-C/SIGTERM stops the network; more must not cut the shutdown short
+    raise KeyboardInterrupt
+
+
+def _ignore_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _banner(network) -> str:

@@ -23,6 +23,7 @@ from ledger.signing import SigningKey, load_key_file, write_key_file
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 5.0
+STOP_GRACE_S = 0.5
 
 
 def llorch_command() -> list[str]:
@@ -45,7 +46,14 @@ class Process:
             return None
 
     def stop(self, signum: int = signal.SIGTERM) -> int | None:
-        """Signal the process and wait up to STOP_TIMEOUT_S; kill it if it does not exit. Returns its exit code."""
+        """Signal the process and wait up to STOP_TIMEOUT_S; kill it if it does not exit. Returns its exit code.
+
+        A process that is already stopping (a terminal's Ctrl-C reaches the whole process group) gets a moment to
+        finish first."""
+        try:
+            self.popen.wait(STOP_GRACE_S if signum == signal.SIGTERM else 0.01)
+        except subprocess.TimeoutExpired:
+            pass
         if self.popen.poll() is None:
             self.popen.send_signal(signum)
             try:
@@ -92,7 +100,8 @@ class LocalNetwork:
         return self._wait_state(self.gateway)
 
     def start_node(self, name: str, price_in: int = 100_000, price_out: int = 200_000, country: str = "DE",
-                   threads: int = 1, extra: str = "", approve: bool = True, certify: bool = True) -> dict:
+                   threads: int = 1, extra: str = "", approve: bool = True, certify: bool = True,
+                   also_trusted: tuple[str, ...] = ()) -> dict:
         """Start a provider node, register it with the gateway, and (as the operator) approve it and certify its
         geo claim unless told otherwise."""
         assert self.gateway is not None, "start the gateway first"
@@ -104,7 +113,7 @@ class LocalNetwork:
             f'key_file = "{name}.key"\n'
             f'ledger_path = "{name}.ledger.sqlite"\n'
             f"bootstrap = {json.dumps(gateway_state['multiaddrs'])}\n"
-            f"trusted_gateways = {json.dumps([gateway_state['peer_id']])}\n"
+            f"trusted_gateways = {json.dumps([gateway_state['peer_id'], *also_trusted])}\n"
             f"threads_per_slot = {threads}\n"
             f"attestation_interval_ms = 1000\n"
             f"price_in_per_1m = {price_in}\n"

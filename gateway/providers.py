@@ -69,6 +69,7 @@ def parse_registration_body(body: dict, now_ms: int) -> tuple[Registration, byte
 class ProviderBook:
     def __init__(self, database: Database) -> None:
         self._database = database
+        self._cache: tuple[int, list[ProviderRecord]] | None = None   # (data_version, records)
 
     async def register(self, registration: Registration, envelope: bytes, now_ms: int) -> ProviderRecord:
         """Store a new registration (status pending) or a newer one of a known provider. A changed geo claim loses
@@ -83,6 +84,7 @@ class ProviderBook:
             "registered_ms, issued_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(registration.provider_id, registration.provider_key, envelope, status, int(certified), now_ms,
               registration.issued_ms)])])
+        self._dirty = True
         return await self.get(registration.provider_id)
 
     async def get(self, provider_id: str) -> ProviderRecord | None:
@@ -92,22 +94,31 @@ class ProviderBook:
         return None if row is None else self._record(row)
 
     async def all(self) -> list[ProviderRecord]:
-        rows = await self._database.fetchall(
-            "SELECT provider_id, provider_key, registration, status, geo_certified FROM providers "
-            "ORDER BY provider_id")
-        return [self._record(row) for row in rows]
+        """Every registered provider. Read on each request, but parsed (and signature-checked) again only when the
+        database changed: SQLite's data_version moves when any connection, e.g. an operator command, commits."""
+        version = (await self._database.fetchone("PRAGMA data_version"))[0]
+        if self._cache is None or self._cache[0] != version or self._dirty:
+            rows = await self._database.fetchall(
+                "SELECT provider_id, provider_key, registration, status, geo_certified FROM providers "
+                "ORDER BY provider_id")
+            self._cache, self._dirty = (version, [self._record(row) for row in rows]), False
+        return self._cache[1]
+
+    _dirty = False
 
     async def set_status(self, provider_id: str, status: str) -> ProviderRecord:
         assert status in STATUSES
         await self._require(provider_id)
         await self._database.transaction([("UPDATE providers SET status = ? WHERE provider_id = ?",
                                            [(status, provider_id)])])
+        self._dirty = True
         return await self.get(provider_id)
 
     async def certify_geo(self, provider_id: str) -> ProviderRecord:
         await self._require(provider_id)
         await self._database.transaction([("UPDATE providers SET geo_certified = 1 WHERE provider_id = ?",
                                            [(provider_id,)])])
+        self._dirty = True
         return await self.get(provider_id)
 
     async def _require(self, provider_id: str) -> None:

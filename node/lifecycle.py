@@ -57,6 +57,10 @@ def run_until_signal(main: Callable[[], Awaitable[None]]) -> int:
 
     try:
         trio.run(supervisor)
+        # Shutting down: a second signal (a terminal's Ctrl-C reaches every process of the group, then a
+        # supervisor may send SIGTERM) must not kill the interpreter halfway through its exit.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except BaseExceptionGroup as group:
         sole = sole_exception(group)
         if sole is group:
