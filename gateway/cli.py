@@ -7,6 +7,7 @@
     llorch node start --config F         run a provider node          (node info --config F)
     llorch keys new PATH                 create a key file (0600)
     llorch ledger verify PATH            audit a ledger offline      (ledger export, ledger replay)
+    llorch billing reconcile|statement   tickets vs receipts; invoices, payouts, fees
     llorch models list | fetch [ID]      the pinned model catalog
 """
 
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from gateway import admin_cli
+from gateway import admin_cli, billing_cli
 from ledger import cli as ledger_cli
 from node import cli as node_cli
 from node.errors import NodeError
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     node_cli.add_commands(subparsers)
     node_cli.add_replay(ledger_cli.add_commands(subparsers))
+    billing_cli.add_commands(subparsers)
     return parser
 
 

@@ -24,12 +24,23 @@ class GatewayConfig:
     http_port: int = 8000
     state_file: Path | None = None            # written once up: peer id, multiaddrs, base_url (JSON)
     witness_interval_ms: int = 5_000          # how often the gateway witnesses each provider's ledger
+    margin_bp_hobby: int = 4_000              # platform margin on the customer price, per tier, in basis points
+    margin_bp_startup: int = 4_000            # (20%-60%: 2000-6000)
+    margin_bp_enterprise: int = 4_000
 
     def __post_init__(self) -> None:
         if self.api_key_sha256 and not SHA256_HEX.match(self.api_key_sha256):
             raise ConfigError("gateway.api_key_sha256 must be 64 lowercase hex characters (sha256 of the key)")
+        for tier in ("hobby", "startup", "enterprise"):
+            margin = getattr(self, f"margin_bp_{tier}")
+            if not 2_000 <= margin <= 6_000:
+                raise ConfigError(f"gateway.margin_bp_{tier} must be 2000..6000 (20%-60%), got {margin}")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError("gateway.http_port must be in 0..65535")
+
+
+def margin_bp(config: GatewayConfig, tier: str) -> int:
+    return getattr(config, f"margin_bp_{tier}")
 
 
 def load_gateway_config(path: Path) -> GatewayConfig:

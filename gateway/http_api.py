@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 
@@ -55,7 +56,8 @@ def llorch_extension(completion: Completion) -> dict:
     """What a customer needs to check their bill later: the request id, provider, seed and the prompt salt."""
     receipt = completion.receipt
     return {"request_id": completion.request_id, "provider": completion.provider_peer_id, "seed": completion.seed,
-            "prompt_salt": completion.salt.hex(), "amount": receipt.amount, "currency": receipt.currency}
+            "prompt_salt": completion.salt.hex(), "amount": completion.charge.charge,
+            "provider_amount": receipt.amount, "currency": receipt.currency}
 
 
 async def read_body_capped(request: Request, bytes_max: int = limits.HTTP_BODY_BYTES_MAX) -> bytes:
@@ -237,9 +239,28 @@ def build_app(gateway: Gateway) -> FastAPI:
                 "estimated_wait_ms": attestation.wait_ms, "engine_build": attestation.engine_build,
                 "as_of_ms": attestation.issued_ms}
 
+    @app.get("/v2/billing/usage")
+    async def billing_usage(request: Request) -> dict:
+        """The calling tenant's own statement for a period (never another tenant's)."""
+        tenant = await gateway.authenticate(request.headers.get("authorization"))
+        period = request.query_params.get("period") or time.strftime("%Y-%m", time.gmtime())
+        if not PERIOD.match(period):
+            raise BadRequest("period must be YYYY-MM", param="period")
+        return await gateway.books.statement("tenant", tenant.name, period)
+
+    @app.get("/v2/receipts/{request_id}")
+    async def receipt_lookup(request_id: str, request: Request) -> dict:
+        """A receipt of the calling tenant, with the provider's cosigned checkpoint and the inclusion proof."""
+        tenant = await gateway.authenticate(request.headers.get("authorization"))
+        document = await gateway.receipt_proof(tenant, request_id)
+        if document is None:
+            raise NotFound(f"no receipt {request_id} for this API key")
+        return document
+
     return app
 
 
+PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 REGISTRATION_BODY_BYTES_MAX = 16 * 1024
 
 

@@ -43,6 +43,13 @@ def check_receipt(receipt_bytes: bytes, ticket: Ticket, ticket_bytes: bytes, sal
 
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS tickets (
+    ticket_sha256 BLOB PRIMARY KEY,
+    request_id    TEXT NOT NULL,
+    provider_key  BLOB NOT NULL,
+    issued_ms     INTEGER NOT NULL,
+    ticket        BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS receipts (
     request_id   TEXT PRIMARY KEY,
     provider_key BLOB NOT NULL,
@@ -67,6 +74,19 @@ class ReceiptBook:
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(receipt.request_id, receipt.provider_key, receipt.tenant, receipt.amount, receipt.currency,
               ticket_bytes, receipt_bytes)])])
+
+    async def record_ticket(self, ticket: Ticket, ticket_bytes: bytes) -> None:
+        """Keep a ticket a provider accepted: reconciliation expects exactly one receipt for it."""
+        await self._database.transaction([(
+            "INSERT OR IGNORE INTO tickets (ticket_sha256, request_id, provider_key, issued_ms, ticket) "
+            "VALUES (?, ?, ?, ?, ?)", [(sha256(ticket_bytes), ticket.request_id, ticket.provider_key,
+                                        ticket.issued_ms, ticket_bytes)])])
+
+    async def receipt_of(self, request_id: str) -> tuple[str, bytes] | None:
+        """(tenant pseudonym, receipt bytes) of a billed request."""
+        row = await self._database.fetchone("SELECT tenant, receipt FROM receipts WHERE request_id = ?",
+                                            (request_id,))
+        return None if row is None else (row[0], row[1])
 
     async def count(self) -> int:
         row = await self._database.fetchone("SELECT COUNT(*) FROM receipts")

@@ -12,6 +12,7 @@ from libp2p.peer.id import ID
 from gateway.config import GatewayConfig
 from gateway.directory import ProviderDirectory
 from gateway.http_api import build_app
+from gateway.books import Books
 from gateway.db import open_gateway_db
 from gateway.providers import ProviderBook
 from gateway.receipts import ReceiptBook
@@ -71,7 +72,7 @@ async def run_gateway(config: GatewayConfig) -> None:
         witness_book = WitnessBook(database)
         directory.excluded |= await witness_book.forked()
         gateway = Gateway(config, key, p2p, directory, ReceiptBook(database), TenantBook(database),
-                          ProviderBook(database))
+                          ProviderBook(database), Books(database), witness_book)
         witness = Witness(p2p, key, witness_book, directory.exclude)
 
         def providers_to_witness():

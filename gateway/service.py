@@ -22,7 +22,11 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from gateway import limits
-from gateway.config import GatewayConfig
+from gateway.books import Books, tenant_account
+from gateway.witness import WitnessBook
+from ledger.merkle import MemoryTree, inclusion_proof
+from ledger.receipt_proof import proof_document
+from gateway.config import GatewayConfig, margin_bp
 from gateway.directory import ProviderDirectory
 from gateway.errors import (AuthError, BadRequest, Forbidden, ModelNotFound, NoProvider, PaymentRequired,
                             ProviderFailed, RateLimited)
@@ -31,6 +35,7 @@ from gateway.node_client import AttemptFailed, InferenceCall, request_inference
 from gateway.openai_api import ChatRequest
 from gateway.placement import ProviderView, Requirements, Standing, after_failure, after_success, rank_providers, \
     why_not
+from gateway.pricing import Charge, customer_charge, demand_multiplier_bp, ticket_price, utilisation_ppm
 from gateway.providers import ProviderBook
 from gateway.quota import QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound, worst_case_minor
 from gateway.receipts import ReceiptBook, check_receipt
@@ -66,7 +71,7 @@ class Completion:
     provider_peer_id: str
     seed: int
     salt: bytes
-    charged_minor: int
+    charge: Charge                   # what the tenant pays: the provider's payout plus the platform fee
 
 
 class MidStreamFailure(Exception):
@@ -87,11 +92,14 @@ class _Job:
     on_text: Callable[[str], Awaitable[None]]
     delivered: str = ""
     provider_peer_id: str = ""       # the provider serving right now (changes when a stream is resumed)
+    multiplier_bp: int = 10_000      # demand multiplier on provider prices
+    margin_bp: int = 4_000           # the tenant's tier margin
 
 
 class Gateway:
     def __init__(self, config: GatewayConfig, key: SigningKey, p2p: P2P, directory: ProviderDirectory,
-                 receipts: ReceiptBook, tenants: TenantBook, providers: ProviderBook) -> None:
+                 receipts: ReceiptBook, tenants: TenantBook, providers: ProviderBook, books: Books,
+                 witness_book: WitnessBook) -> None:
         self.config = config
         self.key = key
         self.p2p = p2p
@@ -99,6 +107,8 @@ class Gateway:
         self.receipts = receipts
         self.tenants = tenants
         self.providers = providers
+        self.books = books
+        self.witness_book = witness_book
         self.metrics = Metrics()
         self.standings: dict[bytes, Standing] = {}
         self._quotas: dict[str, TenantQuota] = {}
@@ -195,8 +205,13 @@ class Gateway:
         if not candidates:
             raise self.no_provider(job, views, need)
         quota = self._quota(tenant)
-        worst = max(worst_case_minor(prompt_tokens_upper_bound(len(str(job.prompt).encode()), prompt_parts(job.prompt)),
-                                     need.max_tokens, c.attestation.price_in, c.attestation.price_out)
+        job.multiplier_bp = self.demand_multiplier(job.chat.model, pin)
+        job.margin_bp = margin_bp(self.config, tenant.tier)
+        prompt_bound = prompt_tokens_upper_bound(len(str(job.prompt).encode()), prompt_parts(job.prompt))
+        worst = max(customer_charge(worst_case_minor(prompt_bound, need.max_tokens,
+                                                     ticket_price(c.attestation.price_in, job.multiplier_bp),
+                                                     ticket_price(c.attestation.price_out, job.multiplier_bp)),
+                                    job.margin_bp).charge
                     for c in candidates)
         try:
             quota.admit(job.request_id, worst, now_ms())
@@ -209,9 +224,13 @@ class Gateway:
             completion = await self._serve(job, candidates)
             return completion
         finally:
-            charged = quota.settle(job.request_id, completion.receipt.amount if completion else None)
-            if charged and tenant is not BOOTSTRAP_TENANT:
-                await self.tenants.add_spent(tenant.name, charged)
+            quota.settle(job.request_id, completion.charge.charge if completion else None)
+
+    def demand_multiplier(self, model_id: str, pin: bytes) -> int:
+        """The demand multiplier from the utilisation of every fresh provider offering the model."""
+        offering = [a for a in self.directory.fresh(now_ms()) if a.offers(model_id, pin)]
+        return demand_multiplier_bp(utilisation_ppm(sum(a.slots_total for a in offering),
+                                                    sum(a.slots_free for a in offering)))
 
     async def _serve(self, job: _Job, candidates: list[ProviderView]) -> Completion:
         """Try candidates in order. Before any text was delivered, any failure moves on to the next candidate; after,
@@ -252,6 +271,22 @@ class Gateway:
         self.metrics.placement_failures["failed"] += 1
         raise ProviderFailed(f"no provider could serve the request ({'; '.join(failures)})")
 
+    async def receipt_proof(self, tenant: Tenant, request_id: str) -> dict | None:
+        """The proof document of a receipt billed to ``tenant`` (None if there is none for this tenant)."""
+        if not any(debit == tenant_account(tenant.name) for _, debit, *_ in await self.books.posted(request_id)):
+            return None
+        found = await self.receipts.receipt_of(request_id)
+        if found is None:
+            return None
+        receipt_bytes = found[1]
+        receipt = Receipt.from_envelope(receipt_bytes)
+        size, note, leaves = await self.witness_book.covering(receipt.provider_key)
+        if receipt.index >= size:
+            return proof_document(request_id, receipt_bytes, receipt.index, size, [], None)
+        tree = MemoryTree(leaves)
+        return proof_document(request_id, receipt_bytes, receipt.index, size,
+                              inclusion_proof(tree.subtree, receipt.index, size), note)
+
     def _failed(self, provider_key: bytes) -> None:
         self.standings[provider_key] = after_failure(self.standings.get(provider_key, Standing()), now_ms())
 
@@ -261,7 +296,8 @@ class Gateway:
             v=VERSION, request_id=job.request_id, gateway_key=self.key.public_key,
             provider_key=provider.provider_key, tenant=self.tenant_pseudonym(job.tenant.name),
             model_id=job.chat.model, model_sha256=job.pin, sampling=job.chat.sampling(job.seed),
-            price_in=provider.price_in, price_out=provider.price_out, currency=provider.currency,
+            price_in=ticket_price(provider.price_in, job.multiplier_bp),
+            price_out=ticket_price(provider.price_out, job.multiplier_bp), currency=provider.currency,
             issued_ms=issued, expires_ms=issued + limits.TICKET_LIFETIME_MS)
         return ticket, ticket.seal(self.key)
 
@@ -273,6 +309,7 @@ class Gateway:
                                                         standing.failures_in_a_row, standing.backoff_until_ms,
                                                         started)
         async with request_inference(self.p2p, provider, Request(ticket_bytes, job.salt, job.prompt)) as call:
+            await self.receipts.record_ticket(ticket, ticket_bytes)       # accepted: a receipt is owed for it
             job.provider_peer_id = peer_id_of(provider.provider_key)
             completion = await self._relay(call, job, ticket, ticket_bytes, provider, started)
         self.standings[provider.provider_key] = after_success(self.standings[provider.provider_key],
@@ -294,11 +331,13 @@ class Gateway:
                 if regenerated != job.delivered and not regenerated.startswith(job.delivered):
                     raise ProviderFailed("the resumed stream ended before it caught up with what was delivered")
                 receipt = check_receipt(frame.receipt, ticket, ticket_bytes, job.salt, job.prompt, regenerated)
+                charge = customer_charge(receipt.amount, job.margin_bp)
                 await self.receipts.record(receipt, ticket_bytes, frame.receipt)
+                await self.books.post_usage(job.tenant.name, receipt, charge, job.margin_bp, now_ms())
                 self.metrics.tokens["prompt"] += receipt.tokens_in
                 self.metrics.tokens["completion"] += receipt.tokens_out
                 return Completion(job.request_id, regenerated, receipt, peer_id_of(provider.provider_key), job.seed,
-                                  job.salt, receipt.amount)
+                                  job.salt, charge)
             regenerated += frame.text
             if len(regenerated) <= len(job.delivered):
                 if not job.delivered.startswith(regenerated):

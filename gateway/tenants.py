@@ -23,7 +23,6 @@ CREATE TABLE IF NOT EXISTS tenants (
     api_key_sha256     TEXT NOT NULL UNIQUE,
     tier               TEXT NOT NULL,
     budget_minor       INTEGER,
-    spent_minor        INTEGER NOT NULL DEFAULT 0,
     eu_only            INTEGER NOT NULL DEFAULT 0,
     require_determinism INTEGER NOT NULL DEFAULT 0,
     models             TEXT,
@@ -33,8 +32,10 @@ CREATE TABLE IF NOT EXISTS tenants (
     created_ms         INTEGER NOT NULL
 );
 """
-COLUMNS = ("name", "tier", "budget_minor", "spent_minor", "eu_only", "require_determinism", "models", "rps",
-           "max_concurrent", "revoked")
+# spent is derived from the books (gateway/books.py), never stored twice
+COLUMNS = ("name", "tier", "budget_minor",
+           "(SELECT COALESCE(SUM(amount), 0) FROM postings WHERE debit = 'tenant:' || tenants.name)",
+           "eu_only", "require_determinism", "models", "rps", "max_concurrent", "revoked")
 
 
 class TenantError(Exception):
@@ -153,6 +154,3 @@ class TenantBook:
             raise TenantError(f"no tenant {name!r}")
         await self._database.transaction([("UPDATE tenants SET revoked = 1 WHERE name = ?", [(name,)])])
 
-    async def add_spent(self, name: str, minor: int) -> None:
-        await self._database.transaction([("UPDATE tenants SET spent_minor = spent_minor + ? WHERE name = ?",
-                                           [(minor, name)])])

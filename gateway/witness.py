@@ -160,6 +160,14 @@ class WitnessBook:
             ("INSERT OR REPLACE INTO witnessed (provider_key, size, root, head_hash, compact, note) "
              "VALUES (?, ?, ?, ?, ?, ?)", [(provider_key, new.size, new.root, new.head_hash, compact, new.note)])])
 
+    async def covering(self, provider_key: bytes) -> tuple[int, bytes | None, list[bytes]]:
+        """(cosigned size, cosigned note, leaf hashes of the entries it covers) for one provider."""
+        state = await self.state(provider_key)
+        rows = await self._database.fetchall(
+            "SELECT entry FROM provider_entries WHERE provider_key = ? AND idx < ? ORDER BY idx",
+            (provider_key, state.size))
+        return state.size, state.note, [merkle.leaf_hash(row[0]) for row in rows]
+
     async def record_fork(self, provider_key: bytes, reason: str, evidence: list[str]) -> None:
         await self._database.transaction([(
             "INSERT OR IGNORE INTO forks (provider_key, detected_ms, reason, evidence) VALUES (?, ?, ?, ?)",

@@ -42,6 +42,12 @@ def add_commands(subparsers):
     export.add_argument("--out", type=Path, required=True, help="bundle file to write (verify accepts it)")
     export.add_argument("--jsonl", type=Path, help="also write a human-readable JSON-lines view here")
     export.set_defaults(handler=ledger_export)
+    check = ledger_sub.add_parser(
+        "verify-receipt", help="check one bill offline: receipt, provider checkpoint, inclusion proof",
+        description="FILE is the JSON of GET /v2/receipts/{request_id}. Exit 0 if it checks out, 1 if not.")
+    check.add_argument("file", type=Path)
+    check.add_argument("--witness", help="the gateway's peer id: also require its cosignature on the checkpoint")
+    check.set_defaults(handler=ledger_verify_receipt)
     return ledger_sub
 
 
@@ -78,6 +84,29 @@ def ledger_verify(args: argparse.Namespace) -> int:
                  "checks_passed": [CHECKS[n][0] for n in sorted(CHECKS)]},
           f"OK: {report.entries} entries of {report.origin or 'an empty ledger'} verified; "
           f"{report.checkpoints} checkpoints consistent{held_text}; root {report.root.hex()}")
+    return EXIT_OK
+
+
+def ledger_verify_receipt(args: argparse.Namespace) -> int:
+    from ledger.receipt_proof import ReceiptProofError, load_document, verify_receipt_document
+    from ledger.signing import public_key_of_peer_id
+
+    try:
+        document = load_document(args.file.read_text(encoding="utf-8"))
+        witness_key = public_key_of_peer_id(args.witness) if args.witness else None
+        checked = verify_receipt_document(document, witness_key,
+                                          f"llorch-witness/{args.witness}" if args.witness else None)
+    except (OSError, LedgerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except ReceiptProofError as exc:
+        print(f"FAIL {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    receipt = checked.receipt
+    cosigned = f", cosigned by {args.witness} at {checked.cosigned_at_s}" if args.witness else ""
+    print(f"OK: receipt {receipt.request_id} ({receipt.tokens_in} + {receipt.tokens_out} tokens, {receipt.amount} "
+          f"{receipt.currency} minor units to the provider) is entry {receipt.index} of {receipt.origin}, under its "
+          f"signed checkpoint of {checked.tree_size} entries{cosigned}")
     return EXIT_OK
 
 

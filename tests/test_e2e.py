@@ -104,7 +104,8 @@ def test_every_request_has_a_receipt_in_the_serving_nodes_ledger(client, network
         assert receipt.tokens_out == completion.usage.completion_tokens
         assert receipt.tokens_in == completion.usage.prompt_tokens
         assert receipt.seed == completion.model_extra["llorch"]["seed"]
-        assert receipt.amount == completion.model_extra["llorch"]["amount"]
+        assert receipt.amount == completion.model_extra["llorch"]["provider_amount"]
+        assert completion.model_extra["llorch"]["amount"] >= receipt.amount          # payout + platform fee
         others = [receipts for peer, receipts in by_node.items() if peer != provider]
         assert all(completion.id not in receipts for receipts in others)
 

@@ -1,0 +1,89 @@
+"""`llorch billing reconcile` and `llorch billing statement`: the operator's view of the books, offline from the
+running gateway (they read its database)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from gateway.books import Books, statement_csv
+from gateway.config import load_gateway_config
+from gateway.db import open_gateway_db
+from gateway.reconcile import GRACE_MS, reconcile
+from ledger.errors import LedgerError
+from ledger.signing import load_key_file
+from node.errors import NodeError
+
+PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+
+def add_commands(subparsers) -> None:
+    billing = subparsers.add_parser("billing", help="reconcile receipts with tickets; statements")
+    billing_sub = billing.add_subparsers(dest="billing_command", required=True)
+    rec = billing_sub.add_parser(
+        "reconcile", help="match every accepted ticket with exactly one witnessed receipt (read-only)",
+        description="Exit 0 when nothing is wrong (unbilled receipts are reported but not errors), 1 otherwise.")
+    rec.add_argument("--config", type=Path, required=True)
+    rec.add_argument("--period", type=_period, help="YYYY-MM (UTC); default: everything")
+    rec.add_argument("--grace-s", type=float, default=GRACE_MS / 1000,
+                     help="how much newer the provider's latest witnessed receipt must be before a ticket without "
+                          "a receipt is reported (default %(default)s s)")
+    rec.set_defaults(handler=billing_reconcile)
+    stmt = billing_sub.add_parser("statement", help="a tenant's invoice, a provider's payouts or the platform's fees")
+    stmt.add_argument("--config", type=Path, required=True)
+    who = stmt.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tenant")
+    who.add_argument("--provider", help="provider peer id")
+    who.add_argument("--platform", action="store_true")
+    stmt.add_argument("--period", type=_period, default=time.strftime("%Y-%m", time.gmtime()))
+    stmt.add_argument("--format", choices=("json", "csv"), default="json")
+    stmt.set_defaults(handler=billing_statement)
+
+
+def _period(text: str) -> str:
+    if not PERIOD.match(text):
+        raise argparse.ArgumentTypeError("a period is YYYY-MM")
+    return text
+
+
+def billing_reconcile(args: argparse.Namespace) -> int:
+    try:
+        config = load_gateway_config(args.config)
+        key = load_key_file(config.key_file)
+        report = trio.run(_reconcile, config.db_path, key.public_key, args.period, int(args.grace_s * 1000))
+    except (NodeError, LedgerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    document = report.as_json()
+    print(json.dumps(document, indent=2))
+    return 0 if document["ok"] else 1
+
+
+async def _reconcile(path, gateway_key, period, grace_ms):
+    async with open_gateway_db(path) as database:
+        return await reconcile(database, gateway_key, period, grace_ms)
+
+
+def billing_statement(args: argparse.Namespace) -> int:
+    kind, subject = (("tenant", args.tenant) if args.tenant else ("provider", args.provider) if args.provider
+                     else ("platform", None))
+    try:
+        config = load_gateway_config(args.config)
+        statement = trio.run(_statement, config.db_path, kind, subject, args.period)
+    except (NodeError, LedgerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(statement_csv(statement) if args.format == "csv" else json.dumps(statement, indent=2), end="" if
+          args.format == "csv" else "\n")
+    return 0
+
+
+async def _statement(path, kind, subject, period):
+    async with open_gateway_db(path) as database:
+        return await Books(database).statement(kind, subject, period)

@@ -1,0 +1,144 @@
+"""Double-entry books in the gateway database. Each settled request is one atomic posting of two legs:
+
+    tenant:<name>  →  provider:<peer id>   payout (the provider's receipt amount)
+    tenant:<name>  →  platform:fees        fee    (the margin)
+
+keyed by (request_id, leg): posting a request twice is impossible (the database refuses the second). Balances are
+derived from the legs, never stored; corrections are new legs of kind "correction", never edits."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+
+from gateway.pricing import Charge
+from ledger.objects import Receipt
+from ledger.signing import peer_id_of
+from ledger.sqlite import Database
+
+PLATFORM_ACCOUNT = "platform:fees"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS postings (
+    id          INTEGER PRIMARY KEY,
+    request_id  TEXT NOT NULL,
+    leg         TEXT NOT NULL,            -- payout | fee | correction
+    debit       TEXT NOT NULL,
+    credit      TEXT NOT NULL,
+    amount      INTEGER NOT NULL CHECK (amount >= 0),
+    currency    TEXT NOT NULL,
+    period      TEXT NOT NULL,            -- YYYY-MM (UTC) of the receipt's finish
+    tenant      TEXT NOT NULL,
+    provider_id TEXT NOT NULL,
+    model_id    TEXT NOT NULL,
+    tokens_in   INTEGER NOT NULL,
+    tokens_out  INTEGER NOT NULL,
+    margin_bp   INTEGER NOT NULL,
+    posted_ms   INTEGER NOT NULL,
+    UNIQUE (request_id, leg)
+);
+CREATE TRIGGER IF NOT EXISTS postings_no_update BEFORE UPDATE ON postings
+    BEGIN SELECT RAISE(ABORT, 'postings are never edited: post a correction'); END;
+CREATE TRIGGER IF NOT EXISTS postings_no_delete BEFORE DELETE ON postings
+    BEGIN SELECT RAISE(ABORT, 'postings are never deleted: post a correction'); END;
+"""
+
+
+def tenant_account(name: str) -> str:
+    return f"tenant:{name}"
+
+
+def provider_account(peer_id: str) -> str:
+    return f"provider:{peer_id}"
+
+
+def period_of(ms: int) -> str:
+    import time
+    return time.strftime("%Y-%m", time.gmtime(ms // 1000))
+
+
+@dataclass(frozen=True)
+class Line:
+    group: tuple
+    requests: int
+    tokens_in: int
+    tokens_out: int
+    amount: int
+
+
+class Books:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def post_usage(self, tenant: str, receipt: Receipt, charge: Charge, margin_bp: int, now_ms: int) -> None:
+        provider = peer_id_of(receipt.provider_key)
+        common = (receipt.currency, period_of(receipt.finished_ms), tenant, provider, receipt.model_id,
+                  receipt.tokens_in, receipt.tokens_out, margin_bp, now_ms)
+        await self._database.transaction([(
+            "INSERT INTO postings (request_id, leg, debit, credit, amount, currency, period, tenant, provider_id, "
+            "model_id, tokens_in, tokens_out, margin_bp, posted_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(receipt.request_id, "payout", tenant_account(tenant), provider_account(provider), charge.payout,
+              *common),
+             (receipt.request_id, "fee", tenant_account(tenant), PLATFORM_ACCOUNT, charge.fee, *common)])])
+
+    async def balance(self, account: str) -> int:
+        """Credits minus debits of an account (a tenant's balance is negative: what it owes)."""
+        row = await self._database.fetchone(
+            "SELECT COALESCE(SUM(CASE WHEN credit = ? THEN amount ELSE 0 END), 0) - "
+            "COALESCE(SUM(CASE WHEN debit = ? THEN amount ELSE 0 END), 0) FROM postings", (account, account))
+        return row[0]
+
+    async def lines(self, where: str, params: tuple, group_by: tuple[str, ...]) -> list[Line]:
+        columns = ", ".join(group_by)
+        rows = await self._database.fetchall(
+            f"SELECT {columns}, COUNT(DISTINCT request_id), "
+            f"SUM(CASE WHEN leg = 'payout' THEN tokens_in ELSE 0 END), "
+            f"SUM(CASE WHEN leg = 'payout' THEN tokens_out ELSE 0 END), SUM(amount) "
+            f"FROM postings WHERE {where} GROUP BY {columns} ORDER BY {columns}", params)
+        return [Line(tuple(row[:len(group_by)]), *row[len(group_by):]) for row in rows]
+
+    async def statement(self, kind: str, subject: str | None, period: str) -> dict:
+        """Invoice lines and totals: kind "tenant" (what it owes, by model and provider), "provider" (payouts, by
+        model), or "platform" (fees, by tenant)."""
+        if kind == "tenant":
+            lines = await self.lines("debit = ? AND period = ?", (tenant_account(subject), period),
+                                     ("currency", "model_id", "provider_id"))
+            header = ("currency", "model", "provider")
+        elif kind == "provider":
+            lines = await self.lines("credit = ? AND period = ?", (provider_account(subject), period),
+                                     ("currency", "model_id"))
+            header = ("currency", "model")
+        else:
+            lines = await self.lines("credit = ? AND period = ?", (PLATFORM_ACCOUNT, period),
+                                     ("currency", "tenant"))
+            header = ("currency", "tenant")
+        totals: dict[str, int] = {}
+        for line in lines:
+            totals[line.group[0]] = totals.get(line.group[0], 0) + line.amount
+        return {"kind": kind, "subject": subject, "period": period,
+                "lines": [{**dict(zip(header, line.group)), "requests": line.requests, "tokens_in": line.tokens_in,
+                           "tokens_out": line.tokens_out, "amount_minor": line.amount} for line in lines],
+                "totals_minor": totals}
+
+    async def tenant_spent(self, tenant: str) -> int:
+        row = await self._database.fetchone("SELECT COALESCE(SUM(amount), 0) FROM postings WHERE debit = ?",
+                                            (tenant_account(tenant),))
+        return row[0]
+
+    async def posted(self, request_id: str) -> list[tuple]:
+        return await self._database.fetchall(
+            "SELECT leg, debit, credit, amount, tokens_in, tokens_out FROM postings WHERE request_id = ? ORDER BY leg",
+            (request_id,))
+
+
+def statement_csv(statement: dict) -> str:
+    out = io.StringIO()
+    lines = statement["lines"]
+    fields = list(lines[0]) if lines else ["currency", "requests", "tokens_in", "tokens_out", "amount_minor"]
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(lines)
+    for currency, total in sorted(statement["totals_minor"].items()):
+        writer.writerow({fields[0]: f"TOTAL {currency}", "amount_minor": total})
+    return out.getvalue()

@@ -1,0 +1,82 @@
+"""A customer's offline check of one bill: a receipt, the provider's checkpoint it is under, and the inclusion proof
+(`GET /v2/receipts/{request_id}` returns exactly this; `llorch ledger verify-receipt` runs the checks).
+
+  (1) the receipt is a canonical, well-typed receipt signed by the provider it names;
+  (2) the checkpoint is signed by that provider (origin llorch/<peer id>), and, if a witness key is given, cosigned
+      by that witness;
+  (3) the inclusion proof leads from the receipt (leaf index, tree size) to the checkpoint's root (RFC 9162);
+  (4) the receipt's amount is tokens × prices.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+
+from ledger import merkle
+from ledger.errors import LedgerError
+from ledger.note import NoteError, open_checkpoint, verify_cosignature
+from ledger.objects import Receipt
+from ledger.signing import peer_id_of
+
+
+class ReceiptProofError(Exception):
+    """The bill does not check out; the message names the step (1)-(4) and why."""
+
+
+@dataclass(frozen=True)
+class CheckedReceipt:
+    receipt: Receipt
+    tree_size: int
+    cosigned_at_s: int | None
+
+
+def proof_document(request_id: str, receipt: bytes, index: int, size: int, proof: list[bytes],
+                   checkpoint: bytes | None) -> dict:
+    return {"request_id": request_id, "receipt": base64.b64encode(receipt).decode(), "leaf_index": index,
+            "tree_size": size, "inclusion_proof": [base64.b64encode(h).decode() for h in proof],
+            "checkpoint": checkpoint.decode() if checkpoint else None}
+
+
+def verify_receipt_document(document: dict, witness_key: bytes | None = None,
+                            witness_name: str | None = None) -> CheckedReceipt:
+    try:
+        receipt_bytes = base64.b64decode(document["receipt"], validate=True)
+        proof = [base64.b64decode(h, validate=True) for h in document["inclusion_proof"]]
+        index, size, note = int(document["leaf_index"]), int(document["tree_size"]), document["checkpoint"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReceiptProofError(f"not a receipt proof document: {exc}") from None
+    try:                                                                           # (1)
+        receipt = Receipt.from_envelope(receipt_bytes)
+    except LedgerError as exc:
+        raise ReceiptProofError(f"(1) the receipt is not genuine: {exc}") from None
+    if document.get("request_id") != receipt.request_id or receipt.index != index:
+        raise ReceiptProofError("(1) the receipt's request_id or index differ from the document's")
+    if note is None:
+        raise ReceiptProofError("(2) no checkpoint covers this receipt yet: ask again after the next witness round")
+    origin = f"llorch/{peer_id_of(receipt.provider_key)}"
+    try:                                                                           # (2)
+        checkpoint = open_checkpoint(note.encode(), origin, receipt.provider_key)
+        cosigned_at = verify_cosignature(note.encode(), witness_name, witness_key) if witness_key else None
+    except NoteError as exc:
+        raise ReceiptProofError(f"(2) {exc}") from None
+    if checkpoint.size != size:
+        raise ReceiptProofError(f"(2) the checkpoint is for {checkpoint.size} entries, the proof for {size}")
+    try:                                                                           # (3)
+        merkle.verify_inclusion(merkle.leaf_hash(receipt_bytes), index, size, proof, checkpoint.root)
+    except merkle.ProofError as exc:
+        raise ReceiptProofError(f"(3) the receipt is not in the provider's checkpointed ledger: {exc}") from None
+    if receipt.amount != receipt.expected_amount():                                # (4)
+        raise ReceiptProofError(f"(4) amount {receipt.amount} is not tokens × prices ({receipt.expected_amount()})")
+    return CheckedReceipt(receipt, size, cosigned_at)
+
+
+def load_document(text: str) -> dict:
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ReceiptProofError(f"not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise ReceiptProofError("a receipt proof document is a JSON object")
+    return document
