@@ -32,8 +32,8 @@ def add_commands(subparsers) -> None:
     rec.add_argument("--config", type=Path, required=True)
     rec.add_argument("--period", type=_period, help="YYYY-MM (UTC); default: everything")
     rec.add_argument("--grace-s", type=float, default=GRACE_MS / 1000,
-                     help="how much newer the provider's latest witnessed receipt must be before a ticket without "
-                          "a receipt is reported (default %(default)s s)")
+                     help="how long after a ticket a witness round must have seen the provider's ledger before a "
+                          "ticket without a receipt is reported (default %(default)s s)")
     rec.set_defaults(handler=billing_reconcile)
     stmt = billing_sub.add_parser("statement", help="a tenant's invoice, a provider's payouts or the platform's fees")
     stmt.add_argument("--config", type=Path, required=True)

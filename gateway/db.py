@@ -15,4 +15,7 @@ async def open_gateway_db(path: Path) -> AsyncIterator[Database]:
     async with open_database(path) as database:
         await database.executescript(receipts.SCHEMA + witness.SCHEMA + tenants.SCHEMA + providers.SCHEMA +
                                      books.SCHEMA)
+        columns = {row[1] for row in await database.fetchall("PRAGMA table_info(witnessed)")}
+        if "checked_ms" not in columns:       # a database from before witness rounds were timed
+            await database.execute("ALTER TABLE witnessed ADD COLUMN checked_ms INTEGER NOT NULL DEFAULT 0")
         yield database

@@ -3,7 +3,8 @@ witnessed ledger (entries pulled over /llorch/ledger/1 and covered by a checkpoi
 receipt naming this gateway must answer one of its tickets, with tokens and amounts as billed.
 
 Read-only: running it any number of times changes nothing. Findings, each naming the request_id:
-  ticket_without_receipt   an accepted ticket, old enough, with no receipt in the provider's witnessed ledger
+  ticket_without_receipt   an accepted ticket with no receipt in the provider's ledger as witnessed at least
+                           ``grace`` after the ticket was issued
   receipt_without_ticket   a receipt in a provider's ledger for a ticket this gateway never issued
   mismatch                 tokens or amount of the ledger's receipt differ from what was billed, or the amount
                            is not tokens × prices
@@ -22,7 +23,7 @@ from ledger.objects import Receipt, Ticket
 from ledger.signing import peer_id_of, sha256
 from ledger.sqlite import Database
 
-GRACE_MS = 120_000          # a ticket this much older than the provider's newest witnessed receipt must have one
+GRACE_MS = 120_000          # a witness round this long after a ticket must find its receipt
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,7 @@ async def reconcile(database: Database, gateway_key: bytes, period: str | None, 
     tickets = {row[0]: Ticket.from_envelope(row[1]) for row in await database.fetchall(
         "SELECT ticket_sha256, ticket FROM tickets")}
     witnessed = {row[0]: row[1] for row in await database.fetchall(
-        "SELECT provider_key, size FROM witnessed")}
-    last_seen_ms = {}
+        "SELECT provider_key, checked_ms FROM witnessed")}
     billed = {}
     for request_id, tokens_in, tokens_out, amount in await database.fetchall(
             "SELECT request_id, tokens_in, tokens_out, amount FROM postings WHERE leg = 'payout'"):
@@ -65,7 +65,6 @@ async def reconcile(database: Database, gateway_key: bytes, period: str | None, 
         except LedgerError as exc:      # the witness verified every entry; a bad one here means a damaged database
             report.findings.append(Finding("mismatch", "?", peer_id_of(provider_key), f"unreadable entry: {exc}"))
             continue
-        last_seen_ms[provider_key] = max(last_seen_ms.get(provider_key, 0), receipt.finished_ms)
         if receipt.gateway_key != gateway_key or (period and period_of(receipt.finished_ms) != period):
             continue
         report.receipts += 1
@@ -100,7 +99,7 @@ async def reconcile(database: Database, gateway_key: bytes, period: str | None, 
         report.tickets += 1
         if ticket_hash in seen_tickets or ticket.provider_key not in witnessed:
             continue
-        if ticket.issued_ms + grace_ms <= last_seen_ms.get(ticket.provider_key, 0):
+        if ticket.issued_ms + grace_ms <= witnessed[ticket.provider_key]:
             report.findings.append(Finding("ticket_without_receipt", ticket.request_id,
                                            peer_id_of(ticket.provider_key),
                                            "the provider accepted this ticket but its witnessed ledger has no receipt"))

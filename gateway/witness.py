@@ -116,7 +116,8 @@ CREATE TABLE IF NOT EXISTS witnessed (
     root         BLOB NOT NULL,
     head_hash    BLOB NOT NULL,
     compact      BLOB NOT NULL,
-    note         BLOB NOT NULL
+    note         BLOB NOT NULL,
+    checked_ms   INTEGER NOT NULL DEFAULT 0     -- last witness round that saw this ledger (changed or not)
 );
 CREATE TABLE IF NOT EXISTS provider_entries (
     provider_key BLOB NOT NULL,
@@ -157,8 +158,14 @@ class WitnessBook:
             rows.append((provider_key, old.size + offset, Receipt.from_envelope(entry).request_id, entry))
         await self._database.transaction([
             ("INSERT INTO provider_entries (provider_key, idx, request_id, entry) VALUES (?, ?, ?, ?)", rows),
-            ("INSERT OR REPLACE INTO witnessed (provider_key, size, root, head_hash, compact, note) "
-             "VALUES (?, ?, ?, ?, ?, ?)", [(provider_key, new.size, new.root, new.head_hash, compact, new.note)])])
+            ("INSERT OR REPLACE INTO witnessed (provider_key, size, root, head_hash, compact, note, checked_ms) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?)", [(provider_key, new.size, new.root, new.head_hash, compact, new.note,
+                                               now_ms())])])
+
+    async def touch(self, provider_key: bytes) -> None:
+        """Record a round that found the ledger unchanged (reconciliation trusts receipts to be there by then)."""
+        await self._database.transaction([("UPDATE witnessed SET checked_ms = ? WHERE provider_key = ?",
+                                           [(now_ms(), provider_key)])])
 
     async def covering(self, provider_key: bytes) -> tuple[int, bytes | None, list[bytes]]:
         """(cosigned size, cosigned note, leaf hashes of the entries it covers) for one provider."""
@@ -199,6 +206,7 @@ class Witness:
             reply = await request_ledger(self.p2p, provider_key, addrs, GetCheckpoint())
             checkpoint = check_checkpoint(state, reply.note, provider_key)
             if checkpoint.size == state.size:
+                await self.book.touch(provider_key)
                 return state
             if checkpoint.size - state.size > ENTRIES_PER_ROUND_MAX:
                 raise BadView(f"{checkpoint.size - state.size} new entries: more than one round takes")
