@@ -2,6 +2,7 @@
 charges = payouts + fees, reconciliation is clean and idempotent, customers verify their own bills offline and
 see nobody else's, and a receipt forged into a provider's ledger or missing from it is reported by request_id."""
 
+import base64
 import hashlib
 import json
 import signal
@@ -135,7 +136,12 @@ def test_tenants_see_only_their_own_usage_and_receipts(market, tmp_path):
     ok = subprocess.run(check, capture_output=True, text=True)
     assert ok.returncode == 0 and request_id in ok.stdout, ok.stderr
     document = proof.json()
-    document["inclusion_proof"] = list(reversed(document["inclusion_proof"])) or ["AAAA"]
+    if document["inclusion_proof"]:                    # flip one bit of the first proof hash
+        first = bytearray(base64.b64decode(document["inclusion_proof"][0]))
+        first[0] ^= 1
+        document["inclusion_proof"][0] = base64.b64encode(bytes(first)).decode()
+    else:                                              # a one-entry tree: any proof element is one too many
+        document["inclusion_proof"] = [base64.b64encode(bytes(32)).decode()]
     path.write_text(json.dumps(document))
     bad = subprocess.run(check, capture_output=True, text=True)
     assert bad.returncode == 1 and "(3)" in bad.stderr
