@@ -71,16 +71,25 @@ class Books:
     def __init__(self, database: Database) -> None:
         self._database = database
 
+    @property
+    def database(self) -> Database:
+        return self._database
+
     async def post_usage(self, tenant: str, receipt: Receipt, charge: Charge, margin_bp: int, now_ms: int) -> None:
+        await self._database.transaction(self.usage_statements(tenant, receipt, charge, margin_bp, now_ms))
+
+    @staticmethod
+    def usage_statements(tenant: str, receipt: Receipt, charge: Charge, margin_bp: int, now_ms: int) -> list:
+        """The two legs of one settled request (to run in the caller's transaction)."""
         provider = peer_id_of(receipt.provider_key)
         common = (receipt.currency, period_of(receipt.finished_ms), tenant, provider, receipt.model_id,
                   receipt.tokens_in, receipt.tokens_out, margin_bp, now_ms)
-        await self._database.transaction([(
+        return [(
             "INSERT INTO postings (request_id, leg, debit, credit, amount, currency, period, tenant, provider_id, "
             "model_id, tokens_in, tokens_out, margin_bp, posted_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(receipt.request_id, "payout", tenant_account(tenant), provider_account(provider), charge.payout,
               *common),
-             (receipt.request_id, "fee", tenant_account(tenant), PLATFORM_ACCOUNT, charge.fee, *common)])])
+             (receipt.request_id, "fee", tenant_account(tenant), PLATFORM_ACCOUNT, charge.fee, *common)])]
 
     async def balance(self, account: str) -> int:
         """Credits minus debits of an account (a tenant's balance is negative: what it owes)."""

@@ -69,11 +69,19 @@ class ReceiptBook:
         self._database = database
 
     async def record(self, receipt: Receipt, ticket_bytes: bytes, receipt_bytes: bytes) -> None:
-        await self._database.transaction([(
-            "INSERT INTO receipts (request_id, provider_key, tenant, amount, currency, ticket, receipt) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(receipt.request_id, receipt.provider_key, receipt.tenant, receipt.amount, receipt.currency,
-              ticket_bytes, receipt_bytes)])])
+        await self._database.transaction(self.statements(receipt, ticket_bytes, receipt_bytes))
+
+    @staticmethod
+    def statements(receipt: Receipt, ticket_bytes: bytes, receipt_bytes: bytes) -> list:
+        """The writes that keep an accepted receipt and its ticket (to run in the caller's transaction)."""
+        return [
+            ("INSERT INTO receipts (request_id, provider_key, tenant, amount, currency, ticket, receipt) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?)",
+             [(receipt.request_id, receipt.provider_key, receipt.tenant, receipt.amount, receipt.currency,
+               ticket_bytes, receipt_bytes)]),
+            ("INSERT OR IGNORE INTO tickets (ticket_sha256, request_id, provider_key, issued_ms, ticket) "
+             "SELECT ?, ?, ?, ?, ?", [(sha256(ticket_bytes), receipt.request_id, receipt.provider_key,
+                                        Ticket.from_envelope(ticket_bytes).issued_ms, ticket_bytes)])]
 
     async def record_ticket(self, ticket: Ticket, ticket_bytes: bytes) -> None:
         """Keep a ticket a provider accepted: reconciliation expects exactly one receipt for it."""

@@ -19,6 +19,8 @@ import hmac
 import logging
 import secrets
 from dataclasses import dataclass
+
+import trio
 from typing import Awaitable, Callable
 
 from gateway import limits
@@ -109,6 +111,7 @@ class Gateway:
         self.providers = providers
         self.books = books
         self.witness_book = witness_book
+        self.database = books.database
         self.metrics = Metrics()
         self.standings: dict[bytes, Standing] = {}
         self._quotas: dict[str, TenantQuota] = {}
@@ -309,9 +312,14 @@ class Gateway:
                                                         standing.failures_in_a_row, standing.backoff_until_ms,
                                                         started)
         async with request_inference(self.p2p, provider, Request(ticket_bytes, job.salt, job.prompt)) as call:
-            await self.receipts.record_ticket(ticket, ticket_bytes)       # accepted: a receipt is owed for it
             job.provider_peer_id = peer_id_of(provider.provider_key)
-            completion = await self._relay(call, job, ticket, ticket_bytes, provider, started)
+            try:
+                completion = await self._relay(call, job, ticket, ticket_bytes, provider, started)
+            except BaseException:
+                # Accepted but not completed: keep the ticket, so reconciliation expects (and checks) a receipt.
+                with trio.CancelScope(shield=True):
+                    await self.receipts.record_ticket(ticket, ticket_bytes)
+                raise
         self.standings[provider.provider_key] = after_success(self.standings[provider.provider_key],
                                                               completion.receipt.first_token_ms -
                                                               completion.receipt.accepted_ms)
@@ -332,8 +340,10 @@ class Gateway:
                     raise ProviderFailed("the resumed stream ended before it caught up with what was delivered")
                 receipt = check_receipt(frame.receipt, ticket, ticket_bytes, job.salt, job.prompt, regenerated)
                 charge = customer_charge(receipt.amount, job.margin_bp)
-                await self.receipts.record(receipt, ticket_bytes, frame.receipt)
-                await self.books.post_usage(job.tenant.name, receipt, charge, job.margin_bp, now_ms())
+                # One durable transaction: the ticket, its receipt and the two legs of the posting.
+                await self.database.transaction(
+                    ReceiptBook.statements(receipt, ticket_bytes, frame.receipt) +
+                    Books.usage_statements(job.tenant.name, receipt, charge, job.margin_bp, now_ms()))
                 self.metrics.tokens["prompt"] += receipt.tokens_in
                 self.metrics.tokens["completion"] += receipt.tokens_out
                 return Completion(job.request_id, regenerated, receipt, peer_id_of(provider.provider_key), job.seed,
