@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from gateway.books import Books, statement_csv
+from gateway.books import Books, BooksError, statement_csv
 from gateway.config import load_gateway_config
 from gateway.db import open_gateway_db
 from gateway.reconcile import GRACE_MS, reconcile
@@ -44,6 +44,14 @@ def add_commands(subparsers) -> None:
     stmt.add_argument("--period", type=_period, default=time.strftime("%Y-%m", time.gmtime()))
     stmt.add_argument("--format", choices=("json", "csv"), default="json")
     stmt.set_defaults(handler=billing_statement)
+    fix = billing_sub.add_parser("correct", help="post a correction of a billed request (a new entry, never an edit)")
+    fix.add_argument("--config", type=Path, required=True)
+    fix.add_argument("--request-id", required=True)
+    fix.add_argument("--from", dest="debit", required=True,
+                     help="account debited: tenant:<name>, provider:<peer id> or platform:fees")
+    fix.add_argument("--to", dest="credit", required=True, help="account credited")
+    fix.add_argument("--amount", type=int, required=True, help="minor units (micro-EUR)")
+    fix.set_defaults(handler=billing_correct)
 
 
 def _period(text: str) -> str:
@@ -82,6 +90,23 @@ def billing_statement(args: argparse.Namespace) -> int:
     print(statement_csv(statement) if args.format == "csv" else json.dumps(statement, indent=2), end="" if
           args.format == "csv" else "\n")
     return 0
+
+
+def billing_correct(args: argparse.Namespace) -> int:
+    try:
+        config = load_gateway_config(args.config)
+        leg = trio.run(_correct, config.db_path, args)
+    except (NodeError, LedgerError, BooksError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"posted {leg} of {args.request_id}: {args.amount} from {args.debit} to {args.credit}")
+    return 0
+
+
+async def _correct(path, args):
+    async with open_gateway_db(path) as database:
+        return await Books(database).post_correction(args.request_id, args.debit, args.credit, args.amount,
+                                                     int(time.time() * 1000))
 
 
 async def _statement(path, kind, subject, period):

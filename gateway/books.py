@@ -45,6 +45,10 @@ CREATE TRIGGER IF NOT EXISTS postings_no_delete BEFORE DELETE ON postings
 """
 
 
+class BooksError(Exception):
+    """A posting that the books refuse (unknown request, wrong accounts, non-positive amount)."""
+
+
 def tenant_account(name: str) -> str:
     return f"tenant:{name}"
 
@@ -91,6 +95,28 @@ class Books:
               *common),
              (receipt.request_id, "fee", tenant_account(tenant), PLATFORM_ACCOUNT, charge.fee, *common)])]
 
+    async def post_correction(self, request_id: str, debit: str, credit: str, amount: int, now_ms: int) -> str:
+        """A correction of a posted request: a new leg (never an edit), e.g. a refund provider → tenant."""
+        rows = await self._database.fetchall(
+            "SELECT currency, period, tenant, provider_id, model_id, margin_bp FROM postings "
+            "WHERE request_id = ? AND leg = 'payout'", (request_id,))
+        if not rows:
+            raise BooksError(f"request {request_id} was never posted")
+        if amount <= 0:
+            raise BooksError("a correction moves a positive amount (swap the accounts to reverse it)")
+        accounts = {tenant_account(rows[0][2]), provider_account(rows[0][3]), PLATFORM_ACCOUNT}
+        if debit not in accounts or credit not in accounts or debit == credit:
+            raise BooksError(f"a correction of {request_id} moves money between {sorted(accounts)}")
+        count = (await self._database.fetchone(
+            "SELECT COUNT(*) FROM postings WHERE request_id = ? AND leg LIKE 'correction:%'", (request_id,)))[0]
+        leg = f"correction:{count + 1}"
+        currency, period, tenant, provider, model, margin = rows[0]
+        await self._database.transaction([(
+            "INSERT INTO postings (request_id, leg, debit, credit, amount, currency, period, tenant, provider_id, "
+            "model_id, tokens_in, tokens_out, margin_bp, posted_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
+            [(request_id, leg, debit, credit, amount, currency, period, tenant, provider, model, margin, now_ms)])])
+        return leg
+
     async def balance(self, account: str) -> int:
         """Credits minus debits of an account (a tenant's balance is negative: what it owes)."""
         row = await self._database.fetchone(
@@ -122,18 +148,27 @@ class Books:
             lines = await self.lines("credit = ? AND period = ?", (PLATFORM_ACCOUNT, period),
                                      ("currency", "tenant"))
             header = ("currency", "tenant")
+        account = {"tenant": tenant_account(subject or ""), "provider": provider_account(subject or ""),
+                   "platform": PLATFORM_ACCOUNT}[kind]
+        # Corrections that move money the other way (refunds to a tenant, clawbacks from a provider or the platform)
+        reverse_side = "credit" if kind == "tenant" else "debit"
+        corrections = await self._database.fetchall(
+            f"SELECT request_id, leg, currency, amount FROM postings WHERE {reverse_side} = ? AND period = ? "
+            f"ORDER BY request_id, leg", (account, period))
         totals: dict[str, int] = {}
         for line in lines:
             totals[line.group[0]] = totals.get(line.group[0], 0) + line.amount
+        for _, _, currency, amount in corrections:
+            totals[currency] = totals.get(currency, 0) - amount
         return {"kind": kind, "subject": subject, "period": period,
                 "lines": [{**dict(zip(header, line.group)), "requests": line.requests, "tokens_in": line.tokens_in,
                            "tokens_out": line.tokens_out, "amount_minor": line.amount} for line in lines],
+                "corrections": [{"request_id": r, "leg": leg, "currency": c, "amount_minor": -a}
+                                for r, leg, c, a in corrections],
                 "totals_minor": totals}
 
     async def tenant_spent(self, tenant: str) -> int:
-        row = await self._database.fetchone("SELECT COALESCE(SUM(amount), 0) FROM postings WHERE debit = ?",
-                                            (tenant_account(tenant),))
-        return row[0]
+        return -await self.balance(tenant_account(tenant))
 
     async def posted(self, request_id: str) -> list[tuple]:
         return await self._database.fetchall(

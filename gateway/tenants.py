@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS tenants (
 """
 # spent is derived from the books (gateway/books.py), never stored twice
 COLUMNS = ("name", "tier", "budget_minor",
-           "(SELECT COALESCE(SUM(amount), 0) FROM postings WHERE debit = 'tenant:' || tenants.name)",
+           "(SELECT COALESCE(SUM(CASE WHEN debit = 'tenant:' || tenants.name THEN amount ELSE -amount END), 0) "
+           "FROM postings WHERE debit = 'tenant:' || tenants.name OR credit = 'tenant:' || tenants.name)",
            "eu_only", "require_determinism", "models", "rps", "max_concurrent", "revoked")
 
 

@@ -115,6 +115,31 @@ def test_reconciliation_is_clean_and_changes_nothing(market):
     assert db_rows(market, "SELECT COUNT(*) FROM postings")[0][0] == 2 * first["matched"]
 
 
+def test_a_correction_is_a_new_entry_and_nets_in_the_balance(market):
+    request_id = market.responses["bob"][1].id
+    legs = db_rows(market, "SELECT leg, debit, credit, amount FROM postings WHERE request_id = ?", (request_id,))
+    fee = next(amount for leg, _, _, amount in legs if leg == "fee")
+    before = cli_json(market, "gateway", "tenants", "list")
+    market.cli("billing", "correct", "--request-id", request_id, "--from", "platform:fees", "--to", "tenant:bob",
+               "--amount", str(fee), "--config", "gateway.toml")          # refund bob's fee on one request
+    after = cli_json(market, "gateway", "tenants", "list")
+    spent = {t["name"]: t["spent"] for t in before}, {t["name"]: t["spent"] for t in after}
+    assert float(spent[0]["bob"]) * 1_000_000 - fee == pytest.approx(float(spent[1]["bob"]) * 1_000_000)
+    statement = cli_json(market, "billing", "statement", "--tenant", "bob", "--period", period())
+    assert statement["corrections"] == [{"request_id": request_id, "leg": "correction:1", "currency": "EUR",
+                                         "amount_minor": -fee}]
+    assert statement["totals_minor"]["EUR"] == sum(r.model_extra["llorch"]["amount"]
+                                                   for r in market.responses["bob"]) - fee
+    legs_after = db_rows(market, "SELECT leg FROM postings WHERE request_id = ? ORDER BY leg", (request_id,))
+    assert [leg for (leg,) in legs_after] == ["correction:1", "fee", "payout"]      # nothing edited
+    refused = subprocess.run([sys.executable, "-m", "gateway", "billing", "correct", "--config",
+                              str(market.workdir / "gateway.toml"), "--request-id", request_id, "--from",
+                              "tenant:alice", "--to", "platform:fees", "--amount", "5"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "moves money between" in refused.stderr
+    with pytest.raises(sqlite3.IntegrityError):
+        db_rows(market, "UPDATE postings SET amount = 0 WHERE request_id = ?", (request_id,))
+
+
 def test_tenants_see_only_their_own_usage_and_receipts(market, tmp_path):
     alice, bob = market.keys["alice"], market.keys["bob"]
     usage = httpx.get(f"{market.http_url}/v2/billing/usage", headers={"Authorization": f"Bearer {alice}"},
