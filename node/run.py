@@ -64,16 +64,21 @@ def pool_models(pool: EnginePool) -> dict[str, bytes]:
 
 
 async def publish_attestations(config: NodeConfig, key: SigningKey, p2p: P2P, pool: EnginePool) -> None:
-    """Sign and gossip an attestation every interval. seq starts at the wall clock, so it grows across restarts."""
+    """Sign and gossip an attestation every interval, and soon after a slot is taken or freed (at most every
+    ATTESTATION_SPACING_MS_MIN, well under gossip's per-peer rate limit), so the gateway's view of free slots is
+    rarely stale. seq starts at the wall clock, so it grows across restarts."""
     seq = 0
     while True:
+        pool.changed = trio.Event()
         issued = now_ms()
         seq = max(seq + 1, issued)
         try:
             await p2p.pubsub.publish(TOPIC, build_attestation(config, key, p2p, pool, seq, issued))
         except Exception as exc:  # publishing with no peers yet, or a peer dropping mid-send: try next interval
             log.debug("attestation publish failed: %s", exc)
-        await trio.sleep(config.attestation_interval_ms / 1000)
+        await trio.sleep(limits.ATTESTATION_SPACING_MS_MIN / 1000)
+        with trio.move_on_after(max(0, config.attestation_interval_ms - limits.ATTESTATION_SPACING_MS_MIN) / 1000):
+            await pool.changed.wait()
 
 
 async def run_node(config: NodeConfig) -> None:

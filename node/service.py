@@ -38,6 +38,7 @@ class EnginePool:
 
     engines: list[Engine]
     free: list[Engine] = field(default_factory=list)
+    changed: trio.Event = field(default_factory=trio.Event)    # set when a slot is taken or freed
 
     def __post_init__(self) -> None:
         self.free = list(self.engines)
@@ -47,11 +48,15 @@ class EnginePool:
         return len(self.engines)
 
     def try_take(self) -> Engine | None:
-        return self.free.pop() if self.free else None
+        if not self.free:
+            return None
+        self.changed.set()
+        return self.free.pop()
 
     def give_back(self, engine: Engine) -> None:
         assert engine in self.engines and engine not in self.free
         self.free.append(engine)
+        self.changed.set()
 
 
 class ProviderService:

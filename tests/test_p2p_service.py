@@ -124,3 +124,17 @@ async def read_until_closed(stream) -> bytes:
             return await stream.read(100)
         except BaseLibp2pError:
             return b""  # reset by the provider
+
+
+def test_taking_or_freeing_a_slot_signals_a_capacity_change():
+    pool = EnginePool([FakeEngine(), FakeEngine()])
+    assert not pool.changed.is_set()
+    engine = pool.try_take()
+    assert pool.changed.is_set() and len(pool.free) == 1
+    pool.changed = trio.Event()
+    pool.give_back(engine)
+    assert pool.changed.is_set() and len(pool.free) == 2
+    pool.changed = trio.Event()
+    pool.try_take(), pool.try_take()
+    pool.changed = trio.Event()
+    assert pool.try_take() is None and not pool.changed.is_set()     # a refusal changes nothing
