@@ -198,3 +198,51 @@ class FrameBuffer:
         body = bytes(self._buffer[used:used + length])
         del self._buffer[:used + length]
         return body
+
+
+class FramedProtocol:
+    """What both stream protocols share: a role, a bounded frame buffer, and send/receive around a transition check.
+
+    A subclass sets ``INCOMING`` (frame types the peer may send, by role of the peer) and implements
+    ``_frame_cap`` (the largest frame accepted in the current state) and ``_advance`` (the state machine), which
+    raises ProtocolError for a frame that is not allowed.
+    """
+
+    RECEIVE_BUFFER_BYTES_MAX: int
+    INCOMING: dict
+
+    def __init__(self, role) -> None:
+        self.role = role
+        self.peer_role = role.other()
+        self._frames = FrameBuffer(self.RECEIVE_BUFFER_BYTES_MAX)
+
+    def send(self, frame) -> bytes:
+        """Advance the state for a frame we send; return its bytes. A local misuse raises AssertionError."""
+        try:
+            self._advance(self.role, frame)
+        except ProtocolError as exc:
+            raise AssertionError(f"{self.role.value} tried to send an invalid frame: {exc}") from None
+        return encode_frame(frame)
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes read from the peer. The buffer is bounded: more than one maximal frame is an error."""
+        self._frames.feed(data)
+
+    def next_frame(self):
+        """The next complete frame from the peer, or None if more bytes are needed."""
+        body = self._frames.next_body(self._frame_cap(), self.state.value)
+        if body is None:
+            return None
+        frame = decode_frame(body, self.INCOMING[self.peer_role.value])
+        self._advance(self.peer_role, frame)
+        return frame
+
+    @property
+    def done(self) -> bool:
+        return self.state.value == "done"
+
+    def _frame_cap(self) -> int:
+        raise NotImplementedError
+
+    def _advance(self, sender, frame) -> None:
+        raise NotImplementedError

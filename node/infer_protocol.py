@@ -19,13 +19,15 @@ import enum
 
 from node import limits
 from node.errors import ProtocolError
-from node.frames import (Accepted, Busy, Error, Final, Frame, FrameBuffer, Request, Token, decode_frame,
-                         encode_frame)
+from node.frames import FRAME_TYPES, Accepted, Busy, Error, Final, Frame, FramedProtocol, Request, Token
 
 
 class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
+
+    def other(self) -> "Role":
+        return Role.SERVER if self is Role.CLIENT else Role.CLIENT
 
 
 class State(enum.Enum):
@@ -47,41 +49,19 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
 }
 
 
-class InferProtocol:
+class InferProtocol(FramedProtocol):
     """One side of one /llorch/infer/1 stream."""
 
+    RECEIVE_BUFFER_BYTES_MAX = limits.RECEIVE_BUFFER_BYTES_MAX
+    INCOMING = {"client": FRAME_TYPES, "server": FRAME_TYPES}
+
     def __init__(self, role: Role) -> None:
-        self.role = role
-        self.peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
+        super().__init__(role)
         self.state = State.AWAIT_REQUEST
         self.tokens_seen = 0
-        self._frames = FrameBuffer(limits.RECEIVE_BUFFER_BYTES_MAX)
 
-    def send(self, frame: Frame) -> bytes:
-        """Advance the state for a frame we send; return its bytes. A local misuse raises AssertionError."""
-        try:
-            self._advance(self.role, frame)
-        except ProtocolError as exc:
-            raise AssertionError(f"{self.role.value} tried to send an invalid frame: {exc}") from None
-        return encode_frame(frame)
-
-    def receive_data(self, data: bytes) -> None:
-        """Buffer bytes read from the peer. The buffer is bounded: more than one maximal frame is an error."""
-        self._frames.feed(data)
-
-    def next_frame(self) -> Frame | None:
-        """The next complete frame from the peer, or None if more bytes are needed."""
-        cap = limits.REQUEST_FRAME_BYTES_MAX if self.state is State.AWAIT_REQUEST else limits.FRAME_BYTES_MAX
-        body = self._frames.next_body(cap, self.state.value)
-        if body is None:
-            return None
-        frame = decode_frame(body)
-        self._advance(self.peer_role, frame)
-        return frame
-
-    @property
-    def done(self) -> bool:
-        return self.state is State.DONE
+    def _frame_cap(self) -> int:
+        return limits.REQUEST_FRAME_BYTES_MAX if self.state is State.AWAIT_REQUEST else limits.FRAME_BYTES_MAX
 
     def _advance(self, sender: Role, frame: Frame) -> None:
         next_state = TRANSITIONS.get((self.state, sender, type(frame)))

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from node import limits
 from node.errors import ProtocolError
-from node.frames import Error, FrameBuffer, decode_frame, encode_frame
+from node.frames import Error, FramedProtocol
 from node.infer_protocol import Role
 
 HASH_BYTES = 32
@@ -140,38 +140,21 @@ class State(enum.Enum):
     DONE = "done"
 
 
-class LedgerProtocol:
+class LedgerProtocol(FramedProtocol):
     """One side of one /llorch/ledger/1 stream."""
 
+    RECEIVE_BUFFER_BYTES_MAX = limits.LEDGER_RECEIVE_BUFFER_BYTES_MAX
+    INCOMING = {"client": REQUESTS, "server": REPLIES}        # by the role of the peer who sends
+
     def __init__(self, role: Role) -> None:
-        self.role = role
+        super().__init__(role)
         self.state = State.AWAIT_REQUEST
         self.request = None
-        self._frames = FrameBuffer(limits.LEDGER_RECEIVE_BUFFER_BYTES_MAX)
 
-    def send(self, frame) -> bytes:
-        try:
-            self._advance(self.role, frame)
-        except ProtocolError as exc:
-            raise AssertionError(f"{self.role.value} tried to send an invalid frame: {exc}") from None
-        return encode_frame(frame)
-
-    def receive_data(self, data: bytes) -> None:
-        self._frames.feed(data)
-
-    def next_frame(self):
-        waiting_for_request = self.state is State.AWAIT_REQUEST
-        cap = limits.LEDGER_REQUEST_FRAME_BYTES_MAX if waiting_for_request else limits.LEDGER_RESPONSE_FRAME_BYTES_MAX
-        body = self._frames.next_body(cap, self.state.value)
-        if body is None:
-            return None
-        frame = decode_frame(body, REQUESTS if self.role is Role.SERVER else REPLIES)
-        self._advance(Role.CLIENT if self.role is Role.SERVER else Role.SERVER, frame)
-        return frame
-
-    @property
-    def done(self) -> bool:
-        return self.state is State.DONE
+    def _frame_cap(self) -> int:
+        if self.state is State.AWAIT_REQUEST:
+            return limits.LEDGER_REQUEST_FRAME_BYTES_MAX
+        return limits.LEDGER_RESPONSE_FRAME_BYTES_MAX
 
     def _advance(self, sender: Role, frame) -> None:
         if self.state is State.AWAIT_REQUEST and sender is Role.CLIENT and type(frame) in REPLY_TO:

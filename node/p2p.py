@@ -6,6 +6,7 @@ nothing (disconnect every peer inside ``host.run``, close the host shielded, sto
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -48,6 +49,15 @@ def peer_key_of(peer_id: ID) -> bytes | None:
     return public.to_bytes()
 
 
+def message_id(message) -> bytes:
+    """GossipSub message id: a hash of sender, seqno and content. py-libp2p's default (sender + seqno) breaks after a
+    restart: the new process starts its seqno counter at the wall clock in seconds, which lags an old process that
+    published more than one message a second, so its first messages look like repeats and are dropped for up to
+    the 120 s seen-cache lifetime. Replays of identical bytes are still recognised (and attestation seq checks
+    catch the rest)."""
+    return hashlib.sha256(message.from_id + message.seqno + message.data).digest()
+
+
 @dataclass
 class P2P:
     host: object
@@ -71,7 +81,7 @@ async def running_host(key: SigningKey, listen_addr: str) -> AsyncIterator[P2P]:
                                                       low_watermark=0))
     gossipsub = GossipSub(protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, GOSSIPSUB_V10], degree=6, degree_low=4,
                           degree_high=12, heartbeat_initial_delay=0.1, heartbeat_interval=1)
-    pubsub = Pubsub(host, gossipsub)
+    pubsub = Pubsub(host, gossipsub, msg_id_constructor=message_id)
     try:
         async with host.run(listen_addrs=[Multiaddr(listen_addr)]):
             async with background_trio_service(pubsub), background_trio_service(gossipsub):
