@@ -104,6 +104,8 @@ def _ignore_signals() -> None:
 
 
 def _banner(network) -> str:
+    from gateway.localnet import llorch_command
+
     base_url = network.base_url
     return f"""
 llorch local network is up: 1 gateway, {len(network.nodes)} provider node(s) on 127.0.0.1
@@ -116,7 +118,7 @@ Try it:
     -H "Authorization: Bearer {network.api_key}" -H "Content-Type: application/json" \\
     -d '{{"model": "smollm2-135m-instruct-q4_1", "seed": 42, "messages": [{{"role": "user", "content": "Say hello."}}]}}'
 
-Audit a provider's ledger:  llorch ledger verify {network.workdir / 'node1.ledger.sqlite'}
+Audit a provider's ledger:  {' '.join(llorch_command())} ledger verify {network.workdir / 'node1.ledger.sqlite'}
 Press Ctrl-C to stop.
 """
 
