@@ -26,7 +26,6 @@ from typing import Awaitable, Callable
 from gateway import limits
 from gateway.books import Books, tenant_account
 from gateway.witness import WitnessBook
-from ledger.merkle import MemoryTree, inclusion_proof
 from ledger.receipt_proof import proof_document
 from gateway.config import GatewayConfig, margin_bp
 from gateway.directory import ProviderDirectory
@@ -283,12 +282,8 @@ class Gateway:
             return None
         receipt_bytes = found[1]
         receipt = Receipt.from_envelope(receipt_bytes)
-        size, note, leaves = await self.witness_book.covering(receipt.provider_key)
-        if receipt.index >= size:
-            return proof_document(request_id, receipt_bytes, receipt.index, size, [], None)
-        tree = MemoryTree(leaves)
-        return proof_document(request_id, receipt_bytes, receipt.index, size,
-                              inclusion_proof(tree.subtree, receipt.index, size), note)
+        size, note, proof = await self.witness_book.inclusion_proof(receipt.provider_key, receipt.index)
+        return proof_document(request_id, receipt_bytes, receipt.index, size, proof, note)
 
     def _failed(self, provider_key: bytes) -> None:
         self.standings[provider_key] = after_failure(self.standings.get(provider_key, Standing()), now_ms())

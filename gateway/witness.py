@@ -24,6 +24,7 @@ from ledger.note import Checkpoint, NoteError, cosign, open_checkpoint
 from ledger.objects import ZERO_HASH, Receipt, ledger_origin
 from ledger.signing import SigningKey, peer_id_of, sha256
 from ledger.sqlite import Database
+from ledger.store import needed_nodes
 from gateway.ledger_client import LedgerRequestFailed, request_ledger
 from node.ledger_protocol import GetCheckpoint, GetConsistency, GetEntries, PutCosigned
 from node.ledger_service import witness_name
@@ -87,8 +88,9 @@ def check_consistency(state: WitnessedState, checkpoint: Checkpoint, note: bytes
 
 
 def extend(state: WitnessedState, checkpoint: Checkpoint, note: bytes, entries: list[bytes],
-           provider_key: bytes) -> WitnessedState:
-    """Verify entries [state.size, checkpoint.size) and that they give the checkpoint's root; the new state."""
+           provider_key: bytes, nodes: list | None = None) -> WitnessedState:
+    """Verify entries [state.size, checkpoint.size) and that they give the checkpoint's root; the new state.
+    Every new complete subtree (level, index, hash) is appended to ``nodes`` when given."""
     if len(entries) != checkpoint.size - state.size:
         raise BadView(f"expected {checkpoint.size - state.size} entries, got {len(entries)}")
     compact, head = state.compact.copy(), state.head_hash
@@ -101,7 +103,8 @@ def extend(state: WitnessedState, checkpoint: Checkpoint, note: bytes, entries: 
         if receipt.provider_key != provider_key or receipt.index != index or receipt.prev_hash != head \
                 or receipt.amount != receipt.expected_amount():
             raise BadView(f"entry {index} does not continue the ledger (key, index, chain or amount)")
-        compact.append(merkle.leaf_hash(entry))
+        compact.append(merkle.leaf_hash(entry), None if nodes is None else
+                       lambda level, at, hash_: nodes.append((level, at, hash_)))
         head = sha256(entry)
     if compact.root() != checkpoint.root:
         raise ForkDetected(f"the entries up to {checkpoint.size} do not give the signed root",
@@ -126,6 +129,13 @@ CREATE TABLE IF NOT EXISTS provider_entries (
     entry        BLOB NOT NULL,
     PRIMARY KEY (provider_key, idx)
 );
+CREATE TABLE IF NOT EXISTS provider_tree (
+    provider_key BLOB NOT NULL,
+    level        INTEGER NOT NULL,
+    idx          INTEGER NOT NULL,
+    hash         BLOB NOT NULL,
+    PRIMARY KEY (provider_key, level, idx)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS forks (
     provider_key BLOB PRIMARY KEY,
     detected_ms  INTEGER NOT NULL,
@@ -151,13 +161,15 @@ class WitnessBook:
         return WitnessedState(size, root, head, merkle.CompactRange(size, nodes), note)
 
     async def advance(self, provider_key: bytes, old: WitnessedState, new: WitnessedState,
-                      entries: list[bytes]) -> None:
+                      entries: list[bytes], nodes: list | None = None) -> None:
         compact = canonical.encode([[level, hash_] for level, hash_ in new.compact.nodes])
         rows = []
         for offset, entry in enumerate(entries):
             rows.append((provider_key, old.size + offset, Receipt.from_envelope(entry).request_id, entry))
         await self._database.transaction([
             ("INSERT INTO provider_entries (provider_key, idx, request_id, entry) VALUES (?, ?, ?, ?)", rows),
+            ("INSERT OR IGNORE INTO provider_tree (provider_key, level, idx, hash) VALUES (?, ?, ?, ?)",
+             [(provider_key, level, at, hash_) for level, at, hash_ in nodes or []]),
             ("INSERT OR REPLACE INTO witnessed (provider_key, size, root, head_hash, compact, note, checked_ms) "
              "VALUES (?, ?, ?, ?, ?, ?, ?)", [(provider_key, new.size, new.root, new.head_hash, compact, new.note,
                                                now_ms())])])
@@ -167,13 +179,29 @@ class WitnessBook:
         await self._database.transaction([("UPDATE witnessed SET checked_ms = ? WHERE provider_key = ?",
                                            [(now_ms(), provider_key)])])
 
-    async def covering(self, provider_key: bytes) -> tuple[int, bytes | None, list[bytes]]:
-        """(cosigned size, cosigned note, leaf hashes of the entries it covers) for one provider."""
+    async def inclusion_proof(self, provider_key: bytes, index: int) -> tuple[int, bytes | None, list[bytes]]:
+        """(cosigned size, cosigned note, RFC 9162 inclusion proof of entry ``index`` at that size), reading only the
+        O(log n) stored subtree hashes the proof needs. Size 0 and no note when the entry is not covered yet."""
         state = await self.state(provider_key)
-        rows = await self._database.fetchall(
-            "SELECT entry FROM provider_entries WHERE provider_key = ? AND idx < ? ORDER BY idx",
-            (provider_key, state.size))
-        return state.size, state.note, [merkle.leaf_hash(row[0]) for row in rows]
+        if index >= state.size:
+            return state.size, None, []
+        compute = lambda subtree: merkle.inclusion_proof(subtree, index, state.size)  # noqa: E731
+        wanted = sorted(set(needed_nodes(compute)))
+        hashes = {}
+        for level, at in wanted:
+            row = await self._database.fetchone(
+                "SELECT hash FROM provider_tree WHERE provider_key = ? AND level = ? AND idx = ?",
+                (provider_key, level, at))
+            if row is not None:
+                hashes[(level, at)] = row[0]
+        if len(hashes) < len(wanted):       # witnessed before subtrees were kept: rebuild from the entries
+            rows = await self._database.fetchall(
+                "SELECT entry FROM provider_entries WHERE provider_key = ? AND idx < ? ORDER BY idx",
+                (provider_key, state.size))
+            tree = merkle.MemoryTree([merkle.leaf_hash(row[0]) for row in rows])
+            return state.size, state.note, merkle.inclusion_proof(tree.subtree, index, state.size)
+        return state.size, state.note, compute(
+            lambda start, size: hashes[(size.bit_length() - 1, start >> (size.bit_length() - 1))])
 
     async def record_fork(self, provider_key: bytes, reason: str, evidence: list[str]) -> None:
         await self._database.transaction([(
@@ -214,7 +242,8 @@ class Witness:
                 proof = await request_ledger(self.p2p, provider_key, addrs, GetConsistency(state.size, checkpoint.size))
                 check_consistency(state, checkpoint, reply.note, proof.hashes)
             entries = await self._fetch_entries(provider_key, addrs, state.size, checkpoint.size)
-            new_state = extend(state, checkpoint, reply.note, entries, provider_key)
+            nodes: list = []
+            new_state = extend(state, checkpoint, reply.note, entries, provider_key, nodes)
         except ForkDetected as fork:
             log.error("provider %s FORKED its ledger: %s", peer_id_of(provider_key), fork)
             await self.book.record_fork(provider_key, str(fork), fork.evidence)
@@ -225,7 +254,7 @@ class Witness:
             return None
         cosigned = cosign(new_state.note, self.name, self.key, now_ms() // 1000)
         new_state = WitnessedState(new_state.size, new_state.root, new_state.head_hash, new_state.compact, cosigned)
-        await self.book.advance(provider_key, state, new_state, entries)
+        await self.book.advance(provider_key, state, new_state, entries, nodes)
         try:
             await request_ledger(self.p2p, provider_key, addrs, PutCosigned(cosigned))
         except LedgerRequestFailed as exc:

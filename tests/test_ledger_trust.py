@@ -212,6 +212,14 @@ async def test_witness_cosigns_then_detects_a_fork_over_libp2p(tmp_path):
         assert verify_cosignature(cosigned[0], witness_name(gateway.public_key), gateway.public_key) > 0
         await fill(honest, provider, 6, 2)
         assert (await witness.witness(provider.public_key, addrs)).size == 8
+        reference = merkle.MemoryTree([merkle.leaf_hash(e) for e in await honest.entries(0, 8)])
+        for index in (0, 3, 7):                 # proofs from the stored subtrees, and rebuilt from the entries
+            size, note, proof = await book.inclusion_proof(provider.public_key, index)
+            assert (size, proof) == (8, merkle.inclusion_proof(reference.subtree, index, 8)) and note
+        await database.execute("DELETE FROM provider_tree")
+        assert (await book.inclusion_proof(provider.public_key, 5))[2] == merkle.inclusion_proof(
+            reference.subtree, 5, 8)
+        assert (await book.inclusion_proof(provider.public_key, 8))[:2] == (8, None)
 
         service.ledger = rewritten                          # the provider now shows another history
         assert await witness.witness(provider.public_key, addrs) is None
