@@ -12,6 +12,7 @@ from libp2p.peer.id import ID
 from gateway.config import GatewayConfig
 from gateway.directory import ProviderDirectory
 from gateway.http_api import build_app
+from gateway import limits
 from gateway.books import Books
 from gateway.db import open_gateway_db
 from gateway.providers import ProviderBook
@@ -81,7 +82,7 @@ async def run_gateway(config: GatewayConfig) -> None:
         http = HypercornConfig()
         http.bind = [f"{config.http_host}:{config.http_port}"]
         http.accesslog = None
-        http.graceful_timeout = 2.0
+        http.graceful_timeout = limits.HTTP_SHUTDOWN_GRACE_S
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follow_attestations, p2p, directory)
             nursery.start_soon(witness_forever, witness, providers_to_witness, config.witness_interval_ms / 1000)

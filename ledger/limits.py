@@ -24,7 +24,7 @@ APPEND_BATCH_MAX = 256
 
 # Checkpoints: a node signs one every this many entries or this many seconds (if the ledger grew).
 CHECKPOINT_EVERY_ENTRIES_DEFAULT = 64
-CHECKPOINT_EVERY_S_DEFAULT = 10.0
+CHECKPOINT_EVERY_MS_DEFAULT = 10_000
 CHECKPOINT_POLL_S = 0.25
 
 # /llorch/ledger/1 pages.

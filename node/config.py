@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference.catalog import DEFAULT_MODEL_ID
+from ledger import limits as ledger_limits
 from node import limits
 from node.errors import ConfigError
 
@@ -46,8 +47,8 @@ class NodeConfig:
     sla_uptime_ppm: int = 990_000
     sla_ttft_ms: int = 1_000
     state_file: Path | None = None           # written once the node is up: peer id and listen addrs (JSON)
-    checkpoint_every_entries: int = 64       # sign a ledger checkpoint after this many new entries ...
-    checkpoint_every_ms: int = 10_000        # ... or after this long, if anything was appended
+    checkpoint_every_entries: int = ledger_limits.CHECKPOINT_EVERY_ENTRIES_DEFAULT   # sign a checkpoint after
+    checkpoint_every_ms: int = ledger_limits.CHECKPOINT_EVERY_MS_DEFAULT    # these many entries, or this long
 
     def __post_init__(self) -> None:
         if self.slots < 1 or self.slots > 64:

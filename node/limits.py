@@ -17,7 +17,6 @@ GENERATION_TIMEOUT_S = 600.0              # whole generation
 # Tickets.
 TICKET_CLOCK_SKEW_MS = 30_000
 TICKET_LIFETIME_MS_MAX = 10 * 60_000
-SEEN_REQUEST_IDS_MAX = 100_000
 
 # Attestations (gossip).
 ATTESTATION_BYTES_MAX = 8 * 1024
