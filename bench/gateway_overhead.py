@@ -18,8 +18,8 @@ import trio
 
 from gateway.localnet import LocalNetwork
 from gateway.node_client import request_inference
-from ledger.objects import VERSION, Ticket
-from ledger.signing import SigningKey, public_key_of_peer_id
+from llorch.ledger.objects import VERSION, Ticket
+from llorch.ledger.signing import SigningKey, public_key_of_peer_id
 from node.frames import Final, Request
 from node.p2p import running_host
 from node.stream_io import now_ms

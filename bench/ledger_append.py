@@ -13,10 +13,10 @@ from pathlib import Path
 
 import trio
 
-from ledger.objects import amount_minor
-from ledger.signing import SigningKey, sha256
-from ledger.store import LedgerStore
-from ledger.verify import load_material, verify
+from llorch.ledger.objects import amount_minor
+from llorch.ledger.signing import SigningKey, sha256
+from llorch.ledger.store import LedgerStore
+from llorch.ledger.verify import load_material, verify
 
 MODEL_SHA256 = bytes.fromhex("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 sys.path.insert(0, str(Path(__file__).parent))
 from ledger_append import fields  # noqa: E402
 
-from ledger.signing import SigningKey  # noqa: E402
-from ledger.store import LedgerStore  # noqa: E402
+from llorch.ledger.signing import SigningKey  # noqa: E402
+from llorch.ledger.store import LedgerStore  # noqa: E402
 
 
 async def build(path: Path, receipts: int) -> None:

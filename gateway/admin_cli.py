@@ -14,7 +14,7 @@ from gateway.config import load_gateway_config
 from gateway.db import open_gateway_db
 from gateway.providers import ProviderBook, ProviderError, record_json
 from gateway.tenants import TIERS, TenantBook, TenantError, format_amount, parse_amount
-from ledger.errors import LedgerError
+from llorch.ledger.errors import LedgerError
 from node.errors import NodeError
 from node.stream_io import now_ms
 

@@ -16,8 +16,8 @@ from gateway.books import Books, BooksError, statement_csv
 from gateway.config import load_gateway_config
 from gateway.db import open_gateway_db
 from gateway.reconcile import GRACE_MS, reconcile
-from ledger.errors import LedgerError
-from ledger.signing import load_key_file
+from llorch.ledger.errors import LedgerError
+from llorch.ledger.signing import load_key_file
 from node.errors import NodeError
 
 PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")

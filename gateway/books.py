@@ -13,9 +13,9 @@ import io
 from dataclasses import dataclass
 
 from gateway.pricing import Charge
-from ledger.objects import Receipt
-from ledger.signing import peer_id_of
-from ledger.sqlite import Database
+from llorch.ledger.objects import Receipt
+from llorch.ledger.signing import peer_id_of
+from llorch.ledger.sqlite import Database
 
 PLATFORM_ACCOUNT = "platform:fees"
 

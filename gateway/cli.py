@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from gateway import admin_cli, billing_cli
-from ledger import cli as ledger_cli
+from llorch.ledger import cli as ledger_cli
 from node import cli as node_cli
 from node.errors import NodeError
 from node.lifecycle import configure_logging, run_until_signal
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def gateway_start(args: argparse.Namespace) -> int:
     from gateway.config import load_gateway_config
     from gateway.run import run_gateway
-    from ledger.errors import LedgerError
+    from llorch.ledger.errors import LedgerError
 
     configure_logging()
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from gateway import books, providers, receipts, tenants, witness
-from ledger.sqlite import Database, open_database
+from llorch.ledger.sqlite import Database, open_database
 
 
 @asynccontextmanager

@@ -7,7 +7,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
-from ledger.signing import peer_id_of
+from llorch.ledger.signing import peer_id_of
 from node import limits
 from node.errors import ProtocolError
 from node.frames import Error

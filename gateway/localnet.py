@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ledger.signing import SigningKey, load_key_file, write_key_file
+from llorch.ledger.signing import SigningKey, load_key_file, write_key_file
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 5.0

@@ -23,7 +23,7 @@ from node.infer_protocol import InferProtocol, Role
 from node.p2p import P2P
 from node.service import INFER_PROTOCOL_ID
 from node.stream_io import close_quietly, read_frame, write_frame
-from ledger.signing import peer_id_of
+from llorch.ledger.signing import peer_id_of
 
 
 class AttemptFailed(Exception):

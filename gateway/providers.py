@@ -9,9 +9,9 @@ import json
 from dataclasses import dataclass
 
 from gateway.errors import BadRequest
-from ledger.errors import EncodingError, SignatureError
-from ledger.signing import public_key_of_peer_id
-from ledger.sqlite import Database
+from llorch.ledger.errors import EncodingError, SignatureError
+from llorch.ledger.signing import public_key_of_peer_id
+from llorch.ledger.sqlite import Database
 from node.registration import Registration
 
 REGISTRATION_CLOCK_SKEW_MS = 5 * 60_000

@@ -7,10 +7,10 @@ receipts (exact bytes) in the gateway's SQLite database, keyed by request_id.
 from __future__ import annotations
 
 from gateway.errors import ReceiptRejected
-from ledger.errors import EncodingError, SignatureError
-from ledger.objects import Receipt, Ticket, prompt_commitment, sampling_sha256
-from ledger.signing import sha256
-from ledger.sqlite import Database
+from llorch.ledger.errors import EncodingError, SignatureError
+from llorch.ledger.objects import Receipt, Ticket, prompt_commitment, sampling_sha256
+from llorch.ledger.signing import sha256
+from llorch.ledger.sqlite import Database
 
 
 def check_receipt(receipt_bytes: bytes, ticket: Ticket, ticket_bytes: bytes, salt: bytes, prompt: dict,

@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.books import period_of
-from ledger.errors import LedgerError
-from ledger.objects import Receipt, Ticket
-from ledger.signing import peer_id_of, sha256
-from ledger.sqlite import Database
+from llorch.ledger.errors import LedgerError
+from llorch.ledger.objects import Receipt, Ticket
+from llorch.ledger.signing import peer_id_of, sha256
+from llorch.ledger.sqlite import Database
 
 GRACE_MS = 120_000          # a witness round this long after a ticket must find its receipt
 

@@ -20,7 +20,7 @@ from gateway.receipts import ReceiptBook
 from gateway.tenants import TenantBook
 from gateway.witness import Witness, WitnessBook, witness_forever
 from gateway.service import Gateway
-from ledger.signing import load_key_file
+from llorch.ledger.signing import load_key_file
 from node.attestation import TOPIC, parse_attestation
 from node.errors import AttestationRejected
 from node.lifecycle import write_state_file

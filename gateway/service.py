@@ -26,7 +26,7 @@ from typing import Awaitable, Callable
 from gateway import limits
 from gateway.books import Books, tenant_account
 from gateway.witness import WitnessBook
-from ledger.receipt_proof import proof_document
+from llorch.ledger.receipt_proof import proof_document
 from gateway.config import GatewayConfig, margin_bp
 from gateway.directory import ProviderDirectory
 from gateway.errors import (AuthError, BadRequest, Forbidden, ModelNotFound, NoProvider, PaymentRequired,
@@ -41,8 +41,8 @@ from gateway.providers import ProviderBook
 from gateway.quota import QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound, worst_case_minor
 from gateway.receipts import ReceiptBook, check_receipt
 from gateway.tenants import Tenant, TenantBook
-from ledger.objects import VERSION, Receipt, Ticket
-from ledger.signing import SigningKey, peer_id_of
+from llorch.ledger.objects import VERSION, Receipt, Ticket
+from llorch.ledger.signing import SigningKey, peer_id_of
 from node.attestation import Attestation
 from node.errors import ProtocolError
 from node.frames import Final, Request, prompt_chars, prompt_parts

@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from ledger.sqlite import Database
+from llorch.ledger.sqlite import Database
 
 TIERS = ("hobby", "startup", "enterprise")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import trio
 
-from ledger import canonical, merkle
-from ledger.errors import EncodingError, SignatureError
-from ledger.note import Checkpoint, NoteError, cosign, open_checkpoint
-from ledger.objects import ZERO_HASH, Receipt, ledger_origin
-from ledger.signing import SigningKey, peer_id_of, sha256
-from ledger.sqlite import Database
-from ledger.store import needed_nodes
+from llorch.ledger import canonical, merkle
+from llorch.ledger.errors import EncodingError, SignatureError
+from llorch.ledger.note import Checkpoint, NoteError, cosign, open_checkpoint
+from llorch.ledger.objects import ZERO_HASH, Receipt, ledger_origin
+from llorch.ledger.signing import SigningKey, peer_id_of, sha256
+from llorch.ledger.sqlite import Database
+from llorch.ledger.store import needed_nodes
 from gateway.ledger_client import LedgerRequestFailed, request_ledger
 from node.ledger_protocol import GetCheckpoint, GetConsistency, GetEntries, PutCosigned
 from node.ledger_service import witness_name

@@ -16,8 +16,8 @@ from typing import Any
 
 import msgpack
 
-from ledger import limits
-from ledger.errors import EncodingError
+from llorch.ledger import limits
+from llorch.ledger.errors import EncodingError
 
 Value = None | bool | int | str | bytes | list[Any] | dict[str, Any]
 

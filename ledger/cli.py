@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from ledger.errors import KeyFileError, StoreError, VerificationError
-from ledger.export import export_ledger
-from ledger.signing import SigningKey, write_key_file
-from ledger.verify import CHECKS, load_material, load_trusted_keys, verify
+from llorch.ledger.errors import KeyFileError, StoreError, VerificationError
+from llorch.ledger.export import export_ledger
+from llorch.ledger.signing import SigningKey, write_key_file
+from llorch.ledger.verify import CHECKS, load_material, load_trusted_keys, verify
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
@@ -88,8 +88,8 @@ def ledger_verify(args: argparse.Namespace) -> int:
 
 
 def ledger_verify_receipt(args: argparse.Namespace) -> int:
-    from ledger.receipt_proof import ReceiptProofError, load_document, verify_receipt_document
-    from ledger.signing import public_key_of_peer_id
+    from llorch.ledger.receipt_proof import ReceiptProofError, load_document, verify_receipt_document
+    from llorch.ledger.signing import public_key_of_peer_id
 
     try:
         document = load_document(args.file.read_text(encoding="utf-8"))

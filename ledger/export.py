@@ -7,9 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from ledger.errors import LedgerError
-from ledger.objects import Receipt, receipt_fields_of
-from ledger.verify import LedgerMaterial, load_material, write_bundle
+from llorch.ledger.errors import LedgerError
+from llorch.ledger.objects import Receipt, receipt_fields_of
+from llorch.ledger.verify import LedgerMaterial, load_material, write_bundle
 
 
 def export_ledger(path: Path, out: Path, jsonl: Path | None = None) -> int:

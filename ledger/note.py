@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ledger.signing import SigningKey
+from llorch.ledger.signing import SigningKey
 
 NOTE_BYTES_MAX = 16 * 1024
 SIGNATURES_MAX = 16

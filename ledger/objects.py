@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ledger import canonical, limits
-from ledger.errors import EncodingError
-from ledger.signing import SigningKey, open_envelope, peer_id_of, sha256, verify_signature
+from llorch.ledger import canonical, limits
+from llorch.ledger.errors import EncodingError
+from llorch.ledger.signing import SigningKey, open_envelope, peer_id_of, sha256, verify_signature
 
 VERSION = 1
 HASH_BYTES = 32

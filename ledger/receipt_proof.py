@@ -14,11 +14,11 @@ import base64
 import json
 from dataclasses import dataclass
 
-from ledger import merkle
-from ledger.errors import LedgerError
-from ledger.note import NoteError, open_checkpoint, verify_cosignature
-from ledger.objects import Receipt
-from ledger.signing import peer_id_of
+from llorch.ledger import merkle
+from llorch.ledger.errors import LedgerError
+from llorch.ledger.note import NoteError, open_checkpoint, verify_cosignature
+from llorch.ledger.objects import Receipt
+from llorch.ledger.signing import peer_id_of
 
 
 class ReceiptProofError(Exception):

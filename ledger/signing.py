@@ -22,8 +22,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ledger import canonical, limits
-from ledger.errors import EncodingError, KeyFileError, SignatureError
+from llorch.ledger import canonical, limits
+from llorch.ledger.errors import EncodingError, KeyFileError, SignatureError
 
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64

@@ -15,8 +15,8 @@ import aiosqlite
 import trio
 import trio_asyncio
 
-from ledger import limits
-from ledger.errors import StoreError, sole_exception
+from llorch.ledger import limits
+from llorch.ledger.errors import StoreError, sole_exception
 
 
 class Database:

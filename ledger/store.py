@@ -21,12 +21,12 @@ from typing import AsyncIterator, Sequence
 
 import trio
 
-from ledger import limits, merkle
-from ledger.errors import ConflictError, EncodingError, LedgerError, StoreError
-from ledger.note import Checkpoint, NoteError, open_checkpoint, parse_checkpoint_text, parse_note, sign_checkpoint
-from ledger.objects import VERSION, ZERO_HASH, Receipt, ledger_origin, receipt_fields_of, with_chain
-from ledger.signing import SigningKey, sha256
-from ledger.sqlite import Database, open_database
+from llorch.ledger import limits, merkle
+from llorch.ledger.errors import ConflictError, EncodingError, LedgerError, StoreError
+from llorch.ledger.note import Checkpoint, NoteError, open_checkpoint, parse_checkpoint_text, parse_note, sign_checkpoint
+from llorch.ledger.objects import VERSION, ZERO_HASH, Receipt, ledger_origin, receipt_fields_of, with_chain
+from llorch.ledger.signing import SigningKey, sha256
+from llorch.ledger.sqlite import Database, open_database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ledger import canonical, merkle
-from ledger.errors import EncodingError, SignatureError, StoreError, VerificationError
-from ledger.note import Checkpoint, NoteError, open_checkpoint
-from ledger.objects import ZERO_HASH, Receipt, ledger_origin
-from ledger.signing import open_envelope, peer_id_of, public_key_of_peer_id, sha256, verify_signature
+from llorch.ledger import canonical, merkle
+from llorch.ledger.errors import EncodingError, SignatureError, StoreError, VerificationError
+from llorch.ledger.note import Checkpoint, NoteError, open_checkpoint
+from llorch.ledger.objects import ZERO_HASH, Receipt, ledger_origin
+from llorch.ledger.signing import open_envelope, peer_id_of, public_key_of_peer_id, sha256, verify_signature
 
 CHECKS = {
     1: ("LV01", "malformed"),

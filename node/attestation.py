@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ledger.errors import EncodingError, SignatureError
-from ledger.objects import SignedObject, check_field
+from llorch.ledger.errors import EncodingError, SignatureError
+from llorch.ledger.objects import SignedObject, check_field
 from node import limits
 from node.errors import AttestationRejected
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from inference import catalog
 from inference.errors import InferenceError
-from ledger import cli as ledger_cli
-from ledger.errors import LedgerError
+from llorch.ledger import cli as ledger_cli
+from llorch.ledger.errors import LedgerError
 from node.config import NodeConfig, load_config
 from node.errors import NodeError
 from node.lifecycle import configure_logging, run_until_signal
@@ -99,7 +99,7 @@ def node_start(args: argparse.Namespace) -> int:
 
 
 def node_register(args: argparse.Namespace) -> int:
-    from ledger.signing import load_key_file
+    from llorch.ledger.signing import load_key_file
     from node.register import register
 
     try:
@@ -115,7 +115,7 @@ def node_register(args: argparse.Namespace) -> int:
 
 def node_info(args: argparse.Namespace) -> int:
     from inference.engine import build_fingerprint, determinism_class
-    from ledger.signing import load_key_file
+    from llorch.ledger.signing import load_key_file
 
     try:
         config = load_node_config(args.config)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference.catalog import DEFAULT_MODEL_ID
-from ledger import limits as ledger_limits
+from llorch.ledger import limits as ledger_limits
 from node import limits
 from node.errors import ConfigError
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-from ledger import canonical
-from ledger.errors import EncodingError
+from llorch.ledger import canonical
+from llorch.ledger.errors import EncodingError
 from node import limits
 from node.errors import ProtocolError
 

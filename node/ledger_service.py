@@ -7,11 +7,11 @@ import logging
 
 import trio
 
-from ledger import limits as ledger_limits
-from ledger.errors import LedgerError
-from ledger.note import NoteError, verify_cosignature
-from ledger.signing import peer_id_of
-from ledger.store import LedgerStore
+from llorch.ledger import limits as ledger_limits
+from llorch.ledger.errors import LedgerError
+from llorch.ledger.note import NoteError, verify_cosignature
+from llorch.ledger.signing import peer_id_of
+from llorch.ledger.store import LedgerStore
 from node import limits
 from node.frames import Error
 from node.infer_protocol import Role

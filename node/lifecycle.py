@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from ledger.errors import sole_exception
+from llorch.ledger.errors import sole_exception
 
 log = logging.getLogger("llorch")
 

@@ -26,7 +26,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID, Tr
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from ledger.signing import SigningKey
+from llorch.ledger.signing import SigningKey
 from node import limits
 
 log = logging.getLogger("llorch.p2p")

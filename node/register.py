@@ -8,8 +8,8 @@ import json
 import urllib.error
 import urllib.request
 
-from ledger.objects import VERSION
-from ledger.signing import SigningKey
+from llorch.ledger.objects import VERSION
+from llorch.ledger.signing import SigningKey
 from node.config import NodeConfig
 from node.registration import Registration
 from node.stream_io import now_ms

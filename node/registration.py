@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ledger.errors import EncodingError
-from ledger.objects import SignedObject, check_field
-from ledger.signing import peer_id_of
+from llorch.ledger.errors import EncodingError
+from llorch.ledger.objects import SignedObject, check_field
+from llorch.ledger.signing import peer_id_of
 
 COUNTRY = re.compile(r"^[A-Z]{2}$")
 PRICE_PER_1M_MAX = 10**12

@@ -21,10 +21,10 @@ import trio
 from inference import catalog
 from inference.engine import Engine, Sampling, determinism_class, parse_fingerprint
 from inference.errors import InferenceError
-from ledger.errors import LedgerError
-from ledger.objects import Receipt, prompt_commitment, sampling_sha256
-from ledger.signing import sha256
-from ledger.verify import load_material
+from llorch.ledger.errors import LedgerError
+from llorch.ledger.objects import Receipt, prompt_commitment, sampling_sha256
+from llorch.ledger.signing import sha256
+from llorch.ledger.verify import load_material
 from node.sampling import chat_request_prompt, chat_request_sampling
 
 MATCH, MISMATCH, UNUSABLE, INCONCLUSIVE = 0, 1, 2, 3

@@ -12,9 +12,9 @@ from libp2p.custom_types import TProtocol
 from inference import catalog
 from inference.echo import EchoEngine
 from inference.engine import Engine
-from ledger.objects import VERSION
-from ledger.signing import SigningKey, load_key_file, public_key_of_peer_id
-from ledger.store import LedgerStore
+from llorch.ledger.objects import VERSION
+from llorch.ledger.signing import SigningKey, load_key_file, public_key_of_peer_id
+from llorch.ledger.store import LedgerStore
 from node import limits
 from node.attestation import TOPIC, Attestation
 from node.config import NodeConfig

@@ -17,10 +17,10 @@ import trio
 
 from inference.engine import Engine, Sampling
 from inference.errors import InferenceError, RequestError
-from ledger.errors import EncodingError, LedgerError, SignatureError
-from ledger.objects import Ticket, amount_minor, prompt_commitment, sampling_sha256
-from ledger.signing import sha256
-from ledger.store import LedgerStore
+from llorch.ledger.errors import EncodingError, LedgerError, SignatureError
+from llorch.ledger.objects import Ticket, amount_minor, prompt_commitment, sampling_sha256
+from llorch.ledger.signing import sha256
+from llorch.ledger.store import LedgerStore
 from node import limits
 from node.errors import ProtocolError, TicketRejected
 from node.frames import Accepted, Busy, Error, Final, Request, Token

@@ -5,8 +5,8 @@ import sys
 
 import trio
 
-from ledger.signing import SigningKey
-from ledger.store import LedgerStore
+from llorch.ledger.signing import SigningKey
+from llorch.ledger.store import LedgerStore
 from tests.helpers import receipt_fields
 
 

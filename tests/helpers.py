@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import secrets
 
-from ledger.objects import VERSION, Ticket, amount_minor, sampling_sha256
-from ledger.signing import SigningKey, sha256
+from llorch.ledger.objects import VERSION, Ticket, amount_minor, sampling_sha256
+from llorch.ledger.signing import SigningKey, sha256
 
 MODEL_ID = "smollm2-135m-instruct-q4_1"
 MODEL_SHA256 = bytes.fromhex("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")

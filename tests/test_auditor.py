@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ledger.errors import VerificationError
-from ledger.signing import SigningKey
-from ledger.store import LedgerStore
-from ledger.verify import load_material, read_bundle, verify
+from llorch.ledger.errors import VerificationError
+from llorch.ledger.signing import SigningKey
+from llorch.ledger.store import LedgerStore
+from llorch.ledger.verify import load_material, read_bundle, verify
 from tests.helpers import receipt_fields
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ledgers"
@@ -109,7 +109,7 @@ def test_unreadable_inputs_exit_2(tmp_path):
 
 @pytest.mark.parametrize("name", ["LV03-bad-signature", "LV05-chain-break", "LV11-amount", "LV02-unknown-key"])
 def test_parallel_inspection_reports_the_same_first_failure(monkeypatch, name):
-    import ledger.verify as verifier
+    import llorch.ledger.verify as verifier
 
     monkeypatch.setattr(verifier, "PARALLEL_THRESHOLD_ENTRIES", 2)
     monkeypatch.setattr(verifier, "PARALLEL_CHUNK_ENTRIES", 2)

@@ -17,10 +17,10 @@ import pytest
 
 from gateway.localnet import LocalNetwork
 from gateway.pricing import customer_charge
-from ledger.objects import VERSION, Receipt, amount_minor, sampling_sha256
-from ledger.signing import load_key_file, public_key_of_peer_id, sha256
-from ledger.store import LedgerStore
-from ledger.verify import read_sqlite_entries
+from llorch.ledger.objects import VERSION, Receipt, amount_minor, sampling_sha256
+from llorch.ledger.signing import load_key_file, public_key_of_peer_id, sha256
+from llorch.ledger.store import LedgerStore
+from llorch.ledger.verify import read_sqlite_entries
 
 pytestmark = pytest.mark.e2e
 

@@ -2,8 +2,8 @@ import msgpack
 import pytest
 from hypothesis import given, strategies as st
 
-from ledger import canonical
-from ledger.errors import EncodingError
+from llorch.ledger import canonical
+from llorch.ledger.errors import EncodingError
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text(max_size=20)

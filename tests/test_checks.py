@@ -5,9 +5,9 @@ import pytest
 from gateway.directory import ProviderDirectory
 from gateway.errors import ReceiptRejected
 from gateway.receipts import check_receipt
-from ledger import canonical
-from ledger.objects import VERSION, Receipt, amount_minor, prompt_commitment, sampling_sha256
-from ledger.signing import SigningKey, open_envelope, sha256
+from llorch.ledger import canonical
+from llorch.ledger.objects import VERSION, Receipt, amount_minor, prompt_commitment, sampling_sha256
+from llorch.ledger.signing import SigningKey, open_envelope, sha256
 from node.attestation import parse_attestation
 from node.errors import AttestationRejected, TicketRejected
 from node.service import EnginePool, ProviderService

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from ledger.objects import Receipt
-from ledger.signing import SigningKey
-from ledger.verify import load_material, read_sqlite_entries, verify
+from llorch.ledger.objects import Receipt
+from llorch.ledger.signing import SigningKey
+from llorch.ledger.verify import load_material, read_sqlite_entries, verify
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,10 +13,10 @@ import openai
 import pytest
 
 from gateway.localnet import LocalNetwork
-from ledger import canonical
-from ledger.objects import Receipt, receipt_fields_of
-from ledger.signing import load_key_file
-from ledger.verify import LedgerMaterial, read_sqlite_entries, write_bundle
+from llorch.ledger import canonical
+from llorch.ledger.objects import Receipt, receipt_fields_of
+from llorch.ledger.signing import load_key_file
+from llorch.ledger.verify import LedgerMaterial, read_sqlite_entries, write_bundle
 
 pytestmark = pytest.mark.e2e
 

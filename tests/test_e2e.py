@@ -14,10 +14,10 @@ import openai
 import pytest
 
 from gateway.localnet import LocalNetwork
-from ledger.note import verify_cosignature
-from ledger.objects import Receipt
-from ledger.signing import public_key_of_peer_id
-from ledger.verify import read_sqlite_entries
+from llorch.ledger.note import verify_cosignature
+from llorch.ledger.objects import Receipt
+from llorch.ledger.signing import public_key_of_peer_id
+from llorch.ledger.verify import read_sqlite_entries
 
 pytestmark = pytest.mark.e2e
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ledger import canonical
+from llorch.ledger import canonical
 from node import limits
 from node.errors import ProtocolError
 from node.frames import Accepted, Busy, Error, Final, Request, Token, encode_frame, encode_uvarint

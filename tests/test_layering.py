@@ -21,10 +21,15 @@ def imported_packages(path: Path) -> set[str]:
     found = set()
     for item in ast.walk(tree):
         if isinstance(item, ast.Import):
-            found |= {alias.name.split(".")[0] for alias in item.names}
+            found |= {package_of(alias.name) for alias in item.names}
         elif isinstance(item, ast.ImportFrom) and item.level == 0 and item.module:
-            found.add(item.module.split(".")[0])
+            found.add(package_of(item.module))
     return found & OURS
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "llorch" and len(parts) > 1 else parts[0]
 
 
 @pytest.mark.parametrize("package", sorted(OURS))

@@ -7,12 +7,12 @@ import sys
 import pytest
 import trio
 
-from ledger import canonical
-from ledger.errors import ConflictError, StoreError, VerificationError
-from ledger.objects import Receipt
-from ledger.signing import SigningKey, open_envelope, sha256
-from ledger.store import LedgerStore
-from ledger.verify import LedgerMaterial, read_sqlite_entries, verify, verify_ledger_file
+from llorch.ledger import canonical
+from llorch.ledger.errors import ConflictError, StoreError, VerificationError
+from llorch.ledger.objects import Receipt
+from llorch.ledger.signing import SigningKey, open_envelope, sha256
+from llorch.ledger.store import LedgerStore
+from llorch.ledger.verify import LedgerMaterial, read_sqlite_entries, verify, verify_ledger_file
 from tests.helpers import receipt_fields
 
 
@@ -203,7 +203,7 @@ def test_cli_verify_on_a_missing_file_exits_2(tmp_path):
 
 
 async def test_concurrent_transactions_on_one_database_take_turns(tmp_path):
-    from ledger.sqlite import open_database
+    from llorch.ledger.sqlite import open_database
 
     async with open_database(tmp_path / "db.sqlite") as database:
         await database.execute("CREATE TABLE t (x INTEGER)")

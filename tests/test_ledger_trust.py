@@ -9,14 +9,14 @@ from libp2p.custom_types import TProtocol
 from gateway.db import open_gateway_db
 from gateway.witness import (BadView, ForkDetected, Witness, WitnessBook, WitnessedState, check_checkpoint,
                              check_consistency, extend)
-from ledger import merkle
-from ledger.errors import ConflictError, StoreError
-from ledger.note import (Checkpoint, NoteError, cosign, open_checkpoint, parse_note, sign_checkpoint,
+from llorch.ledger import merkle
+from llorch.ledger.errors import ConflictError, StoreError
+from llorch.ledger.note import (Checkpoint, NoteError, cosign, open_checkpoint, parse_note, sign_checkpoint,
                          verify_cosignature)
-from ledger.objects import Receipt
-from ledger.signing import SigningKey
-from ledger.store import LedgerStore
-from ledger.verify import LedgerMaterial, load_material, verify
+from llorch.ledger.objects import Receipt
+from llorch.ledger.signing import SigningKey
+from llorch.ledger.store import LedgerStore
+from llorch.ledger.verify import LedgerMaterial, load_material, verify
 from node.errors import ProtocolError
 from node.frames import Error
 from node.infer_protocol import Role
@@ -268,7 +268,7 @@ async def test_fork_of_two_internally_valid_copies_is_caught_by_the_auditor(tmp_
 
 
 async def test_ledger_service_pages_and_refuses_unknown_ranges(tmp_path, monkeypatch):
-    import ledger.limits as ledger_limits
+    import llorch.ledger.limits as ledger_limits
 
     key, gateway = SigningKey.generate(), SigningKey.generate()
     async with LedgerStore.open(tmp_path / "l.sqlite", key) as ledger:

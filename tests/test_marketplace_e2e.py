@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from gateway.localnet import LocalNetwork
-from ledger.objects import VERSION
-from ledger.signing import SigningKey, load_key_file
+from llorch.ledger.objects import VERSION
+from llorch.ledger.signing import SigningKey, load_key_file
 from node.registration import Registration
 
 pytestmark = pytest.mark.e2e

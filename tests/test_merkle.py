@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ledger import merkle
-from ledger.signing import SigningKey
-from ledger.store import LedgerStore
+from llorch.ledger import merkle
+from llorch.ledger.signing import SigningKey
+from llorch.ledger.store import LedgerStore
 from tests.helpers import receipt_fields
 
 VECTORS = json.loads((Path(__file__).parent / "fixtures" / "merkle_vectors.json").read_text())

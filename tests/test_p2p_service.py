@@ -12,9 +12,9 @@ from multiaddr import Multiaddr
 
 from gateway.node_client import AttemptFailed, request_inference
 from gateway.receipts import check_receipt
-from ledger.signing import SigningKey
-from ledger.store import LedgerStore
-from ledger.verify import read_sqlite_entries
+from llorch.ledger.signing import SigningKey
+from llorch.ledger.store import LedgerStore
+from llorch.ledger.verify import read_sqlite_entries
 from node.frames import Final, Request, Token
 from node.p2p import running_host
 from node.run import build_attestation

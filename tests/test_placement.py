@@ -4,8 +4,8 @@ import pytest
 
 from gateway.placement import (BACKOFF_MS_MAX, ProviderView, Requirements, Standing, after_failure, after_success,
                                rank_providers, why_not)
-from ledger.objects import VERSION
-from ledger.signing import SigningKey
+from llorch.ledger.objects import VERSION
+from llorch.ledger.signing import SigningKey
 from node.attestation import Attestation
 from tests.helpers import MODEL_ID, MODEL_SHA256
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from gateway.pricing import (BASIS_POINTS, PricingError, customer_charge, demand_multiplier_bp, ticket_price,
                              utilisation_ppm)
-from ledger.objects import amount_minor
+from llorch.ledger.objects import amount_minor
 
 margins = st.integers(min_value=2_000, max_value=6_000)
 

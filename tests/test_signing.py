@@ -3,11 +3,11 @@ import stat
 
 import pytest
 
-from ledger.errors import EncodingError, KeyFileError, SignatureError
-from ledger.objects import Receipt, Ticket
-from ledger.signing import (SigningKey, domain_tag, load_key_file, open_envelope, peer_id_of, public_key_of_peer_id,
+from llorch.ledger.errors import EncodingError, KeyFileError, SignatureError
+from llorch.ledger.objects import Receipt, Ticket
+from llorch.ledger.signing import (SigningKey, domain_tag, load_key_file, open_envelope, peer_id_of, public_key_of_peer_id,
                             verify_signature, write_key_file)
-from ledger import canonical
+from llorch.ledger import canonical
 from tests.helpers import make_ticket
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ledger.objects import Receipt
-from ledger.signing import SigningKey
+from llorch.ledger.objects import Receipt
+from llorch.ledger.signing import SigningKey
 
 VECTOR = json.loads((Path(__file__).parent / "fixtures" / "receipt_vector.json").read_text())
 B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
