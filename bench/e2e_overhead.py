@@ -18,8 +18,8 @@ import openai
 import trio
 
 from gateway.localnet import LocalNetwork
-from inference import catalog
-from inference.engine import Engine, Sampling
+from llorch.inference import catalog
+from llorch.inference.engine import Engine, Sampling
 
 MODEL = catalog.DEFAULT_MODEL_ID
 MESSAGES = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]

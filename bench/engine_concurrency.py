@@ -12,8 +12,8 @@ import time
 
 import trio
 
-from inference import catalog
-from inference.engine import Engine, Sampling
+from llorch.inference import catalog
+from llorch.inference.engine import Engine, Sampling
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 

@@ -13,8 +13,8 @@ import time
 
 import trio
 
-from inference import catalog
-from inference.engine import MIN_P, REPEAT_PENALTY, TOP_K, Engine, Sampling
+from llorch.inference import catalog
+from llorch.inference.engine import MIN_P, REPEAT_PENALTY, TOP_K, Engine, Sampling
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 SEED, TEMPERATURE_PPM, TOP_P_PPM = 7, 800_000, 950_000

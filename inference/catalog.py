@@ -17,8 +17,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference import limits
-from inference.errors import CatalogError, FetchError, ModelFileError
+from llorch.inference import limits
+from llorch.inference.errors import CatalogError, FetchError, ModelFileError
 
 
 @dataclass(frozen=True)

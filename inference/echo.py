@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import trio
 
-from inference.catalog import CatalogEntry
-from inference.engine import Generation, Prepared, Sampling, determinism_class
+from llorch.inference.catalog import CatalogEntry
+from llorch.inference.engine import Generation, Prepared, Sampling, determinism_class
 
 
 class EchoEngine:

@@ -21,8 +21,8 @@ from typing import Awaitable, Callable
 
 import trio
 
-from inference import catalog, limits
-from inference.errors import EngineError, RequestError
+from llorch.inference import catalog, limits
+from llorch.inference.errors import EngineError, RequestError
 
 # Fixed sampler settings: part of the determinism class, never taken from a request.
 TOP_K = 40

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from inference import catalog
-from inference.errors import InferenceError
+from llorch.inference import catalog
+from llorch.inference.errors import InferenceError
 from llorch.ledger import cli as ledger_cli
 from llorch.ledger.errors import LedgerError
 from node.config import NodeConfig, load_config
@@ -114,7 +114,7 @@ def node_register(args: argparse.Namespace) -> int:
 
 
 def node_info(args: argparse.Namespace) -> int:
-    from inference.engine import build_fingerprint, determinism_class
+    from llorch.inference.engine import build_fingerprint, determinism_class
     from llorch.ledger.signing import load_key_file
 
     try:

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.catalog import DEFAULT_MODEL_ID
+from llorch.inference.catalog import DEFAULT_MODEL_ID
 from llorch.ledger import limits as ledger_limits
 from node import limits
 from node.errors import ConfigError

@@ -5,7 +5,7 @@ The gateway never loads models; it only needs each model's pin to check attestat
 
 from __future__ import annotations
 
-from inference import catalog
+from llorch.inference import catalog
 
 
 def catalog_pin(model_id: str) -> bytes | None:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import trio
 
-from inference import catalog
-from inference.engine import Engine, Sampling, determinism_class, parse_fingerprint
-from inference.errors import InferenceError
+from llorch.inference import catalog
+from llorch.inference.engine import Engine, Sampling, determinism_class, parse_fingerprint
+from llorch.inference.errors import InferenceError
 from llorch.ledger.errors import LedgerError
 from llorch.ledger.objects import Receipt, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256

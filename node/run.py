@@ -9,9 +9,9 @@ from pathlib import Path
 import trio
 from libp2p.custom_types import TProtocol
 
-from inference import catalog
-from inference.echo import EchoEngine
-from inference.engine import Engine
+from llorch.inference import catalog
+from llorch.inference.echo import EchoEngine
+from llorch.inference.engine import Engine
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey, load_key_file, public_key_of_peer_id
 from llorch.ledger.store import LedgerStore

@@ -6,7 +6,7 @@ so both sides hash exactly the same thing (receipt field sampling_sha256).
 
 from __future__ import annotations
 
-from inference.limits import MAX_TOKENS_CAP as MAX_TOKENS_MAX
+from llorch.inference.limits import MAX_TOKENS_CAP as MAX_TOKENS_MAX
 
 MAX_TOKENS_DEFAULT = 256          # when the customer sends no max_tokens
 TEMPERATURE_DEFAULT = 1.0

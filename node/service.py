@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from inference.engine import Engine, Sampling
-from inference.errors import InferenceError, RequestError
+from llorch.inference.engine import Engine, Sampling
+from llorch.inference.errors import InferenceError, RequestError
 from llorch.ledger.errors import EncodingError, LedgerError, SignatureError
 from llorch.ledger.objects import Ticket, amount_minor, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from inference import catalog
+from llorch.inference import catalog
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@ default catalog entry."""
 
 from __future__ import annotations
 
-from inference import catalog
-from inference.echo import EchoEngine
+from llorch.inference import catalog
+from llorch.inference.echo import EchoEngine
 
 
 def FakeEngine(delay_s: float = 0.0) -> EchoEngine:

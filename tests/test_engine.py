@@ -3,9 +3,9 @@
 import pytest
 import trio
 
-from inference import catalog
-from inference.engine import Engine, Sampling
-from inference.errors import ModelFileError, RequestError
+from llorch.inference import catalog
+from llorch.inference.engine import Engine, Sampling
+from llorch.inference.errors import ModelFileError, RequestError
 
 MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
 
