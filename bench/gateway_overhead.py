@@ -20,9 +20,9 @@ from gateway.localnet import LocalNetwork
 from gateway.node_client import request_inference
 from llorch.ledger.objects import VERSION, Ticket
 from llorch.ledger.signing import SigningKey, public_key_of_peer_id
-from node.frames import Final, Request
-from node.p2p import running_host
-from node.stream_io import now_ms
+from llorch.node.frames import Final, Request
+from llorch.node.p2p import running_host
+from llorch.node.stream_io import now_ms
 
 MODEL = "smollm2-135m-instruct-q4_1"
 MODEL_SHA256 = bytes.fromhex("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")

@@ -15,8 +15,8 @@ from gateway.db import open_gateway_db
 from gateway.providers import ProviderBook, ProviderError, record_json
 from gateway.tenants import TIERS, TenantBook, TenantError, format_amount, parse_amount
 from llorch.ledger.errors import LedgerError
-from node.errors import NodeError
-from node.stream_io import now_ms
+from llorch.node.errors import NodeError
+from llorch.node.stream_io import now_ms
 
 
 def add_commands(gateway_subparsers) -> None:

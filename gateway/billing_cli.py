@@ -18,7 +18,7 @@ from gateway.db import open_gateway_db
 from gateway.reconcile import GRACE_MS, reconcile
 from llorch.ledger.errors import LedgerError
 from llorch.ledger.signing import load_key_file
-from node.errors import NodeError
+from llorch.node.errors import NodeError
 
 PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 

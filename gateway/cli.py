@@ -21,9 +21,9 @@ from pathlib import Path
 
 from gateway import admin_cli, billing_cli
 from llorch.ledger import cli as ledger_cli
-from node import cli as node_cli
-from node.errors import NodeError
-from node.lifecycle import configure_logging, run_until_signal
+from llorch.node import cli as node_cli
+from llorch.node.errors import NodeError
+from llorch.node.lifecycle import configure_logging, run_until_signal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def gateway_start(args: argparse.Namespace) -> int:
 
 def demo_command(args: argparse.Namespace) -> int:
     from gateway.localnet import LocalNetwork
-    from node.models import DEFAULT_MODEL_ID, fetch_model
+    from llorch.node.models import DEFAULT_MODEL_ID, fetch_model
 
     fetch_model(DEFAULT_MODEL_ID)
     network = LocalNetwork(args.dir, http_port=args.http_port)

@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.config import load_config
-from node.errors import ConfigError
+from llorch.node.config import load_config
+from llorch.node.errors import ConfigError
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 

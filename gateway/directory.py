@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from node.attestation import Attestation
-from node.errors import AttestationRejected
+from llorch.node.attestation import Attestation
+from llorch.node.errors import AttestationRejected
 from gateway import limits
 
 log = logging.getLogger("llorch.gateway")

@@ -22,7 +22,7 @@ from gateway.errors import BadRequest, GatewayError
 from gateway.openai_api import ChatRequest, CompletionRequest, parse_chat_request
 from gateway.providers import parse_registration_body, record_json
 from gateway.service import Completion, Gateway, new_request_id
-from node.stream_io import now_ms
+from llorch.node.stream_io import now_ms
 
 log = logging.getLogger("llorch.gateway")
 

@@ -8,14 +8,14 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from llorch.ledger.signing import peer_id_of
-from node import limits
-from node.errors import ProtocolError
-from node.frames import Error
-from node.infer_protocol import Role
-from node.ledger_protocol import LedgerProtocol
-from node.ledger_service import LEDGER_PROTOCOL_ID
-from node.p2p import P2P
-from node.stream_io import close_quietly, read_frame, write_frame
+from llorch.node import limits
+from llorch.node.errors import ProtocolError
+from llorch.node.frames import Error
+from llorch.node.infer_protocol import Role
+from llorch.node.ledger_protocol import LedgerProtocol
+from llorch.node.ledger_service import LEDGER_PROTOCOL_ID
+from llorch.node.p2p import P2P
+from llorch.node.stream_io import close_quietly, read_frame, write_frame
 
 OPEN_TIMEOUT_S = 10.0
 

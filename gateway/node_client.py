@@ -16,13 +16,13 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from gateway import limits
-from node.attestation import Attestation
-from node.errors import ProtocolError
-from node.frames import Accepted, Busy, Error, Final, Request, Token
-from node.infer_protocol import InferProtocol, Role
-from node.p2p import P2P
-from node.service import INFER_PROTOCOL_ID
-from node.stream_io import close_quietly, read_frame, write_frame
+from llorch.node.attestation import Attestation
+from llorch.node.errors import ProtocolError
+from llorch.node.frames import Accepted, Busy, Error, Final, Request, Token
+from llorch.node.infer_protocol import InferProtocol, Role
+from llorch.node.p2p import P2P
+from llorch.node.service import INFER_PROTOCOL_ID
+from llorch.node.stream_io import close_quietly, read_frame, write_frame
 from llorch.ledger.signing import peer_id_of
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway import limits
 from gateway.errors import BadRequest
-from node.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
+from llorch.node.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
 
 
 class Message(BaseModel):

@@ -21,11 +21,11 @@ from gateway.tenants import TenantBook
 from gateway.witness import Witness, WitnessBook, witness_forever
 from gateway.service import Gateway
 from llorch.ledger.signing import load_key_file
-from node.attestation import TOPIC, parse_attestation
-from node.errors import AttestationRejected
-from node.lifecycle import write_state_file
-from node.p2p import P2P, peer_key_of, running_host
-from node.stream_io import now_ms
+from llorch.node.attestation import TOPIC, parse_attestation
+from llorch.node.errors import AttestationRejected
+from llorch.node.lifecycle import write_state_file
+from llorch.node.p2p import P2P, peer_key_of, running_host
+from llorch.node.stream_io import now_ms
 
 log = logging.getLogger("llorch.gateway")
 

@@ -43,13 +43,13 @@ from gateway.receipts import ReceiptBook, check_receipt
 from gateway.tenants import Tenant, TenantBook
 from llorch.ledger.objects import VERSION, Receipt, Ticket
 from llorch.ledger.signing import SigningKey, peer_id_of
-from node.attestation import Attestation
-from node.errors import ProtocolError
-from node.frames import Final, Request, prompt_chars, prompt_parts
-from node.limits import SALT_BYTES
-from node.models import catalog_model_ids, catalog_pin
-from node.p2p import P2P
-from node.stream_io import now_ms
+from llorch.node.attestation import Attestation
+from llorch.node.errors import ProtocolError
+from llorch.node.frames import Final, Request, prompt_chars, prompt_parts
+from llorch.node.limits import SALT_BYTES
+from llorch.node.models import catalog_model_ids, catalog_pin
+from llorch.node.p2p import P2P
+from llorch.node.stream_io import now_ms
 
 log = logging.getLogger("llorch.gateway")
 

@@ -26,10 +26,10 @@ from llorch.ledger.signing import SigningKey, peer_id_of, sha256
 from llorch.ledger.sqlite import Database
 from llorch.ledger.store import needed_nodes
 from gateway.ledger_client import LedgerRequestFailed, request_ledger
-from node.ledger_protocol import GetCheckpoint, GetConsistency, GetEntries, PutCosigned
-from node.ledger_service import witness_name
-from node.p2p import P2P
-from node.stream_io import now_ms
+from llorch.node.ledger_protocol import GetCheckpoint, GetConsistency, GetEntries, PutCosigned
+from llorch.node.ledger_service import witness_name
+from llorch.node.p2p import P2P
+from llorch.node.stream_io import now_ms
 
 log = logging.getLogger("llorch.witness")
 

@@ -13,8 +13,8 @@ from typing import ClassVar
 
 from llorch.ledger.errors import EncodingError, SignatureError
 from llorch.ledger.objects import SignedObject, check_field
-from node import limits
-from node.errors import AttestationRejected
+from llorch.node import limits
+from llorch.node.errors import AttestationRejected
 
 TOPIC = "llorch/attestations/1"
 COUNTRY_PATTERN = re.compile(r"^[A-Z]{2}$")

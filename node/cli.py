@@ -1,4 +1,4 @@
-"""`llorch node ...` and `llorch models ...`. Also ``python -m node``."""
+"""`llorch node ...` and `llorch models ...`. Also ``python -m llorch.node``."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from llorch.inference import catalog
 from llorch.inference.errors import InferenceError
 from llorch.ledger import cli as ledger_cli
 from llorch.ledger.errors import LedgerError
-from node.config import NodeConfig, load_config
-from node.errors import NodeError
-from node.lifecycle import configure_logging, run_until_signal
+from llorch.node.config import NodeConfig, load_config
+from llorch.node.errors import NodeError
+from llorch.node.lifecycle import configure_logging, run_until_signal
 
 
 def add_commands(subparsers) -> None:
@@ -55,7 +55,7 @@ def add_replay(ledger_subparsers) -> None:
 
 
 def ledger_replay(args: argparse.Namespace) -> int:
-    from node.replay import UNUSABLE, ReplayInputError, find_receipt, load_request, replay
+    from llorch.node.replay import UNUSABLE, ReplayInputError, find_receipt, load_request, replay
 
     try:
         salt = bytes.fromhex(args.salt)
@@ -87,7 +87,7 @@ def load_node_config(path: Path) -> NodeConfig:
 
 
 def node_start(args: argparse.Namespace) -> int:
-    from node.run import run_node  # imports libp2p and llama.cpp: only when actually starting
+    from llorch.node.run import run_node  # imports libp2p and llama.cpp: only when actually starting
 
     configure_logging()  # after the import above: libp2p sets up its loggers when imported
     try:
@@ -100,7 +100,7 @@ def node_start(args: argparse.Namespace) -> int:
 
 def node_register(args: argparse.Namespace) -> int:
     from llorch.ledger.signing import load_key_file
-    from node.register import register
+    from llorch.node.register import register
 
     try:
         config = load_node_config(args.config)
@@ -172,7 +172,7 @@ class ProgressBar:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m node", description="llorch provider node")
+    parser = argparse.ArgumentParser(prog="python -m llorch.node", description="llorch provider node")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_commands(subparsers)
     add_replay(ledger_cli.add_commands(subparsers))

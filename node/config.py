@@ -16,8 +16,8 @@ from pathlib import Path
 
 from llorch.inference.catalog import DEFAULT_MODEL_ID
 from llorch.ledger import limits as ledger_limits
-from node import limits
-from node.errors import ConfigError
+from llorch.node import limits
+from llorch.node.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from typing import ClassVar
 
 from llorch.ledger import canonical
 from llorch.ledger.errors import EncodingError
-from node import limits
-from node.errors import ProtocolError
+from llorch.node import limits
+from llorch.node.errors import ProtocolError
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import enum
 
-from node import limits
-from node.errors import ProtocolError
-from node.frames import FRAME_TYPES, Accepted, Busy, Error, Final, Frame, FramedProtocol, Request, Token
+from llorch.node import limits
+from llorch.node.errors import ProtocolError
+from llorch.node.frames import FRAME_TYPES, Accepted, Busy, Error, Final, Frame, FramedProtocol, Request, Token
 
 
 class Role(enum.Enum):

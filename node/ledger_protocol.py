@@ -18,10 +18,10 @@ import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
-from node import limits
-from node.errors import ProtocolError
-from node.frames import Error, FramedProtocol
-from node.infer_protocol import Role
+from llorch.node import limits
+from llorch.node.errors import ProtocolError
+from llorch.node.frames import Error, FramedProtocol
+from llorch.node.infer_protocol import Role
 
 HASH_BYTES = 32
 

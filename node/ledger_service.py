@@ -12,12 +12,12 @@ from llorch.ledger.errors import LedgerError
 from llorch.ledger.note import NoteError, verify_cosignature
 from llorch.ledger.signing import peer_id_of
 from llorch.ledger.store import LedgerStore
-from node import limits
-from node.frames import Error
-from node.infer_protocol import Role
-from node.ledger_protocol import (Ack, CheckpointReply, EntriesReply, GetCheckpoint, GetConsistency, GetEntries,
+from llorch.node import limits
+from llorch.node.frames import Error
+from llorch.node.infer_protocol import Role
+from llorch.node.ledger_protocol import (Ack, CheckpointReply, EntriesReply, GetCheckpoint, GetConsistency, GetEntries,
                                   GetInclusion, LedgerProtocol, ProofReply, PutCosigned)
-from node.stream_io import read_frame, serve_stream, write_frame
+from llorch.node.stream_io import read_frame, serve_stream, write_frame
 
 log = logging.getLogger("llorch.node")
 

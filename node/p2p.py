@@ -27,7 +27,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from llorch.ledger.signing import SigningKey
-from node import limits
+from llorch.node import limits
 
 log = logging.getLogger("llorch.p2p")
 

@@ -10,9 +10,9 @@ import urllib.request
 
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey
-from node.config import NodeConfig
-from node.registration import Registration
-from node.stream_io import now_ms
+from llorch.node.config import NodeConfig
+from llorch.node.registration import Registration
+from llorch.node.stream_io import now_ms
 
 REGISTER_TIMEOUT_S = 15
 

@@ -21,11 +21,11 @@ from llorch.ledger.errors import EncodingError, LedgerError, SignatureError
 from llorch.ledger.objects import Ticket, amount_minor, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256
 from llorch.ledger.store import LedgerStore
-from node import limits
-from node.errors import ProtocolError, TicketRejected
-from node.frames import Accepted, Busy, Error, Final, Request, Token
-from node.infer_protocol import InferProtocol, Role
-from node.stream_io import now_ms, read_frame, serve_stream, write_frame
+from llorch.node import limits
+from llorch.node.errors import ProtocolError, TicketRejected
+from llorch.node.frames import Accepted, Busy, Error, Final, Request, Token
+from llorch.node.infer_protocol import InferProtocol, Role
+from llorch.node.stream_io import now_ms, read_frame, serve_stream, write_frame
 
 log = logging.getLogger("llorch.node")
 

@@ -13,10 +13,10 @@ import trio
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamEOF
 
-from node import limits
-from node.errors import ProtocolError
-from node.frames import Frame
-from node.infer_protocol import InferProtocol
+from llorch.node import limits
+from llorch.node.errors import ProtocolError
+from llorch.node.frames import Frame
+from llorch.node.infer_protocol import InferProtocol
 
 log = logging.getLogger("llorch.node")
 

@@ -3,10 +3,10 @@
 import pytest
 
 from llorch.ledger import canonical
-from node import limits
-from node.errors import ProtocolError
-from node.frames import Accepted, Busy, Error, Final, Request, Token, encode_frame, encode_uvarint
-from node.infer_protocol import InferProtocol, Role, State
+from llorch.node import limits
+from llorch.node.errors import ProtocolError
+from llorch.node.frames import Accepted, Busy, Error, Final, Request, Token, encode_frame, encode_uvarint
+from llorch.node.infer_protocol import InferProtocol, Role, State
 
 PROMPT = {"messages": [{"role": "user", "content": "hi"}]}
 

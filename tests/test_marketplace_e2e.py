@@ -17,7 +17,7 @@ import pytest
 from gateway.localnet import LocalNetwork
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey, load_key_file
-from node.registration import Registration
+from llorch.node.registration import Registration
 
 pytestmark = pytest.mark.e2e
 

@@ -15,13 +15,13 @@ from gateway.receipts import check_receipt
 from llorch.ledger.signing import SigningKey
 from llorch.ledger.store import LedgerStore
 from llorch.ledger.verify import read_sqlite_entries
-from node.frames import Final, Request, Token
-from node.p2p import running_host
-from node.run import build_attestation
-from node.service import INFER_PROTOCOL_ID, EnginePool, ProviderService
-from node.config import NodeConfig
-from node.stream_io import now_ms
-from node.attestation import Attestation
+from llorch.node.frames import Final, Request, Token
+from llorch.node.p2p import running_host
+from llorch.node.run import build_attestation
+from llorch.node.service import INFER_PROTOCOL_ID, EnginePool, ProviderService
+from llorch.node.config import NodeConfig
+from llorch.node.stream_io import now_ms
+from llorch.node.attestation import Attestation
 from tests.fakes import FakeEngine
 from tests.helpers import MODEL_ID, MODEL_SHA256, make_ticket
 
@@ -109,7 +109,7 @@ async def test_garbage_on_the_stream_does_not_take_the_host_down(tmp_path):
 
 
 async def test_a_silent_client_is_timed_out(tmp_path, monkeypatch):
-    monkeypatch.setattr("node.limits.REQUEST_READ_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("llorch.node.limits.REQUEST_READ_TIMEOUT_S", 0.3)
     async with provider_and_gateway(tmp_path) as (gateway_key, _, gateway_p2p, provider_p2p, attestation, _c):
         peer = provider_p2p.host.get_id()
         gateway_p2p.host.get_peerstore().add_addrs(peer, provider_p2p.host.get_addrs(), 60)

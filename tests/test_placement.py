@@ -6,7 +6,7 @@ from gateway.placement import (BACKOFF_MS_MAX, ProviderView, Requirements, Stand
                                rank_providers, why_not)
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey
-from node.attestation import Attestation
+from llorch.node.attestation import Attestation
 from tests.helpers import MODEL_ID, MODEL_SHA256
 
 NOW = 10_000_000

@@ -57,7 +57,7 @@ def test_mismatched_peer_id_in_key_file_is_refused(tmp_path):
 
 def test_peer_id_matches_libp2p():
     from libp2p.peer.id import ID
-    from node.p2p import key_pair_of
+    from llorch.node.p2p import key_pair_of
 
     key = SigningKey.generate()
     libp2p_id = ID.from_pubkey(key_pair_of(key).public_key)
