@@ -17,7 +17,7 @@ import time
 import openai
 import trio
 
-from gateway.localnet import LocalNetwork
+from llorch.gateway.localnet import LocalNetwork
 from llorch.inference import catalog
 from llorch.inference.engine import Engine, Sampling
 

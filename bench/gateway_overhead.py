@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import httpx
 import trio
 
-from gateway.localnet import LocalNetwork
-from gateway.node_client import request_inference
+from llorch.gateway.localnet import LocalNetwork
+from llorch.gateway.node_client import request_inference
 from llorch.ledger.objects import VERSION, Ticket
 from llorch.ledger.signing import SigningKey, public_key_of_peer_id
 from llorch.node.frames import Final, Request

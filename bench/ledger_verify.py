@@ -56,7 +56,7 @@ def main() -> None:
         trio.run(build, path, args.receipts)
         raw_before = raw_ed25519_rate(20_000)
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "gateway", "ledger", "verify", str(path)],
+        result = subprocess.run([sys.executable, "-m", "llorch.gateway", "ledger", "verify", str(path)],
                                 capture_output=True, text=True)
         elapsed = time.perf_counter() - start
         raw_after = raw_ed25519_rate(20_000)

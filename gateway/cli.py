@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from gateway import admin_cli, billing_cli
+from llorch.gateway import admin_cli, billing_cli
 from llorch.ledger import cli as ledger_cli
 from llorch.node import cli as node_cli
 from llorch.node.errors import NodeError
@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def gateway_start(args: argparse.Namespace) -> int:
-    from gateway.config import load_gateway_config
-    from gateway.run import run_gateway
+    from llorch.gateway.config import load_gateway_config
+    from llorch.gateway.run import run_gateway
     from llorch.ledger.errors import LedgerError
 
     configure_logging()
@@ -65,7 +65,7 @@ def gateway_start(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from gateway.localnet import LocalNetwork
+    from llorch.gateway.localnet import LocalNetwork
     from llorch.node.models import DEFAULT_MODEL_ID, fetch_model
 
     fetch_model(DEFAULT_MODEL_ID)
@@ -104,7 +104,7 @@ def _ignore_signals() -> None:
 
 
 def _banner(network) -> str:
-    from gateway.localnet import llorch_command
+    from llorch.gateway.localnet import llorch_command
 
     base_url = network.base_url
     return f"""

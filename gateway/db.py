@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
-from gateway import books, providers, receipts, tenants, witness
+from llorch.gateway import books, providers, receipts, tenants, witness
 from llorch.ledger.sqlite import Database, open_database
 
 

@@ -10,7 +10,7 @@ import logging
 
 from llorch.node.attestation import Attestation
 from llorch.node.errors import AttestationRejected
-from gateway import limits
+from llorch.gateway import limits
 
 log = logging.getLogger("llorch.gateway")
 

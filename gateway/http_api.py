@@ -17,11 +17,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from gateway import limits
-from gateway.errors import BadRequest, GatewayError
-from gateway.openai_api import ChatRequest, CompletionRequest, parse_chat_request
-from gateway.providers import parse_registration_body, record_json
-from gateway.service import Completion, Gateway, new_request_id
+from llorch.gateway import limits
+from llorch.gateway.errors import BadRequest, GatewayError
+from llorch.gateway.openai_api import ChatRequest, CompletionRequest, parse_chat_request
+from llorch.gateway.providers import parse_registration_body, record_json
+from llorch.gateway.service import Completion, Gateway, new_request_id
 from llorch.node.stream_io import now_ms
 
 log = logging.getLogger("llorch.gateway")

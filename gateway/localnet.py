@@ -29,7 +29,7 @@ STOP_GRACE_S = 0.5
 def llorch_command() -> list[str]:
     """The `llorch` console script of this interpreter's environment, or the module form if it is not installed."""
     script = Path(sys.executable).parent / "llorch"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "gateway"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "llorch.gateway"]
 
 
 @dataclass

@@ -15,7 +15,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
-from gateway import limits
+from llorch.gateway import limits
 from llorch.node.attestation import Attestation
 from llorch.node.errors import ProtocolError
 from llorch.node.frames import Accepted, Busy, Error, Final, Request, Token

@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway import limits
-from gateway.errors import BadRequest
+from llorch.gateway import limits
+from llorch.gateway.errors import BadRequest
 from llorch.node.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
 
 

@@ -8,7 +8,7 @@ import binascii
 import json
 from dataclasses import dataclass
 
-from gateway.errors import BadRequest
+from llorch.gateway.errors import BadRequest
 from llorch.ledger.errors import EncodingError, SignatureError
 from llorch.ledger.signing import public_key_of_peer_id
 from llorch.ledger.sqlite import Database

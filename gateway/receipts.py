@@ -6,7 +6,7 @@ receipts (exact bytes) in the gateway's SQLite database, keyed by request_id.
 
 from __future__ import annotations
 
-from gateway.errors import ReceiptRejected
+from llorch.gateway.errors import ReceiptRejected
 from llorch.ledger.errors import EncodingError, SignatureError
 from llorch.ledger.objects import Receipt, Ticket, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256

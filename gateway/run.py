@@ -9,17 +9,17 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from libp2p.peer.id import ID
 
-from gateway.config import GatewayConfig
-from gateway.directory import ProviderDirectory
-from gateway.http_api import build_app
-from gateway import limits
-from gateway.books import Books
-from gateway.db import open_gateway_db
-from gateway.providers import ProviderBook
-from gateway.receipts import ReceiptBook
-from gateway.tenants import TenantBook
-from gateway.witness import Witness, WitnessBook, witness_forever
-from gateway.service import Gateway
+from llorch.gateway.config import GatewayConfig
+from llorch.gateway.directory import ProviderDirectory
+from llorch.gateway.http_api import build_app
+from llorch.gateway import limits
+from llorch.gateway.books import Books
+from llorch.gateway.db import open_gateway_db
+from llorch.gateway.providers import ProviderBook
+from llorch.gateway.receipts import ReceiptBook
+from llorch.gateway.tenants import TenantBook
+from llorch.gateway.witness import Witness, WitnessBook, witness_forever
+from llorch.gateway.service import Gateway
 from llorch.ledger.signing import load_key_file
 from llorch.node.attestation import TOPIC, parse_attestation
 from llorch.node.errors import AttestationRejected

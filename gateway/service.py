@@ -23,24 +23,24 @@ from dataclasses import dataclass
 import trio
 from typing import Awaitable, Callable
 
-from gateway import limits
-from gateway.books import Books, tenant_account
-from gateway.witness import WitnessBook
+from llorch.gateway import limits
+from llorch.gateway.books import Books, tenant_account
+from llorch.gateway.witness import WitnessBook
 from llorch.ledger.receipt_proof import proof_document
-from gateway.config import GatewayConfig, margin_bp
-from gateway.directory import ProviderDirectory
-from gateway.errors import (AuthError, BadRequest, Forbidden, ModelNotFound, NoProvider, PaymentRequired,
+from llorch.gateway.config import GatewayConfig, margin_bp
+from llorch.gateway.directory import ProviderDirectory
+from llorch.gateway.errors import (AuthError, BadRequest, Forbidden, ModelNotFound, NoProvider, PaymentRequired,
                             ProviderFailed, RateLimited)
-from gateway.metrics import Metrics
-from gateway.node_client import AttemptFailed, InferenceCall, request_inference
-from gateway.openai_api import ChatRequest
-from gateway.placement import ProviderView, Requirements, Standing, after_failure, after_success, rank_providers, \
+from llorch.gateway.metrics import Metrics
+from llorch.gateway.node_client import AttemptFailed, InferenceCall, request_inference
+from llorch.gateway.openai_api import ChatRequest
+from llorch.gateway.placement import ProviderView, Requirements, Standing, after_failure, after_success, rank_providers, \
     why_not
-from gateway.pricing import Charge, customer_charge, demand_multiplier_bp, ticket_price, utilisation_ppm
-from gateway.providers import ProviderBook
-from gateway.quota import QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound, worst_case_minor
-from gateway.receipts import ReceiptBook, check_receipt
-from gateway.tenants import Tenant, TenantBook
+from llorch.gateway.pricing import Charge, customer_charge, demand_multiplier_bp, ticket_price, utilisation_ppm
+from llorch.gateway.providers import ProviderBook
+from llorch.gateway.quota import QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound, worst_case_minor
+from llorch.gateway.receipts import ReceiptBook, check_receipt
+from llorch.gateway.tenants import Tenant, TenantBook
 from llorch.ledger.objects import VERSION, Receipt, Ticket
 from llorch.ledger.signing import SigningKey, peer_id_of
 from llorch.node.attestation import Attestation

@@ -20,7 +20,7 @@ BAD = {name: case for name, case in MANIFEST.items() if name.startswith("LV")}
 
 
 def run_verify(*args):
-    return subprocess.run([sys.executable, "-m", "gateway", "ledger", "verify", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "llorch.gateway", "ledger", "verify", *map(str, args)],
                           capture_output=True, text=True)
 
 
@@ -87,7 +87,7 @@ async def test_export_round_trip(tmp_path):
             if i in (2, 6):
                 await ledger.sign_checkpoint()
     bundle, jsonl = tmp_path / "ledger.bundle", tmp_path / "ledger.jsonl"
-    exported = subprocess.run([sys.executable, "-m", "gateway", "ledger", "export", str(path), "--out", str(bundle),
+    exported = subprocess.run([sys.executable, "-m", "llorch.gateway", "ledger", "export", str(path), "--out", str(bundle),
                                "--jsonl", str(jsonl)], capture_output=True, text=True)
     assert exported.returncode == 0, exported.stderr
     material = read_bundle(bundle.read_bytes())

@@ -15,8 +15,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.localnet import LocalNetwork
-from gateway.pricing import customer_charge
+from llorch.gateway.localnet import LocalNetwork
+from llorch.gateway.pricing import customer_charge
 from llorch.ledger.objects import VERSION, Receipt, amount_minor, sampling_sha256
 from llorch.ledger.signing import load_key_file, public_key_of_peer_id, sha256
 from llorch.ledger.store import LedgerStore
@@ -132,7 +132,7 @@ def test_a_correction_is_a_new_entry_and_nets_in_the_balance(market):
                                                    for r in market.responses["bob"]) - fee
     legs_after = db_rows(market, "SELECT leg FROM postings WHERE request_id = ? ORDER BY leg", (request_id,))
     assert [leg for (leg,) in legs_after] == ["correction:1", "fee", "payout"]      # nothing edited
-    refused = subprocess.run([sys.executable, "-m", "gateway", "billing", "correct", "--config",
+    refused = subprocess.run([sys.executable, "-m", "llorch.gateway", "billing", "correct", "--config",
                               str(market.workdir / "gateway.toml"), "--request-id", request_id, "--from",
                               "tenant:alice", "--to", "platform:fees", "--amount", "5"], capture_output=True, text=True)
     assert refused.returncode == 2 and "moves money between" in refused.stderr
@@ -157,7 +157,7 @@ def test_tenants_see_only_their_own_usage_and_receipts(market, tmp_path):
     path = tmp_path / "bill.json"
     path.write_text(proof.text)
     gateway_peer = market.gateway.state()["peer_id"]
-    check = [sys.executable, "-m", "gateway", "ledger", "verify-receipt", str(path), "--witness", gateway_peer]
+    check = [sys.executable, "-m", "llorch.gateway", "ledger", "verify-receipt", str(path), "--witness", gateway_peer]
     ok = subprocess.run(check, capture_output=True, text=True)
     assert ok.returncode == 0 and request_id in ok.stdout, ok.stderr
     document = proof.json()
@@ -195,7 +195,7 @@ def test_a_receipt_forged_into_a_ledger_is_reported(market):
     market.restart_node("beta")
     market.wait_for_providers(2)
     wait_witnessed(market)
-    result = subprocess.run([sys.executable, "-m", "gateway", "billing", "reconcile", "--config",
+    result = subprocess.run([sys.executable, "-m", "llorch.gateway", "billing", "reconcile", "--config",
                              str(market.workdir / "gateway.toml"), "--grace-s", "0"], capture_output=True, text=True)
     report = json.loads(result.stdout)
     assert result.returncode == 1 and not report["ok"]
@@ -221,7 +221,7 @@ def test_an_accepted_ticket_without_a_receipt_is_reported(market):
     market.wait_for_providers(2)
     wait_witnessed(market)
     time.sleep(2.5)                                            # at least one more witness round after the ticket
-    report = json.loads(subprocess.run([sys.executable, "-m", "gateway", "billing", "reconcile", "--config",
+    report = json.loads(subprocess.run([sys.executable, "-m", "llorch.gateway", "billing", "reconcile", "--config",
                                         str(market.workdir / "gateway.toml"), "--grace-s", "0"],
                                        capture_output=True, text=True).stdout)
     missing = [f for f in report["findings"] if f["kind"] == "ticket_without_receipt"]

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.localnet import LocalNetwork
+from llorch.gateway.localnet import LocalNetwork
 from llorch.ledger import canonical
 from llorch.ledger.objects import Receipt, receipt_fields_of
 from llorch.ledger.signing import load_key_file
@@ -80,7 +80,7 @@ def write_json(path, document):
 
 
 def run_replay(ledger, request_id, request_file, salt, *extra):
-    return subprocess.run([sys.executable, "-m", "gateway", "ledger", "replay", str(ledger), "--request-id",
+    return subprocess.run([sys.executable, "-m", "llorch.gateway", "ledger", "replay", str(ledger), "--request-id",
                            request_id, "--request", str(request_file), "--salt", salt, *extra],
                           capture_output=True, text=True)
 

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.localnet import LocalNetwork
+from llorch.gateway.localnet import LocalNetwork
 from llorch.ledger.note import verify_cosignature
 from llorch.ledger.objects import Receipt
 from llorch.ledger.signing import public_key_of_peer_id
@@ -118,7 +118,7 @@ def test_ledger_verify_passes_then_names_the_entry_after_a_byte_flip(client, net
         with sqlite3.connect(snapshot) as destination:
             source.backup(destination)
         source.close()
-        command = [sys.executable, "-m", "gateway", "ledger", "verify", str(snapshot)]
+        command = [sys.executable, "-m", "llorch.gateway", "ledger", "verify", str(snapshot)]
         passed = subprocess.run(command, capture_output=True, text=True)
         assert passed.returncode == 0, passed.stderr
         entries = list(read_sqlite_entries(snapshot))
@@ -155,7 +155,7 @@ def test_the_gateway_witnesses_and_cosigns_each_providers_ledger(client, network
         verify_cosignature(cosigned, witness, public_key_of_peer_id(network.gateway.state()["peer_id"]))
         held = tmp_path / f"node{i + 1}.checkpoint"
         held.write_bytes(cosigned)
-        result = subprocess.run([sys.executable, "-m", "gateway", "ledger", "verify", str(ledger_path),
+        result = subprocess.run([sys.executable, "-m", "llorch.gateway", "ledger", "verify", str(ledger_path),
                                  "--checkpoint", str(held), "--json"], capture_output=True, text=True)
         report = json.loads(result.stdout)
         assert result.returncode == 0 and report["held_checkpoint_size"] == size, result.stdout

@@ -182,7 +182,7 @@ async def test_cli_verify_names_the_entry_after_a_byte_flip_in_the_file(tmp_path
     key = SigningKey.generate()
     path = tmp_path / "ledger.sqlite"
     entries = await fill(path, key, 3)
-    command = [sys.executable, "-m", "gateway", "ledger", "verify", str(path)]
+    command = [sys.executable, "-m", "llorch.gateway", "ledger", "verify", str(path)]
     ok = subprocess.run(command, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     raw = bytearray(path.read_bytes())
@@ -197,7 +197,7 @@ async def test_cli_verify_names_the_entry_after_a_byte_flip_in_the_file(tmp_path
 
 
 def test_cli_verify_on_a_missing_file_exits_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gateway", "ledger", "verify", str(tmp_path / "nope.sqlite")],
+    result = subprocess.run([sys.executable, "-m", "llorch.gateway", "ledger", "verify", str(tmp_path / "nope.sqlite")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "not a file" in result.stderr
 

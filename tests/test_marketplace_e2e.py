@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.localnet import LocalNetwork
+from llorch.gateway.localnet import LocalNetwork
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey, load_key_file
 from llorch.node.registration import Registration
