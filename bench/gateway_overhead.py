@@ -20,7 +20,7 @@ from llorch.gateway.localnet import LocalNetwork
 from llorch.gateway.node_client import request_inference
 from llorch.ledger.objects import VERSION, Ticket
 from llorch.ledger.signing import SigningKey, public_key_of_peer_id
-from llorch.node.frames import Final, Request
+from llorch.node.wire.frames import Final, Request
 from llorch.node.p2p import running_host
 from llorch.node.stream_io import now_ms
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from llorch.node.attestation import Attestation
+from llorch.node.wire.attestation import Attestation
 from llorch.node.errors import AttestationRejected
 from llorch.gateway import limits
 

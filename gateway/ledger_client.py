@@ -10,10 +10,9 @@ from multiaddr import Multiaddr
 from llorch.ledger.signing import peer_id_of
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.frames import Error
-from llorch.node.infer_protocol import Role
-from llorch.node.ledger_protocol import LedgerProtocol
-from llorch.node.ledger_service import LEDGER_PROTOCOL_ID
+from llorch.node.wire.frames import Error
+from llorch.node.wire.infer_protocol import Role
+from llorch.node.wire.ledger_protocol import LEDGER_PROTOCOL_ID, LedgerProtocol
 from llorch.node.p2p import P2P
 from llorch.node.stream_io import close_quietly, read_frame, write_frame
 

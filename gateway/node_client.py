@@ -16,12 +16,11 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from llorch.gateway import limits
-from llorch.node.attestation import Attestation
+from llorch.node.wire.attestation import Attestation
 from llorch.node.errors import ProtocolError
-from llorch.node.frames import Accepted, Busy, Error, Final, Request, Token
-from llorch.node.infer_protocol import InferProtocol, Role
+from llorch.node.wire.frames import Accepted, Busy, Error, Final, Request, Token
+from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID, InferProtocol, Role
 from llorch.node.p2p import P2P
-from llorch.node.service import INFER_PROTOCOL_ID
 from llorch.node.stream_io import close_quietly, read_frame, write_frame
 from llorch.ledger.signing import peer_id_of
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llorch.gateway import limits
 from llorch.gateway.errors import BadRequest
-from llorch.node.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
+from llorch.node.wire.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
 
 
 class Message(BaseModel):
@@ -67,7 +67,7 @@ class SamplingFields(BaseModel):
         return self.max_tokens or MAX_TOKENS_DEFAULT
 
     def sampling(self, seed: int) -> dict:
-        """The ticket's integer sampling map (node/sampling.py is the one place floats become ppm)."""
+        """The ticket's integer sampling map (node/wire/sampling.py is the one place floats become ppm)."""
         return sampling_map(seed, self.temperature, self.top_p, self.max_tokens_effective, list(self.stop or []))
 
     def prompt(self) -> dict:

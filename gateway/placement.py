@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterable
 
-from llorch.node.attestation import EU_COUNTRIES, Attestation
+from llorch.node.wire.attestation import EU_COUNTRIES, Attestation
 
 SUCCESS_PPM_INITIAL = 1_000_000
 EWMA_WEIGHT_PPM = 200_000                  # each observation moves the average 20% of the way

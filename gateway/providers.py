@@ -12,7 +12,7 @@ from llorch.gateway.errors import BadRequest
 from llorch.ledger.errors import EncodingError, SignatureError
 from llorch.ledger.signing import public_key_of_peer_id
 from llorch.ledger.sqlite import Database
-from llorch.node.registration import Registration
+from llorch.node.wire.registration import Registration
 
 REGISTRATION_CLOCK_SKEW_MS = 5 * 60_000
 STATUSES = ("pending", "approved", "suspended")

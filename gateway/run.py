@@ -21,7 +21,7 @@ from llorch.gateway.tenants import TenantBook
 from llorch.gateway.witness import Witness, WitnessBook, witness_forever
 from llorch.gateway.service import Gateway
 from llorch.ledger.signing import load_key_file
-from llorch.node.attestation import TOPIC, parse_attestation
+from llorch.node.wire.attestation import TOPIC, parse_attestation
 from llorch.node.errors import AttestationRejected
 from llorch.node.lifecycle import write_state_file
 from llorch.node.p2p import P2P, peer_key_of, running_host

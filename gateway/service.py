@@ -43,9 +43,9 @@ from llorch.gateway.receipts import ReceiptBook, check_receipt
 from llorch.gateway.tenants import Tenant, TenantBook
 from llorch.ledger.objects import VERSION, Receipt, Ticket
 from llorch.ledger.signing import SigningKey, peer_id_of
-from llorch.node.attestation import Attestation
+from llorch.node.wire.attestation import Attestation
 from llorch.node.errors import ProtocolError
-from llorch.node.frames import Final, Request, prompt_chars, prompt_parts
+from llorch.node.wire.frames import Final, Request, prompt_chars, prompt_parts
 from llorch.node.limits import SALT_BYTES
 from llorch.node.models import catalog_model_ids, catalog_pin
 from llorch.node.p2p import P2P

@@ -10,24 +10,16 @@ import trio
 from llorch.ledger import limits as ledger_limits
 from llorch.ledger.errors import LedgerError
 from llorch.ledger.note import NoteError, verify_cosignature
-from llorch.ledger.signing import peer_id_of
 from llorch.ledger.store import LedgerStore
 from llorch.node import limits
-from llorch.node.frames import Error
-from llorch.node.infer_protocol import Role
-from llorch.node.ledger_protocol import (Ack, CheckpointReply, EntriesReply, GetCheckpoint, GetConsistency, GetEntries,
-                                  GetInclusion, LedgerProtocol, ProofReply, PutCosigned)
+from llorch.node.wire.frames import Error
+from llorch.node.wire.infer_protocol import Role
+from llorch.node.wire.ledger_protocol import (Ack, CheckpointReply, EntriesReply, GetCheckpoint, GetConsistency,
+                                              GetEntries, GetInclusion, LedgerProtocol, ProofReply, PutCosigned,
+                                              witness_name)
 from llorch.node.stream_io import read_frame, serve_stream, write_frame
 
 log = logging.getLogger("llorch.node")
-
-LEDGER_PROTOCOL_ID = "/llorch/ledger/1"
-
-
-def witness_name(gateway_key: bytes) -> str:
-    """The key name a gateway uses for its cosignatures."""
-    return f"llorch-witness/{peer_id_of(gateway_key)}"
-
 
 class LedgerService:
     def __init__(self, ledger: LedgerStore, trusted_gateway_keys: frozenset[bytes]) -> None:

@@ -11,7 +11,7 @@ import urllib.request
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey
 from llorch.node.config import NodeConfig
-from llorch.node.registration import Registration
+from llorch.node.wire.registration import Registration
 from llorch.node.stream_io import now_ms
 
 REGISTER_TIMEOUT_S = 15

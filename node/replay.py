@@ -25,7 +25,7 @@ from llorch.ledger.errors import LedgerError
 from llorch.ledger.objects import Receipt, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256
 from llorch.ledger.verify import load_material
-from llorch.node.sampling import chat_request_prompt, chat_request_sampling
+from llorch.node.wire.sampling import chat_request_prompt, chat_request_sampling
 
 MATCH, MISMATCH, UNUSABLE, INCONCLUSIVE = 0, 1, 2, 3
 

@@ -16,12 +16,14 @@ from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey, load_key_file, public_key_of_peer_id
 from llorch.ledger.store import LedgerStore
 from llorch.node import limits
-from llorch.node.attestation import TOPIC, Attestation
+from llorch.node.wire.attestation import TOPIC, Attestation
 from llorch.node.config import NodeConfig
-from llorch.node.ledger_service import LEDGER_PROTOCOL_ID, LedgerService, sign_checkpoints
+from llorch.node.ledger_service import LedgerService, sign_checkpoints
 from llorch.node.lifecycle import write_state_file
 from llorch.node.p2p import P2P, keep_connected, running_host
-from llorch.node.service import INFER_PROTOCOL_ID, EnginePool, ProviderService
+from llorch.node.service import EnginePool, ProviderService
+from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID
+from llorch.node.wire.ledger_protocol import LEDGER_PROTOCOL_ID
 from llorch.node.stream_io import now_ms
 
 log = logging.getLogger("llorch.node")

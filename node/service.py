@@ -23,13 +23,12 @@ from llorch.ledger.signing import sha256
 from llorch.ledger.store import LedgerStore
 from llorch.node import limits
 from llorch.node.errors import ProtocolError, TicketRejected
-from llorch.node.frames import Accepted, Busy, Error, Final, Request, Token
-from llorch.node.infer_protocol import InferProtocol, Role
+from llorch.node.wire.frames import Accepted, Busy, Error, Final, Request, Token
+from llorch.node.wire.infer_protocol import InferProtocol, Role
 from llorch.node.stream_io import now_ms, read_frame, serve_stream, write_frame
 
 log = logging.getLogger("llorch.node")
 
-INFER_PROTOCOL_ID = "/llorch/infer/1"
 
 
 @dataclass

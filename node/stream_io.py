@@ -15,8 +15,8 @@ from libp2p.network.stream.exceptions import StreamEOF
 
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.frames import Frame
-from llorch.node.infer_protocol import InferProtocol
+from llorch.node.wire.frames import Frame
+from llorch.node.wire.infer_protocol import InferProtocol
 
 log = logging.getLogger("llorch.node")
 

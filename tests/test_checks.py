@@ -8,7 +8,7 @@ from llorch.gateway.receipts import check_receipt
 from llorch.ledger import canonical
 from llorch.ledger.objects import VERSION, Receipt, amount_minor, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import SigningKey, open_envelope, sha256
-from llorch.node.attestation import parse_attestation
+from llorch.node.wire.attestation import parse_attestation
 from llorch.node.errors import AttestationRejected, TicketRejected
 from llorch.node.service import EnginePool, ProviderService
 from tests.helpers import MODEL_ID, MODEL_SHA256, SAMPLING, make_ticket, receipt_fields

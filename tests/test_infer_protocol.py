@@ -5,8 +5,8 @@ import pytest
 from llorch.ledger import canonical
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.frames import Accepted, Busy, Error, Final, Request, Token, encode_frame, encode_uvarint
-from llorch.node.infer_protocol import InferProtocol, Role, State
+from llorch.node.wire.frames import Accepted, Busy, Error, Final, Request, Token, encode_frame, encode_uvarint
+from llorch.node.wire.infer_protocol import InferProtocol, Role, State
 
 PROMPT = {"messages": [{"role": "user", "content": "hi"}]}
 

@@ -18,11 +18,12 @@ from llorch.ledger.signing import SigningKey
 from llorch.ledger.store import LedgerStore
 from llorch.ledger.verify import LedgerMaterial, load_material, verify
 from llorch.node.errors import ProtocolError
-from llorch.node.frames import Error
-from llorch.node.infer_protocol import Role
-from llorch.node.ledger_protocol import (CheckpointReply, EntriesReply, GetCheckpoint, GetEntries, LedgerProtocol,
+from llorch.node.wire.frames import Error
+from llorch.node.wire.infer_protocol import Role
+from llorch.node.wire.ledger_protocol import (CheckpointReply, EntriesReply, GetCheckpoint, GetEntries, LedgerProtocol,
                                   ProofReply)
-from llorch.node.ledger_service import LEDGER_PROTOCOL_ID, LedgerService, witness_name
+from llorch.node.ledger_service import LedgerService
+from llorch.node.wire.ledger_protocol import LEDGER_PROTOCOL_ID, witness_name
 from llorch.node.p2p import running_host
 from tests.helpers import receipt_fields
 
@@ -172,7 +173,7 @@ def test_ledger_protocol_pairs_requests_with_their_replies():
 def test_ledger_protocol_rejects_a_reply_that_does_not_match():
     client = LedgerProtocol(Role.CLIENT)
     client.send(GetCheckpoint())
-    from llorch.node.frames import encode_frame
+    from llorch.node.wire.frames import encode_frame
     client.receive_data(encode_frame(ProofReply([])))
     with pytest.raises(ProtocolError, match="not allowed"):
         client.next_frame()
@@ -280,7 +281,7 @@ async def test_ledger_service_pages_and_refuses_unknown_ranges(tmp_path, monkeyp
         assert Receipt.from_envelope(page.entries[0]).index == 2
         beyond = await service.answer(GetEntries(5, 11))
         assert isinstance(beyond, Error) and beyond.code == "range_beyond_size"
-        from llorch.node.ledger_protocol import GetConsistency, GetInclusion, PutCosigned
+        from llorch.node.wire.ledger_protocol import GetConsistency, GetInclusion, PutCosigned
         assert (await service.answer(GetConsistency(3, 20))).code == "range_beyond_size"
         proof = await service.answer(GetInclusion(3, 10))
         assert isinstance(proof, ProofReply) and len(proof.hashes) == 4

@@ -17,7 +17,7 @@ import pytest
 from llorch.gateway.localnet import LocalNetwork
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey, load_key_file
-from llorch.node.registration import Registration
+from llorch.node.wire.registration import Registration
 
 pytestmark = pytest.mark.e2e
 

@@ -15,13 +15,14 @@ from llorch.gateway.receipts import check_receipt
 from llorch.ledger.signing import SigningKey
 from llorch.ledger.store import LedgerStore
 from llorch.ledger.verify import read_sqlite_entries
-from llorch.node.frames import Final, Request, Token
+from llorch.node.wire.frames import Final, Request, Token
 from llorch.node.p2p import running_host
 from llorch.node.run import build_attestation
-from llorch.node.service import INFER_PROTOCOL_ID, EnginePool, ProviderService
+from llorch.node.service import EnginePool, ProviderService
+from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID
 from llorch.node.config import NodeConfig
 from llorch.node.stream_io import now_ms
-from llorch.node.attestation import Attestation
+from llorch.node.wire.attestation import Attestation
 from tests.fakes import FakeEngine
 from tests.helpers import MODEL_ID, MODEL_SHA256, make_ticket
 

@@ -6,7 +6,7 @@ from llorch.gateway.placement import (BACKOFF_MS_MAX, ProviderView, Requirements
                                rank_providers, why_not)
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey
-from llorch.node.attestation import Attestation
+from llorch.node.wire.attestation import Attestation
 from tests.helpers import MODEL_ID, MODEL_SHA256
 
 NOW = 10_000_000

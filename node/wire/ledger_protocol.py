@@ -9,7 +9,7 @@
     (any)                                    error {code, message}
 
 States: AWAIT_REQUEST --request--> AWAIT_RESPONSE --its reply | error--> DONE. Frames use the same framing as
-/llorch/infer/1 (node/frames.py): uvarint length, canonical msgpack map with "t".
+/llorch/infer/1 (node/wire/frames.py): uvarint length, canonical msgpack map with "t".
 """
 
 from __future__ import annotations
@@ -18,10 +18,19 @@ import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
+from llorch.ledger.signing import peer_id_of
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.frames import Error, FramedProtocol
-from llorch.node.infer_protocol import Role
+from llorch.node.wire.frames import Error, FramedProtocol
+from llorch.node.wire.infer_protocol import Role
+
+LEDGER_PROTOCOL_ID = "/llorch/ledger/1"
+
+
+def witness_name(gateway_key: bytes) -> str:
+    """The key name a gateway uses for its cosignatures."""
+    return f"llorch-witness/{peer_id_of(gateway_key)}"
+
 
 HASH_BYTES = 32
 

@@ -19,7 +19,9 @@ import enum
 
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.frames import FRAME_TYPES, Accepted, Busy, Error, Final, Frame, FramedProtocol, Request, Token
+from llorch.node.wire.frames import FRAME_TYPES, Accepted, Busy, Error, Final, Frame, FramedProtocol, Request, Token
+
+INFER_PROTOCOL_ID = "/llorch/infer/1"
 
 
 class Role(enum.Enum):
