@@ -17,7 +17,7 @@ import httpx
 import trio
 
 from llorch.gateway.localnet import LocalNetwork
-from llorch.gateway.node_client import request_inference
+from llorch.gateway.market.node_client import request_inference
 from llorch.ledger.objects import VERSION, Ticket
 from llorch.ledger.signing import SigningKey, public_key_of_peer_id
 from llorch.node.wire.frames import Final, Request

@@ -12,8 +12,8 @@ import trio
 
 from llorch.gateway.config import load_gateway_config
 from llorch.gateway.db import open_gateway_db
-from llorch.gateway.providers import ProviderBook, ProviderError, record_json
-from llorch.gateway.tenants import TIERS, TenantBook, TenantError, format_amount, parse_amount
+from llorch.gateway.market.providers import ProviderBook, ProviderError, record_json
+from llorch.gateway.market.tenants import TIERS, TenantBook, TenantError, format_amount, parse_amount
 from llorch.ledger.errors import LedgerError
 from llorch.node.errors import NodeError
 from llorch.node.stream_io import now_ms

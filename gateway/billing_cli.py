@@ -12,10 +12,10 @@ from pathlib import Path
 
 import trio
 
-from llorch.gateway.books import Books, BooksError, statement_csv
+from llorch.gateway.books.postings import Books, BooksError, statement_csv
 from llorch.gateway.config import load_gateway_config
 from llorch.gateway.db import open_gateway_db
-from llorch.gateway.reconcile import GRACE_MS, reconcile
+from llorch.gateway.books.reconcile import GRACE_MS, reconcile
 from llorch.ledger.errors import LedgerError
 from llorch.ledger.signing import load_key_file
 from llorch.node.errors import NodeError

@@ -10,15 +10,15 @@ from hypercorn.trio import serve
 from libp2p.peer.id import ID
 
 from llorch.gateway.config import GatewayConfig
-from llorch.gateway.directory import ProviderDirectory
-from llorch.gateway.http_api import build_app
+from llorch.gateway.market.directory import ProviderDirectory
+from llorch.gateway.api.http_api import build_app
 from llorch.gateway import limits
-from llorch.gateway.books import Books
+from llorch.gateway.books.postings import Books
 from llorch.gateway.db import open_gateway_db
-from llorch.gateway.providers import ProviderBook
-from llorch.gateway.receipts import ReceiptBook
-from llorch.gateway.tenants import TenantBook
-from llorch.gateway.witness import Witness, WitnessBook, witness_forever
+from llorch.gateway.market.providers import ProviderBook
+from llorch.gateway.books.receipts import ReceiptBook
+from llorch.gateway.market.tenants import TenantBook
+from llorch.gateway.witness.witness import Witness, WitnessBook, witness_forever
 from llorch.gateway.service import Gateway
 from llorch.ledger.signing import load_key_file
 from llorch.node.wire.attestation import TOPIC, parse_attestation

@@ -1,11 +1,11 @@
 """The gateway's request flow, hop by hop (docs/architecture.md numbers the same steps):
 
   (1)-(2) authenticate the API key → tenant; admission: model allowed, rate, concurrency, and a budget reservation
-          for the request's worst case (gateway/quota.py);
-  (3) place: rank eligible providers (gateway/placement.py): approved, fresh, offering the pinned model, EU-only
+          for the request's worst case (gateway/market/quota.py);
+  (3) place: rank eligible providers (gateway/market/placement.py): approved, fresh, offering the pinned model, EU-only
       tenants on certified EU providers only (fails closed), determinism-required tenants on the pinned class;
   (4) sign a ticket for the chosen provider;
-  (5)-(7) relay over /llorch/infer/1 (gateway/node_client.py): busy or failure before the first token → the next
+  (5)-(7) relay over /llorch/infer/1 (gateway/market/node_client.py): busy or failure before the first token → the next
       candidate; failure mid-stream → the same ticket parameters on another provider of the same determinism
       class, skipping the text already delivered (checked to be identical), so the customer sees one answer;
   (8) check the receipt against the ticket and everything the customer received, store it, settle the
@@ -24,23 +24,23 @@ import trio
 from typing import Awaitable, Callable
 
 from llorch.gateway import limits
-from llorch.gateway.books import Books, tenant_account
-from llorch.gateway.witness import WitnessBook
+from llorch.gateway.books.postings import Books, tenant_account
+from llorch.gateway.witness.witness import WitnessBook
 from llorch.ledger.receipt_proof import proof_document
 from llorch.gateway.config import GatewayConfig, margin_bp
-from llorch.gateway.directory import ProviderDirectory
+from llorch.gateway.market.directory import ProviderDirectory
 from llorch.gateway.errors import (AuthError, BadRequest, Forbidden, ModelNotFound, NoProvider, PaymentRequired,
                             ProviderFailed, RateLimited)
-from llorch.gateway.metrics import Metrics
-from llorch.gateway.node_client import AttemptFailed, InferenceCall, request_inference
-from llorch.gateway.openai_api import ChatRequest
-from llorch.gateway.placement import ProviderView, Requirements, Standing, after_failure, after_success, rank_providers, \
+from llorch.gateway.api.metrics import Metrics
+from llorch.gateway.market.node_client import AttemptFailed, InferenceCall, request_inference
+from llorch.gateway.api.openai_api import ChatRequest
+from llorch.gateway.market.placement import ProviderView, Requirements, Standing, after_failure, after_success, rank_providers, \
     why_not
-from llorch.gateway.pricing import Charge, customer_charge, demand_multiplier_bp, ticket_price, utilisation_ppm
-from llorch.gateway.providers import ProviderBook
-from llorch.gateway.quota import QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound, worst_case_minor
-from llorch.gateway.receipts import ReceiptBook, check_receipt
-from llorch.gateway.tenants import Tenant, TenantBook
+from llorch.gateway.books.pricing import Charge, customer_charge, demand_multiplier_bp, ticket_price, utilisation_ppm
+from llorch.gateway.market.providers import ProviderBook
+from llorch.gateway.market.quota import QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound, worst_case_minor
+from llorch.gateway.books.receipts import ReceiptBook, check_receipt
+from llorch.gateway.market.tenants import Tenant, TenantBook
 from llorch.ledger.objects import VERSION, Receipt, Ticket
 from llorch.ledger.signing import SigningKey, peer_id_of
 from llorch.node.wire.attestation import Attestation

@@ -1,4 +1,4 @@
-"""llorch node: the provider's libp2p host, attestation gossip, and the /llorch/infer/1 service.
+"""llorch node: the provider's libp2p host, attestation gossip, the /llorch/infer/1 and /llorch/ledger/1 services.
 
-Imports ledger and inference.
+``wire/`` is what the gateway and the node both speak. Imports ledger and inference.
 """

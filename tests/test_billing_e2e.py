@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from llorch.gateway.localnet import LocalNetwork
-from llorch.gateway.pricing import customer_charge
+from llorch.gateway.books.pricing import customer_charge
 from llorch.ledger.objects import VERSION, Receipt, amount_minor, sampling_sha256
 from llorch.ledger.signing import load_key_file, public_key_of_peer_id, sha256
 from llorch.ledger.store import LedgerStore

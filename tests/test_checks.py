@@ -2,9 +2,9 @@
 
 import pytest
 
-from llorch.gateway.directory import ProviderDirectory
+from llorch.gateway.market.directory import ProviderDirectory
 from llorch.gateway.errors import ReceiptRejected
-from llorch.gateway.receipts import check_receipt
+from llorch.gateway.books.receipts import check_receipt
 from llorch.ledger import canonical
 from llorch.ledger.objects import VERSION, Receipt, amount_minor, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import SigningKey, open_envelope, sha256

@@ -1,7 +1,22 @@
-"""The packages are layered: ledger and inference import nothing of ours; node imports ledger and inference;
-gateway imports node and ledger (never inference directly)."""
+"""The layout is layered, and a test keeps it so.
+
+Packages (all under ``llorch``): ledger and inference import nothing of ours; node imports ledger and inference;
+gateway imports node and ledger (never inference directly).
+
+Inside node, ``node/wire/`` holds what both sides of the wire speak (frames, the two sans-IO stream protocols,
+attestations, registrations, sampling). The gateway imports from node only that package and shared plumbing (the p2p
+host, stream I/O, lifecycle, config loading, errors, limits, the catalog wrapper); never the provider's service code.
+
+Inside gateway, the sub-packages own one concern each: ``market``, ``books`` and ``witness`` import only the
+gateway's base modules (errors, limits, config); ``api`` (the HTTP surface) may import them and the request flow
+(``service``); nothing imports ``api`` back except the wiring at the top (service, run, the CLIs).
+"""
 
 import ast
+import zipfile
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,34 +29,108 @@ ALLOWED = {
     "node": {"ledger", "inference"},
     "gateway": {"node", "ledger"},
 }
+NODE_SHARED = {"wire", "errors", "limits", "p2p", "stream_io", "lifecycle", "config", "models"}
+NODE_WIRE_MAY_IMPORT = {"wire", "errors", "limits"}
+GATEWAY_BASE = {"errors", "limits", "config"}
+GATEWAY_SUBPACKAGES = {
+    "market": GATEWAY_BASE,
+    "books": GATEWAY_BASE,
+    "witness": GATEWAY_BASE,
+    "api": GATEWAY_BASE | {"market", "books", "witness", "service"},
+}
+GATEWAY_ENTRY = {"cli.py"}          # the `llorch` command assembles every role's subcommands
 
 
-def imported_packages(path: Path) -> set[str]:
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module name ``path`` imports (``from a.b import c`` gives a.b and a.b.c)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     found = set()
     for item in ast.walk(tree):
         if isinstance(item, ast.Import):
-            found |= {package_of(alias.name) for alias in item.names}
+            found |= {alias.name for alias in item.names}
         elif isinstance(item, ast.ImportFrom) and item.level == 0 and item.module:
-            found.add(package_of(item.module))
-    return found & OURS
+            found.add(item.module)
+            found |= {f"{item.module}.{alias.name}" for alias in item.names}
+    return found
 
 
-def package_of(module: str) -> str:
-    parts = module.split(".")
-    return parts[1] if parts[0] == "llorch" and len(parts) > 1 else parts[0]
+def ours(modules: set[str]) -> set[tuple[str, ...]]:
+    """Our modules as name parts after ``llorch`` (("node", "wire", "frames"), ...)."""
+    return {tuple(m.split(".")[1:]) for m in modules if m.startswith("llorch.") and len(m.split(".")) > 1}
+
+
+def bare_imports(modules: set[str]) -> set[str]:
+    return {m for m in modules if m.split(".")[0] in OURS}
+
+
+def python_files(package: str) -> list[Path]:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"package {package} has no modules"
+    return files
 
 
 @pytest.mark.parametrize("package", sorted(OURS))
 def test_import_direction(package):
-    files = sorted((ROOT / package).rglob("*.py"))
-    assert files, f"package {package} has no modules"
-    for path in files:
-        foreign = imported_packages(path) - ALLOWED[package] - {package}
+    for path in python_files(package):
+        modules = imported_modules(path)
+        assert not bare_imports(modules), f"{path.relative_to(ROOT)} imports {sorted(bare_imports(modules))}: " \
+                                          f"our packages are imported as llorch.<package>"
+        foreign = {parts[0] for parts in ours(modules)} - ALLOWED[package] - {package}
         assert not foreign, f"{path.relative_to(ROOT)} imports {sorted(foreign)}, which {package} may not import"
+
+
+def test_the_gateway_uses_only_the_shared_parts_of_node():
+    for path in python_files("gateway"):
+        if path.name in GATEWAY_ENTRY and path.parent.name == "gateway":
+            continue
+        reached = {parts[1] for parts in ours(imported_modules(path)) if parts[0] == "node" and len(parts) > 1}
+        assert reached <= NODE_SHARED, f"{path.relative_to(ROOT)} reaches into node's {sorted(reached - NODE_SHARED)}"
+
+
+def test_the_wire_package_is_self_contained():
+    for path in python_files("node/wire"):
+        reached = {parts[1] for parts in ours(imported_modules(path)) if parts[0] == "node" and len(parts) > 1}
+        assert reached <= NODE_WIRE_MAY_IMPORT, f"{path.relative_to(ROOT)} imports node's " \
+                                                f"{sorted(reached - NODE_WIRE_MAY_IMPORT)}"
+
+
+@pytest.mark.parametrize("sub", sorted(GATEWAY_SUBPACKAGES))
+def test_gateway_sub_packages_import_only_downwards(sub):
+    for path in python_files(f"gateway/{sub}"):
+        reached = {parts[1] for parts in ours(imported_modules(path)) if parts[0] == "gateway" and len(parts) > 1}
+        foreign = reached - GATEWAY_SUBPACKAGES[sub] - {sub}
+        assert not foreign, f"{path.relative_to(ROOT)} imports gateway's {sorted(foreign)}, which {sub} may not"
+
+
+@pytest.mark.parametrize("sub", sorted(GATEWAY_SUBPACKAGES) + ["../node/wire"])
+def test_each_sub_package_says_what_it_owns(sub):
+    init = ROOT / "gateway" / sub / "__init__.py"
+    docstring = ast.get_docstring(ast.parse(init.read_text()))
+    assert docstring and docstring.splitlines()[0].strip(), f"{init.relative_to(ROOT.parent)} has no one-line docstring"
 
 
 def test_checker_sees_imports(tmp_path):
     sample = tmp_path / "sample.py"
-    sample.write_text("import gateway.cli\nfrom node import frames\n")
-    assert imported_packages(sample) == {"gateway", "node"}
+    sample.write_text("import llorch.gateway.cli\nfrom llorch.node.wire import frames\nimport node\n")
+    modules = imported_modules(sample)
+    assert ours(modules) == {("gateway", "cli"), ("node", "wire"), ("node", "wire", "frames")}
+    assert bare_imports(modules) == {"node"}
+
+
+def test_the_wheel_installs_nothing_but_llorch(tmp_path):
+    """Build the wheel from the committed layout and open it: only llorch/... and its dist-info."""
+    source = tmp_path / "source"
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"),
+                    str(source)], check=True, capture_output=True, timeout=300)
+    wheel, = (tmp_path / "dist").glob("llorch-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert top == {"llorch", next(t for t in top if t.endswith(".dist-info"))}, sorted(top)
+    for expected in ("llorch/gateway/cli.py", "llorch/node/wire/frames.py", "llorch/ledger/verify.py",
+                     "llorch/inference/catalog.py", "llorch/gateway/api/http_api.py"):
+        assert expected in names, f"the wheel lacks {expected}"

@@ -7,7 +7,7 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from llorch.gateway.db import open_gateway_db
-from llorch.gateway.witness import (BadView, ForkDetected, Witness, WitnessBook, WitnessedState, check_checkpoint,
+from llorch.gateway.witness.witness import (BadView, ForkDetected, Witness, WitnessBook, WitnessedState, check_checkpoint,
                              check_consistency, extend)
 from llorch.ledger import merkle
 from llorch.ledger.errors import ConflictError, StoreError

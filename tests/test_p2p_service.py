@@ -10,8 +10,8 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from llorch.gateway.node_client import AttemptFailed, request_inference
-from llorch.gateway.receipts import check_receipt
+from llorch.gateway.market.node_client import AttemptFailed, request_inference
+from llorch.gateway.books.receipts import check_receipt
 from llorch.ledger.signing import SigningKey
 from llorch.ledger.store import LedgerStore
 from llorch.ledger.verify import read_sqlite_entries

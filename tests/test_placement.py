@@ -2,7 +2,7 @@
 
 import pytest
 
-from llorch.gateway.placement import (BACKOFF_MS_MAX, ProviderView, Requirements, Standing, after_failure, after_success,
+from llorch.gateway.market.placement import (BACKOFF_MS_MAX, ProviderView, Requirements, Standing, after_failure, after_success,
                                rank_providers, why_not)
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey

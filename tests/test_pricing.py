@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from llorch.gateway.pricing import (BASIS_POINTS, PricingError, customer_charge, demand_multiplier_bp, ticket_price,
+from llorch.gateway.books.pricing import (BASIS_POINTS, PricingError, customer_charge, demand_multiplier_bp, ticket_price,
                              utilisation_ppm)
 from llorch.ledger.objects import amount_minor
 

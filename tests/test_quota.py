@@ -3,8 +3,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from llorch.gateway.quota import QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound, worst_case_minor
-from llorch.gateway.tenants import TenantError, format_amount, parse_amount
+from llorch.gateway.market.quota import QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound, worst_case_minor
+from llorch.gateway.market.tenants import TenantError, format_amount, parse_amount
 
 
 def test_token_bucket_allows_bursts_then_the_rate():

@@ -1,6 +1,6 @@
 """/llorch/infer/1 as a sans-IO state machine: bytes in, frames out, bytes to send. No sockets here.
 
-Both ends drive the same class: the gateway as CLIENT (``request_inference`` in gateway/node_client.py), the provider
+Both ends drive the same class: the gateway as CLIENT (``request_inference`` in gateway/market/node_client.py), the provider
 as SERVER (``serve_inference`` in node/service.py). One stream carries one request:
 
     AWAIT_REQUEST   --client: request-->            AWAIT_ADMISSION

@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS tenants (
     created_ms         INTEGER NOT NULL
 );
 """
-# spent is derived from the books (gateway/books.py), never stored twice
+# spent is derived from the books (gateway/books/postings.py), never stored twice
 COLUMNS = ("name", "tier", "budget_minor",
            "(SELECT COALESCE(SUM(CASE WHEN debit = 'tenant:' || tenants.name THEN amount ELSE -amount END), 0) "
            "FROM postings WHERE debit = 'tenant:' || tenants.name OR credit = 'tenant:' || tenants.name)",

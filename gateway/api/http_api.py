@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP surface: GET /v1/models, POST /v1/chat/completions (JSON or SSE), GET /healthz.
 
-Handlers are thin: parse (gateway/openai_api.py), call Gateway.complete (gateway/service.py), shape the answer.
+Handlers are thin: parse (gateway/api/openai_api.py), call Gateway.complete (gateway/service.py), shape the answer.
 Every error is OpenAI's error shape with a specific message.
 """
 
@@ -19,8 +19,8 @@ from starlette.types import Receive, Scope, Send
 
 from llorch.gateway import limits
 from llorch.gateway.errors import BadRequest, GatewayError
-from llorch.gateway.openai_api import ChatRequest, CompletionRequest, parse_chat_request
-from llorch.gateway.providers import parse_registration_body, record_json
+from llorch.gateway.api.openai_api import ChatRequest, CompletionRequest, parse_chat_request
+from llorch.gateway.market.providers import parse_registration_body, record_json
 from llorch.gateway.service import Completion, Gateway, new_request_id
 from llorch.node.stream_io import now_ms
 

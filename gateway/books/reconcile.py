@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llorch.gateway.books import period_of
+from llorch.gateway.books.postings import period_of
 from llorch.ledger.errors import LedgerError
 from llorch.ledger.objects import Receipt, Ticket
 from llorch.ledger.signing import peer_id_of, sha256

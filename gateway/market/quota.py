@@ -1,5 +1,5 @@
 """Admission arithmetic, pure: token buckets, concurrency slots and budget reservations. No I/O, no clocks: callers
-pass ``now_ms``. The shell (gateway/admission.py) keeps one ``TenantQuota`` per tenant in memory.
+pass ``now_ms``. The shell (gateway/service.py) keeps one ``TenantQuota`` per tenant in memory.
 
 Money is integer minor units. A request reserves its worst case before it is placed; at the end the reservation is
 settled to the actual amount (never more than reserved), so concurrent requests can never spend past the budget.

@@ -25,7 +25,7 @@ from llorch.ledger.objects import ZERO_HASH, Receipt, ledger_origin
 from llorch.ledger.signing import SigningKey, peer_id_of, sha256
 from llorch.ledger.sqlite import Database
 from llorch.ledger.store import needed_nodes
-from llorch.gateway.ledger_client import LedgerRequestFailed, request_ledger
+from llorch.gateway.witness.ledger_client import LedgerRequestFailed, request_ledger
 from llorch.node.wire.ledger_protocol import GetCheckpoint, GetConsistency, GetEntries, PutCosigned, witness_name
 from llorch.node.p2p import P2P
 from llorch.node.stream_io import now_ms

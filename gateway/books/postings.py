@@ -12,7 +12,7 @@ import csv
 import io
 from dataclasses import dataclass
 
-from llorch.gateway.pricing import Charge
+from llorch.gateway.books.pricing import Charge
 from llorch.ledger.objects import Receipt
 from llorch.ledger.signing import peer_id_of
 from llorch.ledger.sqlite import Database

@@ -1,0 +1,1 @@
+"""The witness: fetching, checking and cosigning every provider's ledger over /llorch/ledger/1."""
