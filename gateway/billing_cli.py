@@ -19,6 +19,7 @@ from llorch.gateway.books.reconcile import GRACE_MS, reconcile
 from llorch.ledger.errors import LedgerError
 from llorch.ledger.signing import load_key_file
 from llorch.node.errors import NodeError
+from llorch.node.stream_io import now_ms
 
 PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
@@ -27,13 +28,18 @@ def add_commands(subparsers) -> None:
     billing = subparsers.add_parser("billing", help="reconcile receipts with tickets; statements")
     billing_sub = billing.add_subparsers(dest="billing_command", required=True)
     rec = billing_sub.add_parser(
-        "reconcile", help="match every accepted ticket with exactly one witnessed receipt (read-only)",
-        description="Exit 0 when nothing is wrong (unbilled receipts are reported but not errors), 1 otherwise.")
+        "reconcile", help="match every ticket with its witnessed receipt, by ticket hash (incremental)",
+        description="Examines what the witness added since the last run and reports every open finding. Exit 0 when "
+                    "nothing is wrong (an 'unpaid' late receipt is informational), 1 otherwise. With --post, "
+                    "tickets the gateway never settled (it stopped mid-request) are settled: a witnessed receipt is "
+                    "paid by the platform, the customer is not charged.")
     rec.add_argument("--config", type=Path, required=True)
     rec.add_argument("--period", type=_period, help="YYYY-MM (UTC); default: everything")
     rec.add_argument("--grace-s", type=float, default=GRACE_MS / 1000,
                      help="how long after a ticket a witness round must have seen the provider's ledger before a "
                           "ticket without a receipt is reported (default %(default)s s)")
+    rec.add_argument("--post", action="store_true",
+                     help="settle tickets that were never settled live (each exactly once)")
     rec.set_defaults(handler=billing_reconcile)
     stmt = billing_sub.add_parser("statement", help="a tenant's invoice, a provider's payouts or the platform's fees")
     stmt.add_argument("--config", type=Path, required=True)
@@ -64,7 +70,8 @@ def billing_reconcile(args: argparse.Namespace) -> int:
     try:
         config = load_gateway_config(args.config)
         key = load_key_file(config.key_file)
-        report = trio.run(_reconcile, config.db_path, key.public_key, args.period, int(args.grace_s * 1000))
+        report = trio.run(_reconcile, config.db_path, key.public_key, args.period, int(args.grace_s * 1000),
+                          args.post)
     except (NodeError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -73,9 +80,9 @@ def billing_reconcile(args: argparse.Namespace) -> int:
     return 0 if document["ok"] else 1
 
 
-async def _reconcile(path, gateway_key, period, grace_ms):
+async def _reconcile(path, gateway_key, period, grace_ms, post):
     async with open_gateway_db(path) as database:
-        return await reconcile(database, gateway_key, period, grace_ms)
+        return await reconcile(database, gateway_key, period, now_ms(), grace_ms, post)
 
 
 def billing_statement(args: argparse.Namespace) -> int:

@@ -1,4 +1,8 @@
-"""The gateway's SQLite database: one file, one connection, every table the gateway keeps."""
+"""The gateway's SQLite database: one file, one connection, every table the gateway keeps.
+
+Opening it creates what is missing and brings a database from an older gateway up to date (columns added, the
+running balances rebuilt from the postings), so an upgrade keeps every ticket, receipt and posting.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,45 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
-from llorch.gateway.books import postings, receipts
+from llorch.gateway.books import postings, receipts, reconcile, tickets
 from llorch.gateway.market import providers, tenants
 from llorch.gateway.witness import witness
 from llorch.ledger.sqlite import Database, open_database
+
+# table -> columns a database from an older gateway may lack, with their declarations
+ADDED_COLUMNS = {
+    "witnessed": {"checked_ms": "INTEGER NOT NULL DEFAULT 0"},     # witness rounds are timed
+    "tickets": tickets.TICKET_COLUMNS,                             # settlement
+    "postings": {"ticket_sha256": "BLOB"},
+}
 
 
 @asynccontextmanager
 async def open_gateway_db(path: Path) -> AsyncIterator[Database]:
     async with open_database(path) as database:
-        await database.executescript(receipts.SCHEMA + witness.SCHEMA + tenants.SCHEMA + providers.SCHEMA +
-                                     postings.SCHEMA)
-        columns = {row[1] for row in await database.fetchall("PRAGMA table_info(witnessed)")}
-        if "checked_ms" not in columns:       # a database from before witness rounds were timed
-            await database.execute("ALTER TABLE witnessed ADD COLUMN checked_ms INTEGER NOT NULL DEFAULT 0")
+        await database.executescript(receipts.SCHEMA + tickets.SCHEMA + witness.SCHEMA + tenants.SCHEMA +
+                                     providers.SCHEMA + postings.SCHEMA)
+        await add_missing_columns(database)
+        await database.executescript(tickets.TRIGGERS + reconcile.SCHEMA)
+        await rebuild_balances_if_missing(database)
         yield database
+
+
+async def add_missing_columns(database: Database) -> None:
+    for table, columns in ADDED_COLUMNS.items():
+        present = {row[1] for row in await database.fetchall(f"PRAGMA table_info({table})")}
+        for name, declaration in columns.items():
+            if name not in present:
+                await database.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+
+
+async def rebuild_balances_if_missing(database: Database) -> None:
+    """A database from before running balances: sum every account's legs once."""
+    has_balances = await database.fetchone("SELECT 1 FROM account_balances LIMIT 1")
+    has_postings = await database.fetchone("SELECT 1 FROM postings LIMIT 1")
+    if has_postings and not has_balances:
+        await database.transaction([(
+            "INSERT INTO account_balances (account, debits, credits) "
+            "SELECT account, SUM(debits), SUM(credits) FROM ("
+            " SELECT debit AS account, amount AS debits, 0 AS credits FROM postings"
+            " UNION ALL SELECT credit, 0, amount FROM postings) GROUP BY account", [()])])

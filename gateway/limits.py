@@ -6,5 +6,7 @@ PLACEMENT_ATTEMPTS_MAX = 4                # providers tried per request before g
 STREAM_OPEN_TIMEOUT_S = 10.0              # dial + new stream to a provider
 ADMISSION_TIMEOUT_S = 30.0                # request sent → accepted/busy (the node tokenizes the prompt first)
 TOKEN_TIMEOUT_S = 60.0                    # gap between two frames while streaming
+CANCEL_DRAIN_TIMEOUT_S = 5.0              # customer gone → cancel sent → the provider's final frame (its receipt)
+RELAY_FRAMES_MAX = 8_192                  # token frames one provider may send for one ticket (max_tokens + slack)
 ATTESTATIONS_KEPT_MAX = 10_000            # providers remembered by the directory
 HTTP_SHUTDOWN_GRACE_S = 2.0

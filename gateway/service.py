@@ -1,15 +1,20 @@
 """The gateway's request flow, hop by hop (docs/architecture.md numbers the same steps):
 
   (1)-(2) authenticate the API key → tenant; admission: model allowed, rate, concurrency, and a budget reservation
-          for the request's worst case (gateway/market/quota.py);
-  (3) place: rank eligible providers (gateway/market/placement.py): approved, fresh, offering the pinned model, EU-only
-      tenants on certified EU providers only (fails closed), determinism-required tenants on the pinned class;
-  (4) sign a ticket for the chosen provider;
-  (5)-(7) relay over /llorch/infer/1 (gateway/market/node_client.py): busy or failure before the first token → the next
-      candidate; failure mid-stream → the same ticket parameters on another provider of the same determinism
-      class, skipping the text already delivered (checked to be identical), so the customer sees one answer;
-  (8) check the receipt against the ticket and everything the customer received, store it, settle the
-      reservation to the receipt's amount. Exactly one receipt is billed per customer request.
+          for the request's worst case at the customer's prices (gateway/market/quota.py), against the spend read
+          from the books;
+  (3) place: rank eligible providers (gateway/market/placement.py): approved, fresh, offering the pinned model, under
+      the customer's price ceiling after margin, EU-only tenants on certified EU providers only (fails closed),
+      determinism-required tenants on the pinned class;
+  (4) sign a ticket for the chosen provider and write it durably before it is sent (gateway/books/tickets.py);
+  (5)-(7) relay over /llorch/infer/1 (gateway/market/node_client.py), metering every frame on the gateway's clock
+      (gateway/books/settlement.py ``Meter``): busy or failure before the first token → the next candidate; failure
+      mid-stream → the same ticket parameters on another provider of the same determinism class whose price fits the
+      reservation, skipping the text already delivered (checked to be identical); the customer going away → a cancel
+      frame, and the provider's receipt for what it generated;
+  (8) check the receipt against the ticket and what the provider sent, and settle the ticket exactly once, shielded
+      from cancellation: ``settle`` bounds every claim by the gateway's measurements, and one transaction writes
+      the settlement, the receipt, the postings and any finding against the provider.
 """
 
 from __future__ import annotations
@@ -18,38 +23,42 @@ import hashlib
 import hmac
 import logging
 import secrets
-from dataclasses import dataclass
-
-import trio
+from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable
 
+import trio
+
 from llorch.gateway import limits
-from llorch.gateway.books.postings import Books, tenant_account
-from llorch.gateway.witness.witness import WitnessBook
-from llorch.ledger.receipt_proof import proof_document
-from llorch.gateway.config import GatewayConfig, margin_bp
-from llorch.gateway.market.directory import ProviderDirectory
-from llorch.gateway.errors import (AuthError, BadRequest, Forbidden, ModelNotFound, NoProvider, PaymentRequired,
-                            ProviderFailed, RateLimited)
 from llorch.gateway.api.metrics import Metrics
-from llorch.gateway.market.node_client import AttemptFailed, InferenceCall, request_inference
 from llorch.gateway.api.openai_api import ChatRequest
-from llorch.gateway.market.placement import ProviderView, Requirements, Standing, after_failure, after_success, rank_providers, \
-    why_not
-from llorch.gateway.books.pricing import Charge, customer_charge, demand_multiplier_bp, ticket_price, utilisation_ppm
-from llorch.gateway.market.providers import ProviderBook
-from llorch.gateway.market.quota import QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound, worst_case_minor
+from llorch.gateway.books.postings import Books, tenant_account
+from llorch.gateway.books.pricing import Charge, customer_price, demand_multiplier_bp, ticket_price, utilisation_ppm
 from llorch.gateway.books.receipts import ReceiptBook, check_receipt
+from llorch.gateway.books.settlement import ENDED, Meter, Settlement, State, Terms, settle
+from llorch.gateway.books.tickets import TicketBook
+from llorch.gateway.config import GatewayConfig, margin_bp
+from llorch.gateway.errors import (AuthError, BadRequest, Forbidden, ModelNotFound, NoProvider, PaymentRequired,
+                                  ProviderFailed, RateLimited, ReceiptRejected)
+from llorch.gateway.market.directory import ProviderDirectory
+from llorch.gateway.market.node_client import AttemptFailed, InferenceCall, request_inference
+from llorch.gateway.market.placement import (ProviderView, Requirements, Standing, after_failure, after_success,
+                                             customer_prices, rank_providers, why_not)
+from llorch.gateway.market.providers import ProviderBook
+from llorch.gateway.market.quota import (QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound,
+                                         worst_case_minor)
 from llorch.gateway.market.tenants import Tenant, TenantBook
+from llorch.gateway.witness.witness import WitnessBook
+from llorch.ledger.errors import LedgerError
 from llorch.ledger.objects import VERSION, Receipt, Ticket
+from llorch.ledger.receipt_proof import proof_document
 from llorch.ledger.signing import SigningKey, peer_id_of
-from llorch.node.wire.attestation import Attestation
-from llorch.node.errors import ProtocolError
-from llorch.node.wire.frames import Final, Request, prompt_chars, prompt_parts
+from llorch.node.errors import FrameTimeout, ProtocolError
 from llorch.node.limits import SALT_BYTES
 from llorch.node.models import catalog_model_ids, catalog_pin
 from llorch.node.p2p import P2P
 from llorch.node.stream_io import now_ms
+from llorch.node.wire.attestation import Attestation
+from llorch.node.wire.frames import Final, Request, prompt_chars, prompt_parts
 
 log = logging.getLogger("llorch.gateway")
 
@@ -73,6 +82,7 @@ class Completion:
     seed: int
     salt: bytes
     charge: Charge                   # what the tenant pays: the provider's payout plus the platform fee
+    settlement: Settlement           # the billed counts (the receipt's claims bounded by the gateway's measurements)
 
 
 class MidStreamFailure(Exception):
@@ -95,6 +105,10 @@ class _Job:
     provider_peer_id: str = ""       # the provider serving right now (changes when a stream is resumed)
     multiplier_bp: int = 10_000      # demand multiplier on provider prices
     margin_bp: int = 4_000           # the tenant's tier margin
+    prompt_tokens_max: int = 0       # the gateway's own upper bound on the prompt's tokens
+    price_caps: tuple[int, int] = (0, 0)   # customer prices per 1M the reservation was made at (resume stays within)
+    reserved_minor: int = 0          # the reservation: no ticket of this request may charge more
+    charged: int = 0                 # what the settled tickets charged (at most one is ever non-zero)
 
 
 class Gateway:
@@ -111,9 +125,11 @@ class Gateway:
         self.books = books
         self.witness_book = witness_book
         self.database = books.database
+        self.tickets = TicketBook(books.database)
         self.metrics = Metrics()
         self.standings: dict[bytes, Standing] = {}
         self._quotas: dict[str, TenantQuota] = {}
+        self._locks: dict[str, trio.Lock] = {}
 
     # (1)-(2) --------------------------------------------------------------------------------------------------
     async def authenticate(self, authorization: str | None) -> Tenant:
@@ -163,6 +179,7 @@ class Gateway:
         fields = dict(model_id=job.chat.model, model_sha256=job.pin, currency=CURRENCY,
                       prompt_tokens_estimate=prompt_chars(job.prompt) // CHARS_PER_TOKEN_ESTIMATE + 1,
                       max_tokens=job.chat.max_tokens_effective, eu_only=job.tenant.eu_only,
+                      multiplier_bp=job.multiplier_bp, margin_bp=job.margin_bp,
                       engine_build=(self.config.determinism_pin or "(no pinned class)")
                       if job.tenant.require_determinism else None,
                       max_price_in=extension.max_price_in_per_1m if extension else None,
@@ -201,32 +218,41 @@ class Gateway:
         job = _Job(request_id or new_request_id(), tenant, chat, pin,
                    chat.seed if chat.seed is not None else secrets.randbelow(2**32),
                    secrets.token_bytes(SALT_BYTES), chat.prompt(), on_text)
+        job.multiplier_bp = self.demand_multiplier(job.chat.model, pin)
+        job.margin_bp = margin_bp(self.config, tenant.tier)
+        job.prompt_tokens_max = prompt_tokens_upper_bound(len(str(job.prompt).encode()), prompt_parts(job.prompt))
         views = await self.provider_views()
         need = self.requirements(job)
         candidates = rank_providers(views, need, now_ms())
         if not candidates:
             raise self.no_provider(job, views, need)
-        quota = self._quota(tenant)
-        job.multiplier_bp = self.demand_multiplier(job.chat.model, pin)
-        job.margin_bp = margin_bp(self.config, tenant.tier)
-        prompt_bound = prompt_tokens_upper_bound(len(str(job.prompt).encode()), prompt_parts(job.prompt))
-        worst = max(customer_charge(worst_case_minor(prompt_bound, need.max_tokens,
-                                                     ticket_price(c.attestation.price_in, job.multiplier_bp),
-                                                     ticket_price(c.attestation.price_out, job.multiplier_bp)),
-                                    job.margin_bp).charge
-                    for c in candidates)
+        job.price_caps = (max(customer_prices(c.attestation, need)[0] for c in candidates),
+                          max(customer_prices(c.attestation, need)[1] for c in candidates))
+        job.reserved_minor = worst_case_minor(job.prompt_tokens_max, need.max_tokens, *job.price_caps)
+        quota = await self.admit(tenant, job.request_id, job.reserved_minor)
         try:
-            quota.admit(job.request_id, worst, now_ms())
-        except QuotaExceeded as exc:
-            raise (PaymentRequired(str(exc)) if exc.kind == "budget" else
-                   RateLimited(str(exc), "rate_limit_exceeded" if exc.kind == "rate" else "too_many_concurrent",
-                               max(1, -(-(exc.retry_after_ms or 1000) // 1000)))) from None
-        completion = None
-        try:
-            completion = await self._serve(job, candidates)
-            return completion
+            return await self._serve(job, candidates)
         finally:
-            quota.settle(job.request_id, completion.charge.charge if completion else None)
+            quota.settle(job.request_id, job.charged)
+
+    async def admit(self, tenant: Tenant, request_id: str, reserved_minor: int) -> TenantQuota:
+        """(2): a rate token, a concurrency slot and the reservation, all or nothing, against the spend in the books.
+        The caller releases them with ``quota.settle(request_id, charged)``."""
+        quota = self._quota(tenant)
+        async with self._tenant_lock(tenant.name):
+            quota.spent_minor = await self.books.tenant_spent(tenant.name)      # the books, not a counter
+            try:
+                quota.admit(request_id, reserved_minor, now_ms())
+            except QuotaExceeded as exc:
+                raise (PaymentRequired(str(exc)) if exc.kind == "budget" else
+                       RateLimited(str(exc), "rate_limit_exceeded" if exc.kind == "rate" else "too_many_concurrent",
+                                   max(1, -(-(exc.retry_after_ms or 1000) // 1000)))) from None
+        return quota
+
+    def _tenant_lock(self, name: str) -> trio.Lock:
+        """Admission reads the tenant's spend and reserves under this lock; a settlement posts and then releases its
+        reservation under it, so no admission sees a charge both spent and still reserved, or neither."""
+        return self._locks.setdefault(name, trio.Lock())
 
     def demand_multiplier(self, model_id: str, pin: bytes) -> int:
         """The demand multiplier from the utilisation of every fresh provider offering the model."""
@@ -236,7 +262,7 @@ class Gateway:
 
     async def _serve(self, job: _Job, candidates: list[ProviderView]) -> Completion:
         """Try candidates in order. Before any text was delivered, any failure moves on to the next candidate; after,
-        only providers of the failed one's determinism class may resume the stream."""
+        only providers of the failed one's determinism class, within the reservation's prices, may resume."""
         tried: set[bytes] = set()
         failures: list[str] = []
         resume_class: str | None = None
@@ -257,7 +283,8 @@ class Gateway:
                 self.metrics.failovers += 1
             self._failed(view.key)
             if job.delivered:
-                need = self.requirements(job, engine_build=resume_class, exclude=frozenset(tried))
+                need = self.requirements(job, engine_build=resume_class, exclude=frozenset(tried),
+                                         max_price_in=job.price_caps[0], max_price_out=job.price_caps[1])
                 candidates = rank_providers(await self.provider_views(), need, now_ms())
             else:
                 candidates = [c for c in candidates[1:] if c.key not in tried]
@@ -288,7 +315,9 @@ class Gateway:
     def _failed(self, provider_key: bytes) -> None:
         self.standings[provider_key] = after_failure(self.standings.get(provider_key, Standing()), now_ms())
 
-    def issue_ticket(self, job: _Job, provider: Attestation) -> tuple[Ticket, bytes]:
+    def issue_ticket(self, job: _Job, provider: Attestation) -> tuple[Ticket, bytes, Terms]:
+        """(4): the ticket for ``provider`` (its prices, never below what it attested) and the gateway's own terms
+        for it (the customer's prices, the reservation, the prompt bound), kept beside it."""
         issued = now_ms()
         ticket = Ticket(
             v=VERSION, request_id=job.request_id, gateway_key=self.key.public_key,
@@ -297,59 +326,168 @@ class Gateway:
             price_in=ticket_price(provider.price_in, job.multiplier_bp),
             price_out=ticket_price(provider.price_out, job.multiplier_bp), currency=provider.currency,
             issued_ms=issued, expires_ms=issued + limits.TICKET_LIFETIME_MS)
-        return ticket, ticket.seal(self.key)
+        terms = Terms(job.tenant.name, job.margin_bp,
+                      customer_price(provider.price_in, job.multiplier_bp, job.margin_bp),
+                      customer_price(provider.price_out, job.multiplier_bp, job.margin_bp),
+                      job.reserved_minor, job.prompt_tokens_max)
+        return ticket, ticket.seal(self.key), terms
 
     async def _attempt(self, job: _Job, provider: Attestation) -> Completion:
-        ticket, ticket_bytes = self.issue_ticket(job, provider)
-        standing = self.standings.get(provider.provider_key, Standing())
-        started = now_ms()
-        self.standings[provider.provider_key] = Standing(standing.success_ppm, standing.ttft_ms,
-                                                        standing.failures_in_a_row, standing.backoff_until_ms,
-                                                        started)
-        async with request_inference(self.p2p, provider, Request(ticket_bytes, job.salt, job.prompt)) as call:
-            job.provider_peer_id = peer_id_of(provider.provider_key)
-            try:
-                completion = await self._relay(call, job, ticket, ticket_bytes, provider, started)
-            except BaseException:
-                # Accepted but not completed: keep the ticket, so reconciliation expects (and checks) a receipt.
-                with trio.CancelScope(shield=True):
-                    await self.receipts.record_ticket(ticket, ticket_bytes)
-                raise
-        self.standings[provider.provider_key] = after_success(self.standings[provider.provider_key],
-                                                              completion.receipt.first_token_ms -
-                                                              completion.receipt.accepted_ms)
-        return completion
+        """One ticket, from its durable issue to its settlement (exactly once, shielded from cancellation)."""
+        ticket, ticket_bytes, terms = self.issue_ticket(job, provider)
+        await self.tickets.issue(ticket, ticket_bytes, terms)
+        run = _TicketRun(ticket, ticket_bytes, terms, Meter(now_ms()))
+        self._placed(provider.provider_key)
+        try:
+            await self._run_ticket(job, provider, run)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._settle(job, provider, run)
+        return Completion(job.request_id, job.delivered, run.receipt, peer_id_of(provider.provider_key), job.seed,
+                          job.salt, run.charge, run.settlement)
 
-    async def _relay(self, call: InferenceCall, job: _Job, ticket: Ticket, ticket_bytes: bytes,
-                     provider: Attestation, started_ms: int) -> Completion:
-        regenerated = ""                  # everything this provider sent
+    async def _run_ticket(self, job: _Job, provider: Attestation, run: _TicketRun) -> None:
+        meter = run.meter
+        try:
+            async with request_inference(self.p2p, provider, Request(run.ticket_bytes, job.salt, job.prompt)) as call:
+                meter.handle("accepted", now_ms())
+                job.provider_peer_id = peer_id_of(provider.provider_key)
+                try:
+                    await self._relay(call, job, run)
+                except (trio.Cancelled, CustomerGone):
+                    meter.handle("customer_gone", now_ms())
+                    with trio.CancelScope(shield=True):
+                        await self._collect_cancelled_receipt(call, job, run)
+                    raise
+        except AttemptFailed:
+            meter.handle("refused", now_ms())
+            raise
+        except trio.Cancelled:
+            if meter.state is State.ISSUED:                # the customer left while the provider was admitting
+                meter.handle("customer_gone", now_ms())
+            raise
+        except CustomerGone:
+            raise ProviderFailed("the customer went away") from None
+        except FrameTimeout as exc:
+            meter.handle("timed_out", now_ms())
+            raise self._failure(job, str(exc)) from None
+        except (ProtocolError, ReceiptRejected) as exc:
+            meter.handle("provider_failed", now_ms())
+            raise self._failure(job, str(exc)) from None
+
+    @staticmethod
+    def _failure(job: _Job, reason: str) -> Exception:
+        """Before any text reached the customer a failure is an ordinary failed attempt; after, a mid-stream one."""
+        return MidStreamFailure(reason) if job.delivered else AttemptFailed(reason)
+
+    async def _relay(self, call: InferenceCall, job: _Job, run: _TicketRun) -> None:
+        """Relay token frames (metering each), then check the final frame's receipt. Resumed streams regenerate what
+        was delivered: it is compared in O(n) and only the rest reaches the customer."""
         while True:
-            try:
-                frame = await call.next_frame()
-            except ProtocolError as exc:
-                if not job.delivered:             # the customer has nothing yet: an ordinary failed attempt
-                    raise AttemptFailed(str(exc)) from None
-                raise MidStreamFailure(str(exc)) from None
+            frame = await call.next_frame()
             if isinstance(frame, Final):
-                if regenerated != job.delivered and not regenerated.startswith(job.delivered):
-                    raise ProviderFailed("the resumed stream ended before it caught up with what was delivered")
-                receipt = check_receipt(frame.receipt, ticket, ticket_bytes, job.salt, job.prompt, regenerated)
-                charge = customer_charge(receipt.amount, job.margin_bp)
-                # One durable transaction: the ticket, its receipt and the two legs of the posting.
-                await self.database.transaction(
-                    ReceiptBook.statements(receipt, ticket_bytes, frame.receipt) +
-                    Books.usage_statements(job.tenant.name, receipt, charge, job.margin_bp, now_ms()))
-                self.metrics.tokens["prompt"] += receipt.tokens_in
-                self.metrics.tokens["completion"] += receipt.tokens_out
-                return Completion(job.request_id, regenerated, receipt, peer_id_of(provider.provider_key), job.seed,
-                                  job.salt, charge)
-            regenerated += frame.text
-            if len(regenerated) <= len(job.delivered):
-                if not job.delivered.startswith(regenerated):
-                    raise ProviderFailed("the resumed stream differs from what was already delivered")
-                continue
-            if not regenerated.startswith(job.delivered):
-                raise ProviderFailed("the resumed stream differs from what was already delivered")
-            piece = regenerated[len(job.delivered):]
-            job.delivered = regenerated
-            await job.on_text(piece, job.provider_peer_id)
+                if run.received_chars < len(job.delivered):
+                    raise ProtocolError("the resumed stream ended before it caught up with what was delivered")
+                run.receipt = check_receipt(frame.receipt, run.ticket, run.ticket_bytes, job.salt, job.prompt,
+                                            run.text())
+                run.receipt_bytes = frame.receipt
+                run.meter.handle("final", now_ms())
+                return
+            if run.meter.frames >= limits.RELAY_FRAMES_MAX or run.meter.frames > run.ticket.sampling["max_tokens"]:
+                raise ProtocolError(f"the provider sent more than {run.meter.frames} token frames for "
+                                    f"{run.ticket.sampling['max_tokens']} tokens")
+            run.meter.handle("token", now_ms(), frame.text)
+            piece = run.receive(frame.text, job.delivered)
+            if piece:
+                job.delivered += piece
+                try:
+                    await job.on_text(piece, job.provider_peer_id)
+                except trio.Cancelled:
+                    raise
+                except Exception as exc:      # the customer's connection broke under the send
+                    raise CustomerGone(str(exc)) from None
+
+    async def _collect_cancelled_receipt(self, call: InferenceCall, job: _Job, run: _TicketRun) -> None:
+        """The customer went away: send a cancel frame and read the provider's receipt for what it generated
+        (frames still in flight are drained, not billed). Bounded in time and frames; a provider that does not
+        answer in time is settled without a receipt."""
+        try:
+            with trio.fail_after(limits.CANCEL_DRAIN_TIMEOUT_S):
+                await call.cancel()
+                for _ in range(limits.RELAY_FRAMES_MAX):
+                    frame = await call.next_frame(limits.CANCEL_DRAIN_TIMEOUT_S)
+                    if isinstance(frame, Final):
+                        run.receipt = check_receipt(frame.receipt, run.ticket, run.ticket_bytes, job.salt,
+                                                    job.prompt, run.text(), cancelled_by_gateway=True)
+                        run.receipt_bytes = frame.receipt
+                        return
+                    run.receive(frame.text, job.delivered)
+        except (ProtocolError, ReceiptRejected, trio.TooSlowError) as exc:
+            log.info("no receipt from %s for cancelled %s: %s", job.provider_peer_id, job.request_id, exc)
+
+    async def _settle(self, job: _Job, provider: Attestation, run: _TicketRun) -> None:
+        """Settle the ticket once: bounded by the gateway's measurements, one transaction, then the standing."""
+        meter = run.meter
+        if meter.state not in ENDED:           # cancelled before the stream opened, or a bug: nothing was relayed
+            meter.handle("customer_gone", now_ms())
+        metered = meter.metered()
+        run.settlement = settle(run.ticket, run.terms, run.receipt, metered)
+        meter.handle("settled", now_ms())
+        try:
+            async with self._tenant_lock(job.tenant.name):
+                await self.tickets.settle(run.ticket, run.ticket_bytes, metered, run.settlement, run.receipt,
+                                          run.receipt_bytes if run.settlement.receipt_used else None,
+                                          job.tenant.name, now_ms())
+                job.charged += run.settlement.charge
+        except LedgerError as exc:   # the ticket stays open: `llorch billing reconcile --post` settles it
+            log.error("could not settle ticket of %s: %s", job.request_id, exc)
+        run.charge = Charge(run.settlement.payout, run.settlement.fee, run.settlement.charge)
+        if run.settlement.receipt_used:
+            self.metrics.tokens["prompt"] += run.settlement.tokens_in
+            self.metrics.tokens["completion"] += run.settlement.tokens_out
+        if run.settlement.findings:
+            for finding in run.settlement.findings:
+                log.warning("provider %s: %s on %s: %s", peer_id_of(provider.provider_key), finding.kind,
+                            job.request_id, finding.detail)
+            self._failed(provider.provider_key)
+        elif metered.outcome is State.FINISHED and metered.ttft_ms is not None:
+            self.standings[provider.provider_key] = after_success(self.standings[provider.provider_key],
+                                                                  metered.ttft_ms)
+
+    def _placed(self, provider_key: bytes) -> None:
+        standing = self.standings.get(provider_key, Standing())
+        self.standings[provider_key] = replace(standing, last_placed_ms=now_ms())
+
+
+class CustomerGone(Exception):
+    """Sending to the customer failed: the connection is gone (as if it had disconnected)."""
+
+
+@dataclass
+class _TicketRun:
+    """One ticket while it runs: its terms, meter, the text this provider sent, and the receipt once it came."""
+
+    ticket: Ticket
+    ticket_bytes: bytes
+    terms: Terms
+    meter: Meter
+    received: list[str] = field(default_factory=list)
+    received_chars: int = 0
+    receipt: Receipt | None = None
+    receipt_bytes: bytes | None = None
+    settlement: Settlement | None = None
+    charge: Charge = Charge(0, 0, 0)
+
+    def text(self) -> str:
+        return "".join(self.received)
+
+    def receive(self, text: str, delivered: str) -> str:
+        """Take a piece of this provider's text; return the part the customer has not had yet. While a resumed
+        stream regenerates what was delivered, each piece must equal the delivered text at its place (O(piece))."""
+        start = self.received_chars
+        self.received.append(text)
+        self.received_chars += len(text)
+        overlap = delivered[start:start + len(text)]
+        if text[:len(overlap)] != overlap:
+            raise ProtocolError("the resumed stream differs from what was already delivered")
+        return text[len(overlap):]

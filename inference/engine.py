@@ -201,16 +201,17 @@ class Engine:
         llm.reset()              # canonical evaluation: never reuse a previous prompt's KV cache
         llm.set_seed(sampling.seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text, emitted, tokens_out, finish = "", 0, 0, "length"
+        text, emitted, tokens_out, finish, cut = "", 0, 0, "length", None
 
-        def flush(upto: int) -> bool:
+        def send(upto: int) -> bool:
+            """Send text[emitted:upto] (possibly empty): exactly one piece per generated token, so the gateway can
+            bound the billed output tokens by the token frames it relayed."""
             nonlocal emitted
-            if upto > emitted:
-                try:
-                    send_piece(text[emitted:upto])
-                except BaseException:  # receiver gone or cancelled: stop generating
-                    return False
-                emitted = upto
+            try:
+                send_piece(text[emitted:upto])
+            except BaseException:  # receiver gone or cancelled: stop generating; this token was not delivered
+                return False
+            emitted = max(emitted, upto)
             return True
 
         try:
@@ -224,23 +225,24 @@ class Engine:
                 if self._is_eog(self._vocab, token):
                     finish = "stop"
                     break
-                tokens_out += 1
                 text += decoder.decode(llm.detokenize([token]))
                 cut = _first_stop(text, sampling.stop, emitted)
                 if cut is not None:
                     text, finish = text[:cut], "stop"
-                    break
-                if not flush(len(text) - _held_back(text, sampling.stop)):
+                upto = len(text) if cut is not None else len(text) - _held_back(text, sampling.stop)
+                if not send(upto):
                     finish = "cancelled"
                     break
-                if tokens_out >= sampling.max_tokens:
+                tokens_out += 1
+                if cut is not None or tokens_out >= sampling.max_tokens:
                     break
             generator.close()
         except (RuntimeError, ValueError, OSError) as exc:
             raise EngineError(f"llama.cpp failed while generating: {exc}") from None
         if finish != "cancelled":
-            text += decoder.decode(b"", final=True)
-            if not flush(len(text)):
+            if cut is None:                # text after a stop string is never part of the output
+                text += decoder.decode(b"", final=True)
+            if len(text) > emitted and not send(len(text)):     # held-back text: one last piece, no new token
                 finish = "cancelled"
         return Generation(text[:emitted] if finish == "cancelled" else text, len(prepared.prompt_tokens),
                           tokens_out, finish)

@@ -3,9 +3,10 @@
     NodeError                    base
     ├── ConfigError              node.toml (or an env override) is missing a field or has a bad value
     ├── ProtocolError            a peer broke /llorch/infer/1: bad frame, oversized frame, frame out of order
-    │                            (a remote fault: drop the stream, keep serving others)
+    │   │                        (a remote fault: drop the stream, keep serving others)
+    │   └── FrameTimeout         no complete frame arrived within the read's timeout (the peer is too slow)
     ├── TicketRejected           a ticket is not acceptable here (untrusted gateway, wrong provider, expired,
-    │                            replayed request_id, model not offered); carries the error code sent back
+    │                            replayed request_id, model not offered, underpriced); carries the error code
     └── AttestationRejected      a gossiped attestation failed validation (size, signature, skew, seq, expiry)
 """
 
@@ -22,6 +23,10 @@ class ConfigError(NodeError):
 
 class ProtocolError(NodeError):
     """Raised when the remote side of a stream protocol breaks it; the stream must be reset."""
+
+
+class FrameTimeout(ProtocolError):
+    """Raised when no complete frame arrives within a read's timeout: the peer is alive but too slow, or gone."""
 
 
 class TicketRejected(NodeError):

@@ -89,7 +89,8 @@ async def run_node(config: NodeConfig) -> None:
     pool, offered = await trio.to_thread.run_sync(load_engines, config)
     log.info("engine ready: %s × %d slots, build %s", ", ".join(offered), pool.total, pool.engines[0].fingerprint)
     async with LedgerStore.open(config.ledger_path, key) as ledger:
-        service = ProviderService(key.public_key, trusted, pool, ledger, offered)
+        service = ProviderService(key.public_key, trusted, pool, ledger, offered,
+                                  (config.price_in_per_1m, config.price_out_per_1m, config.currency))
         async with running_host(key, config.listen_addr) as p2p:
             p2p.host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), service.serve_inference)
             p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), LedgerService(ledger, trusted).serve_ledger)

@@ -17,7 +17,7 @@ import trio
 
 from llorch.inference.engine import Engine, Sampling
 from llorch.inference.errors import InferenceError, RequestError
-from llorch.ledger.errors import EncodingError, LedgerError, SignatureError
+from llorch.ledger.errors import EncodingError, LedgerError, SignatureError, sole_exception
 from llorch.ledger.objects import Ticket, amount_minor, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256
 from llorch.ledger.store import LedgerStore
@@ -62,8 +62,10 @@ class ProviderService:
     """Serves /llorch/infer/1 for one node: tickets in, tokens and signed receipts out."""
 
     def __init__(self, provider_key: bytes, trusted_gateway_keys: frozenset[bytes], pool: EnginePool,
-                 ledger: LedgerStore, offered: dict[str, bytes]) -> None:
+                 ledger: LedgerStore, offered: dict[str, bytes],
+                 attested_prices: tuple[int, int, str] | None = None) -> None:
         self.provider_key = provider_key
+        self.attested_prices = attested_prices      # (price_in, price_out, currency) per 1M: the floor it accepts
         self.trusted_gateway_keys = trusted_gateway_keys
         self.pool = pool
         self.ledger = ledger
@@ -115,6 +117,12 @@ class ProviderService:
             raise TicketRejected("bad_ticket", "ticket lifetime is longer than this node accepts")
         if ticket.request_id in self._in_flight:
             raise TicketRejected("replayed_request", f"request {ticket.request_id} is already being served")
+        if self.attested_prices is not None:
+            price_in, price_out, currency = self.attested_prices
+            if ticket.currency != currency or ticket.price_in < price_in or ticket.price_out < price_out:
+                raise TicketRejected("underpriced", f"ticket pays {ticket.price_in}/{ticket.price_out} "
+                                                    f"{ticket.currency} per 1M input/output tokens; this node's "
+                                                    f"attested price is {price_in}/{price_out} {currency}")
         if self.offered.get(ticket.model_id) != ticket.model_sha256:
             raise TicketRejected("model_not_offered", f"this node does not offer {ticket.model_id} with that sha256")
         return ticket
@@ -137,18 +145,39 @@ class ProviderService:
         accepted_ms = now_ms()
         first_token_ms: int | None = None
 
+        cancelled = trio.Event()
+
         async def emit(text: str) -> None:
             nonlocal first_token_ms
+            if cancelled.is_set():
+                raise ProtocolError("the gateway cancelled the request")    # the engine stops within a token
             if first_token_ms is None:
                 first_token_ms = now_ms()
             await write_frame(stream, protocol, Token(protocol.tokens_seen, text))
 
-        try:
-            with trio.fail_after(limits.GENERATION_TIMEOUT_S):
-                generation = await engine.generate(prepared, emit)
-        except (InferenceError, trio.TooSlowError) as exc:
-            log.error("generation failed for %s: %s", ticket.request_id, exc)
-            await write_frame(stream, protocol, Error("engine_failed", f"generation failed: {exc}"))
+        async def watch_for_cancel() -> None:
+            # A cancel frame, or the stream going away, stops the generation; anything else is a protocol error,
+            # which stops it too.
+            try:
+                await read_frame(stream, protocol, limits.GENERATION_TIMEOUT_S)
+            except ProtocolError:
+                pass
+            cancelled.set()
+
+        failure: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_for_cancel)
+            try:
+                with trio.fail_after(limits.GENERATION_TIMEOUT_S):
+                    generation = await engine.generate(prepared, emit)
+            except BaseException as exc:   # the engine's own nursery wraps its errors in exception groups
+                failure = sole_exception(exc)
+                if not isinstance(failure, (InferenceError, trio.TooSlowError)):
+                    raise
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            log.error("generation failed for %s: %s", ticket.request_id, failure)
+            await write_frame(stream, protocol, Error("engine_failed", f"generation failed: {failure}"))
             return
         finished_ms = now_ms()
         receipt = await self._record(ticket, request, engine, generation, accepted_ms,
@@ -157,7 +186,6 @@ class ProviderService:
         if generation.finish_reason == "cancelled":
             log.info("request %s cancelled by the gateway after %d tokens", ticket.request_id,
                      generation.tokens_out)
-            raise ProtocolError("gateway went away mid-stream (receipt recorded)")
         await write_frame(stream, protocol, Final(receipt))
 
     async def _record(self, ticket: Ticket, request: Request, engine: Engine, generation, accepted_ms: int,

@@ -14,7 +14,7 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamEOF
 
 from llorch.node import limits
-from llorch.node.errors import ProtocolError
+from llorch.node.errors import FrameTimeout, ProtocolError
 from llorch.node.wire.frames import Frame
 from llorch.node.wire.infer_protocol import InferProtocol
 
@@ -43,7 +43,7 @@ async def read_frame(stream, protocol: InferProtocol, timeout_s: float) -> Frame
                 raise ProtocolError("peer closed the stream before a complete frame")
             protocol.receive_data(data)
     assert scope.cancelled_caught
-    raise ProtocolError(f"no complete frame within {timeout_s:g} s")
+    raise FrameTimeout(f"no complete frame within {timeout_s:g} s")
 
 
 async def write_frame(stream, protocol: InferProtocol, frame: Frame,

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from llorch.gateway.localnet import LocalNetwork
-from llorch.gateway.books.pricing import customer_charge
+from llorch.gateway.books.pricing import DEMAND_TABLE, customer_price
 from llorch.ledger.objects import VERSION, Receipt, amount_minor, sampling_sha256
 from llorch.ledger.signing import load_key_file, public_key_of_peer_id, sha256
 from llorch.ledger.store import LedgerStore
@@ -99,8 +99,11 @@ def test_statements_match_receipts_one_by_one(market):
     # hobby pays a 40% margin (the default), enterprise 25% (this gateway's config)
     for name, margin_bp in (("alice", 4_000), ("bob", 2_500)):
         for response in market.responses[name]:
-            extension = response.model_extra["llorch"]
-            assert extension["amount"] == customer_charge(extension["provider_amount"], margin_bp).charge
+            extension, usage = response.model_extra["llorch"], response.usage
+            assert extension["amount"] in {amount_minor(usage.prompt_tokens, usage.completion_tokens,
+                                                        customer_price(100_000, multiplier_bp, margin_bp),
+                                                        customer_price(200_000, multiplier_bp, margin_bp))
+                                           for _, multiplier_bp in DEMAND_TABLE}
     csv = market.cli("billing", "statement", "--tenant", "alice", "--period", period(), "--format", "csv",
                      "--config", "gateway.toml")
     assert csv.splitlines()[0].startswith("currency,model,provider") and "TOTAL EUR" in csv

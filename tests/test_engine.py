@@ -24,6 +24,9 @@ async def run(engine, seed=7, max_tokens=24, stop=(), temperature_ppm=800_000, m
     prepared = engine.prepare({"messages": messages}, Sampling(seed, temperature_ppm, 950_000, max_tokens, tuple(stop)))
     generation = await engine.generate(prepared, emit)
     assert "".join(pieces) == generation.text
+    # one piece per generated token (possibly empty), plus at most one trailing piece of held-back text: the
+    # gateway bounds billed output tokens by the token frames it relayed
+    assert generation.tokens_out <= len(pieces) <= generation.tokens_out + 1, (len(pieces), generation.tokens_out)
     return generation
 
 

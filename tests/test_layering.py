@@ -7,8 +7,8 @@ Inside node, ``node/wire/`` holds what both sides of the wire speak (frames, the
 attestations, registrations, sampling). The gateway imports from node only that package and shared plumbing (the p2p
 host, stream I/O, lifecycle, config loading, errors, limits, the catalog wrapper); never the provider's service code.
 
-Inside gateway, the sub-packages own one concern each: ``market``, ``books`` and ``witness`` import only the
-gateway's base modules (errors, limits, config); ``api`` (the HTTP surface) may import them and the request flow
+Inside gateway, the sub-packages own one concern each: ``books`` and ``witness`` import only the gateway's base
+modules (errors, limits, config), ``market`` also ``books`` (placement compares customer prices); ``api`` (the HTTP surface) may import them and the request flow
 (``service``); nothing imports ``api`` back except the wiring at the top (service, run, the CLIs).
 """
 
@@ -33,7 +33,7 @@ NODE_SHARED = {"wire", "errors", "limits", "p2p", "stream_io", "lifecycle", "con
 NODE_WIRE_MAY_IMPORT = {"wire", "errors", "limits"}
 GATEWAY_BASE = {"errors", "limits", "config"}
 GATEWAY_SUBPACKAGES = {
-    "market": GATEWAY_BASE,
+    "market": GATEWAY_BASE | {"books"},       # placement compares the customer's prices (books.pricing)
     "books": GATEWAY_BASE,
     "witness": GATEWAY_BASE,
     "api": GATEWAY_BASE | {"market", "books", "witness", "service"},

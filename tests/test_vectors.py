@@ -60,3 +60,29 @@ def test_our_code_reproduces_the_vector_exactly():
     assert receipt.seal(key) == envelope_bytes          # Ed25519 is deterministic: same bytes, same signature
     assert Ed25519PrivateKey.from_private_bytes(key.seed).public_key().public_bytes_raw().hex() == \
         VECTOR["public_key_hex"]
+
+
+FRAMES = json.loads((Path(__file__).parent / "fixtures" / "frame_vectors.json").read_text())["frames"]
+
+
+def test_frame_vectors_decode_independently_and_our_code_reproduces_them():
+    from llorch.node.wire.frames import FRAME_TYPES, encode_frame
+    assert {vector["type"] for vector in FRAMES.values()} == set(FRAME_TYPES)      # one of every type
+    for name, vector in FRAMES.items():
+        data = bytes.fromhex(vector["hex"])
+        length, shift, offset = 0, 0, 0
+        while True:                                     # unsigned LEB128
+            byte = data[offset]
+            length |= (byte & 0x7F) << shift
+            offset, shift = offset + 1, shift + 7
+            if byte < 0x80:
+                break
+        body = data[offset:]
+        assert length == len(body), name
+        decoded = msgpack.unpackb(body, raw=False)
+        expected = {key: bytes.fromhex(value) if key in ("ticket", "salt", "receipt") else value
+                    for key, value in vector["fields"].items()}
+        assert decoded == {"t": vector["type"], **expected}, name
+        assert msgpack.packb(canonical(decoded)) == body, name          # canonical: sorted keys, smallest forms
+        frame = FRAME_TYPES[vector["type"]](**expected)
+        assert encode_frame(frame) == data, name

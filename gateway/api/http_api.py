@@ -47,9 +47,10 @@ def completion_body(chat, completion: Completion, created: int) -> dict:
 
 
 def usage_of(completion: Completion) -> dict:
-    receipt = completion.receipt
-    return {"prompt_tokens": receipt.tokens_in, "completion_tokens": receipt.tokens_out,
-            "total_tokens": receipt.tokens_in + receipt.tokens_out}
+    """The billed counts: the provider's claims bounded by the gateway's own measurements."""
+    billed = completion.settlement
+    return {"prompt_tokens": billed.tokens_in, "completion_tokens": billed.tokens_out,
+            "total_tokens": billed.tokens_in + billed.tokens_out}
 
 
 def llorch_extension(completion: Completion) -> dict:
@@ -57,7 +58,7 @@ def llorch_extension(completion: Completion) -> dict:
     receipt = completion.receipt
     return {"request_id": completion.request_id, "provider": completion.provider_peer_id, "seed": completion.seed,
             "prompt_salt": completion.salt.hex(), "amount": completion.charge.charge,
-            "provider_amount": receipt.amount, "currency": receipt.currency}
+            "provider_amount": completion.charge.payout, "currency": receipt.currency}
 
 
 async def read_body_capped(request: Request, bytes_max: int = limits.HTTP_BODY_BYTES_MAX) -> bytes:

@@ -1,10 +1,14 @@
 """Double-entry books in the gateway database. Each settled request is one atomic posting of two legs:
 
-    tenant:<name>  →  provider:<peer id>   payout (the provider's receipt amount)
-    tenant:<name>  →  platform:fees        fee    (the margin)
+    tenant:<name>  →  provider:<peer id>   payout (tokens billed × the ticket's prices)
+    tenant:<name>  →  platform:fees        fee    (charge − payout: the margin)
 
-keyed by (request_id, leg): posting a request twice is impossible (the database refuses the second). Balances are
-derived from the legs, never stored; corrections are new legs of kind "correction", never edits."""
+or, for a ticket the gateway lost before settling it live (gateway/books/settlement.py, GATEWAY_LOST), one leg
+platform:fees → provider:<peer id>. Legs are keyed by (request_id, leg): posting a request twice is impossible (the
+database refuses the second), and each leg names the ticket it settles. Corrections are new legs of kind
+"correction", never edits. Balances are derived from the legs: ``account_balances`` is a running sum that a trigger
+keeps in the same transaction as every posting (so admission reads a tenant's spend in O(1) however long its
+history); ``tests/test_settlement.py`` checks it against the legs."""
 
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ import csv
 import io
 from dataclasses import dataclass
 
-from llorch.gateway.books.pricing import Charge
-from llorch.ledger.objects import Receipt
+from llorch.gateway.books.settlement import Settlement
+from llorch.ledger.objects import Ticket
 from llorch.ledger.signing import peer_id_of
 from llorch.ledger.sqlite import Database
 
@@ -28,7 +32,7 @@ CREATE TABLE IF NOT EXISTS postings (
     credit      TEXT NOT NULL,
     amount      INTEGER NOT NULL CHECK (amount >= 0),
     currency    TEXT NOT NULL,
-    period      TEXT NOT NULL,            -- YYYY-MM (UTC) of the receipt's finish
+    period      TEXT NOT NULL,            -- YYYY-MM (UTC) of the settlement, on the gateway's clock
     tenant      TEXT NOT NULL,
     provider_id TEXT NOT NULL,
     model_id    TEXT NOT NULL,
@@ -36,8 +40,22 @@ CREATE TABLE IF NOT EXISTS postings (
     tokens_out  INTEGER NOT NULL,
     margin_bp   INTEGER NOT NULL,
     posted_ms   INTEGER NOT NULL,
+    ticket_sha256 BLOB,                   -- the ticket this leg settles (NULL for corrections and older legs)
     UNIQUE (request_id, leg)
 );
+CREATE INDEX IF NOT EXISTS postings_debit ON postings (debit, period);
+CREATE INDEX IF NOT EXISTS postings_credit ON postings (credit, period);
+CREATE TABLE IF NOT EXISTS account_balances (
+    account     TEXT PRIMARY KEY,
+    debits      INTEGER NOT NULL DEFAULT 0,
+    credits     INTEGER NOT NULL DEFAULT 0
+);
+CREATE TRIGGER IF NOT EXISTS postings_balance AFTER INSERT ON postings BEGIN
+    INSERT INTO account_balances (account, debits) VALUES (NEW.debit, NEW.amount)
+        ON CONFLICT (account) DO UPDATE SET debits = debits + excluded.debits;
+    INSERT INTO account_balances (account, credits) VALUES (NEW.credit, NEW.amount)
+        ON CONFLICT (account) DO UPDATE SET credits = credits + excluded.credits;
+END;
 CREATE TRIGGER IF NOT EXISTS postings_no_update BEFORE UPDATE ON postings
     BEGIN SELECT RAISE(ABORT, 'postings are never edited: post a correction'); END;
 CREATE TRIGGER IF NOT EXISTS postings_no_delete BEFORE DELETE ON postings
@@ -79,21 +97,21 @@ class Books:
     def database(self) -> Database:
         return self._database
 
-    async def post_usage(self, tenant: str, receipt: Receipt, charge: Charge, margin_bp: int, now_ms: int) -> None:
-        await self._database.transaction(self.usage_statements(tenant, receipt, charge, margin_bp, now_ms))
-
     @staticmethod
-    def usage_statements(tenant: str, receipt: Receipt, charge: Charge, margin_bp: int, now_ms: int) -> list:
-        """The two legs of one settled request (to run in the caller's transaction)."""
-        provider = peer_id_of(receipt.provider_key)
-        common = (receipt.currency, period_of(receipt.finished_ms), tenant, provider, receipt.model_id,
-                  receipt.tokens_in, receipt.tokens_out, margin_bp, now_ms)
+    def settlement_statements(tenant: str, ticket: Ticket, ticket_sha256: bytes, settlement: Settlement,
+                              now_ms: int) -> list:
+        """The legs of one settled ticket (to run in the caller's transaction); none when nothing is billed."""
+        provider = peer_id_of(ticket.provider_key)
+        legs = settlement.legs(tenant_account(tenant), provider_account(provider), PLATFORM_ACCOUNT)
+        if not legs:
+            return []
+        common = (ticket.currency, period_of(now_ms), tenant, provider, ticket.model_id, settlement.tokens_in,
+                  settlement.tokens_out, settlement.margin_bp, now_ms, ticket_sha256)
         return [(
             "INSERT INTO postings (request_id, leg, debit, credit, amount, currency, period, tenant, provider_id, "
-            "model_id, tokens_in, tokens_out, margin_bp, posted_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(receipt.request_id, "payout", tenant_account(tenant), provider_account(provider), charge.payout,
-              *common),
-             (receipt.request_id, "fee", tenant_account(tenant), PLATFORM_ACCOUNT, charge.fee, *common)])]
+            "model_id, tokens_in, tokens_out, margin_bp, posted_ms, ticket_sha256) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(ticket.request_id, leg, debit, credit, amount, *common) for leg, debit, credit, amount in legs])]
 
     async def post_correction(self, request_id: str, debit: str, credit: str, amount: int, now_ms: int) -> str:
         """A correction of a posted request: a new leg (never an edit), e.g. a refund provider → tenant."""
@@ -119,10 +137,9 @@ class Books:
 
     async def balance(self, account: str) -> int:
         """Credits minus debits of an account (a tenant's balance is negative: what it owes)."""
-        row = await self._database.fetchone(
-            "SELECT COALESCE(SUM(CASE WHEN credit = ? THEN amount ELSE 0 END), 0) - "
-            "COALESCE(SUM(CASE WHEN debit = ? THEN amount ELSE 0 END), 0) FROM postings", (account, account))
-        return row[0]
+        row = await self._database.fetchone("SELECT credits - debits FROM account_balances WHERE account = ?",
+                                            (account,))
+        return 0 if row is None else row[0]
 
     async def lines(self, where: str, params: tuple, group_by: tuple[str, ...]) -> list[Line]:
         columns = ", ".join(group_by)

@@ -1,14 +1,16 @@
-"""Prices, pure and in integers (minor units; multipliers and margins in basis points, 10,000 = 100%).
+"""Prices, pure and in integers (minor units per 1M tokens; multipliers and margins in basis points, 10,000 = 100%).
 
-  provider price   the provider's attested price per 1M tokens, times the demand multiplier, rounded up:
-                   ticket_price = ceil(attested × multiplier_bp / 10,000). The ticket carries it; the provider's
-                   receipt amount at these prices is the provider's **payout**.
-  customer charge  a margin on the customer price: charge = ceil(payout × 10,000 / (10,000 − margin_bp)),
-                   fee = charge − payout. So charge = payout + fee exactly, and the fee share fee/charge is the
-                   tier's margin up to one minor unit of rounding (always in the platform's favour).
+  provider price   what the ticket pays the provider: its attested price, raised (never lowered) by the demand
+                   multiplier: ticket_price = max(attested, ceil(attested × multiplier_bp / 10,000)). The provider
+                   refuses any ticket below its attested price; its receipt at these prices is its **payout**.
+  customer price   what the customer pays per 1M tokens: the demand-adjusted price with the tier's margin on top,
+                   customer_price = ceil(ceil(attested × multiplier_bp / 10,000) × 10,000 / (10,000 − margin_bp)),
+                   and never below the ticket price. The customer's ``max_price_*`` ceilings compare with this.
+  charge           tokens × customer prices, rounded up once; fee = charge − payout ≥ 0, so charge = payout + fee
+                   exactly, and the fee share is the margin up to rounding (gateway/books/settlement.py).
   demand           utilisation of the providers offering the model (busy slots / all slots, from attestations)
                    picks the multiplier: the seed's PricingEngine raises prices when demand is high and lowers them
-                   when it is low.
+                   when it is low (the discount comes out of the margin, never out of the provider's price).
 """
 
 from __future__ import annotations
@@ -44,17 +46,23 @@ def utilisation_ppm(slots_total: int, slots_free: int) -> int:
 
 
 def ticket_price(attested_per_1m: int, multiplier_bp: int) -> int:
+    """The provider's pay per 1M tokens: never below what it attested."""
+    return max(attested_per_1m, _demand_price(attested_per_1m, multiplier_bp))
+
+
+def customer_price(attested_per_1m: int, multiplier_bp: int, margin_bp: int) -> int:
+    """The customer's price per 1M tokens after the demand multiplier and the tier's margin."""
+    check_margin(margin_bp)
+    with_margin = -(-_demand_price(attested_per_1m, multiplier_bp) * BASIS_POINTS // (BASIS_POINTS - margin_bp))
+    return max(with_margin, ticket_price(attested_per_1m, multiplier_bp))
+
+
+def _demand_price(attested_per_1m: int, multiplier_bp: int) -> int:
     return -(-attested_per_1m * multiplier_bp // BASIS_POINTS)
 
 
 @dataclass(frozen=True)
 class Charge:
-    payout: int        # to the provider: the receipt's amount
+    payout: int        # to the provider
     fee: int           # to the platform
     charge: int        # from the tenant; always payout + fee
-
-
-def customer_charge(payout_minor: int, margin_bp: int) -> Charge:
-    check_margin(margin_bp)
-    charge = -(-payout_minor * BASIS_POINTS // (BASIS_POINTS - margin_bp))
-    return Charge(payout_minor, charge - payout_minor, charge)

@@ -1,7 +1,7 @@
 """Step (8) of a request: check the provider's receipt against the ticket and what was relayed, then keep it.
 
 ``check_receipt`` is pure and raises ReceiptRejected naming the first mismatch. ``ReceiptBook`` stores accepted
-receipts (exact bytes) in the gateway's SQLite database, keyed by request_id.
+receipts (exact bytes) in the gateway's SQLite database, keyed by request_id (one billed receipt per request).
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from llorch.ledger.sqlite import Database
 
 
 def check_receipt(receipt_bytes: bytes, ticket: Ticket, ticket_bytes: bytes, salt: bytes, prompt: dict,
-                  relayed_text: str) -> Receipt:
-    """Return the receipt if it is signed by the ticket's provider and matches the ticket and the relayed text."""
+                  relayed_text: str, cancelled_by_gateway: bool = False) -> Receipt:
+    """Return the receipt if it is signed by the ticket's provider and matches the ticket and the text the provider
+    sent. Its counts and times are claims: gateway/books/settlement.py bounds them by the gateway's measurements.
+    ``cancelled_by_gateway``: the gateway sent a cancel frame, so the receipt may say "cancelled" (or finish
+    normally, when the provider was done before the cancel arrived); otherwise it must not say "cancelled"."""
     try:
         receipt = Receipt.from_envelope(receipt_bytes)
     except (EncodingError, SignatureError) as exc:
@@ -37,19 +40,12 @@ def check_receipt(receipt_bytes: bytes, ticket: Ticket, ticket_bytes: bytes, sal
                               f"{ticket.sampling['max_tokens']}")
     if receipt.amount != receipt.expected_amount():
         raise ReceiptRejected(f"receipt amount {receipt.amount} is not tokens × prices ({receipt.expected_amount()})")
-    if receipt.finish_reason == "cancelled":
+    if receipt.finish_reason == "cancelled" and not cancelled_by_gateway:
         raise ReceiptRejected("receipt says the request was cancelled, but the gateway relayed it to the end")
     return receipt
 
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS tickets (
-    ticket_sha256 BLOB PRIMARY KEY,
-    request_id    TEXT NOT NULL,
-    provider_key  BLOB NOT NULL,
-    issued_ms     INTEGER NOT NULL,
-    ticket        BLOB NOT NULL
-);
 CREATE TABLE IF NOT EXISTS receipts (
     request_id   TEXT PRIMARY KEY,
     provider_key BLOB NOT NULL,
@@ -73,22 +69,11 @@ class ReceiptBook:
 
     @staticmethod
     def statements(receipt: Receipt, ticket_bytes: bytes, receipt_bytes: bytes) -> list:
-        """The writes that keep an accepted receipt and its ticket (to run in the caller's transaction)."""
-        return [
-            ("INSERT INTO receipts (request_id, provider_key, tenant, amount, currency, ticket, receipt) "
-             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-             [(receipt.request_id, receipt.provider_key, receipt.tenant, receipt.amount, receipt.currency,
-               ticket_bytes, receipt_bytes)]),
-            ("INSERT OR IGNORE INTO tickets (ticket_sha256, request_id, provider_key, issued_ms, ticket) "
-             "SELECT ?, ?, ?, ?, ?", [(sha256(ticket_bytes), receipt.request_id, receipt.provider_key,
-                                        Ticket.from_envelope(ticket_bytes).issued_ms, ticket_bytes)])]
-
-    async def record_ticket(self, ticket: Ticket, ticket_bytes: bytes) -> None:
-        """Keep a ticket a provider accepted: reconciliation expects exactly one receipt for it."""
-        await self._database.transaction([(
-            "INSERT OR IGNORE INTO tickets (ticket_sha256, request_id, provider_key, issued_ms, ticket) "
-            "VALUES (?, ?, ?, ?, ?)", [(sha256(ticket_bytes), ticket.request_id, ticket.provider_key,
-                                        ticket.issued_ms, ticket_bytes)])])
+        """The write that keeps an accepted receipt (to run in the caller's transaction)."""
+        return [("INSERT INTO receipts (request_id, provider_key, tenant, amount, currency, ticket, receipt) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 [(receipt.request_id, receipt.provider_key, receipt.tenant, receipt.amount, receipt.currency,
+                   ticket_bytes, receipt_bytes)])]
 
     async def receipt_of(self, request_id: str) -> tuple[str, bytes] | None:
         """(tenant pseudonym, receipt bytes) of a billed request."""

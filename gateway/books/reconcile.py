@@ -1,29 +1,62 @@
-"""Reconciliation: every ticket a provider accepted must have exactly one verified receipt in that provider's
-witnessed ledger (entries pulled over /llorch/ledger/1 and covered by a checkpoint the gateway cosigned), and every
-receipt naming this gateway must answer one of its tickets, with tokens and amounts as billed.
+"""Reconciliation: every ticket this gateway issued against the receipts in its providers' witnessed ledgers (entries
+pulled over /llorch/ledger/1 and covered by a checkpoint the gateway cosigned), keyed by **ticket hash**: each
+receipt names the ticket it answers, and a request that failed over has one ticket per provider tried.
 
-Read-only: running it any number of times changes nothing. Findings, each naming the request_id:
-  ticket_without_receipt   an accepted ticket with no receipt in the provider's ledger as witnessed at least
+Incremental: a cursor per provider marks the witnessed entries already examined, so a run reads only what the
+witness added since the last one (plus the tickets still waiting for their receipt). Findings are kept in the
+database; a second run with nothing new reports the same and changes nothing. Findings, each naming the request:
+
+  receipt_without_ticket   a receipt naming this gateway for a ticket it never issued (every ticket is written
+                           durably before it is sent, so this is a forgery or a foreign ticket)
+  outside_ticket           the receipt is outside its ticket (provider, request, model, prices, max_tokens)
+  mismatch                 the amount is not tokens × prices, or the ticket's settlement is not what ``settle``
+                           gives for this receipt (the books disagree with the evidence)
+  ticket_without_receipt   a ticket the provider accepted, with no receipt in its ledger as witnessed at least
                            ``grace`` after the ticket was issued
-  receipt_without_ticket   a receipt in a provider's ledger for a ticket this gateway never issued
-  mismatch                 tokens or amount of the ledger's receipt differ from what was billed, or the amount
-                           is not tokens × prices
-  outside_ticket           the receipt is outside its ticket's limits (max_tokens, prices, model, provider)
-  unbilled                 a receipt for one of our tickets that the books never posted (e.g. a stream whose
-                           provider died; informational)
+  unbilled                 a receipt for a ticket that was never settled (the gateway stopped between ticket and
+                           settlement): ``--post`` settles it (GATEWAY_LOST: the platform pays the provider)
+  unpaid                   (informational) a receipt that arrived after its ticket was settled without it: the
+                           provider failed, timed out, or did not send it when the customer went away
 """
 
 from __future__ import annotations
 
+import calendar
 from dataclasses import dataclass, field
 
 from llorch.gateway.books.postings import period_of
+from llorch.gateway.books.settlement import Metered, State, Terms, settle
+from llorch.gateway.books.tickets import TicketBook, metered_of_row
 from llorch.ledger.errors import LedgerError
 from llorch.ledger.objects import Receipt, Ticket
 from llorch.ledger.signing import peer_id_of, sha256
 from llorch.ledger.sqlite import Database
 
 GRACE_MS = 120_000          # a witness round this long after a ticket must find its receipt
+ERRORS = frozenset({"receipt_without_ticket", "outside_ticket", "mismatch", "ticket_without_receipt", "unbilled"})
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS reconcile_cursor (
+    provider_key BLOB PRIMARY KEY,
+    next_idx     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reconcile_findings (
+    kind         TEXT NOT NULL,
+    request_id   TEXT NOT NULL,
+    provider_id  TEXT NOT NULL,
+    period       TEXT NOT NULL,
+    detail       TEXT NOT NULL,
+    found_ms     INTEGER NOT NULL,
+    resolved_ms  INTEGER,
+    PRIMARY KEY (kind, provider_id, request_id)
+);
+CREATE INDEX IF NOT EXISTS provider_entries_request ON provider_entries (provider_key, request_id);
+CREATE INDEX IF NOT EXISTS tickets_waiting ON tickets (provider_key, issued_ms) WHERE receipt_seen = 0;
+"""
+
+TICKET_ROW = ("ticket, state, outcome, tenant, margin_bp, customer_price_in, customer_price_out, reserved_minor, "
+              "prompt_tokens_max, frames, text_bytes, accepted_ms, first_token_ms, ended_ms, tokens_in, tokens_out, "
+              "payout, charge, receipt_sha256, issued_ms")
 
 
 @dataclass(frozen=True)
@@ -40,71 +73,175 @@ class Report:
     tickets: int = 0
     receipts: int = 0
     matched: int = 0
+    posted: int = 0
     findings: list[Finding] = field(default_factory=list)
 
     def as_json(self) -> dict:
         return {"period": self.period, "tickets": self.tickets, "receipts": self.receipts, "matched": self.matched,
-                "ok": not [f for f in self.findings if f.kind != "unbilled"],
+                "posted": self.posted, "ok": not [f for f in self.findings if f.kind in ERRORS],
                 "findings": [f.__dict__ for f in self.findings]}
 
 
-async def reconcile(database: Database, gateway_key: bytes, period: str | None, grace_ms: int = GRACE_MS) -> Report:
+@dataclass(frozen=True)
+class _TicketRow:
+    ticket: Ticket
+    ticket_bytes: bytes
+    state: str
+    outcome: str | None
+    terms: Terms | None
+    metered: Metered | None
+    billed: tuple                     # (tokens_in, tokens_out, payout, charge) as settled
+    receipt_sha256: bytes | None
+    issued_ms: int
+
+    @classmethod
+    def parse(cls, row: tuple) -> "_TicketRow":
+        ticket_bytes, state, outcome = row[0], row[1], row[2]
+        terms = Terms(*row[3:9]) if row[3] is not None else None           # None: a ticket from before settlement
+        metered = metered_of_row(outcome, *row[9:14]) if outcome else None
+        return cls(Ticket.from_envelope(ticket_bytes), ticket_bytes, state, outcome, terms, metered,
+                   tuple(row[14:18]), row[18], row[19])
+
+
+async def reconcile(database: Database, gateway_key: bytes, period: str | None, now_ms: int,
+                    grace_ms: int = GRACE_MS, post: bool = False) -> Report:
+    """Examine what the witness added since the last run, settle lost tickets when ``post``, and report."""
+    cursors = dict(await database.fetchall("SELECT provider_key, next_idx FROM reconcile_cursor"))
+    for provider_key, in await database.fetchall("SELECT provider_key FROM witnessed"):
+        await _examine_new_entries(database, gateway_key, provider_key, cursors.get(provider_key, 0), now_ms)
     report = Report(period)
-    tickets = {row[0]: Ticket.from_envelope(row[1]) for row in await database.fetchall(
-        "SELECT ticket_sha256, ticket FROM tickets")}
-    witnessed = {row[0]: row[1] for row in await database.fetchall(
-        "SELECT provider_key, checked_ms FROM witnessed")}
-    billed = {}
-    for request_id, tokens_in, tokens_out, amount in await database.fetchall(
-            "SELECT request_id, tokens_in, tokens_out, amount FROM postings WHERE leg = 'payout'"):
-        billed[request_id] = (tokens_in, tokens_out, amount)
-    seen_tickets = set()
-    for provider_key, entry in await database.fetchall("SELECT provider_key, entry FROM provider_entries"):
+    if post:
+        report.posted = await _post_lost_tickets(database, now_ms, grace_ms)
+    await _find_tickets_without_receipts(database, now_ms, grace_ms)
+    return await _report(database, report, period)
+
+
+async def _examine_new_entries(database: Database, gateway_key: bytes, provider_key: bytes, start: int,
+                               now_ms: int) -> None:
+    rows = await database.fetchall("SELECT idx, entry FROM provider_entries WHERE provider_key = ? AND idx >= ? "
+                                   "ORDER BY idx", (provider_key, start))
+    if not rows:
+        return
+    provider_id = peer_id_of(provider_key)
+    findings, seen = [], []
+    for _, entry in rows:
         try:
             receipt = Receipt.from_envelope(entry)
         except LedgerError as exc:      # the witness verified every entry; a bad one here means a damaged database
-            report.findings.append(Finding("mismatch", "?", peer_id_of(provider_key), f"unreadable entry: {exc}"))
+            findings.append(Finding("mismatch", "?", provider_id, f"unreadable entry: {exc}"))
             continue
-        if receipt.gateway_key != gateway_key or (period and period_of(receipt.finished_ms) != period):
+        if receipt.gateway_key != gateway_key:
             continue
-        report.receipts += 1
-        provider_id = peer_id_of(provider_key)
-        ticket = tickets.get(receipt.ticket_sha256)
-        if ticket is None:
-            report.findings.append(Finding("receipt_without_ticket", receipt.request_id, provider_id,
-                                           "this gateway never issued the ticket this receipt answers"))
+        row = await database.fetchone(f"SELECT {TICKET_ROW} FROM tickets WHERE ticket_sha256 = ?",
+                                      (receipt.ticket_sha256,))
+        if row is None:
+            findings.append(Finding("receipt_without_ticket", receipt.request_id, provider_id,
+                                    "this gateway never issued the ticket this receipt answers"))
             continue
-        seen_tickets.add(receipt.ticket_sha256)
-        problem = _outside(receipt, ticket)
-        if problem:
-            report.findings.append(Finding("outside_ticket", receipt.request_id, provider_id, problem))
-            continue
-        if receipt.amount != receipt.expected_amount():
-            report.findings.append(Finding("mismatch", receipt.request_id, provider_id,
-                                           f"amount {receipt.amount} is not tokens × prices"))
-            continue
-        posted = billed.get(receipt.request_id)
-        if posted is None:
-            report.findings.append(Finding("unbilled", receipt.request_id, provider_id,
-                                           f"receipt ({receipt.finish_reason}) was never billed"))
-        elif posted != (receipt.tokens_in, receipt.tokens_out, receipt.amount):
-            report.findings.append(Finding("mismatch", receipt.request_id, provider_id,
-                                           f"billed tokens/amount {posted} but the ledger says "
-                                           f"{(receipt.tokens_in, receipt.tokens_out, receipt.amount)}"))
-        else:
-            report.matched += 1
-    for ticket_hash, ticket in tickets.items():
-        if period and period_of(ticket.issued_ms) != period:
-            continue
-        report.tickets += 1
-        if ticket_hash in seen_tickets or ticket.provider_key not in witnessed:
-            continue
-        if ticket.issued_ms + grace_ms <= witnessed[ticket.provider_key]:
-            report.findings.append(Finding("ticket_without_receipt", ticket.request_id,
-                                           peer_id_of(ticket.provider_key),
-                                           "the provider accepted this ticket but its witnessed ledger has no receipt"))
-    report.findings.sort(key=lambda f: (f.kind, f.request_id))
+        seen.append((receipt.ticket_sha256,))
+        finding = check_entry(_TicketRow.parse(row), receipt, sha256(entry))
+        if finding is not None:
+            findings.append(Finding(finding[0], receipt.request_id, provider_id, finding[1]))
+    periods = await _periods(database, findings, now_ms)
+    await database.transaction([
+        ("UPDATE tickets SET receipt_seen = 1 WHERE ticket_sha256 = ?", seen),
+        ("INSERT OR IGNORE INTO reconcile_findings (kind, request_id, provider_id, period, detail, found_ms) "
+         "VALUES (?, ?, ?, ?, ?, ?)", [(f.kind, f.request_id, f.provider_id, periods[f.request_id], f.detail, now_ms)
+                                       for f in findings]),
+        ("INSERT OR REPLACE INTO reconcile_cursor (provider_key, next_idx) VALUES (?, ?)",
+         [(provider_key, rows[-1][0] + 1)])])
+
+
+def check_entry(row: _TicketRow, receipt: Receipt, entry_sha256: bytes) -> tuple[str, str] | None:
+    """(kind, detail) of what is wrong with one witnessed receipt of one of our tickets, or None. Pure."""
+    problem = _outside(receipt, row.ticket)
+    if problem:
+        return "outside_ticket", problem
+    if receipt.amount != receipt.expected_amount():
+        return "mismatch", f"amount {receipt.amount} is not tokens × prices"
+    if row.state == "issued":
+        return "unbilled", f"receipt ({receipt.finish_reason}) for a ticket that was never settled: " \
+                           f"`llorch billing reconcile --post` settles it"
+    if row.terms is None or row.metered is None:          # settled before settlement kept its meter: legacy check
+        return None
+    if row.receipt_sha256 != entry_sha256:
+        return "unpaid", f"receipt ({receipt.finish_reason}) arrived after its ticket was settled " \
+                         f"{row.outcome} without it; not paid"
+    expected = settle(row.ticket, row.terms, receipt, row.metered)
+    billed = (expected.tokens_in, expected.tokens_out, expected.payout, expected.charge)
+    if billed != row.billed:
+        return "mismatch", f"settled (tokens_in, tokens_out, payout, charge) {row.billed}, but this receipt " \
+                           f"settles to {billed}"
+    return None
+
+
+async def _post_lost_tickets(database: Database, now_ms: int, grace_ms: int) -> int:
+    """Settle tickets the gateway never settled live: with the witnessed receipt (GATEWAY_LOST), or with nothing
+    once a witness round well after the ticket found no receipt. Each in its own transaction, exactly once."""
+    book = TicketBook(database)
+    witnessed = dict(await database.fetchall("SELECT provider_key, checked_ms FROM witnessed"))
+    posted = 0
+    for open_ticket in await book.open_tickets():
+        ticket = open_ticket.ticket
+        row = await database.fetchone("SELECT entry FROM provider_entries WHERE provider_key = ? AND request_id = ?",
+                                      (ticket.provider_key, ticket.request_id))
+        receipt = Receipt.from_envelope(row[0]) if row else None
+        if receipt is not None and receipt.ticket_sha256 != open_ticket.ticket_sha256:
+            receipt = None
+        if receipt is None and witnessed.get(ticket.provider_key, 0) < ticket.issued_ms + grace_ms:
+            continue                                    # its receipt may still come
+        metered = Metered(State.GATEWAY_LOST, ended_ms=now_ms)
+        settlement = settle(ticket, open_ticket.terms, receipt, metered)
+        await book.settle(ticket, open_ticket.ticket_bytes, metered, settlement, receipt, row[0] if row else None,
+                          open_ticket.terms.tenant, now_ms)
+        await database.transaction([("UPDATE reconcile_findings SET resolved_ms = ? WHERE kind = 'unbilled' AND "
+                                     "request_id = ? AND resolved_ms IS NULL", [(now_ms, ticket.request_id)])])
+        posted += 1
+    return posted
+
+
+async def _find_tickets_without_receipts(database: Database, now_ms: int, grace_ms: int) -> None:
+    rows = await database.fetchall(
+        "SELECT t.request_id, t.provider_key, t.issued_ms FROM tickets t JOIN witnessed w "
+        "ON w.provider_key = t.provider_key WHERE t.receipt_seen = 0 AND t.issued_ms + ? <= w.checked_ms "
+        "AND (t.outcome IS NULL OR t.accepted_ms IS NOT NULL)", (grace_ms,))
+    await database.transaction([(
+        "INSERT OR IGNORE INTO reconcile_findings (kind, request_id, provider_id, period, detail, found_ms) "
+        "VALUES ('ticket_without_receipt', ?, ?, ?, ?, ?)",
+        [(request_id, peer_id_of(provider_key), period_of(issued_ms),
+          "the provider accepted this ticket but its witnessed ledger has no receipt", now_ms)
+         for request_id, provider_key, issued_ms in rows])])
+
+
+async def _periods(database: Database, findings: list[Finding], now_ms: int) -> dict[str, str]:
+    """The period of each finding: its ticket's (on the gateway's clock), else the month it was found."""
+    periods = {}
+    for finding in findings:
+        row = await database.fetchone("SELECT MIN(issued_ms) FROM tickets WHERE request_id = ?",
+                                      (finding.request_id,))
+        periods[finding.request_id] = period_of(row[0] if row and row[0] else now_ms)
+    return periods
+
+
+async def _report(database: Database, report: Report, period: str | None) -> Report:
+    where, params = ("WHERE period = ?", (period,)) if period else ("", ())
+    report.findings = [Finding(*row) for row in await database.fetchall(
+        f"SELECT kind, request_id, provider_id, detail FROM reconcile_findings {where} "
+        f"{'AND' if where else 'WHERE'} resolved_ms IS NULL ORDER BY kind, request_id", params)]
+    in_period = ("WHERE issued_ms >= ? AND issued_ms < ?", _period_bounds(period)) if period else ("", ())
+    report.tickets = (await database.fetchone(f"SELECT COUNT(*) FROM tickets {in_period[0]}", in_period[1]))[0]
+    seen_where = f"{in_period[0]} {'AND' if in_period[0] else 'WHERE'} receipt_seen = 1"
+    report.matched = (await database.fetchone(f"SELECT COUNT(*) FROM tickets {seen_where}", in_period[1]))[0] - \
+        sum(1 for f in report.findings if f.kind in ERRORS - {"receipt_without_ticket", "ticket_without_receipt"})
+    report.receipts = report.matched + sum(1 for f in report.findings if f.kind != "ticket_without_receipt")
     return report
+
+
+def _period_bounds(period: str) -> tuple[int, int]:
+    year, month = map(int, period.split("-"))
+    start = calendar.timegm((year, month, 1, 0, 0, 0)) * 1000
+    end = calendar.timegm((year + month // 12, month % 12 + 1, 1, 0, 0, 0)) * 1000
+    return start, end
 
 
 def _outside(receipt: Receipt, ticket: Ticket) -> str | None:

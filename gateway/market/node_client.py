@@ -18,7 +18,7 @@ from multiaddr import Multiaddr
 from llorch.gateway import limits
 from llorch.node.wire.attestation import Attestation
 from llorch.node.errors import ProtocolError
-from llorch.node.wire.frames import Accepted, Busy, Error, Final, Request, Token
+from llorch.node.wire.frames import Accepted, Busy, Cancel, Error, Final, Request, Token
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID, InferProtocol, Role
 from llorch.node.p2p import P2P
 from llorch.node.stream_io import close_quietly, read_frame, write_frame
@@ -41,13 +41,18 @@ class InferenceCall:
         self._stream = stream
         self._protocol = protocol
 
-    async def next_frame(self) -> Token | Final:
-        """The next token or final frame. Raises ProtocolError on timeout, a broken stream, or an error frame."""
-        frame = await read_frame(self._stream, self._protocol, limits.TOKEN_TIMEOUT_S)
+    async def next_frame(self, timeout_s: float = limits.TOKEN_TIMEOUT_S) -> Token | Final:
+        """The next token or final frame. Raises FrameTimeout when none arrives in time, ProtocolError on a broken
+        stream or an error frame."""
+        frame = await read_frame(self._stream, self._protocol, timeout_s)
         if isinstance(frame, Error):
             raise ProtocolError(f"provider error {frame.code}: {frame.message}")
         assert isinstance(frame, (Token, Final))
         return frame
+
+    async def cancel(self) -> None:
+        """Tell the provider the customer went away: it stops within a token and still sends its receipt."""
+        await write_frame(self._stream, self._protocol, Cancel())
 
 
 @asynccontextmanager

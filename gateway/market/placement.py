@@ -3,10 +3,11 @@ updates a provider's standing. No I/O and no clocks: the caller passes everythin
 
 Eligible (``why_not`` returns the first reason a provider is not):
   fresh attestation · offers the model with the catalog's sha256 · approved by the operator · priced in the
-  request's currency · under the request's price ceiling · for EU-only tenants: geo certified by the operator, an
+  request's currency · under the request's price ceiling (compared with the customer's price: after the demand
+  multiplier and the tier's margin) · for EU-only tenants: geo certified by the operator, an
   EU country, and attesting the certified country (fails closed: no fallback outside the EU) · for tenants that
   require determinism (and for resuming a stream): the pinned engine build · not excluded (forked, or already tried).
-Ranked by: a free slot in the latest attestation, then the worst-case price of this request, then observed success
+Ranked by: a free slot in the latest attestation, then the worst-case customer price of this request, then observed success
 rate (in 5% steps), observed time to first token (in 250 ms steps), load (free share of slots), least recently
 placed, provider key. Providers in back-off after a failure go last.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterable
 
+from llorch.gateway.books.pricing import MARGIN_BP_DEFAULT, customer_price
 from llorch.node.wire.attestation import EU_COUNTRIES, Attestation
 
 SUCCESS_PPM_INITIAL = 1_000_000
@@ -38,6 +40,8 @@ class Requirements:
     max_price_in: int | None = None
     max_price_out: int | None = None
     exclude: frozenset[bytes] = frozenset()
+    multiplier_bp: int = 10_000               # demand multiplier and the tenant's margin: what the customer pays
+    margin_bp: int = MARGIN_BP_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -75,9 +79,10 @@ def why_not(view: ProviderView, need: Requirements, now_ms: int) -> str | None:
         return "excluded"
     if a.currency != need.currency:
         return "other currency"
-    if need.max_price_in is not None and a.price_in > need.max_price_in:
+    price_in, price_out = customer_prices(a, need)
+    if need.max_price_in is not None and price_in > need.max_price_in:
         return "above the input price ceiling"
-    if need.max_price_out is not None and a.price_out > need.max_price_out:
+    if need.max_price_out is not None and price_out > need.max_price_out:
         return "above the output price ceiling"
     if need.eu_only and not (view.certified_country in EU_COUNTRIES and a.geo["country"] == view.certified_country):
         return "not a certified EU provider"
@@ -88,8 +93,15 @@ def why_not(view: ProviderView, need: Requirements, now_ms: int) -> str | None:
     return None
 
 
+def customer_prices(a: Attestation, need: Requirements) -> tuple[int, int]:
+    """What the customer would pay per 1M input and output tokens at this provider."""
+    return (customer_price(a.price_in, need.multiplier_bp, need.margin_bp),
+            customer_price(a.price_out, need.multiplier_bp, need.margin_bp))
+
+
 def worst_case_cost(a: Attestation, need: Requirements) -> int:
-    return need.prompt_tokens_estimate * a.price_in + need.max_tokens * a.price_out
+    price_in, price_out = customer_prices(a, need)
+    return need.prompt_tokens_estimate * price_in + need.max_tokens * price_out
 
 
 def rank_providers(views: Iterable[ProviderView], need: Requirements, now_ms: int) -> list[ProviderView]:

@@ -32,10 +32,9 @@ CREATE TABLE IF NOT EXISTS tenants (
     created_ms         INTEGER NOT NULL
 );
 """
-# spent is derived from the books (gateway/books/postings.py), never stored twice
+# spent is the tenant's account balance, kept by the books (gateway/books/postings.py) with every posting
 COLUMNS = ("name", "tier", "budget_minor",
-           "(SELECT COALESCE(SUM(CASE WHEN debit = 'tenant:' || tenants.name THEN amount ELSE -amount END), 0) "
-           "FROM postings WHERE debit = 'tenant:' || tenants.name OR credit = 'tenant:' || tenants.name)",
+           "COALESCE((SELECT debits - credits FROM account_balances WHERE account = 'tenant:' || tenants.name), 0)",
            "eu_only", "require_determinism", "models", "rps", "max_concurrent", "revoked")
 
 

@@ -77,6 +77,14 @@ class Final:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """client → server, while streaming: the customer went away. The server stops generating within a token,
+    records what it generated, and still sends the final frame with the receipt (``finish_reason`` "cancelled")."""
+
+    TYPE: ClassVar[str] = "cancel"
+
+
+@dataclass(frozen=True)
 class Error:
     """server → client: the request failed; ``code`` is stable, ``message`` says why."""
 
@@ -89,8 +97,8 @@ class Error:
         _check_text("error.message", self.message, limits.ERROR_MESSAGE_CHARS_MAX)
 
 
-Frame = Request | Accepted | Busy | Token | Final | Error
-FRAME_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (Request, Accepted, Busy, Token, Final, Error)}
+Frame = Request | Accepted | Busy | Token | Final | Cancel | Error
+FRAME_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (Request, Accepted, Busy, Token, Final, Cancel, Error)}
 
 
 def _check_text(name: str, value: object, chars_max: int) -> None:

@@ -8,6 +8,9 @@ as SERVER (``serve_inference`` in node/service.py). One stream carries one reque
     AWAIT_ADMISSION --server: busy | error-->       DONE
     STREAMING       --server: token (index = n)-->  STREAMING
     STREAMING       --server: final | error-->      DONE
+    STREAMING       --client: cancel-->             CANCELLING
+    CANCELLING      --server: token (index = n)-->  CANCELLING   (already in flight when the cancel arrived)
+    CANCELLING      --server: final | error-->      DONE
 
 Anything else (a frame in the wrong state, from the wrong side, a token out of order, an oversized or malformed
 frame) raises ProtocolError and the stream must be reset.
@@ -19,7 +22,8 @@ import enum
 
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.wire.frames import FRAME_TYPES, Accepted, Busy, Error, Final, Frame, FramedProtocol, Request, Token
+from llorch.node.wire.frames import (FRAME_TYPES, Accepted, Busy, Cancel, Error, Final, Frame, FramedProtocol, Request,
+                                    Token)
 
 INFER_PROTOCOL_ID = "/llorch/infer/1"
 
@@ -36,6 +40,7 @@ class State(enum.Enum):
     AWAIT_REQUEST = "await_request"
     AWAIT_ADMISSION = "await_admission"
     STREAMING = "streaming"
+    CANCELLING = "cancelling"
     DONE = "done"
 
 
@@ -48,6 +53,10 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
     (State.STREAMING, Role.SERVER, Token): State.STREAMING,
     (State.STREAMING, Role.SERVER, Final): State.DONE,
     (State.STREAMING, Role.SERVER, Error): State.DONE,
+    (State.STREAMING, Role.CLIENT, Cancel): State.CANCELLING,
+    (State.CANCELLING, Role.SERVER, Token): State.CANCELLING,
+    (State.CANCELLING, Role.SERVER, Final): State.DONE,
+    (State.CANCELLING, Role.SERVER, Error): State.DONE,
 }
 
 
