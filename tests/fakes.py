@@ -3,6 +3,8 @@ default catalog entry."""
 
 from __future__ import annotations
 
+import trio
+
 from llorch.inference import catalog
 from llorch.inference.echo import EchoEngine
 
@@ -24,3 +26,24 @@ class ShortEngine(EchoEngine):
                                                    max_tokens=min(self.tokens, prepared.sampling.max_tokens)))
         generation = await super().generate(short, emit)
         return replace(generation, finish_reason="stop") if generation.finish_reason == "length" else generation
+
+
+class StallingEngine(EchoEngine):
+    """The echo engine that stalls for ``stall_s`` after ``tokens`` tokens, then goes on: plays a provider hit by a
+    network blip or an overloaded machine (test-only)."""
+
+    def __init__(self, entry, delay_s: float = 0.0, tokens: int = 3, stall_s: float = 1.0) -> None:
+        super().__init__(entry, delay_s)
+        self.tokens, self.stall_s = tokens, stall_s
+
+    async def generate(self, prepared, emit):
+        sent = 0
+
+        async def stalling_emit(text: str) -> None:
+            nonlocal sent
+            if sent == self.tokens:
+                await trio.sleep(self.stall_s)
+            sent += 1
+            await emit(text)
+
+        return await super().generate(prepared, stalling_emit)

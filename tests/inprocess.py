@@ -24,7 +24,8 @@ from llorch.gateway.market.directory import ProviderDirectory
 from llorch.gateway.market.providers import ProviderBook
 from llorch.gateway.market.tenants import TenantBook
 from llorch.gateway.service import Gateway
-from llorch.gateway.witness.witness import WitnessBook
+from llorch.gateway.books.reconcile import reconcile
+from llorch.gateway.witness.witness import Witness, WitnessBook
 from llorch.ledger.objects import amount_minor
 from llorch.ledger.signing import SigningKey
 from llorch.ledger.store import LedgerStore
@@ -35,10 +36,12 @@ from llorch.node.run import build_attestation
 from llorch.node.service import EnginePool, ProviderService
 from llorch.node.stream_io import now_ms
 from llorch.node.wire.attestation import Attestation
+from llorch.node.ledger_service import LedgerService
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID
+from llorch.node.wire.ledger_protocol import LEDGER_PROTOCOL_ID
 from llorch.node.wire.registration import Registration
 from llorch.inference import catalog
-from tests.fakes import FakeEngine, ShortEngine
+from tests.fakes import FakeEngine, ShortEngine, StallingEngine
 from tests.helpers import MODEL_ID
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -92,6 +95,16 @@ class Market:
     async def rows(self, sql: str, params: tuple = ()) -> list:
         return await self.database.fetchall(sql, params)
 
+    async def witness_all(self) -> None:
+        """A checkpoint signed by every provider, then one witness round each (as the gateway's loop does)."""
+        witness = Witness(self.gateway.p2p, self.key, self.gateway.witness_book, self.gateway.directory.exclude)
+        for provider in self.providers.values():
+            await provider.ledger.sign_checkpoint()
+            assert await witness.witness(provider.key.public_key, list(provider.attestation.addrs)) is not None
+
+    async def reconcile(self, post: bool = False, grace_ms: int = 0):
+        return await reconcile(self.database, self.key.public_key, None, now_ms(), grace_ms, post)
+
     async def complete(self, tenant_name: str, body: dict, on_text=None, request_id: str | None = None):
         """Gateway.complete as the HTTP handler calls it, for the tenant's stored record."""
         tenant = await self.gateway.tenants.get(tenant_name)
@@ -104,20 +117,25 @@ class Market:
 
 
 @asynccontextmanager
+async def market_gateway(workdir, gateway_key: SigningKey, gateway_options: dict | None = None):
+    """A Market with only its gateway: the database workdir/gateway.sqlite and a libp2p host for ``gateway_key``."""
+    config = GatewayConfig(key_file=workdir / "gateway.key", db_path=workdir / "gateway.sqlite",
+                           **(gateway_options or {}))
+    async with open_gateway_db(config.db_path) as database, running_host(gateway_key, LOOPBACK) as p2p:
+        yield Market(Gateway(config, gateway_key, p2p, ProviderDirectory(), ReceiptBook(database),
+                             TenantBook(database), ProviderBook(database), Books(database), WitnessBook(database)),
+                     gateway_key)
+
+
+@asynccontextmanager
 async def market(tmp_path, providers: dict[str, dict], tenants: dict[str, dict] | None = None,
                  gateway_options: dict | None = None):
     """``providers``: name → {"cls": ProviderService subclass, "claims": {...}, "delay_s": float, "slots": int,
     "price_in": int, "price_out": int}. ``tenants``: name → TenantBook.add options (tier, budget_minor, ...)."""
     gateway_key = SigningKey.generate()
-    config = GatewayConfig(key_file=tmp_path / "gateway.key", db_path=tmp_path / "gateway.sqlite",
-                           **(gateway_options or {}))
     async with AsyncExitStack() as stack:
-        database = await stack.enter_async_context(open_gateway_db(config.db_path))
-        gateway_p2p = await stack.enter_async_context(running_host(gateway_key, LOOPBACK))
-        directory = ProviderDirectory()
-        gateway = Gateway(config, gateway_key, gateway_p2p, directory, ReceiptBook(database), TenantBook(database),
-                          ProviderBook(database), Books(database), WitnessBook(database))
-        built = Market(gateway, gateway_key)
+        built = await stack.enter_async_context(market_gateway(tmp_path, gateway_key, gateway_options))
+        gateway, directory = built.gateway, built.gateway.directory
         for seq, (name, spec) in enumerate(providers.items(), start=1):
             key = SigningKey.generate()
             node_config = NodeConfig(key_file=tmp_path / f"{name}.key", ledger_path=tmp_path / f"{name}.sqlite",
@@ -125,9 +143,7 @@ async def market(tmp_path, providers: dict[str, dict], tenants: dict[str, dict] 
                                      slots=spec.get("slots", 1), price_in_per_1m=spec.get("price_in", 100_000),
                                      price_out_per_1m=spec.get("price_out", 200_000))
             ledger = await stack.enter_async_context(LedgerStore.open(node_config.ledger_path, key))
-            pool = EnginePool([ShortEngine(catalog.lookup(MODEL_ID), spec.get("delay_s", 0.0), spec["tokens"])
-                               if "tokens" in spec else FakeEngine(spec.get("delay_s", 0.0))
-                               for _ in range(node_config.slots)])
+            pool = EnginePool([engine_for(spec) for _ in range(node_config.slots)])
             cls = spec.get("cls", ProviderService)
             service = cls(key.public_key, frozenset({gateway_key.public_key}), pool, ledger,
                           {engine.entry.id: bytes.fromhex(engine.entry.sha256) for engine in pool.engines},
@@ -136,6 +152,8 @@ async def market(tmp_path, providers: dict[str, dict], tenants: dict[str, dict] 
                 service.claims = spec["claims"]
             p2p = await stack.enter_async_context(running_host(key, LOOPBACK))
             p2p.host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), service.serve_inference)
+            p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID),
+                                        LedgerService(ledger, frozenset({gateway_key.public_key})).serve_ledger)
             attestation = Attestation.from_envelope(build_attestation(node_config, key, p2p, pool, seq, now_ms()))
             directory.observe(attestation)
             registration = build_registration(node_config, key, p2p.addrs()[0])
@@ -147,6 +165,16 @@ async def market(tmp_path, providers: dict[str, dict], tenants: dict[str, dict] 
                                       options.get("eu_only", False), options.get("require_determinism", False),
                                       None, None, options.get("max_concurrent"), now_ms())
         yield built
+
+
+def engine_for(spec: dict):
+    """The test-only engine a provider spec asks for: echo, stopping early ("tokens") or stalling ("stall")."""
+    entry, delay_s = catalog.lookup(MODEL_ID), spec.get("delay_s", 0.0)
+    if "tokens" in spec:
+        return ShortEngine(entry, delay_s, spec["tokens"])
+    if "stall" in spec:
+        return StallingEngine(entry, delay_s, *spec["stall"])
+    return FakeEngine(delay_s)
 
 
 def provider_prices(cls, node_config: NodeConfig) -> dict:

@@ -152,6 +152,21 @@ def test_a_customer_who_disconnects_stops_the_engine_within_a_token(network):
     print(f"tokens generated after the disconnect: {generated_after_disconnect}")
     assert 0 <= generated_after_disconnect <= 3, receipt.tokens_out
     assert receipt.tokens_out < 400
+    # the customer pays for the frames relayed before it left, the provider is paid for them, once
+    query = "SELECT outcome, frames, tokens_out, payout, charge FROM tickets WHERE request_id = ? AND state = 'settled'"
+    while not gateway_rows(network, query, (request_id,)):
+        assert time.monotonic() < deadline, "the cancelled request was never settled"
+        time.sleep(0.2)
+    (outcome, frames, billed_out, payout, charge), = gateway_rows(network, query, (request_id,))
+    assert outcome == "customer_gone" and received <= frames <= receipt.tokens_out
+    assert billed_out == frames and charge >= payout > 0
+    legs = gateway_rows(network, "SELECT leg, amount FROM postings WHERE request_id = ? ORDER BY leg", (request_id,))
+    assert legs == [("fee", charge - payout), ("payout", payout)]
+
+
+def gateway_rows(network, sql, params=()):
+    with sqlite3.connect(network.workdir / "gateway.sqlite") as db:
+        return db.execute(sql, params).fetchall()
 
 
 def test_limits_are_refused_before_any_work(network):

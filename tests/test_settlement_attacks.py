@@ -13,6 +13,7 @@ import time
 import pytest
 import trio
 
+from llorch.gateway import limits as gateway_limits
 from llorch.gateway.books.postings import PLATFORM_ACCOUNT, provider_account, tenant_account
 from llorch.gateway.errors import NoProvider, PaymentRequired
 from llorch.gateway.market.node_client import AttemptFailed, request_inference
@@ -163,3 +164,27 @@ async def test_the_platform_account_only_ever_receives_fees(tmp_path):
         charged = await total(m, "debit", tenant_account("acme"))
         paid = await total(m, "credit", provider_account(m.providers["alpha"].key.peer_id))
         assert charged == paid + fees and fees > 0
+
+
+async def test_a_survivable_failover_reconciles_each_receipt_against_its_own_ticket(tmp_path, monkeypatch):
+    """The first provider stalls past the gateway's token timeout, the stream resumes on the second, and the first
+    wakes up and records its (cancelled) receipt after the second finished: two receipts under one request id, each
+    reconciled against its own ticket, no false mismatch, only the completing provider paid."""
+    monkeypatch.setattr(gateway_limits, "TOKEN_TIMEOUT_S", 0.4)
+    providers = {"alpha": {"stall": (3, 1.2), "price_in": 90_000}, "beta": {}}
+    async with market(tmp_path, providers) as m:
+        alpha, beta = m.providers["alpha"], m.providers["beta"]
+        completion = await m.complete("acme", {**BODY, "max_tokens": 8})
+        assert completion.provider_peer_id == beta.key.peer_id and completion.settlement.tokens_out == 8
+        with trio.fail_after(5):
+            while not await alpha.ledger.contains(completion.request_id):
+                await trio.sleep(0.05)              # alpha wakes, finds its stream gone, records what it made
+        await m.witness_all()
+        report = (await m.reconcile()).as_json()
+        assert report["ok"], report
+        assert [(f["kind"], f["provider_id"]) for f in report["findings"]] == [("unpaid", alpha.key.peer_id)]
+        assert await m.rows("SELECT outcome FROM tickets ORDER BY issued_ms") == [("timed_out",), ("finished",)]
+        paid = await m.rows("SELECT credit FROM postings WHERE leg = 'payout'")
+        assert paid == [(provider_account(beta.key.peer_id),)]
+        again = (await m.reconcile()).as_json()
+        assert again == report                                  # incremental: nothing new, the same report

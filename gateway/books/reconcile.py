@@ -201,10 +201,12 @@ async def _post_lost_tickets(database: Database, now_ms: int, grace_ms: int) -> 
 
 
 async def _find_tickets_without_receipts(database: Database, now_ms: int, grace_ms: int) -> None:
+    """Settled tickets the provider accepted (or tickets from before settlement, which were kept only once
+    accepted) with no receipt witnessed ``grace_ms`` after them. Open tickets are --post's to settle."""
     rows = await database.fetchall(
         "SELECT t.request_id, t.provider_key, t.issued_ms FROM tickets t JOIN witnessed w "
         "ON w.provider_key = t.provider_key WHERE t.receipt_seen = 0 AND t.issued_ms + ? <= w.checked_ms "
-        "AND (t.outcome IS NULL OR t.accepted_ms IS NOT NULL)", (grace_ms,))
+        "AND t.state = 'settled' AND (t.tenant IS NULL OR t.accepted_ms IS NOT NULL)", (grace_ms,))
     await database.transaction([(
         "INSERT OR IGNORE INTO reconcile_findings (kind, request_id, provider_id, period, detail, found_ms) "
         "VALUES ('ticket_without_receipt', ?, ?, ?, ?, ?)",

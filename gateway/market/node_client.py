@@ -41,10 +41,10 @@ class InferenceCall:
         self._stream = stream
         self._protocol = protocol
 
-    async def next_frame(self, timeout_s: float = limits.TOKEN_TIMEOUT_S) -> Token | Final:
-        """The next token or final frame. Raises FrameTimeout when none arrives in time, ProtocolError on a broken
-        stream or an error frame."""
-        frame = await read_frame(self._stream, self._protocol, timeout_s)
+    async def next_frame(self, timeout_s: float | None = None) -> Token | Final:
+        """The next token or final frame (waiting at most ``timeout_s``, by default TOKEN_TIMEOUT_S). Raises
+        FrameTimeout when none arrives in time, ProtocolError on a broken stream or an error frame."""
+        frame = await read_frame(self._stream, self._protocol, timeout_s or limits.TOKEN_TIMEOUT_S)
         if isinstance(frame, Error):
             raise ProtocolError(f"provider error {frame.code}: {frame.message}")
         assert isinstance(frame, (Token, Final))

@@ -173,10 +173,14 @@ class WitnessBook:
              "VALUES (?, ?, ?, ?, ?, ?, ?)", [(provider_key, new.size, new.root, new.head_hash, compact, new.note,
                                                now_ms())])])
 
-    async def touch(self, provider_key: bytes) -> None:
-        """Record a round that found the ledger unchanged (reconciliation trusts receipts to be there by then)."""
-        await self._database.transaction([("UPDATE witnessed SET checked_ms = ? WHERE provider_key = ?",
-                                           [(now_ms(), provider_key)])])
+    async def touch(self, provider_key: bytes, state: WitnessedState, note: bytes) -> None:
+        """Record a round that found the ledger unchanged (reconciliation trusts receipts to be there by then), also
+        for a ledger still empty: a provider that never wrote a receipt was seen to have none."""
+        compact = canonical.encode([[level, hash_] for level, hash_ in state.compact.nodes])
+        await self._database.transaction([(
+            "INSERT INTO witnessed (provider_key, size, root, head_hash, compact, note, checked_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (provider_key) DO UPDATE SET checked_ms = excluded.checked_ms",
+            [(provider_key, state.size, state.root, state.head_hash, compact, state.note or note, now_ms())])])
 
     async def inclusion_proof(self, provider_key: bytes, index: int) -> tuple[int, bytes | None, list[bytes]]:
         """(cosigned size, cosigned note, RFC 9162 inclusion proof of entry ``index`` at that size), reading only the
@@ -233,7 +237,7 @@ class Witness:
             reply = await request_ledger(self.p2p, provider_key, addrs, GetCheckpoint())
             checkpoint = check_checkpoint(state, reply.note, provider_key)
             if checkpoint.size == state.size:
-                await self.book.touch(provider_key)
+                await self.book.touch(provider_key, state, reply.note)
                 return state
             if checkpoint.size - state.size > ENTRIES_PER_ROUND_MAX:
                 raise BadView(f"{checkpoint.size - state.size} new entries: more than one round takes")
