@@ -13,6 +13,7 @@ stops before the next token.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import threading
 from dataclasses import dataclass
@@ -156,6 +157,8 @@ class Engine:
         def send_piece(piece: str) -> None:
             trio.from_thread.run(send.send, piece)
 
+        delivered: list[str] = []          # the pieces emit took: a cancelled result is exactly these
+
         async def pump() -> None:
             # If emit fails (the reader is gone), closing the channel makes the thread's next send fail, and the
             # thread stops before sampling another token; the result then says "cancelled".
@@ -166,6 +169,7 @@ class Engine:
                     except Exception:
                         stop_requested.set()
                         return
+                    delivered.append(piece)
 
         async def run_thread() -> Generation:
             try:
@@ -183,7 +187,13 @@ class Engine:
                 nursery.start_soon(runner)
         finally:
             stop_requested.set()
-        return result[0]
+        generation = result[0]
+        if generation.finish_reason == "cancelled":
+            # The thread counted the piece that emit refused: the receipt must cover only what was delivered, one
+            # token per piece, so its output hash matches the frames and its count never exceeds them.
+            generation = dataclasses.replace(generation, text="".join(delivered),
+                                             tokens_out=min(generation.tokens_out, len(delivered)))
+        return generation
 
     def _generate_blocking(self, prepared: Prepared, send_piece: Callable[[str], None],
                            stop_requested: threading.Event) -> Generation:

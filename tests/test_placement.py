@@ -94,6 +94,8 @@ def test_at_equal_price_reliability_then_ttft_then_load_then_turns():
     assert rank([slow, fast]) == [fast, slow]
     alike = [view(standing=Standing(ttft_ms=40, last_placed_ms=NOW)), view(standing=Standing(ttft_ms=60))]
     assert rank(alike) == [alike[1], alike[0]]          # 20 ms apart is noise: the one placed longer ago goes
+    edge = [view(standing=Standing(ttft_ms=240, last_placed_ms=NOW)), view(standing=Standing(ttft_ms=260))]
+    assert rank(edge) == [edge[1], edge[0]]             # across a 250 ms step's edge, still noise (steps from the best)
     idle = view(slots_total=4, slots_free=4)
     loaded = view(slots_total=4, slots_free=1)
     assert rank([loaded, idle]) == [idle, loaded]

@@ -8,7 +8,8 @@ Eligible (``why_not`` returns the first reason a provider is not):
   EU country, and attesting the certified country (fails closed: no fallback outside the EU) · for tenants that
   require determinism (and for resuming a stream): the pinned engine build · not excluded (forked, or already tried).
 Ranked by: a free slot in the latest attestation, then the worst-case customer price of this request, then observed success
-rate (in 5% steps), observed time to first token (in 250 ms steps), load (free share of slots), least recently
+rate (in 5% steps below the best), observed time to first token (in 250 ms steps above the best), load (free
+share of slots), least recently
 placed, provider key. Providers in back-off after a failure go last.
 """
 
@@ -106,15 +107,17 @@ def worst_case_cost(a: Attestation, need: Requirements) -> int:
 
 def rank_providers(views: Iterable[ProviderView], need: Requirements, now_ms: int) -> list[ProviderView]:
     eligible = [v for v in views if why_not(v, need, now_ms) is None]
+    best_success = max((v.standing.success_ppm for v in eligible), default=0)
+    best_ttft = min((v.standing.ttft_ms for v in eligible), default=0)
 
     def order(v: ProviderView):
         a, s = v.attestation, v.standing
         free_share_ppm = a.slots_free * 1_000_000 // a.slots_total
-        # Observations are compared in coarse steps, so noise (a few ms of TTFT) does not pin all traffic to one
-        # of two equivalent providers; within a step, load and then turns decide.
+        # Observations are compared in coarse steps from the best one, so noise (a few ms of TTFT around a step's
+        # edge) does not pin all traffic to one of two equivalent providers; within a step, load and turns decide.
         return (s.backoff_until_ms > now_ms, a.slots_free == 0, worst_case_cost(a, need),
-                -(s.success_ppm // SUCCESS_STEP_PPM), s.ttft_ms // TTFT_STEP_MS, -free_share_ppm, s.last_placed_ms,
-                v.key)
+                (best_success - s.success_ppm) // SUCCESS_STEP_PPM, (s.ttft_ms - best_ttft) // TTFT_STEP_MS,
+                -free_share_ppm, s.last_placed_ms, v.key)
 
     return sorted(eligible, key=order)
 
