@@ -6,6 +6,7 @@
     ├── KeyFileError                 a key file is missing, malformed or readable by others
     ├── StoreError                   the SQLite store could not do what was asked (translated sqlite3 errors)
     │   └── ConflictError            a request_id is already in the ledger with different bytes
+    ├── ChainBreak                   an entry does not continue its ledger (carries the auditor's check number)
     └── VerificationError            the offline auditor found a bad entry (carries check number, code, entry index)
 
 Everything here describes a problem with *data* (a file, a peer's bytes); bugs in our own code are
@@ -31,6 +32,17 @@ class SignatureError(LedgerError):
 
     The object was forged or altered in transit or at rest: never trust any of its fields.
     """
+
+
+class ChainBreak(LedgerError):
+    """Raised when an entry does not continue its ledger (ledger/chain.py): wrong owner or origin, bad signature,
+    index gap, broken hash chain, repeated request_id or wrong amount. ``check`` is the auditor's check number
+    (docs/ledger.md §8). The ledger that holds it is not to be trusted past the entry before it.
+    """
+
+    def __init__(self, check: int, message: str) -> None:
+        super().__init__(message)
+        self.check = check
 
 
 class KeyFileError(LedgerError):

@@ -22,7 +22,8 @@ from typing import AsyncIterator, Sequence
 import trio
 
 from llorch.ledger import limits, merkle
-from llorch.ledger.errors import ConflictError, EncodingError, LedgerError, StoreError
+from llorch.ledger.chain import EntryFacts, check_continues
+from llorch.ledger.errors import ChainBreak, ConflictError, EncodingError, LedgerError, StoreError
 from llorch.ledger.note import Checkpoint, NoteError, open_checkpoint, parse_checkpoint_text, parse_note, sign_checkpoint
 from llorch.ledger.objects import VERSION, ZERO_HASH, Receipt, ledger_origin, receipt_fields_of, with_chain
 from llorch.ledger.signing import SigningKey, sha256
@@ -199,13 +200,16 @@ class LedgerStore:
                     continue
                 fields = with_chain({**pending.fields, "v": VERSION, "origin": self.origin}, size, head)
                 try:
-                    envelope = Receipt(**fields).seal(self._key)
-                except (EncodingError, TypeError) as exc:   # this receipt is malformed; the others still go in
+                    receipt = Receipt(**fields)
+                    envelope = receipt.seal(self._key)
+                    # the auditor's own continuation check, before writing (ledger/chain.py)
+                    facts = EntryFacts.of_receipt(receipt, envelope, True)
+                    check_continues(facts, self._key.public_key, size, head, stored)
+                except (EncodingError, TypeError, ChainBreak) as exc:   # malformed; the others still go in
                     pending.error = EncodingError(f"receipt for {request_id!r} is malformed: {exc}")
                     continue
-                compact.append(merkle.leaf_hash(envelope), lambda level, index, hash_: nodes.append(
-                    (level, index, hash_)))
-                head = sha256(envelope)
+                compact.append(facts.leaf, lambda level, index, hash_: nodes.append((level, index, hash_)))
+                head = facts.entry_sha256
                 rows.append((size, request_id, envelope, head))
                 stored[request_id] = envelope
                 pending.entry = envelope

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from llorch.ledger import canonical, merkle
-from llorch.ledger.errors import EncodingError, SignatureError, StoreError, VerificationError
+from llorch.ledger.chain import EntryFacts, check_continues, inspect_entry
+from llorch.ledger.errors import ChainBreak, EncodingError, StoreError, VerificationError
 from llorch.ledger.note import Checkpoint, NoteError, open_checkpoint
-from llorch.ledger.objects import ZERO_HASH, Receipt, ledger_origin
-from llorch.ledger.signing import open_envelope, peer_id_of, public_key_of_peer_id, sha256, verify_signature
+from llorch.ledger.objects import ZERO_HASH, ledger_origin
+from llorch.ledger.signing import peer_id_of, public_key_of_peer_id
 
 CHECKS = {
     1: ("LV01", "malformed"),
@@ -120,41 +121,6 @@ def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
     return VerifyReport(size, origin, head, tree.root(), len(own), held[0].size if held else None)
 
 
-@dataclass(frozen=True)
-class EntryFacts:
-    """What the order-independent checks learned about one entry (computed in parallel for big ledgers)."""
-
-    malformed: str | None            # check 1 failure, or None
-    provider_key: bytes = b""
-    origin: str = ""
-    signature_valid: bool = False    # under the entry's own provider_key; check 2 compares that key to the owner's
-    signature_error: str = ""
-    index: int = 0
-    prev_hash: bytes = b""
-    request_id: str = ""
-    amount: int = 0
-    expected_amount: int = 0
-    entry_sha256: bytes = b""
-    leaf: bytes = b""
-
-
-def inspect_entry(data: bytes) -> EntryFacts:
-    """Checks 1 and 3 and the inputs of the others, for one entry; pure, so it can run in a worker process."""
-    try:
-        payload, payload_bytes, signature = open_envelope(data)
-        receipt = Receipt.from_payload(payload)
-    except EncodingError as exc:
-        return EntryFacts(malformed=str(exc))
-    try:
-        verify_signature("receipt", receipt.provider_key, payload_bytes, signature)
-        valid, error = True, ""
-    except SignatureError as exc:
-        valid, error = False, str(exc)
-    return EntryFacts(None, receipt.provider_key, receipt.origin, valid, error, receipt.index, receipt.prev_hash,
-                      receipt.request_id, receipt.amount, receipt.expected_amount(), sha256(data),
-                      merkle.leaf_hash(data))
-
-
 def _inspect_chunk(chunk: list[bytes]) -> list[EntryFacts]:
     return [inspect_entry(data) for data in chunk]
 
@@ -187,7 +153,6 @@ def _chunked(iterator: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
 def _verify_entries(entries: Iterable[bytes], trusted_keys: set[bytes] | None) -> tuple[bytes | None, list[bytes],
                                                                                       bytes]:
     owner: bytes | None = None
-    owner_origin = ""
     previous_hash = ZERO_HASH
     seen: dict[str, int] = {}
     leaves: list[bytes] = []
@@ -195,24 +160,16 @@ def _verify_entries(entries: Iterable[bytes], trusted_keys: set[bytes] | None) -
         if facts.malformed is not None:                                                  # (1)
             raise _fail(1, position, facts.malformed)
         if owner is None:                                                                # (2)
-            owner, owner_origin = facts.provider_key, ledger_origin(facts.provider_key)
+            owner = facts.provider_key
             if trusted_keys is not None and owner not in trusted_keys:
                 raise _fail(2, position, f"the ledger is signed by {peer_id_of(owner)}, which is not a trusted key")
-        if facts.provider_key != owner or facts.origin != owner_origin:
-            raise _fail(2, position, f"signed by {ledger_origin(facts.provider_key)} with origin "
-                                     f"{facts.origin!r}, but this ledger is {owner_origin}")
-        if not facts.signature_valid:                                                    # (3)
-            raise _fail(3, position, facts.signature_error)
-        if facts.index != position:                                                      # (4)
-            raise _fail(4, position, f"entry claims index {facts.index} at position {position}")
-        if facts.prev_hash != previous_hash:                                             # (5)
-            raise _fail(5, position, f"prev_hash {facts.prev_hash.hex()} is not the hash of entry "
-                                     f"{position - 1} ({previous_hash.hex()})")
-        if facts.request_id in seen:                                                     # (10)
-            raise _fail(10, position, f"request_id {facts.request_id} already at entry {seen[facts.request_id]}")
+        try:                                                                             # (2)-(5), (10), (11)
+            check_continues(facts, owner, position, previous_hash, seen)
+        except ChainBreak as exc:
+            if exc.check == 10:
+                raise _fail(10, position, f"request_id {facts.request_id} already at entry {seen[facts.request_id]}")
+            raise _fail(exc.check, position, str(exc)) from None
         seen[facts.request_id] = position
-        if facts.amount != facts.expected_amount:                                        # (11)
-            raise _fail(11, position, f"amount {facts.amount} but tokens × prices give {facts.expected_amount}")
         previous_hash = facts.entry_sha256
         leaves.append(facts.leaf)
     return owner, leaves, previous_hash

@@ -1,6 +1,8 @@
 """Idempotent group-committed appends, checkpoints, notes, /llorch/ledger/1 and the gateway witness."""
 
+import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 import trio
@@ -13,10 +15,10 @@ from llorch.ledger import merkle
 from llorch.ledger.errors import ConflictError, StoreError
 from llorch.ledger.note import (Checkpoint, NoteError, cosign, open_checkpoint, parse_note, sign_checkpoint,
                          verify_cosignature)
-from llorch.ledger.objects import Receipt
+from llorch.ledger.objects import Receipt, ledger_origin
 from llorch.ledger.signing import SigningKey
 from llorch.ledger.store import LedgerStore
-from llorch.ledger.verify import LedgerMaterial, load_material, verify
+from llorch.ledger.verify import LedgerMaterial, load_material, read_bundle, verify
 from llorch.node.errors import ProtocolError
 from llorch.node.wire.frames import Error
 from llorch.node.wire.infer_protocol import Role
@@ -26,6 +28,8 @@ from llorch.node.ledger_service import LedgerService
 from llorch.node.wire.ledger_protocol import LEDGER_PROTOCOL_ID, witness_name
 from llorch.node.p2p import running_host
 from tests.helpers import receipt_fields
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ledgers"
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -294,3 +298,26 @@ async def test_ledger_service_pages_and_refuses_unknown_ranges(tmp_path, monkeyp
         accepted = await service.answer(PutCosigned(cosign(checkpoint.note, witness_name(gateway.public_key),
                                                            gateway, 1)))
         assert accepted.TYPE == "ack" and len(await ledger.cosigned()) == 1
+
+
+@pytest.mark.parametrize("fixture", ["LV02-unknown-key", "LV03-bad-signature", "LV04-index-gap", "LV05-chain-break",
+                                     "LV10-duplicate", "LV11-amount"])
+def test_the_witness_refuses_every_entry_the_auditor_refuses(fixture):
+    """The witness runs the auditor's own continuation check (ledger/chain.py) before it cosigns: no ledger it
+    cosigns can fail `llorch ledger verify` on an entry (the duplicate request_id and origin checks were missing)."""
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())[fixture]
+    entries = list(read_bundle((FIXTURES / manifest["bundle"]).read_bytes()).entries)
+    owner = Receipt.from_envelope(entries[0]).provider_key
+    leaves = [merkle.leaf_hash(entry) for entry in entries]
+    checkpoint = Checkpoint(ledger_origin(owner), len(entries), merkle.MemoryTree(leaves).root())
+    with pytest.raises(BadView, match=f"entry {manifest['entry']} "):
+        extend(WitnessedState.empty(), checkpoint, b"", entries, owner)
+    # a request_id the witness saw in an earlier round counts too (it asks its own database for them)
+    valid = list(read_bundle((FIXTURES / "valid.bundle").read_bytes()).entries)
+    owner = Receipt.from_envelope(valid[0]).provider_key
+    tree = merkle.MemoryTree([merkle.leaf_hash(entry) for entry in valid])
+    whole = Checkpoint(ledger_origin(owner), len(valid), tree.root())
+    assert extend(WitnessedState.empty(), whole, b"", valid, owner).size == len(valid)
+    with pytest.raises(BadView, match="check 10"):
+        extend(WitnessedState.empty(), whole, b"", valid, owner,
+               earlier_request_ids={Receipt.from_envelope(valid[-1]).request_id})

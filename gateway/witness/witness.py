@@ -15,14 +15,16 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import Container
 
 import trio
 
 from llorch.ledger import canonical, merkle
-from llorch.ledger.errors import EncodingError, SignatureError
+from llorch.ledger.chain import check_continues, inspect_entry
+from llorch.ledger.errors import ChainBreak, EncodingError
 from llorch.ledger.note import Checkpoint, NoteError, cosign, open_checkpoint
 from llorch.ledger.objects import ZERO_HASH, Receipt, ledger_origin
-from llorch.ledger.signing import SigningKey, peer_id_of, sha256
+from llorch.ledger.signing import SigningKey, open_envelope, peer_id_of
 from llorch.ledger.sqlite import Database
 from llorch.ledger.store import needed_nodes
 from llorch.gateway.witness.ledger_client import LedgerRequestFailed, request_ledger
@@ -87,28 +89,57 @@ def check_consistency(state: WitnessedState, checkpoint: Checkpoint, note: bytes
 
 
 def extend(state: WitnessedState, checkpoint: Checkpoint, note: bytes, entries: list[bytes],
-           provider_key: bytes, nodes: list | None = None) -> WitnessedState:
+           provider_key: bytes, nodes: list | None = None,
+           earlier_request_ids: Container[str] = frozenset()) -> WitnessedState:
     """Verify entries [state.size, checkpoint.size) and that they give the checkpoint's root; the new state.
+    Each entry must continue the ledger exactly as the auditor checks it (ledger/chain.py: owner and origin,
+    signature, index, chain, request_id not seen before, amount), so the witness never cosigns a ledger that
+    ``llorch ledger verify`` rejects. ``earlier_request_ids``: those of these entries already witnessed.
     Every new complete subtree (level, index, hash) is appended to ``nodes`` when given."""
     if len(entries) != checkpoint.size - state.size:
         raise BadView(f"expected {checkpoint.size - state.size} entries, got {len(entries)}")
     compact, head = state.compact.copy(), state.head_hash
+    in_batch: set[str] = set()
     for offset, entry in enumerate(entries):
         index = state.size + offset
+        facts = inspect_entry(entry)
+        if facts.malformed is not None:
+            raise BadView(f"entry {index} is invalid: {facts.malformed}")
         try:
-            receipt = Receipt.from_envelope(entry)
-        except (EncodingError, SignatureError) as exc:
-            raise BadView(f"entry {index} is invalid: {exc}") from None
-        if receipt.provider_key != provider_key or receipt.index != index or receipt.prev_hash != head \
-                or receipt.amount != receipt.expected_amount():
-            raise BadView(f"entry {index} does not continue the ledger (key, index, chain or amount)")
-        compact.append(merkle.leaf_hash(entry), None if nodes is None else
+            check_continues(facts, provider_key, index, head, _Either(earlier_request_ids, in_batch))
+        except ChainBreak as exc:
+            raise BadView(f"entry {index} does not continue the ledger (check {exc.check}): {exc}") from None
+        in_batch.add(facts.request_id)
+        compact.append(facts.leaf, None if nodes is None else
                        lambda level, at, hash_: nodes.append((level, at, hash_)))
-        head = sha256(entry)
+        head = facts.entry_sha256
     if compact.root() != checkpoint.root:
         raise ForkDetected(f"the entries up to {checkpoint.size} do not give the signed root",
                            [note.decode(), f"(entries give root {compact.root().hex()})"])
     return WitnessedState(checkpoint.size, checkpoint.root, head, compact, note)
+
+
+class _Either:
+    """``x in _Either(a, b)``: in either container."""
+
+    def __init__(self, first: Container[str], second: Container[str]) -> None:
+        self.first, self.second = first, second
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.first or item in self.second
+
+
+def request_ids_of(entries: list[bytes]) -> list[str]:
+    """The request_id each entry names, read without checking anything (extend checks every entry)."""
+    ids = []
+    for entry in entries:
+        try:
+            payload = open_envelope(entry)[0]
+        except EncodingError:
+            continue
+        if isinstance(payload, dict) and isinstance(payload.get("request_id"), str):
+            ids.append(payload["request_id"])
+    return ids
 
 
 SCHEMA = """
@@ -172,6 +203,17 @@ class WitnessBook:
             ("INSERT OR REPLACE INTO witnessed (provider_key, size, root, head_hash, compact, note, checked_ms) "
              "VALUES (?, ?, ?, ?, ?, ?, ?)", [(provider_key, new.size, new.root, new.head_hash, compact, new.note,
                                                now_ms())])])
+
+    async def known_request_ids(self, provider_key: bytes, request_ids: list[str]) -> set[str]:
+        """Which of ``request_ids`` this provider's witnessed ledger already holds."""
+        known: set[str] = set()
+        unique = sorted(set(request_ids))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start:start + 500]
+            known.update(row[0] for row in await self._database.fetchall(
+                f"SELECT request_id FROM provider_entries WHERE provider_key = ? AND request_id IN "
+                f"({','.join('?' * len(chunk))})", (provider_key, *chunk)))
+        return known
 
     async def touch(self, provider_key: bytes, state: WitnessedState, note: bytes) -> None:
         """Record a round that found the ledger unchanged (reconciliation trusts receipts to be there by then), also
@@ -246,7 +288,8 @@ class Witness:
                 check_consistency(state, checkpoint, reply.note, proof.hashes)
             entries = await self._fetch_entries(provider_key, addrs, state.size, checkpoint.size)
             nodes: list = []
-            new_state = extend(state, checkpoint, reply.note, entries, provider_key, nodes)
+            earlier = await self.book.known_request_ids(provider_key, request_ids_of(entries))
+            new_state = extend(state, checkpoint, reply.note, entries, provider_key, nodes, earlier)
         except ForkDetected as fork:
             log.error("provider %s FORKED its ledger: %s", peer_id_of(provider_key), fork)
             await self.book.record_fork(provider_key, str(fork), fork.evidence)
