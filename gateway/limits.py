@@ -8,5 +8,6 @@ ADMISSION_TIMEOUT_S = 30.0                # request sent → accepted/busy (the 
 TOKEN_TIMEOUT_S = 60.0                    # gap between two frames while streaming
 CANCEL_DRAIN_TIMEOUT_S = 5.0              # customer gone → cancel sent → the provider's final frame (its receipt)
 RELAY_FRAMES_MAX = 8_192                  # token frames one provider may send for one ticket (max_tokens + slack)
-ATTESTATIONS_KEPT_MAX = 10_000            # providers remembered by the directory
+ATTESTATIONS_KEPT_MAX = 10_000            # approved providers remembered by the directory
+PENDING_ATTESTATIONS_MAX = 256            # attestations of keys nobody approved (never placed on, never dialled)
 HTTP_SHUTDOWN_GRACE_S = 2.0

@@ -23,7 +23,7 @@ from llorch.gateway.service import Gateway
 from llorch.ledger.signing import load_key_file
 from llorch.node.wire.attestation import TOPIC, parse_attestation
 from llorch.node.errors import AttestationRejected
-from llorch.node.lifecycle import write_state_file
+from llorch.node.lifecycle import supervise, write_state_file
 from llorch.node.p2p import P2P, peer_key_of, running_host
 from llorch.node.stream_io import now_ms
 
@@ -50,7 +50,7 @@ def validate_attestation_message(peer_id, message) -> bool:
         return False
 
 
-async def follow_attestations(p2p: P2P, directory: ProviderDirectory) -> None:
+async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers: ProviderBook) -> None:
     """Drain the attestation subscription into the directory (a full subscription channel would drop messages)."""
     p2p.pubsub.set_topic_validator(TOPIC, validate_attestation_message, False)
     subscription = await p2p.pubsub.subscribe(TOPIC)
@@ -59,7 +59,8 @@ async def follow_attestations(p2p: P2P, directory: ProviderDirectory) -> None:
         try:
             attestation = parse_attestation(message.data, _sender_key(message), now_ms())
             known = directory.get(attestation.provider_key)
-            directory.observe(attestation)
+            approved = await providers.approved_keys()
+            directory.observe(attestation, attestation.provider_key in approved)
             if known is None:
                 log.info("provider %s joined: %s", ID(message.from_id), ", ".join(m["id"] for m in attestation.models))
         except AttestationRejected as exc:
@@ -76,16 +77,21 @@ async def run_gateway(config: GatewayConfig) -> None:
                           ProviderBook(database), Books(database), witness_book)
         witness = Witness(p2p, key, witness_book, directory.exclude)
 
-        def providers_to_witness():
-            return [(a.provider_key, list(a.addrs)) for a in directory.fresh(now_ms())]
+        async def providers_to_witness():
+            """Approved providers only: the witness never dials an address a key that nobody approved gossiped."""
+            approved = await gateway.providers.approved_keys()
+            return [(a.provider_key, list(a.addrs)) for a in directory.fresh(now_ms()) if a.provider_key in approved]
 
         http = HypercornConfig()
         http.bind = [f"{config.http_host}:{config.http_port}"]
         http.accesslog = None
         http.graceful_timeout = limits.HTTP_SHUTDOWN_GRACE_S
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(follow_attestations, p2p, directory)
-            nursery.start_soon(witness_forever, witness, providers_to_witness, config.witness_interval_ms / 1000)
+            restarts = gateway.metrics.loop_restarts
+            nursery.start_soon(supervise, "attestations", lambda: follow_attestations(p2p, directory, gateway.providers),
+                               restarts)
+            nursery.start_soon(supervise, "witness", lambda: witness_forever(
+                witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve(build_app(gateway), http,
                                                                   task_status=task_status))
             base_url = f"{bound[0]}/v1" if bound else f"http://{config.http_host}:{config.http_port}/v1"

@@ -55,8 +55,8 @@ class NodeConfig:
             raise ConfigError("node.slots must be in 1..64")
         if self.threads_per_slot < 1:
             raise ConfigError("node.threads_per_slot must be at least 1")
-        if self.attestation_interval_ms < 100:
-            raise ConfigError("node.attestation_interval_ms must be at least 100")
+        if not 100 <= self.attestation_interval_ms <= limits.ATTESTATION_INTERVAL_MS_MAX:
+            raise ConfigError(f"node.attestation_interval_ms must be 100..{limits.ATTESTATION_INTERVAL_MS_MAX}")
         if self.engine not in ("llama.cpp", "echo"):
             raise ConfigError('node.engine must be "llama.cpp" (or "echo" for tests and benchmarks)')
         if len(self.models) != 1:

@@ -78,3 +78,30 @@ def write_state_file(path: Path | None, state: dict) -> None:
     temporary = path.with_suffix(path.suffix + ".tmp")
     temporary.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     os.replace(temporary, path)
+
+
+SUPERVISOR_BACKOFF_S_INITIAL = 1.0
+SUPERVISOR_BACKOFF_S_MAX = 60.0
+
+
+async def supervise(name: str, loop: Callable[[], Awaitable[None]], restarts: dict | None = None,
+                    backoff_s_initial: float = SUPERVISOR_BACKOFF_S_INITIAL,
+                    backoff_s_max: float = SUPERVISOR_BACKOFF_S_MAX) -> None:
+    """Run a background loop for ever: when it raises (or returns), log why, count it in ``restarts[name]``, and
+    start it again after a back-off (doubling up to ``backoff_s_max``; back to the start after a run that lasted
+    longer than that). A fault in one loop never ends the process; only cancellation ends this."""
+    backoff = backoff_s_initial
+    while True:
+        started = trio.current_time()
+        try:
+            await loop()
+            log.error("background loop %s returned; restarting it in %g s", name, backoff)
+        except Exception as exc:      # trio.Cancelled is not an Exception: shutdown still unwinds through here
+            log.error("background loop %s failed (%s: %s); restarting it in %g s", name,
+                      type(sole_exception(exc)).__name__, sole_exception(exc), backoff, exc_info=exc)
+        if restarts is not None:
+            restarts[name] = restarts.get(name, 0) + 1
+        if trio.current_time() - started > backoff_s_max:
+            backoff = backoff_s_initial
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, backoff_s_max)

@@ -19,7 +19,7 @@ from llorch.node import limits
 from llorch.node.wire.attestation import TOPIC, Attestation
 from llorch.node.config import NodeConfig
 from llorch.node.ledger_service import LedgerService, sign_checkpoints
-from llorch.node.lifecycle import write_state_file
+from llorch.node.lifecycle import supervise, write_state_file
 from llorch.node.p2p import P2P, keep_connected, running_host
 from llorch.node.service import EnginePool, ProviderService
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID
@@ -95,10 +95,10 @@ async def run_node(config: NodeConfig) -> None:
             p2p.host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), service.serve_inference)
             p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), LedgerService(ledger, trusted).serve_ledger)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(keep_connected, p2p, config.bootstrap)
-                nursery.start_soon(sign_checkpoints, ledger, config.checkpoint_every_entries,
-                                   config.checkpoint_every_ms / 1000)
-                nursery.start_soon(publish_attestations, config, key, p2p, pool)
+                nursery.start_soon(supervise, "bootstrap", lambda: keep_connected(p2p, config.bootstrap))
+                nursery.start_soon(supervise, "checkpoints", lambda: sign_checkpoints(
+                    ledger, config.checkpoint_every_entries, config.checkpoint_every_ms / 1000))
+                nursery.start_soon(supervise, "attestations", lambda: publish_attestations(config, key, p2p, pool))
                 write_state_file(config.state_file, {"peer_id": p2p.peer_id, "addrs": p2p.addrs(),
                                                      "ledger": str(Path(config.ledger_path).resolve())})
                 log.info("node %s listening on %s; ledger %s (%d entries)", p2p.peer_id, ", ".join(p2p.addrs()),

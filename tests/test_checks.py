@@ -50,6 +50,12 @@ def test_forged_attestation_is_dropped():
     ({"slots_free": 5}, "slots_free"),
     ({"geo": {"country": "Germany", "region": "x"}}, "geo"),
     ({"addrs": []}, "addrs"),
+    ({"addrs": ["/foo"]}, "not a multiaddr"),                               # once killed every gateway
+    ({"addrs": ["/unix/tmp/llorch"]}, "transport"),
+    ({"addrs": ["/tcp/4101"]}, "transport"),
+    ({"addrs": ["/ip4/192.0.2.1/tcp/4101/p2p/" + SigningKey.generate().peer_id]}, "another peer"),
+    ({"addrs": ["/ip4/192.0.2.1/tcp/" + "1" * 300]}, "at most 256 characters"),
+    ({"expires_ms": 2**63 - 1}, "valid for at most"),                        # never expiring
 ])
 def test_bad_attestations_are_dropped_with_a_reason(overrides, reason):
     key = SigningKey.generate()
@@ -72,6 +78,18 @@ def test_directory_requires_increasing_seq():
     directory.observe(parse_attestation(sealed_attestation(key, seq=6), key.public_key, NOW))
     assert directory.get(key.public_key).seq == 6
     assert directory.fresh(NOW + 10_000) == []
+
+
+def test_a_flood_of_unapproved_keys_never_pushes_out_an_approved_provider():
+    from llorch.gateway import limits as gateway_limits
+    honest = SigningKey.generate()
+    directory = ProviderDirectory()
+    directory.observe(parse_attestation(sealed_attestation(honest), honest.public_key, NOW), approved=True)
+    for _ in range(1_000):                              # 1,000 fresh keys, each validly self-signed
+        key = SigningKey.generate()
+        directory.observe(parse_attestation(sealed_attestation(key), key.public_key, NOW), approved=False)
+    assert [a.provider_key for a in directory.fresh(NOW)] == [honest.public_key]   # only approved are placed on
+    assert directory.pending() == gateway_limits.PENDING_ATTESTATIONS_MAX           # bounded
 
 
 # --- tickets (provider side) -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ class Metrics:
     tokens: Counter = field(default_factory=Counter)              # "prompt" | "completion" -> count
     placement_failures: Counter = field(default_factory=Counter)  # reason -> count
     failovers: int = 0
+    loop_restarts: dict = field(default_factory=dict)              # background loop name -> restarts
 
     def observe_request(self, endpoint: str, status: int, latency_ms: int) -> None:
         self.requests[(endpoint, status)] += 1
@@ -49,5 +50,8 @@ class Metrics:
         lines += [f'llorch_placement_failures_total{{reason="{r}"}} {n}'
                   for r, n in sorted(self.placement_failures.items())]
         lines += ["# HELP llorch_failovers_total Streams resumed on another provider after a mid-stream failure.",
-                  "# TYPE llorch_failovers_total counter", f"llorch_failovers_total {self.failovers}"]
+                  "# TYPE llorch_failovers_total counter", f"llorch_failovers_total {self.failovers}",
+                  "# HELP llorch_loop_restarts_total Background loops restarted by their supervisor after a fault.",
+                  "# TYPE llorch_loop_restarts_total counter"]
+        lines += [f'llorch_loop_restarts_total{{loop="{name}"}} {n}' for name, n in sorted(self.loop_restarts.items())]
         return "\n".join(lines) + "\n"

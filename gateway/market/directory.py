@@ -16,28 +16,46 @@ log = logging.getLogger("llorch.gateway")
 
 
 class ProviderDirectory:
+    """The latest attestation per provider, in two rooms: approved providers (never pushed out by anyone) and a small
+    pending pool for every other key (bounded; when full, the oldest pending entry makes room). Only the approved
+    room is placed on or witnessed, so a flood of attestations from fresh keys can neither evict an honest provider
+    nor make the gateway dial an address it was only told about."""
+
     def __init__(self) -> None:
         self._latest: dict[bytes, Attestation] = {}
+        self._pending: dict[bytes, Attestation] = {}
         self.excluded: set[bytes] = set()        # providers caught forking their ledger: never placed on
 
     def exclude(self, provider_key: bytes) -> None:
         self.excluded.add(provider_key)
 
-    def observe(self, attestation: Attestation) -> None:
+    def observe(self, attestation: Attestation, approved: bool = True) -> None:
         """Keep ``attestation`` if it is newer than what we have; raise AttestationRejected otherwise."""
-        known = self._latest.get(attestation.provider_key)
+        key = attestation.provider_key
+        known = self._latest.get(key) or self._pending.get(key)
         if known is not None and attestation.seq <= known.seq:
             raise AttestationRejected(f"seq {attestation.seq} is not above the last seen seq {known.seq} (replay?)")
-        if known is None and len(self._latest) >= limits.ATTESTATIONS_KEPT_MAX:
-            self._forget_expired_or_oldest()
-        self._latest[attestation.provider_key] = attestation
+        if approved:
+            self._pending.pop(key, None)
+            if known is None and len(self._latest) >= limits.ATTESTATIONS_KEPT_MAX:
+                self._forget_expired_or_oldest()
+            self._latest[key] = attestation
+            return
+        self._latest.pop(key, None)              # suspended or never approved: back to the pending pool
+        self._pending.pop(key, None)
+        if len(self._pending) >= limits.PENDING_ATTESTATIONS_MAX:
+            del self._pending[next(iter(self._pending))]          # the oldest pending entry
+        self._pending[key] = attestation
 
     def fresh(self, now_ms: int) -> list[Attestation]:
-        """Unexpired attestations of providers that are not excluded."""
+        """Unexpired attestations of approved providers that are not excluded."""
         return [a for a in self._latest.values() if a.expires_ms > now_ms and a.provider_key not in self.excluded]
 
     def get(self, provider_key: bytes) -> Attestation | None:
-        return self._latest.get(provider_key)
+        return self._latest.get(provider_key) or self._pending.get(provider_key)
+
+    def pending(self) -> int:
+        return len(self._pending)
 
     def _forget_expired_or_oldest(self) -> None:
         oldest = min(self._latest.values(), key=lambda a: a.expires_ms)

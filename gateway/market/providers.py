@@ -106,6 +106,9 @@ class ProviderBook:
 
     _dirty = False
 
+    async def approved_keys(self) -> set[bytes]:
+        return {record.provider_key for record in await self.all() if record.approved}
+
     async def set_status(self, provider_id: str, status: str) -> ProviderRecord:
         assert status in STATUSES
         await self._require(provider_id)

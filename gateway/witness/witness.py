@@ -318,9 +318,13 @@ class Witness:
 
 
 async def witness_forever(witness: Witness, providers, interval_s: float) -> None:
-    """Every ``interval_s``, witness each provider ``providers()`` returns as (key, addrs)."""
+    """Every ``interval_s``, witness each provider ``await providers()`` returns as (key, addrs). A fault while
+    witnessing one provider is logged and skips that provider for the round; it never ends the loop."""
     while True:
-        for provider_key, addrs in providers():
+        for provider_key, addrs in await providers():
             with trio.move_on_after(max(interval_s, 30.0)):
-                await witness.witness(provider_key, addrs)
+                try:
+                    await witness.witness(provider_key, addrs)
+                except Exception as exc:   # a bad address, a damaged row: this provider, this round only
+                    log.error("witnessing %s failed: %s: %s", peer_id_of(provider_key), type(exc).__name__, exc)
         await trio.sleep(interval_s)

@@ -11,16 +11,38 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
+from multiaddr import Multiaddr
+
 from llorch.ledger.errors import EncodingError, SignatureError
 from llorch.ledger.objects import SignedObject, check_field
+from llorch.ledger.signing import peer_id_of
 from llorch.node import limits
 from llorch.node.errors import AttestationRejected
 
 TOPIC = "llorch/attestations/1"
+MULTIADDR_FIRST = frozenset({"ip4", "ip6", "dns", "dns4", "dns6"})
+MULTIADDR_PROTOCOLS = MULTIADDR_FIRST | {"tcp", "udp", "quic-v1", "p2p", "p2p-circuit"}
 COUNTRY_PATTERN = re.compile(r"^[A-Z]{2}$")
 # Member states of the EU (ISO 3166-1 alpha-2). A claim only counts for EU-only routing once certified.
 EU_COUNTRIES = frozenset(
     "AT BE BG HR CY CZ DK EE FI FR DE GR HU IE IT LV LT LU MT NL PL PT RO SK SI ES SE".split())
+
+
+def check_multiaddr(addr: str, own_peer_id: str) -> None:
+    """An address a provider may claim: a parseable multiaddr of the allowed transports only (MULTIADDR_PROTOCOLS),
+    ending, if it names a peer, in the provider's own peer id. Raises EncodingError naming the problem. (A claimed
+    address is still only a claim: the gateway never dials one it was only told about.)"""
+    try:
+        parsed = Multiaddr(addr)
+        names = [protocol.name for protocol in parsed.protocols()]
+    except Exception as exc:  # py-multiaddr raises several types for a bad string; all mean "not a multiaddr"
+        raise EncodingError(f"addr {addr[:80]!r} is not a multiaddr: {exc}") from None
+    if not names or names[0] not in MULTIADDR_FIRST or not set(names) <= MULTIADDR_PROTOCOLS:
+        raise EncodingError(f"addr {addr[:80]!r} uses a transport this market does not dial ({'/'.join(names)}); "
+                            f"allowed: {', '.join(sorted(MULTIADDR_PROTOCOLS))}")
+    peers = addr.split("/p2p/")[1:]
+    if peers and peers[-1].split("/")[0] != own_peer_id:
+        raise EncodingError(f"addr {addr[:80]!r} names another peer than the signer")
 
 
 @dataclass(frozen=True)
@@ -57,8 +79,7 @@ class Attestation(SignedObject):
             raise EncodingError(f"attestation needs 1..{limits.ATTESTATION_ADDRS_MAX} addrs")
         for addr in self.addrs:
             check_field("addrs[]", "str", addr)
-            if not addr.startswith("/"):
-                raise EncodingError(f"addr {addr!r} is not a multiaddr")
+            check_multiaddr(addr, peer_id_of(self.provider_key))
         if not 0 < len(self.models) <= limits.ATTESTATION_MODELS_MAX:
             raise EncodingError(f"attestation needs 1..{limits.ATTESTATION_MODELS_MAX} models")
         for model in self.models:
@@ -71,6 +92,9 @@ class Attestation(SignedObject):
             raise EncodingError("slots_free exceeds slots_total")
         if self.expires_ms <= self.issued_ms:
             raise EncodingError("expires_ms must be after issued_ms")
+        if self.expires_ms - self.issued_ms > limits.ATTESTATION_VALIDITY_MS_MAX:
+            raise EncodingError(f"an attestation is valid for at most {limits.ATTESTATION_VALIDITY_MS_MAX} ms "
+                                f"(3 × the longest interval), this one for {self.expires_ms - self.issued_ms} ms")
         if set(self.geo) != {"country", "region"} or not isinstance(self.geo["country"], str) \
                 or not COUNTRY_PATTERN.match(self.geo["country"]):
             raise EncodingError("geo must be {country: ISO 3166-1 alpha-2, region: str}")
