@@ -1,6 +1,7 @@
 """Every size, count and duration the gateway enforces, with its unit in its name."""
 
 HTTP_BODY_BYTES_MAX = 1024 * 1024         # a chat request body
+REQUEST_FRAME_OVERHEAD_BYTES_MAX = 8 * 1024   # ticket, salt and framing around the prompt in a request frame
 TICKET_LIFETIME_MS = 60_000               # a ticket must be used within this long
 PLACEMENT_ATTEMPTS_MAX = 4                # providers tried per request before giving up
 STREAM_OPEN_TIMEOUT_S = 10.0              # dial + new stream to a provider

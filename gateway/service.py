@@ -48,11 +48,13 @@ from llorch.gateway.market.quota import (QuotaExceeded, TenantQuota, TokenBucket
                                          worst_case_minor)
 from llorch.gateway.market.tenants import Tenant, TenantBook
 from llorch.gateway.witness.witness import WitnessBook
+from llorch.ledger import canonical
 from llorch.ledger.errors import LedgerError
 from llorch.ledger.objects import VERSION, Receipt, Ticket
 from llorch.ledger.receipt_proof import proof_document
 from llorch.ledger.signing import SigningKey, peer_id_of
 from llorch.node.errors import FrameTimeout, ProtocolError
+from llorch.node import limits as node_limits
 from llorch.node.limits import SALT_BYTES
 from llorch.node.models import catalog_model_ids, catalog_pin
 from llorch.node.p2p import P2P
@@ -134,9 +136,10 @@ class Gateway:
     # (1)-(2) --------------------------------------------------------------------------------------------------
     async def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant of a valid ``Authorization: Bearer <key>`` header; AuthError otherwise (revoked included)."""
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
             raise AuthError("missing API key: send the header `Authorization: Bearer <api key>`")
-        presented = hashlib.sha256(authorization[len("Bearer "):].strip().encode()).hexdigest()
+        presented = hashlib.sha256(credentials.strip().encode()).hexdigest()
         if self.config.api_key_sha256 and hmac.compare_digest(presented, self.config.api_key_sha256):
             return BOOTSTRAP_TENANT
         tenant = await self.tenants.by_key_hash(presented)
@@ -218,6 +221,7 @@ class Gateway:
         job = _Job(request_id or new_request_id(), tenant, chat, pin,
                    chat.seed if chat.seed is not None else secrets.randbelow(2**32),
                    secrets.token_bytes(SALT_BYTES), chat.prompt(), on_text)
+        check_fits_a_request_frame(job.prompt)
         job.multiplier_bp = self.demand_multiplier(job.chat.model, pin)
         job.margin_bp = margin_bp(self.config, tenant.tier)
         job.prompt_tokens_max = prompt_tokens_upper_bound(len(str(job.prompt).encode()), prompt_parts(job.prompt))
@@ -457,6 +461,17 @@ class Gateway:
     def _placed(self, provider_key: bytes) -> None:
         standing = self.standings.get(provider_key, Standing())
         self.standings[provider_key] = replace(standing, last_placed_ms=now_ms())
+
+
+def check_fits_a_request_frame(prompt: dict) -> None:
+    """Refuse (400, before placement) a prompt no provider would take: the request frame (ticket, salt, prompt) must
+    stay within node.limits.REQUEST_FRAME_BYTES_MAX, or every provider tried would drop the stream and be backed
+    off for the tenant's mistake."""
+    size = len(canonical.encode(prompt)) + limits.REQUEST_FRAME_OVERHEAD_BYTES_MAX
+    if size > node_limits.REQUEST_FRAME_BYTES_MAX:
+        raise BadRequest(f"the prompt is {size - limits.REQUEST_FRAME_OVERHEAD_BYTES_MAX} bytes encoded; providers "
+                         f"accept at most {node_limits.REQUEST_FRAME_BYTES_MAX - limits.REQUEST_FRAME_OVERHEAD_BYTES_MAX}",
+                         param="messages")
 
 
 class CustomerGone(Exception):

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from llorch.ledger.errors import KeyFileError, StoreError, VerificationError
+from llorch.ledger.errors import KeyFileError, LedgerError, StoreError, VerificationError
 from llorch.ledger.export import export_ledger
 from llorch.ledger.signing import SigningKey, write_key_file
 from llorch.ledger.verify import CHECKS, load_material, load_trusted_keys, verify
@@ -91,14 +91,18 @@ def ledger_verify_receipt(args: argparse.Namespace) -> int:
     from llorch.ledger.receipt_proof import ReceiptProofError, load_document, verify_receipt_document
     from llorch.ledger.signing import public_key_of_peer_id
 
-    try:
+    try:                                     # unreadable input: exit 2
         document = load_document(args.file.read_text(encoding="utf-8"))
         witness_key = public_key_of_peer_id(args.witness) if args.witness else None
+    except (OSError, UnicodeDecodeError, LedgerError, ReceiptProofError) as exc:
+        print(f"error: cannot use {args.file}: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    try:                                     # a bill that does not check out: exit 1
         checked = verify_receipt_document(document, witness_key,
                                           f"llorch-witness/{args.witness}" if args.witness else None)
-    except (OSError, LedgerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNUSABLE
+    except LedgerError as exc:
+        print(f"FAIL {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except ReceiptProofError as exc:
         print(f"FAIL {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -41,12 +41,7 @@ def proof_document(request_id: str, receipt: bytes, index: int, size: int, proof
 
 def verify_receipt_document(document: dict, witness_key: bytes | None = None,
                             witness_name: str | None = None) -> CheckedReceipt:
-    try:
-        receipt_bytes = base64.b64decode(document["receipt"], validate=True)
-        proof = [base64.b64decode(h, validate=True) for h in document["inclusion_proof"]]
-        index, size, note = int(document["leaf_index"]), int(document["tree_size"]), document["checkpoint"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ReceiptProofError(f"not a receipt proof document: {exc}") from None
+    receipt_bytes, proof, index, size, note = _fields(document)
     try:                                                                           # (1)
         receipt = Receipt.from_envelope(receipt_bytes)
     except LedgerError as exc:
@@ -72,11 +67,26 @@ def verify_receipt_document(document: dict, witness_key: bytes | None = None,
     return CheckedReceipt(receipt, size, cosigned_at)
 
 
+def _fields(document: dict) -> tuple[bytes, list[bytes], int, int, str | None]:
+    """(receipt bytes, inclusion proof, leaf index, tree size, checkpoint note) of a document of the right shape."""
+    try:
+        receipt_bytes = base64.b64decode(document["receipt"], validate=True)
+        proof = [base64.b64decode(h, validate=True) for h in document["inclusion_proof"]]
+        index, size, note = int(document["leaf_index"]), int(document["tree_size"]), document["checkpoint"]
+        if note is not None and not isinstance(note, str):
+            raise TypeError("checkpoint must be a string or null")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReceiptProofError(f"not a receipt proof document: {exc}") from None
+    return receipt_bytes, proof, index, size, note
+
+
 def load_document(text: str) -> dict:
+    """Parse a receipt proof document (GET /v2/receipts/{id}); ReceiptProofError if it is not one."""
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ReceiptProofError(f"not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise ReceiptProofError("a receipt proof document is a JSON object")
+    _fields(document)
     return document

@@ -119,3 +119,14 @@ def test_parallel_inspection_reports_the_same_first_failure(monkeypatch, name):
         verify(load_material(FIXTURES / case["bundle"]))
     assert (caught.value.code, caught.value.entry) == (case["code"], case["entry"])
     assert verify(load_material(FIXTURES / "valid.bundle")).entries == 6
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"receipt": 1}'])
+def test_verify_receipt_on_an_unusable_file_exits_2_with_one_line(tmp_path, content):
+    path = tmp_path / "bill.json"
+    if content is not None:
+        path.write_text(content)
+    result = subprocess.run([sys.executable, "-m", "llorch.gateway", "ledger", "verify-receipt", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

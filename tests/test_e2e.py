@@ -235,9 +235,29 @@ def test_no_provider_is_503_saying_so(tmp_path, model_path):
         lonely.stop()
 
 
+def test_the_bearer_scheme_is_case_insensitive(network):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        answer = httpx.get(f"{network.base_url}/models", headers={"Authorization": f"{scheme} {network.api_key}"})
+        assert answer.status_code == 200, (scheme, answer.text)
+    assert httpx.get(f"{network.base_url}/models", headers={"Authorization": "Basic abc"}).status_code == 401
+
+
+def test_metrics_label_routes_not_raw_paths_and_cannot_be_injected(network):
+    hostile = '/x"} 1\nllorch_failovers_total 999\n#'
+    for n in range(50):
+        httpx.get(f"{network.http_url}/nothing-here-{n}")
+    httpx.get(network.http_url + "/x%22%7D%201%0Allorch_failovers_total%20999%0A%23")
+    text = httpx.get(f"{network.http_url}/metrics").text
+    assert "llorch_failovers_total 999" not in text and hostile not in text
+    request_lines = [line for line in text.splitlines() if line.startswith("llorch_requests_total")]
+    assert not any("nothing-here" in line for line in request_lines), request_lines
+    assert len(request_lines) < 20, request_lines          # bounded: one series per route and status
+
+
 def test_sigint_and_sigterm_stop_every_process_within_5_s_without_a_traceback(network):
     signals = {"node1": signal.SIGINT, "node2": signal.SIGTERM, "gateway": signal.SIGINT}
     for process in [*network.nodes, network.gateway]:
         assert process.stop(signals[process.name]) == 0, f"{process.name} did not exit cleanly within 5 s"
         log = process.log_path.read_text()
         assert "Traceback" not in log, log[-3000:]
+

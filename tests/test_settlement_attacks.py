@@ -15,7 +15,7 @@ import trio
 
 from llorch.gateway import limits as gateway_limits
 from llorch.gateway.books.postings import PLATFORM_ACCOUNT, provider_account, tenant_account
-from llorch.gateway.errors import NoProvider, PaymentRequired
+from llorch.gateway.errors import BadRequest, NoProvider, PaymentRequired
 from llorch.gateway.market.node_client import AttemptFailed, request_inference
 from llorch.ledger.objects import amount_minor
 from llorch.node.stream_io import now_ms
@@ -188,3 +188,14 @@ async def test_a_survivable_failover_reconciles_each_receipt_against_its_own_tic
         assert paid == [(provider_account(beta.key.peer_id),)]
         again = (await m.reconcile()).as_json()
         assert again == report                                  # incremental: nothing new, the same report
+
+
+async def test_a_prompt_no_provider_would_accept_is_refused_before_placement(tmp_path):
+    """The gateway takes 1 MiB bodies, providers refuse request frames over 256 KiB: a tenant must not be able to
+    make four honest providers fail (and be backed off) with one oversized prompt."""
+    async with market(tmp_path, {"alpha": {}, "beta": {}}) as m:
+        big = [{"role": "user", "content": "x" * 150_000}, {"role": "user", "content": "y" * 150_000}]
+        with pytest.raises(BadRequest, match="providers accept"):
+            await m.complete("acme", {**BODY, "messages": big})
+        assert await m.rows("SELECT COUNT(*) FROM tickets") == [(0,)]
+        assert m.gateway.standings == {}                   # nobody's standing was touched

@@ -300,5 +300,7 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self.gateway.metrics.observe_request(scope.get("path", "?"), status[0],
-                                                 int((time.perf_counter() - started) * 1000))
+            # Labelled by the route's template, never by the raw path: a bounded set of series that no request
+            # can inject into.
+            route = getattr(scope.get("route"), "path", None) or "(unmatched)"
+            self.gateway.metrics.observe_request(route, status[0], int((time.perf_counter() - started) * 1000))

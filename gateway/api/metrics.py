@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 
 
+def label_value(text: str) -> str:
+    """A Prometheus label value, escaped (backslash, double quote, newline) as the text format requires."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 @dataclass
 class Metrics:
     requests: Counter = field(default_factory=Counter)            # (endpoint, status) -> count
@@ -30,7 +35,7 @@ class Metrics:
     def render(self, providers_fresh: int, providers_approved: int) -> str:
         lines = ["# HELP llorch_requests_total Requests by endpoint and HTTP status.",
                  "# TYPE llorch_requests_total counter"]
-        lines += [f'llorch_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+        lines += [f'llorch_requests_total{{endpoint="{label_value(e)}",status="{s}"}} {n}'
                   for (e, s), n in sorted(self.requests.items())]
         lines += ["# HELP llorch_request_latency_ms Request latency in milliseconds.",
                   "# TYPE llorch_request_latency_ms histogram"]
@@ -53,5 +58,6 @@ class Metrics:
                   "# TYPE llorch_failovers_total counter", f"llorch_failovers_total {self.failovers}",
                   "# HELP llorch_loop_restarts_total Background loops restarted by their supervisor after a fault.",
                   "# TYPE llorch_loop_restarts_total counter"]
-        lines += [f'llorch_loop_restarts_total{{loop="{name}"}} {n}' for name, n in sorted(self.loop_restarts.items())]
+        lines += [f'llorch_loop_restarts_total{{loop="{label_value(name)}"}} {n}'
+                  for name, n in sorted(self.loop_restarts.items())]
         return "\n".join(lines) + "\n"
