@@ -13,6 +13,9 @@ transaction as the entries, so a root or a proof costs O(log n) node reads. Chec
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import sqlite3
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -64,6 +67,33 @@ CREATE TRIGGER IF NOT EXISTS {table}_no_delete BEFORE DELETE ON {table}
 CHAIN_FIELDS = ("v", "origin", "index", "prev_hash")
 
 
+@contextlib.contextmanager
+def exclusive(path: Path, what: str):
+    """Hold an exclusive lock on ``path`` (through ``<path>.lock``, which records the holder's pid) for the block.
+    A ledger has one writer: two node processes on one config would each keep their own head, and the witness would
+    see a fork. Raises StoreError naming the other process."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        handle = open(lock_path, "a+")
+    except OSError as exc:
+        raise StoreError(f"cannot open the lock file {lock_path}: {exc}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise StoreError(f"the {what} {path} is in use by another process (pid {holder}): is this node already "
+                             f"running? Stop it first; two processes on one ledger would fork it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
 @dataclass
 class _Pending:
     fields: dict
@@ -106,6 +136,14 @@ class LedgerStore:
     @classmethod
     @asynccontextmanager
     async def open(cls, path: Path, key: SigningKey) -> AsyncIterator["LedgerStore"]:
+        """Open the ledger as its only writer: a second process opening the same file is refused (StoreError)."""
+        with exclusive(Path(path), "ledger"):
+            async with cls._open(path, key) as store:
+                yield store
+
+    @classmethod
+    @asynccontextmanager
+    async def _open(cls, path: Path, key: SigningKey) -> AsyncIterator["LedgerStore"]:
         async with open_database(path) as database:
             await database.executescript(SCHEMA + TRIGGERS)
             size, head = await cls._load_head(database, key, path)

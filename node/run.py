@@ -14,7 +14,7 @@ from llorch.inference.echo import EchoEngine
 from llorch.inference.engine import Engine
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey, load_key_file, public_key_of_peer_id
-from llorch.ledger.store import LedgerStore
+from llorch.ledger.store import LedgerStore, exclusive
 from llorch.node import limits
 from llorch.node.wire.attestation import TOPIC, Attestation
 from llorch.node.config import NodeConfig
@@ -84,6 +84,11 @@ async def publish_attestations(config: NodeConfig, key: SigningKey, p2p: P2P, po
 
 
 async def run_node(config: NodeConfig) -> None:
+    with exclusive(Path(config.key_file), "key"):      # one process per identity, as per ledger (LedgerStore.open)
+        await _run_node(config)
+
+
+async def _run_node(config: NodeConfig) -> None:
     key = load_key_file(config.key_file)
     trusted = frozenset(public_key_of_peer_id(peer) for peer in config.trusted_gateways)
     pool, offered = await trio.to_thread.run_sync(load_engines, config)

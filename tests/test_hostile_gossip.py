@@ -8,13 +8,15 @@ killed the gateway at its next witness round.
 
 from __future__ import annotations
 
+import subprocess
+
 import openai
 import pytest
 import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from llorch.gateway.localnet import LocalNetwork
+from llorch.gateway.localnet import LocalNetwork, llorch_command
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey
 from llorch.node.p2p import running_host
@@ -71,5 +73,26 @@ def test_hostile_attestations_neither_kill_nor_fool_the_gateway(tmp_path, model_
         assert answer.choices[0].message.content
         log = (tmp_path / "gateway.log").read_text()
         assert "198.51.100.7" not in log, "the gateway acted on an address it was only told about"
+    finally:
+        net.stop()
+
+
+def test_a_second_node_on_one_config_refuses_to_start_and_the_first_keeps_serving(tmp_path, model_path):
+    """Two processes on one ledger would each keep their own head; the witness would see a fork and exclude the
+    provider for good. The ledger (and the key) have one process at a time."""
+    net = LocalNetwork(tmp_path)
+    try:
+        net.start_gateway()
+        net.start_node("single", extra='engine = "echo"\n')
+        net.wait_for_providers(1)
+        second = subprocess.run(llorch_command() + ["node", "start", "--config", "single.toml"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "in use by another process" in second.stderr and "Traceback" not in second.stderr
+        client = openai.OpenAI(base_url=net.base_url, api_key=net.api_key, max_retries=0, timeout=60)
+        for seed in range(3):
+            assert client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=4, seed=seed).choices[0].message.content
+        assert net.gateway.popen.poll() is None and "FORKED" not in (tmp_path / "gateway.log").read_text()
     finally:
         net.stop()
