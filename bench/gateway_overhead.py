@@ -60,7 +60,8 @@ async def measure(network: LocalNetwork, direct_key: SigningKey, seconds: float)
                             provider_key=provider.provider_key, tenant="t_bench", model_id=MODEL,
                             model_sha256=MODEL_SHA256, sampling={"seed": n, "temperature_ppm": 0, "top_p_ppm": 1_000_000,
                                                                  "max_tokens": TOKENS, "stop": []},
-                            price_in=1, price_out=1, currency="EUR", issued_ms=issued, expires_ms=issued + 60_000)
+                            price_in=100_000, price_out=200_000, currency="EUR",   # the node's attested prices:
+                            issued_ms=issued, expires_ms=issued + 60_000)           # it refuses any lower ticket
             async with request_inference(p2p, provider, Request(ticket.seal(direct_key), bytes(16), PROMPT)) as call:
                 while not isinstance(await call.next_frame(), Final):
                     pass
