@@ -25,26 +25,32 @@ class Database:
     def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
         self._connection = connection
         self.path = path
-        self._transaction_lock = trio.Lock()    # one connection: transactions from concurrent tasks take turns
+        # One connection serves every task: a transaction (BEGIN ... COMMIT, several awaits) and any read take turns,
+        # so no read ever sees another task's uncommitted (and perhaps rolled back) writes.
+        self._lock = trio.Lock()
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
-        await self._call(self._connection.execute, sql, params)
+        async with self._lock:
+            await self._call(self._connection.execute, sql, params)
 
     async def executescript(self, sql: str) -> None:
-        await self._call(self._connection.executescript, sql)
+        async with self._lock:
+            await self._call(self._connection.executescript, sql)
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
-        return await self._call(self._fetch, sql, params, True)
+        async with self._lock:
+            return await self._call(self._fetch, sql, params, True)
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        return await self._call(self._fetch, sql, params, False)
+        async with self._lock:
+            return await self._call(self._fetch, sql, params, False)
 
     async def transaction(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
         """Run ``executemany`` for each (sql, rows) in one IMMEDIATE transaction; commit or roll back.
 
         Under synchronous=FULL the commit is durable when this returns.
         """
-        async with self._transaction_lock:
+        async with self._lock:
             await self._call(self._transaction, statements)
 
     async def _transaction(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:

@@ -211,3 +211,29 @@ async def test_concurrent_transactions_on_one_database_take_turns(tmp_path):
             for i in range(20):
                 nursery.start_soon(database.transaction, [("INSERT INTO t VALUES (?)", [(i,), (i + 100,)])])
         assert (await database.fetchone("SELECT COUNT(*) FROM t"))[0] == 40
+
+
+async def test_a_read_never_sees_another_tasks_uncommitted_transaction(tmp_path):
+    """One connection serves every task: a read that slipped in between another task's BEGIN IMMEDIATE and its
+    ROLLBACK saw rows that never existed (a spend, a ticket). Reads wait for the open transaction."""
+    from llorch.ledger.sqlite import open_database
+    async with open_database(tmp_path / "db.sqlite") as database:
+        await database.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        seen = []
+
+        async def doomed_writer() -> None:
+            with pytest.raises(Exception):
+                await database.transaction([
+                    ("INSERT INTO t (id, v) VALUES (?, ?)", [(1, "phantom")]),
+                    ("INSERT INTO t (id, v) VALUES (?, ?)", [(n, "x") for n in range(2, 3000)]),
+                    ("INSERT INTO t (id, v) VALUES (?, ?)", [(5000, None)])])      # NOT NULL: rolls back
+
+        async def reader() -> None:
+            for _ in range(200):
+                seen.append((await database.fetchone("SELECT COUNT(*) FROM t"))[0])
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(doomed_writer)
+            nursery.start_soon(reader)
+        assert set(seen) == {0}, f"a read saw uncommitted rows: {sorted(set(seen))}"
