@@ -64,9 +64,6 @@ class ReceiptBook:
     def __init__(self, database: Database) -> None:
         self._database = database
 
-    async def record(self, receipt: Receipt, ticket_bytes: bytes, receipt_bytes: bytes) -> None:
-        await self._database.transaction(self.statements(receipt, ticket_bytes, receipt_bytes))
-
     @staticmethod
     def statements(receipt: Receipt, ticket_bytes: bytes, receipt_bytes: bytes) -> list:
         """The write that keeps an accepted receipt (to run in the caller's transaction)."""

@@ -41,7 +41,7 @@ and the charge never exceeds the ticket's reservation.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from llorch.ledger.objects import Receipt, Ticket, amount_minor
 

@@ -133,11 +133,6 @@ class TicketBook:
             "prompt_tokens_max FROM tickets WHERE state = 'issued' ORDER BY issued_ms")
         return [OpenTicket(row[0], Ticket.from_envelope(row[1]), row[1], Terms(*row[2:])) for row in rows]
 
-    async def outcome(self, ticket_bytes: bytes) -> tuple[str, str | None] | None:
-        row = await self._database.fetchone("SELECT state, outcome FROM tickets WHERE ticket_sha256 = ?",
-                                            (sha256(ticket_bytes),))
-        return None if row is None else (row[0], row[1])
-
 
 def metered_of_row(outcome: str, frames, text_bytes, accepted_ms, first_token_ms, ended_ms) -> Metered:
     return Metered(State(outcome), frames or 0, text_bytes or 0, accepted_ms, first_token_ms, ended_ms or 0)
