@@ -12,6 +12,7 @@ from libp2p.peer.id import ID
 from llorch.gateway.config import GatewayConfig
 from llorch.gateway.market.directory import ProviderDirectory
 from llorch.gateway.api.http_api import build_app
+from llorch.gateway.api.metrics import Metrics
 from llorch.gateway import limits
 from llorch.gateway.books.postings import Books
 from llorch.gateway.db import open_gateway_db
@@ -37,33 +38,44 @@ def _sender_key(message) -> bytes | None:
         return None
 
 
-def validate_attestation_message(peer_id, message) -> bool:
-    """GossipSub topic validator: never raises, logs why a message is dropped."""
-    try:
-        parse_attestation(message.data, _sender_key(message), now_ms())
-        return True
-    except AttestationRejected as exc:
-        log.warning("dropped attestation from %s: %s", peer_id, exc)
-        return False
-    except Exception:
-        log.exception("attestation validator failed; dropping the message")
-        return False
+def attestation_validator(directory: ProviderDirectory, metrics: Metrics):
+    """The GossipSub topic validator: a message that fails any rule of docs/protocol.md §5 (including a replayed or
+    reordered seq) is neither kept nor forwarded to other peers; the reason is logged and counted. Never raises."""
+
+    def validate(peer_id, message) -> bool:
+        try:
+            attestation = parse_attestation(message.data, _sender_key(message), now_ms())
+            directory.check_newer(attestation)
+            return True
+        except AttestationRejected as exc:
+            metrics.attestation_dropped(exc.reason)
+            log.warning("dropped attestation from %s (%s): %s", peer_id, exc.reason, exc)
+            return False
+        except Exception:
+            metrics.attestation_dropped("malformed")
+            log.exception("attestation validator failed; dropping the message")
+            return False
+
+    return validate
 
 
-async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers: ProviderBook) -> None:
+async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers: ProviderBook,
+                              metrics: Metrics) -> None:
     """Drain the attestation subscription into the directory (a full subscription channel would drop messages)."""
-    p2p.pubsub.set_topic_validator(TOPIC, validate_attestation_message, False)
+    p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics), False)
     subscription = await p2p.pubsub.subscribe(TOPIC)
     while True:
         message = await subscription.get()
         try:
             attestation = parse_attestation(message.data, _sender_key(message), now_ms())
             known = directory.get(attestation.provider_key)
-            approved = await providers.approved_keys()
-            directory.observe(attestation, attestation.provider_key in approved)
-            if known is None:
-                log.info("provider %s joined: %s", ID(message.from_id), ", ".join(m["id"] for m in attestation.models))
-        except AttestationRejected as exc:
+            approved = attestation.provider_key in await providers.approved_keys()
+            directory.observe(attestation, approved)
+            if known is None:                    # unapproved keys are anyone's to make: not worth a line each
+                log.log(logging.INFO if approved else logging.DEBUG, "provider %s joined%s: %s", ID(message.from_id),
+                        "" if approved else " (not approved: pending)", ", ".join(m["id"] for m in attestation.models))
+        except AttestationRejected as exc:   # e.g. expired or overtaken while it waited in the channel
+            metrics.attestation_dropped(exc.reason)
             log.debug("attestation not kept: %s", exc)
 
 
@@ -87,9 +99,9 @@ async def run_gateway(config: GatewayConfig) -> None:
         http.accesslog = None
         http.graceful_timeout = limits.HTTP_SHUTDOWN_GRACE_S
         async with trio.open_nursery() as nursery:
-            restarts = gateway.metrics.loop_restarts
-            nursery.start_soon(supervise, "attestations", lambda: follow_attestations(p2p, directory, gateway.providers),
-                               restarts)
+            restarts = gateway.metrics.loop_restarted
+            nursery.start_soon(supervise, "attestations", lambda: follow_attestations(
+                p2p, directory, gateway.providers, gateway.metrics), restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve(build_app(gateway), http,

@@ -198,7 +198,7 @@ class Gateway:
             reason, message = "determinism", f"no provider in the pinned determinism class offers {job.chat.model}"
         else:
             reason, message = "none_eligible", f"no provider offering {job.chat.model} has a free slot right now"
-        self.metrics.placement_failures[reason] += 1
+        self.metrics.placement_failure(reason)
         detail = f" ({'; '.join(reasons)})" if reasons else ""
         return NoProvider(f"{message}; retry shortly{detail}")
 
@@ -284,7 +284,7 @@ class Gateway:
                 failures.append(f"{peer_id_of(view.key)[-8:]}: {exc}")
                 log.warning("provider %s failed mid-stream on %s: %s", peer_id_of(view.key), job.request_id, exc)
                 resume_class = resume_class or view.attestation.engine_build
-                self.metrics.failovers += 1
+                self.metrics.failover()
             self._failed(view.key)
             if job.delivered:
                 need = self.requirements(job, engine_build=resume_class, exclude=frozenset(tried),
@@ -293,15 +293,15 @@ class Gateway:
             else:
                 candidates = [c for c in candidates[1:] if c.key not in tried]
         if job.delivered:
-            self.metrics.placement_failures["resume"] += 1
+            self.metrics.placement_failure("resume")
             raise ProviderFailed(f"the provider failed mid-stream and no other provider of its determinism class "
                                  f"could resume it ({'; '.join(failures)})")
         if failures and all("busy" in failure for failure in failures):
-            self.metrics.placement_failures["busy"] += 1
+            self.metrics.placement_failure("busy")
             where = "certified EU provider" if job.tenant.eu_only else "eligible provider"
             raise NoProvider(f"no {where} has capacity for {job.chat.model} right now: every one is busy; "
                              f"retry shortly")
-        self.metrics.placement_failures["failed"] += 1
+        self.metrics.placement_failure("failed")
         raise ProviderFailed(f"no provider could serve the request ({'; '.join(failures)})")
 
     async def receipt_proof(self, tenant: Tenant, request_id: str) -> dict | None:
@@ -447,8 +447,7 @@ class Gateway:
             log.error("could not settle ticket of %s: %s", job.request_id, exc)
         run.charge = Charge(run.settlement.payout, run.settlement.fee, run.settlement.charge)
         if run.settlement.receipt_used:
-            self.metrics.tokens["prompt"] += run.settlement.tokens_in
-            self.metrics.tokens["completion"] += run.settlement.tokens_out
+            self.metrics.tokens(run.settlement.tokens_in, run.settlement.tokens_out)
         if run.settlement.findings:
             for finding in run.settlement.findings:
                 log.warning("provider %s: %s on %s: %s", peer_id_of(provider.provider_key), finding.kind,

@@ -38,4 +38,9 @@ class TicketRejected(NodeError):
 
 
 class AttestationRejected(NodeError):
-    """Raised when an attestation must be dropped; the message is logged as the reason."""
+    """Raised when an attestation must be dropped; the message is logged as the reason, and ``reason`` (one word of
+    docs/protocol.md §5's drop table: oversized, malformed, bad_address, ...) is what the gateway counts."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        self.reason = reason
+        super().__init__(message)

@@ -84,10 +84,11 @@ SUPERVISOR_BACKOFF_S_INITIAL = 1.0
 SUPERVISOR_BACKOFF_S_MAX = 60.0
 
 
-async def supervise(name: str, loop: Callable[[], Awaitable[None]], restarts: dict | None = None,
+async def supervise(name: str, loop: Callable[[], Awaitable[None]],
+                    on_restart: Callable[[str], None] | None = None,
                     backoff_s_initial: float = SUPERVISOR_BACKOFF_S_INITIAL,
                     backoff_s_max: float = SUPERVISOR_BACKOFF_S_MAX) -> None:
-    """Run a background loop for ever: when it raises (or returns), log why, count it in ``restarts[name]``, and
+    """Run a background loop for ever: when it raises (or returns), log why, call ``on_restart(name)`` (a metric), and
     start it again after a back-off (doubling up to ``backoff_s_max``; back to the start after a run that lasted
     longer than that). A fault in one loop never ends the process; only cancellation ends this."""
     backoff = backoff_s_initial
@@ -99,8 +100,8 @@ async def supervise(name: str, loop: Callable[[], Awaitable[None]], restarts: di
         except Exception as exc:      # trio.Cancelled is not an Exception: shutdown still unwinds through here
             log.error("background loop %s failed (%s: %s); restarting it in %g s", name,
                       type(sole_exception(exc)).__name__, sole_exception(exc), backoff, exc_info=exc)
-        if restarts is not None:
-            restarts[name] = restarts.get(name, 0) + 1
+        if on_restart is not None:
+            on_restart(name)
         if trio.current_time() - started > backoff_s_max:
             backoff = backoff_s_initial
         await trio.sleep(backoff)

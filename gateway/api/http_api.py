@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from llorch.gateway.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, UNMATCHED_ROUTE
 from llorch.gateway import limits
 from llorch.gateway.errors import BadRequest, GatewayError
 from llorch.gateway.api.openai_api import ChatRequest, CompletionRequest, parse_chat_request
@@ -177,8 +178,8 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         views = await gateway.provider_views()
-        text = gateway.metrics.render(len(views), sum(v.approved for v in views))
-        return Response(text, media_type="text/plain; version=0.0.4")
+        text = gateway.metrics.render(len(views), sum(v.approved for v in views), gateway.directory.pending())
+        return Response(text, headers={"content-type": METRICS_CONTENT_TYPE})
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
@@ -302,5 +303,5 @@ class RequestIdMiddleware:
         finally:
             # Labelled by the route's template, never by the raw path: a bounded set of series that no request
             # can inject into.
-            route = getattr(scope.get("route"), "path", None) or "(unmatched)"
-            self.gateway.metrics.observe_request(route, status[0], int((time.perf_counter() - started) * 1000))
+            route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
+            self.gateway.metrics.observe_request(route, status[0], time.perf_counter() - started)

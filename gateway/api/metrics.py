@@ -1,63 +1,84 @@
-"""Counters for GET /metrics, in the Prometheus text format. Plain integers; latency in a fixed histogram."""
+"""GET /metrics: the gateway's counters in the Prometheus text format, kept by prometheus_client.
+
+Every label has a bounded set of values, so no request, tenant or peer can grow the number of series: HTTP requests
+are labelled by the route's template (never the raw path) and status; reasons and loop names come from fixed sets
+in this module, and anything else is counted under "other".
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+prometheus_client.disable_created_metrics()      # no *_created series: half the output, nothing a scraper needs
+
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_PLAIN_0_0_4
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+UNMATCHED_ROUTE = "(unmatched)"
+
+# Why a gossiped attestation was dropped (docs/protocol.md §5 has the rule behind each).
+DROP_REASONS = ("oversized", "malformed", "bad_address", "too_long_valid", "bad_signature", "not_signer",
+                "from_future", "expired", "replay")
+PLACEMENT_FAILURES = ("eu_only", "determinism", "none_eligible", "busy", "failed", "resume")
+LOOPS = ("attestations", "witness")
 
 
-def label_value(text: str) -> str:
-    """A Prometheus label value, escaped (backslash, double quote, newline) as the text format requires."""
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _bounded(value: str, allowed: tuple[str, ...]) -> str:
+    return value if value in allowed else "other"
 
 
-@dataclass
 class Metrics:
-    requests: Counter = field(default_factory=Counter)            # (endpoint, status) -> count
-    latency_buckets: Counter = field(default_factory=Counter)     # bucket upper bound -> count
-    latency_sum_ms: int = 0
-    latency_count: int = 0
-    tokens: Counter = field(default_factory=Counter)              # "prompt" | "completion" -> count
-    placement_failures: Counter = field(default_factory=Counter)  # reason -> count
-    failovers: int = 0
-    loop_restarts: dict = field(default_factory=dict)              # background loop name -> restarts
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self._requests = Counter("llorch_requests", "Requests by route template and HTTP status.",
+                                 ["endpoint", "status"], registry=registry)
+        self._latency = Histogram("llorch_request_latency_seconds", "Request latency (whole response) in seconds.",
+                                  buckets=LATENCY_BUCKETS_S, registry=registry)
+        self._tokens = Counter("llorch_tokens", "Tokens served, from verified receipts.", ["kind"],
+                               registry=registry)
+        self._providers = Gauge("llorch_providers", "Providers with a fresh attestation, and approved ones among them.",
+                                ["state"], registry=registry)
+        self._placement_failures = Counter("llorch_placement_failures", "Requests no provider could take, by reason.",
+                                           ["reason"], registry=registry)
+        self._failovers = Counter("llorch_failovers",
+                                  "Streams resumed on another provider after a mid-stream failure.", registry=registry)
+        self._loop_restarts = Counter("llorch_loop_restarts",
+                                      "Background loops restarted by their supervisor after a fault.", ["loop"],
+                                      registry=registry)
+        self._pending = Gauge("llorch_attestations_pending",
+                              "Attestations kept from keys nobody approved (never placed on, never dialled).",
+                              registry=registry)
+        self._dropped = Counter("llorch_attestations_dropped", "Gossiped attestations dropped, by reason.",
+                                ["reason"], registry=registry)
+        for reason in DROP_REASONS:                 # every reason shows from the start, at 0
+            self._dropped.labels(reason)
+        for kind in ("prompt", "completion"):
+            self._tokens.labels(kind)
 
-    def observe_request(self, endpoint: str, status: int, latency_ms: int) -> None:
-        self.requests[(endpoint, status)] += 1
-        self.latency_sum_ms += latency_ms
-        self.latency_count += 1
-        for bound in LATENCY_BUCKETS_MS:
-            if latency_ms <= bound:
-                self.latency_buckets[bound] += 1
+    def observe_request(self, route: str, status: int, latency_s: float) -> None:
+        """``route`` is the matched route's template or UNMATCHED_ROUTE: the app's routes bound the label set."""
+        self._requests.labels(route, str(status)).inc()
+        self._latency.observe(latency_s)
 
-    def render(self, providers_fresh: int, providers_approved: int) -> str:
-        lines = ["# HELP llorch_requests_total Requests by endpoint and HTTP status.",
-                 "# TYPE llorch_requests_total counter"]
-        lines += [f'llorch_requests_total{{endpoint="{label_value(e)}",status="{s}"}} {n}'
-                  for (e, s), n in sorted(self.requests.items())]
-        lines += ["# HELP llorch_request_latency_ms Request latency in milliseconds.",
-                  "# TYPE llorch_request_latency_ms histogram"]
-        lines += [f'llorch_request_latency_ms_bucket{{le="{b}"}} {self.latency_buckets[b]}' for b in LATENCY_BUCKETS_MS]
-        lines += [f'llorch_request_latency_ms_bucket{{le="+Inf"}} {self.latency_count}',
-                  f"llorch_request_latency_ms_sum {self.latency_sum_ms}",
-                  f"llorch_request_latency_ms_count {self.latency_count}",
-                  "# HELP llorch_tokens_total Tokens served, from verified receipts.",
-                  "# TYPE llorch_tokens_total counter"]
-        lines += [f'llorch_tokens_total{{kind="{k}"}} {self.tokens[k]}' for k in ("prompt", "completion")]
-        lines += ["# HELP llorch_providers Providers with a fresh attestation, and approved ones among them.",
-                  "# TYPE llorch_providers gauge",
-                  f'llorch_providers{{state="fresh"}} {providers_fresh}',
-                  f'llorch_providers{{state="approved"}} {providers_approved}',
-                  "# HELP llorch_placement_failures_total Requests no provider could take, by reason.",
-                  "# TYPE llorch_placement_failures_total counter"]
-        lines += [f'llorch_placement_failures_total{{reason="{r}"}} {n}'
-                  for r, n in sorted(self.placement_failures.items())]
-        lines += ["# HELP llorch_failovers_total Streams resumed on another provider after a mid-stream failure.",
-                  "# TYPE llorch_failovers_total counter", f"llorch_failovers_total {self.failovers}",
-                  "# HELP llorch_loop_restarts_total Background loops restarted by their supervisor after a fault.",
-                  "# TYPE llorch_loop_restarts_total counter"]
-        lines += [f'llorch_loop_restarts_total{{loop="{label_value(name)}"}} {n}'
-                  for name, n in sorted(self.loop_restarts.items())]
-        return "\n".join(lines) + "\n"
+    def tokens(self, prompt: int, completion: int) -> None:
+        self._tokens.labels("prompt").inc(prompt)
+        self._tokens.labels("completion").inc(completion)
+
+    def placement_failure(self, reason: str) -> None:
+        self._placement_failures.labels(_bounded(reason, PLACEMENT_FAILURES)).inc()
+
+    def failover(self) -> None:
+        self._failovers.inc()
+
+    def loop_restarted(self, loop: str) -> None:
+        self._loop_restarts.labels(_bounded(loop, LOOPS)).inc()
+
+    def attestation_dropped(self, reason: str) -> None:
+        self._dropped.labels(_bounded(reason, DROP_REASONS)).inc()
+
+    def render(self, providers_fresh: int, providers_approved: int, pending: int) -> bytes:
+        self._providers.labels("fresh").set(providers_fresh)
+        self._pending.set(pending)
+        self._providers.labels("approved").set(providers_approved)
+        return prometheus_client.generate_latest(self.registry)

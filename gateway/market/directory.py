@@ -29,12 +29,18 @@ class ProviderDirectory:
     def exclude(self, provider_key: bytes) -> None:
         self.excluded.add(provider_key)
 
+    def check_newer(self, attestation: Attestation) -> None:
+        """Raise AttestationRejected ("replay") unless ``attestation`` is newer than the one kept for its key."""
+        known = self.get(attestation.provider_key)
+        if known is not None and attestation.seq <= known.seq:
+            raise AttestationRejected(f"seq {attestation.seq} is not above the last seen seq {known.seq} (replay?)",
+                                      "replay")
+
     def observe(self, attestation: Attestation, approved: bool = True) -> None:
         """Keep ``attestation`` if it is newer than what we have; raise AttestationRejected otherwise."""
+        self.check_newer(attestation)
         key = attestation.provider_key
-        known = self._latest.get(key) or self._pending.get(key)
-        if known is not None and attestation.seq <= known.seq:
-            raise AttestationRejected(f"seq {attestation.seq} is not above the last seen seq {known.seq} (replay?)")
+        known = self.get(key)
         if approved:
             self._pending.pop(key, None)
             if known is None and len(self._latest) >= limits.ATTESTATIONS_KEPT_MAX:

@@ -28,21 +28,30 @@ EU_COUNTRIES = frozenset(
     "AT BE BG HR CY CZ DK EE FI FR DE GR HU IE IT LV LT LU MT NL PL PT RO SK SI ES SE".split())
 
 
+class RuleBroken(EncodingError):
+    """A field that decodes but breaks one of the market's rules; ``reason`` names the rule's row in the drop table
+    of docs/protocol.md §5 (bad_address, too_long_valid)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
 def check_multiaddr(addr: str, own_peer_id: str) -> None:
     """An address a provider may claim: a parseable multiaddr of the allowed transports only (MULTIADDR_PROTOCOLS),
-    ending, if it names a peer, in the provider's own peer id. Raises EncodingError naming the problem. (A claimed
+    ending, if it names a peer, in the provider's own peer id. Raises RuleBroken("bad_address", …) naming the problem. (A claimed
     address is still only a claim: the gateway never dials one it was only told about.)"""
     try:
         parsed = Multiaddr(addr)
         names = [protocol.name for protocol in parsed.protocols()]
     except Exception as exc:  # py-multiaddr raises several types for a bad string; all mean "not a multiaddr"
-        raise EncodingError(f"addr {addr[:80]!r} is not a multiaddr: {exc}") from None
+        raise RuleBroken("bad_address", f"addr {addr[:80]!r} is not a multiaddr: {exc}") from None
     if not names or names[0] not in MULTIADDR_FIRST or not set(names) <= MULTIADDR_PROTOCOLS:
-        raise EncodingError(f"addr {addr[:80]!r} uses a transport this market does not dial ({'/'.join(names)}); "
+        raise RuleBroken("bad_address", f"addr {addr[:80]!r} uses a transport this market does not dial ({'/'.join(names)}); "
                             f"allowed: {', '.join(sorted(MULTIADDR_PROTOCOLS))}")
     peers = addr.split("/p2p/")[1:]
     if peers and peers[-1].split("/")[0] != own_peer_id:
-        raise EncodingError(f"addr {addr[:80]!r} names another peer than the signer")
+        raise RuleBroken("bad_address", f"addr {addr[:80]!r} names another peer than the signer")
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,7 @@ class Attestation(SignedObject):
         if self.expires_ms <= self.issued_ms:
             raise EncodingError("expires_ms must be after issued_ms")
         if self.expires_ms - self.issued_ms > limits.ATTESTATION_VALIDITY_MS_MAX:
-            raise EncodingError(f"an attestation is valid for at most {limits.ATTESTATION_VALIDITY_MS_MAX} ms "
+            raise RuleBroken("too_long_valid", f"an attestation is valid for at most {limits.ATTESTATION_VALIDITY_MS_MAX} ms "
                                 f"(3 × the longest interval), this one for {self.expires_ms - self.issued_ms} ms")
         if set(self.geo) != {"country", "region"} or not isinstance(self.geo["country"], str) \
                 or not COUNTRY_PATTERN.match(self.geo["country"]):
@@ -117,16 +126,22 @@ def parse_attestation(data: bytes, sender_key: bytes | None, now_ms: int) -> Att
     attestation's signer, so nobody can republish someone else's capacity under their own message.
     """
     if len(data) > limits.ATTESTATION_BYTES_MAX:
-        raise AttestationRejected(f"attestation is {len(data)} bytes, limit {limits.ATTESTATION_BYTES_MAX}")
+        raise AttestationRejected(f"attestation is {len(data)} bytes, limit {limits.ATTESTATION_BYTES_MAX}",
+                                  "oversized")
     try:
         attestation = Attestation.from_envelope(data)
-    except (EncodingError, SignatureError) as exc:
-        raise AttestationRejected(f"invalid attestation: {exc}") from None
+    except RuleBroken as exc:
+        raise AttestationRejected(f"invalid attestation: {exc}", exc.reason) from None
+    except SignatureError as exc:
+        raise AttestationRejected(f"invalid attestation: {exc}", "bad_signature") from None
+    except EncodingError as exc:
+        raise AttestationRejected(f"invalid attestation: {exc}", "malformed") from None
     if sender_key is not None and sender_key != attestation.provider_key:
-        raise AttestationRejected("attestation published by a peer other than its signer")
+        raise AttestationRejected("attestation published by a peer other than its signer", "not_signer")
     if attestation.issued_ms > now_ms + limits.ATTESTATION_CLOCK_SKEW_MS:
         raise AttestationRejected(
-            f"attestation issued {attestation.issued_ms - now_ms} ms in the future: check the provider's clock")
+            f"attestation issued {attestation.issued_ms - now_ms} ms in the future: check the provider's clock",
+            "from_future")
     if attestation.expires_ms <= now_ms:
-        raise AttestationRejected(f"attestation expired {now_ms - attestation.expires_ms} ms ago")
+        raise AttestationRejected(f"attestation expired {now_ms - attestation.expires_ms} ms ago", "expired")
     return attestation
