@@ -6,7 +6,7 @@
     llorch gateway providers list|approve|certify|suspend  registered providers
     llorch node start --config F         run a provider node          (node info --config F)
     llorch keys new PATH                 create a key file (0600)
-    llorch ledger verify PATH            audit a ledger offline      (ledger export, ledger replay)
+    llorch ledger verify PATH            audit a ledger offline      (ledger export, ledger replay, ledger fetch)
     llorch billing reconcile|statement   tickets vs receipts; invoices, payouts, fees
     llorch models list | fetch [ID]      the pinned model catalog
 """
@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     admin_cli.add_commands(gateway_sub)
 
     node_cli.add_commands(subparsers)
-    node_cli.add_replay(ledger_cli.add_commands(subparsers))
+    ledger_subparsers = ledger_cli.add_commands(subparsers)
+    node_cli.add_replay(ledger_subparsers)
+    node_cli.add_fetch(ledger_subparsers)
     billing_cli.add_commands(subparsers)
     return parser
 

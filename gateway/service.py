@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable
 
 import trio
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from llorch.gateway import limits
 from llorch.gateway.api.metrics import Metrics
@@ -66,6 +68,8 @@ log = logging.getLogger("llorch.gateway")
 
 CURRENCY = "EUR"
 CHARS_PER_TOKEN_ESTIMATE = 4
+PSEUDONYM_KEY_INFO = b"llorch/tenant-pseudonym-key/v1"     # HKDF info: the pseudonym key, from the gateway's seed
+PSEUDONYM_TAG = b"llorch/tenant/v2\x00"                   # HMAC input: tag ‖ provider_key ‖ tenant name
 BOOTSTRAP_TENANT = Tenant("default", "enterprise", None, 0, False, False, None, None, None, False)
 
 
@@ -129,6 +133,8 @@ class Gateway:
         self.database = books.database
         self.tickets = TicketBook(books.database)
         self.metrics = Metrics()
+        self._pseudonym_key = HKDF(algorithm=SHA256(), length=32, salt=None,
+                                   info=PSEUDONYM_KEY_INFO).derive(key.seed)
         self.standings: dict[bytes, Standing] = {}
         self._quotas: dict[str, TenantQuota] = {}
         self._locks: dict[str, trio.Lock] = {}
@@ -149,9 +155,12 @@ class Gateway:
             raise AuthError(f"the API key of tenant {tenant.name} has been revoked")
         return tenant
 
-    def tenant_pseudonym(self, tenant: str) -> str:
-        """A stable pseudonym for the ledger: nobody but this gateway can link it to the tenant's name."""
-        return "t_" + hmac.new(self.key.seed, b"llorch/tenant/v1\x00" + tenant.encode(), "sha256").hexdigest()[:24]
+    def tenant_pseudonym(self, tenant: str, provider_key: bytes) -> str:
+        """The tenant's name in tickets (and so in ``provider_key``'s ledger): stable per provider, different at
+        every provider, so nobody reading two ledgers can link a tenant's requests; only this gateway, holding a
+        key derived from its own (HKDF, never the signing seed itself), can map it back."""
+        message = PSEUDONYM_TAG + provider_key + tenant.encode()
+        return "t_" + hmac.new(self._pseudonym_key, message, "sha256").hexdigest()[:24]
 
     def _quota(self, tenant: Tenant) -> TenantQuota:
         quota = self._quotas.get(tenant.name)
@@ -325,7 +334,7 @@ class Gateway:
         issued = now_ms()
         ticket = Ticket(
             v=VERSION, request_id=job.request_id, gateway_key=self.key.public_key,
-            provider_key=provider.provider_key, tenant=self.tenant_pseudonym(job.tenant.name),
+            provider_key=provider.provider_key, tenant=self.tenant_pseudonym(job.tenant.name, provider.provider_key),
             model_id=job.chat.model, model_sha256=job.pin, sampling=job.chat.sampling(job.seed),
             price_in=ticket_price(provider.price_in, job.multiplier_bp),
             price_out=ticket_price(provider.price_out, job.multiplier_bp), currency=provider.currency,

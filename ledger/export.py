@@ -22,6 +22,11 @@ def export_ledger(path: Path, out: Path, jsonl: Path | None = None) -> int:
     return len(entries)
 
 
+def write_bundle_file(out: Path, material: LedgerMaterial) -> None:
+    """Write ``material`` as a bundle at ``out``, atomically (a crash leaves no partial bundle at ``out``)."""
+    _write_atomically(out, write_bundle(material))
+
+
 def readable(entry: bytes) -> dict:
     """One entry as JSON: bin fields in hex. An entry that does not parse is shown as its hex bytes."""
     try:

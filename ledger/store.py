@@ -131,6 +131,7 @@ class LedgerStore:
         self._send = send
         self._checkpoint_lock = trio.Lock()
         self.origin = ledger_origin(key.public_key)
+        self.provider_key = key.public_key
         self.batches_committed = 0
 
     @classmethod

@@ -10,7 +10,7 @@ from pathlib import Path
 from llorch.inference import catalog
 from llorch.inference.errors import InferenceError
 from llorch.ledger import cli as ledger_cli
-from llorch.ledger.errors import LedgerError
+from llorch.ledger.errors import LedgerError, sole_exception
 from llorch.node.config import NodeConfig, load_config
 from llorch.node.errors import NodeError
 from llorch.node.lifecycle import configure_logging, run_until_signal
@@ -30,6 +30,16 @@ def add_commands(subparsers) -> None:
     info = node_sub.add_parser("info", help="print the node's identity, model and engine build")
     info.add_argument("--config", type=Path, required=True)
     info.set_defaults(handler=node_info)
+    grant = node_sub.add_parser(
+        "grant-auditor", help="let one auditor's key read this node's full ledger entries for a while",
+        description="Writes an auditor grant signed with the node's key. Hand the file to the auditor, who runs "
+                    "`llorch ledger fetch ADDRESS --key THEIR_KEY --grant FILE`. Checkpoints and proofs are public; "
+                    "entries go only to the trusted gateways and to grant holders.")
+    grant.add_argument("auditor", help="the auditor's peer id (12D3KooW...; `llorch keys new` prints it)")
+    grant.add_argument("--config", type=Path, required=True)
+    grant.add_argument("--days", type=int, default=30, help="how long the grant is in force (1-366, default 30)")
+    grant.add_argument("--out", type=Path, required=True, help="grant file to write")
+    grant.set_defaults(handler=node_grant_auditor)
 
     models = subparsers.add_parser("models", help="the pinned model catalog")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -52,6 +62,48 @@ def add_replay(ledger_subparsers) -> None:
     replay.add_argument("--seed", type=int, help="the seed used, if your request had none (llorch.seed)")
     replay.add_argument("--json", action="store_true", help="print a machine-readable report")
     replay.set_defaults(handler=ledger_replay)
+
+
+def add_fetch(ledger_subparsers) -> None:
+    fetch = ledger_subparsers.add_parser(
+        "fetch", help="download a provider's ledger over libp2p into a bundle (needs an auditor grant)",
+        description="Exit 0: the bundle was written (check it with `llorch ledger verify`); 2: the provider could "
+                    "not be reached or refused.")
+    fetch.add_argument("address", help="the provider's multiaddr ending in /p2p/<peer id>")
+    fetch.add_argument("--key", type=Path, required=True, help="your own key file (the grant names its peer id)")
+    fetch.add_argument("--grant", type=Path, help="the grant file the provider gave you")
+    fetch.add_argument("--out", type=Path, required=True, help="bundle file to write")
+    fetch.set_defaults(handler=ledger_fetch)
+
+
+def ledger_fetch(args: argparse.Namespace) -> int:
+    import trio
+
+    from llorch.ledger.export import write_bundle_file
+    from llorch.ledger.signing import load_key_file
+    from llorch.node.ledger_client import LedgerRequestFailed, fetch_ledger
+    from llorch.node.p2p import running_host
+
+    async def fetch():
+        async with running_host(key, "/ip4/127.0.0.1/tcp/0") as p2p:
+            return await fetch_ledger(p2p, args.address, grant)
+
+    try:
+        key = load_key_file(args.key)
+        grant = args.grant.read_bytes() if args.grant else b""
+        material = trio.run(fetch)
+        write_bundle_file(args.out, material)
+    except BaseExceptionGroup as group:
+        failure = sole_exception(group)
+        if not isinstance(failure, (LedgerRequestFailed, LedgerError, OSError)):
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return 2
+    except (LedgerRequestFailed, LedgerError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"fetched {len(material.entries)} entries to {args.out}")
+    return 0
 
 
 def ledger_replay(args: argparse.Namespace) -> int:
@@ -131,6 +183,34 @@ def node_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def node_grant_auditor(args: argparse.Namespace) -> int:
+    import time
+
+    from llorch.ledger.errors import EncodingError
+    from llorch.ledger.signing import load_key_file, public_key_of_peer_id
+    from llorch.node.wire.auditor_grant import GRANT_DAYS_MAX, AuditorGrant
+
+    if not 1 <= args.days <= GRANT_DAYS_MAX:
+        print(f"error: --days must be 1..{GRANT_DAYS_MAX}", file=sys.stderr)
+        return 2
+    try:
+        config = load_node_config(args.config)
+        key = load_key_file(config.key_file)
+        auditor = public_key_of_peer_id(args.auditor)
+        issued = int(time.time() * 1000)
+        grant = AuditorGrant(v=1, provider_key=key.public_key, auditor_key=auditor, issued_ms=issued,
+                             expires_ms=issued + args.days * 86_400_000)
+        args.out.write_bytes(grant.seal(key))
+    except EncodingError as exc:
+        print(f"error: not a grant for {args.auditor!r}: {exc}", file=sys.stderr)
+        return 2
+    except (NodeError, LedgerError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {args.auditor} may read this node's ledger entries for {args.days} days")
+    return 0
+
+
 def models_list(args: argparse.Namespace) -> int:
     print("id\tsha256\tpackage\tfile\tcontext\tlicense\tcached")
     for entry in catalog.CATALOG.values():
@@ -175,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llorch.node", description="llorch provider node")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_commands(subparsers)
-    add_replay(ledger_cli.add_commands(subparsers))
+    ledger_subparsers = ledger_cli.add_commands(subparsers)
+    add_replay(ledger_subparsers)
+    add_fetch(ledger_subparsers)
     args = parser.parse_args(argv)
     return args.handler(args)

@@ -1,5 +1,10 @@
 """The provider's side of /llorch/ledger/1 (``serve_ledger``): its checkpoints, entries and proofs for witnesses and
-auditors, and cosigned checkpoints back from trusted gateways. Also the task that signs checkpoints."""
+auditors, and cosigned checkpoints back from trusted gateways. Also the task that signs checkpoints.
+
+Who may read what: checkpoints and proofs are public (anyone may check that a receipt is included); full entries
+(which carry tenant pseudonyms, token counts and times) go only to the node's trusted gateways and to the holder of
+an auditor grant this node signed (node/wire/auditor_grant.py), identified by the stream's Noise-authenticated peer.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ from llorch.node.wire.infer_protocol import Role
 from llorch.node.wire.ledger_protocol import (Ack, CheckpointReply, EntriesReply, GetCheckpoint, GetConsistency,
                                               GetEntries, GetInclusion, LedgerProtocol, ProofReply, PutCosigned,
                                               witness_name)
-from llorch.node.stream_io import read_frame, serve_stream, write_frame
+from llorch.node.p2p import peer_key_of
+from llorch.node.stream_io import now_ms, read_frame, serve_stream, write_frame
+from llorch.node.wire.auditor_grant import AuditorGrant
 
 log = logging.getLogger("llorch.node")
 
@@ -33,15 +40,17 @@ class LedgerService:
     async def _serve(self, stream) -> None:
         protocol = LedgerProtocol(Role.SERVER)
         request = await read_frame(stream, protocol, limits.LEDGER_READ_TIMEOUT_S)
-        await write_frame(stream, protocol, await self.answer(request))
+        await write_frame(stream, protocol, await self.answer(request, peer_key_of(stream.muxed_conn.peer_id)))
 
-    async def answer(self, request):
-        """The reply to one request; bad ranges and store failures become error frames."""
+    async def answer(self, request, remote_key: bytes | None):
+        """The reply to one request from the peer with ``remote_key``; refusals, bad ranges and store failures
+        become error frames."""
         try:
             if isinstance(request, GetCheckpoint):
                 note = await self.ledger.sign_checkpoint()
                 return CheckpointReply(note)
             if isinstance(request, GetEntries):
+                self._check_reader(remote_key, request.grant)
                 return await self._entries(request)
             if isinstance(request, GetConsistency):
                 self._check_range(request.new_size)
@@ -78,6 +87,23 @@ class LedgerService:
             await self.ledger.add_cosigned(request.note, witness_name(gateway_key))
             return Ack()
         raise _Refused("untrusted_witness", "the note carries no valid cosignature by a gateway this node trusts")
+
+    def _check_reader(self, remote_key: bytes | None, grant: bytes) -> None:
+        if remote_key is not None and remote_key in self.trusted_gateway_keys:
+            return
+        if not grant:
+            raise _Refused("not_authorized", "entries go only to this node's trusted gateways and to holders of an "
+                                             "auditor grant it signed; checkpoints and proofs are public")
+        try:
+            parsed = AuditorGrant.from_envelope(grant)
+        except LedgerError as exc:
+            raise _Refused("not_authorized", f"the auditor grant is not valid: {exc}") from None
+        if parsed.provider_key != self.ledger.provider_key:
+            raise _Refused("not_authorized", "the auditor grant was not signed by this node")
+        if parsed.auditor_key != remote_key:
+            raise _Refused("not_authorized", "the auditor grant names another peer than the one asking")
+        if not parsed.in_force(now_ms(), limits.TICKET_CLOCK_SKEW_MS):
+            raise _Refused("not_authorized", "the auditor grant is not in force (expired, or issued in the future)")
 
     def _check_range(self, size: int) -> None:
         if size > self.ledger.size:

@@ -29,7 +29,7 @@ ALLOWED = {
     "node": {"ledger", "inference"},
     "gateway": {"node", "ledger"},
 }
-NODE_SHARED = {"wire", "errors", "limits", "p2p", "stream_io", "lifecycle", "config", "models"}
+NODE_SHARED = {"wire", "errors", "limits", "p2p", "stream_io", "lifecycle", "config", "models", "ledger_client"}
 NODE_WIRE_MAY_IMPORT = {"wire", "errors", "limits"}
 GATEWAY_BASE = {"errors", "limits", "config"}
 GATEWAY_SUBPACKAGES = {

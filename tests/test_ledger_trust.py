@@ -280,23 +280,23 @@ async def test_ledger_service_pages_and_refuses_unknown_ranges(tmp_path, monkeyp
         await fill(ledger, key, 0, 10)
         service = LedgerService(ledger, frozenset({gateway.public_key}))
         monkeypatch.setattr(ledger_limits, "ENTRIES_PAGE_MAX", 4)
-        page = await service.answer(GetEntries(2, 10))
+        page = await service.answer(GetEntries(2, 10), gateway.public_key)
         assert page.start == 2 and len(page.entries) == 4
         assert Receipt.from_envelope(page.entries[0]).index == 2
-        beyond = await service.answer(GetEntries(5, 11))
+        beyond = await service.answer(GetEntries(5, 11), gateway.public_key)
         assert isinstance(beyond, Error) and beyond.code == "range_beyond_size"
         from llorch.node.wire.ledger_protocol import GetConsistency, GetInclusion, PutCosigned
-        assert (await service.answer(GetConsistency(3, 20))).code == "range_beyond_size"
-        proof = await service.answer(GetInclusion(3, 10))
+        assert (await service.answer(GetConsistency(3, 20), None)).code == "range_beyond_size"
+        proof = await service.answer(GetInclusion(3, 10), None)
         assert isinstance(proof, ProofReply) and len(proof.hashes) == 4
-        checkpoint = await service.answer(GetCheckpoint())
+        checkpoint = await service.answer(GetCheckpoint(), None)
         assert isinstance(checkpoint, CheckpointReply)
         stranger = SigningKey.generate()
         refused = await service.answer(PutCosigned(cosign(checkpoint.note, witness_name(stranger.public_key),
-                                                          stranger, 1)))
+                                                          stranger, 1)), stranger.public_key)
         assert refused.code == "untrusted_witness" and await ledger.cosigned() == []
         accepted = await service.answer(PutCosigned(cosign(checkpoint.note, witness_name(gateway.public_key),
-                                                           gateway, 1)))
+                                                           gateway, 1)), None)
         assert accepted.TYPE == "ack" and len(await ledger.cosigned()) == 1
 
 

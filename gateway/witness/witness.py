@@ -27,7 +27,7 @@ from llorch.ledger.objects import ZERO_HASH, Receipt, ledger_origin
 from llorch.ledger.signing import SigningKey, open_envelope, peer_id_of
 from llorch.ledger.sqlite import Database
 from llorch.ledger.store import needed_nodes
-from llorch.gateway.witness.ledger_client import LedgerRequestFailed, request_ledger
+from llorch.node.ledger_client import LedgerRequestFailed, request_ledger
 from llorch.node.wire.ledger_protocol import GetCheckpoint, GetConsistency, GetEntries, PutCosigned, witness_name
 from llorch.node.p2p import P2P
 from llorch.node.stream_io import now_ms

@@ -2,7 +2,9 @@
 
     client → server                          server → client
     get_checkpoint {}                        checkpoint {note: bin}            the latest signed checkpoint
-    get_entries {start, end}                 entries {start, entries: [bin]}   a page of [start, end), maybe shorter
+    get_entries {start, end, grant: bin}     entries {start, entries: [bin]}   a page of [start, end), maybe shorter;
+                                                                               only to a trusted gateway (grant
+                                                                               empty) or an auditor's grant holder
     get_consistency {old_size, new_size}     proof {hashes: [bin 32]}          RFC 9162 consistency proof
     get_inclusion {index, size}              proof {hashes: [bin 32]}          RFC 9162 inclusion proof
     put_cosigned {note: bin}                 ack {}                            a witness's cosigned checkpoint
@@ -21,6 +23,7 @@ from typing import ClassVar
 from llorch.ledger.signing import peer_id_of
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
+from llorch.node.wire.auditor_grant import GRANT_BYTES_MAX
 from llorch.node.wire.frames import Error, FramedProtocol
 from llorch.node.wire.infer_protocol import Role
 
@@ -56,12 +59,15 @@ class GetEntries:
     TYPE: ClassVar[str] = "get_entries"
     start: int
     end: int
+    grant: bytes = b""          # an auditor grant envelope (node/wire/auditor_grant.py); empty from a gateway
 
     def __post_init__(self) -> None:
         _uint("start", self.start)
         _uint("end", self.end)
         if self.end <= self.start:
             raise ProtocolError("get_entries needs start < end")
+        if not isinstance(self.grant, bytes) or len(self.grant) > GRANT_BYTES_MAX:
+            raise ProtocolError(f"get_entries.grant must be bin of at most {GRANT_BYTES_MAX} bytes")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,87 @@
+"""The client side of /llorch/ledger/1: ``request_ledger`` (one request, one reply, under timeouts) for the gateway's
+witness, and ``fetch_ledger`` (a whole ledger, paged) for an auditor holding a grant."""
+
+from __future__ import annotations
+
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from multiaddr import Multiaddr
+
+from llorch.ledger import limits as ledger_limits
+from llorch.ledger.note import NoteError, open_checkpoint
+from llorch.ledger.objects import ledger_origin
+from llorch.ledger.signing import peer_id_of
+from llorch.ledger.verify import LedgerMaterial
+from llorch.node import limits
+from llorch.node.errors import ProtocolError
+from llorch.node.wire.frames import Error
+from llorch.node.wire.infer_protocol import Role
+from llorch.node.wire.ledger_protocol import LEDGER_PROTOCOL_ID, GetCheckpoint, GetEntries, LedgerProtocol
+from llorch.node.p2p import P2P, peer_key_of
+from llorch.node.stream_io import close_quietly, read_frame, write_frame
+
+OPEN_TIMEOUT_S = 10.0
+
+
+class LedgerRequestFailed(Exception):
+    """The provider could not be reached, broke the protocol, or answered with an error frame (``code``)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def request_ledger(p2p: P2P, provider_key: bytes, addrs: list[str], request):
+    peer = ID.from_base58(peer_id_of(provider_key))
+    if addrs:
+        p2p.host.get_peerstore().add_addrs(peer, [Multiaddr(addr) for addr in addrs], 600)
+    protocol = LedgerProtocol(Role.CLIENT)
+    try:
+        with trio.fail_after(OPEN_TIMEOUT_S):
+            stream = await p2p.host.new_stream(peer, [TProtocol(LEDGER_PROTOCOL_ID)])
+    except Exception as exc:  # dial and negotiation errors come in many types; all mean "unreachable now"
+        raise LedgerRequestFailed(f"cannot open a ledger stream: {type(exc).__name__}: {exc}") from None
+    finished = False
+    try:
+        await write_frame(stream, protocol, request)
+        reply = await read_frame(stream, protocol, limits.LEDGER_READ_TIMEOUT_S)
+        finished = True
+    except ProtocolError as exc:
+        raise LedgerRequestFailed(str(exc)) from None
+    finally:
+        await close_quietly(stream, reset=not finished)
+    if isinstance(reply, Error):
+        raise LedgerRequestFailed(f"provider refused ({reply.code}): {reply.message}", reply.code)
+    return reply
+
+
+async def fetch_ledger(p2p: P2P, provider_address: str, grant: bytes = b"",
+                       page_entries: int = ledger_limits.ENTRIES_PAGE_MAX) -> LedgerMaterial:
+    """An auditor's copy of a provider's ledger: its latest signed checkpoint and every entry up to it, paged, as
+    material `llorch ledger verify` checks (the entries are trusted no more than a file's would be). ``grant`` is
+    the provider's auditor grant for this host's key (empty for a gateway the node trusts)."""
+    try:
+        info = info_from_p2p_addr(Multiaddr(provider_address))
+        provider_key = peer_key_of(info.peer_id)
+    except Exception as exc:  # py-multiaddr and py-libp2p raise several types for a bad address
+        raise LedgerRequestFailed(f"not a provider address ending in /p2p/<peer id>: {provider_address!r} "
+                                  f"({exc})") from None
+    if provider_key is None:
+        raise LedgerRequestFailed(f"{info.peer_id} is not an Ed25519 peer id")
+    addrs = [str(addr) for addr in info.addrs]
+    checkpoint = await request_ledger(p2p, provider_key, addrs, GetCheckpoint())
+    try:
+        size = open_checkpoint(checkpoint.note, ledger_origin(provider_key), provider_key).size
+    except NoteError as exc:
+        raise LedgerRequestFailed(f"the provider's checkpoint is not valid: {exc}") from None
+    entries: list[bytes] = []
+    while len(entries) < size:
+        end = min(size, len(entries) + page_entries)
+        reply = await request_ledger(p2p, provider_key, addrs, GetEntries(len(entries), end, grant))
+        if reply.start != len(entries) or len(reply.entries) > end - len(entries):
+            raise LedgerRequestFailed(f"the provider answered entries {reply.start}+{len(reply.entries)} to a "
+                                      f"request for [{len(entries)}, {end})")
+        entries.extend(reply.entries)
+    return LedgerMaterial(entries, [checkpoint.note], [])
