@@ -20,6 +20,7 @@ ADDED_COLUMNS = {
     "witnessed": {"checked_ms": "INTEGER NOT NULL DEFAULT 0"},     # witness rounds are timed
     "tickets": tickets.TICKET_COLUMNS,                             # settlement
     "postings": {"ticket_sha256": "BLOB"},
+    "providers": providers.PROVIDER_COLUMNS,                       # registration caps by source
 }
 
 

@@ -29,7 +29,9 @@ log = logging.getLogger("llorch.gateway")
 
 
 def error_response(error: GatewayError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    retry_after = getattr(error, "retry_after_s", None)
+    headers = {"retry-after": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def completion_body(chat, completion: Completion, created: int) -> dict:
@@ -218,7 +220,8 @@ def build_app(gateway: Gateway) -> FastAPI:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
         registration, envelope = parse_registration_body(document, now_ms())
-        record = await gateway.providers.register(registration, envelope, now_ms())
+        source = request.client.host if request.client else None
+        record = await gateway.providers.register(registration, envelope, now_ms(), source)
         return JSONResponse(record_json(record), status_code=201 if record.status == "pending" else 200)
 
     @app.get("/v2/platform/providers")
@@ -293,7 +296,7 @@ class RequestIdMiddleware:
                 request_id = state.get("request_id") or fallback_id
                 headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
-                if message["status"] == 429:
+                if message["status"] == 429 and not any(h[0].lower() == b"retry-after" for h in headers):
                     headers.append((b"retry-after", b"1"))
                 message = {**message, "headers": headers}
             await send(message)

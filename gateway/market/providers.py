@@ -6,9 +6,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from llorch.gateway.errors import BadRequest
+from llorch.gateway import limits
+from llorch.gateway.errors import BadRequest, RateLimited
 from llorch.ledger.errors import EncodingError, SignatureError
 from llorch.ledger.signing import public_key_of_peer_id
 from llorch.ledger.sqlite import Database
@@ -25,9 +26,12 @@ CREATE TABLE IF NOT EXISTS providers (
     status         TEXT NOT NULL,
     geo_certified  INTEGER NOT NULL DEFAULT 0,
     registered_ms  INTEGER NOT NULL,
-    issued_ms      INTEGER NOT NULL
+    issued_ms      INTEGER NOT NULL,
+    source         TEXT
 );
 """
+# Columns added since the first version (databases from before get them with ALTER TABLE, see gateway/db.py).
+PROVIDER_COLUMNS = {"source": "TEXT"}      # the client address a registration came from (pending caps)
 
 
 class ProviderError(Exception):
@@ -67,44 +71,70 @@ def parse_registration_body(body: dict, now_ms: int) -> tuple[Registration, byte
 
 
 class ProviderBook:
+    """The providers table, with every record parsed (and signature-checked) once and kept in memory: this
+    gateway's own changes update one record; a commit by another connection (an operator command) moves SQLite's
+    data_version, and the next read reloads them all."""
+
     def __init__(self, database: Database) -> None:
         self._database = database
-        self._cache: tuple[int, list[ProviderRecord]] | None = None   # (data_version, records)
+        self._version: int | None = None
+        self._records: dict[str, ProviderRecord] = {}
+        self._sorted: list[ProviderRecord] | None = None
 
-    async def register(self, registration: Registration, envelope: bytes, now_ms: int) -> ProviderRecord:
+    async def register(self, registration: Registration, envelope: bytes, now_ms: int,
+                       source: str | None = None) -> ProviderRecord:
         """Store a new registration (status pending) or a newer one of a known provider. A changed geo claim loses
-        its certification; an older registration than the stored one is refused (replay)."""
+        its certification; an older registration than the stored one is refused (replay). Registrations awaiting
+        review are capped, overall and per ``source`` (the client's address): keys cost nothing to make."""
         known = await self.get(registration.provider_id)
         if known is not None and registration.issued_ms <= known.registration.issued_ms:
             raise BadRequest("a newer registration of this provider is already stored (replayed?)", "issued_ms")
+        if known is None:
+            await self._check_pending_room(source)
         certified = bool(known and known.geo_certified and known.registration.geo == registration.geo)
         status = known.status if known else "pending"
         await self._database.transaction([(
             "INSERT OR REPLACE INTO providers (provider_id, provider_key, registration, status, geo_certified, "
-            "registered_ms, issued_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "registered_ms, issued_ms, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [(registration.provider_id, registration.provider_key, envelope, status, int(certified), now_ms,
-              registration.issued_ms)])])
-        self._dirty = True
-        return await self.get(registration.provider_id)
+              registration.issued_ms, source)])])
+        record = ProviderRecord(registration.provider_id, registration.provider_key, registration, status, certified)
+        self._keep(record)
+        return record
+
+    async def _check_pending_room(self, source: str | None) -> None:
+        pending, from_source = await self._database.fetchone(
+            "SELECT COUNT(*), COALESCE(SUM(source IS ?), 0) FROM providers WHERE status = 'pending'", (source,))
+        if pending >= limits.REGISTRATIONS_PENDING_MAX:
+            raise RateLimited(f"{pending} registrations are awaiting the operator's review; try again later",
+                              "registrations_pending", retry_after_s=3600)
+        if source is not None and from_source >= limits.REGISTRATIONS_PENDING_PER_SOURCE_MAX:
+            raise RateLimited(f"{from_source} registrations from {source} are awaiting the operator's review; "
+                              f"ask the operator to review them first", "registrations_pending", retry_after_s=3600)
 
     async def get(self, provider_id: str) -> ProviderRecord | None:
-        row = await self._database.fetchone(
-            "SELECT provider_id, provider_key, registration, status, geo_certified FROM providers "
-            "WHERE provider_id = ?", (provider_id,))
-        return None if row is None else self._record(row)
+        await self._refresh()
+        return self._records.get(provider_id)
 
     async def all(self) -> list[ProviderRecord]:
-        """Every registered provider. Read on each request, but parsed (and signature-checked) again only when the
-        database changed: SQLite's data_version moves when any connection, e.g. an operator command, commits."""
-        version = (await self._database.fetchone("PRAGMA data_version"))[0]
-        if self._cache is None or self._cache[0] != version or self._dirty:
-            rows = await self._database.fetchall(
-                "SELECT provider_id, provider_key, registration, status, geo_certified FROM providers "
-                "ORDER BY provider_id")
-            self._cache, self._dirty = (version, [self._record(row) for row in rows]), False
-        return self._cache[1]
+        """Every registered provider, by provider id. Cheap to call on every request."""
+        await self._refresh()
+        if self._sorted is None:
+            self._sorted = [self._records[key] for key in sorted(self._records)]
+        return self._sorted
 
-    _dirty = False
+    async def _refresh(self) -> None:
+        version = (await self._database.fetchone("PRAGMA data_version"))[0]
+        if version == self._version:
+            return
+        rows = await self._database.fetchall(
+            "SELECT provider_id, provider_key, registration, status, geo_certified FROM providers")
+        self._records = {row[0]: self._record(row) for row in rows}
+        self._sorted, self._version = None, version
+
+    def _keep(self, record: ProviderRecord) -> None:
+        self._records[record.provider_id] = record
+        self._sorted = None
 
     async def approved_keys(self) -> set[bytes]:
         return {record.provider_key for record in await self.all() if record.approved}
@@ -114,14 +144,14 @@ class ProviderBook:
         await self._require(provider_id)
         await self._database.transaction([("UPDATE providers SET status = ? WHERE provider_id = ?",
                                            [(status, provider_id)])])
-        self._dirty = True
+        self._keep(replace(await self.get(provider_id), status=status))
         return await self.get(provider_id)
 
     async def certify_geo(self, provider_id: str) -> ProviderRecord:
         await self._require(provider_id)
         await self._database.transaction([("UPDATE providers SET geo_certified = 1 WHERE provider_id = ?",
                                            [(provider_id,)])])
-        self._dirty = True
+        self._keep(replace(await self.get(provider_id), geo_certified=True))
         return await self.get(provider_id)
 
     async def _require(self, provider_id: str) -> None:
