@@ -68,6 +68,7 @@ def _tenant_options(parser, creating: bool) -> None:
 def _run(args: argparse.Namespace, command, *extra) -> int:
     try:
         config = load_gateway_config(args.config)
+        args.bootstrap_tenant = config.tenant if config.api_key_sha256 else None
         return trio.run(_with_db, config.db_path, command, args, *extra)
     except (TenantError, ProviderError, NodeError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -80,6 +81,8 @@ async def _with_db(path: Path, command, args, *extra) -> int:
 
 
 async def tenants_add(database, args) -> int:
+    if args.name == args.bootstrap_tenant:
+        raise TenantError(f"{args.name!r} is the bootstrap key's tenant (gateway.tenant): pick another name")
     models = args.models.split(",") if args.models else None
     budget = parse_amount(args.budget) if args.budget is not None else None
     key = await TenantBook(database).add(args.name, args.tier, budget, args.eu_only, args.require_determinism,

@@ -10,6 +10,7 @@ from llorch.node.config import load_config
 from llorch.node.errors import ConfigError
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")     # as tenants' names (gateway/market/tenants.py)
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class GatewayConfig:
     key_file: Path
     db_path: Path
     api_key_sha256: str = ""                  # optional bootstrap key (hex sha256) for the unlimited tenant below
-    tenant: str = "default"
+    tenant: str = "bootstrap"                 # its name in the books; no real tenant may have it
     determinism_pin: str = ""                 # the engine build tenants with require_determinism are served on
     p2p_listen_addr: str = "/ip4/127.0.0.1/tcp/0"
     http_host: str = "127.0.0.1"
@@ -29,6 +30,8 @@ class GatewayConfig:
     margin_bp_enterprise: int = 4_000
 
     def __post_init__(self) -> None:
+        if not TENANT_NAME.match(self.tenant):
+            raise ConfigError("gateway.tenant must be 1-64 characters of A-Z a-z 0-9 _ . -")
         if self.api_key_sha256 and not SHA256_HEX.match(self.api_key_sha256):
             raise ConfigError("gateway.api_key_sha256 must be 64 lowercase hex characters (sha256 of the key)")
         for tier in ("hobby", "startup", "enterprise"):

@@ -23,7 +23,7 @@ from llorch.gateway.witness.witness import Witness, WitnessBook, witness_forever
 from llorch.gateway.service import Gateway
 from llorch.ledger.signing import load_key_file
 from llorch.node.wire.attestation import TOPIC, parse_attestation
-from llorch.node.errors import AttestationRejected
+from llorch.node.errors import AttestationRejected, ConfigError
 from llorch.node.lifecycle import supervise, write_state_file
 from llorch.node.p2p import P2P, peer_key_of, running_host
 from llorch.node.stream_io import now_ms
@@ -87,6 +87,9 @@ async def run_gateway(config: GatewayConfig) -> None:
         directory.excluded |= await witness_book.forked()
         gateway = Gateway(config, key, p2p, directory, ReceiptBook(database), TenantBook(database),
                           ProviderBook(database), Books(database), witness_book)
+        if config.api_key_sha256 and await gateway.tenants.get(config.tenant) is not None:
+            raise ConfigError(f"gateway.tenant names the bootstrap key's tenant {config.tenant!r}, but a real tenant "
+                              f"has that name: the two would share one account. Set gateway.tenant to another name")
         witness = Witness(p2p, key, witness_book, directory.exclude)
 
         async def providers_to_witness():

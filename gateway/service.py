@@ -70,7 +70,6 @@ CURRENCY = "EUR"
 CHARS_PER_TOKEN_ESTIMATE = 4
 PSEUDONYM_KEY_INFO = b"llorch/tenant-pseudonym-key/v1"     # HKDF info: the pseudonym key, from the gateway's seed
 PSEUDONYM_TAG = b"llorch/tenant/v2\x00"                   # HMAC input: tag ‖ provider_key ‖ tenant name
-BOOTSTRAP_TENANT = Tenant("default", "enterprise", None, 0, False, False, None, None, None, False)
 
 
 def new_request_id() -> str:
@@ -133,6 +132,9 @@ class Gateway:
         self.database = books.database
         self.tickets = TicketBook(books.database)
         self.metrics = Metrics()
+        # The bootstrap key's tenant: unlimited, named by the config; run_gateway refuses to start if a real
+        # tenant has the name, and `tenants add` refuses the name, so the two never share an account.
+        self.bootstrap_tenant = Tenant(config.tenant, "enterprise", None, 0, False, False, None, None, None, False)
         self._pseudonym_key = HKDF(algorithm=SHA256(), length=32, salt=None,
                                    info=PSEUDONYM_KEY_INFO).derive(key.seed)
         self.standings: dict[bytes, Standing] = {}
@@ -147,7 +149,7 @@ class Gateway:
             raise AuthError("missing API key: send the header `Authorization: Bearer <api key>`")
         presented = hashlib.sha256(credentials.strip().encode()).hexdigest()
         if self.config.api_key_sha256 and hmac.compare_digest(presented, self.config.api_key_sha256):
-            return BOOTSTRAP_TENANT
+            return self.bootstrap_tenant
         tenant = await self.tenants.by_key_hash(presented)
         if tenant is None:
             raise AuthError("incorrect API key")
