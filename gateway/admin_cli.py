@@ -14,7 +14,9 @@ from llorch.gateway.config import load_gateway_config
 from llorch.gateway.db import open_gateway_db
 from llorch.gateway.market.providers import ProviderBook, ProviderError, record_json
 from llorch.gateway.market.tenants import TIERS, TenantBook, TenantError, format_amount, parse_amount
-from llorch.ledger.errors import LedgerError
+from llorch.gateway.witness.witness import WitnessBook
+from llorch.ledger.errors import EncodingError, LedgerError
+from llorch.ledger.signing import public_key_of_peer_id
 from llorch.node.errors import NodeError
 from llorch.node.stream_io import now_ms
 
@@ -38,7 +40,8 @@ def add_commands(gateway_subparsers) -> None:
     revoke.add_argument("--config", type=Path, required=True)
     revoke.set_defaults(handler=lambda args: _run(args, tenants_revoke))
 
-    providers = gateway_subparsers.add_parser("providers", help="approve, certify or suspend registered providers")
+    providers = gateway_subparsers.add_parser(
+        "providers", help="approve, certify, suspend or readmit registered providers; review fork evidence")
     providers_sub = providers.add_subparsers(dest="providers_command", required=True)
     for action, text in (("approve", "allow placement on a registered provider"),
                          ("certify", "certify a provider's geo claim (counts for EU-only tenants)"),
@@ -49,6 +52,18 @@ def add_commands(gateway_subparsers) -> None:
             parser.add_argument("peer", help="the provider's peer id")
         parser.add_argument("--config", type=Path, required=True)
         parser.set_defaults(handler=lambda args, action=action: _run(args, providers_action, action))
+    forks = providers_sub.add_parser("forks", help="list every fork the witness caught, with its evidence")
+    forks.add_argument("--config", type=Path, required=True)
+    forks.set_defaults(handler=lambda args: _run(args, providers_forks))
+    readmit = providers_sub.add_parser(
+        "readmit", help="let a provider excluded for a fork back, after reviewing its evidence",
+        description="For a fork its own operator caused (e.g. two node processes on one ledger). The evidence "
+                    "stays in the fork history with your note; the witness starts a new epoch on the ledger the "
+                    "provider shows now, and a later fork is caught again.")
+    readmit.add_argument("peer", help="the provider's peer id")
+    readmit.add_argument("--note", required=True, help="what you reviewed and why you readmit (kept with the evidence)")
+    readmit.add_argument("--config", type=Path, required=True)
+    readmit.set_defaults(handler=lambda args: _run(args, providers_readmit))
 
 
 def _tenant_options(parser, creating: bool) -> None:
@@ -120,6 +135,23 @@ def _tenant_json(tenant) -> dict:
             "spent": format_amount(tenant.spent_minor), "eu_only": tenant.eu_only,
             "require_determinism": tenant.require_determinism, "models": list(tenant.models or []) or "all",
             "rps": tenant.rps, "max_concurrent": tenant.max_concurrent, "revoked": tenant.revoked}
+
+
+async def providers_forks(database, args) -> int:
+    print(json.dumps(await WitnessBook(database).fork_history(), indent=2))
+    return 0
+
+
+async def providers_readmit(database, args) -> int:
+    if not args.note.strip():
+        raise ProviderError("--note must say what was reviewed")
+    try:
+        key = public_key_of_peer_id(args.peer)
+    except EncodingError:
+        raise ProviderError(f"{args.peer!r} is not a peer id") from None
+    await WitnessBook(database).readmit(key, args.note.strip(), now_ms())
+    print(f"provider {args.peer} readmitted; the fork evidence stays in `llorch gateway providers forks`")
+    return 0
 
 
 async def providers_action(database, args, action: str) -> int:

@@ -93,7 +93,9 @@ async def run_gateway(config: GatewayConfig) -> None:
         witness = Witness(p2p, key, witness_book, directory.exclude)
 
         async def providers_to_witness():
-            """Approved providers only: the witness never dials an address a key that nobody approved gossiped."""
+            """Approved providers only: the witness never dials an address a key that nobody approved gossiped.
+            Each round also takes the exclusions from the database, so `providers readmit` takes effect."""
+            directory.excluded = await witness_book.forked()
             approved = await gateway.providers.approved_keys()
             return [(a.provider_key, list(a.addrs)) for a in directory.fresh(now_ms()) if a.provider_key in approved]
 

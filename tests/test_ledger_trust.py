@@ -2,6 +2,7 @@
 
 import json
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from llorch.ledger.errors import ConflictError, StoreError
 from llorch.ledger.note import (Checkpoint, NoteError, cosign, open_checkpoint, parse_note, sign_checkpoint,
                          verify_cosignature)
 from llorch.ledger.objects import Receipt, ledger_origin
-from llorch.ledger.signing import SigningKey
+from llorch.gateway.localnet import llorch_command
+from llorch.ledger.signing import SigningKey, write_key_file
 from llorch.ledger.store import LedgerStore
 from llorch.ledger.verify import LedgerMaterial, load_material, read_bundle, verify
 from llorch.node.errors import ProtocolError
@@ -321,3 +323,64 @@ def test_the_witness_refuses_every_entry_the_auditor_refuses(fixture):
     with pytest.raises(BadView, match="check 10"):
         extend(WitnessedState.empty(), whole, b"", valid, owner,
                earlier_request_ids={Receipt.from_envelope(valid[-1]).request_id})
+
+
+async def test_an_operator_readmits_a_forked_provider_after_review_and_a_new_fork_is_caught_again(tmp_path):
+    """A fork the provider's own operator caused (two processes on one ledger) excludes it for good unless the
+    gateway's operator reviews the evidence and readmits it: the evidence moves to the fork history, the witness
+    starts a new epoch on the ledger the provider shows now, and a fork after that is caught like the first."""
+    provider, gateway = SigningKey.generate(), SigningKey.generate()
+    forked = []
+    async with LedgerStore.open(tmp_path / "a.sqlite", provider) as honest, \
+            LedgerStore.open(tmp_path / "b.sqlite", provider) as rewritten, \
+            open_gateway_db(tmp_path / "gateway.sqlite") as database, \
+            running_host(provider, LOOPBACK) as provider_p2p, running_host(gateway, LOOPBACK) as gateway_p2p:
+        await fill(honest, provider, 0, 6)
+        await fill(rewritten, provider, 0, 3)
+        await fill(rewritten, provider, 3, 5, tokens_out=1, amount=2)
+        service = LedgerService(honest, frozenset({gateway.public_key}))
+        provider_p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), lambda s: service.serve_ledger(s))
+        book = WitnessBook(database)
+        witness = Witness(gateway_p2p, gateway, book, forked.append)
+        addrs = provider_p2p.addrs()
+        assert (await witness.witness(provider.public_key, addrs)).size == 6
+        service.ledger = rewritten
+        assert await witness.witness(provider.public_key, addrs) is None and forked
+        with pytest.raises(StoreError, match="not excluded"):
+            await book.readmit(gateway.public_key, "no such fork", 1)
+
+        await book.readmit(provider.public_key, "two node processes shared one ledger; fixed by the node's lock", 7)
+        assert await book.forked() == set()
+        history = await book.fork_history(provider.public_key)
+        assert len(history) == 1 and history[0]["readmitted_ms"] == 7 and "lock" in history[0]["note"]
+        assert history[0]["evidence"] and history[0]["reason"]
+        state = await witness.witness(provider.public_key, addrs)        # a new epoch on the ledger shown now
+        assert state is not None and state.size == 8
+        service.ledger = honest                                          # and back again: a fork, caught
+        assert await witness.witness(provider.public_key, addrs) is None
+        assert await book.forked() == {provider.public_key} and len(forked) == 2
+
+
+def test_the_operator_commands_list_forks_and_readmit(tmp_path):
+    provider, gateway = SigningKey.generate(), SigningKey.generate()
+    write_key_file(tmp_path / "gateway.key", gateway)
+    (tmp_path / "gateway.toml").write_text('[gateway]\nkey_file = "gateway.key"\ndb_path = "gateway.sqlite"\n')
+
+    async def record():
+        async with open_gateway_db(tmp_path / "gateway.sqlite") as database:
+            await WitnessBook(database).record_fork(provider.public_key, "two different roots for size 4",
+                                                    ["note a", "note b"])
+    trio.run(record)
+
+    def llorch(*args):
+        return subprocess.run(llorch_command() + list(args) + ["--config", "gateway.toml"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    listed = json.loads(llorch("gateway", "providers", "forks").stdout)
+    assert [(f["provider_id"], f["readmitted_ms"]) for f in listed] == [(provider.peer_id, None)]
+    refused = llorch("gateway", "providers", "readmit", gateway.peer_id, "--note", "x")
+    assert refused.returncode == 2 and "not excluded" in refused.stderr and "Traceback" not in refused.stderr
+    done = llorch("gateway", "providers", "readmit", provider.peer_id, "--note", "reviewed: one ledger, two processes")
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(llorch("gateway", "providers", "forks").stdout)
+    assert listed[0]["readmitted_ms"] and listed[0]["note"] == "reviewed: one ledger, two processes"

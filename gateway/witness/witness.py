@@ -21,7 +21,7 @@ import trio
 
 from llorch.ledger import canonical, merkle
 from llorch.ledger.chain import check_continues, inspect_entry
-from llorch.ledger.errors import ChainBreak, EncodingError
+from llorch.ledger.errors import ChainBreak, EncodingError, StoreError
 from llorch.ledger.note import Checkpoint, NoteError, cosign, open_checkpoint
 from llorch.ledger.objects import ZERO_HASH, Receipt, ledger_origin
 from llorch.ledger.signing import SigningKey, open_envelope, peer_id_of
@@ -172,6 +172,14 @@ CREATE TABLE IF NOT EXISTS forks (
     reason       TEXT NOT NULL,
     evidence     TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fork_history (
+    provider_key  BLOB NOT NULL,
+    detected_ms   INTEGER NOT NULL,
+    reason        TEXT NOT NULL,
+    evidence      TEXT NOT NULL,
+    readmitted_ms INTEGER NOT NULL,
+    note          TEXT NOT NULL
+);
 """
 
 
@@ -255,6 +263,35 @@ class WitnessBook:
 
     async def forked(self) -> set[bytes]:
         return {row[0] for row in await self._database.fetchall("SELECT provider_key FROM forks")}
+
+    async def readmit(self, provider_key: bytes, note: str, now_ms: int) -> None:
+        """The operator reviewed the fork evidence and lets the provider back (its own operator's mistake, e.g. two
+        processes on one ledger). One transaction: the evidence moves to ``fork_history`` with the operator's
+        note, and the witnessed state of the provider is dropped, so the next round starts a new epoch on the
+        ledger it shows now and checks every later round against that, as before. Checkpoints the gateway
+        cosigned in the old epoch stay valid evidence for any auditor holding one."""
+        if await self.fork_evidence(provider_key) is None:
+            raise StoreError(f"provider {peer_id_of(provider_key)} is not excluded for a fork")
+        await self._database.transaction([
+            ("INSERT INTO fork_history (provider_key, detected_ms, reason, evidence, readmitted_ms, note) "
+             "SELECT provider_key, detected_ms, reason, evidence, ?, ? FROM forks WHERE provider_key = ?",
+             [(now_ms, note, provider_key)]),
+            ("DELETE FROM forks WHERE provider_key = ?", [(provider_key,)]),
+            ("DELETE FROM witnessed WHERE provider_key = ?", [(provider_key,)]),
+            ("DELETE FROM provider_entries WHERE provider_key = ?", [(provider_key,)]),
+            ("DELETE FROM provider_tree WHERE provider_key = ?", [(provider_key,)])])
+
+    async def fork_history(self, provider_key: bytes | None = None) -> list[dict]:
+        """Every fork ever recorded (current ones with readmitted_ms None), oldest first."""
+        where, params = ("WHERE provider_key = ?", (provider_key,)) if provider_key else ("", ())
+        rows = await self._database.fetchall(
+            f"SELECT provider_key, detected_ms, reason, evidence, readmitted_ms, note FROM ("
+            f" SELECT provider_key, detected_ms, reason, evidence, readmitted_ms, note FROM fork_history"
+            f" UNION ALL SELECT provider_key, detected_ms, reason, evidence, NULL, NULL FROM forks) {where} "
+            f"ORDER BY detected_ms", params)
+        return [{"provider_id": peer_id_of(key), "detected_ms": detected, "reason": reason,
+                 "evidence": json.loads(evidence), "readmitted_ms": readmitted, "note": note}
+                for key, detected, reason, evidence, readmitted, note in rows]
 
     async def fork_evidence(self, provider_key: bytes) -> tuple[str, list[str]] | None:
         row = await self._database.fetchone("SELECT reason, evidence FROM forks WHERE provider_key = ?",
