@@ -80,8 +80,9 @@ def demo_command(args: argparse.Namespace) -> int:
             network.start_node(f"node{index + 1}", threads=2 if args.nodes == 1 else 1)
         network.wait_for_providers(args.nodes)
         print(_banner(network), flush=True)
-        while True:
-            network._check_alive()
+        while True:                        # a node's death is reported and the rest keep serving (try failover)
+            for line in network.report_deaths():
+                print(line, file=sys.stderr, flush=True)
             time.sleep(1)
     except KeyboardInterrupt:
         print("\nstopping the local network ...", flush=True)

@@ -72,6 +72,7 @@ class LocalNetwork:
     api_key: str = field(default_factory=lambda: "sk-llorch-" + secrets.token_urlsafe(24))
     gateway: Process | None = None
     nodes: list[Process] = field(default_factory=list)
+    _reported: set[str] = field(default_factory=set)         # nodes whose death report_deaths already reported
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -201,6 +202,21 @@ class LocalNetwork:
                                    f"{process.log_path.read_text()[-3000:]}")
             time.sleep(0.1)
         raise TimeoutError(f"{process.name} did not come up within {READY_TIMEOUT_S:g} s; see {process.log_path}")
+
+    def report_deaths(self) -> list[str]:
+        """One line per node that died since the last call (each reported once); raise RuntimeError if the gateway
+        died, since nothing works without it. The other nodes keep serving."""
+        if self.gateway is not None and self.gateway.popen.poll() is not None:
+            raise RuntimeError(f"gateway exited with {self.gateway.popen.returncode}:\n"
+                               f"{self.gateway.log_path.read_text()[-3000:]}")
+        lines = []
+        for process in self.nodes:
+            if process.popen.poll() is not None and process.name not in self._reported:
+                self._reported.add(process.name)
+                alive = sum(node.popen.poll() is None for node in self.nodes)
+                lines.append(f"{process.name} exited with {process.popen.returncode} (log: {process.log_path}); "
+                             f"{alive} provider node(s) still serving")
+        return lines
 
     def _check_alive(self) -> None:
         for process in [self.gateway, *self.nodes]:
