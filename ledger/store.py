@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import logging
 import sqlite3
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from llorch.ledger.note import Checkpoint, NoteError, open_checkpoint, parse_che
 from llorch.ledger.objects import VERSION, ZERO_HASH, Receipt, ledger_origin, receipt_fields_of, with_chain
 from llorch.ledger.signing import SigningKey, sha256
 from llorch.ledger.sqlite import Database, open_database
+
+log = logging.getLogger("llorch.ledger")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -260,8 +263,10 @@ class LedgerStore:
                     ("INSERT INTO tree (level, idx, hash) VALUES (?, ?, ?)", nodes)])
                 self._size, self._head_hash, self._compact = size, head, compact
                 self.batches_committed += 1
-        except (StoreError, sqlite3.Error) as exc:
-            error = exc if isinstance(exc, StoreError) else StoreError(f"append failed: {exc}")
+        except Exception as exc:   # the batch fails with a reason; the writer task, and the ledger, live on
+            error = exc if isinstance(exc, StoreError) else StoreError(f"append failed: {type(exc).__name__}: {exc}")
+            if not isinstance(exc, (StoreError, sqlite3.Error)):
+                log.error("ledger append batch failed unexpectedly", exc_info=exc)
             for pending in batch:
                 if pending.error is None:
                     pending.entry, pending.error = None, error
@@ -271,8 +276,13 @@ class LedgerStore:
 
     @staticmethod
     def _answer_repeat(pending: _Pending, prior: bytes) -> None:
-        stored_fields = {k: v for k, v in receipt_fields_of(Receipt.from_envelope(prior)).items()
-                         if k not in CHAIN_FIELDS}
+        try:
+            stored_fields = {k: v for k, v in receipt_fields_of(Receipt.from_envelope(prior)).items()
+                             if k not in CHAIN_FIELDS}
+        except LedgerError as exc:        # a damaged row fails this repeat, never the writer
+            pending.error = StoreError(f"the stored entry for {pending.fields['request_id']!r} is damaged ({exc}); "
+                                       f"run `llorch ledger verify` on this ledger")
+            return
         if stored_fields == {k: v for k, v in pending.fields.items() if k not in CHAIN_FIELDS}:
             pending.entry = prior
         else:

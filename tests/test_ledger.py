@@ -79,6 +79,28 @@ async def test_entries_cannot_be_updated_or_deleted(tmp_path):
     connection.close()
 
 
+async def test_a_damaged_stored_entry_fails_the_repeat_that_meets_it_and_the_writer_keeps_writing(tmp_path):
+    """A repeated request_id is compared with the stored entry; if that row is damaged (the disk, or a hand edit),
+    the repeat gets a StoreError naming it, and every other append still goes in. Before, the parse error escaped
+    the writer task and took the ledger down."""
+    key = SigningKey.generate()
+    path = tmp_path / "ledger.sqlite"
+    async with LedgerStore.open(path, key) as ledger:
+        for n in range(2):
+            await ledger.append(receipt_fields(key, f"req-{n:08d}"))
+    connection = sqlite3.connect(path)
+    connection.execute("DROP TRIGGER entries_no_update")
+    connection.execute("UPDATE entries SET entry = x'c0' WHERE idx = 0")
+    connection.commit()
+    connection.close()
+    async with LedgerStore.open(path, key) as ledger:
+        with pytest.raises(StoreError, match="stored entry for 'req-00000000' is damaged"):
+            await ledger.append(receipt_fields(key, "req-00000000"))
+        with trio.fail_after(10):
+            await ledger.append(receipt_fields(key, "req-00000002"))
+        assert ledger.size == 3
+
+
 async def test_a_ledger_opened_with_another_key_is_refused(tmp_path):
     path = tmp_path / "ledger.sqlite"
     await fill(path, SigningKey.generate(), 1)
