@@ -384,3 +384,25 @@ def test_the_operator_commands_list_forks_and_readmit(tmp_path):
     assert done.returncode == 0, done.stderr
     listed = json.loads(llorch("gateway", "providers", "forks").stdout)
     assert listed[0]["readmitted_ms"] and listed[0]["note"] == "reviewed: one ledger, two processes"
+
+
+async def test_a_full_disk_during_a_witness_round_writes_nothing_and_the_next_round_catches_up(tmp_path):
+    """SQLite's page limit makes the gateway database "full" exactly like a full disk (SQLITE_FULL)."""
+    provider, gateway = SigningKey.generate(), SigningKey.generate()
+    async with LedgerStore.open(tmp_path / "a.sqlite", provider) as ledger, \
+            open_gateway_db(tmp_path / "gateway.sqlite") as database, \
+            running_host(provider, LOOPBACK) as provider_p2p, running_host(gateway, LOOPBACK) as gateway_p2p:
+        await fill(ledger, provider, 0, 300, engine_build="x" * 250)
+        service = LedgerService(ledger, frozenset({gateway.public_key}))
+        provider_p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), service.serve_ledger)
+        book = WitnessBook(database)
+        witness = Witness(gateway_p2p, gateway, book, [].append)
+        pages = (await database.fetchone("PRAGMA page_count"))[0]
+        await database.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(StoreError, match="full"):
+            await witness.witness(provider.public_key, provider_p2p.addrs())
+        assert (await book.state(provider.public_key)).size == 0
+        assert await database.fetchone("SELECT COUNT(*) FROM provider_entries") == (0,)
+        assert await ledger.cosigned() == []                 # nothing was cosigned that is not stored
+        await database.execute("PRAGMA max_page_count = 1073741823")
+        assert (await witness.witness(provider.public_key, provider_p2p.addrs())).size == 300

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from llorch.gateway.witness.witness import Witness
+from llorch.ledger.errors import StoreError
 from llorch.ledger.signing import SigningKey, load_key_file, write_key_file
 from llorch.ledger.verify import read_sqlite_entries
 from llorch.ledger.objects import Receipt
@@ -86,3 +87,32 @@ def test_a_gateway_killed_between_ticket_and_settlement_never_blames_a_provider_
     else:                                    # the provider never served: nothing to bill
         assert legs == []
     assert len({request_id for request_id, *_ in legs}) <= 1
+
+
+async def test_a_failing_disk_during_settlement_and_during_reconcile_post_half_writes_nothing(tmp_path):
+    """The gateway database stops taking writes after the ticket is written (PRAGMA query_only: every write fails,
+    as on a full or failing disk, where SQLite's own page limit would still let small rows into free space): the
+    live settlement fails and leaves the ticket open; `reconcile --post` while writes still fail settles nothing and
+    writes nothing; once writes work again it settles the ticket exactly once."""
+    from tests.inprocess import market
+
+    async with market(tmp_path, {"a": {}}) as m:
+        async def break_the_disk(text: str | None = None, provider: str | None = None) -> None:
+            await m.database.execute("PRAGMA query_only = 1")
+
+        await m.complete("acme", {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 3},
+                         on_text=break_the_disk)
+        assert await m.rows("SELECT state FROM tickets") == [("issued",)]
+        assert await m.rows("SELECT COUNT(*) FROM postings") == [(0,)]
+        await m.database.execute("PRAGMA query_only = 0")
+        await m.witness_all()
+        await break_the_disk()
+        with pytest.raises(StoreError, match="readonly"):
+            await m.reconcile(post=True, grace_ms=0)
+        assert await m.rows("SELECT state FROM tickets") == [("issued",)]
+        assert await m.rows("SELECT COUNT(*) FROM postings") == [(0,)]
+        await m.database.execute("PRAGMA query_only = 0")
+        assert (await m.reconcile(post=True, grace_ms=0)).as_json()["posted"] == 1
+        assert (await m.reconcile(post=True, grace_ms=0)).as_json()["posted"] == 0
+        assert await m.rows("SELECT state, outcome FROM tickets") == [("settled", "gateway_lost")]
+        assert [leg for leg, in await m.rows("SELECT leg FROM postings")] == ["payout"]    # once: the platform pays

@@ -192,10 +192,11 @@ async def _post_lost_tickets(database: Database, now_ms: int, grace_ms: int) -> 
             continue                                    # its receipt may still come
         metered = Metered(State.GATEWAY_LOST, ended_ms=now_ms)
         settlement = settle(ticket, open_ticket.terms, receipt, metered)
-        await book.settle(ticket, open_ticket.ticket_bytes, metered, settlement, receipt, row[0] if row else None,
-                          open_ticket.terms.tenant, now_ms)
-        await database.transaction([("UPDATE reconcile_findings SET resolved_ms = ? WHERE kind = 'unbilled' AND "
-                                     "request_id = ? AND resolved_ms IS NULL", [(now_ms, ticket.request_id)])])
+        await database.transaction(book.settlement_statements(   # the settlement and its finding, together
+            ticket, open_ticket.ticket_bytes, metered, settlement, receipt, row[0] if row else None,
+            open_ticket.terms.tenant, now_ms) + [
+            ("UPDATE reconcile_findings SET resolved_ms = ? WHERE kind = 'unbilled' AND request_id = ? AND "
+             "resolved_ms IS NULL", [(now_ms, ticket.request_id)])])
         posted += 1
     return posted
 
