@@ -21,10 +21,10 @@ import trio
 from llorch.inference import catalog
 from llorch.inference.engine import Engine, Sampling, determinism_class, parse_fingerprint
 from llorch.inference.errors import InferenceError
-from llorch.ledger.errors import LedgerError
+from llorch.ledger.errors import BundleError, LedgerError
 from llorch.ledger.objects import Receipt, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256
-from llorch.ledger.verify import load_material
+from llorch.ledger.material import load_material
 from llorch.node.wire.sampling import chat_request_prompt, chat_request_sampling
 
 MATCH, MISMATCH, UNUSABLE, INCONCLUSIVE = 0, 1, 2, 3
@@ -57,6 +57,8 @@ def find_receipt(ledger_path: Path, request_id: str) -> Receipt:
                 continue
             if receipt.request_id == request_id:
                 return receipt
+    except BundleError as exc:
+        raise ReplayInputError(str(exc)) from None
     except LedgerError as exc:
         raise ReplayInputError(f"cannot read {ledger_path}: {exc}") from None
     raise ReplayInputError(f"no receipt for {request_id} in {ledger_path}")
