@@ -47,14 +47,15 @@ class ReplayReport:
 
 def find_receipt(ledger_path: Path, request_id: str) -> Receipt:
     """The receipt for ``request_id`` in a ledger file or bundle, with its signature verified."""
+    needle = request_id.encode()
     try:
         for entry in load_material(ledger_path).entries:
+            if needle not in entry:     # the receipt's payload holds its request_id's bytes verbatim: not this one
+                continue
             try:
                 receipt = Receipt.from_envelope(entry)
             except LedgerError as exc:
-                if request_id.encode() in entry:
-                    raise ReplayInputError(f"the receipt for {request_id} is not genuine: {exc}") from None
-                continue
+                raise ReplayInputError(f"the receipt for {request_id} is not genuine: {exc}") from None
             if receipt.request_id == request_id:
                 return receipt
     except BundleError as exc:
