@@ -7,10 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from llorch.ledger.errors import KeyFileError, LedgerError, StoreError, VerificationError
+from llorch.ledger.errors import BundleError, KeyFileError, LedgerError, StoreError, VerificationError
 from llorch.ledger.export import export_ledger
 from llorch.ledger.signing import SigningKey, write_key_file
-from llorch.ledger.verify import CHECKS, load_material, load_trusted_keys, verify
+from llorch.ledger.material import load_material
+from llorch.ledger.verify import CHECKS, load_trusted_keys, verify
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
@@ -29,7 +30,8 @@ def add_commands(subparsers):
     verify_parser = ledger_sub.add_parser(
         "verify", help="run the auditor's numbered checks on a ledger file or bundle",
         description=f"Checks: {checks}. Exit 0 if every check passes; 1 naming the first failed check and the "
-                    f"entry (or checkpoint size); 2 if an input cannot be read.")
+                    f"entry (or checkpoint size); 2 if an input cannot be read (a truncated, extended or altered "
+                    f"bundle is refused this way before any check runs).")
     verify_parser.add_argument("path", type=Path, help="the node's ledger SQLite file, or a bundle from `export`")
     verify_parser.add_argument("--checkpoint", type=Path,
                                help="a signed checkpoint you hold (e.g. from the gateway): detects forks and rollback")
@@ -37,8 +39,13 @@ def add_commands(subparsers):
                                help="file of trusted provider peer ids or hex public keys, one per line")
     verify_parser.add_argument("--json", action="store_true", help="print a machine-readable report")
     verify_parser.set_defaults(handler=ledger_verify)
-    export = ledger_sub.add_parser("export", help="write a portable bundle (entries, checkpoints, cosignatures)")
-    export.add_argument("path", type=Path, help="the node's ledger SQLite file")
+    export = ledger_sub.add_parser(
+        "export", help="write a portable bundle (entries, checkpoints, cosignatures)",
+        description="Streams the ledger into a llorch-ledger-bundle/2 file (docs/ledger.md §7) without holding it in "
+                    "memory. --out is replaced only by a complete, fsynced bundle: an export that fails leaves "
+                    "nothing there (exit 2), one that is killed leaves a .partial file that verify refuses. A bundle "
+                    "of the older format /1 given as PATH is converted.")
+    export.add_argument("path", type=Path, help="the node's ledger SQLite file (or a bundle to convert)")
     export.add_argument("--out", type=Path, required=True, help="bundle file to write (verify accepts it)")
     export.add_argument("--jsonl", type=Path, help="also write a human-readable JSON-lines view here")
     export.set_defaults(handler=ledger_export)
@@ -68,7 +75,7 @@ def ledger_verify(args: argparse.Namespace) -> int:
         trusted = load_trusted_keys(args.trusted_keys) if args.trusted_keys else None
         held = args.checkpoint.read_bytes() if args.checkpoint else None
         report = verify(material, trusted, held)
-    except (StoreError, OSError) as exc:
+    except (StoreError, BundleError, OSError) as exc:
         _emit(args, {"ok": False, "error": str(exc)}, f"error: {exc}")
         return EXIT_UNUSABLE
     except VerificationError as exc:
@@ -117,7 +124,7 @@ def ledger_verify_receipt(args: argparse.Namespace) -> int:
 def ledger_export(args: argparse.Namespace) -> int:
     try:
         count = export_ledger(args.path, args.out, args.jsonl)
-    except (StoreError, OSError) as exc:
+    except (StoreError, BundleError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     print(f"exported {count} entries to {args.out}" + (f" and {args.jsonl}" if args.jsonl else ""))

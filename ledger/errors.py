@@ -6,6 +6,8 @@
     ├── KeyFileError                 a key file is missing, malformed or readable by others
     ├── StoreError                   the SQLite store could not do what was asked (translated sqlite3 errors)
     │   └── ConflictError            a request_id is already in the ledger with different bytes
+    ├── BundleError                  a bundle file cannot be read (truncated, extended, corrupted, not a bundle) or
+    │                                written (disk full): nothing in it was audited
     ├── ChainBreak                   an entry does not continue its ledger (carries the auditor's check number)
     └── VerificationError            the offline auditor found a bad entry (carries check number, code, entry index)
 
@@ -61,6 +63,15 @@ class StoreError(LedgerError):
 
 class ConflictError(StoreError):
     """Raised when an append reuses a request_id that is already stored with different bytes."""
+
+
+class BundleError(LedgerError):
+    """Raised when a ledger bundle (docs/ledger.md §7) cannot be read: it is truncated, extended, corrupted, over a
+    record limit or not a bundle at all; or when one cannot be written (disk full, no permission).
+
+    A bundle refused this way says nothing about the ledger in it (no audit check ran, nothing is reported as a
+    shorter ledger): export the ledger again from its SQLite file. A failed export leaves nothing at its output path.
+    """
 
 
 class VerificationError(LedgerError):

@@ -30,3 +30,9 @@ CHECKPOINT_POLL_S = 0.25
 # /llorch/ledger/1 pages.
 ENTRIES_PAGE_MAX = 256
 ENTRIES_PAGE_BYTES_MAX = 512 * 1024
+
+# Bundles (docs/ledger.md §7): a record's payload is one entry or one signed note, so no valid record is larger than a
+# signed object; the exporter reads the ledger this many entries at a time.
+BUNDLE_RECORD_BYTES_MAX = SIGNED_OBJECT_BYTES_MAX
+BUNDLE_HEADER_TRAILER_BYTES_MAX = 1024
+EXPORT_PAGE_ENTRIES = 1024

@@ -27,14 +27,16 @@ import itertools
 import multiprocessing
 import os
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from llorch.ledger import canonical, merkle
+from llorch.ledger import merkle
 from llorch.ledger.chain import EntryFacts, check_continues, inspect_entry
 from llorch.ledger.errors import ChainBreak, EncodingError, StoreError, VerificationError
-from llorch.ledger.note import Checkpoint, NoteError, open_checkpoint
+# Reading ledgers lives in material.py; these names stay importable from here, where callers first found them.
+from llorch.ledger.material import LedgerMaterial, load_material, read_sqlite_entries  # noqa: F401
+from llorch.ledger.note import Checkpoint, NoteError, open_checkpoint, parse_checkpoint_text, parse_note
 from llorch.ledger.objects import ZERO_HASH, ledger_origin
 from llorch.ledger.signing import peer_id_of, public_key_of_peer_id
 
@@ -51,21 +53,10 @@ CHECKS = {
     10: ("LV10", "duplicate request_id"),
     11: ("LV11", "amount mismatch"),
 }
-BUNDLE_FORMAT = "llorch-ledger-bundle/1"
 # Ledgers this big are inspected by worker processes (signature checks dominate and are independent per entry).
 PARALLEL_THRESHOLD_ENTRIES = 20_000
-PARALLEL_CHUNK_ENTRIES = 2_000
+PARALLEL_CHUNK_ENTRIES = 500      # a window of 2 × workers chunks is in flight: bounded memory
 PARALLEL_WORKERS_MAX = 8
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-@dataclass
-class LedgerMaterial:
-    """What an auditor can have of one ledger: its entries, its signed checkpoints and cosigned copies."""
-
-    entries: Iterable[bytes]
-    checkpoints: list[bytes] = field(default_factory=list)
-    cosigned: list[bytes] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -89,9 +80,9 @@ def _fail_checkpoint(check: int, size: int | None, message: str, evidence: list[
 
 def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
            held_checkpoint: bytes | None = None) -> VerifyReport:
-    owner, leaves, head = _verify_entries(material.entries, trusted_keys)
-    tree = merkle.MemoryTree(leaves)
-    size = len(leaves)
+    wanted = _claimed_sizes([*material.checkpoints, *([held_checkpoint] if held_checkpoint else [])])
+    owner, tree, head, roots = _verify_entries(material.entries, material.entry_count, trusted_keys, wanted)
+    size = tree.size
     origin = ledger_origin(owner) if owner else None
     own = [_open_checkpoint(note, owner, origin, "ledger checkpoint") for note in material.checkpoints]
     for note in material.cosigned:
@@ -101,16 +92,16 @@ def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
         if checkpoint.size > size:
             raise _fail_checkpoint(9, checkpoint.size, f"the ledger signed a checkpoint of {checkpoint.size} entries but holds "
                                             f"only {size}: entries were removed", [note.decode()])
-        if tree.root(checkpoint.size) != checkpoint.root:
+        if roots[checkpoint.size] != checkpoint.root:
             raise _fail_checkpoint(6, checkpoint.size, f"checkpoint of size {checkpoint.size} has root "
-                                            f"{checkpoint.root.hex()}, the entries give {tree.root(checkpoint.size).hex()}",
+                                            f"{checkpoint.root.hex()}, the entries give {roots[checkpoint.size].hex()}",
                         [note.decode()])
     if held is not None:
         checkpoint, note = held
         if checkpoint.size > size:                                                       # (9)
             raise _fail_checkpoint(9, checkpoint.size, f"the auditor holds a checkpoint of {checkpoint.size} entries, the "
                                             f"ledger has only {size}: it was rolled back", [note.decode()])
-        ours = tree.root(checkpoint.size)
+        ours = roots[checkpoint.size]
         if ours != checkpoint.root:                                                      # (8)
             same_size = [n for c, n in own if c.size == checkpoint.size]
             evidence = [note.decode(), same_size[0].decode() if same_size else
@@ -121,23 +112,37 @@ def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
     return VerifyReport(size, origin, head, tree.root(), len(own), held[0].size if held else None)
 
 
+def _claimed_sizes(notes: list[bytes]) -> set[int]:
+    """The tree sizes the checkpoints name, read before the entries so their roots can be taken as the entries
+    stream past. Unsigned claims: a note that does not parse is named by check 7 later, after the entries."""
+    sizes = {0}
+    for note in notes:
+        try:
+            sizes.add(parse_checkpoint_text(parse_note(note).text).size)
+        except NoteError:
+            pass
+    return sizes
+
+
 def _inspect_chunk(chunk: list[bytes]) -> list[EntryFacts]:
     return [inspect_entry(data) for data in chunk]
 
 
-def _inspected(entries: Iterable[bytes]) -> Iterator[EntryFacts]:
+def _inspected(entries: Iterable[bytes], count: int | None) -> Iterator[EntryFacts]:
     """EntryFacts in ledger order; on a multi-core machine, big ledgers are inspected by worker processes."""
     workers = min(os.cpu_count() or 1, PARALLEL_WORKERS_MAX)
     iterator = iter(entries)
-    first = list(itertools.islice(iterator, PARALLEL_THRESHOLD_ENTRIES))
-    if workers < 2 or len(first) < PARALLEL_THRESHOLD_ENTRIES:
-        yield from (inspect_entry(data) for data in itertools.chain(first, iterator))
+    if count is None:     # not known in advance: look ahead (a bounded number of entries) to decide
+        first = list(itertools.islice(iterator, PARALLEL_THRESHOLD_ENTRIES))
+        iterator, count = itertools.chain(first, iterator), len(first)
+    if workers < 2 or count < PARALLEL_THRESHOLD_ENTRIES:
+        yield from (inspect_entry(data) for data in iterator)
         return
     window: collections.deque = collections.deque()
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         # Chunks are read here, in the caller's thread (a SQLite cursor must stay in its thread), and a bounded
         # window of them is in flight at a time.
-        for chunk in _chunked(itertools.chain(first, iterator), PARALLEL_CHUNK_ENTRIES):
+        for chunk in _chunked(iterator, PARALLEL_CHUNK_ENTRIES):
             window.append(pool.apply_async(_inspect_chunk, (chunk,)))
             if len(window) > 2 * workers:
                 yield from window.popleft().get()
@@ -150,29 +155,60 @@ def _chunked(iterator: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
         yield chunk
 
 
-def _verify_entries(entries: Iterable[bytes], trusted_keys: set[bytes] | None) -> tuple[bytes | None, list[bytes],
-                                                                                      bytes]:
+class _SeenRequestIds:
+    """The request ids met so far and where, in a private temporary SQLite database (spilled to a temporary file
+    once it outgrows SQLite's page cache), so that the auditor's memory does not grow with the ledger."""
+
+    def __init__(self) -> None:
+        self._database = sqlite3.connect("", isolation_level=None)
+        self._database.execute("CREATE TABLE seen (request_id TEXT PRIMARY KEY, position INTEGER) WITHOUT ROWID")
+        self._database.execute("BEGIN")
+
+    def add(self, request_id: str, position: int) -> int | None:
+        """Remember ``request_id`` at ``position``; return the position it was first seen at if it was."""
+        try:
+            self._database.execute("INSERT INTO seen VALUES (?, ?)", (request_id, position))
+            return None
+        except sqlite3.IntegrityError:
+            return self._database.execute("SELECT position FROM seen WHERE request_id = ?", (request_id,)).fetchone()[0]
+
+    def close(self) -> None:
+        self._database.close()
+
+
+def _verify_entries(entries: Iterable[bytes], count: int | None, trusted_keys: set[bytes] | None,
+                    wanted_sizes: set[int]) -> tuple[bytes | None, merkle.CompactRange, bytes, dict[int, bytes]]:
+    """Checks 1-5, 10 and 11 on every entry, in order; returns the owner, the tree, the head hash, and the root
+    at each of ``wanted_sizes`` the ledger reaches. Memory: O(log n) for the tree, the rest on disk."""
     owner: bytes | None = None
     previous_hash = ZERO_HASH
-    seen: dict[str, int] = {}
-    leaves: list[bytes] = []
-    for position, facts in enumerate(_inspected(entries)):
-        if facts.malformed is not None:                                                  # (1)
-            raise _fail(1, position, facts.malformed)
-        if owner is None:                                                                # (2)
-            owner = facts.provider_key
-            if trusted_keys is not None and owner not in trusted_keys:
-                raise _fail(2, position, f"the ledger is signed by {peer_id_of(owner)}, which is not a trusted key")
-        try:                                                                             # (2)-(5), (10), (11)
-            check_continues(facts, owner, position, previous_hash, seen)
-        except ChainBreak as exc:
-            if exc.check == 10:
-                raise _fail(10, position, f"request_id {facts.request_id} already at entry {seen[facts.request_id]}")
-            raise _fail(exc.check, position, str(exc)) from None
-        seen[facts.request_id] = position
-        previous_hash = facts.entry_sha256
-        leaves.append(facts.leaf)
-    return owner, leaves, previous_hash
+    seen = _SeenRequestIds()
+    tree = merkle.CompactRange()
+    roots = {0: merkle.EMPTY_ROOT} if 0 in wanted_sizes else {}
+    try:
+        for position, facts in enumerate(_inspected(entries, count)):
+            if facts.malformed is not None:                                              # (1)
+                raise _fail(1, position, facts.malformed)
+            if owner is None:                                                            # (2)
+                owner = facts.provider_key
+                if trusted_keys is not None and owner not in trusted_keys:
+                    raise _fail(2, position, f"the ledger is signed by {peer_id_of(owner)}, which is not a trusted "
+                                             f"key")
+            first_seen = seen.add(facts.request_id, position)
+            try:                                                                         # (2)-(5), (10), (11)
+                check_continues(facts, owner, position, previous_hash, () if first_seen is None else
+                                (facts.request_id,))
+            except ChainBreak as exc:
+                if exc.check == 10:
+                    raise _fail(10, position, f"request_id {facts.request_id} already at entry {first_seen}")
+                raise _fail(exc.check, position, str(exc)) from None
+            previous_hash = facts.entry_sha256
+            tree.append(facts.leaf)
+            if tree.size in wanted_sizes:
+                roots[tree.size] = tree.root()
+    finally:
+        seen.close()
+    return owner, tree, previous_hash, roots
 
 
 def _open_checkpoint(note: bytes, owner: bytes | None, origin: str | None, what: str) -> tuple[Checkpoint, bytes]:
@@ -184,75 +220,7 @@ def _open_checkpoint(note: bytes, owner: bytes | None, origin: str | None, what:
         raise _fail_checkpoint(7, None, f"{what} is invalid: {exc}", [note.decode("utf-8", "replace")]) from None
 
 
-# --- reading ledgers ---------------------------------------------------------------------------------------------
-
-def read_sqlite_entries(path: Path) -> Iterator[bytes]:
-    """Yield the stored entry bytes of a ledger file in index order, opened read-only."""
-    with _read_only(path) as connection:
-        try:
-            for (entry,) in connection.execute("SELECT entry FROM entries ORDER BY idx"):
-                yield entry if isinstance(entry, bytes) else b""   # a non-blob entry is malformed: check 1 names it
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read ledger entries from {path}: {exc}") from None
-
-
-class _read_only:
-    def __init__(self, path: Path) -> None:
-        if not Path(path).is_file():
-            raise StoreError(f"{path} is not a file")
-        self.path = Path(path)
-
-    def __enter__(self) -> sqlite3.Connection:
-        try:
-            self.connection = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open {self.path}: {exc}") from None
-        return self.connection
-
-    def __exit__(self, *exc_info) -> None:
-        self.connection.close()
-
-
-def _optional_table(connection: sqlite3.Connection, sql: str) -> list[bytes]:
-    try:
-        return [row[0] for row in connection.execute(sql)]
-    except sqlite3.OperationalError:   # a ledger written before checkpoints existed has no such table
-        return []
-
-
-def load_material(path: Path) -> LedgerMaterial:
-    """Read a ledger SQLite file or an exported bundle."""
-    path = Path(path)
-    if not path.is_file():
-        raise StoreError(f"{path} is not a file")
-    with open(path, "rb") as handle:
-        magic = handle.read(len(SQLITE_MAGIC))
-    if magic == SQLITE_MAGIC:
-        with _read_only(path) as connection:
-            checkpoints = _optional_table(connection, "SELECT note FROM checkpoints ORDER BY size")
-            cosigned = _optional_table(connection, "SELECT note FROM cosigned ORDER BY size, witness")
-        return LedgerMaterial(read_sqlite_entries(path), checkpoints, cosigned)
-    return read_bundle(path.read_bytes())
-
-
-def read_bundle(data: bytes) -> LedgerMaterial:
-    try:
-        bundle = canonical.decode(data)
-    except EncodingError as exc:
-        raise StoreError(f"not a ledger file or bundle: {exc}") from None
-    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
-        raise StoreError(f"not a ledger bundle (format {BUNDLE_FORMAT!r} expected)")
-    parts = {name: bundle.get(name) for name in ("entries", "checkpoints", "cosigned")}
-    for name, value in parts.items():
-        if not isinstance(value, list) or not all(isinstance(item, bytes) for item in value):
-            raise StoreError(f"bundle field {name!r} must be a list of bin")
-    return LedgerMaterial(parts["entries"], parts["checkpoints"], parts["cosigned"])
-
-
-def write_bundle(material: LedgerMaterial) -> bytes:
-    return canonical.encode({"format": BUNDLE_FORMAT, "entries": list(material.entries),
-                             "checkpoints": list(material.checkpoints), "cosigned": list(material.cosigned)})
-
+# --- inputs ------------------------------------------------------------------------------------------------------
 
 def load_trusted_keys(path: Path) -> set[bytes]:
     """A trusted-keys file: one peer id (12D3KooW...) or 64-hex Ed25519 public key per line; # comments."""

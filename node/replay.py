@@ -21,10 +21,10 @@ import trio
 from llorch.inference import catalog
 from llorch.inference.engine import Engine, Sampling, determinism_class, parse_fingerprint
 from llorch.inference.errors import InferenceError
-from llorch.ledger.errors import LedgerError
+from llorch.ledger.errors import BundleError, LedgerError
 from llorch.ledger.objects import Receipt, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256
-from llorch.ledger.verify import load_material
+from llorch.ledger.material import load_material
 from llorch.node.wire.sampling import chat_request_prompt, chat_request_sampling
 
 MATCH, MISMATCH, UNUSABLE, INCONCLUSIVE = 0, 1, 2, 3
@@ -47,16 +47,19 @@ class ReplayReport:
 
 def find_receipt(ledger_path: Path, request_id: str) -> Receipt:
     """The receipt for ``request_id`` in a ledger file or bundle, with its signature verified."""
+    needle = request_id.encode()
     try:
         for entry in load_material(ledger_path).entries:
+            if needle not in entry:     # the receipt's payload holds its request_id's bytes verbatim: not this one
+                continue
             try:
                 receipt = Receipt.from_envelope(entry)
             except LedgerError as exc:
-                if request_id.encode() in entry:
-                    raise ReplayInputError(f"the receipt for {request_id} is not genuine: {exc}") from None
-                continue
+                raise ReplayInputError(f"the receipt for {request_id} is not genuine: {exc}") from None
             if receipt.request_id == request_id:
                 return receipt
+    except BundleError as exc:
+        raise ReplayInputError(str(exc)) from None
     except LedgerError as exc:
         raise ReplayInputError(f"cannot read {ledger_path}: {exc}") from None
     raise ReplayInputError(f"no receipt for {request_id} in {ledger_path}")

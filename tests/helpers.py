@@ -34,3 +34,55 @@ def receipt_fields(provider: SigningKey, request_id: str, tokens_in: int = 17, t
                   output_sha256=sha256(b"output"), finish_reason="stop")
     fields.update(overrides)
     return fields
+
+
+def write_ledger_file(path, key: SigningKey, entries: int, checkpoint_every: int = 64) -> list[str]:
+    """A valid ledger SQLite file of ``entries`` signed receipts with a signed checkpoint every ``checkpoint_every``
+    entries, written directly (one transaction, no node): fast enough for 100,000 entries. The derived ``tree``
+    table is left empty (the auditor and export never read it). Returns the request ids in ledger order."""
+    import sqlite3
+
+    from llorch.ledger import merkle
+    from llorch.ledger.note import Checkpoint, sign_checkpoint
+    from llorch.ledger.objects import Receipt, ledger_origin, with_chain
+    from llorch.ledger.store import SCHEMA, TRIGGERS
+
+    origin = ledger_origin(key.public_key)
+    compact, previous, request_ids = merkle.CompactRange(), bytes(32), []
+    connection = sqlite3.connect(path)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.executescript(SCHEMA + TRIGGERS)
+        with connection:
+            for index in range(entries):
+                request_id = f"req-{index:010d}"
+                fields = with_chain({**receipt_fields(key, request_id), "v": VERSION, "origin": origin},
+                                    index, previous)
+                entry = Receipt(**fields).seal(key)
+                previous = sha256(entry)
+                compact.append(merkle.leaf_hash(entry))
+                connection.execute("INSERT INTO entries VALUES (?, ?, ?, ?)", (index, request_id, entry, previous))
+                request_ids.append(request_id)
+                if compact.size % checkpoint_every == 0 or index == entries - 1:
+                    note = sign_checkpoint(Checkpoint(origin, compact.size, compact.root()), key)
+                    connection.execute("INSERT INTO checkpoints VALUES (?, ?)", (compact.size, note))
+    finally:
+        connection.close()
+    return request_ids
+
+
+def peak_rss_kib(command: list[str], **run_options):
+    """Run ``command`` in a child of a fresh interpreter and return (its CompletedProcess, the peak resident set
+    size in KiB of the command and every process it waited for, e.g. a worker pool), read from getrusage."""
+    import json
+    import subprocess
+    import sys
+
+    wrapper = ("import json, resource, subprocess, sys\n"
+               "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+               "print(json.dumps([done.returncode, done.stdout, done.stderr,\n"
+               "                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))\n")
+    outer = subprocess.run([sys.executable, "-c", wrapper, *map(str, command)], capture_output=True, text=True,
+                           check=True, **run_options)
+    returncode, stdout, stderr, peak_kib = json.loads(outer.stdout)
+    return subprocess.CompletedProcess(command, returncode, stdout, stderr), peak_kib

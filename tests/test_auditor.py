@@ -11,7 +11,7 @@ import pytest
 from llorch.ledger.errors import VerificationError
 from llorch.ledger.signing import SigningKey
 from llorch.ledger.store import LedgerStore
-from llorch.ledger.verify import load_material, read_bundle, verify
+from llorch.ledger.verify import load_material, verify
 from tests.helpers import receipt_fields
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ledgers"
@@ -90,8 +90,8 @@ async def test_export_round_trip(tmp_path):
     exported = subprocess.run([sys.executable, "-m", "llorch.gateway", "ledger", "export", str(path), "--out", str(bundle),
                                "--jsonl", str(jsonl)], capture_output=True, text=True)
     assert exported.returncode == 0, exported.stderr
-    material = read_bundle(bundle.read_bytes())
-    assert len(material.entries) == 7 and len(material.checkpoints) == 2
+    material = load_material(bundle)
+    assert len(list(material.entries)) == 7 and len(material.checkpoints) == 2
     assert run_verify(bundle).returncode == 0 and run_verify(path).returncode == 0
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [line["index"] for line in lines] == list(range(7))

@@ -16,7 +16,8 @@ from llorch.gateway.localnet import LocalNetwork
 from llorch.ledger import canonical
 from llorch.ledger.objects import Receipt, receipt_fields_of
 from llorch.ledger.signing import load_key_file
-from llorch.ledger.verify import LedgerMaterial, read_sqlite_entries, write_bundle
+from llorch.ledger.bundle import bundle_bytes
+from llorch.ledger.verify import read_sqlite_entries
 
 pytestmark = pytest.mark.e2e
 
@@ -97,7 +98,7 @@ def test_replay_confirms_a_genuine_receipt_and_rejects_altered_ones(client, netw
     extension = response.model_extra["llorch"]
     entry = ledger_entries(network)[response.id]
     bundle = tmp_path / "genuine.bundle"
-    bundle.write_bytes(write_bundle(LedgerMaterial([entry])))
+    bundle.write_bytes(bundle_bytes([], [], [entry]))
     request_file = write_json(tmp_path / "request.json", {k: v for k, v in request.items() if v is not None})
     salt, seed = extension["prompt_salt"], str(extension["seed"])
 
@@ -109,20 +110,20 @@ def test_replay_confirms_a_genuine_receipt_and_rejects_altered_ones(client, netw
     assert wrong_salt.returncode == 1 and "prompt commitment" in wrong_salt.stderr
 
     altered = tmp_path / "altered.bundle"
-    altered.write_bytes(write_bundle(LedgerMaterial([resign(network, entry, output_sha256=bytes(32))])))
+    altered.write_bytes(bundle_bytes([], [], [resign(network, entry, output_sha256=bytes(32))]))
     lying = run_replay(altered, response.id, request_file, salt, "--seed", seed)
     assert lying.returncode == 1 and "regenerated output differs" in lying.stderr
 
     envelope = canonical.decode(entry)
     tampered_payload = envelope["p"].replace(Receipt.from_envelope(entry).output_sha256, bytes(32))
     tampered = tmp_path / "tampered.bundle"
-    tampered.write_bytes(write_bundle(LedgerMaterial([canonical.encode({"p": tampered_payload, "s": envelope["s"]})])))
+    tampered.write_bytes(bundle_bytes([], [], [canonical.encode({"p": tampered_payload, "s": envelope["s"]})]))
     forged = run_replay(tampered, response.id, request_file, salt, "--seed", seed)
     assert forged.returncode == 1 and "not genuine" in forged.stderr
 
     other_class = tmp_path / "other-class.bundle"
     other_build = Receipt.from_envelope(entry).engine_build.replace("ggml-cpu/", "ggml-cpu/ffff")
-    other_class.write_bytes(write_bundle(LedgerMaterial([resign(network, entry, engine_build=other_build)])))
+    other_class.write_bytes(bundle_bytes([], [], [resign(network, entry, engine_build=other_build)]))
     inconclusive = run_replay(other_class, response.id, request_file, salt, "--seed", seed)
     assert inconclusive.returncode == 3 and "another determinism class" in inconclusive.stderr
 

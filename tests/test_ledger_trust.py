@@ -20,7 +20,7 @@ from llorch.ledger.objects import Receipt, ledger_origin
 from llorch.gateway.localnet import llorch_command
 from llorch.ledger.signing import SigningKey, write_key_file
 from llorch.ledger.store import LedgerStore
-from llorch.ledger.verify import LedgerMaterial, load_material, read_bundle, verify
+from llorch.ledger.verify import LedgerMaterial, load_material, verify
 from llorch.node.errors import ProtocolError
 from llorch.node.wire.frames import Error
 from llorch.node.wire.infer_protocol import Role
@@ -308,14 +308,14 @@ def test_the_witness_refuses_every_entry_the_auditor_refuses(fixture):
     """The witness runs the auditor's own continuation check (ledger/chain.py) before it cosigns: no ledger it
     cosigns can fail `llorch ledger verify` on an entry (the duplicate request_id and origin checks were missing)."""
     manifest = json.loads((FIXTURES / "manifest.json").read_text())[fixture]
-    entries = list(read_bundle((FIXTURES / manifest["bundle"]).read_bytes()).entries)
+    entries = list(load_material(FIXTURES / manifest["bundle"]).entries)
     owner = Receipt.from_envelope(entries[0]).provider_key
     leaves = [merkle.leaf_hash(entry) for entry in entries]
     checkpoint = Checkpoint(ledger_origin(owner), len(entries), merkle.MemoryTree(leaves).root())
     with pytest.raises(BadView, match=f"entry {manifest['entry']} "):
         extend(WitnessedState.empty(), checkpoint, b"", entries, owner)
     # a request_id the witness saw in an earlier round counts too (it asks its own database for them)
-    valid = list(read_bundle((FIXTURES / "valid.bundle").read_bytes()).entries)
+    valid = list(load_material(FIXTURES / "valid.bundle").entries)
     owner = Receipt.from_envelope(valid[0]).provider_key
     tree = merkle.MemoryTree([merkle.leaf_hash(entry) for entry in valid])
     whole = Checkpoint(ledger_origin(owner), len(valid), tree.root())
