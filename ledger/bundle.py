@@ -186,8 +186,8 @@ class BundleReader:
                 or len(trailer["sha256"]) != SHA256_BYTES:
             raise self._error("its trailer is not {\"sha256\": bin 32}")
         if trailer["sha256"] != self._digest.digest():
-            raise self._error(f"its bytes do not hash to the SHA-256 in its trailer: the bundle was altered or "
-                              f"damaged after it was written")
+            raise self._error("its bytes do not hash to the SHA-256 in its trailer: the bundle was altered or "
+                              "damaged after it was written")
         if self._handle.read(1):
             raise self._error(f"bytes follow its trailer (at byte {self._offset}): the bundle was extended")
 

@@ -50,9 +50,13 @@ def export_ledger(path: Path, out: Path, jsonl: Path | None = None) -> int:
     return counts.entries
 
 
-def write_bundle_file(out: Path, material: LedgerMaterial) -> None:
-    """Write ``material`` as a bundle at ``out``, atomically (a crash leaves no partial bundle at ``out``)."""
-    _write_atomically(out, write_bundle(material))
+def write_bundle_file(out: Path, entries: list[bytes], checkpoints: list[bytes], cosigned: list[bytes]) -> None:
+    """Write a bundle of entries and notes already in memory (e.g. fetched from a provider) at ``out``, the same
+    way as an export: a reader of ``out`` sees the old file or the whole bundle. Raises BundleError."""
+    counts = Counts(len(checkpoints), len(cosigned), len(entries))
+    with _replacing([Path(out)]) as handles:
+        for record in encode_bundle(counts, checkpoints, cosigned, entries, str(out)):
+            handles[0].write(record)
 
 
 def readable(entry: bytes) -> dict:

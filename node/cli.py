@@ -92,7 +92,7 @@ def ledger_fetch(args: argparse.Namespace) -> int:
         key = load_key_file(args.key)
         grant = args.grant.read_bytes() if args.grant else b""
         material = trio.run(fetch)
-        write_bundle_file(args.out, material)
+        write_bundle_file(args.out, list(material.entries), material.checkpoints, material.cosigned)
     except BaseExceptionGroup as group:
         failure = sole_exception(group)
         if not isinstance(failure, (LedgerRequestFailed, LedgerError, OSError)):

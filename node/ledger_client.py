@@ -13,7 +13,7 @@ from llorch.ledger import limits as ledger_limits
 from llorch.ledger.note import NoteError, open_checkpoint
 from llorch.ledger.objects import ledger_origin
 from llorch.ledger.signing import peer_id_of
-from llorch.ledger.verify import LedgerMaterial
+from llorch.ledger.material import LedgerMaterial
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
 from llorch.node.wire.frames import Error
