@@ -37,6 +37,9 @@ def add_commands(subparsers):
                                help="a signed checkpoint you hold (e.g. from the gateway): detects forks and rollback")
     verify_parser.add_argument("--trusted-keys", type=Path,
                                help="file of trusted provider peer ids or hex public keys, one per line")
+    verify_parser.add_argument("--witness-keys", type=Path,
+                               help="file of the witnesses (gateways) you trust, same syntax: every cosignature is "
+                                    "checked either way; the report says which are by these keys")
     verify_parser.add_argument("--json", action="store_true", help="print a machine-readable report")
     verify_parser.set_defaults(handler=ledger_verify)
     export = ledger_sub.add_parser(
@@ -51,7 +54,9 @@ def add_commands(subparsers):
     export.set_defaults(handler=ledger_export)
     check = ledger_sub.add_parser(
         "verify-receipt", help="check one bill offline: receipt, provider checkpoint, inclusion proof",
-        description="FILE is the JSON of GET /v2/receipts/{request_id}. Exit 0 if it checks out, 1 if not.")
+        description="FILE is the JSON of GET /v2/receipts/{request_id} (docs/ledger.md §10). Every cosignature on "
+                    "its checkpoint is checked. Exit 0 if it checks out, 1 if not, 2 if FILE is not such a "
+                    "document.")
     check.add_argument("file", type=Path)
     check.add_argument("--witness", help="the gateway's peer id: also require its cosignature on the checkpoint")
     check.set_defaults(handler=ledger_verify_receipt)
@@ -73,8 +78,9 @@ def ledger_verify(args: argparse.Namespace) -> int:
     try:
         material = load_material(args.path)
         trusted = load_trusted_keys(args.trusted_keys) if args.trusted_keys else None
+        witnesses = load_trusted_keys(args.witness_keys) if args.witness_keys else None
         held = args.checkpoint.read_bytes() if args.checkpoint else None
-        report = verify(material, trusted, held)
+        report = verify(material, trusted, held, witnesses)
     except (StoreError, BundleError, OSError) as exc:
         _emit(args, {"ok": False, "error": str(exc)}, f"error: {exc}")
         return EXIT_UNUSABLE
@@ -85,12 +91,18 @@ def ledger_verify(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     held_text = f"; agrees with the held checkpoint of size {report.held_checkpoint_size}" \
         if report.held_checkpoint_size is not None else ""
+    lines = [f"  cosigned at size {c.size} by {c.witness}: " + (
+        ("trusted" if c.trusted else "valid, not a key in --witness-keys" if args.witness_keys else "valid")
+        if c.checked else "not checked (the name gives no key)") for c in report.cosignatures]
     _emit(args, {"ok": True, "entries": report.entries, "origin": report.origin,
                  "head_sha256": report.head_sha256.hex(), "root": report.root.hex(),
                  "checkpoints": report.checkpoints, "held_checkpoint_size": report.held_checkpoint_size,
+                 "cosignatures": [{"witness": c.witness, "size": c.size, "timestamp_s": c.timestamp_s,
+                                   "checked": c.checked, "trusted": c.trusted} for c in report.cosignatures],
                  "checks_passed": [CHECKS[n][0] for n in sorted(CHECKS)]},
           f"OK: {report.entries} entries of {report.origin or 'an empty ledger'} verified; "
-          f"{report.checkpoints} checkpoints consistent{held_text}; root {report.root.hex()}")
+          f"{report.checkpoints} checkpoints consistent{held_text}; root {report.root.hex()}"
+          + "".join("\n" + line for line in lines))
     return EXIT_OK
 
 

@@ -21,13 +21,16 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from llorch.ledger.signing import SigningKey
+from llorch.ledger.errors import EncodingError
+from llorch.ledger.signing import SigningKey, public_key_of_peer_id
 
 NOTE_BYTES_MAX = 16 * 1024
 SIGNATURES_MAX = 16
 SIGNATURE_TYPE_ED25519 = 0x01
 SIGNATURE_TYPE_COSIGNATURE = 0x04
 EM_DASH = "\u2014"
+WITNESS_NAME_PREFIX = "llorch-witness/"    # a llorch witness signs as llorch-witness/<its peer id>
+COSIGNATURE_CLOCK_SLACK_S = 600             # a cosignature time may be this far ahead of the auditor's clock
 
 
 class NoteError(Exception):
@@ -147,6 +150,56 @@ def open_checkpoint(data: bytes, origin: str, public_key: bytes) -> Checkpoint:
         except (InvalidSignature, ValueError):
             raise NoteError(f"checkpoint signature by {origin} does not verify") from None
     return checkpoint
+
+
+@dataclass(frozen=True)
+class Cosignature:
+    name: str
+    public_key: bytes | None      # None: the name is not llorch-witness/<peer id>, so the key is unknown (unchecked)
+    timestamp_s: int | None
+
+
+def witness_key_of_name(name: str) -> bytes | None:
+    """The Ed25519 key a cosignature name stands for (``llorch-witness/<peer id>``), or None for any other name."""
+    if not name.startswith(WITNESS_NAME_PREFIX):
+        return None
+    try:
+        return public_key_of_peer_id(name[len(WITNESS_NAME_PREFIX):])
+    except EncodingError:
+        return None
+
+
+def check_cosignatures(data: bytes, origin: str, now_s: int) -> list[Cosignature]:
+    """Check every signature line of a cosigned checkpoint other than the log's own (the lines named ``origin``):
+    each named ``llorch-witness/<peer id>`` must be a valid tlog-cosignature by that peer's key (key ID, 72 bytes,
+    time after 0 and at most COSIGNATURE_CLOCK_SLACK_S past ``now_s``, Ed25519). Lines under other names cannot be
+    checked and are returned with no key. Raises NoteError naming the first bad line, or if there is none."""
+    note = parse_note(data)
+    lines = [line for line in note.signatures if line.name != origin]
+    if not lines:
+        raise NoteError("a cosigned checkpoint carries no cosignature")
+    found = []
+    for line in lines:
+        key = witness_key_of_name(line.name)
+        if key is None:
+            found.append(Cosignature(line.name, None, None))
+            continue
+        expected = key_id(line.name, SIGNATURE_TYPE_COSIGNATURE, key)
+        if line.key_id != expected:
+            raise NoteError(f"cosignature by {line.name} has key ID {line.key_id.hex()}, its key gives "
+                            f"{expected.hex()}")
+        if len(line.signature) != 72:
+            raise NoteError(f"cosignature by {line.name} is not 8 bytes of time and 64 of signature")
+        timestamp = int.from_bytes(line.signature[:8], "big")
+        if not 0 < timestamp <= now_s + COSIGNATURE_CLOCK_SLACK_S:
+            raise NoteError(f"cosignature by {line.name} has time {timestamp}: not after 0 or in the future")
+        message = f"cosignature/v1\ntime {timestamp}\n".encode() + note.text.encode()
+        try:
+            Ed25519PublicKey.from_public_bytes(key).verify(line.signature[8:], message)
+        except (InvalidSignature, ValueError):
+            raise NoteError(f"cosignature by {line.name} does not verify") from None
+        found.append(Cosignature(line.name, key, timestamp))
+    return found
 
 
 def verify_cosignature(data: bytes, name: str, public_key: bytes) -> int:

@@ -2,8 +2,8 @@
 (`GET /v2/receipts/{request_id}` returns exactly this; `llorch ledger verify-receipt` runs the checks).
 
   (1) the receipt is a canonical, well-typed receipt signed by the provider it names;
-  (2) the checkpoint is signed by that provider (origin llorch/<peer id>), and, if a witness key is given, cosigned
-      by that witness;
+  (2) the checkpoint is signed by that provider (origin llorch/<peer id>); every cosignature on it is valid (the
+      auditor's check 12, docs/ledger.md §8); and, if a witness key is given, one of them is that witness's;
   (3) the inclusion proof leads from the receipt (leaf index, tree size) to the checkpoint's root (RFC 9162);
   (4) the receipt's amount is tokens × prices.
 """
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from dataclasses import dataclass
 
 from llorch.ledger import merkle
 from llorch.ledger.errors import LedgerError
-from llorch.ledger.note import NoteError, open_checkpoint, verify_cosignature
+from llorch.ledger.note import NoteError, check_cosignatures, open_checkpoint, parse_note, verify_cosignature
 from llorch.ledger.objects import Receipt
 from llorch.ledger.signing import peer_id_of
 
@@ -40,7 +41,7 @@ def proof_document(request_id: str, receipt: bytes, index: int, size: int, proof
 
 
 def verify_receipt_document(document: dict, witness_key: bytes | None = None,
-                            witness_name: str | None = None) -> CheckedReceipt:
+                            witness_name: str | None = None, now_s: int | None = None) -> CheckedReceipt:
     receipt_bytes, proof, index, size, note = _fields(document)
     try:                                                                           # (1)
         receipt = Receipt.from_envelope(receipt_bytes)
@@ -53,6 +54,8 @@ def verify_receipt_document(document: dict, witness_key: bytes | None = None,
     origin = f"llorch/{peer_id_of(receipt.provider_key)}"
     try:                                                                           # (2)
         checkpoint = open_checkpoint(note.encode(), origin, receipt.provider_key)
+        if len(parse_note(note.encode()).signatures) > 1:
+            check_cosignatures(note.encode(), origin, int(time.time()) if now_s is None else now_s)
         cosigned_at = verify_cosignature(note.encode(), witness_name, witness_key) if witness_key else None
     except NoteError as exc:
         raise ReceiptProofError(f"(2) {exc}") from None

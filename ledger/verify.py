@@ -12,10 +12,12 @@ about, and evidence where there is some. The numbers are the ones in docs/ledger
   (5)  LV05 chain break      prev_hash is SHA-256 of the previous entry's bytes (zeros for entry 0)
   (10) LV10 duplicate        no request_id appears twice
   (11) LV11 amount           amount = ceil((tokens_in × price_in + tokens_out × price_out) / 1,000,000)
-  Then the checkpoints (the ledger's own, its cosigned copies, and one the auditor holds):
+  Then the checkpoints (the ledger's own, its cosigned copies, and one the auditor holds); an empty ledger's owner
+  is the key its checkpoints' origin names:
   (7)  LV07 bad checkpoint   a C2SP signed note with a valid signature by the ledger's owner
-  (9)  LV09 rollback         no checkpoint is for a larger tree than the ledger holds
-  (6)  LV06 root mismatch    each of the ledger's own checkpoints has the Merkle root of its entries at that size
+  (12) LV12 bad cosignature  every cosignature on a cosigned copy is a valid tlog-cosignature of its witness
+  (9)  LV09 rollback         no checkpoint or cosigned copy is for a larger tree than the ledger holds
+  (6)  LV06 root mismatch    each of them has the Merkle root of the entries at that size
   (8)  LV08 fork             the auditor's checkpoint agrees with the ledger at its size (both are printed if not)
 """
 
@@ -27,6 +29,7 @@ import itertools
 import multiprocessing
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -36,7 +39,8 @@ from llorch.ledger.chain import EntryFacts, check_continues, inspect_entry
 from llorch.ledger.errors import ChainBreak, EncodingError, StoreError, VerificationError
 # Reading ledgers lives in material.py; these names stay importable from here, where callers first found them.
 from llorch.ledger.material import LedgerMaterial, load_material, read_sqlite_entries  # noqa: F401
-from llorch.ledger.note import Checkpoint, NoteError, open_checkpoint, parse_checkpoint_text, parse_note
+from llorch.ledger.note import (Checkpoint, NoteError, check_cosignatures, open_checkpoint, parse_checkpoint_text,
+                               parse_note)
 from llorch.ledger.objects import ZERO_HASH, ledger_origin
 from llorch.ledger.signing import peer_id_of, public_key_of_peer_id
 
@@ -52,11 +56,23 @@ CHECKS = {
     9: ("LV09", "rollback"),
     10: ("LV10", "duplicate request_id"),
     11: ("LV11", "amount mismatch"),
+    12: ("LV12", "bad cosignature"),
 }
 # Ledgers this big are inspected by worker processes (signature checks dominate and are independent per entry).
 PARALLEL_THRESHOLD_ENTRIES = 20_000
 PARALLEL_CHUNK_ENTRIES = 500      # a window of 2 × workers chunks is in flight: bounded memory
 PARALLEL_WORKERS_MAX = 8
+
+
+@dataclass(frozen=True)
+class WitnessedSize:
+    """One cosignature on one cosigned copy: who, for which size, when; ``checked`` if its key is known (a
+    llorch-witness/<peer id> name) and so verified; ``trusted`` if that key is one the auditor named."""
+    witness: str
+    size: int
+    timestamp_s: int | None
+    checked: bool
+    trusted: bool
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,7 @@ class VerifyReport:
     root: bytes
     checkpoints: int
     held_checkpoint_size: int | None
+    cosignatures: list[WitnessedSize]
 
 
 def _fail(check: int, entry: int | None, message: str, evidence: list[str] | None = None) -> VerificationError:
@@ -79,23 +96,41 @@ def _fail_checkpoint(check: int, size: int | None, message: str, evidence: list[
 
 
 def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
-           held_checkpoint: bytes | None = None) -> VerifyReport:
-    wanted = _claimed_sizes([*material.checkpoints, *([held_checkpoint] if held_checkpoint else [])])
+           held_checkpoint: bytes | None = None, witness_keys: set[bytes] | None = None,
+           now_s: int | None = None) -> VerifyReport:
+    """Run every check; raise VerificationError at the first failure. ``witness_keys`` are the witnesses the
+    auditor trusts (every cosignature is checked either way; the report says which are trusted); ``now_s`` is the
+    auditor's clock for cosignature times (default: now)."""
+    now_s = int(time.time()) if now_s is None else now_s
+    wanted = _claimed_sizes([*material.checkpoints, *material.cosigned,
+                             *([held_checkpoint] if held_checkpoint else [])])
     owner, tree, head, roots = _verify_entries(material.entries, material.entry_count, trusted_keys, wanted)
     size = tree.size
+    if owner is None:           # an empty ledger: its owner is the one its checkpoints name in their origin
+        owner = _owner_of_empty_ledger([*material.checkpoints, *material.cosigned,
+                                        *([held_checkpoint] if held_checkpoint else [])], trusted_keys)
     origin = ledger_origin(owner) if owner else None
     own = [_open_checkpoint(note, owner, origin, "ledger checkpoint") for note in material.checkpoints]
-    for note in material.cosigned:
-        _open_checkpoint(note, owner, origin, "cosigned checkpoint")
+    copies = [_open_checkpoint(note, owner, origin, "cosigned checkpoint") for note in material.cosigned]
     held = _open_checkpoint(held_checkpoint, owner, origin, "the auditor's checkpoint") if held_checkpoint else None
-    for checkpoint, note in own:                                                         # (9) then (6)
+    cosignatures = []
+    for checkpoint, note in copies:                                                      # (12)
+        try:
+            found = check_cosignatures(note, origin, now_s)
+        except NoteError as exc:
+            raise _fail_checkpoint(12, checkpoint.size, f"cosigned checkpoint of size {checkpoint.size}: {exc}",
+                                   [note.decode("utf-8", "replace")]) from None
+        cosignatures += [WitnessedSize(c.name, checkpoint.size, c.timestamp_s, c.public_key is not None,
+                                       witness_keys is not None and c.public_key in witness_keys) for c in found]
+    for checkpoint, note, what in [*((c, n, "the ledger signed") for c, n in own),       # (9) then (6)
+                                   *((c, n, "a witness cosigned") for c, n in copies)]:
         if checkpoint.size > size:
-            raise _fail_checkpoint(9, checkpoint.size, f"the ledger signed a checkpoint of {checkpoint.size} entries but holds "
-                                            f"only {size}: entries were removed", [note.decode()])
+            raise _fail_checkpoint(9, checkpoint.size, f"{what} a checkpoint of {checkpoint.size} entries but the "
+                                                       f"ledger holds only {size}: entries were removed", [note.decode()])
         if roots[checkpoint.size] != checkpoint.root:
-            raise _fail_checkpoint(6, checkpoint.size, f"checkpoint of size {checkpoint.size} has root "
-                                            f"{checkpoint.root.hex()}, the entries give {roots[checkpoint.size].hex()}",
-                        [note.decode()])
+            raise _fail_checkpoint(6, checkpoint.size, f"{what} a checkpoint of size {checkpoint.size} with root "
+                                                       f"{checkpoint.root.hex()}, the entries give "
+                                                       f"{roots[checkpoint.size].hex()}", [note.decode()])
     if held is not None:
         checkpoint, note = held
         if checkpoint.size > size:                                                       # (9)
@@ -109,7 +144,28 @@ def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
                         f"{base64.b64encode(ours).decode()})"]
             raise _fail_checkpoint(8, checkpoint.size, f"two signed views of this log disagree at size {checkpoint.size}: "
                                             f"the provider forked its ledger", evidence)
-    return VerifyReport(size, origin, head, tree.root(), len(own), held[0].size if held else None)
+    return VerifyReport(size, origin, head, tree.root(), len(own), held[0].size if held else None, cosignatures)
+
+
+def _owner_of_empty_ledger(notes: list[bytes], trusted_keys: set[bytes] | None) -> bytes | None:
+    """The key named by the origin (llorch/<peer id>) of the first checkpoint of a ledger with no entries; None if
+    it has no checkpoint either. The checkpoints' signatures are then checked under that key (check 7)."""
+    if not notes:
+        return None
+    try:
+        origin = parse_checkpoint_text(parse_note(notes[0]).text).origin
+    except NoteError as exc:
+        raise _fail_checkpoint(7, None, f"checkpoint is invalid: {exc}",
+                               [notes[0].decode("utf-8", "replace")]) from None
+    try:
+        if not origin.startswith("llorch/"):
+            raise EncodingError("not llorch/<peer id>")
+        owner = public_key_of_peer_id(origin[len("llorch/"):])
+    except EncodingError as exc:
+        raise _fail_checkpoint(7, None, f"checkpoint origin {origin[:80]!r} names no ledger owner: {exc}") from None
+    if trusted_keys is not None and owner not in trusted_keys:
+        raise _fail(2, None, f"the ledger is signed by {peer_id_of(owner)}, which is not a trusted key")
+    return owner
 
 
 def _claimed_sizes(notes: list[bytes]) -> set[int]:
@@ -213,7 +269,7 @@ def _verify_entries(entries: Iterable[bytes], count: int | None, trusted_keys: s
 
 def _open_checkpoint(note: bytes, owner: bytes | None, origin: str | None, what: str) -> tuple[Checkpoint, bytes]:
     if owner is None:
-        raise _fail_checkpoint(7, None, f"{what} cannot be checked: the ledger has no entries, so no owner key")
+        raise AssertionError("an owner is known whenever there is a checkpoint to open")
     try:                                                                                 # (7)
         return open_checkpoint(note, origin, owner), note
     except NoteError as exc:

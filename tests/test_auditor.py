@@ -1,7 +1,9 @@
 """The auditor (`llorch ledger verify`): one named known-bad fixture per error code, each caught with that code at
 the right entry or checkpoint; export bundles; the JSON report; trusted keys."""
 
+import base64
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from llorch.ledger.errors import VerificationError
+from llorch.ledger.objects import Receipt
 from llorch.ledger.signing import SigningKey
 from llorch.ledger.store import LedgerStore
-from llorch.ledger.verify import load_material, verify
+from llorch.ledger.verify import CHECKS, load_material, verify
 from tests.helpers import receipt_fields
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ledgers"
@@ -28,8 +31,13 @@ def held(case):
     return (FIXTURES / case["checkpoint"]).read_bytes() if case.get("checkpoint") else None
 
 
-def test_every_error_code_has_a_fixture():
-    assert sorted(case["code"] for case in BAD.values()) == [f"LV{n:02d}" for n in range(1, 12)]
+def test_the_docs_the_code_and_the_fixtures_name_the_same_checks():
+    """Every check in the code is in docs/ledger.md's table under its number, code and name, and has a fixture
+    (each fixture is caught with exactly its code by the test below)."""
+    docs = (Path(__file__).parent.parent / "docs" / "ledger.md").read_text()
+    table = re.findall(r"^\| (\d+) \| (LV\d\d) ([^|]+?) \|", docs, re.M)
+    assert {(int(n), code, name) for n, code, name in table} == {(n, code, name) for n, (code, name) in CHECKS.items()}
+    assert sorted(case["code"] for case in BAD.values()) == sorted(code for code, _ in CHECKS.values())
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
@@ -47,6 +55,7 @@ def test_valid_fixture_passes_with_its_held_checkpoint():
     case = MANIFEST["valid"]
     report = verify(load_material(FIXTURES / case["bundle"]), held_checkpoint=held(case))
     assert report.entries == 6 and report.checkpoints == 2 and report.held_checkpoint_size == 4
+    assert [(c.size, c.checked, c.trusted) for c in report.cosignatures] == [(3, True, False), (3, True, False)]
 
 
 def test_fork_prints_both_checkpoints():
@@ -63,7 +72,7 @@ def test_json_report(tmp_path):
     assert result.returncode == 1
     assert (report["ok"], report["check"], report["code"], report["entry"]) == (False, 5, "LV05", 2)
     good = json.loads(run_verify(FIXTURES / "valid.bundle", "--json").stdout)
-    assert good["ok"] and good["entries"] == 6 and len(good["checks_passed"]) == 11
+    assert good["ok"] and good["entries"] == 6 and len(good["checks_passed"]) == len(CHECKS)
 
 
 def test_trusted_keys(tmp_path):
@@ -130,3 +139,79 @@ def test_verify_receipt_on_an_unusable_file_exits_2_with_one_line(tmp_path, cont
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# --- empty ledgers and cosignatures ----------------------------------------------------------------------------
+
+async def test_a_fresh_nodes_empty_ledger_verifies_with_its_owner_from_the_origin(tmp_path):
+    key = SigningKey.generate()
+    async with LedgerStore.open(tmp_path / "fresh.sqlite", key) as ledger:
+        await ledger.sign_checkpoint()                     # what a fresh node serves: a size-0 checkpoint
+    report = verify(load_material(tmp_path / "fresh.sqlite"))
+    assert (report.entries, report.origin, report.checkpoints) == (0, f"llorch/{key.peer_id}", 1)
+    with pytest.raises(VerificationError) as caught:
+        verify(load_material(tmp_path / "fresh.sqlite"), trusted_keys={SigningKey.generate().public_key})
+    assert caught.value.code == "LV02"
+
+
+def cosigned_ledger(witness_lines):
+    """A two-entry ledger's checkpoint cosigned by each (name, key, timestamp) in turn."""
+    from llorch.ledger import merkle
+    from llorch.ledger.note import Checkpoint, cosign, sign_checkpoint
+    from llorch.ledger.material import LedgerMaterial
+    from tests.fixtures.make_ledger_fixtures import OWNER, chain
+
+    entries = chain(2)
+    tree = merkle.MemoryTree([merkle.leaf_hash(e) for e in entries])
+    note = sign_checkpoint(Checkpoint(f"llorch/{OWNER.peer_id}", 2, tree.root()), OWNER)
+    for name, key, timestamp in witness_lines:
+        note = cosign(note, name, key, timestamp)
+    return LedgerMaterial(entries, [], [note], 2)
+
+
+NOW_S = 1_800_000_000
+
+
+def test_every_cosignature_is_checked_and_the_trusted_ones_are_named():
+    good, other = SigningKey(bytes([3]) * 32), SigningKey(bytes([4]) * 32)
+    lines = [(f"llorch-witness/{good.peer_id}", good, NOW_S - 60), (f"llorch-witness/{other.peer_id}", other, NOW_S),
+             ("some-other-witness", other, NOW_S)]
+    report = verify(cosigned_ledger(lines), witness_keys={good.public_key}, now_s=NOW_S)
+    assert [(c.witness.split("/")[-1][:12], c.checked, c.trusted) for c in report.cosignatures] == [
+        (good.peer_id[:12], True, True), (other.peer_id[:12], True, False), ("some-other-w", False, False)]
+
+
+@pytest.mark.parametrize("fault", ["signature", "key_id", "future", "none"])
+def test_a_bad_cosignature_fails_lv12(fault):
+    """Before, the auditor never looked at cosignatures: all four passed."""
+    witness, impostor = SigningKey(bytes([3]) * 32), SigningKey(bytes([5]) * 32)
+    name = f"llorch-witness/{witness.peer_id}"
+    lines = {"signature": [(name, witness, NOW_S)], "key_id": [(name, impostor, NOW_S)],
+             "future": [(name, witness, NOW_S + 3600)], "none": []}[fault]
+    material = cosigned_ledger(lines)
+    if fault == "signature":
+        note = material.cosigned[0].decode()
+        head, line = note.rsplit("\n", 2)[0], note.rsplit("\n", 2)[1]
+        prefix, encoded = line.rsplit(" ", 1)
+        raw = bytearray(base64.b64decode(encoded))
+        raw[-1] ^= 1
+        material.cosigned[0] = f"{head}\n{prefix} {base64.b64encode(bytes(raw)).decode()}\n".encode()
+    with pytest.raises(VerificationError) as caught:
+        verify(material, now_s=NOW_S)
+    assert (caught.value.code, caught.value.checkpoint_size) == ("LV12", 2), caught.value
+
+
+def test_verify_receipt_checks_every_cosignature_on_the_bills_checkpoint_even_without_witness():
+    from llorch.ledger import merkle
+    from llorch.ledger.receipt_proof import ReceiptProofError, proof_document, verify_receipt_document
+
+    witness = SigningKey(bytes([3]) * 32)
+    material = cosigned_ledger([(f"llorch-witness/{witness.peer_id}", witness, NOW_S)])
+    tree = merkle.MemoryTree([merkle.leaf_hash(e) for e in material.entries])
+    document = proof_document(Receipt.from_envelope(material.entries[1]).request_id, material.entries[1], 1, 2,
+                              merkle.inclusion_proof(tree.subtree, 1, 2), material.cosigned[0])
+    assert verify_receipt_document(document, now_s=NOW_S).tree_size == 2
+    note = document["checkpoint"]
+    damaged = note[:-3] + ("A" if note[-3] != "A" else "B") + note[-2:]      # one base64 digit of the cosignature
+    with pytest.raises(ReceiptProofError, match=r"\(2\) cosignature by llorch-witness/"):
+        verify_receipt_document({**document, "checkpoint": damaged}, now_s=NOW_S)

@@ -20,6 +20,7 @@ import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
+from llorch.ledger.note import WITNESS_NAME_PREFIX
 from llorch.ledger.signing import peer_id_of
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
@@ -32,7 +33,7 @@ LEDGER_PROTOCOL_ID = "/llorch/ledger/1"
 
 def witness_name(gateway_key: bytes) -> str:
     """The key name a gateway uses for its cosignatures."""
-    return f"llorch-witness/{peer_id_of(gateway_key)}"
+    return WITNESS_NAME_PREFIX + peer_id_of(gateway_key)
 
 
 HASH_BYTES = 32
