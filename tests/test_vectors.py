@@ -1,6 +1,7 @@
 """The published test vector (docs/protocol.md, tests/fixtures/receipt_vector.json) pins the wire format: these
 checks are what an independent verifier does, written from the document, not from our classes."""
 
+import base64
 import hashlib
 import json
 import math
@@ -86,3 +87,144 @@ def test_frame_vectors_decode_independently_and_our_code_reproduces_them():
         assert msgpack.packb(canonical(decoded)) == body, name          # canonical: sorted keys, smallest forms
         frame = FRAME_TYPES[vector["type"]](**expected)
         assert encode_frame(frame) == data, name
+
+
+# --- the connected vectors: ticket, attestation, checkpoint with two cosignatures, bill (make_vectors.py) --------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load(name):
+    return json.loads((FIXTURES / name).read_text())
+
+
+def public_key_of(seed_hex):
+    return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed_hex)).public_key().public_bytes_raw()
+
+
+def peer_id_of(public_key):
+    number, text = int.from_bytes(b"\x00\x24\x08\x01\x12\x20" + public_key, "big"), ""
+    while number:
+        number, digit = divmod(number, 58)
+        text = B58[digit] + text
+    return "1" + text
+
+
+def open_signed(envelope_bytes, signed_type, signer_field):
+    """protocol.md §2: a canonical {p, s} map, p a canonical map, s = Ed25519(tag ‖ p) by the key in the payload."""
+    envelope = msgpack.unpackb(envelope_bytes, raw=False)
+    assert list(envelope) == ["p", "s"] and msgpack.packb(envelope, use_bin_type=True) == envelope_bytes
+    payload = msgpack.unpackb(envelope["p"], raw=False)
+    assert msgpack.packb(canonical(payload), use_bin_type=True) == envelope["p"]
+    Ed25519PublicKey.from_public_bytes(payload[signer_field]).verify(
+        envelope["s"], b"llorch/" + signed_type.encode() + b"/v1\x00" + envelope["p"])
+    return payload
+
+
+def leaf(entry):
+    return hashlib.sha256(b"\x00" + entry).digest()
+
+
+def root_of(leaves):
+    """RFC 9162 §2.1.1, written from the text."""
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1 << ((len(leaves) - 1).bit_length() - 1)
+    return hashlib.sha256(b"\x01" + root_of(leaves[:k]) + root_of(leaves[k:])).digest()
+
+
+def test_the_ticket_vector_is_the_receipts_ticket():
+    vector, receipt_vector = load("ticket_vector.json"), load("receipt_vector.json")
+    ticket_bytes = bytes.fromhex(vector["ticket_envelope_hex"])
+    ticket = open_signed(ticket_bytes, "ticket", "gateway_key")
+    assert ticket["gateway_key"] == public_key_of(vector["gateway_seed_hex"])
+    receipt = open_signed(bytes.fromhex(receipt_vector["receipt_envelope_hex"]), "receipt", "provider_key")
+    assert receipt["ticket_sha256"] == hashlib.sha256(ticket_bytes).digest()
+    assert hashlib.sha256(ticket_bytes).hexdigest() == vector["ticket_envelope_sha256_hex"]
+    assert receipt["sampling_sha256"] == hashlib.sha256(msgpack.packb(canonical(ticket["sampling"]),
+                                                                      use_bin_type=True)).digest()
+    for field in ("request_id", "gateway_key", "provider_key", "tenant", "model_id", "model_sha256", "price_in",
+                  "price_out", "currency"):
+        assert receipt[field] == ticket[field], field
+    assert receipt["seed"] == ticket["sampling"]["seed"]
+    assert ticket["issued_ms"] < ticket["expires_ms"]
+
+
+def test_the_attestation_vector():
+    vector = load("attestation_vector.json")
+    attestation = open_signed(bytes.fromhex(vector["attestation_envelope_hex"]), "attestation", "provider_key")
+    provider = public_key_of(vector["provider_seed_hex"])
+    assert attestation["provider_key"] == provider
+    assert all(addr.endswith("/p2p/" + peer_id_of(provider)) for addr in attestation["addrs"])
+    assert attestation["slots_free"] <= attestation["slots_total"]
+    assert 0 < attestation["expires_ms"] - attestation["issued_ms"] <= 180_000
+
+
+def test_the_checkpoint_vector_with_two_cosignatures():
+    vector = load("checkpoint_vector.json")
+    provider = public_key_of(vector["provider_seed_hex"])
+    entries = [bytes.fromhex(e) for e in vector["entries_hex"]]
+    root = root_of([leaf(e) for e in entries])
+    assert root.hex() == vector["root_hex"]
+    note = vector["note"]
+    text, signatures = note.split("\n\n")[0] + "\n", note.split("\n\n")[1]
+    origin = "llorch/" + peer_id_of(provider)
+    assert text == f"{origin}\n{len(entries)}\n{base64.b64encode(root).decode()}\n"
+    lines = signatures.splitlines()
+    assert len(lines) == 3 and note.endswith("\n")
+    name, blob = lines[0].removeprefix("\u2014 ").split(" ")
+    raw = base64.b64decode(blob)
+    assert name == origin and raw[:4] == hashlib.sha256(origin.encode() + b"\n\x01" + provider).digest()[:4]
+    Ed25519PublicKey.from_public_bytes(provider).verify(raw[4:], text.encode())
+    for line, seed in zip(lines[1:], vector["witness_seeds_hex"]):
+        witness = public_key_of(seed)
+        name, blob = line.removeprefix("\u2014 ").split(" ")
+        raw = base64.b64decode(blob)
+        assert name == "llorch-witness/" + peer_id_of(witness)
+        assert raw[:4] == hashlib.sha256(name.encode() + b"\n\x04" + witness).digest()[:4] and len(raw) == 76
+        timestamp = int.from_bytes(raw[4:12], "big")
+        assert timestamp == 1_795_690_060
+        Ed25519PublicKey.from_public_bytes(witness).verify(
+            raw[12:], f"cosignature/v1\ntime {timestamp}\n".encode() + text.encode())
+
+
+def test_the_bill_vector_proves_the_receipt_under_the_cosigned_checkpoint():
+    document = load("bill_vector.json")["document"]
+    checkpoint = load("checkpoint_vector.json")
+    receipt_bytes = base64.b64decode(document["receipt"])
+    assert receipt_bytes.hex() == load("receipt_vector.json")["receipt_envelope_hex"]
+    assert document["checkpoint"] == checkpoint["note"]
+    index, size = document["leaf_index"], document["tree_size"]
+    path = [base64.b64decode(h) for h in document["inclusion_proof"]]
+    # RFC 9162 §2.1.3.2, written from the text
+    fn, sn, r = index, size - 1, leaf(receipt_bytes)
+    for p in path:
+        assert sn != 0
+        if fn & 1 or fn == sn:
+            r = hashlib.sha256(b"\x01" + p + r).digest()
+            if not fn & 1:
+                while not fn & 1 and fn != 0:
+                    fn, sn = fn >> 1, sn >> 1
+        else:
+            r = hashlib.sha256(b"\x01" + r + p).digest()
+        fn, sn = fn >> 1, sn >> 1
+    assert sn == 0 and r.hex() == checkpoint["root_hex"]
+
+
+def test_our_code_reproduces_the_connected_vectors():
+    from tests.fixtures import make_vectors
+
+    written = {}
+    original = make_vectors.write
+    try:
+        make_vectors.write = lambda name, document: written.__setitem__(name, json.dumps(document, indent=2) + "\n")
+        make_vectors.main()
+    finally:
+        make_vectors.write = original
+    assert sorted(written) == ["attestation_vector.json", "bill_vector.json", "checkpoint_vector.json",
+                               "receipt_vector.json", "ticket_vector.json"]
+    for name, text in written.items():
+        assert text == (FIXTURES / name).read_text(), f"{name} differs from what make_vectors.py writes"
+    from llorch.ledger.receipt_proof import verify_receipt_document
+    checked = verify_receipt_document(load("bill_vector.json")["document"], now_s=1_795_700_000)
+    assert checked.tree_size == 3
