@@ -59,6 +59,9 @@ def add_commands(subparsers):
                     "document.")
     check.add_argument("file", type=Path)
     check.add_argument("--witness", help="the gateway's peer id: also require its cosignature on the checkpoint")
+    check.add_argument("--witness-keys", type=Path,
+                       help="file of the witnesses you trust (as for verify): the report says which cosignatures "
+                            "are by them")
     check.set_defaults(handler=ledger_verify_receipt)
     return ledger_sub
 
@@ -112,6 +115,8 @@ def ledger_verify_receipt(args: argparse.Namespace) -> int:
 
     try:                                     # unreadable input: exit 2
         document = load_document(args.file.read_text(encoding="utf-8"))
+        if args.witness_keys:
+            load_trusted_keys(args.witness_keys)
         witness_key = public_key_of_peer_id(args.witness) if args.witness else None
     except (OSError, UnicodeDecodeError, LedgerError, ReceiptProofError) as exc:
         print(f"error: cannot use {args.file}: {exc}", file=sys.stderr)
@@ -127,6 +132,10 @@ def ledger_verify_receipt(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     receipt = checked.receipt
     cosigned = f", cosigned by {args.witness} at {checked.cosigned_at_s}" if args.witness else ""
+    trusted = load_trusted_keys(args.witness_keys) if args.witness_keys else None
+    cosigned += "".join(f"\n  cosigned by {c.name}: " + (("trusted" if c.public_key in trusted else
+                                                          "valid, not a key in --witness-keys") if trusted is not None
+                                                         else "valid") for c in checked.cosignatures)
     print(f"OK: receipt {receipt.request_id} ({receipt.tokens_in} + {receipt.tokens_out} tokens, {receipt.amount} "
           f"{receipt.currency} minor units to the provider) is entry {receipt.index} of {receipt.origin}, under its "
           f"signed checkpoint of {checked.tree_size} entries{cosigned}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from llorch.ledger import merkle
 from llorch.ledger.errors import LedgerError
-from llorch.ledger.note import NoteError, check_cosignatures, open_checkpoint, parse_note, verify_cosignature
+from llorch.ledger.note import Cosignature, NoteError, check_cosignatures, open_checkpoint, parse_note, verify_cosignature
 from llorch.ledger.objects import Receipt
 from llorch.ledger.signing import peer_id_of
 
@@ -31,6 +31,7 @@ class CheckedReceipt:
     receipt: Receipt
     tree_size: int
     cosigned_at_s: int | None
+    cosignatures: list[Cosignature]             # every cosignature on the checkpoint, checked
 
 
 def proof_document(request_id: str, receipt: bytes, index: int, size: int, proof: list[bytes],
@@ -54,8 +55,8 @@ def verify_receipt_document(document: dict, witness_key: bytes | None = None,
     origin = f"llorch/{peer_id_of(receipt.provider_key)}"
     try:                                                                           # (2)
         checkpoint = open_checkpoint(note.encode(), origin, receipt.provider_key)
-        if len(parse_note(note.encode()).signatures) > 1:
-            check_cosignatures(note.encode(), origin, int(time.time()) if now_s is None else now_s)
+        cosignatures = check_cosignatures(note.encode(), origin, int(time.time()) if now_s is None else now_s) \
+            if len(parse_note(note.encode()).signatures) > 1 else []
         cosigned_at = verify_cosignature(note.encode(), witness_name, witness_key) if witness_key else None
     except NoteError as exc:
         raise ReceiptProofError(f"(2) {exc}") from None
@@ -67,7 +68,7 @@ def verify_receipt_document(document: dict, witness_key: bytes | None = None,
         raise ReceiptProofError(f"(3) the receipt is not in the provider's checkpointed ledger: {exc}") from None
     if receipt.amount != receipt.expected_amount():                                # (4)
         raise ReceiptProofError(f"(4) amount {receipt.amount} is not tokens × prices ({receipt.expected_amount()})")
-    return CheckedReceipt(receipt, size, cosigned_at)
+    return CheckedReceipt(receipt, size, cosigned_at, [c for c in cosignatures if c.public_key is not None])
 
 
 def _fields(document: dict) -> tuple[bytes, list[bytes], int, int, str | None]:

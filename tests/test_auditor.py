@@ -215,3 +215,16 @@ def test_verify_receipt_checks_every_cosignature_on_the_bills_checkpoint_even_wi
     damaged = note[:-3] + ("A" if note[-3] != "A" else "B") + note[-2:]      # one base64 digit of the cosignature
     with pytest.raises(ReceiptProofError, match=r"\(2\) cosignature by llorch-witness/"):
         verify_receipt_document({**document, "checkpoint": damaged}, now_s=NOW_S)
+
+
+def test_verify_receipt_reports_which_cosignatures_are_by_trusted_witnesses(tmp_path):
+    vectors = FIXTURES.parent
+    bill = json.loads((vectors / "bill_vector.json").read_text())
+    (tmp_path / "bill.json").write_text(json.dumps(bill["document"]))
+    first = SigningKey(bytes.fromhex(bill["witness_seeds_hex"][0]))
+    (tmp_path / "witnesses").write_text(f"# the gateway we trust\n{first.peer_id}\n")
+    result = subprocess.run([sys.executable, "-m", "llorch.gateway", "ledger", "verify-receipt",
+                             str(tmp_path / "bill.json"), "--witness-keys", str(tmp_path / "witnesses")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("trusted") == 1 and "not a key in --witness-keys" in result.stdout
