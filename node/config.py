@@ -17,6 +17,8 @@ from pathlib import Path
 from llorch.inference.catalog import DEFAULT_MODEL_ID
 from llorch.ledger import limits as ledger_limits
 from llorch.node import limits
+from multiaddr import Multiaddr
+
 from llorch.node.errors import ConfigError
 
 
@@ -29,6 +31,8 @@ class NodeConfig:
     bootstrap: tuple[str, ...]               # gateway multiaddrs, /ip4/.../tcp/.../p2p/<peer id>
     trusted_gateways: tuple[str, ...]        # peer ids whose tickets this node accepts
     listen_addr: str = "/ip4/127.0.0.1/tcp/0"
+    announce_addrs: tuple[str, ...] = ()     # dialable addresses to announce (a forwarded port); default: see
+                                             # node/reachability.py (behind NAT: none, reached over its own link)
     models: tuple[str, ...] = (DEFAULT_MODEL_ID,)
     model_cache_dir: Path | None = None
     engine: str = "llama.cpp"                # "echo" runs a fake engine: for tests and benchmarks only
@@ -63,6 +67,21 @@ class NodeConfig:
             raise ConfigError("node.models must name exactly one catalog model: run one node process per model")
         if not self.trusted_gateways:
             raise ConfigError("node.trusted_gateways is empty: no ticket could ever be accepted")
+        for addr in self.announce_addrs:
+            self._check_announce_addr(addr)
+
+    def _check_announce_addr(self, addr: str) -> None:
+        from llorch.node.reachability import is_unspecified_addr
+        from llorch.node.wire.attestation import MULTIADDR_FIRST, MULTIADDR_PROTOCOLS
+
+        try:
+            names = [protocol.name for protocol in Multiaddr(addr).protocols()]
+        except Exception as exc:  # py-multiaddr raises several types for a bad string
+            raise ConfigError(f"node.announce_addrs: {addr!r} is not a multiaddr ({exc})") from None
+        if not names or names[0] not in MULTIADDR_FIRST or not set(names) <= MULTIADDR_PROTOCOLS \
+                or is_unspecified_addr(addr):
+            raise ConfigError(f"node.announce_addrs: {addr!r} is not an address others can dial (ip4/ip6/dns with "
+                              f"tcp or udp/quic-v1, never 0.0.0.0 or ::)")
 
 
 def load_config(cls, path: Path, section: str, env_prefix: str):

@@ -20,6 +20,7 @@ from llorch.node.wire.attestation import TOPIC, Attestation
 from llorch.node.config import NodeConfig
 from llorch.node.ledger_service import LedgerService, sign_checkpoints
 from llorch.node.lifecycle import supervise, write_state_file
+from llorch.node.reachability import announced_addrs
 from llorch.node.p2p import P2P, keep_connected, running_host
 from llorch.node.service import EnginePool, ProviderService
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID
@@ -49,7 +50,7 @@ def build_attestation(config: NodeConfig, key: SigningKey, p2p: P2P, pool: Engin
     attestation = Attestation(
         v=VERSION, provider_key=key.public_key, seq=seq, issued_ms=issued_ms,
         expires_ms=issued_ms + interval * limits.ATTESTATION_LIFETIME_INTERVALS,
-        addrs=p2p.addrs()[:limits.ATTESTATION_ADDRS_MAX],
+        addrs=announced_addrs(config, p2p.addrs(), p2p.peer_id),
         models=[{"id": model_id, "sha256": digest, "context_tokens": config.context_tokens}
                 for model_id, digest in sorted(pool_models(pool).items())],
         engine_build=pool.engines[0].fingerprint, slots_total=pool.total, slots_free=len(pool.free),

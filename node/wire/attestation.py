@@ -84,8 +84,8 @@ class Attestation(SignedObject):
     sla: dict
 
     def _validate(self) -> None:
-        if not 0 < len(self.addrs) <= limits.ATTESTATION_ADDRS_MAX:
-            raise EncodingError(f"attestation needs 1..{limits.ATTESTATION_ADDRS_MAX} addrs")
+        if not len(self.addrs) <= limits.ATTESTATION_ADDRS_MAX:      # none: reachable over its own links only
+            raise EncodingError(f"attestation has more than {limits.ATTESTATION_ADDRS_MAX} addrs")
         for addr in self.addrs:
             check_field("addrs[]", "str", addr)
             check_multiaddr(addr, peer_id_of(self.provider_key))
