@@ -15,10 +15,11 @@ import time
 import trio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from llorch.gateway import limits
-from llorch.gateway.errors import BadRequest, GatewayError
+from llorch.gateway.api.body import parse_json, read_body_capped
+from llorch.gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from llorch.gateway.api.openai_api import ChatRequest, CompletionRequest, parse_chat_request
 from llorch.gateway.market.providers import parse_registration_body, record_json
 from llorch.gateway.service import Completion, Gateway, new_request_id
@@ -59,18 +60,6 @@ def llorch_extension(completion: Completion) -> dict:
     return {"request_id": completion.request_id, "provider": completion.provider_peer_id, "seed": completion.seed,
             "prompt_salt": completion.salt.hex(), "amount": completion.charge.charge,
             "provider_amount": completion.charge.payout, "currency": receipt.currency}
-
-
-async def read_body_capped(request: Request, bytes_max: int = limits.HTTP_BODY_BYTES_MAX) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > bytes_max:
-        raise BadRequest(f"request body is {declared} bytes; the limit is {bytes_max}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > bytes_max:
-            raise BadRequest(f"request body exceeds {bytes_max} bytes")
-    return bytes(body)
 
 
 class ChatStreamResponse(Response):
@@ -169,6 +158,18 @@ def build_app(gateway: Gateway) -> FastAPI:
     async def _gateway_error(request: Request, error: GatewayError) -> JSONResponse:
         return error_response(error)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own answers (no route, wrong method) in OpenAI's error shape too."""
+        method, path = request.method, request.url.path
+        if error.status_code == 405:
+            response = error_response(MethodNotAllowed(f"method {method} is not allowed on {path}"))
+            response.headers.update(error.headers or {})
+            return response
+        if error.status_code == 404:
+            return error_response(NotFound(f"no route for {method} {path}: the API is described at /openapi.json"))
+        return error_response(BadRequest(f"{error.detail}"))
+
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok", "providers": len(gateway.directory.fresh(now_ms())),
@@ -211,11 +212,7 @@ def build_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v2/platform/providers/register")
     async def register_provider(request: Request) -> JSONResponse:
-        body = await read_body_capped(request, REGISTRATION_BODY_BYTES_MAX)
-        try:
-            document = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        document = parse_json(await read_body_capped(request, REGISTRATION_BODY_BYTES_MAX))
         registration, envelope = parse_registration_body(document, now_ms())
         record = await gateway.providers.register(registration, envelope, now_ms())
         return JSONResponse(record_json(record), status_code=201 if record.status == "pending" else 200)
@@ -244,8 +241,9 @@ def build_app(gateway: Gateway) -> FastAPI:
     async def billing_usage(request: Request) -> dict:
         """The calling tenant's own statement for a period (never another tenant's)."""
         tenant = await gateway.authenticate(request.headers.get("authorization"))
-        period = request.query_params.get("period") or time.strftime("%Y-%m", time.gmtime())
-        if not PERIOD.match(period):
+        period = request.query_params.get("period")
+        period = time.strftime("%Y-%m", time.gmtime()) if period is None else period
+        if not PERIOD.fullmatch(period):
             raise BadRequest("period must be YYYY-MM", param="period")
         return await gateway.books.statement("tenant", tenant.name, period)
 
@@ -261,12 +259,8 @@ def build_app(gateway: Gateway) -> FastAPI:
     return app
 
 
-PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+PERIOD = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")     # fullmatch: no trailing newline, ASCII digits only
 REGISTRATION_BODY_BYTES_MAX = 16 * 1024
-
-
-class NotFound(GatewayError):
-    status, type, code = 404, "invalid_request_error", "not_found"
 
 
 class RequestIdMiddleware:

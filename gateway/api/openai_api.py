@@ -6,32 +6,46 @@ downstream sees a float.
 
 from __future__ import annotations
 
-import json
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from llorch.gateway import limits
+from llorch.gateway.api.body import parse_json_object
 from llorch.gateway.errors import BadRequest
 from llorch.node.wire.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
 
 
+STRICT = ConfigDict(extra="forbid", strict=True)    # a JSON string is never a number, 1.0 never an integer
+
+
+def _json_boolean(value):
+    """Literal[False] alone accepts 0 and 0.0 even in strict mode (0 == False): the JSON must say false."""
+    if not isinstance(value, bool):
+        raise PydanticCustomError("bool_type", "Input should be a valid boolean")
+    return value
+
+
+JsonFalse = Annotated[Literal[False], BeforeValidator(_json_boolean)]
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=200_000)
     name: str | None = Field(default=None, max_length=64)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class LlorchExtension(BaseModel):
     """Optional llorch fields of a request body (`extra_body={"llorch": {...}}` in the OpenAI SDK)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     max_price_in_per_1m: int | None = Field(default=None, ge=0, le=10**12)
     max_price_out_per_1m: int | None = Field(default=None, ge=0, le=10**12)
 
@@ -39,7 +53,7 @@ class LlorchExtension(BaseModel):
 class SamplingFields(BaseModel):
     """What chat and text completion requests share: model, sampling, limits, streaming, the llorch extension."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str = Field(min_length=1, max_length=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -90,7 +104,7 @@ class CompletionRequest(SamplingFields):
     """OpenAI's (legacy) completions body: a raw text prompt, no chat template."""
 
     prompt_text: str = Field(alias="prompt", min_length=1, max_length=200_000)
-    echo: Literal[False] = False
+    echo: JsonFalse = False
     best_of: int = Field(default=1, ge=1, le=1)
     logprobs: None = None
     suffix: None = None
@@ -103,12 +117,7 @@ def parse_chat_request(body: bytes, model: type = ChatRequest):
     """Parse a request body into ``model``; raise BadRequest naming the offending field."""
     if len(body) > limits.HTTP_BODY_BYTES_MAX:
         raise BadRequest(f"request body is {len(body)} bytes; the limit is {limits.HTTP_BODY_BYTES_MAX}")
-    try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise BadRequest("request body must be a JSON object")
+    document = parse_json_object(body)
     try:
         return model.model_validate(document)
     except ValidationError as exc:
