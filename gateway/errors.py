@@ -6,6 +6,8 @@
     ├── PaymentRequired            402  the tenant's budget cannot cover the request's worst case
     ├── Forbidden                  403  the tenant may not use this model
     ├── ModelNotFound              404  model not in the catalog
+    ├── NotFound                   404  no such provider, receipt or route
+    ├── MethodNotAllowed           405  the route exists, not with this method
     ├── RateLimited                429  request rate or concurrent requests over the tenant's limit
     ├── NoProvider                 503  no eligible provider (EU-only, determinism, price ceiling...) has capacity
     └── ProviderFailed             502  every candidate failed, or a provider broke the protocol mid-stream
@@ -45,6 +47,18 @@ class ModelNotFound(GatewayError):
     """Raised when the requested model is not in the catalog. Remedy: GET /v1/models."""
 
     status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class NotFound(GatewayError):
+    """Raised when a path names no provider, no receipt of the caller, or no route. Remedy: see /openapi.json."""
+
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    """Raised when a route exists but not with the request's method (the Allow header lists those it takes)."""
+
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
 
 
 class NoProvider(GatewayError):

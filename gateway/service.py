@@ -473,14 +473,16 @@ class Gateway:
         self.standings[provider_key] = replace(standing, last_placed_ms=now_ms())
 
 
+PROMPT_BYTES_MAX = node_limits.REQUEST_FRAME_BYTES_MAX - limits.REQUEST_FRAME_OVERHEAD_BYTES_MAX
+
+
 def check_fits_a_request_frame(prompt: dict) -> None:
     """Refuse (400, before placement) a prompt no provider would take: the request frame (ticket, salt, prompt) must
     stay within node.limits.REQUEST_FRAME_BYTES_MAX, or every provider tried would drop the stream and be backed
     off for the tenant's mistake."""
-    size = len(canonical.encode(prompt)) + limits.REQUEST_FRAME_OVERHEAD_BYTES_MAX
-    if size > node_limits.REQUEST_FRAME_BYTES_MAX:
-        raise BadRequest(f"the prompt is {size - limits.REQUEST_FRAME_OVERHEAD_BYTES_MAX} bytes encoded; providers "
-                         f"accept at most {node_limits.REQUEST_FRAME_BYTES_MAX - limits.REQUEST_FRAME_OVERHEAD_BYTES_MAX}",
+    size = len(canonical.encode(prompt))
+    if size > PROMPT_BYTES_MAX:
+        raise BadRequest(f"the prompt is {size} bytes encoded; providers accept at most {PROMPT_BYTES_MAX}",
                          param="messages")
 
 

@@ -30,7 +30,7 @@ from llorch.ledger.objects import amount_minor
 from llorch.ledger.signing import SigningKey
 from llorch.ledger.store import LedgerStore
 from llorch.node.config import NodeConfig
-from llorch.node.p2p import running_host
+from llorch.node.p2p import P2P, running_host
 from llorch.node.register import build_registration
 from llorch.node.run import build_attestation
 from llorch.node.service import EnginePool, ProviderService
@@ -41,7 +41,8 @@ from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID
 from llorch.node.wire.ledger_protocol import LEDGER_PROTOCOL_ID
 from llorch.node.wire.registration import Registration
 from llorch.inference import catalog
-from tests.fakes import FakeEngine, ShortEngine, StallingEngine
+from llorch.inference.echo import EchoEngine
+from tests.fakes import ShortEngine, StallingEngine
 from tests.helpers import MODEL_ID
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -80,6 +81,14 @@ class Provider:
     service: ProviderService
     ledger: LedgerStore
     attestation: Attestation
+    p2p: P2P | None = None
+    pool: EnginePool | None = None
+
+    def attest(self) -> Attestation:
+        """A fresh attestation (next seq, current capacity), as the node's re-attestation loop signs one."""
+        self.attestation = Attestation.from_envelope(build_attestation(
+            self.config, self.key, self.p2p, self.pool, self.attestation.seq + 1, now_ms()))
+        return self.attestation
 
 
 @dataclass
@@ -101,6 +110,14 @@ class Market:
         for provider in self.providers.values():
             await provider.ledger.sign_checkpoint()
             assert await witness.witness(provider.key.public_key, list(provider.attestation.addrs)) is not None
+
+    async def attest_forever(self, interval_s: float = 1.0) -> None:
+        """Every provider re-attests every ``interval_s`` (attestations expire after 3 intervals of the node's
+        config): for tests that run longer than that."""
+        while True:
+            await trio.sleep(interval_s)
+            for provider in self.providers.values():
+                self.gateway.directory.observe(provider.attest())
 
     async def reconcile(self, post: bool = False, grace_ms: int = 0):
         return await reconcile(self.database, self.key.public_key, None, now_ms(), grace_ms, post)
@@ -131,7 +148,8 @@ async def market_gateway(workdir, gateway_key: SigningKey, gateway_options: dict
 async def market(tmp_path, providers: dict[str, dict], tenants: dict[str, dict] | None = None,
                  gateway_options: dict | None = None):
     """``providers``: name → {"cls": ProviderService subclass, "claims": {...}, "delay_s": float, "slots": int,
-    "price_in": int, "price_out": int}. ``tenants``: name → TenantBook.add options (tier, budget_minor, ...)."""
+    "price_in": int, "price_out": int, "model": catalog id, "tokens": int, "stall": (tokens, seconds)}.
+    ``tenants``: name → TenantBook.add options (tier, budget_minor, ...)."""
     gateway_key = SigningKey.generate()
     async with AsyncExitStack() as stack:
         built = await stack.enter_async_context(market_gateway(tmp_path, gateway_key, gateway_options))
@@ -159,7 +177,7 @@ async def market(tmp_path, providers: dict[str, dict], tenants: dict[str, dict] 
             registration = build_registration(node_config, key, p2p.addrs()[0])
             await gateway.providers.register(Registration.from_envelope(registration), registration, now_ms())
             await gateway.providers.set_status(key.peer_id, "approved")
-            built.providers[name] = Provider(name, key, node_config, service, ledger, attestation)
+            built.providers[name] = Provider(name, key, node_config, service, ledger, attestation, p2p, pool)
         for name, options in (tenants or {"acme": {}}).items():
             await gateway.tenants.add(name, options.get("tier", "hobby"), options.get("budget_minor"),
                                       options.get("eu_only", False), options.get("require_determinism", False),
@@ -168,13 +186,14 @@ async def market(tmp_path, providers: dict[str, dict], tenants: dict[str, dict] 
 
 
 def engine_for(spec: dict):
-    """The test-only engine a provider spec asks for: echo, stopping early ("tokens") or stalling ("stall")."""
-    entry, delay_s = catalog.lookup(MODEL_ID), spec.get("delay_s", 0.0)
+    """The test-only engine a provider spec asks for: echo (of catalog model "model", the default one unless
+    given), stopping early ("tokens") or stalling ("stall")."""
+    entry, delay_s = catalog.lookup(spec.get("model", MODEL_ID)), spec.get("delay_s", 0.0)
     if "tokens" in spec:
         return ShortEngine(entry, delay_s, spec["tokens"])
     if "stall" in spec:
         return StallingEngine(entry, delay_s, *spec["stall"])
-    return FakeEngine(delay_s)
+    return EchoEngine(entry, delay_s)
 
 
 def provider_prices(cls, node_config: NodeConfig) -> dict:
@@ -199,3 +218,21 @@ def cancel_after(pieces: int):
             await trio.sleep(0)        # the disconnect is noticed at the next checkpoint
 
     return on_text, scope, seen
+
+
+@asynccontextmanager
+async def serving_http(gateway: Gateway):
+    """The gateway's HTTP API (gateway/api/http_api.py) served by hypercorn on 127.0.0.1, an ephemeral port, in this
+    trio run, as `llorch gateway start` serves it. Yields the base URL (``http://127.0.0.1:PORT``)."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve
+
+    from llorch.gateway.api.http_api import build_app
+
+    http = HypercornConfig()
+    http.bind = ["127.0.0.1:0"]
+    http.accesslog = None
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(lambda task_status: serve(build_app(gateway), http, task_status=task_status))
+        yield bound[0]
+        nursery.cancel_scope.cancel()

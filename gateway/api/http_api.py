@@ -1,7 +1,9 @@
-"""The OpenAI-compatible HTTP surface: GET /v1/models, POST /v1/chat/completions (JSON or SSE), GET /healthz.
+"""The HTTP surface: the OpenAI-compatible routes (GET /v1/models, POST /v1/chat/completions and /v1/completions, JSON
+or SSE), llorch's own /v2 routes, /healthz and /metrics.
 
-Handlers are thin: parse (gateway/api/openai_api.py), call Gateway.complete (gateway/service.py), shape the answer.
-Every error is OpenAI's error shape with a specific message.
+Handlers are thin: read and parse the body (gateway/api/body.py, openai_api.py), call Gateway.complete
+(gateway/service.py), shape the answer. Every error is OpenAI's error shape with a specific message. Each route
+declares its body, responses and security for the OpenAPI document (gateway/api/openapi.py, GET /openapi.json).
 """
 
 from __future__ import annotations
@@ -11,18 +13,27 @@ import logging
 import re
 import secrets
 import time
+from typing import Annotated
 
 import trio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from llorch.gateway.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, UNMATCHED_ROUTE
 from llorch.gateway import limits
-from llorch.gateway.errors import BadRequest, GatewayError
-from llorch.gateway.api.openai_api import ChatRequest, CompletionRequest, parse_chat_request
+from llorch.gateway.api.body import parse_json, read_body_capped
+from llorch.gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
+from llorch.gateway.api.openai_api import (STREAM_DESCRIPTION, ChatCompletion, ChatCompletionChunk, ChatRequest,
+                                           CompletionRequest, ModelList, TextCompletion, TextCompletionChunk,
+                                           parse_chat_request)
+from llorch.gateway.api.openapi import (BEARER, Health, ProviderCapacity, ProviderList, ProviderRecord, ReceiptProof,
+                                        RegistrationBody, Statement, errors, event_stream, openapi_document,
+                                        request_body)
 from llorch.gateway.market.providers import parse_registration_body, record_json
-from llorch.gateway.service import Completion, Gateway, new_request_id
+from llorch.gateway.service import PROMPT_BYTES_MAX, Completion, Gateway, new_request_id
 from llorch.node.stream_io import now_ms
 
 log = logging.getLogger("llorch.gateway")
@@ -62,18 +73,6 @@ def llorch_extension(completion: Completion) -> dict:
     return {"request_id": completion.request_id, "provider": completion.provider_peer_id, "seed": completion.seed,
             "prompt_salt": completion.salt.hex(), "amount": completion.charge.charge,
             "provider_amount": completion.charge.payout, "currency": receipt.currency}
-
-
-async def read_body_capped(request: Request, bytes_max: int = limits.HTTP_BODY_BYTES_MAX) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > bytes_max:
-        raise BadRequest(f"request body is {declared} bytes; the limit is {bytes_max}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > bytes_max:
-            raise BadRequest(f"request body exceeds {bytes_max} bytes")
-    return bytes(body)
 
 
 class ChatStreamResponse(Response):
@@ -165,35 +164,62 @@ async def _no_receive() -> dict:
 
 def build_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="llorch gateway", version="0.1.0",
-                  description="OpenAI-compatible gateway to the llorch peer-to-peer inference market.")
+                  description="OpenAI-compatible gateway to the llorch peer-to-peer inference market.",
+                  generate_unique_id_function=lambda route: route.name)
     app.add_middleware(RequestIdMiddleware, gateway=gateway)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, error: GatewayError) -> JSONResponse:
         return error_response(error)
 
-    @app.get("/healthz")
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own answers (no route, wrong method) in OpenAI's error shape too."""
+        method, path = request.method, request.url.path
+        if error.status_code == 405:
+            response = error_response(MethodNotAllowed(f"method {method} is not allowed on {path}"))
+            response.headers.update(error.headers or {})
+            return response
+        if error.status_code == 404:
+            return error_response(NotFound(f"no route for {method} {path}: the API is described at /openapi.json"))
+        return error_response(BadRequest(f"{error.detail}"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        """A path or query parameter the route's signature refuses: a 400 naming it, as the handlers' own checks."""
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"][1:]) or None
+        return error_response(BadRequest(f"invalid {param or 'request'}: {first['msg']}", param=param))
+
+    @app.get("/healthz", response_model=None, responses={200: {"model": Health, "description": "Alive."}})
     async def healthz() -> dict:
         return {"status": "ok", "providers": len(gateway.directory.fresh(now_ms())),
                 "models": gateway.offered_models()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: METRICS_ANSWER})
     async def metrics() -> Response:
         views = await gateway.provider_views()
         text = gateway.metrics.render(len(views), sum(v.approved for v in views), gateway.directory.pending())
         return Response(text, headers={"content-type": METRICS_CONTENT_TYPE})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, openapi_extra=BEARER,
+             responses={200: {"model": ModelList, "description": "Models on offer now."}, **errors(401)})
     async def list_models(request: Request) -> dict:
         tenant = await gateway.authenticate(request.headers.get("authorization"))
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "llorch"}
                                            for model_id in gateway.offered_models() if tenant.allows(model_id)]}
 
-    @app.post("/v1/chat/completions")
+    completion_errors = errors(400, 401, 402, 403, 404, 429, 502, 503)
+
+    @app.post("/v1/chat/completions", response_model=None,
+              openapi_extra={**BEARER, **request_body(ChatRequest, CHAT_BODY)},
+              responses={200: completion_answer(ChatCompletion, ChatCompletionChunk), **completion_errors})
     async def chat_completions(request: Request):
         return await serve_completion(request, ChatRequest)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None,
+              openapi_extra={**BEARER, **request_body(CompletionRequest, COMPLETION_BODY)},
+              responses={200: completion_answer(TextCompletion, TextCompletionChunk), **completion_errors})
     async def text_completions(request: Request):
         return await serve_completion(request, CompletionRequest)
 
@@ -212,25 +238,28 @@ def build_app(gateway: Gateway) -> FastAPI:
         return JSONResponse(completion_body(chat, completion, int(time.time())),
                             headers={"x-llorch-provider": completion.provider_peer_id})
 
-    @app.post("/v2/platform/providers/register")
+    @app.post("/v2/platform/providers/register", response_model=None,
+              openapi_extra=request_body(RegistrationBody, f"At most {REGISTRATION_BODY_BYTES_MAX} bytes."),
+              responses={200: {"model": ProviderRecord, "description": "A newer registration of a known provider."},
+                         201: {"model": ProviderRecord, "description": "A new provider, pending approval."},
+                         **errors(400)})
     async def register_provider(request: Request) -> JSONResponse:
-        body = await read_body_capped(request, REGISTRATION_BODY_BYTES_MAX)
-        try:
-            document = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        document = parse_json(await read_body_capped(request, REGISTRATION_BODY_BYTES_MAX))
         registration, envelope = parse_registration_body(document, now_ms())
         source = request.client.host if request.client else None
         record = await gateway.providers.register(registration, envelope, now_ms(), source)
         return JSONResponse(record_json(record), status_code=201 if record.status == "pending" else 200)
 
-    @app.get("/v2/platform/providers")
+    @app.get("/v2/platform/providers", response_model=None, openapi_extra=BEARER,
+             responses={200: {"model": ProviderList, "description": "Every registration."}, **errors(401)})
     async def list_providers(request: Request) -> dict:
         await gateway.authenticate(request.headers.get("authorization"))
         return {"providers": [record_json(r) for r in await gateway.providers.all()]}
 
-    @app.get("/v2/platform/providers/{provider_id}/capacity")
-    async def provider_capacity(provider_id: str, request: Request) -> dict:
+    @app.get("/v2/platform/providers/{provider_id}/capacity", response_model=None, openapi_extra=BEARER,
+             responses={200: {"model": ProviderCapacity, "description": "Live capacity."}, **errors(401, 404)})
+    async def provider_capacity(provider_id: Annotated[str, Path(description="The provider's peer id.")],
+                                request: Request) -> dict:
         await gateway.authenticate(request.headers.get("authorization"))
         record = await gateway.providers.get(provider_id)
         if record is None:
@@ -244,17 +273,23 @@ def build_app(gateway: Gateway) -> FastAPI:
                 "estimated_wait_ms": attestation.wait_ms, "engine_build": attestation.engine_build,
                 "as_of_ms": attestation.issued_ms}
 
-    @app.get("/v2/billing/usage")
-    async def billing_usage(request: Request) -> dict:
+    @app.get("/v2/billing/usage", response_model=None, openapi_extra=BEARER,
+             responses={200: {"model": Statement, "description": "The statement."}, **errors(400, 401)})
+    async def billing_usage(request: Request, period: Annotated[str | None, Query(
+            description="YYYY-MM (UTC); the current month when absent.",
+            json_schema_extra={"pattern": PERIOD.pattern})] = None) -> dict:
         """The calling tenant's own statement for a period (never another tenant's)."""
         tenant = await gateway.authenticate(request.headers.get("authorization"))
-        period = request.query_params.get("period") or time.strftime("%Y-%m", time.gmtime())
-        if not PERIOD.match(period):
+        period = time.strftime("%Y-%m", time.gmtime()) if period is None else period
+        if not PERIOD.fullmatch(period):
             raise BadRequest("period must be YYYY-MM", param="period")
         return await gateway.books.statement("tenant", tenant.name, period)
 
-    @app.get("/v2/receipts/{request_id}")
-    async def receipt_lookup(request_id: str, request: Request) -> dict:
+    @app.get("/v2/receipts/{request_id}", response_model=None, openapi_extra=BEARER,
+             responses={200: {"model": ReceiptProof, "description": "The receipt and its proof."},
+                        **errors(401, 404)})
+    async def receipt_lookup(request_id: Annotated[str, Path(description="`llorch.request_id` of a response.")],
+                             request: Request) -> dict:
         """A receipt of the calling tenant, with the provider's cosigned checkpoint and the inclusion proof."""
         tenant = await gateway.authenticate(request.headers.get("authorization"))
         document = await gateway.receipt_proof(tenant, request_id)
@@ -262,15 +297,32 @@ def build_app(gateway: Gateway) -> FastAPI:
             raise NotFound(f"no receipt {request_id} for this API key")
         return document
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_document(app)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
-PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+PERIOD = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")     # fullmatch: no trailing newline, ASCII digits only
+CHAT_BODY = (f"OpenAI's chat-completions body, the subset llorch serves: any other field is a 400 naming it. At most "
+             f"{limits.HTTP_BODY_BYTES_MAX} bytes, and the prompt at most {PROMPT_BYTES_MAX} bytes encoded.")
+COMPLETION_BODY = CHAT_BODY.replace("chat-completions body", "(legacy) completions body: a raw prompt, no template")
+
+
 REGISTRATION_BODY_BYTES_MAX = 16 * 1024
+METRICS_ANSWER = {"description": "Prometheus text format 0.0.4.", "content": {"text/plain": {"schema": {
+    "type": "string"}}}}
 
 
-class NotFound(GatewayError):
-    status, type, code = 404, "invalid_request_error", "not_found"
+def completion_answer(model, chunk) -> dict:
+    """The 200 of a completion route: JSON, or server-sent events with `stream: true`."""
+    return {"model": model, "description": "The completion, or its stream.",
+            "content": event_stream(chunk, STREAM_DESCRIPTION),
+            "headers": {"X-Llorch-Provider": {"description": "The peer id of the provider that served it.",
+                                              "required": True, "schema": {"type": "string"}}}}
 
 
 class RequestIdMiddleware:

@@ -6,48 +6,70 @@ downstream sees a float.
 
 from __future__ import annotations
 
-import json
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
 
 from llorch.gateway import limits
+from llorch.gateway.api.body import parse_json_object
 from llorch.gateway.errors import BadRequest
+from llorch.node.models import DEFAULT_MODEL_ID, catalog_model_ids
 from llorch.node.wire.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
 
 
+STRICT = ConfigDict(extra="forbid", strict=True)    # a JSON string is never a number, 1.0 never an integer
+
+
+def _json_boolean(value):
+    """Literal[False] alone accepts 0 and 0.0 even in strict mode (0 == False): the JSON must say false."""
+    if not isinstance(value, bool):
+        raise PydanticCustomError("bool_type", "Input should be a valid boolean")
+    return value
+
+
+JsonFalse = Annotated[Literal[False], BeforeValidator(_json_boolean)]
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=200_000)
     name: str | None = Field(default=None, max_length=64)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class LlorchExtension(BaseModel):
     """Optional llorch fields of a request body (`extra_body={"llorch": {...}}` in the OpenAI SDK)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     max_price_in_per_1m: int | None = Field(default=None, ge=0, le=10**12)
     max_price_out_per_1m: int | None = Field(default=None, ge=0, le=10**12)
+
+
+STOP_TEXT_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 64}
+STOP_SCHEMA = {"anyOf": [STOP_TEXT_SCHEMA, {"type": "array", "items": STOP_TEXT_SCHEMA, "maxItems": 4},
+                         {"type": "null"}],
+               "description": "Up to 4 sequences (1-64 characters each) where generation stops."}
 
 
 class SamplingFields(BaseModel):
     """What chat and text completion requests share: model, sampling, limits, streaming, the llorch extension."""
 
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1, max_length=128)
+    model_config = STRICT
+    model: str = Field(min_length=1, max_length=128, json_schema_extra={"enum": catalog_model_ids()},
+                       description="A catalog model id (GET /v1/models lists those on offer now); another is a 404.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_SCHEMA)] = None
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = Field(default=None, max_length=256)
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
@@ -78,6 +100,10 @@ class SamplingFields(BaseModel):
 class ChatRequest(SamplingFields):
     """The subset of OpenAI's chat-completions body llorch serves; anything else is a 400 naming the field."""
 
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{
+        "model": DEFAULT_MODEL_ID, "messages": [{"role": "system", "content": "Answer briefly."},
+                                                {"role": "user", "content": "Name a prime number."}],
+        "max_tokens": 16, "temperature": 0.7, "seed": 42, "stream": False}]})
     messages: list[Message] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_MAX)
 
@@ -89,8 +115,12 @@ class ChatRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     """OpenAI's (legacy) completions body: a raw text prompt, no chat template."""
 
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [{
+        "model": DEFAULT_MODEL_ID, "prompt": "The three primary colours are", "max_tokens": 16, "seed": 7,
+        "stream": True, "stream_options": {"include_usage": True}, "stop": ["\n"]}]})
+
     prompt_text: str = Field(alias="prompt", min_length=1, max_length=200_000)
-    echo: Literal[False] = False
+    echo: JsonFalse = False
     best_of: int = Field(default=1, ge=1, le=1)
     logprobs: None = None
     suffix: None = None
@@ -103,15 +133,146 @@ def parse_chat_request(body: bytes, model: type = ChatRequest):
     """Parse a request body into ``model``; raise BadRequest naming the offending field."""
     if len(body) > limits.HTTP_BODY_BYTES_MAX:
         raise BadRequest(f"request body is {len(body)} bytes; the limit is {limits.HTTP_BODY_BYTES_MAX}")
-    try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise BadRequest("request body must be a JSON object")
+    document = parse_json_object(body)
     try:
         return model.model_validate(document)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         raise BadRequest(f"invalid {param or 'body'}: {first['msg']}", param=param) from None
+
+
+# Response shapes (documentation of what gateway/api/http_api.py writes; the schemathesis test holds them to it) ----
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What is wrong and, where there is one, the remedy.")
+    type: str = Field(description="OpenAI's error type: invalid_request_error, insufficient_quota, ...")
+    param: str | None = Field(description="The request field at fault (dotted path), if one is.")
+    code: str | None = Field(description="llorch's specific code: invalid_request, invalid_api_key, no_provider, ...")
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape; every error the gateway answers has it."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    """The billed counts: the provider's claims bounded by the gateway's own measurements."""
+
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class LlorchBill(BaseModel):
+    """What a customer needs to check the bill later (docs/operating.md, "As a customer")."""
+
+    request_id: str = Field(description="The receipt's request id: GET /v2/receipts/{request_id}.")
+    provider: str = Field(description="The provider's libp2p peer id.")
+    seed: int = Field(ge=0, description="The seed used (the gateway picks one when the request has none).")
+    prompt_salt: str = Field(pattern="^[0-9a-f]{32}$", description="Hex; keep it to prove which prompt the "
+                             "receipt commits to.")
+    amount: int = Field(ge=0, description="What the tenant pays, in minor units (micro-euros).")
+    provider_amount: int = Field(ge=0, description="The provider's payout, in minor units.")
+    currency: str = Field(pattern="^[A-Z]{3}$")
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: Literal[0]
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None
+
+
+class TextChoice(BaseModel):
+    index: Literal[0]
+    text: str
+    finish_reason: FinishReason
+    logprobs: None
+
+
+class CompletionShared(BaseModel):
+    id: str
+    created: int = Field(description="Unix seconds.")
+    model: str
+    system_fingerprint: str = Field(description="The engine build (determinism class) that produced the text.")
+    usage: Usage
+    llorch: LlorchBill
+
+
+class ChatCompletion(CompletionShared):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice] = Field(min_length=1, max_length=1)
+
+
+class TextCompletion(CompletionShared):
+    object: Literal["text_completion"]
+    choices: list[TextChoice] = Field(min_length=1, max_length=1)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """The catalog models some fresh provider offers right now, among those the tenant may use."""
+
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = Field(default=None, description="Only in the first chunk.")
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: Literal[0]
+    delta: Delta
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class ChunkShared(BaseModel):
+    id: str = Field(description="The same in every chunk of a stream: the completion id.")
+    created: int
+    model: str
+    system_fingerprint: str | None = Field(default=None, description="In the last chunk.")
+    llorch: LlorchBill | None = Field(default=None, description="In the last chunk.")
+    usage: Usage | None = Field(default=None, description="With stream_options.include_usage: in a chunk of its "
+                                                          "own, with no choices, after the last one.")
+
+
+class ChatCompletionChunk(ChunkShared):
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice] = Field(max_length=1)
+
+
+class TextChunkChoice(BaseModel):
+    index: Literal[0]
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class TextCompletionChunk(ChunkShared):
+    object: Literal["text_completion"]
+    choices: list[TextChunkChoice] = Field(max_length=1)
+
+
+STREAM_DESCRIPTION = (
+    "With `stream: true`: server-sent events, each `data: <JSON>` and a blank line, ending with `data: [DONE]`. "
+    "The last chunk has `finish_reason`, `system_fingerprint` and `llorch`; with `stream_options.include_usage` "
+    "one more chunk carries `usage` and no choices. An error after the first token arrives as `data: <error "
+    "body>`; an error before it is an ordinary JSON error response with its status.")

@@ -4,7 +4,6 @@ database. Only approved providers are placed on; only certified EU providers cou
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from dataclasses import dataclass, replace
 
@@ -57,7 +56,7 @@ def parse_registration_body(body: dict, now_ms: int) -> tuple[Registration, byte
         raise BadRequest('body must be {"registration": "<base64 of the signed registration>"}', "registration")
     try:
         envelope = base64.b64decode(body["registration"], validate=True)
-    except binascii.Error:
+    except ValueError:                 # binascii.Error, or a character outside ASCII
         raise BadRequest("registration is not base64", "registration") from None
     try:
         registration = Registration.from_envelope(envelope)

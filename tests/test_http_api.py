@@ -1,0 +1,133 @@
+"""Hostile HTTP input against a live gateway (hypercorn on loopback, real SQLite, a real libp2p host, a provider
+behind it): each test is one request that once got a 500, a wrong answer or an undocumented shape. Every bad request
+gets a specific 4xx in OpenAI's error shape and changes nothing: no ticket, no posting, no receipt, no registration.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import pytest
+
+from llorch.node.stream_io import now_ms
+from tests.helpers import MODEL_ID
+from tests.inprocess import market, serving_http
+
+TABLES = ("tickets", "postings", "receipts", "findings", "providers", "tenants")
+
+
+@pytest.fixture
+async def live(tmp_path):
+    """(market, client): the client carries a valid tenant API key."""
+    async with market(tmp_path, {"p1": {}}) as built, serving_http(built.gateway) as base_url:
+        api_key = await built.gateway.tenants.add("hostile", "hobby", None, False, False, None, None, None, now_ms())
+        async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"},
+                                     timeout=30) as client:
+            yield built, client
+
+
+async def table_counts(built) -> dict[str, int]:
+    return {table: (await built.rows(f"SELECT COUNT(*) FROM {table}"))[0][0] for table in TABLES}
+
+
+async def refused(built, client, method: str, path: str, status: int, message: str, **request) -> dict:
+    """Send one request; check it got ``status`` in OpenAI's error shape with ``message`` in its text, and that no
+    table of the gateway database changed. Returns the error object."""
+    before = await table_counts(built)
+    response = await client.request(method, path, **request)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert message in error["message"], error
+    assert await table_counts(built) == before
+    return error
+
+
+def chat_body(**fields) -> dict:
+    return {"model": MODEL_ID, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, **fields}
+
+
+async def test_an_integer_longer_than_python_parses_is_a_400(live):
+    built, client = live
+    body = json.dumps(chat_body()).encode()[:-1] + b', "seed": ' + b"9" * 5000 + b"}"
+    error = await refused(built, client, "POST", "/v1/chat/completions", 400, "request body is not valid JSON",
+                          content=body)
+    assert "4300 digits" in error["message"]
+
+
+async def test_json_nested_deeper_than_the_parser_allows_is_a_400(live):
+    built, client = live
+    await refused(built, client, "POST", "/v1/completions", 400, "request body nests JSON deeper than",
+                  content=b"[" * 100_000 + b"]" * 100_000)
+
+
+async def test_nan_and_infinity_are_not_json(live):
+    built, client = live
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        body = json.dumps(chat_body()).encode()[:-1] + b', "temperature": ' + constant + b"}"
+        error = await refused(built, client, "POST", "/v1/chat/completions", 400,
+                              f"request body is not valid JSON: {constant.decode()} is not a JSON number",
+                              content=body)
+        assert error["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", "0.5", "invalid temperature: Input should be a valid number"),
+    ("max_tokens", "2", "invalid max_tokens: Input should be a valid integer"),
+    ("stream", "false", "invalid stream: Input should be a valid boolean"),
+    ("seed", 1.0, "invalid seed: Input should be a valid integer"),
+    ("max_tokens", True, "invalid max_tokens: Input should be a valid integer"),
+])
+async def test_a_value_of_the_wrong_json_type_is_refused_not_coerced(live, field, value, message):
+    """The document says number, integer, boolean: a string "0.5" or a float 1.0 is not one, and the ticket must not
+    carry a value the customer did not write."""
+    built, client = live
+    error = await refused(built, client, "POST", "/v1/chat/completions", 400, message, json=chat_body(**{field: value}))
+    assert error["param"] == field
+
+
+@pytest.mark.parametrize("echo", [0, 0.0])
+async def test_echo_zero_is_not_false(live, echo):
+    """`echo` must be the JSON boolean false: pydantic's Literal[False] alone let 0 and 0.0 through."""
+    built, client = live
+    error = await refused(built, client, "POST", "/v1/completions", 400,
+                          "invalid echo: Input should be a valid boolean",
+                          json={"model": MODEL_ID, "prompt": "hello", "max_tokens": 2, "echo": echo})
+    assert error["param"] == "echo"
+
+
+async def test_a_registration_that_is_not_ascii_is_a_400(live):
+    built, client = live
+    error = await refused(built, client, "POST", "/v2/platform/providers/register", 400,
+                          "registration is not base64", json={"registration": "é" * 8})
+    assert error["param"] == "registration"
+
+
+async def test_a_registration_body_with_a_huge_integer_or_deep_nesting_is_a_400(live):
+    built, client = live
+    await refused(built, client, "POST", "/v2/platform/providers/register", 400, "request body is not valid JSON",
+                  content=b"9" * 5000)
+    await refused(built, client, "POST", "/v2/platform/providers/register", 400, "request body nests JSON deeper",
+                  content=b"[" * 8000 + b"]" * 8000)
+    valid_base64 = base64.b64encode(b"not a registration").decode()
+    await refused(built, client, "POST", "/v2/platform/providers/register", 400, "registration is malformed",
+                  json={"registration": valid_base64})
+
+
+@pytest.mark.parametrize("period", ["2026-01\n", "\u0662\u0660\u0662\u0666-01", "", "2026-1", "2026-13"])
+async def test_a_period_is_four_ascii_digits_a_dash_and_a_month(live, period):
+    built, client = live
+    error = await refused(built, client, "GET", "/v2/billing/usage", 400, "period must be YYYY-MM",
+                          params={"period": period})
+    assert error["param"] == "period"
+
+
+async def test_a_path_that_matches_no_route_answers_in_the_openai_error_shape(live):
+    built, client = live
+    error = await refused(built, client, "GET", "/v2/platform/providers/a%2Fb/capacity", 404, "no route")
+    assert error["code"] == "not_found"
+    error = await refused(built, client, "DELETE", "/v1/models", 405, "method DELETE")
+    assert error["code"] == "method_not_allowed"
