@@ -1,6 +1,8 @@
 """Every size, count and duration the gateway enforces, with its unit in its name."""
 
 HTTP_BODY_BYTES_MAX = 1024 * 1024         # a chat request body
+HTTP_BODY_DRAIN_BYTES_MAX = 32 * 1024 * 1024  # an oversized body is read and dropped up to this, to answer cleanly
+HTTP_BODY_DRAIN_TIMEOUT_S = 5.0
 REQUEST_FRAME_OVERHEAD_BYTES_MAX = 8 * 1024   # ticket, salt and framing around the prompt in a request frame
 TICKET_LIFETIME_MS = 60_000               # a ticket must be used within this long
 PLACEMENT_ATTEMPTS_MAX = 4                # providers tried per request before giving up

@@ -6,7 +6,8 @@ So a node announces, in this order of preference:
 
 1. ``announce_addrs`` from node.toml, exactly (an operator who forwarded a port, or a public host, says so);
 2. otherwise its listen addresses that name a specific interface: never the unspecified ``0.0.0.0`` / ``::``, and
-   loopback only when every gateway it bootstraps to is on loopback too (a demo or a test on one machine).
+   loopback only when every gateway it bootstraps to is on loopback too (a demo or a test on one machine; also a
+   node with no bootstrap, which only a local test dials).
 
 Every announced address ends in ``/p2p/<the node's peer id>``. Announcing nothing is valid (protocol.md §5): the
 node is then reachable only over its own connections.
@@ -47,7 +48,7 @@ def announced_addrs(config, listening: list[str], peer_id: str) -> list[str]:
     if config.announce_addrs:
         chosen = list(config.announce_addrs)
     else:
-        local = bool(config.bootstrap) and all(is_loopback_addr(addr) for addr in config.bootstrap)
+        local = all(is_loopback_addr(addr) for addr in config.bootstrap)      # no bootstrap: a lone test node
         chosen = [addr for addr in listening
                   if not is_unspecified_addr(addr) and (local or not is_loopback_addr(addr))]
     suffix = f"/p2p/{peer_id}"

@@ -131,3 +131,4 @@ async def test_a_path_that_matches_no_route_answers_in_the_openai_error_shape(li
     assert error["code"] == "not_found"
     error = await refused(built, client, "DELETE", "/v1/models", 405, "method DELETE")
     assert error["code"] == "method_not_allowed"
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import trio
 from starlette.requests import Request
 
 from llorch.gateway import limits
@@ -15,16 +16,29 @@ from llorch.gateway.errors import BadRequest
 
 
 async def read_body_capped(request: Request, bytes_max: int = limits.HTTP_BODY_BYTES_MAX) -> bytes:
-    """The request body, refused with BadRequest as soon as it is known to exceed ``bytes_max``."""
+    """The request body, refused with BadRequest once it is known to exceed ``bytes_max``. The rest of an oversized
+    body is read and dropped first (at most HTTP_BODY_DRAIN_BYTES_MAX, for HTTP_BODY_DRAIN_TIMEOUT_S), so a client
+    still sending it reads the error instead of a reset connection; anything bigger or slower is cut off."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > bytes_max:
+        if int(declared) <= limits.HTTP_BODY_DRAIN_BYTES_MAX:
+            await _drain(request, 0)
         raise BadRequest(f"request body is {declared} bytes; the limit is {bytes_max}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > bytes_max:
+            await _drain(request, len(body))
             raise BadRequest(f"request body exceeds {bytes_max} bytes")
     return bytes(body)
+
+
+async def _drain(request: Request, already: int) -> None:
+    with trio.move_on_after(limits.HTTP_BODY_DRAIN_TIMEOUT_S):
+        async for chunk in request.stream():
+            already += len(chunk)
+            if already > limits.HTTP_BODY_DRAIN_BYTES_MAX:
+                return
 
 
 def parse_json(body: bytes):
