@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from llorch.gateway import limits
 from llorch.gateway.errors import BadRequest, GatewayError
 from llorch.gateway.api.openai_api import ChatRequest, CompletionRequest, parse_chat_request
-from llorch.gateway.market.providers import parse_registration_body, record_json
+from llorch.gateway.market.providers import parse_registration_request, record_json
 from llorch.gateway.service import Completion, Gateway, new_request_id
 from llorch.node.stream_io import now_ms
 
@@ -212,11 +212,7 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.post("/v2/platform/providers/register")
     async def register_provider(request: Request) -> JSONResponse:
         body = await read_body_capped(request, REGISTRATION_BODY_BYTES_MAX)
-        try:
-            document = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
-        registration, envelope = parse_registration_body(document, now_ms())
+        registration, envelope = parse_registration_request(body, now_ms())
         record = await gateway.providers.register(registration, envelope, now_ms())
         return JSONResponse(record_json(record), status_code=201 if record.status == "pending" else 200)
 

@@ -47,6 +47,15 @@ class ProviderRecord:
         return self.status == "approved"
 
 
+def parse_registration_request(body: bytes, now_ms: int) -> tuple[Registration, bytes]:
+    """Parse the HTTP body of `POST /v2/platform/providers/register`; raise BadRequest naming what is wrong."""
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    return parse_registration_body(document, now_ms)
+
+
 def parse_registration_body(body: dict, now_ms: int) -> tuple[Registration, bytes]:
     """Parse `{"registration": base64}`; verify the signature; raise BadRequest naming what is wrong."""
     if not isinstance(body, dict) or set(body) != {"registration"} or not isinstance(body["registration"], str):
