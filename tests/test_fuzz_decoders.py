@@ -211,6 +211,20 @@ def test_canonical_decode_accepts_only_canonical_bytes(data):
         assert canonical.encode(value) == data
 
 
+surrogate_text = st.text(alphabet=st.characters(categories=["Cs", "Ll", "Nd"]), max_size=4)
+
+
+@FUZZ
+@given(st.recursive(any_value | surrogate_text, lambda children: st.lists(children, max_size=3) | st.dictionaries(
+    st.text(max_size=4) | surrogate_text, children, max_size=3), max_leaves=8))
+@example({"\ud800": 1})                 # UnicodeEncodeError while sorting keys
+@example(["\udfff"])                    # UnicodeEncodeError from msgpack
+def test_canonical_encode_refuses_what_has_no_encoding(value):
+    data = accepted_or_refused(canonical.encode, value, EncodingError)
+    if data is not None:
+        assert canonical.decode(data) == value
+
+
 @FUZZ
 @given(byte_inputs(RECEIPT_BYTES, canonical.decode(RECEIPT_BYTES)) | loose_envelopes(RECEIPT_BYTES)
        | plausible_envelopes("receipt", RECEIPT_PAYLOAD))
