@@ -324,6 +324,47 @@ def note_inputs(valid: bytes):
                      st.builds(lambda t: t.encode("utf-8", "surrogatepass"), arbitrary_text))
 
 
+@FUZZ
+@given(note_inputs(COSIGNED))
+@example("o\n1\nAAAA\n\n\u2014 n \u00e9\n".encode())                            # non-ASCII base64
+@example(COSIGNED.replace(b"\n\xe2\x80\x94 llorch-w", b"\xe2\x80\xa8\xe2\x80\x94 llorch-w"))   # U+2028 between lines
+def test_parse_note(data):
+    note = accepted_or_refused(parse_note, data, NoteError)
+    if note is not None:
+        assert note.to_bytes() == data
+
+
+@FUZZ
+@given(arbitrary_text | st.builds(lambda b: b.decode("utf-8", "replace"), note_texts())
+       | st.builds(lambda parts: "\n".join(parts) + "\n", st.lists(st.text(max_size=50), max_size=4)))
+@example("o\n\u0663\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n")          # an Arabic-Indic digit
+@example("o\n\u00b2\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n")          # a superscript digit
+@example("o\n" + "9" * 5000 + "\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n")   # a size Python refuses to parse
+@example("o\n1\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAB=\n")                # non-zero padding bits
+@example("o\n1\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\nextension\n")     # a line the parser dropped
+def test_parse_checkpoint_text(text):
+    checkpoint = accepted_or_refused(parse_checkpoint_text, text, NoteError)
+    if checkpoint is not None:
+        assert checkpoint.body() == text
+        assert 0 <= checkpoint.size < 2**63
+
+
+@FUZZ
+@given(note_inputs(NOTE))
+def test_open_checkpoint(data):
+    checkpoint = accepted_or_refused(lambda d: open_checkpoint(d, ORIGIN, SIGNER.public_key), data, NoteError)
+    if checkpoint is not None:
+        assert checkpoint.body() == parse_note(data).text
+
+
+@FUZZ
+@given(note_inputs(COSIGNED))
+def test_verify_cosignature(data):
+    timestamp = accepted_or_refused(lambda d: verify_cosignature(d, WITNESS_NAME, OTHER.public_key), data, NoteError)
+    if timestamp is not None:
+        assert 0 <= timestamp < 2**64
+
+
 def test_valid_notes_parse():
     assert open_checkpoint(NOTE, ORIGIN, SIGNER.public_key) == CHECKPOINT
     assert open_checkpoint(COSIGNED, ORIGIN, SIGNER.public_key) == CHECKPOINT
@@ -573,6 +614,13 @@ def test_check_receipt(data, cancelled):
 
 def test_valid_receipt_passes_the_gateway():
     assert check_receipt(GATEWAY_RECEIPT_BYTES, TICKET, TICKET_BYTES, SALT, PROMPT, OUTPUT).tokens_out == 2
+
+
+@FUZZ
+@given(note_inputs(NOTE))
+def test_witness_check_checkpoint(note):
+    accepted_or_refused(lambda n: check_checkpoint(WitnessedState.empty(), n, SIGNER.public_key), note,
+                        (BadView, ForkDetected))
 
 
 @FUZZ
