@@ -597,9 +597,34 @@ def registration_bodies(draw):
     return _json_dumps(document).encode()
 
 
+@FUZZ
+@given(arbitrary_bytes | registration_bodies() | mutated(REGISTRATION_BODY)
+       | st.sampled_from([b"[" * 100_000, b"1" * 5000, b'{"registration": "\xc3\xa9"}']))
+@example(b"1" * 5000)                    # ValueError from int(): the handler answered 500
+@example(b"[" * 100_000)                 # RecursionError: the handler answered 500
+@example(b'{"registration":"\xc2\x80"}')  # non-ASCII base64: ValueError, not binascii.Error
+def test_parse_registration_request(body):
+    parsed = accepted_or_refused(lambda b: parse_registration_request(b, NOW_MS), body, BadRequest)
+    if parsed is not None:
+        registration, envelope = parsed
+        assert Registration.from_envelope(envelope) == registration
+
+
 def test_valid_registration_request_parses():
     registration, envelope = parse_registration_request(REGISTRATION_BODY, NOW_MS)
     assert envelope == REGISTRATION_BYTES and registration.provider_id == SIGNER_PEER
+
+
+@FUZZ
+@given(arbitrary_bytes | st.builds(lambda v: _json_dumps(v).encode(), plausible_map(REQUEST_BODY) | json_values)
+       | mutated(json.dumps(REQUEST_BODY).encode()), st.sampled_from([ChatRequest, CompletionRequest]))
+@example(b"1" * 5000, ChatRequest)        # ValueError from int(): answered 500
+@example(b"[" * 100_000, ChatRequest)     # RecursionError: answered 500
+def test_parse_chat_request(body, shape):
+    chat = accepted_or_refused(lambda b: parse_chat_request(b, shape), body, BadRequest)
+    if chat is not None:                     # accepted means a ticket and a prompt commitment can be made of it
+        prompt_commitment(SALT, chat.prompt())
+        sampling_sha256(chat.sampling(7))
 
 
 @FUZZ

@@ -105,7 +105,9 @@ def parse_chat_request(body: bytes, model: type = ChatRequest):
         raise BadRequest(f"request body is {len(body)} bytes; the limit is {limits.HTTP_BODY_BYTES_MAX}")
     try:
         document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise BadRequest("request body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:       # not JSON, not UTF-8, or a number with more digits than Python converts
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise BadRequest("request body must be a JSON object")

@@ -4,7 +4,6 @@ database. Only approved providers are placed on; only certified EU providers cou
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from dataclasses import dataclass
 
@@ -51,7 +50,9 @@ def parse_registration_request(body: bytes, now_ms: int) -> tuple[Registration, 
     """Parse the HTTP body of `POST /v2/platform/providers/register`; raise BadRequest naming what is wrong."""
     try:
         document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise BadRequest("request body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:       # not JSON, not UTF-8, or a number with more digits than Python converts
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     return parse_registration_body(document, now_ms)
 
@@ -62,7 +63,7 @@ def parse_registration_body(body: dict, now_ms: int) -> tuple[Registration, byte
         raise BadRequest('body must be {"registration": "<base64 of the signed registration>"}', "registration")
     try:
         envelope = base64.b64decode(body["registration"], validate=True)
-    except binascii.Error:
+    except ValueError:              # binascii.Error, or a str with non-ASCII characters
         raise BadRequest("registration is not base64", "registration") from None
     try:
         registration = Registration.from_envelope(envelope)
