@@ -417,6 +417,31 @@ proof_texts = st.one_of(
     st.sampled_from(['{"leaf_index": Infinity}', "[" * 100_000, "1" * 5000, "NaN", "-Infinity"]))
 
 
+@FUZZ
+@given(proof_texts)
+@example(PROOF_JSON.replace('"leaf_index": 1', '"leaf_index": Infinity'))      # int(inf): OverflowError
+@example(PROOF_JSON.replace('"leaf_index": 1', '"leaf_index": 1.9'))           # a float index read as 1
+@example(PROOF_JSON.replace('"leaf_index": 1', '"leaf_index": true'))          # a bool index read as 1
+@example(PROOF_JSON.replace('"tree_size": 3', '"tree_size": ' + "3" * 5000))  # a number Python will not convert
+@example("[" * 100_000)                                                          # deeper than the JSON parser goes
+@example(PROOF_JSON.replace('"checkpoint": "', '"checkpoint": "\\ud800'))       # a lone surrogate: UnicodeEncodeError
+def test_receipt_proof_document(text):
+    document = accepted_or_refused(load_document, text, ReceiptProofError)
+    if document is not None:
+        checked = accepted_or_refused(verify_receipt_document, document, ReceiptProofError)
+        if checked is not None:
+            assert type(document["leaf_index"]) is int and type(document["tree_size"]) is int
+            assert (checked.receipt.index, checked.tree_size) == (document["leaf_index"], document["tree_size"])
+        accepted_or_refused(lambda d: verify_receipt_document(d, OTHER.public_key, WITNESS_NAME), document,
+                            ReceiptProofError)
+
+
+@FUZZ
+@given(plausible_map(PROOF_DOCUMENT) | json_values)
+def test_verify_receipt_document(document):
+    accepted_or_refused(verify_receipt_document, document, ReceiptProofError)
+
+
 def test_valid_receipt_proof_document_verifies():
     checked = verify_receipt_document(load_document(PROOF_JSON), OTHER.public_key, WITNESS_NAME)
     assert (checked.receipt.index, checked.tree_size, checked.cosigned_at_s) == (1, 3, NOW_MS // 1000)
