@@ -609,6 +609,21 @@ def test_check_multiaddr(addr):
 REQUEST_BODY = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "seed": 7, "temperature": 0.5}
 
 
+@FUZZ
+@given(arbitrary_text | st.builds(_json_dumps, plausible_map(REQUEST_BODY)) | st.builds(_json_dumps, json_values)
+       | st.sampled_from(['"hello"', "[" * 100_000, "1" * 5000, "{\"messages\": 5}"]))
+@example('"hello"')                        # a JSON str: 'str' object has no attribute 'get'
+@example("[" * 100_000)                    # RecursionError
+@example('{"messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}')   # str * 10^6, then TypeError
+@example('{"messages": [{"role": "user", "content": "hi"}], "temperature": 1' + "0" * 400 + "}")   # too big to hash
+@example('{"messages": [{"role": "user", "content": "\\ud800"}]}')    # a lone surrogate: UnicodeEncodeError
+def test_replay_load_request(text):
+    body = _with_file(text, 0o600, lambda path: accepted_or_refused(load_request, path, ReplayInputError))
+    if body is not None:                     # accepted means replay can hash it
+        prompt_commitment(SALT, chat_request_prompt(body))
+        sampling_sha256(chat_request_sampling(body, 0))
+
+
 # --- gateway: HTTP bodies, receipts, witness ----------------------------------------------------------------------
 
 REGISTRATION_BODY = json.dumps({"registration": base64.b64encode(REGISTRATION_BYTES).decode()}).encode()
