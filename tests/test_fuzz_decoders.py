@@ -63,7 +63,7 @@ from llorch.gateway.api.openai_api import ChatRequest, CompletionRequest, parse_
 from llorch.gateway.books.receipts import check_receipt
 from llorch.gateway.errors import BadRequest, ReceiptRejected
 from llorch.gateway.market.providers import parse_registration_request
-from llorch.gateway.market.tenants import TenantError, parse_amount
+from llorch.gateway.market.tenants import TenantError, parse_amount, validate
 from llorch.gateway.witness.witness import (BadView, ForkDetected, WitnessedState, check_checkpoint, check_consistency,
                                             extend, request_ids_of)
 from llorch.ledger import canonical, merkle, signing
@@ -246,12 +246,49 @@ def test_public_key_of_peer_id(text):
 
 # --- ledger: signed objects --------------------------------------------------------------------------------------
 
+GRAMMARS = {"request_id": r"[A-Za-z0-9_-]{8,64}", "currency": r"[A-Z]{3}", "country": r"[A-Z]{2}"}
+
+
+def _grammars_hold(fields: dict) -> None:
+    """Every field with a documented grammar (protocol.md) matches it as a whole, nested maps included."""
+    for name, value in fields.items():
+        if isinstance(value, dict):
+            _grammars_hold(value)
+        elif name in GRAMMARS:
+            assert re.fullmatch(GRAMMARS[name], value), (name, value)
+
 
 def _signed_object_property(cls, data: bytes) -> None:
     obj = accepted_or_refused(cls.from_envelope, data, (EncodingError, SignatureError))
     if obj is not None:
         assert reencoded_envelope(obj, data) == data
         assert cls.from_envelope(reencoded_envelope(obj, data)) == obj
+        _grammars_hold(obj.to_payload())
+
+
+@pytest.mark.parametrize("cls, payload, field, value", [
+    (Ticket, TICKET_PAYLOAD, "request_id", TICKET_PAYLOAD["request_id"] + "\n"),
+    (Ticket, TICKET_PAYLOAD, "currency", "EUR\n"),
+    (Receipt, RECEIPT_PAYLOAD, "request_id", RECEIPT_PAYLOAD["request_id"] + "\n"),
+    (Receipt, RECEIPT_PAYLOAD, "currency", "EUR\n"),
+    (Attestation, ATTESTATION_PAYLOAD, "currency", "\u00c9UR"),
+    (Attestation, ATTESTATION_PAYLOAD, "geo", {"country": "DE\n", "region": "Hessen"}),
+    (Registration, REGISTRATION_PAYLOAD, "geo", {"country": "DE\n", "region": "Hessen"}),
+    (Registration, REGISTRATION_PAYLOAD, "pricing", {**REGISTRATION_PAYLOAD["pricing"], "currency": "EUR\n"}),
+])
+def test_a_grammar_matches_the_whole_field(cls, payload, field, value):
+    """Regression: "^...$" patterns used with re.match also matched before a trailing newline, and the attestation
+    took any three upper-case letters (str.isupper) as a currency; so "EUR\n" was a currency, "DE\n" a country and
+    "<request id>\n" a second request id for the same request."""
+    with pytest.raises(EncodingError):
+        cls.from_envelope(sealed(cls.SIGNED_TYPE, {**payload, field: value}))
+
+
+def test_a_tenant_name_is_matched_whole():
+    """Regression: the same "$" let the operator create a tenant "acme\n" next to "acme"."""
+    validate(name="acme")
+    with pytest.raises(TenantError):
+        validate(name="acme\n")
 
 
 @FUZZ
@@ -592,6 +629,7 @@ def test_parse_attestation(data, sender):
                                       AttestationRejected)
     if attestation is not None:
         assert reencoded_envelope(attestation, data) == data
+        _grammars_hold(attestation.to_payload())
 
 
 MULTIADDR_PARTS = ["", "ip4", "ip6", "dns", "dns4", "dns6", "tcp", "udp", "quic-v1", "p2p", "p2p-circuit", "unix",

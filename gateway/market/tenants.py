@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation
 from llorch.ledger.sqlite import Database
 
 TIERS = ("hobby", "startup", "enterprise")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")      # with fullmatch
 MINOR_PER_MAJOR = 1_000_000          # micro-euros
 API_KEY_PREFIX = "sk-llorch-"
 
@@ -91,7 +91,7 @@ def _row_to_tenant(row) -> Tenant:
 
 def validate(tier: str | None = None, rps: int | None = None, max_concurrent: int | None = None,
              models: list[str] | None = None, name: str | None = None) -> None:
-    if name is not None and not NAME_PATTERN.match(name):
+    if name is not None and not NAME_PATTERN.fullmatch(name):
         raise TenantError("tenant name must be 1-64 characters of A-Z a-z 0-9 _ . -")
     if tier is not None and tier not in TIERS:
         raise TenantError(f"tier must be one of {', '.join(TIERS)}")
