@@ -54,6 +54,7 @@ import json
 import os
 import re
 import tempfile
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -751,3 +752,14 @@ def test_witness_extend_and_request_ids_of(entries):
 
 # --- gateway: operator input --------------------------------------------------------------------------------------
 
+@FUZZ
+@given(arbitrary_text | st.sampled_from(["12.50", "0", "1e999999999", "sNaN", "NaN", "-Infinity", "1e-999999999",
+                                         "0.0000001", "1_000", " 1 ", "\u0661"]))
+@example("1e999999999")     # decimal.Overflow escaped
+@example("sNaN")            # decimal.InvalidOperation escaped
+@example("1e-999999999")    # underflowed to 0 when multiplied by 10^6, and was accepted as 0
+def test_parse_amount(text):
+    amount = accepted_or_refused(parse_amount, text, TenantError)
+    if amount is not None:
+        assert 0 <= amount <= 10**15
+        assert Decimal(amount).scaleb(-6) == Decimal(text)       # exactly the amount written, in minor units

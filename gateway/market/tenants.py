@@ -73,10 +73,12 @@ def parse_amount(text: str) -> int:
         amount = Decimal(text)
     except InvalidOperation:
         raise TenantError(f"amount {text!r} is not a number") from None
-    minor = amount * MINOR_PER_MAJOR
-    if not amount.is_finite() or minor != minor.to_integral_value() or amount < 0 or amount > 10**9:
+    # Range first (NaN, infinities and exponents like 1e999999999 never reach arithmetic), then exactness, checked
+    # without rounding: 1e-999999999 times 10^6 would underflow to 0 and pass as a whole number of minor units.
+    if not amount.is_finite() or not 0 <= amount <= 10**9 or amount.as_tuple().exponent < -6 and \
+            amount != amount.quantize(Decimal(1).scaleb(-6)):
         raise TenantError(f"amount {text!r} must be 0..1e9 with at most 6 decimals")
-    return int(minor)
+    return int(amount.scaleb(6))
 
 
 def format_amount(minor: int | None) -> str:
