@@ -23,8 +23,11 @@ Value = None | bool | int | str | bytes | list[Any] | dict[str, Any]
 
 
 def encode(value: Value) -> bytes:
-    """Return the canonical bytes of ``value``; raise EncodingError for types that have no canonical form."""
-    return msgpack.packb(_canonicalise(value, 0), use_bin_type=True)
+    """Return the canonical bytes of ``value``; raise EncodingError for values that have no canonical form."""
+    try:
+        return msgpack.packb(_canonicalise(value, 0), use_bin_type=True)
+    except UnicodeEncodeError:      # from JSON, a str can hold a lone surrogate: it has no UTF-8 encoding
+        raise EncodingError("a str holds a lone surrogate (\\ud800 in JSON, say): it has no UTF-8 encoding") from None
 
 
 def decode(data: bytes) -> Any:

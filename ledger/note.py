@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -31,6 +32,9 @@ SIGNATURE_TYPE_COSIGNATURE = 0x04
 EM_DASH = "\u2014"
 WITNESS_NAME_PREFIX = "llorch-witness/"    # a llorch witness signs as llorch-witness/<its peer id>
 COSIGNATURE_CLOCK_SLACK_S = 600             # a cosignature time may be this far ahead of the auditor's clock
+# Tree sizes are at most 2^63 - 1 (the largest size /llorch/ledger/1 can name); 19 digits.
+CHECKPOINT_SIZE_MAX = 2**63 - 1
+CHECKPOINT_SIZE_PATTERN = re.compile(r"0|[1-9][0-9]{0,18}")
 
 
 class NoteError(Exception):
@@ -100,16 +104,15 @@ def parse_note(data: bytes) -> Note:
     if split < 0 or not text.endswith("\n"):
         raise NoteError("note has no blank line before its signatures")
     body, signature_block = text[:split + 1], text[split + 2:]
+    if not signature_block:
+        raise NoteError(f"a note needs 1..{SIGNATURES_MAX} signatures")
     signatures = []
-    for line in signature_block.splitlines():
+    for line in signature_block[:-1].split("\n"):    # lines end in "\n" only (not U+2028, U+0085, ...)
         prefix = EM_DASH + " "
         parts = line[len(prefix):].split(" ") if line.startswith(prefix) else []
         if len(parts) != 2 or not parts[0]:
             raise NoteError(f"malformed signature line {line[:60]!r}")
-        try:
-            raw = base64.b64decode(parts[1], validate=True)
-        except binascii.Error:
-            raise NoteError("signature is not base64") from None
+        raw = _strict_base64(parts[1], "signature")
         if len(raw) < 5:
             raise NoteError("signature is too short")
         signatures.append(Signature(parts[0], raw[:4], raw[4:]))
@@ -119,19 +122,30 @@ def parse_note(data: bytes) -> Note:
 
 
 def parse_checkpoint_text(text: str) -> Checkpoint:
+    """Origin, size and root lines, nothing else: llorch checkpoints carry no extension lines."""
     lines = text.split("\n")
-    if len(lines) < 4 or lines[-1] != "" or any(not line for line in lines[:-1]):
-        raise NoteError("a checkpoint body is origin, size and root hash lines, each non-empty")
+    if len(lines) != 4 or lines[-1] != "" or any(not line for line in lines[:-1]):
+        raise NoteError("a checkpoint body is exactly the origin, size and root hash lines, each non-empty")
     origin, size_text, root_text = lines[0], lines[1], lines[2]
-    if not size_text.isdigit() or (size_text != "0" and size_text.startswith("0")):
-        raise NoteError(f"checkpoint size {size_text!r} is not a decimal without leading zeros")
-    try:
-        root = base64.b64decode(root_text, validate=True)
-    except binascii.Error:
-        raise NoteError("checkpoint root is not base64") from None
+    if not CHECKPOINT_SIZE_PATTERN.fullmatch(size_text) or int(size_text) > CHECKPOINT_SIZE_MAX:
+        raise NoteError(f"checkpoint size {size_text[:40]!r} is not an ASCII decimal without leading zeros "
+                        f"of at most {CHECKPOINT_SIZE_MAX}")
+    root = _strict_base64(root_text, "checkpoint root")
     if len(root) != 32:
         raise NoteError("checkpoint root is not 32 bytes")
     return Checkpoint(origin, int(size_text), root)
+
+
+def _strict_base64(text: str, what: str) -> bytes:
+    """Standard base64 (RFC 4648 §4) with padding, in its one canonical spelling (zero padding bits): a note has
+    exactly one byte encoding."""
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise NoteError(f"{what} is not base64") from None
+    if base64.b64encode(raw).decode("ascii") != text:
+        raise NoteError(f"{what} is not canonical base64 (non-zero padding bits)")
+    return raw
 
 
 def open_checkpoint(data: bytes, origin: str, public_key: bytes) -> Checkpoint:

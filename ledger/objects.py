@@ -19,8 +19,9 @@ from llorch.ledger.signing import SigningKey, open_envelope, peer_id_of, sha256,
 VERSION = 1
 HASH_BYTES = 32
 ZERO_HASH = bytes(HASH_BYTES)
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-CURRENCY_PATTERN = re.compile(r"^[A-Z]{3}$")
+# Whole-string grammars: always used with fullmatch ("$" would also match before a trailing newline).
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
+CURRENCY_PATTERN = re.compile(r"[A-Z]{3}")
 PROMPT_COMMITMENT_TAG = b"llorch/prompt/v1\x00"
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -117,12 +118,12 @@ class SignedObject:
 
 
 def _check_request_id(request_id: str) -> None:
-    if not REQUEST_ID_PATTERN.match(request_id):
+    if not REQUEST_ID_PATTERN.fullmatch(request_id):
         raise EncodingError("request_id must be 8-64 characters of A-Z a-z 0-9 _ -")
 
 
 def _check_prices(price_in: int, price_out: int, currency: str) -> None:
-    if not CURRENCY_PATTERN.match(currency):
+    if not CURRENCY_PATTERN.fullmatch(currency):
         raise EncodingError(f"currency {currency!r} is not an ISO 4217 code")
     if price_in > 10**12 or price_out > 10**12:
         raise EncodingError("price per 1M tokens above 10^12 minor units is not accepted")

@@ -72,25 +72,54 @@ def verify_receipt_document(document: dict, witness_key: bytes | None = None,
 
 
 def _fields(document: dict) -> tuple[bytes, list[bytes], int, int, str | None]:
-    """(receipt bytes, inclusion proof, leaf index, tree size, checkpoint note) of a document of the right shape."""
+    """(receipt bytes, inclusion proof, leaf index, tree size, checkpoint note) of a document of the right shape:
+    ``receipt`` base64 str, ``inclusion_proof`` a list of base64 str, ``leaf_index`` and ``tree_size`` integers
+    (not floats or booleans), ``checkpoint`` a str or null, ``request_id`` a str."""
+    if not isinstance(document, dict):
+        raise ReceiptProofError("not a receipt proof document: it is not a JSON object")
+    missing = sorted({"request_id", "receipt", "leaf_index", "tree_size", "inclusion_proof", "checkpoint"}
+                     - set(document))
+    if missing:
+        raise ReceiptProofError(f"not a receipt proof document: missing {', '.join(missing)}")
+    proof_texts, note = document["inclusion_proof"], document["checkpoint"]
+    if not isinstance(document["request_id"], str):
+        raise ReceiptProofError("not a receipt proof document: request_id must be a string")
+    if not isinstance(proof_texts, list) or len(proof_texts) > merkle.PROOF_HASHES_MAX:
+        raise ReceiptProofError(f"not a receipt proof document: inclusion_proof must be a list of at most "
+                                f"{merkle.PROOF_HASHES_MAX} base64 strings")
+    index, size = document["leaf_index"], document["tree_size"]
+    for name, value in (("leaf_index", index), ("tree_size", size)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise ReceiptProofError(f"not a receipt proof document: {name} must be an integer in 0..2^63-1")
+    if note is not None and not isinstance(note, str):
+        raise ReceiptProofError("not a receipt proof document: checkpoint must be a string or null")
     try:
-        receipt_bytes = base64.b64decode(document["receipt"], validate=True)
-        proof = [base64.b64decode(h, validate=True) for h in document["inclusion_proof"]]
-        index, size, note = int(document["leaf_index"]), int(document["tree_size"]), document["checkpoint"]
-        if note is not None and not isinstance(note, str):
-            raise TypeError("checkpoint must be a string or null")
-    except (KeyError, TypeError, ValueError) as exc:
+        receipt_bytes = _base64(document["receipt"])
+        proof = [_base64(text) for text in proof_texts]
+        if note is not None:
+            note.encode("utf-8")
+    except (TypeError, ValueError) as exc:     # binascii.Error and UnicodeEncodeError are ValueErrors
         raise ReceiptProofError(f"not a receipt proof document: {exc}") from None
     return receipt_bytes, proof, index, size, note
+
+
+def _base64(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError("receipt and inclusion_proof items must be base64 strings")
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def load_document(text: str) -> dict:
     """Parse a receipt proof document (GET /v2/receipts/{id}); ReceiptProofError if it is not one."""
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
+        document = json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        raise ReceiptProofError("not JSON: nested too deeply") from None
+    except ValueError as exc:             # JSONDecodeError, NaN/Infinity, a number with too many digits
         raise ReceiptProofError(f"not JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise ReceiptProofError("a receipt proof document is a JSON object")
     _fields(document)
     return document

@@ -13,6 +13,7 @@ salt the gateway returned, replay reports, in order:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,13 @@ import trio
 from llorch.inference import catalog
 from llorch.inference.engine import Engine, Sampling, determinism_class, parse_fingerprint
 from llorch.inference.errors import InferenceError
-from llorch.ledger.errors import BundleError, LedgerError
+from llorch.ledger import canonical
+from llorch.ledger.errors import BundleError, EncodingError, LedgerError
 from llorch.ledger.objects import Receipt, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256
 from llorch.ledger.material import load_material
+from llorch.node.errors import ProtocolError
+from llorch.node.wire.frames import check_prompt
 from llorch.node.wire.sampling import chat_request_prompt, chat_request_sampling
 
 MATCH, MISMATCH, UNUSABLE, INCONCLUSIVE = 0, 1, 2, 3
@@ -66,12 +70,42 @@ def find_receipt(ledger_path: Path, request_id: str) -> Receipt:
 
 
 def load_request(path: Path) -> dict:
+    """The customer's request body (as sent to the gateway): a JSON object with "messages" (chat) or "prompt"
+    (completion), and sampling fields of the types replay hashes: temperature and top_p numbers, max_tokens and
+    max_completion_tokens integers, stop a str or a list of str (each may be absent or null)."""
     try:
         body = json.loads(Path(path).read_text(encoding="utf-8"))
-        chat_request_prompt(body)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except RecursionError:
+        raise ReplayInputError(f"{path} is not an OpenAI chat request body: JSON nested too deeply") from None
+    except (OSError, ValueError) as exc:      # ValueError: not UTF-8, not JSON, a number Python will not convert
+        raise ReplayInputError(f"{path} is not an OpenAI chat request body: {exc}") from None
+    try:
+        _check_request_body(body)
+    except (KeyError, TypeError, ProtocolError, EncodingError) as exc:
         raise ReplayInputError(f"{path} is not an OpenAI chat request body: {exc}") from None
     return body
+
+
+def _check_request_body(body: object) -> None:
+    if not isinstance(body, dict):
+        raise TypeError("it is not a JSON object")
+    prompt = chat_request_prompt(body)
+    check_prompt(prompt)
+    canonical.encode(prompt)                              # the prompt commitment hashes it (EncodingError if not)
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or isinstance(value, float) and not math.isfinite(value)):
+            raise TypeError(f"{name} must be a number")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an integer")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(item, str) for item in stop)):
+        raise TypeError("stop must be a string or a list of strings")
+    canonical.encode(chat_request_sampling(body, 0))      # every value fits the sampling map (EncodingError if not)
 
 
 def replay(receipt: Receipt, body: dict, salt: bytes, seed: int | None = None,

@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation
 from llorch.ledger.sqlite import Database
 
 TIERS = ("hobby", "startup", "enterprise")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")      # with fullmatch
 MINOR_PER_MAJOR = 1_000_000          # micro-euros
 API_KEY_PREFIX = "sk-llorch-"
 
@@ -73,10 +73,12 @@ def parse_amount(text: str) -> int:
         amount = Decimal(text)
     except InvalidOperation:
         raise TenantError(f"amount {text!r} is not a number") from None
-    minor = amount * MINOR_PER_MAJOR
-    if not amount.is_finite() or minor != minor.to_integral_value() or amount < 0 or amount > 10**9:
+    # Range first (NaN, infinities and exponents like 1e999999999 never reach arithmetic), then exactness, checked
+    # without rounding: 1e-999999999 times 10^6 would underflow to 0 and pass as a whole number of minor units.
+    if not amount.is_finite() or not 0 <= amount <= 10**9 or amount.as_tuple().exponent < -6 and \
+            amount != amount.quantize(Decimal(1).scaleb(-6)):
         raise TenantError(f"amount {text!r} must be 0..1e9 with at most 6 decimals")
-    return int(minor)
+    return int(amount.scaleb(6))
 
 
 def format_amount(minor: int | None) -> str:
@@ -91,7 +93,7 @@ def _row_to_tenant(row) -> Tenant:
 
 def validate(tier: str | None = None, rps: int | None = None, max_concurrent: int | None = None,
              models: list[str] | None = None, name: str | None = None) -> None:
-    if name is not None and not NAME_PATTERN.match(name):
+    if name is not None and not NAME_PATTERN.fullmatch(name):
         raise TenantError("tenant name must be 1-64 characters of A-Z a-z 0-9 _ . -")
     if tier is not None and tier not in TIERS:
         raise TenantError(f"tier must be one of {', '.join(TIERS)}")

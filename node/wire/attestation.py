@@ -14,7 +14,7 @@ from typing import ClassVar
 from multiaddr import Multiaddr
 
 from llorch.ledger.errors import EncodingError, SignatureError
-from llorch.ledger.objects import SignedObject, check_field
+from llorch.ledger.objects import CURRENCY_PATTERN, SignedObject, check_field
 from llorch.ledger.signing import peer_id_of
 from llorch.node import limits
 from llorch.node.errors import AttestationRejected
@@ -22,7 +22,7 @@ from llorch.node.errors import AttestationRejected
 TOPIC = "llorch/attestations/1"
 MULTIADDR_FIRST = frozenset({"ip4", "ip6", "dns", "dns4", "dns6"})
 MULTIADDR_PROTOCOLS = MULTIADDR_FIRST | {"tcp", "udp", "quic-v1", "p2p", "p2p-circuit"}
-COUNTRY_PATTERN = re.compile(r"^[A-Z]{2}$")
+COUNTRY_PATTERN = re.compile(r"[A-Z]{2}")      # with fullmatch
 # Member states of the EU (ISO 3166-1 alpha-2). A claim only counts for EU-only routing once certified.
 EU_COUNTRIES = frozenset(
     "AT BE BG HR CY CZ DK EE FI FR DE GR HU IE IT LV LT LU MT NL PL PT RO SK SI ES SE".split())
@@ -105,14 +105,14 @@ class Attestation(SignedObject):
             raise RuleBroken("too_long_valid", f"an attestation is valid for at most {limits.ATTESTATION_VALIDITY_MS_MAX} ms "
                                 f"(3 × the longest interval), this one for {self.expires_ms - self.issued_ms} ms")
         if set(self.geo) != {"country", "region"} or not isinstance(self.geo["country"], str) \
-                or not COUNTRY_PATTERN.match(self.geo["country"]):
+                or not COUNTRY_PATTERN.fullmatch(self.geo["country"]):
             raise EncodingError("geo must be {country: ISO 3166-1 alpha-2, region: str}")
         check_field("geo.region", "str", self.geo["region"])
         if set(self.sla) != {"uptime_ppm", "ttft_ms"}:
             raise EncodingError("sla must be {uptime_ppm, ttft_ms}")
         check_field("sla.uptime_ppm", "uint", self.sla["uptime_ppm"])
         check_field("sla.ttft_ms", "uint", self.sla["ttft_ms"])
-        if not self.currency.isupper() or len(self.currency) != 3:
+        if not CURRENCY_PATTERN.fullmatch(self.currency):
             raise EncodingError("currency must be an ISO 4217 code")
 
     def offers(self, model_id: str, sha256: bytes) -> bool:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from llorch.ledger.errors import EncodingError
-from llorch.ledger.objects import SignedObject, check_field
+from llorch.ledger.objects import CURRENCY_PATTERN, SignedObject, check_field
 from llorch.ledger.signing import peer_id_of
 
-COUNTRY = re.compile(r"^[A-Z]{2}$")
+COUNTRY = re.compile(r"[A-Z]{2}")      # with fullmatch
 PRICE_PER_1M_MAX = 10**12
 SLOTS_MAX = 1024
 GPUS_MAX = 1024
@@ -55,7 +55,7 @@ class Registration(SignedObject):
             raise EncodingError("endpoint must be a libp2p multiaddr (e.g. /ip4/1.2.3.4/tcp/4101)")
         if set(self.pricing) != {"currency", "input_per_1m", "output_per_1m"}:
             raise EncodingError("pricing must be {currency, input_per_1m, output_per_1m}")
-        if not isinstance(self.pricing["currency"], str) or not re.match(r"^[A-Z]{3}$", self.pricing["currency"]):
+        if not isinstance(self.pricing["currency"], str) or not CURRENCY_PATTERN.fullmatch(self.pricing["currency"]):
             raise EncodingError("pricing.currency must be an ISO 4217 code")
         _bounded("pricing.input_per_1m", self.pricing["input_per_1m"], PRICE_PER_1M_MAX)
         _bounded("pricing.output_per_1m", self.pricing["output_per_1m"], PRICE_PER_1M_MAX)
@@ -71,7 +71,7 @@ class Registration(SignedObject):
         _bounded("sla.uptime_ppm", self.sla["uptime_ppm"], 1_000_000)
         _bounded("sla.ttft_ms", self.sla["ttft_ms"], 3_600_000)
         if set(self.geo) != {"country", "region"} or not isinstance(self.geo["country"], str) \
-                or not COUNTRY.match(self.geo["country"]):
+                or not COUNTRY.fullmatch(self.geo["country"]):
             raise EncodingError("geo must be {country: ISO 3166-1 alpha-2, region}")
         check_field("geo.region", "str", self.geo["region"])
 
