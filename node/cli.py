@@ -12,23 +12,39 @@ from llorch.inference.errors import InferenceError
 from llorch.ledger import cli as ledger_cli
 from llorch.ledger.errors import LedgerError, sole_exception
 from llorch.node.config import NodeConfig, load_config
-from llorch.node.errors import NodeError
+from llorch.node.errors import ConfigError, NodeError
 from llorch.node.lifecycle import configure_logging, run_until_signal
 
 
 def add_commands(subparsers) -> None:
     node = subparsers.add_parser("node", help="run a provider node")
     node_sub = node.add_subparsers(dest="node_command", required=True)
+    init = node_sub.add_parser(
+        "init", help="set this machine up as a provider: key, model, node.toml (no hand-written TOML)",
+        description="Creates the key (0600), detects cores and memory and proposes slots x threads, fetches the "
+                    "default model, writes a commented node.toml in $XDG_CONFIG_HOME/llorch (~/.config/llorch) and, "
+                    "given the gateway's URL, registers with it. Then run `llorch node start`.")
+    init.add_argument("--gateway", required=True,
+                      help="the gateway: its https URL (https://gateway.example) or libp2p multiaddr "
+                           "(/ip4/203.0.113.1/tcp/4001/p2p/12D3KooW...)")
+    init.add_argument("--country", help="ISO 3166-1 alpha-2 code of where this machine is (asked if not given)")
+    init.add_argument("--slots", type=int, help="concurrent requests (default: proposed from cores and memory)")
+    init.add_argument("--threads", type=int, help="threads per request (default: proposed from the cores)")
+    init.add_argument("--port", type=int, default=4101, help="libp2p TCP port to listen on (default 4101)")
+    init.add_argument("--force", action="store_true", help="write a new node.toml over an existing one")
+    init.add_argument("--non-interactive", action="store_true", help="never ask; fail if something is missing")
+    init.set_defaults(handler=node_init)
     start = node_sub.add_parser("start", help="join the network and serve inference until Ctrl-C")
-    start.add_argument("--config", type=Path, required=True, help="node.toml ([node] table; env LLORCH_NODE_*)")
+    start.add_argument("--config", type=Path, help="node.toml ([node] table; env LLORCH_NODE_*); default: the one "
+                                                   "`llorch node init` wrote")
     start.set_defaults(handler=node_start)
     register = node_sub.add_parser("register", help="register this node with a gateway (signed with its key)")
-    register.add_argument("--config", type=Path, required=True)
+    register.add_argument("--config", type=Path, help="default: the node.toml `llorch node init` wrote")
     register.add_argument("--gateway", required=True, help="the gateway's HTTP URL, e.g. http://127.0.0.1:8000")
     register.add_argument("--endpoint", help="multiaddr to announce (default: the node's listen_addr)")
     register.set_defaults(handler=node_register)
     info = node_sub.add_parser("info", help="print the node's identity, model and engine build")
-    info.add_argument("--config", type=Path, required=True)
+    info.add_argument("--config", type=Path, help="default: the node.toml `llorch node init` wrote")
     info.set_defaults(handler=node_info)
     grant = node_sub.add_parser(
         "grant-auditor", help="let one auditor's key read this node's full ledger entries for a while",
@@ -36,7 +52,7 @@ def add_commands(subparsers) -> None:
                     "`llorch ledger fetch ADDRESS --key THEIR_KEY --grant FILE`. Checkpoints and proofs are public; "
                     "entries go only to the trusted gateways and to grant holders.")
     grant.add_argument("auditor", help="the auditor's peer id (12D3KooW...; `llorch keys new` prints it)")
-    grant.add_argument("--config", type=Path, required=True)
+    grant.add_argument("--config", type=Path, help="default: the node.toml `llorch node init` wrote")
     grant.add_argument("--days", type=int, default=30, help="how long the grant is in force (1-366, default 30)")
     grant.add_argument("--out", type=Path, required=True, help="grant file to write")
     grant.set_defaults(handler=node_grant_auditor)
@@ -134,8 +150,46 @@ def ledger_replay(args: argparse.Namespace) -> int:
     return report.verdict
 
 
-def load_node_config(path: Path) -> NodeConfig:
+def load_node_config(path: Path | None) -> NodeConfig:
+    """``--config``, or the node.toml `llorch node init` wrote when none is given."""
+    if path is None:
+        from llorch.node.init import default_config_path
+        path = default_config_path()
+        if not path.exists():
+            raise ConfigError(f"no --config and no {path}: run `llorch node init --gateway <gateway>` first")
     return load_config(NodeConfig, path, "node", "LLORCH_NODE_")
+
+
+def node_init(args: argparse.Namespace) -> int:
+    from llorch.node.init import initialise
+    from llorch.node.register import register
+
+    country = args.country
+    if country is None and not args.non_interactive and sys.stdin.isatty():
+        country = input("Country this machine is in (ISO 3166-1 alpha-2, e.g. DE): ").strip().upper()
+    if not country or len(country) != 2 or not country.isalpha() or not country.isascii():
+        print("error: --country must be a two-letter ISO 3166-1 code (e.g. DE)", file=sys.stderr)
+        return 2
+    try:
+        path, key, contact = initialise(args.gateway, country.upper(), args.slots, args.threads, args.force,
+                                        args.port, log=lambda message: print(message, file=sys.stderr),
+                                        progress=ProgressBar("assembling + sha256"))
+        if contact.url is None:
+            print(f"next: register with the gateway's operator (`llorch node register --gateway <its URL>`), "
+                  f"then `llorch node start`", file=sys.stderr)
+        else:
+            status, answer = register(load_node_config(path), key, contact.url, f"/p2p/{key.peer_id}")
+            if status not in (200, 201):
+                print(f"error: the gateway refused the registration ({status}): "
+                      f"{answer.get('error', {}).get('message', answer)}", file=sys.stderr)
+                return 1
+            print(f"registered with {contact.url} ({answer.get('status')}): ask its operator to approve "
+                  f"{key.peer_id}", file=sys.stderr)
+    except (NodeError, LedgerError, InferenceError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
 
 
 def node_start(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ modules (errors, limits, config), ``market`` also ``books`` (placement compares 
 """
 
 import ast
+import os
 import zipfile
 import shutil
 import subprocess
@@ -134,3 +135,41 @@ def test_the_wheel_installs_nothing_but_llorch(tmp_path):
     for expected in ("llorch/gateway/cli.py", "llorch/node/wire/frames.py", "llorch/ledger/verify.py",
                      "llorch/inference/catalog.py", "llorch/gateway/api/http_api.py"):
         assert expected in names, f"the wheel lacks {expected}"
+    installed_and_used_outside_the_checkout(wheel, tmp_path)
+
+
+def installed_and_used_outside_the_checkout(wheel, tmp_path) -> None:
+    """Install the wheel into a fresh virtualenv outside the checkout and use it as a provider would. Its
+    dependencies come from this test's environment (a path entry, so no editable install leaks in); llorch itself
+    comes only from the wheel."""
+    fresh = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", str(fresh)], check=True, capture_output=True, timeout=120)
+    python = fresh / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    ours = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "test_dependencies.pth").write_text(ours + "\n")
+    home = tmp_path / "home"
+    environment = {"PATH": f"{fresh / 'bin'}:/usr/bin:/bin", "HOME": str(home), "XDG_CONFIG_HOME": str(home / "cfg"),
+                   "XDG_DATA_HOME": str(home / "data"), "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", str(
+                       Path.home() / ".cache"))}
+
+    def llorch(*args):
+        return subprocess.run([str(fresh / "bin" / "llorch"), *args], cwd=tmp_path, env=environment,
+                              capture_output=True, text=True, timeout=300)
+
+    where = subprocess.run([str(python), "-c", "import llorch.node; print(llorch.node.__path__[0])"], cwd=tmp_path,
+                           env=environment, capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(site), f"llorch was imported from {where}, not the wheel"
+    assert llorch("--help").returncode == 0
+    made = llorch("keys", "new", str(tmp_path / "auditor.key"))
+    assert made.returncode == 0 and made.stdout.startswith("12D3KooW"), made.stderr
+    init = llorch("node", "init", "--gateway", "/ip4/203.0.113.1/tcp/4001/p2p/" + made.stdout.strip(),
+                  "--country", "DE", "--non-interactive")
+    assert init.returncode == 0, init.stderr
+    assert (home / "cfg" / "llorch" / "node.toml").is_file()
+    info = llorch("node", "info")
+    assert info.returncode == 0 and '"country": "DE"' in info.stdout, info.stderr

@@ -29,8 +29,8 @@ from llorch.gateway.errors import BadRequest, GatewayError, MethodNotAllowed, No
 from llorch.gateway.api.openai_api import (STREAM_DESCRIPTION, ChatCompletion, ChatCompletionChunk, ChatRequest,
                                            CompletionRequest, ModelList, TextCompletion, TextCompletionChunk,
                                            parse_chat_request)
-from llorch.gateway.api.openapi import (BEARER, Health, ProviderCapacity, ProviderList, ProviderRecord, ReceiptProof,
-                                        RegistrationBody, Statement, errors, event_stream, openapi_document,
+from llorch.gateway.api.openapi import (BEARER, GatewayInfo, Health, ProviderCapacity, ProviderList, ProviderRecord,
+                                        ReceiptProof, RegistrationBody, Statement, errors, event_stream, openapi_document,
                                         request_body)
 from llorch.gateway.market.providers import parse_registration_body, record_json
 from llorch.gateway.service import PROMPT_BYTES_MAX, Completion, Gateway, new_request_id
@@ -195,6 +195,15 @@ def build_app(gateway: Gateway) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok", "providers": len(gateway.directory.fresh(now_ms())),
                 "models": gateway.offered_models()}
+
+    @app.get("/v2/platform/gateway", response_model=None,
+             responses={200: {"model": GatewayInfo, "description": "The gateway's libp2p identity."}})
+    async def gateway_info() -> dict:
+        addrs = gateway.p2p.addrs()
+        ports = [int(addr.split("/tcp/")[1].split("/")[0]) for addr in addrs if "/tcp/" in addr]
+        suffix = f"/p2p/{gateway.p2p.peer_id}"
+        return {"peer_id": gateway.p2p.peer_id, "p2p_port": ports[0] if ports else None,
+                "multiaddrs": [addr if addr.endswith(suffix) else addr + suffix for addr in addrs]}
 
     @app.get("/metrics", response_class=Response, responses={200: METRICS_ANSWER})
     async def metrics() -> Response:

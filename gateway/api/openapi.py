@@ -99,6 +99,14 @@ class Health(BaseModel):
     models: list[str] = Field(description="Catalog models some fresh provider offers.")
 
 
+class GatewayInfo(BaseModel):
+    """What `llorch node init --gateway https://…` needs to join: the gateway's libp2p identity and port."""
+
+    peer_id: str = Field(description="The gateway's peer id: a node trusts tickets signed by it.")
+    p2p_port: int | None = Field(ge=1, le=65535, description="The TCP port its libp2p host listens on.")
+    multiaddrs: list[str] = Field(description="Its libp2p listen addresses, each ending in /p2p/<peer id>.")
+
+
 class RegistrationBody(BaseModel):
     """`llorch node register` sends this: the provider's registration, signed with its own key."""
 
