@@ -175,8 +175,8 @@ def node_init(args: argparse.Namespace) -> int:
                                         args.port, log=lambda message: print(message, file=sys.stderr),
                                         progress=ProgressBar("assembling + sha256"))
         if contact.url is None:
-            print(f"next: register with the gateway's operator (`llorch node register --gateway <its URL>`), "
-                  f"then `llorch node start`", file=sys.stderr)
+            print("next: register with the gateway's operator (`llorch node register --gateway <its URL>`), "
+                  "then `llorch node start`", file=sys.stderr)
         else:
             status, answer = register(load_node_config(path), key, contact.url, f"/p2p/{key.peer_id}")
             if status not in (200, 201):
