@@ -171,7 +171,7 @@ def test_lv02_entry_signed_by_another_key():
 def test_lv03_flipped_signature_byte():
     entries = chain(SigningKey.generate(), 3)
     payload, payload_bytes, signature = open_envelope(entries[2])
-    entries[2] = canonical.encode({"p": payload_bytes, "s": bytes([signature[5] ^ 0x40]) + signature[1:]})
+    entries[2] = canonical.encode({"p": payload_bytes, "s": bytes([signature[0] ^ 0x40]) + signature[1:]})
     error = expect(entries, "LV03", 2)
     assert error.check == 3
 
