@@ -18,6 +18,16 @@ def catalog_model_ids() -> list[str]:
     return sorted(catalog.CATALOG)
 
 
+def catalog_kind(model_id: str) -> str:
+    """What a catalog model is for: "instruct" (chat and raw completions) or "base" (raw completions only)."""
+    return catalog.lookup(model_id).kind
+
+
+def chat_model_ids() -> list[str]:
+    """The catalog models that serve a chat."""
+    return sorted(entry.id for entry in catalog.CATALOG.values() if entry.serves_chat)
+
+
 def context_tokens(model_id: str) -> int:
     return catalog.lookup(model_id).context_tokens
 
