@@ -13,7 +13,7 @@ from llorch.ledger import cli as ledger_cli
 from llorch.ledger.errors import LedgerError, sole_exception
 from llorch.node.config import NodeConfig, load_config
 from llorch.node.errors import NodeError
-from llorch.node.lifecycle import configure_logging, run_until_signal
+from llorch.node.lifecycle import configure_logging, report_startup_failure, run_until_signal
 
 
 def add_commands(subparsers) -> None:
@@ -21,6 +21,7 @@ def add_commands(subparsers) -> None:
     node_sub = node.add_subparsers(dest="node_command", required=True)
     start = node_sub.add_parser("start", help="join the network and serve inference until Ctrl-C")
     start.add_argument("--config", type=Path, required=True, help="node.toml ([node] table; env LLORCH_NODE_*)")
+    start.add_argument("--debug", action="store_true", help="show the traceback of a start-up failure")
     start.set_defaults(handler=node_start)
     register = node_sub.add_parser("register", help="register this node with a gateway (signed with its key)")
     register.add_argument("--config", type=Path, required=True)
@@ -146,9 +147,8 @@ def node_start(args: argparse.Namespace) -> int:
     try:
         config = load_node_config(args.config)
         return run_until_signal(lambda: run_node(config))
-    except (NodeError, LedgerError, InferenceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (NodeError, LedgerError, InferenceError) as exc:   # a port, a file, a key: one line, exit 2
+        return report_startup_failure(exc, args.debug)
 
 
 def node_register(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ The gateway never loads models; it only needs each model's pin to check attestat
 from __future__ import annotations
 
 from llorch.inference import catalog
+from llorch.inference.errors import InferenceError as ModelError     # catalog, fetch and model-file errors
 
 
 def catalog_pin(model_id: str) -> bytes | None:
