@@ -80,10 +80,15 @@ TCP_LISTEN_ADDR = re.compile(r"^/(ip4|ip6)/([^/]+)/tcp/(\d{1,5})$")
 def check_can_listen(listen_addr: str, setting: str) -> None:
     """Raise StartupError if this machine cannot listen on ``listen_addr`` (a port in use, an address it does not
     have), naming the address and ``setting``, the config key that chooses it. py-libp2p only logs such a failure and
-    runs on with no address at all, so the port is tried here first."""
+    runs on with no address at all, so the port is tried here first. An address of another shape is left to libp2p
+    (``running_host`` refuses a host that ends up with no address)."""
+    try:
+        Multiaddr(listen_addr)
+    except Exception as exc:      # py-multiaddr raises several types for a bad string; all mean the same here
+        raise StartupError(f"{setting} is {listen_addr!r}, not a multiaddr like /ip4/0.0.0.0/tcp/4001 ({exc})") from None
     match = TCP_LISTEN_ADDR.match(listen_addr)
     if match is None:
-        raise StartupError(f"{setting} {listen_addr!r} is not a TCP multiaddr like /ip4/0.0.0.0/tcp/4001")
+        return
     _, host, port = match.groups()
     reason = bind_failure(host, int(port))
     if reason is not None:

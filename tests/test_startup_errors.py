@@ -111,12 +111,15 @@ def test_node_with_its_libp2p_port_taken(tmp_path, taken_port):
 @pytest.mark.parametrize("damage, expected", [
     ("model not fetched", "llorch models fetch"),
     ("unknown config key", "unknown keys"),
+    ("listen address not a multiaddr", "node.listen_addr"),
     ("key missing", "llorch keys new"),
 ])
 def test_node_with_a_file_it_cannot_use(tmp_path, damage, expected):
     fields = {"engine": "llama.cpp", "model_cache_dir": "empty-cache"} if damage == "model not fetched" else {}
     if damage == "unknown config key":
         fields["slot"] = 2
+    if damage == "listen address not a multiaddr":
+        fields["listen_addr"] = "127.0.0.1:4101"
     config = node_config(tmp_path, **fields)
     (tmp_path / "empty-cache").mkdir()
     if damage == "key missing":
