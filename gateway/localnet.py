@@ -22,6 +22,12 @@ from pathlib import Path
 from llorch.ledger.signing import SigningKey, load_key_file, write_key_file
 
 READY_TIMEOUT_S = 120.0
+STARTUP_FAILED = 2          # the exit code of `llorch ... start` when it cannot start (node/lifecycle.py)
+
+
+class StartFailed(RuntimeError):
+    """Raised when a process of the network exits at start-up with STARTUP_FAILED: the message is its one error
+    line (a port, a file, a key it cannot use) and where its log is."""
 STOP_TIMEOUT_S = 5.0
 STOP_GRACE_S = 0.5
 
@@ -198,8 +204,12 @@ class LocalNetwork:
             if state is not None:
                 return state
             if process.popen.poll() is not None:
-                raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:\n"
-                                   f"{process.log_path.read_text()[-3000:]}")
+                log = process.log_path.read_text()
+                if process.popen.returncode == STARTUP_FAILED:
+                    reason = next((line.removeprefix("error: ") for line in reversed(log.splitlines())
+                                   if line.startswith("error: ")), "see its log")
+                    raise StartFailed(f"{process.name} could not start: {reason} (log: {process.log_path})")
+                raise RuntimeError(f"{process.name} exited with {process.popen.returncode}:\n{log[-3000:]}")
             time.sleep(0.1)
         raise TimeoutError(f"{process.name} did not come up within {READY_TIMEOUT_S:g} s; see {process.log_path}")
 

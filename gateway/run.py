@@ -23,9 +23,9 @@ from llorch.gateway.witness.witness import Witness, WitnessBook, witness_forever
 from llorch.gateway.service import Gateway
 from llorch.ledger.signing import load_key_file
 from llorch.node.wire.attestation import TOPIC, parse_attestation
-from llorch.node.errors import AttestationRejected, ConfigError
-from llorch.node.lifecycle import supervise, write_state_file
-from llorch.node.p2p import P2P, peer_key_of, running_host
+from llorch.node.errors import AttestationRejected, ConfigError, StartupError
+from llorch.node.lifecycle import bind_failure, supervise, write_state_file
+from llorch.node.p2p import P2P, check_can_listen, peer_key_of, running_host
 from llorch.node.stream_io import now_ms
 
 log = logging.getLogger("llorch.gateway")
@@ -79,10 +79,44 @@ async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers:
             log.debug("attestation not kept: %s", exc)
 
 
+HTTP_PORT_SETTING = "gateway.http_port (LLORCH_GATEWAY_HTTP_PORT)"
+P2P_LISTEN_SETTING = "gateway.p2p_listen_addr (LLORCH_GATEWAY_P2P_LISTEN_ADDR)"
+
+
+def http_bind_error(host: str, port: int, reason: str) -> StartupError:
+    return StartupError(f"cannot serve HTTP on {host}:{port}: {reason}: stop what uses it or set {HTTP_PORT_SETTING} "
+                        f"(or gateway.http_host) to another port")
+
+
+async def serve_http(app, http: HypercornConfig, host: str, port: int,
+                     task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """hypercorn's ``serve``, with a failure to bind (before it is up) translated into StartupError."""
+    up = False
+
+    class Status:
+        def started(self, value=None) -> None:
+            nonlocal up
+            up = True
+            task_status.started(value)
+
+    try:
+        await serve(app, http, task_status=Status())
+    except OSError as exc:
+        if up:
+            raise
+        raise http_bind_error(host, port, exc.strerror or str(exc)) from None
+
+
 async def run_gateway(config: GatewayConfig) -> None:
     key = load_key_file(config.key_file)
+    # Ports first, before the database and the libp2p host: a taken port is one line at once.
+    reason = bind_failure(config.http_host, config.http_port)
+    if reason is not None:
+        raise http_bind_error(config.http_host, config.http_port, reason)
+    check_can_listen(config.p2p_listen_addr, P2P_LISTEN_SETTING)
     directory = ProviderDirectory()
-    async with open_gateway_db(config.db_path) as database, running_host(key, config.p2p_listen_addr) as p2p:
+    async with open_gateway_db(config.db_path) as database, \
+            running_host(key, config.p2p_listen_addr, P2P_LISTEN_SETTING) as p2p:
         witness_book = WitnessBook(database)
         directory.excluded |= await witness_book.forked()
         gateway = Gateway(config, key, p2p, directory, ReceiptBook(database), TenantBook(database),
@@ -109,8 +143,8 @@ async def run_gateway(config: GatewayConfig) -> None:
                 p2p, directory, gateway.providers, gateway.metrics), restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
-            bound = await nursery.start(lambda task_status: serve(build_app(gateway), http,
-                                                                  task_status=task_status))
+            bound = await nursery.start(lambda task_status: serve_http(
+                build_app(gateway), http, config.http_host, config.http_port, task_status=task_status))
             base_url = f"{bound[0]}/v1" if bound else f"http://{config.http_host}:{config.http_port}/v1"
             addrs = [f"{addr}/p2p/{p2p.peer_id}" if "/p2p/" not in addr else addr for addr in p2p.addrs()]
             write_state_file(config.state_file, {"peer_id": p2p.peer_id, "multiaddrs": addrs, "base_url": base_url})

@@ -58,7 +58,7 @@ from llorch.ledger.signing import SigningKey, peer_id_of
 from llorch.node.errors import FrameTimeout, ProtocolError
 from llorch.node import limits as node_limits
 from llorch.node.limits import SALT_BYTES
-from llorch.node.models import catalog_model_ids, catalog_pin
+from llorch.node.models import catalog_kind, catalog_model_ids, catalog_pin, chat_model_ids
 from llorch.node.p2p import P2P
 from llorch.node.stream_io import now_ms
 from llorch.node.wire.attestation import Attestation
@@ -232,6 +232,7 @@ class Gateway:
         job = _Job(request_id or new_request_id(), tenant, chat, pin,
                    chat.seed if chat.seed is not None else secrets.randbelow(2**32),
                    secrets.token_bytes(SALT_BYTES), chat.prompt(), on_text)
+        check_model_serves(chat.model, job.prompt)
         check_fits_a_request_frame(job.prompt)
         job.multiplier_bp = self.demand_multiplier(job.chat.model, pin)
         job.margin_bp = margin_bp(self.config, tenant.tier)
@@ -474,6 +475,15 @@ class Gateway:
 
 
 PROMPT_BYTES_MAX = node_limits.REQUEST_FRAME_BYTES_MAX - limits.REQUEST_FRAME_OVERHEAD_BYTES_MAX
+
+
+def check_model_serves(model_id: str, prompt: dict) -> None:
+    """Refuse (400, before placement) a chat for a base model: it has no chat template and only continues text, so
+    a chat prompt gets gibberish back. Raw completions (/v1/completions) serve every model."""
+    if "messages" in prompt and catalog_kind(model_id) == "base":
+        raise BadRequest(f"{model_id} is a base model (not instruction-tuned): it does not follow a chat. Send a raw "
+                         f"prompt to POST /v1/completions to continue text with it, or chat with "
+                         f"{' or '.join(chat_model_ids())}", param="model")
 
 
 def check_fits_a_request_frame(prompt: dict) -> None:

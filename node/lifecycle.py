@@ -6,11 +6,14 @@ within a few seconds, with code 0 and no traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import sys
+import traceback
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -67,6 +70,37 @@ def run_until_signal(main: Callable[[], Awaitable[None]]) -> int:
             raise
         raise sole from None
     return 0
+
+
+def bind_failure(host: str, port: int) -> str | None:
+    """Why this process could not listen on TCP ``host``:``port`` right now ("in use by another process", "Cannot
+    assign requested address", ...), or None if it could. The socket is closed again at once: a start-up check, so
+    a taken port is one clear line before anything else is opened."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError, OverflowError) as exc:
+        return f"not an address of this machine ({exc})"
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # as servers do: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return "in use by another process" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+    return None
+
+
+STARTUP_FAILED = 2      # the exit code of a process that could not start (a port, a file, a key it cannot use)
+
+
+def report_startup_failure(error: BaseException, debug: bool = False) -> int:
+    """Print why the process cannot start as one line on stderr (with the traceback before it if ``debug``);
+    return the exit code."""
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return STARTUP_FAILED
 
 
 def write_state_file(path: Path | None, state: dict) -> None:

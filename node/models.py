@@ -6,6 +6,7 @@ The gateway never loads models; it only needs each model's pin to check attestat
 from __future__ import annotations
 
 from llorch.inference import catalog
+from llorch.inference.errors import InferenceError as ModelError     # catalog, fetch and model-file errors
 
 
 def catalog_pin(model_id: str) -> bytes | None:
@@ -16,6 +17,16 @@ def catalog_pin(model_id: str) -> bytes | None:
 
 def catalog_model_ids() -> list[str]:
     return sorted(catalog.CATALOG)
+
+
+def catalog_kind(model_id: str) -> str:
+    """What a catalog model is for: "instruct" (chat and raw completions) or "base" (raw completions only)."""
+    return catalog.lookup(model_id).kind
+
+
+def chat_model_ids() -> list[str]:
+    """The catalog models that serve a chat."""
+    return sorted(entry.id for entry in catalog.CATALOG.values() if entry.serves_chat)
 
 
 def context_tokens(model_id: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -28,6 +29,8 @@ from multiaddr import Multiaddr
 
 from llorch.ledger.signing import SigningKey
 from llorch.node import limits
+from llorch.node.errors import StartupError
+from llorch.node.lifecycle import bind_failure
 
 log = logging.getLogger("llorch.p2p")
 
@@ -71,9 +74,34 @@ class P2P:
         return [str(addr) for addr in self.host.get_addrs()]
 
 
+TCP_LISTEN_ADDR = re.compile(r"^/(ip4|ip6)/([^/]+)/tcp/(\d{1,5})$")
+
+
+def check_can_listen(listen_addr: str, setting: str) -> None:
+    """Raise StartupError if this machine cannot listen on ``listen_addr`` (a port in use, an address it does not
+    have), naming the address and ``setting``, the config key that chooses it. py-libp2p only logs such a failure and
+    runs on with no address at all, so the port is tried here first. An address of another shape is left to libp2p
+    (``running_host`` refuses a host that ends up with no address)."""
+    try:
+        Multiaddr(listen_addr)
+    except Exception as exc:      # py-multiaddr raises several types for a bad string; all mean the same here
+        raise StartupError(f"{setting} is {listen_addr!r}, not a multiaddr like /ip4/0.0.0.0/tcp/4001 ({exc})") from None
+    match = TCP_LISTEN_ADDR.match(listen_addr)
+    if match is None:
+        return
+    _, host, port = match.groups()
+    reason = bind_failure(host, int(port))
+    if reason is not None:
+        raise StartupError(f"cannot listen for libp2p on {listen_addr}: {reason}: stop what uses it or set "
+                           f"{setting} to another address or port")
+
+
 @asynccontextmanager
-async def running_host(key: SigningKey, listen_addr: str) -> AsyncIterator[P2P]:
-    """Run a Noise+Yamux libp2p host with GossipSub until the block exits."""
+async def running_host(key: SigningKey, listen_addr: str,
+                       setting: str = "the libp2p listen address") -> AsyncIterator[P2P]:
+    """Run a Noise+Yamux libp2p host with GossipSub until the block exits. StartupError if it cannot listen on
+    ``listen_addr`` (``setting`` names the config key that chooses it, for the message)."""
+    check_can_listen(listen_addr, setting)
     key_pair = key_pair_of(key)
     noise = NoiseTransport(key_pair, create_x25519_key_pair().private_key)
     host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise},
@@ -84,6 +112,9 @@ async def running_host(key: SigningKey, listen_addr: str) -> AsyncIterator[P2P]:
     pubsub = Pubsub(host, gossipsub, msg_id_constructor=message_id)
     try:
         async with host.run(listen_addrs=[Multiaddr(listen_addr)]):
+            if not host.get_addrs():              # lost a race for the port since the check: libp2p logged why
+                raise StartupError(f"cannot listen for libp2p on {listen_addr} (see the log line above): set "
+                                   f"{setting} to an address of this machine with a free port")
             async with background_trio_service(pubsub), background_trio_service(gossipsub):
                 await pubsub.wait_until_ready()
                 try:

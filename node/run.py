@@ -21,13 +21,15 @@ from llorch.node.config import NodeConfig
 from llorch.node.ledger_service import LedgerService, sign_checkpoints
 from llorch.node.lifecycle import supervise, write_state_file
 from llorch.node.reachability import announced_addrs
-from llorch.node.p2p import P2P, keep_connected, running_host
+from llorch.node.p2p import P2P, check_can_listen, keep_connected, running_host
 from llorch.node.service import EnginePool, ProviderService
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID
 from llorch.node.wire.ledger_protocol import LEDGER_PROTOCOL_ID
 from llorch.node.stream_io import now_ms
 
 log = logging.getLogger("llorch.node")
+
+LISTEN_SETTING = "node.listen_addr (LLORCH_NODE_LISTEN_ADDR)"
 
 
 def load_engines(config: NodeConfig) -> tuple[EnginePool, dict[str, bytes]]:
@@ -91,13 +93,14 @@ async def run_node(config: NodeConfig) -> None:
 
 async def _run_node(config: NodeConfig) -> None:
     key = load_key_file(config.key_file)
+    check_can_listen(config.listen_addr, LISTEN_SETTING)    # before the engines load: a taken port fails at once
     trusted = frozenset(public_key_of_peer_id(peer) for peer in config.trusted_gateways)
     pool, offered = await trio.to_thread.run_sync(load_engines, config)
     log.info("engine ready: %s × %d slots, build %s", ", ".join(offered), pool.total, pool.engines[0].fingerprint)
     async with LedgerStore.open(config.ledger_path, key) as ledger:
         service = ProviderService(key.public_key, trusted, pool, ledger, offered,
                                   (config.price_in_per_1m, config.price_out_per_1m, config.currency))
-        async with running_host(key, config.listen_addr) as p2p:
+        async with running_host(key, config.listen_addr, LISTEN_SETTING) as p2p:
             p2p.host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), service.serve_inference)
             p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), LedgerService(ledger, trusted).serve_ledger)
             async with trio.open_nursery() as nursery:

