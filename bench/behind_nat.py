@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llorch.gateway.localnet import LocalNetwork  # noqa: E402
 from llorch.inference import catalog  # noqa: E402
-from tests.small_internet import Served, SmallInternet, start_market, stream_chat, unavailable_reason  # noqa: E402
+from tests.small_internet import (Served, SmallInternet, slow_links_unavailable_reason, start_market,  # noqa: E402
+                                  stream_chat, unavailable_reason)
 
 MODEL = catalog.DEFAULT_MODEL_ID
 MESSAGES = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
@@ -69,7 +70,7 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=int, default=40, help="one-way delay on each public link")
     parser.add_argument("--loss-ppm", type=int, default=10_000, help="packets lost per million, each direction")
     args = parser.parse_args()
-    reason = unavailable_reason()
+    reason = unavailable_reason() or slow_links_unavailable_reason()
     if reason:
         sys.exit(f"cannot run: {reason}")
     catalog.fetch(catalog.lookup(MODEL), log=lambda message: None)

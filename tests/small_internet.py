@@ -158,6 +158,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def slow_links_unavailable_reason() -> str | None:
+    """Why links with delay and loss cannot be made here (a sentence for a skip message), or None if they can."""
+    if not Path("/dev/net/tun").exists():
+        return "slow links need /dev/net/tun (the kernel's TUN/TAP driver) for their user-space delay line"
+    return None
+
+
 class TopologyError(Exception):
     """A command building or changing the topology failed; the message names the command and its stderr."""
 

@@ -25,7 +25,8 @@ from llorch.ledger.objects import Receipt
 from llorch.ledger.signing import public_key_of_peer_id
 from llorch.ledger.verify import read_sqlite_entries
 from tests.helpers import MODEL_ID
-from tests.small_internet import HOMES, Served, SmallInternet, start_market, stream_chat, unavailable_reason
+from tests.small_internet import (HOMES, Served, SmallInternet, slow_links_unavailable_reason, start_market,
+                                  stream_chat, unavailable_reason)
 
 pytestmark = pytest.mark.e2e
 
@@ -257,6 +258,9 @@ def test_node_a_tried_while_down_is_placed_on_again_within_15_s_of_its_restart(i
 def test_streams_complete_over_slow_lossy_public_links(namespaces_possible, tmp_path, model_path):
     """The same market with 80 ms round trips and 1% loss each way on both routers' public links (bench/behind_nat.py
     runs longer outputs and more requests): every stream completes, and one seed gives one text on either node."""
+    reason = slow_links_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     with SmallInternet(delay_ms=SLOW_DELAY_MS, loss_ppm=SLOW_LOSS_PPM) as internet:
         net = LocalNetwork(tmp_path)
         try:
