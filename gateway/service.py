@@ -467,7 +467,7 @@ class Gateway:
             self._failed(provider.provider_key)
         elif metered.outcome is State.FINISHED and metered.ttft_ms is not None:
             self.standings[provider.provider_key] = after_success(self.standings[provider.provider_key],
-                                                                  metered.ttft_ms)
+                                                                  metered.ttft_ms, now_ms())
 
     def _placed(self, provider_key: bytes) -> None:
         standing = self.standings.get(provider_key, Standing())

@@ -129,6 +129,17 @@ async def running_host(key: SigningKey, listen_addr: str,
         pubsub.seen_messages.stop()
 
 
+def dial_only_announced(p2p: P2P, peer: ID, addrs: list[str]) -> None:
+    """Before opening a stream to ``peer``: an existing connection (the one a node behind NAT opened to us) is used
+    as it is; without one, libp2p may dial only ``addrs``, what the peer announced in its signed attestation, never
+    what identify or an earlier connection left in the peerstore (a node's 0.0.0.0 listen address, a LAN address).
+    Announcing nothing means: reachable only over its own connection."""
+    peerstore = p2p.host.get_peerstore()
+    peerstore.clear_addrs(peer)
+    if addrs:
+        peerstore.add_addrs(peer, [Multiaddr(addr) for addr in addrs], 600)
+
+
 async def keep_connected(p2p: P2P, bootstrap: tuple[str, ...]) -> None:
     """Dial every bootstrap multiaddr and redial whenever the connection is gone. Runs until cancelled."""
     infos = [info_from_p2p_addr(Multiaddr(addr)) for addr in bootstrap]

@@ -198,9 +198,6 @@ def seconds_until_placed_on(internet, client, network, name: str, since: float) 
     return time.monotonic() - since
 
 
-@pytest.mark.xfail(strict=True, reason="reachability defect: with the node's own connection gone, the witness dials "
-                   "the node's unspecified listen address 0.0.0.0:<port> (from its attestation, or from what libp2p's "
-                   "identify put in the peerstore), which reaches whatever listens on that port on the gateway's host")
 def test_while_a_node_is_down_the_gateway_never_dials_its_unspecified_listen_address(internet, client, network):
     port = listen_port(network, "a")
     with internet.inside("public"):                  # a decoy where 0.0.0.0:<A's port> leads on the gateway's host
@@ -209,8 +206,8 @@ def test_while_a_node_is_down_the_gateway_never_dials_its_unspecified_listen_add
     dialled = []
 
     def watch_the_decoy_while_a_is_down() -> None:
-        # Witness rounds (every second) while A's last attestation is still fresh. No requests: one placed on A
-        # now would keep it from being placed on again (the placement defect below) and spoil the next test.
+        # Witness rounds (every second) while A's last attestation is still fresh. Before the witness dialled only
+        # what a node announced, it dialled A's 0.0.0.0:<port> here (from identify), reaching this decoy.
         # This test runs before any other kill, while no failed dial to A is cached (libp2p then refuses to
         # dial a peer for 60 s).
         time.sleep(3.0)
@@ -236,9 +233,6 @@ def test_node_a_killed_and_restarted_behind_its_nat_is_placed_on_again_within_15
     assert placed_s <= RESTART_PLACED_S_MAX
 
 
-@pytest.mark.xfail(strict=True, reason="placement defect: one failed attempt costs a provider 20% of its success rate, "
-                   "which only successes restore, and success rate outranks load and turn-taking; so while an equal "
-                   "provider has a free slot the failed one is never placed on again")
 def test_node_a_tried_while_down_is_placed_on_again_within_15_s_of_its_restart(internet, client, network):
     a_peer = peer_ids(network)["a"]
     log = network.workdir / "gateway.log"

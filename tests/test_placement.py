@@ -1,5 +1,7 @@
 """Placement and standing as pure functions: every filter, the ranking order, and back-off."""
 
+from dataclasses import replace
+
 import pytest
 
 from llorch.gateway.market.placement import (BACKOFF_MS_MAX, ProviderView, Requirements, Standing, after_failure, after_success,
@@ -86,8 +88,8 @@ def test_a_provider_with_a_free_slot_comes_before_a_busy_cheaper_one():
 
 
 def test_at_equal_price_reliability_then_ttft_then_load_then_turns():
-    reliable = view(standing=Standing(success_ppm=990_000))
-    flaky = view(standing=Standing(success_ppm=500_000))
+    reliable = view(standing=Standing(success_ppm=990_000, observed_ms=NOW))
+    flaky = view(standing=Standing(success_ppm=500_000, observed_ms=NOW))
     assert rank([flaky, reliable]) == [reliable, flaky]
     fast = view(standing=Standing(ttft_ms=50))
     slow = view(standing=Standing(ttft_ms=900))
@@ -122,7 +124,17 @@ def test_standing_after_failures_and_success():
     for _ in range(20):
         many = after_failure(many, NOW)
     assert many.backoff_until_ms == NOW + BACKOFF_MS_MAX
-    recovered = after_success(second, ttft_ms=120)
+    recovered = after_success(second, ttft_ms=120, now_ms=NOW)
     assert recovered.backoff_until_ms == 0 and recovered.failures_in_a_row == 0
     assert recovered.success_ppm > second.success_ppm and recovered.ttft_ms == 120
-    assert after_success(recovered, 220).ttft_ms == 140         # moving average, 20% weight
+    assert after_success(recovered, 220, NOW).ttft_ms == 140         # moving average, 20% weight
+
+
+def test_one_old_failure_is_forgiven_with_time_so_a_recovered_provider_gets_its_turn_again():
+    """A provider that failed once (it was restarting) used to rank a step below an equal one for good: only
+    successes raised its rate, and it never got a request to succeed at while the other had a free slot."""
+    failed = view(standing=replace(after_failure(Standing(), NOW - 15_000), last_placed_ms=NOW - 15_000))
+    busy_peer = view(standing=Standing(last_placed_ms=NOW - 1_000))
+    assert rank([busy_peer, failed])[0] is failed          # 15 s later: equal standing, and it is its turn
+    fresh_failure = view(standing=replace(after_failure(Standing(), NOW - 2_000), last_placed_ms=NOW - 15_000))
+    assert rank([busy_peer, fresh_failure])[0] is busy_peer   # a failure 2 s ago still counts

@@ -13,14 +13,13 @@ from typing import AsyncIterator
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
-from multiaddr import Multiaddr
 
 from llorch.gateway import limits
 from llorch.node.wire.attestation import Attestation
 from llorch.node.errors import ProtocolError
 from llorch.node.wire.frames import Accepted, Busy, Cancel, Error, Final, Request, Token
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID, InferProtocol, Role
-from llorch.node.p2p import P2P
+from llorch.node.p2p import P2P, dial_only_announced
 from llorch.node.stream_io import close_quietly, read_frame, write_frame
 from llorch.ledger.signing import peer_id_of
 
@@ -59,7 +58,7 @@ class InferenceCall:
 async def request_inference(p2p: P2P, provider: Attestation, request: Request) -> AsyncIterator[InferenceCall]:
     """Send ``request`` to ``provider`` and wait until it is admitted; yield the call. Closes the stream on exit."""
     peer = ID.from_base58(peer_id_of(provider.provider_key))
-    p2p.host.get_peerstore().add_addrs(peer, [Multiaddr(addr) for addr in provider.addrs], 600)
+    dial_only_announced(p2p, peer, list(provider.addrs))
     protocol = InferProtocol(Role.CLIENT)
     try:
         with trio.fail_after(limits.STREAM_OPEN_TIMEOUT_S):

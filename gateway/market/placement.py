@@ -27,6 +27,7 @@ BACKOFF_MS_INITIAL = 1_000
 BACKOFF_MS_MAX = 60_000
 SUCCESS_STEP_PPM = 50_000                  # success rates within 5% rank alike
 TTFT_STEP_MS = 250                         # times to first token within 250 ms rank alike
+FORGIVE_HALF_LIFE_MS = 2_000               # without new evidence, a shortfall in success rate halves this often
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,14 @@ class Standing:
     failures_in_a_row: int = 0
     backoff_until_ms: int = 0
     last_placed_ms: int = 0
+    observed_ms: int = 0                     # when success_ppm last changed
+
+    def success_now_ppm(self, now_ms: int) -> int:
+        """The success rate as evidence ages: the shortfall from 100% halves every FORGIVE_HALF_LIFE_MS without a
+        new observation, so a provider that failed while restarting gets its turn again instead of ranking a step
+        below an equal provider for good (only successes could raise it, and it got no request to succeed at)."""
+        halvings = max(0, now_ms - self.observed_ms) // FORGIVE_HALF_LIFE_MS
+        return 1_000_000 - ((1_000_000 - self.success_ppm) >> min(halvings, 40))
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ def worst_case_cost(a: Attestation, need: Requirements) -> int:
 
 def rank_providers(views: Iterable[ProviderView], need: Requirements, now_ms: int) -> list[ProviderView]:
     eligible = [v for v in views if why_not(v, need, now_ms) is None]
-    best_success = max((v.standing.success_ppm for v in eligible), default=0)
+    best_success = max((v.standing.success_now_ppm(now_ms) for v in eligible), default=0)
     best_ttft = min((v.standing.ttft_ms for v in eligible), default=0)
 
     def order(v: ProviderView):
@@ -116,14 +125,14 @@ def rank_providers(views: Iterable[ProviderView], need: Requirements, now_ms: in
         # Observations are compared in coarse steps from the best one, so noise (a few ms of TTFT around a step's
         # edge) does not pin all traffic to one of two equivalent providers; within a step, load and turns decide.
         return (s.backoff_until_ms > now_ms, a.slots_free == 0, worst_case_cost(a, need),
-                (best_success - s.success_ppm) // SUCCESS_STEP_PPM, (s.ttft_ms - best_ttft) // TTFT_STEP_MS,
+                (best_success - s.success_now_ppm(now_ms)) // SUCCESS_STEP_PPM, (s.ttft_ms - best_ttft) // TTFT_STEP_MS,
                 -free_share_ppm, s.last_placed_ms, v.key)
 
     return sorted(eligible, key=order)
 
 
-def after_success(standing: Standing, ttft_ms: int) -> Standing:
-    return replace(standing, success_ppm=_ewma(standing.success_ppm, 1_000_000),
+def after_success(standing: Standing, ttft_ms: int, now_ms: int) -> Standing:
+    return replace(standing, success_ppm=_ewma(standing.success_now_ppm(now_ms), 1_000_000), observed_ms=now_ms,
                    ttft_ms=ttft_ms if standing.ttft_ms == 0 else _ewma(standing.ttft_ms, ttft_ms),
                    failures_in_a_row=0, backoff_until_ms=0)
 
@@ -131,8 +140,8 @@ def after_success(standing: Standing, ttft_ms: int) -> Standing:
 def after_failure(standing: Standing, now_ms: int) -> Standing:
     failures = standing.failures_in_a_row + 1
     backoff = min(BACKOFF_MS_INITIAL << (failures - 1), BACKOFF_MS_MAX)
-    return replace(standing, success_ppm=_ewma(standing.success_ppm, 0), failures_in_a_row=failures,
-                   backoff_until_ms=now_ms + backoff)
+    return replace(standing, success_ppm=_ewma(standing.success_now_ppm(now_ms), 0), failures_in_a_row=failures,
+                   backoff_until_ms=now_ms + backoff, observed_ms=now_ms)
 
 
 def _ewma(average: int, observation: int) -> int:
