@@ -47,6 +47,12 @@ def add_commands(subparsers) -> None:
     info = node_sub.add_parser("info", help="print the node's identity, model and engine build")
     info.add_argument("--config", type=Path, help="default: the node.toml `llorch node init` wrote")
     info.set_defaults(handler=node_info)
+    status = node_sub.add_parser(
+        "status", help="how the running node is doing: gateway connection, reachability, slots, ledger, today",
+        description="Asks the running node's admin endpoint (127.0.0.1 only). Exit 0 if it answered; 2 if not.")
+    status.add_argument("--config", type=Path, help="default: the node.toml `llorch node init` wrote")
+    status.add_argument("--json", action="store_true", help="print the status document")
+    status.set_defaults(handler=node_status)
     grant = node_sub.add_parser(
         "grant-auditor", help="let one auditor's key read this node's full ledger entries for a while",
         description="Writes an auditor grant signed with the node's key. Hand the file to the auditor, who runs "
@@ -235,6 +241,18 @@ def node_info(args: argparse.Namespace) -> int:
     print(json.dumps({"peer_id": key.peer_id, "model": entry.id, "model_sha256": entry.sha256,
                       "engine_build": fingerprint, "determinism_class": determinism_class(entry.sha256, fingerprint),
                       "slots": config.slots, "geo": {"country": config.country, "region": config.region}}, indent=2))
+    return 0
+
+
+def node_status(args: argparse.Namespace) -> int:
+    from llorch.node.status import admin_url_of, fetch_status, render
+
+    try:
+        status = fetch_status(admin_url_of(load_node_config(args.config)))
+    except NodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(status, indent=2) if args.json else render(status))
     return 0
 
 

@@ -51,6 +51,7 @@ class NodeConfig:
     sla_uptime_ppm: int = 990_000
     sla_ttft_ms: int = 1_000
     state_file: Path | None = None           # written once the node is up: peer id and listen addrs (JSON)
+    admin_port: int = 0                      # `llorch node status` endpoint on 127.0.0.1 (0: any free port)
     checkpoint_every_entries: int = ledger_limits.CHECKPOINT_EVERY_ENTRIES_DEFAULT   # sign a checkpoint after
     checkpoint_every_ms: int = ledger_limits.CHECKPOINT_EVERY_MS_DEFAULT    # these many entries, or this long
 
@@ -69,6 +70,8 @@ class NodeConfig:
             raise ConfigError("node.trusted_gateways is empty: no ticket could ever be accepted")
         for addr in self.announce_addrs:
             self._check_announce_addr(addr)
+        if not 0 <= self.admin_port <= 65535:
+            raise ConfigError("node.admin_port must be in 0..65535 (0: any free port)")
 
     def _check_announce_addr(self, addr: str) -> None:
         from llorch.node.reachability import is_unspecified_addr

@@ -21,6 +21,7 @@ from llorch.node.config import NodeConfig
 from llorch.node.ledger_service import LedgerService, sign_checkpoints
 from llorch.node.lifecycle import supervise, write_state_file
 from llorch.node.reachability import announced_addrs
+from llorch.node.status import Counters, admin_app, serve_admin, status_document, write_admin_url
 from llorch.node.p2p import P2P, check_can_listen, keep_connected, running_host
 from llorch.node.service import EnginePool, ProviderService
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID
@@ -68,7 +69,8 @@ def pool_models(pool: EnginePool) -> dict[str, bytes]:
     return {engine.entry.id: bytes.fromhex(engine.entry.sha256) for engine in pool.engines}
 
 
-async def publish_attestations(config: NodeConfig, key: SigningKey, p2p: P2P, pool: EnginePool) -> None:
+async def publish_attestations(config: NodeConfig, key: SigningKey, p2p: P2P, pool: EnginePool,
+                               counters: Counters) -> None:
     """Sign and gossip an attestation every interval, and soon after a slot is taken or freed (at most every
     ATTESTATION_SPACING_MS_MIN, well under gossip's per-peer rate limit), so the gateway's view of free slots is
     rarely stale. seq starts at the wall clock, so it grows across restarts."""
@@ -79,6 +81,7 @@ async def publish_attestations(config: NodeConfig, key: SigningKey, p2p: P2P, po
         seq = max(seq + 1, issued)
         try:
             await p2p.pubsub.publish(TOPIC, build_attestation(config, key, p2p, pool, seq, issued))
+            counters.last_attestation_seq, counters.last_attestation_ms = seq, issued
         except Exception as exc:  # publishing with no peers yet, or a peer dropping mid-send: try next interval
             log.debug("attestation publish failed: %s", exc)
         await trio.sleep(limits.ATTESTATION_SPACING_MS_MIN / 1000)
@@ -103,13 +106,19 @@ async def _run_node(config: NodeConfig) -> None:
         async with running_host(key, config.listen_addr, LISTEN_SETTING) as p2p:
             p2p.host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), service.serve_inference)
             p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), LedgerService(ledger, trusted).serve_ledger)
+            counters = Counters()
             async with trio.open_nursery() as nursery:
+                admin_url = await nursery.start(serve_admin, config.admin_port, admin_app(
+                    lambda: status_document(config, p2p, pool, ledger, counters, now_ms())))
+                write_admin_url(config, admin_url)
                 nursery.start_soon(supervise, "bootstrap", lambda: keep_connected(p2p, config.bootstrap))
                 nursery.start_soon(supervise, "checkpoints", lambda: sign_checkpoints(
                     ledger, config.checkpoint_every_entries, config.checkpoint_every_ms / 1000))
-                nursery.start_soon(supervise, "attestations", lambda: publish_attestations(config, key, p2p, pool))
+                nursery.start_soon(supervise, "attestations", lambda: publish_attestations(
+                    config, key, p2p, pool, counters))
                 write_state_file(config.state_file, {"peer_id": p2p.peer_id, "addrs": p2p.addrs(),
-                                                     "ledger": str(Path(config.ledger_path).resolve())})
+                                                     "ledger": str(Path(config.ledger_path).resolve()),
+                                                     "admin_url": admin_url})
                 log.info("node %s listening on %s; ledger %s (%d entries)", p2p.peer_id, ", ".join(p2p.addrs()),
                          config.ledger_path, ledger.size)
                 await trio.sleep_forever()

@@ -1,0 +1,181 @@
+"""`llorch node status`: what a provider wants to know at a glance, from a local admin endpoint.
+
+The running node serves ``GET /status`` (JSON) on 127.0.0.1 only, at ``admin_port`` (node.toml; 0 picks a free port,
+and the state file records the URL). `llorch node status` reads node.toml, asks that endpoint and prints:
+
+- each trusted gateway and whether the node is connected to it (behind NAT, that connection, which the node
+  opened, carries every request and witness round);
+- how others reach the node: the addresses it announces, or none (reached over its own connections only);
+- slots free and total, the last attestation (seq and age);
+- the ledger: entries, head, the last signed checkpoint and the last cosignature (witness, size, age);
+- requests and tokens served today (UTC), counted from the node's own signed receipts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from llorch.ledger.errors import LedgerError
+from llorch.ledger.note import parse_checkpoint_text, parse_note
+from llorch.ledger.objects import Receipt
+from llorch.ledger.store import LedgerStore
+from llorch.node.errors import ConfigError
+from llorch.node.reachability import announced_addrs
+
+DAY_MS = 86_400_000
+TODAY_ENTRIES_SCANNED_MAX = 100_000      # receipts read back to count today's (newest first)
+STATUS_TIMEOUT_S = 5
+
+
+@dataclass
+class Counters:
+    """What the node did since it started, kept by the running node."""
+    last_attestation_seq: int = 0
+    last_attestation_ms: int = 0
+    started_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+
+async def status_document(config, p2p, pool, ledger: LedgerStore, counters: Counters, now_ms: int) -> dict:
+    connected = set(str(peer) for peer in p2p.host.get_network().connections)
+    announced = announced_addrs(config, p2p.addrs(), p2p.peer_id)
+    return {
+        "peer_id": p2p.peer_id,
+        "model": config.models[0],
+        "engine_build": pool.engines[0].fingerprint,
+        "gateways": [{"peer_id": peer, "connected": peer in connected} for peer in config.trusted_gateways],
+        "reachability": {"announced": announced,
+                         "how": "announced addresses, and its own connections" if announced else
+                                "its own outbound connections only (behind NAT: nothing to announce)"},
+        "slots": {"total": pool.total, "free": len(pool.free)},
+        "last_attestation": {"seq": counters.last_attestation_seq,
+                             "age_ms": now_ms - counters.last_attestation_ms if counters.last_attestation_ms else None},
+        "ledger": await ledger_summary(ledger, now_ms),
+        "today": await served_today(ledger, now_ms),
+        "uptime_ms": now_ms - counters.started_ms,
+    }
+
+
+async def ledger_summary(ledger: LedgerStore, now_ms: int) -> dict:
+    latest = ledger.latest_checkpoint
+    summary = {"entries": ledger.size, "checkpoint_size": latest[0].size if latest else None,
+               "last_cosignature": None}
+    cosigned = await ledger.cosigned()
+    if cosigned:
+        note = parse_note(cosigned[-1])
+        size = parse_checkpoint_text(note.text).size
+        witnesses = [s for s in note.signatures if s.name.startswith("llorch-witness/")]
+        if witnesses:
+            stamp = int.from_bytes(witnesses[-1].signature[:8], "big")
+            summary["last_cosignature"] = {"witness": witnesses[-1].name, "size": size,
+                                           "age_ms": now_ms - stamp * 1000}
+    return summary
+
+
+async def served_today(ledger: LedgerStore, now_ms: int) -> dict:
+    """Requests and tokens whose receipts finished since midnight UTC, read newest first from the ledger."""
+    midnight = now_ms - now_ms % DAY_MS
+    requests = tokens_in = tokens_out = amount = 0
+    end = ledger.size
+    floor = max(0, end - TODAY_ENTRIES_SCANNED_MAX)
+    while end > floor:
+        start = max(floor, end - 256)
+        for entry in reversed(await ledger.entries(start, end)):
+            try:
+                receipt = Receipt.from_envelope(entry)
+            except LedgerError:
+                continue
+            if receipt.finished_ms < midnight:
+                return {"requests": requests, "tokens_in": tokens_in, "tokens_out": tokens_out,
+                        "earned_minor": amount}
+            requests, tokens_in, tokens_out = requests + 1, tokens_in + receipt.tokens_in, tokens_out + receipt.tokens_out
+            amount += receipt.amount
+        end = start
+    return {"requests": requests, "tokens_in": tokens_in, "tokens_out": tokens_out, "earned_minor": amount}
+
+
+def admin_url_file(config) -> Path:
+    """Where the running node leaves its admin URL for `llorch node status` (beside its ledger)."""
+    return Path(str(config.ledger_path) + ".admin-url")
+
+
+def write_admin_url(config, url: str) -> None:
+    path = admin_url_file(config)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(url + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def admin_url_of(config) -> str:
+    if config.admin_port:
+        return f"http://127.0.0.1:{config.admin_port}"
+    try:
+        return admin_url_file(config).read_text(encoding="utf-8").strip()
+    except OSError:
+        raise ConfigError(f"no {admin_url_file(config)}: is `llorch node start` running with this config?") from None
+
+
+async def serve_admin(port: int, app, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` on 127.0.0.1:``port`` (never another interface) until cancelled; report the URL."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    http = Config()
+    http.bind = [f"127.0.0.1:{port}"]
+    http.accesslog = None
+    http.graceful_timeout = 1.0
+
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(functools.partial(serve, app, http))
+        task_status.started(bound[0] if bound else f"http://127.0.0.1:{port}")
+
+
+def admin_app(document):
+    """A Starlette app with ``GET /status``; ``document()`` builds the JSON."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def status(request):
+        return JSONResponse(await document())
+
+    return Starlette(routes=[Route("/status", status)])
+
+
+def fetch_status(admin_url: str) -> dict:
+    try:
+        with urllib.request.urlopen(admin_url.rstrip("/") + "/status", timeout=STATUS_TIMEOUT_S) as response:
+            return json.loads(response.read(1 << 20))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ConfigError(f"the node's admin endpoint {admin_url} does not answer ({exc}): is `llorch node start` "
+                          f"running with this config?") from None
+
+
+def render(status: dict) -> str:
+    def age(ms):
+        return "never" if ms is None else f"{ms / 1000:.0f} s ago"
+
+    lines = [f"node {status['peer_id']}  model {status['model']}  up {status['uptime_ms'] / 3_600_000:.1f} h"]
+    for gateway in status["gateways"]:
+        lines.append(f"gateway {gateway['peer_id']}: {'connected' if gateway['connected'] else 'NOT CONNECTED'}")
+    reach = status["reachability"]
+    lines.append(f"reached over: {reach['how']}" + (f" ({', '.join(reach['announced'])})" if reach["announced"] else ""))
+    lines.append(f"slots: {status['slots']['free']} free of {status['slots']['total']}; last attestation "
+                 f"{age(status['last_attestation']['age_ms'])}")
+    ledger = status["ledger"]
+    cosign = ledger["last_cosignature"]
+    lines.append(f"ledger: {ledger['entries']} receipts; checkpoint at {ledger['checkpoint_size']}; " + (
+        f"last cosigned at {cosign['size']} by {cosign['witness']} {age(cosign['age_ms'])}" if cosign else
+        "not cosigned yet"))
+    today = status["today"]
+    lines.append(f"today (UTC): {today['requests']} requests, {today['tokens_in']} + {today['tokens_out']} tokens, "
+                 f"{today['earned_minor']} minor units earned")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""`llorch node status` against a running node: gateway connection, reachability, slots, ledger and today's work,
+from the node's local admin endpoint (bound to 127.0.0.1 only)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+import pytest
+
+from llorch.gateway.localnet import LocalNetwork
+from tests.helpers import MODEL_ID
+
+pytestmark = pytest.mark.e2e
+
+
+def test_node_status_reports_connection_reachability_ledger_and_today(tmp_path, model_path):
+    net = LocalNetwork(tmp_path)
+    try:
+        net.start_gateway()
+        state = net.start_node("lab", extra='engine = "echo"\nadmin_port = 0\n')
+        net.wait_for_providers(1)
+        assert state["admin_url"].startswith("http://127.0.0.1:")
+        client = openai.OpenAI(base_url=net.base_url, api_key=net.api_key, max_retries=0, timeout=60)
+        for seed in range(2):
+            client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=4, seed=seed)
+        deadline = time.monotonic() + 30
+        while True:                                       # the witness round that cosigns both receipts
+            status = json.loads(net.cli("node", "status", "--config", "lab.toml", "--json"))
+            cosigned = status["ledger"]["last_cosignature"]
+            if cosigned and cosigned["size"] == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert status["gateways"] == [{"peer_id": net.gateway.state()["peer_id"], "connected": True}]
+        assert status["slots"]["total"] >= 1 and status["last_attestation"]["age_ms"] < 10_000
+        assert status["ledger"]["entries"] == 2 and cosigned and cosigned["size"] == 2
+        assert status["today"]["requests"] == 2 and status["today"]["tokens_out"] > 0
+        assert all(addr.startswith("/ip4/127.0.0.1/") for addr in status["reachability"]["announced"])
+        text = net.cli("node", "status", "--config", "lab.toml")
+        assert "connected" in text and "today (UTC): 2 requests" in text and "NOT CONNECTED" not in text
+    finally:
+        net.stop()
