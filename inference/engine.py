@@ -79,19 +79,28 @@ def parse_fingerprint(fingerprint: str) -> dict[str, str]:
     return parts
 
 
-def build_fingerprint(context_tokens: int, batch_tokens: int) -> str:
-    """Engine build fingerprint: binding version, ggml CPU feature set, context and batch sizes."""
+def build_fingerprint(context_tokens: int, batch_tokens: int, gpu_layers: int = 0) -> str:
+    """Engine build fingerprint: binding version, ggml's feature set (its system info: CPU features, and the GPU
+    backend of a CUDA or Metal build), context and batch sizes, and, when layers are offloaded to a GPU, how many.
+    A GPU node's fingerprint (so its determinism class) never equals a CPU node's: their float arithmetic differs.
+    Raises EngineError if ``gpu_layers`` is asked of a build that cannot offload."""
     llama_cpp = _llama_cpp()
+    if gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+        raise EngineError(f"node.gpu_layers = {gpu_layers}, but this llama-cpp-python build has no GPU backend: "
+                          f"rebuild it with CMAKE_ARGS=\"-DGGML_CUDA=on\" (NVIDIA) or \"-DGGML_METAL=on\" (Apple), "
+                          f"or set gpu_layers = 0")
     system_info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
     features = hashlib.sha256(system_info.encode()).hexdigest()[:16]
-    return f"llama-cpp-python/{llama_cpp.__version__};ggml-cpu/{features};ctx/{context_tokens};batch/{batch_tokens}"
+    offload = f";gpu-layers/{gpu_layers}" if gpu_layers else ""
+    return (f"llama-cpp-python/{llama_cpp.__version__};ggml-cpu/{features};ctx/{context_tokens};batch/{batch_tokens}"
+            f"{offload}")
 
 
 class Engine:
     """One llama.cpp context serving one generation at a time. Load with ``Engine.load``."""
 
     def __init__(self, entry: catalog.CatalogEntry, path: Path, threads: int, context_tokens: int,
-                 batch_tokens: int) -> None:
+                 batch_tokens: int, gpu_layers: int = 0) -> None:
         llama_cpp = _llama_cpp()
         from llama_cpp import llama_chat_format
 
@@ -99,7 +108,7 @@ class Engine:
         self.context_tokens = context_tokens
         try:
             self._llm = llama_cpp.Llama(str(path), n_ctx=context_tokens, n_batch=batch_tokens, n_threads=threads,
-                                        n_threads_batch=threads, seed=0, verbose=False)
+                                        n_threads_batch=threads, n_gpu_layers=gpu_layers, seed=0, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(f"llama.cpp could not load {path}: {exc}") from None
         self._format = None                 # a base model serves raw completions only: it never formats a chat
@@ -110,17 +119,18 @@ class Engine:
         self._vocab = self._llm._model.vocab
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self._busy = threading.Lock()
-        self.fingerprint = build_fingerprint(context_tokens, batch_tokens)
+        self.fingerprint = build_fingerprint(context_tokens, batch_tokens, gpu_layers)
         self.determinism_class = determinism_class(entry.sha256, self.fingerprint)
 
     @classmethod
     def load(cls, model_id: str, cache_dir: Path | None = None, threads: int = 2,
              context_tokens: int = limits.CONTEXT_TOKENS_DEFAULT,
-             batch_tokens: int = limits.BATCH_TOKENS_DEFAULT) -> "Engine":
+             batch_tokens: int = limits.BATCH_TOKENS_DEFAULT, gpu_layers: int = 0) -> "Engine":
         """Check the cached file against its pinned sha256 and its declared kind, then load it."""
         entry = catalog.lookup(model_id)
         path = catalog.verified_path(entry, cache_dir)
-        return cls(entry, path, threads, context_tokens, batch_tokens)
+        build_fingerprint(context_tokens, batch_tokens, gpu_layers)      # a build that cannot offload: say so now
+        return cls(entry, path, threads, context_tokens, batch_tokens, gpu_layers)
 
     def prepare(self, prompt: dict, sampling: Sampling) -> Prepared:
         """Validate a request and tokenize its prompt; raise RequestError before doing any work.

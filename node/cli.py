@@ -237,7 +237,11 @@ def node_info(args: argparse.Namespace) -> int:
     except (NodeError, LedgerError, InferenceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    fingerprint = build_fingerprint(config.context_tokens, config.batch_tokens)
+    try:
+        fingerprint = build_fingerprint(config.context_tokens, config.batch_tokens, config.gpu_layers)
+    except InferenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"peer_id": key.peer_id, "model": entry.id, "model_sha256": entry.sha256,
                       "engine_build": fingerprint, "determinism_class": determinism_class(entry.sha256, fingerprint),
                       "slots": config.slots, "geo": {"country": config.country, "region": config.region}}, indent=2))

@@ -38,6 +38,7 @@ class NodeConfig:
     engine: str = "llama.cpp"                # "echo" runs a fake engine: for tests and benchmarks only
     slots: int = 1
     threads_per_slot: int = 2
+    gpu_layers: int = 0                      # layers llama.cpp offloads to a GPU (needs a CUDA/Metal build)
     context_tokens: int = 2048
     batch_tokens: int = 512
     attestation_interval_ms: int = limits.ATTESTATION_INTERVAL_MS_DEFAULT
@@ -70,6 +71,8 @@ class NodeConfig:
             raise ConfigError("node.trusted_gateways is empty: no ticket could ever be accepted")
         for addr in self.announce_addrs:
             self._check_announce_addr(addr)
+        if not 0 <= self.gpu_layers <= 1000:
+            raise ConfigError("node.gpu_layers must be in 0..1000 (0: CPU only)")
         if not 0 <= self.admin_port <= 65535:
             raise ConfigError("node.admin_port must be in 0..65535 (0: any free port)")
 

@@ -41,7 +41,8 @@ def load_engines(config: NodeConfig) -> tuple[EnginePool, dict[str, bytes]]:
         return EnginePool([EchoEngine(entry) for _ in range(config.slots)]), {entry.id: bytes.fromhex(entry.sha256)}
     catalog.verified_path(entry, config.model_cache_dir)
     engines = [Engine.load(entry.id, config.model_cache_dir, threads=config.threads_per_slot,
-                           context_tokens=config.context_tokens, batch_tokens=config.batch_tokens)
+                           context_tokens=config.context_tokens, batch_tokens=config.batch_tokens,
+                           gpu_layers=config.gpu_layers)
                for _ in range(config.slots)]
     return EnginePool(engines), {entry.id: bytes.fromhex(entry.sha256)}
 

@@ -82,3 +82,19 @@ def test_init_with_the_gateways_url_registers_and_node_start_needs_no_flags(tmp_
             assert node.wait(30) == 0, node.stderr.read()[-2000:]
     finally:
         net.stop()
+
+
+def test_gpu_layers_on_a_build_without_a_gpu_backend_is_one_line_at_start(tmp_path, model_path):
+    """CPU stays the default; asking for GPU offload on a CPU-only llama.cpp build is refused at start (one line,
+    exit 2, saying how to build for CUDA or Metal) instead of silently running on the CPU in a GPU class."""
+    from llorch.inference.engine import build_fingerprint
+
+    assert "gpu-layers" not in build_fingerprint(2048, 512)
+    done = llorch(tmp_path, "node", "init", "--gateway", GATEWAY_MULTIADDR, "--country", "DE", "--non-interactive")
+    assert done.returncode == 0, done.stderr
+    config = tmp_path / "config" / "llorch" / "node.toml"
+    config.write_text(config.read_text().replace("slots = ", "gpu_layers = 8\nslots = "))
+    for command in (["node", "info"], ["node", "start"]):
+        refused = llorch(tmp_path, *command)
+        assert refused.returncode == 2, (command, refused.stderr[-2000:])
+        assert "GGML_CUDA" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr[-2000:]
