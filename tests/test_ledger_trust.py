@@ -3,6 +3,8 @@
 import json
 import sqlite3
 import subprocess
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -196,7 +198,24 @@ async def fill(ledger, key, start, count, **overrides):
         await ledger.append(receipt_fields(key, f"req-{i:08d}", **overrides))
 
 
-async def test_witness_cosigns_then_detects_a_fork_over_libp2p(tmp_path):
+@dataclass
+class TwoHistories:
+    """A provider serving its ledger over libp2p, with a second ledger under the same key that rewrites history from
+    entry 3 (``service.ledger = rewritten`` makes it show that one), and a gateway's witness of it."""
+    provider: SigningKey
+    gateway: SigningKey
+    honest: LedgerStore
+    rewritten: LedgerStore
+    service: LedgerService
+    database: object
+    book: WitnessBook
+    witness: Witness
+    addrs: list
+    forked: list
+
+
+@asynccontextmanager
+async def two_histories(tmp_path):
     provider, gateway = SigningKey.generate(), SigningKey.generate()
     forked = []
     async with LedgerStore.open(tmp_path / "a.sqlite", provider) as honest, \
@@ -209,8 +228,14 @@ async def test_witness_cosigns_then_detects_a_fork_over_libp2p(tmp_path):
         service = LedgerService(honest, frozenset({gateway.public_key}))
         provider_p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), lambda s: service.serve_ledger(s))
         book = WitnessBook(database)
-        witness = Witness(gateway_p2p, gateway, book, forked.append)
-        addrs = provider_p2p.addrs()
+        yield TwoHistories(provider, gateway, honest, rewritten, service, database, book,
+                           Witness(gateway_p2p, gateway, book, forked.append), provider_p2p.addrs(), forked)
+
+
+async def test_witness_cosigns_then_detects_a_fork_over_libp2p(tmp_path):
+    async with two_histories(tmp_path) as t:
+        provider, gateway, honest, rewritten, service = t.provider, t.gateway, t.honest, t.rewritten, t.service
+        database, book, witness, addrs, forked = t.database, t.book, t.witness, t.addrs, t.forked
 
         state = await witness.witness(provider.public_key, addrs)
         assert state.size == 6 and not forked
@@ -329,20 +354,9 @@ async def test_an_operator_readmits_a_forked_provider_after_review_and_a_new_for
     """A fork the provider's own operator caused (two processes on one ledger) excludes it for good unless the
     gateway's operator reviews the evidence and readmits it: the evidence moves to the fork history, the witness
     starts a new epoch on the ledger the provider shows now, and a fork after that is caught like the first."""
-    provider, gateway = SigningKey.generate(), SigningKey.generate()
-    forked = []
-    async with LedgerStore.open(tmp_path / "a.sqlite", provider) as honest, \
-            LedgerStore.open(tmp_path / "b.sqlite", provider) as rewritten, \
-            open_gateway_db(tmp_path / "gateway.sqlite") as database, \
-            running_host(provider, LOOPBACK) as provider_p2p, running_host(gateway, LOOPBACK) as gateway_p2p:
-        await fill(honest, provider, 0, 6)
-        await fill(rewritten, provider, 0, 3)
-        await fill(rewritten, provider, 3, 5, tokens_out=1, amount=2)
-        service = LedgerService(honest, frozenset({gateway.public_key}))
-        provider_p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), lambda s: service.serve_ledger(s))
-        book = WitnessBook(database)
-        witness = Witness(gateway_p2p, gateway, book, forked.append)
-        addrs = provider_p2p.addrs()
+    async with two_histories(tmp_path) as t:
+        provider, gateway, honest, rewritten, service = t.provider, t.gateway, t.honest, t.rewritten, t.service
+        book, witness, addrs, forked = t.book, t.witness, t.addrs, t.forked
         assert (await witness.witness(provider.public_key, addrs)).size == 6
         service.ledger = rewritten
         assert await witness.witness(provider.public_key, addrs) is None and forked
