@@ -22,7 +22,7 @@ from llorch.ledger.objects import Receipt, ledger_origin
 from llorch.gateway.localnet import llorch_command
 from llorch.ledger.signing import SigningKey, write_key_file
 from llorch.ledger.store import LedgerStore
-from llorch.ledger.verify import LedgerMaterial, load_material, verify
+from llorch.ledger.verify import load_material, verify
 from llorch.node.errors import ProtocolError
 from llorch.node.wire.frames import Error
 from llorch.node.wire.infer_protocol import Role
