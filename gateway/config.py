@@ -25,6 +25,7 @@ class GatewayConfig:
     http_port: int = 8000
     state_file: Path | None = None            # written once up: peer id, multiaddrs, base_url (JSON)
     witness_interval_ms: int = 5_000          # how often the gateway witnesses each provider's ledger
+    queue_timeout_ms: int = 30_000            # how long a request waits for a slot when every provider is busy
     margin_bp_hobby: int = 4_000              # platform margin on the customer price, per tier, in basis points
     margin_bp_startup: int = 4_000            # (20%-60%: 2000-6000)
     margin_bp_enterprise: int = 4_000
@@ -38,6 +39,8 @@ class GatewayConfig:
             margin = getattr(self, f"margin_bp_{tier}")
             if not 2_000 <= margin <= 6_000:
                 raise ConfigError(f"gateway.margin_bp_{tier} must be 2000..6000 (20%-60%), got {margin}")
+        if not 0 <= self.queue_timeout_ms <= 600_000:
+            raise ConfigError("gateway.queue_timeout_ms must be 0..600000 (0: never queue, answer 429 at once)")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError("gateway.http_port must be in 0..65535")
 

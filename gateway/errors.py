@@ -67,6 +67,11 @@ class NoProvider(GatewayError):
     status, type, code = 503, "service_unavailable", "no_provider"
 
 
+class AllBusy(NoProvider):
+    """Raised when every eligible provider answered busy: the request may wait in the admission queue for a slot
+    (only if it cannot, or its deadline passes, does the customer see an error: 429)."""
+
+
 class ProviderFailed(GatewayError):
     """Raised when every candidate provider failed or one broke the protocol after tokens were sent."""
 

@@ -6,6 +6,7 @@ HTTP_BODY_DRAIN_TIMEOUT_S = 5.0
 REQUEST_FRAME_OVERHEAD_BYTES_MAX = 8 * 1024   # ticket, salt and framing around the prompt in a request frame
 TICKET_LIFETIME_MS = 60_000               # a ticket must be used within this long
 PLACEMENT_ATTEMPTS_MAX = 4                # providers tried per request before giving up
+ADMISSION_QUEUE_MAX = 1_024               # requests waiting for a slot (every provider busy), all tenants
 STREAM_OPEN_TIMEOUT_S = 10.0              # dial + new stream to a provider
 ADMISSION_TIMEOUT_S = 30.0                # request sent → accepted/busy (the node tokenizes the prompt first)
 TOKEN_TIMEOUT_S = 60.0                    # gap between two frames while streaming

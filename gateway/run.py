@@ -60,7 +60,7 @@ def attestation_validator(directory: ProviderDirectory, metrics: Metrics):
 
 
 async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers: ProviderBook,
-                              metrics: Metrics) -> None:
+                              metrics: Metrics, on_free_slots=lambda count: None) -> None:
     """Drain the attestation subscription into the directory (a full subscription channel would drop messages)."""
     p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics), False)
     subscription = await p2p.pubsub.subscribe(TOPIC)
@@ -71,6 +71,8 @@ async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers:
             known = directory.get(attestation.provider_key)
             approved = attestation.provider_key in await providers.approved_keys()
             directory.observe(attestation, approved)
+            if approved and attestation.slots_free:
+                on_free_slots(attestation.slots_free)        # wake that many queued requests to try again
             if known is None:                    # unapproved keys are anyone's to make: not worth a line each
                 log.log(logging.INFO if approved else logging.DEBUG, "provider %s joined%s: %s", ID(message.from_id),
                         "" if approved else " (not approved: pending)", ", ".join(m["id"] for m in attestation.models))
@@ -140,7 +142,7 @@ async def run_gateway(config: GatewayConfig) -> None:
         async with trio.open_nursery() as nursery:
             restarts = gateway.metrics.loop_restarted
             nursery.start_soon(supervise, "attestations", lambda: follow_attestations(
-                p2p, directory, gateway.providers, gateway.metrics), restarts)
+                p2p, directory, gateway.providers, gateway.metrics, gateway.waiting.wake), restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve_http(

@@ -39,8 +39,9 @@ from llorch.gateway.books.receipts import ReceiptBook, check_receipt
 from llorch.gateway.books.settlement import ENDED, Meter, Settlement, State, Terms, settle
 from llorch.gateway.books.tickets import TicketBook
 from llorch.gateway.config import GatewayConfig, margin_bp
-from llorch.gateway.errors import (AuthError, BadRequest, Forbidden, ModelNotFound, NoProvider, PaymentRequired,
-                                  ProviderFailed, RateLimited, ReceiptRejected)
+from llorch.gateway.errors import (AllBusy, AuthError, BadRequest, Forbidden, ModelNotFound, NoProvider,
+                                  PaymentRequired, ProviderFailed, RateLimited, ReceiptRejected)
+from llorch.gateway.market.admission import QueueFull, QueueTimeout, WaitingRoom
 from llorch.gateway.market.directory import ProviderDirectory
 from llorch.gateway.market.node_client import AttemptFailed, InferenceCall, request_inference
 from llorch.gateway.market.placement import (ProviderView, Requirements, Standing, after_failure, after_success,
@@ -132,6 +133,7 @@ class Gateway:
         self.database = books.database
         self.tickets = TicketBook(books.database)
         self.metrics = Metrics()
+        self.waiting = WaitingRoom(limits.ADMISSION_QUEUE_MAX)
         # The bootstrap key's tenant: unlimited, named by the config; run_gateway refuses to start if a real
         # tenant has the name, and `tenants add` refuses the name, so the two never share an account.
         self.bootstrap_tenant = Tenant(config.tenant, "enterprise", None, 0, False, False, None, None, None, False)
@@ -247,9 +249,36 @@ class Gateway:
         job.reserved_minor = worst_case_minor(job.prompt_tokens_max, need.max_tokens, *job.price_caps)
         quota = await self.admit(tenant, job.request_id, job.reserved_minor)
         try:
-            return await self._serve(job, candidates)
+            return await self._serve_or_wait(job, need, candidates)
         finally:
             quota.settle(job.request_id, job.charged)
+            self.waiting.wake()                 # a slot this request held (or tried for) may be free now
+
+    async def _serve_or_wait(self, job: _Job, need: Requirements, candidates: list[ProviderView]) -> Completion:
+        """(5)-(8), and while every eligible provider is busy, wait in the fair admission queue for a slot (woken
+        when a request finishes or an attestation shows free slots) until the queue deadline: then 429."""
+        deadline = trio.current_time() + self.config.queue_timeout_ms / 1000
+        queued_since, again = None, False
+        while True:
+            try:
+                completion = await self._serve(job, candidates)
+                if queued_since is not None:
+                    self.metrics.queue_waited(trio.current_time() - queued_since)
+                return completion
+            except AllBusy as busy:
+                queued_since = queued_since if queued_since is not None else trio.current_time()
+                try:
+                    self.metrics.queue_depth(len(self.waiting.queue) + 1)
+                    await self.waiting.wait(job.tenant.name, deadline - trio.current_time(), again)
+                except (QueueFull, QueueTimeout) as exc:
+                    self.metrics.queue_waited(trio.current_time() - queued_since)
+                    raise RateLimited(f"{busy}; the request waited in the admission queue and {exc}",
+                                      "queue_full" if isinstance(exc, QueueFull) else "queue_timeout",
+                                      max(1, self.config.queue_timeout_ms // 10_000)) from None
+                finally:
+                    self.metrics.queue_depth(len(self.waiting.queue))
+                again = True
+                candidates = rank_providers(await self.provider_views(), need, now_ms())
 
     async def admit(self, tenant: Tenant, request_id: str, reserved_minor: int) -> TenantQuota:
         """(2): a rate token, a concurrency slot and the reservation, all or nothing, against the spend in the books.
@@ -292,6 +321,9 @@ class Gateway:
                     raise BadRequest(f"the provider refused the request before any work: {exc}") from None
                 failures.append(f"{peer_id_of(view.key)[-8:]}: {exc}")
                 log.info("provider %s did not take %s: %s", peer_id_of(view.key), job.request_id, exc)
+                if exc.busy:                       # full, not failing: no mark against its standing
+                    candidates = [c for c in candidates[1:] if c.key not in tried]
+                    continue
             except MidStreamFailure as exc:
                 failures.append(f"{peer_id_of(view.key)[-8:]}: {exc}")
                 log.warning("provider %s failed mid-stream on %s: %s", peer_id_of(view.key), job.request_id, exc)
@@ -311,7 +343,7 @@ class Gateway:
         if failures and all("busy" in failure for failure in failures):
             self.metrics.placement_failure("busy")
             where = "certified EU provider" if job.tenant.eu_only else "eligible provider"
-            raise NoProvider(f"no {where} has capacity for {job.chat.model} right now: every one is busy; "
+            raise AllBusy(f"no {where} has capacity for {job.chat.model} right now: every one is busy; "
                              f"retry shortly")
         self.metrics.placement_failure("failed")
         raise ProviderFailed(f"no provider could serve the request ({'; '.join(failures)})")

@@ -49,6 +49,11 @@ class Metrics:
         self._pending = Gauge("llorch_attestations_pending",
                               "Attestations kept from keys nobody approved (never placed on, never dialled).",
                               registry=registry)
+        self._queue_depth = Gauge("llorch_queue_depth", "Requests waiting in the admission queue for a slot.",
+                                  registry=registry)
+        self._queue_wait = Histogram("llorch_queue_wait_seconds",
+                                     "Time requests spent in the admission queue (placed, or refused with 429).",
+                                     buckets=LATENCY_BUCKETS_S, registry=registry)
         self._dropped = Counter("llorch_attestations_dropped", "Gossiped attestations dropped, by reason.",
                                 ["reason"], registry=registry)
         for reason in DROP_REASONS:                 # every reason shows from the start, at 0
@@ -73,6 +78,12 @@ class Metrics:
 
     def loop_restarted(self, loop: str) -> None:
         self._loop_restarts.labels(_bounded(loop, LOOPS)).inc()
+
+    def queue_depth(self, depth: int) -> None:
+        self._queue_depth.set(depth)
+
+    def queue_waited(self, seconds: float) -> None:
+        self._queue_wait.observe(seconds)
 
     def attestation_dropped(self, reason: str) -> None:
         self._dropped.labels(_bounded(reason, DROP_REASONS)).inc()

@@ -1,0 +1,79 @@
+"""Bursts wait instead of failing: the admission queue in a real gateway (in-process market: real libp2p hosts, real
+SQLite, providers on the test-only echo engine). Before it, every request beyond the free slots got 503 "every one
+is busy"."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from llorch.gateway.errors import RateLimited
+from tests.inprocess import market
+
+BODY = {"messages": [{"role": "user", "content": "a burst"}], "max_tokens": 6}
+
+
+async def test_a_burst_beyond_every_free_slot_waits_and_every_request_succeeds(tmp_path):
+    async with market(tmp_path, {"a": {"delay_s": 0.01}, "b": {"delay_s": 0.01}},
+                      tenants={"acme": {"max_concurrent": 64}}) as m:
+        texts: dict[int, list[str]] = {}
+
+        async def one(n: int) -> None:
+            completion = await m.complete("acme", {**BODY, "seed": n % 4})
+            texts.setdefault(n % 4, []).append(completion.text)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(16):                       # 2 providers × 1 slot
+                nursery.start_soon(one, n)
+        assert sum(len(v) for v in texts.values()) == 16
+        assert all(len(set(v)) == 1 for v in texts.values())       # same seed, same text, whoever served it
+        assert len(m.gateway.waiting.queue) == 0
+        assert await m.rows("SELECT COUNT(DISTINCT request_id) FROM tickets WHERE outcome = 'finished'") == [(16,)]
+
+
+async def test_a_tenants_burst_does_not_starve_another_tenant(tmp_path):
+    async with market(tmp_path, {"a": {"delay_s": 0.01}},
+                      tenants={"big": {"max_concurrent": 64}, "small": {"max_concurrent": 64}}) as m:
+        finished: list[str] = []
+
+        async def one(tenant: str, n: int) -> None:
+            await m.complete(tenant, {**BODY, "seed": n})
+            finished.append(tenant)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(one, "big", n)
+            await trio.sleep(0.05)                    # big's burst is queued first
+            for n in range(3):
+                nursery.start_soon(one, "small", n)
+        assert finished.count("small") == 3
+        last_small = max(i for i, tenant in enumerate(finished) if tenant == "small")
+        assert last_small < 12, finished               # served in turn, not after all of big's
+
+
+async def test_a_request_not_placed_by_its_deadline_gets_429_and_is_never_sent_afterwards(tmp_path):
+    async with market(tmp_path, {"a": {"stall": (1, 3.0)}}, tenants={"acme": {"max_concurrent": 8}},
+                      gateway_options={"queue_timeout_ms": 500}) as m:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(m.complete, "acme", {**BODY, "seed": 1})      # holds the only slot for 3 s
+            await trio.sleep(0.3)
+            with pytest.raises(RateLimited) as refused:
+                await m.complete("acme", {**BODY, "seed": 2}, request_id="chatcmpl-queued-too-long")
+            assert refused.value.code == "queue_timeout" and refused.value.retry_after_s >= 1
+            assert len(m.gateway.waiting.queue) == 0
+        # The slot freed after the 429: the refused request was not placed then (no ghost work, no charge). Its
+        # only ticket is the one the busy provider refused before any work.
+        rows = await m.rows("SELECT accepted_ms, charge FROM tickets WHERE request_id = 'chatcmpl-queued-too-long'")
+        assert rows and all(accepted is None and not charge for accepted, charge in rows), rows
+
+
+async def test_a_customer_who_hangs_up_while_queued_leaves_the_queue_at_once(tmp_path):
+    async with market(tmp_path, {"a": {"stall": (1, 3.0)}}, tenants={"acme": {"max_concurrent": 8}}) as m:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(m.complete, "acme", {**BODY, "seed": 1})
+            await trio.sleep(0.3)
+            with trio.move_on_after(0.5):            # the customer gives up while waiting
+                await m.complete("acme", {**BODY, "seed": 2}, request_id="chatcmpl-gave-up-waiting")
+            assert len(m.gateway.waiting.queue) == 0
+        rows = await m.rows("SELECT accepted_ms FROM tickets WHERE request_id = 'chatcmpl-gave-up-waiting'")
+        assert all(accepted is None for accepted, in rows), rows      # never placed after it left
