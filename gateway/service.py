@@ -140,6 +140,7 @@ class Gateway:
         self._pseudonym_key = HKDF(algorithm=SHA256(), length=32, salt=None,
                                    info=PSEUDONYM_KEY_INFO).derive(key.seed)
         self.standings: dict[bytes, Standing] = {}
+        self._in_flight: dict[bytes, int] = {}   # this gateway's tickets per provider, from issue to settlement
         self._quotas: dict[str, TenantQuota] = {}
         self._locks: dict[str, trio.Lock] = {}
 
@@ -314,6 +315,11 @@ class Gateway:
         while candidates and len(tried) < limits.PLACEMENT_ATTEMPTS_MAX:
             view = candidates[0]
             tried.add(view.key)
+            if self._in_flight.get(view.key, 0) >= view.attestation.slots_total:
+                # Full with this gateway's own requests: busy without asking (no ticket written, no stream opened).
+                failures.append(f"{peer_id_of(view.key)[-8:]}: busy (every slot serves this gateway)")
+                candidates = [c for c in candidates[1:] if c.key not in tried]
+                continue
             try:
                 return await self._attempt(job, view.attestation)
             except AttemptFailed as exc:
@@ -383,14 +389,19 @@ class Gateway:
     async def _attempt(self, job: _Job, provider: Attestation) -> Completion:
         """One ticket, from its durable issue to its settlement (exactly once, shielded from cancellation)."""
         ticket, ticket_bytes, terms = self.issue_ticket(job, provider)
-        await self.tickets.issue(ticket, ticket_bytes, terms)
-        run = _TicketRun(ticket, ticket_bytes, terms, Meter(now_ms()))
-        self._placed(provider.provider_key)
+        key = provider.provider_key
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
         try:
-            await self._run_ticket(job, provider, run)
+            await self.tickets.issue(ticket, ticket_bytes, terms)
+            run = _TicketRun(ticket, ticket_bytes, terms, Meter(now_ms()))
+            self._placed(key)
+            try:
+                await self._run_ticket(job, provider, run)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._settle(job, provider, run)
         finally:
-            with trio.CancelScope(shield=True):
-                await self._settle(job, provider, run)
+            self._in_flight[key] -= 1
         return Completion(job.request_id, job.delivered, run.receipt, peer_id_of(provider.provider_key), job.seed,
                           job.salt, run.charge, run.settlement)
 
