@@ -137,8 +137,7 @@ class Books:
 
     async def balance(self, account: str) -> int:
         """Credits minus debits of an account (a tenant's balance is negative: what it owes)."""
-        row = await self._database.fetchone("SELECT credits - debits FROM account_balances WHERE account = ?",
-                                            (account,))
+        row = await self._database.peek("SELECT credits - debits FROM account_balances WHERE account = ?", (account,))
         return 0 if row is None else row[0]
 
     async def lines(self, where: str, params: tuple, group_by: tuple[str, ...]) -> list[Line]:

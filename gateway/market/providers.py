@@ -123,7 +123,7 @@ class ProviderBook:
         return self._sorted
 
     async def _refresh(self) -> None:
-        version = (await self._database.fetchone("PRAGMA data_version"))[0]
+        version = (await self._database.peek("PRAGMA data_version"))[0]
         if version == self._version:
             return
         rows = await self._database.fetchall(

@@ -127,8 +127,7 @@ class TenantBook:
         return None if row is None else _row_to_tenant(row)
 
     async def by_key_hash(self, digest: str) -> Tenant | None:
-        row = await self._database.fetchone(f"SELECT {', '.join(COLUMNS)} FROM tenants WHERE api_key_sha256 = ?",
-                                            (digest,))
+        row = await self._database.peek(f"SELECT {', '.join(COLUMNS)} FROM tenants WHERE api_key_sha256 = ?", (digest,))
         return None if row is None else _row_to_tenant(row)
 
     async def list(self) -> list[Tenant]:
