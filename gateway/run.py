@@ -143,6 +143,7 @@ async def run_gateway(config: GatewayConfig) -> None:
             restarts = gateway.metrics.loop_restarted
             nursery.start_soon(supervise, "attestations", lambda: follow_attestations(
                 p2p, directory, gateway.providers, gateway.metrics, gateway.waiting.wake), restarts)
+            nursery.start_soon(supervise, "streams", gateway.streams.run, restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve_http(

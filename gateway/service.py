@@ -43,7 +43,7 @@ from llorch.gateway.errors import (AllBusy, AuthError, BadRequest, Forbidden, Mo
                                   PaymentRequired, ProviderFailed, RateLimited, ReceiptRejected)
 from llorch.gateway.market.admission import QueueFull, QueueTimeout, WaitingRoom
 from llorch.gateway.market.directory import ProviderDirectory
-from llorch.gateway.market.node_client import AttemptFailed, InferenceCall, request_inference
+from llorch.gateway.market.node_client import AttemptFailed, InferenceCall, StreamPool, request_inference
 from llorch.gateway.market.placement import (ProviderView, Requirements, Standing, after_failure, after_success,
                                              customer_prices, rank_providers, why_not)
 from llorch.gateway.market.providers import ProviderBook
@@ -134,6 +134,7 @@ class Gateway:
         self.tickets = TicketBook(books.database)
         self.metrics = Metrics()
         self.waiting = WaitingRoom(limits.ADMISSION_QUEUE_MAX)
+        self.streams = StreamPool(p2p)       # its ``run`` is one of the gateway's supervised loops
         # The bootstrap key's tenant: unlimited, named by the config; run_gateway refuses to start if a real
         # tenant has the name, and `tenants add` refuses the name, so the two never share an account.
         self.bootstrap_tenant = Tenant(config.tenant, "enterprise", None, 0, False, False, None, None, None, False)
@@ -408,7 +409,8 @@ class Gateway:
     async def _run_ticket(self, job: _Job, provider: Attestation, run: _TicketRun) -> None:
         meter = run.meter
         try:
-            async with request_inference(self.p2p, provider, Request(run.ticket_bytes, job.salt, job.prompt)) as call:
+            async with request_inference(self.p2p, provider, Request(run.ticket_bytes, job.salt, job.prompt),
+                                         self.streams) as call:
                 meter.handle("accepted", now_ms())
                 job.provider_peer_id = peer_id_of(provider.provider_key)
                 try:

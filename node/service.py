@@ -22,7 +22,7 @@ from llorch.ledger.objects import Ticket, amount_minor, prompt_commitment, sampl
 from llorch.ledger.signing import sha256
 from llorch.ledger.store import LedgerStore
 from llorch.node import limits
-from llorch.node.errors import ProtocolError, TicketRejected
+from llorch.node.errors import FrameTimeout, ProtocolError, TicketRejected
 from llorch.node.wire.frames import Accepted, Busy, Error, Final, Request, Token
 from llorch.node.wire.infer_protocol import InferProtocol, Role
 from llorch.node.stream_io import now_ms, read_frame, serve_stream, write_frame
@@ -78,7 +78,13 @@ class ProviderService:
         await serve_stream(stream, "infer", lambda s: self._serve(s, InferProtocol(Role.SERVER)))
 
     async def _serve(self, stream, protocol: InferProtocol) -> None:
-        request = await read_frame(stream, protocol, limits.REQUEST_READ_TIMEOUT_S)
+        try:
+            request = await read_frame(stream, protocol, limits.REQUEST_READ_TIMEOUT_S)
+        except ProtocolError as exc:
+            if protocol.bytes_received == 0 and not isinstance(exc, FrameTimeout):
+                log.debug("a stream ended before its request (a gateway's unused stream): %s", exc)
+                return
+            raise
         assert isinstance(request, Request)
         try:
             ticket = self.check_ticket(request.ticket, now_ms())

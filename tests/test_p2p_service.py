@@ -1,6 +1,7 @@
 """/llorch/infer/1 over real libp2p hosts on loopback (Noise + Yamux), with a fake engine and a real SQLite ledger."""
 
 from contextlib import asynccontextmanager
+import logging
 
 import pytest
 import trio
@@ -10,7 +11,9 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from llorch.gateway.market.node_client import AttemptFailed, request_inference
+from llorch.gateway import limits as gateway_limits
+from llorch.gateway.market import node_client
+from llorch.gateway.market.node_client import AttemptFailed, StreamPool, request_inference
 from llorch.gateway.books.receipts import check_receipt
 from llorch.ledger.signing import SigningKey
 from llorch.ledger.store import LedgerStore
@@ -48,12 +51,12 @@ async def provider_and_gateway(tmp_path, slots=1, delay_s=0.0):
             yield gateway_key, provider_key, gateway_p2p, provider_p2p, attestation, config
 
 
-async def serve_one(gateway_p2p, gateway_key, attestation, max_tokens=5, seed=3, **ticket_overrides):
+async def serve_one(gateway_p2p, gateway_key, attestation, max_tokens=5, seed=3, pool=None, **ticket_overrides):
     sampling = {"seed": seed, "temperature_ppm": 0, "top_p_ppm": 1_000_000, "max_tokens": max_tokens, "stop": []}
     ticket, ticket_bytes = make_ticket(gateway_key, attestation.provider_key, now_ms(), sampling=sampling,
                                        **ticket_overrides)
     tokens = []
-    async with request_inference(gateway_p2p, attestation, Request(ticket_bytes, SALT, PROMPT)) as call:
+    async with request_inference(gateway_p2p, attestation, Request(ticket_bytes, SALT, PROMPT), pool) as call:
         while True:
             frame = await call.next_frame()
             if isinstance(frame, Final):
@@ -139,3 +142,65 @@ def test_taking_or_freeing_a_slot_signals_a_capacity_change():
     pool.try_take(), pool.try_take()
     pool.changed = trio.Event()
     assert pool.try_take() is None and not pool.changed.is_set()     # a refusal changes nothing
+
+
+async def wait_for_idle_stream(pool: StreamPool, peer) -> None:
+    with trio.fail_after(5):
+        while pool.idle(peer) == 0:
+            await trio.sleep(0.01)
+
+
+async def test_a_stream_opened_ahead_serves_the_next_request_without_opening_one(tmp_path, monkeypatch):
+    opened_on_the_request_path = []
+    new_stream = node_client._new_stream
+
+    async def counted(p2p, peer):
+        opened_on_the_request_path.append(peer)
+        return await new_stream(p2p, peer)
+
+    monkeypatch.setattr(node_client, "_new_stream", counted)
+    async with provider_and_gateway(tmp_path, slots=2) as (gateway_key, provider_key, gateway_p2p, _, attestation, _):
+        pool, peer = StreamPool(gateway_p2p), ID.from_base58(provider_key.peer_id)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            for seed in range(4):
+                _, _, tokens, _ = await serve_one(gateway_p2p, gateway_key, attestation, seed=seed, pool=pool)
+                assert len(tokens) == 5
+                await wait_for_idle_stream(pool, peer)
+            nursery.cancel_scope.cancel()
+    assert len(opened_on_the_request_path) == 1          # the first request only: the pool was empty
+
+
+async def test_a_pooled_stream_whose_connection_died_is_not_a_failure_of_the_provider(tmp_path):
+    """The provider's connection went away while a stream waited in the pool (a restart, a NAT that forgot us):
+    the request goes once more on a new stream, and is served."""
+    async with provider_and_gateway(tmp_path, slots=2) as (gateway_key, provider_key, gateway_p2p, provider_p2p,
+                                                           attestation, _):
+        pool, peer = StreamPool(gateway_p2p), ID.from_base58(provider_key.peer_id)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            await serve_one(gateway_p2p, gateway_key, attestation, seed=1, pool=pool)
+            await wait_for_idle_stream(pool, peer)
+            await provider_p2p.host.disconnect(gateway_p2p.host.get_id())
+            await trio.sleep(0.1)
+            _, _, tokens, receipt = await serve_one(gateway_p2p, gateway_key, attestation, seed=2, pool=pool)
+            assert len(tokens) == 5 and receipt
+            nursery.cancel_scope.cancel()
+
+
+async def test_unused_pooled_streams_are_closed_in_time_and_the_node_takes_that_quietly(tmp_path, monkeypatch,
+                                                                                        caplog):
+    monkeypatch.setattr(gateway_limits, "POOLED_STREAM_AGE_S_MAX", 0.2)
+    async with provider_and_gateway(tmp_path, slots=2) as (gateway_key, provider_key, gateway_p2p, _, attestation, _):
+        pool, peer = StreamPool(gateway_p2p), ID.from_base58(provider_key.peer_id)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            await serve_one(gateway_p2p, gateway_key, attestation, seed=1, pool=pool)
+            await wait_for_idle_stream(pool, peer)
+            caplog.clear()
+            await trio.sleep(0.5)
+            assert pool.idle(peer) == 0 and pool.take(peer) is None
+            _, _, tokens, _ = await serve_one(gateway_p2p, gateway_key, attestation, seed=2, pool=pool)
+            assert len(tokens) == 5
+            nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

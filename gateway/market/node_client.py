@@ -1,5 +1,6 @@
-"""The gateway's side of /llorch/infer/1 (``request_inference``): open a stream to a provider, send the request,
-wait for admission, then hand out token frames and the final frame one by one.
+"""The gateway's side of /llorch/infer/1 (``request_inference``): take a stream to the provider (one opened ahead of
+need by the ``StreamPool`` when there is one, else a new one), send the request, wait for admission, then hand out
+token frames and the final frame one by one.
 
 Drives node.infer_protocol.InferProtocol in the CLIENT role; all bytes go through node.stream_io.
 ``AttemptFailed`` means "this provider did not start serving: try the next one".
@@ -7,6 +8,8 @@ Drives node.infer_protocol.InferProtocol in the CLIENT role; all bytes go throug
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -16,12 +19,14 @@ from libp2p.peer.id import ID
 
 from llorch.gateway import limits
 from llorch.node.wire.attestation import Attestation
-from llorch.node.errors import ProtocolError
+from llorch.node.errors import FrameTimeout, ProtocolError
 from llorch.node.wire.frames import Accepted, Busy, Cancel, Error, Final, Request, Token
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID, InferProtocol, Role
 from llorch.node.p2p import P2P, dial_only_announced
 from llorch.node.stream_io import close_quietly, read_frame, write_frame
 from llorch.ledger.signing import peer_id_of
+
+log = logging.getLogger("llorch.gateway")
 
 
 class AttemptFailed(Exception):
@@ -54,26 +59,118 @@ class InferenceCall:
         await write_frame(self._stream, self._protocol, Cancel())
 
 
+class StreamPool:
+    """Streams to providers, opened and negotiated (multistream-select) ahead of need, so a request does not pay for
+    that on its own path: a request takes one, and each take orders a replacement in the background. At most
+    POOLED_STREAMS_PER_PROVIDER_MAX wait per provider, each for at most POOLED_STREAM_AGE_S_MAX (the node waits
+    REQUEST_READ_TIMEOUT_S for the request frame): a provider nobody places on keeps none for long.
+
+    Only providers this gateway placed on get streams, on the connection they opened or at an address they announced
+    (``dial_only_announced``), exactly like a request's own stream. ``run`` is a long-lived task (supervised)."""
+
+    def __init__(self, p2p: P2P) -> None:
+        self._p2p = p2p
+        self._idle: dict[ID, deque[tuple[float, object]]] = {}
+        self._opening: dict[ID, int] = {}
+        self._orders_in, self._orders = trio.open_memory_channel[tuple[ID, list[str]]](1024)
+        self._nursery: trio.Nursery | None = None
+
+    def take(self, peer: ID):
+        """A fresh idle stream to ``peer``, or None."""
+        idle = self._idle.get(peer)
+        now = trio.current_time()
+        while idle:
+            opened, stream = idle.popleft()
+            if now - opened < limits.POOLED_STREAM_AGE_S_MAX:
+                return stream
+            self._discard(stream)
+        return None
+
+    def order(self, peer: ID, addrs: list[str]) -> None:
+        """Ask for one more stream to ``peer`` unless it has its share (waiting or being opened)."""
+        if len(self._idle.get(peer, ())) + self._opening.get(peer, 0) >= limits.POOLED_STREAMS_PER_PROVIDER_MAX:
+            return
+        try:
+            self._orders_in.send_nowait((peer, addrs))
+            self._opening[peer] = self._opening.get(peer, 0) + 1
+        except trio.WouldBlock:      # a backlog of orders already: this one is not needed
+            pass
+
+    def idle(self, peer: ID) -> int:
+        """How many streams to ``peer`` are waiting for a request."""
+        return len(self._idle.get(peer, ()))
+
+    def forget(self, peer: ID) -> None:
+        """Close every idle stream to ``peer`` (it failed or went away)."""
+        for _, stream in self._idle.pop(peer, ()):
+            self._discard(stream)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._expire_forever)
+            async for peer, addrs in self._orders:
+                nursery.start_soon(self._open, peer, addrs)
+
+    async def _open(self, peer: ID, addrs: list[str]) -> None:
+        try:
+            dial_only_announced(self._p2p, peer, addrs)
+            with trio.move_on_after(limits.STREAM_OPEN_TIMEOUT_S):
+                stream = await self._p2p.host.new_stream(peer, [TProtocol(INFER_PROTOCOL_ID)])
+                self._idle.setdefault(peer, deque()).append((trio.current_time(), stream))
+        except Exception as exc:  # libp2p's many error types: the request that needs it will open its own
+            log.debug("could not open a stream ahead to %s: %s: %s", peer, type(exc).__name__, exc)
+        finally:
+            self._opening[peer] -= 1
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await trio.sleep(limits.POOLED_STREAM_AGE_S_MAX / 4)
+            now = trio.current_time()
+            for peer, idle in list(self._idle.items()):
+                while idle and now - idle[0][0] >= limits.POOLED_STREAM_AGE_S_MAX:
+                    self._discard(idle.popleft()[1])
+                if not idle:
+                    del self._idle[peer]
+
+    def _discard(self, stream) -> None:
+        """Close an unused stream: the node sees it end before a request, which it takes quietly."""
+        if self._nursery is not None:
+            self._nursery.start_soon(close_quietly, stream, False)
+
+
 @asynccontextmanager
-async def request_inference(p2p: P2P, provider: Attestation, request: Request) -> AsyncIterator[InferenceCall]:
-    """Send ``request`` to ``provider`` and wait until it is admitted; yield the call. Closes the stream on exit."""
+async def request_inference(p2p: P2P, provider: Attestation, request: Request,
+                            pool: StreamPool | None = None) -> AsyncIterator[InferenceCall]:
+    """Send ``request`` to ``provider`` and wait until it is admitted; yield the call. Closes the stream on exit.
+
+    With a ``pool``, a stream opened ahead is used when there is one; if that stream turns out dead before the
+    provider answered anything (its connection went away meanwhile), the request goes once more on a new stream:
+    the provider never saw it, so this is not a failure of the provider."""
     peer = ID.from_base58(peer_id_of(provider.provider_key))
-    dial_only_announced(p2p, peer, list(provider.addrs))
-    protocol = InferProtocol(Role.CLIENT)
-    try:
-        with trio.fail_after(limits.STREAM_OPEN_TIMEOUT_S):
-            stream = await p2p.host.new_stream(peer, [TProtocol(INFER_PROTOCOL_ID)])
-    except trio.TooSlowError:
-        raise AttemptFailed(f"no stream within {limits.STREAM_OPEN_TIMEOUT_S:g} s") from None
-    except Exception as exc:  # libp2p dial/negotiation errors come in many types; all mean "unreachable"
-        raise AttemptFailed(f"cannot open a stream: {type(exc).__name__}: {exc}") from None
+    addrs = list(provider.addrs)
+    dial_only_announced(p2p, peer, addrs)
+    stream = pool.take(peer) if pool is not None else None
+    if pool is not None:
+        pool.order(peer, addrs)
+    if stream is not None:
+        protocol = InferProtocol(Role.CLIENT)
+        try:
+            admission = await _send_request(stream, protocol, request)
+        except _DeadBeforeAnswer:
+            await close_quietly(stream, reset=True)
+            pool.forget(peer)
+            stream = None
+    if stream is None:
+        stream = await _new_stream(p2p, peer)
+        protocol = InferProtocol(Role.CLIENT)
+        try:
+            admission = await _send_request(stream, protocol, request)
+        except _DeadBeforeAnswer as exc:
+            await close_quietly(stream, reset=True)
+            raise AttemptFailed(str(exc)) from None
     finished = False
     try:
-        try:
-            await write_frame(stream, protocol, request)
-            admission = await read_frame(stream, protocol, limits.ADMISSION_TIMEOUT_S)
-        except ProtocolError as exc:
-            raise AttemptFailed(str(exc)) from None
         if isinstance(admission, Busy):
             raise AttemptFailed(f"busy: {admission.reason}", busy=True)
         if isinstance(admission, Error):
@@ -83,3 +180,34 @@ async def request_inference(p2p: P2P, provider: Attestation, request: Request) -
         finished = protocol.done
     finally:
         await close_quietly(stream, reset=not finished)
+
+
+class _DeadBeforeAnswer(Exception):
+    """The stream failed before the provider answered the request with a single byte."""
+
+
+async def _new_stream(p2p: P2P, peer: ID):
+    try:
+        with trio.fail_after(limits.STREAM_OPEN_TIMEOUT_S):
+            return await p2p.host.new_stream(peer, [TProtocol(INFER_PROTOCOL_ID)])
+    except trio.TooSlowError:
+        raise AttemptFailed(f"no stream within {limits.STREAM_OPEN_TIMEOUT_S:g} s") from None
+    except Exception as exc:  # libp2p dial/negotiation errors come in many types; all mean "unreachable"
+        raise AttemptFailed(f"cannot open a stream: {type(exc).__name__}: {exc}") from None
+
+
+async def _send_request(stream, protocol: InferProtocol, request: Request):
+    """Write the request and read the admission frame (accepted, busy or error). A stream that fails before the
+    provider sent a byte raises _DeadBeforeAnswer; one that fails after, AttemptFailed; a slow one FrameTimeout
+    is an AttemptFailed too."""
+    try:
+        await write_frame(stream, protocol, request)
+    except ProtocolError as exc:
+        raise _DeadBeforeAnswer(str(exc)) from None
+    try:
+        return await read_frame(stream, protocol, limits.ADMISSION_TIMEOUT_S)
+    except ProtocolError as exc:
+        if protocol.bytes_received == 0 and not isinstance(exc, FrameTimeout):
+            raise _DeadBeforeAnswer(str(exc)) from None
+        await close_quietly(stream, reset=True)
+        raise AttemptFailed(str(exc)) from None

@@ -223,6 +223,7 @@ class FramedProtocol:
         self.role = role
         self.peer_role = role.other()
         self._frames = FrameBuffer(self.RECEIVE_BUFFER_BYTES_MAX)
+        self.bytes_received = 0
 
     def send(self, frame) -> bytes:
         """Advance the state for a frame we send; return its bytes. A local misuse raises AssertionError."""
@@ -234,6 +235,7 @@ class FramedProtocol:
 
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes read from the peer. The buffer is bounded: more than one maximal frame is an error."""
+        self.bytes_received += len(data)
         self._frames.feed(data)
 
     def next_frame(self):
