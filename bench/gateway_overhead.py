@@ -7,7 +7,7 @@ this machine falls on both alike. The node runs the echo engine (no llama.cpp th
 this client are three processes sharing the cores. Floors (the issue's): at 1 client the gateway adds at most
 1.5 ms at p50 and 5 ms at p99; at 8 clients it sustains at least 0.8 × the requests/s of going direct.
 
-    .venv/bin/python bench/gateway_overhead.py [--seconds 2] [--rounds 3] [--postings 1000000]
+    .venv/bin/python bench/gateway_overhead.py [--seconds 2] [--rounds 3] [--tokens 8] [--postings 1000000]
 """
 
 from __future__ import annotations
@@ -201,9 +201,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one round (default 2)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per path and concurrency")
+    parser.add_argument("--tokens", type=int, default=TOKENS, help=f"output tokens per request (default {TOKENS})")
     parser.add_argument("--postings", type=int, default=1_000_000,
                         help="postings in the second run's database (0: skip that run)")
     args = parser.parse_args()
+    globals()["TOKENS"] = args.tokens
     direct_key = SigningKey.generate()
     print(f"echo engine, {TOKENS} tokens per request; {args.rounds} alternating rounds of {args.seconds:g} s per "
           f"path and concurrency; gateway, node and client share {os.cpu_count()} cores")
