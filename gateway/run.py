@@ -38,13 +38,13 @@ def _sender_key(message) -> bytes | None:
         return None
 
 
-def attestation_validator(directory: ProviderDirectory, metrics: Metrics):
+def attestation_validator(directory: ProviderDirectory, metrics: Metrics, relays: frozenset[str] = frozenset()):
     """The GossipSub topic validator: a message that fails any rule of docs/protocol.md §5 (including a replayed or
     reordered seq) is neither kept nor forwarded to other peers; the reason is logged and counted. Never raises."""
 
     def validate(peer_id, message) -> bool:
         try:
-            attestation = parse_attestation(message.data, _sender_key(message), now_ms())
+            attestation = parse_attestation(message.data, _sender_key(message), now_ms(), relays)
             directory.check_newer(attestation)
             return True
         except AttestationRejected as exc:
@@ -60,14 +60,16 @@ def attestation_validator(directory: ProviderDirectory, metrics: Metrics):
 
 
 async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers: ProviderBook,
-                              metrics: Metrics, on_free_slots=lambda count: None) -> None:
-    """Drain the attestation subscription into the directory (a full subscription channel would drop messages)."""
-    p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics), False)
+                              metrics: Metrics, on_free_slots=lambda count: None,
+                              relays: frozenset[str] = frozenset()) -> None:
+    """Drain the attestation subscription into the directory (a full subscription channel would drop messages).
+    ``relays``: the peer ids whose relayed provider addresses are accepted (docs/protocol.md §5)."""
+    p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics, relays), False)
     subscription = await p2p.pubsub.subscribe(TOPIC)
     while True:
         message = await subscription.get()
         try:
-            attestation = parse_attestation(message.data, _sender_key(message), now_ms())
+            attestation = parse_attestation(message.data, _sender_key(message), now_ms(), relays)
             known = directory.get(attestation.provider_key)
             approved = attestation.provider_key in await providers.approved_keys()
             directory.observe(attestation, approved)
@@ -142,7 +144,8 @@ async def run_gateway(config: GatewayConfig) -> None:
         async with trio.open_nursery() as nursery:
             restarts = gateway.metrics.loop_restarted
             nursery.start_soon(supervise, "attestations", lambda: follow_attestations(
-                p2p, directory, gateway.providers, gateway.metrics, gateway.waiting.wake), restarts)
+                p2p, directory, gateway.providers, gateway.metrics, gateway.waiting.wake,
+                frozenset({p2p.peer_id, *config.relay_peers})), restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve_http(
