@@ -7,7 +7,9 @@ import logging
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.tools.anyio_service import background_trio_service
 
 from llorch.gateway.config import GatewayConfig
 from llorch.gateway.market.directory import ProviderDirectory
@@ -17,12 +19,14 @@ from llorch.gateway import limits
 from llorch.gateway.books.postings import Books
 from llorch.gateway.db import open_gateway_db
 from llorch.gateway.market.providers import ProviderBook
+from llorch.gateway.relay import ProviderRelay, serve_dialback
 from llorch.gateway.books.receipts import ReceiptBook
 from llorch.gateway.market.tenants import TenantBook
 from llorch.gateway.witness.witness import Witness, WitnessBook, witness_forever
 from llorch.gateway.service import Gateway
 from llorch.ledger.signing import load_key_file
 from llorch.node.wire.attestation import TOPIC, parse_attestation
+from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID
 from llorch.node.errors import AttestationRejected, ConfigError, StartupError
 from llorch.node.lifecycle import bind_failure, supervise, write_state_file
 from llorch.node.p2p import P2P, check_can_listen, peer_key_of, running_host
@@ -129,6 +133,12 @@ async def run_gateway(config: GatewayConfig) -> None:
             raise ConfigError(f"gateway.tenant names the bootstrap key's tenant {config.tenant!r}, but a real tenant "
                               f"has that name: the two would share one account. Set gateway.tenant to another name")
         witness = Witness(p2p, key, witness_book, directory.exclude)
+        p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), serve_dialback)
+
+        async def may_reserve(peer: ID) -> bool:
+            """Only approved providers hold a relay reservation (gateway/relay.py)."""
+            provider_key = peer_key_of(peer)
+            return provider_key is not None and provider_key in await gateway.providers.approved_keys()
 
         async def providers_to_witness():
             """Approved providers only: the witness never dials an address a key that nobody approved gossiped.
@@ -141,7 +151,7 @@ async def run_gateway(config: GatewayConfig) -> None:
         http.bind = [f"{config.http_host}:{config.http_port}"]
         http.accesslog = None
         http.graceful_timeout = limits.HTTP_SHUTDOWN_GRACE_S
-        async with trio.open_nursery() as nursery:
+        async with background_trio_service(ProviderRelay(p2p.host, may_reserve)), trio.open_nursery() as nursery:
             restarts = gateway.metrics.loop_restarted
             nursery.start_soon(supervise, "attestations", lambda: follow_attestations(
                 p2p, directory, gateway.providers, gateway.metrics, gateway.waiting.wake,
