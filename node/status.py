@@ -5,7 +5,9 @@ and the state file records the URL). `llorch node status` reads node.toml, asks 
 
 - each trusted gateway and whether the node is connected to it (behind NAT, that connection, which the node
   opened, carries every request and witness round);
-- how others reach the node: the addresses it announces, or none (reached over its own connections only);
+- how others reach the node: outbound (its own connections only), direct (a gateway's dial-back reached an announced
+  address), relayed (through a trusted gateway's Circuit Relay v2, with the reservation's expiry) or announced
+  (announce_addrs from node.toml), and the addresses it announces;
 - slots free and total, the last attestation (seq and age);
 - the ledger: entries, head, the last signed checkpoint and the last cosignature (witness, size, age);
 - requests and tokens served today (UTC), counted from the node's own signed receipts.
