@@ -10,6 +10,7 @@ from llorch.node.config import load_config
 from llorch.node.errors import ConfigError
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+PEER_ID = re.compile(r"^12D3KooW[1-9A-HJ-NP-Za-km-z]{44}$")       # an Ed25519 libp2p peer id (base58)
 TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")     # as tenants' names (gateway/market/tenants.py)
 
 
@@ -24,6 +25,7 @@ class GatewayConfig:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     state_file: Path | None = None            # written once up: peer id, multiaddrs, base_url (JSON)
+    relay_peers: tuple[str, ...] = ()         # other gateways' peer ids whose relayed provider addresses we accept
     witness_interval_ms: int = 5_000          # how often the gateway witnesses each provider's ledger
     queue_timeout_ms: int = 30_000            # how long a request waits for a slot when every provider is busy
     margin_bp_hobby: int = 4_000              # platform margin on the customer price, per tier, in basis points
@@ -41,6 +43,9 @@ class GatewayConfig:
                 raise ConfigError(f"gateway.margin_bp_{tier} must be 2000..6000 (20%-60%), got {margin}")
         if not 0 <= self.queue_timeout_ms <= 600_000:
             raise ConfigError("gateway.queue_timeout_ms must be 0..600000 (0: never queue, answer 429 at once)")
+        for peer in self.relay_peers:
+            if not PEER_ID.match(peer):
+                raise ConfigError(f"gateway.relay_peers holds {peer[:60]!r}, not a peer id (12D3KooW...)")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError("gateway.http_port must be in 0..65535")
 

@@ -19,3 +19,12 @@ PENDING_ATTESTATIONS_MAX = 256            # attestations of keys nobody approved
 REGISTRATIONS_PENDING_MAX = 1_000        # registrations awaiting the operator's review, from everyone
 REGISTRATIONS_PENDING_PER_SOURCE_MAX = 4  # ... from one client IP address
 HTTP_SHUTDOWN_GRACE_S = 2.0
+
+# Circuit Relay v2 (the gateway relays for approved providers behind NAT; gateway/relay.py).
+RELAY_RESERVATIONS_MAX = 512              # providers holding a reservation at once
+RELAY_RESERVATION_S = 600                 # one reservation lasts this long unless renewed (the node renews early)
+RELAY_CIRCUITS_PER_PEER_MAX = 4           # circuits open at once to one reserved provider (auditors, replicas)
+RELAY_CIRCUIT_DURATION_S = 300            # one circuit is closed after this long
+RELAY_CIRCUIT_BYTES_MAX = 64 * 1024 * 1024  # both directions of one circuit together (a paged ledger fetch)
+DIALBACK_CONNECT_TIMEOUT_S = 3.0          # one TCP connect of a dial-back probe
+DIALBACK_FRAME_READ_BYTES = 1024          # one read of a dial-back request (a whole request is smaller)

@@ -7,7 +7,9 @@ import logging
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.tools.anyio_service import background_trio_service
 
 from llorch.gateway.config import GatewayConfig
 from llorch.gateway.market.directory import ProviderDirectory
@@ -17,12 +19,14 @@ from llorch.gateway import limits
 from llorch.gateway.books.postings import Books
 from llorch.gateway.db import open_gateway_db
 from llorch.gateway.market.providers import ProviderBook
+from llorch.gateway.relay import ProviderRelay, serve_dialback
 from llorch.gateway.books.receipts import ReceiptBook
 from llorch.gateway.market.tenants import TenantBook
 from llorch.gateway.witness.witness import Witness, WitnessBook, witness_forever
 from llorch.gateway.service import Gateway
 from llorch.ledger.signing import load_key_file
 from llorch.node.wire.attestation import TOPIC, parse_attestation
+from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID
 from llorch.node.errors import AttestationRejected, ConfigError, StartupError
 from llorch.node.lifecycle import bind_failure, supervise, write_state_file
 from llorch.node.p2p import P2P, check_can_listen, peer_key_of, running_host
@@ -38,13 +42,13 @@ def _sender_key(message) -> bytes | None:
         return None
 
 
-def attestation_validator(directory: ProviderDirectory, metrics: Metrics):
+def attestation_validator(directory: ProviderDirectory, metrics: Metrics, relays: frozenset[str] = frozenset()):
     """The GossipSub topic validator: a message that fails any rule of docs/protocol.md §5 (including a replayed or
     reordered seq) is neither kept nor forwarded to other peers; the reason is logged and counted. Never raises."""
 
     def validate(peer_id, message) -> bool:
         try:
-            attestation = parse_attestation(message.data, _sender_key(message), now_ms())
+            attestation = parse_attestation(message.data, _sender_key(message), now_ms(), relays)
             directory.check_newer(attestation)
             return True
         except AttestationRejected as exc:
@@ -60,14 +64,16 @@ def attestation_validator(directory: ProviderDirectory, metrics: Metrics):
 
 
 async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers: ProviderBook,
-                              metrics: Metrics, on_free_slots=lambda count: None) -> None:
-    """Drain the attestation subscription into the directory (a full subscription channel would drop messages)."""
-    p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics), False)
+                              metrics: Metrics, on_free_slots=lambda count: None,
+                              relays: frozenset[str] = frozenset()) -> None:
+    """Drain the attestation subscription into the directory (a full subscription channel would drop messages).
+    ``relays``: the peer ids whose relayed provider addresses are accepted (docs/protocol.md §5)."""
+    p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics, relays), False)
     subscription = await p2p.pubsub.subscribe(TOPIC)
     while True:
         message = await subscription.get()
         try:
-            attestation = parse_attestation(message.data, _sender_key(message), now_ms())
+            attestation = parse_attestation(message.data, _sender_key(message), now_ms(), relays)
             known = directory.get(attestation.provider_key)
             approved = attestation.provider_key in await providers.approved_keys()
             directory.observe(attestation, approved)
@@ -127,6 +133,12 @@ async def run_gateway(config: GatewayConfig) -> None:
             raise ConfigError(f"gateway.tenant names the bootstrap key's tenant {config.tenant!r}, but a real tenant "
                               f"has that name: the two would share one account. Set gateway.tenant to another name")
         witness = Witness(p2p, key, witness_book, directory.exclude)
+        p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), serve_dialback)
+
+        async def may_reserve(peer: ID) -> bool:
+            """Only approved providers hold a relay reservation (gateway/relay.py)."""
+            provider_key = peer_key_of(peer)
+            return provider_key is not None and provider_key in await gateway.providers.approved_keys()
 
         async def providers_to_witness():
             """Approved providers only: the witness never dials an address a key that nobody approved gossiped.
@@ -139,10 +151,11 @@ async def run_gateway(config: GatewayConfig) -> None:
         http.bind = [f"{config.http_host}:{config.http_port}"]
         http.accesslog = None
         http.graceful_timeout = limits.HTTP_SHUTDOWN_GRACE_S
-        async with trio.open_nursery() as nursery:
+        async with background_trio_service(ProviderRelay(p2p.host, may_reserve)), trio.open_nursery() as nursery:
             restarts = gateway.metrics.loop_restarted
             nursery.start_soon(supervise, "attestations", lambda: follow_attestations(
-                p2p, directory, gateway.providers, gateway.metrics, gateway.waiting.wake), restarts)
+                p2p, directory, gateway.providers, gateway.metrics, gateway.waiting.wake,
+                frozenset({p2p.peer_id, *config.relay_peers})), restarts)
             nursery.start_soon(supervise, "streams", gateway.streams.run, restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)

@@ -19,7 +19,7 @@ from llorch.node.errors import ProtocolError
 from llorch.node.wire.frames import Error
 from llorch.node.wire.infer_protocol import Role
 from llorch.node.wire.ledger_protocol import LEDGER_PROTOCOL_ID, GetCheckpoint, GetEntries, LedgerProtocol
-from llorch.node.p2p import P2P, dial_only_announced, peer_key_of
+from llorch.node.p2p import P2P, connect_relayed, dial_only_announced, peer_key_of
 from llorch.node.stream_io import close_quietly, read_frame, write_frame
 
 OPEN_TIMEOUT_S = 10.0
@@ -36,6 +36,8 @@ class LedgerRequestFailed(Exception):
 async def request_ledger(p2p: P2P, provider_key: bytes, addrs: list[str], request):
     peer = ID.from_base58(peer_id_of(provider_key))
     dial_only_announced(p2p, peer, addrs)
+    if peer not in p2p.host.get_network().connections:
+        await connect_relayed(p2p, peer, addrs)       # a relayed address is one the provider announced
     protocol = LedgerProtocol(Role.CLIENT)
     try:
         with trio.fail_after(OPEN_TIMEOUT_S):

@@ -39,3 +39,13 @@ LEDGER_REQUEST_FRAME_BYTES_MAX = 32 * 1024      # requests are small (a cosigned
 LEDGER_RESPONSE_FRAME_BYTES_MAX = 1024 * 1024   # a page of entries
 LEDGER_RECEIVE_BUFFER_BYTES_MAX = LEDGER_RESPONSE_FRAME_BYTES_MAX + 16
 LEDGER_READ_TIMEOUT_S = 10.0
+
+# Reachability (node/reachability.py, node/relay.py).
+DIALBACK_FRAME_BYTES_MAX = 1024           # a dial-back probe's request or reply
+DIALBACK_PORTS_MAX = 4                    # ports one dial-back probe may ask about (node/wire/dialback.py)
+DIALBACK_TIMEOUT_S = 15.0                 # open, ask and hear the answer (the gateway tries each port for 3 s)
+REACHABILITY_RECHECK_S = 300.0            # how often a node asks again whether it is directly reachable
+RELAY_RESERVE_TIMEOUT_S = 10.0            # open a hop stream, reserve, read the answer
+RELAY_RENEW_BEFORE_S = 120                # renew a reservation this long before it expires
+RELAY_RETRY_S = 5.0                       # after a failed reservation (no connection yet, refused), try again
+RELAY_DIAL_TIMEOUT_S = 15.0               # an auditor's dial through a relay: reach the relay, circuit, handshakes

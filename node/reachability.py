@@ -7,7 +7,10 @@ So a node announces, in this order of preference:
 1. ``announce_addrs`` from node.toml, exactly (an operator who forwarded a port, or a public host, says so);
 2. otherwise its listen addresses that name a specific interface: never the unspecified ``0.0.0.0`` / ``::``, and
    loopback only when every gateway it bootstraps to is on loopback too (a demo or a test on one machine; also a
-   node with no bootstrap, which only a local test dials).
+   node with no bootstrap, which only a local test dials);
+   then what node/relay.py learnt (``Reach``): the addresses a gateway's dial-back reached, or, when none was
+   reached, the relayed address of each live reservation on a trusted gateway
+   (``/ip4/…/tcp/…/p2p/<gateway>/p2p-circuit/p2p/<node>``).
 
 Every announced address ends in ``/p2p/<the node's peer id>``. Announcing nothing is valid (protocol.md §5): the
 node is then reachable only over its own connections.
@@ -15,6 +18,7 @@ node is then reachable only over its own connections.
 
 from __future__ import annotations
 
+import time
 from ipaddress import ip_address
 
 from multiaddr import Multiaddr
@@ -43,13 +47,17 @@ def _ip_of(addr: str) -> str | None:
     return None
 
 
-def announced_addrs(config, listening: list[str], peer_id: str) -> list[str]:
-    """The addresses to put in this node's attestations (at most ATTESTATION_ADDRS_MAX)."""
+def announced_addrs(config, listening: list[str], peer_id: str, reach=None, now_s: int | None = None) -> list[str]:
+    """The addresses to put in this node's attestations (at most ATTESTATION_ADDRS_MAX). ``reach``: what the
+    reachability loop learnt (node/relay.py), None before it has run."""
     if config.announce_addrs:
         chosen = list(config.announce_addrs)
     else:
         local = all(is_loopback_addr(addr) for addr in config.bootstrap)      # no bootstrap: a lone test node
         chosen = [addr for addr in listening
                   if not is_unspecified_addr(addr) and (local or not is_loopback_addr(addr))]
+        if reach is not None:
+            chosen += reach.direct or reach.relayed(int(time.time()) if now_s is None else now_s)
     suffix = f"/p2p/{peer_id}"
-    return [addr if addr.endswith(suffix) else addr + suffix for addr in chosen][:limits.ATTESTATION_ADDRS_MAX]
+    unique = dict.fromkeys(addr if addr.endswith(suffix) else addr + suffix for addr in chosen)
+    return list(unique)[:limits.ATTESTATION_ADDRS_MAX]

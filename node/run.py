@@ -8,6 +8,7 @@ from pathlib import Path
 
 import trio
 from libp2p.custom_types import TProtocol
+from libp2p.tools.anyio_service import background_trio_service
 
 from llorch.inference import catalog
 from llorch.inference.echo import EchoEngine
@@ -21,6 +22,7 @@ from llorch.node.config import NodeConfig
 from llorch.node.ledger_service import LedgerService, sign_checkpoints
 from llorch.node.lifecycle import supervise, write_state_file
 from llorch.node.reachability import announced_addrs
+from llorch.node.relay import Reach, TrustedStop, keep_reachable
 from llorch.node.status import Counters, admin_app, serve_admin, status_document, write_admin_url
 from llorch.node.p2p import P2P, check_can_listen, keep_connected, running_host
 from llorch.node.service import EnginePool, ProviderService
@@ -48,13 +50,13 @@ def load_engines(config: NodeConfig) -> tuple[EnginePool, dict[str, bytes]]:
 
 
 def build_attestation(config: NodeConfig, key: SigningKey, p2p: P2P, pool: EnginePool, seq: int,
-                      issued_ms: int) -> bytes:
+                      issued_ms: int, reach: Reach | None = None) -> bytes:
     interval = config.attestation_interval_ms
     busy = pool.total - len(pool.free)
     attestation = Attestation(
         v=VERSION, provider_key=key.public_key, seq=seq, issued_ms=issued_ms,
         expires_ms=issued_ms + interval * limits.ATTESTATION_LIFETIME_INTERVALS,
-        addrs=announced_addrs(config, p2p.addrs(), p2p.peer_id),
+        addrs=announced_addrs(config, p2p.addrs(), p2p.peer_id, reach),
         models=[{"id": model_id, "sha256": digest, "context_tokens": config.context_tokens}
                 for model_id, digest in sorted(pool_models(pool).items())],
         engine_build=pool.engines[0].fingerprint, slots_total=pool.total, slots_free=len(pool.free),
@@ -71,7 +73,7 @@ def pool_models(pool: EnginePool) -> dict[str, bytes]:
 
 
 async def publish_attestations(config: NodeConfig, key: SigningKey, p2p: P2P, pool: EnginePool,
-                               counters: Counters) -> None:
+                               counters: Counters, reach: Reach | None = None) -> None:
     """Sign and gossip an attestation every interval, and soon after a slot is taken or freed (at most every
     ATTESTATION_SPACING_MS_MIN, well under gossip's per-peer rate limit), so the gateway's view of free slots is
     rarely stale. seq starts at the wall clock, so it grows across restarts."""
@@ -81,7 +83,7 @@ async def publish_attestations(config: NodeConfig, key: SigningKey, p2p: P2P, po
         issued = now_ms()
         seq = max(seq + 1, issued)
         try:
-            await p2p.pubsub.publish(TOPIC, build_attestation(config, key, p2p, pool, seq, issued))
+            await p2p.pubsub.publish(TOPIC, build_attestation(config, key, p2p, pool, seq, issued, reach))
             counters.last_attestation_seq, counters.last_attestation_ms = seq, issued
         except Exception as exc:  # publishing with no peers yet, or a peer dropping mid-send: try next interval
             log.debug("attestation publish failed: %s", exc)
@@ -107,16 +109,20 @@ async def _run_node(config: NodeConfig) -> None:
         async with running_host(key, config.listen_addr, LISTEN_SETTING) as p2p:
             p2p.host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), service.serve_inference)
             p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), LedgerService(ledger, trusted).serve_ledger)
-            counters = Counters()
-            async with trio.open_nursery() as nursery:
+            counters, reach = Counters(), Reach()
+            async with background_trio_service(TrustedStop(p2p.host, frozenset(config.trusted_gateways))), \
+                    trio.open_nursery() as nursery:
                 admin_url = await nursery.start(serve_admin, config.admin_port, admin_app(
-                    lambda: status_document(config, p2p, pool, ledger, counters, now_ms())))
+                    lambda: status_document(config, p2p, pool, ledger, counters, now_ms(), reach)))
                 write_admin_url(config, admin_url)
                 nursery.start_soon(supervise, "bootstrap", lambda: keep_connected(p2p, config.bootstrap))
                 nursery.start_soon(supervise, "checkpoints", lambda: sign_checkpoints(
                     ledger, config.checkpoint_every_entries, config.checkpoint_every_ms / 1000))
                 nursery.start_soon(supervise, "attestations", lambda: publish_attestations(
-                    config, key, p2p, pool, counters))
+                    config, key, p2p, pool, counters, reach))
+                if not config.announce_addrs:        # an operator's announce_addrs are the whole truth
+                    nursery.start_soon(supervise, "reachability", lambda: keep_reachable(
+                        p2p, config.bootstrap, frozenset(config.trusted_gateways), reach, lambda: pool.changed.set()))
                 write_state_file(config.state_file, {"peer_id": p2p.peer_id, "addrs": p2p.addrs(),
                                                      "ledger": str(Path(config.ledger_path).resolve()),
                                                      "admin_url": admin_url})

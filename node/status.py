@@ -5,7 +5,9 @@ and the state file records the URL). `llorch node status` reads node.toml, asks 
 
 - each trusted gateway and whether the node is connected to it (behind NAT, that connection, which the node
   opened, carries every request and witness round);
-- how others reach the node: the addresses it announces, or none (reached over its own connections only);
+- how others reach the node: outbound (its own connections only), direct (a gateway's dial-back reached an announced
+  address), relayed (through a trusted gateway's Circuit Relay v2, with the reservation's expiry) or announced
+  (announce_addrs from node.toml), and the addresses it announces;
 - slots free and total, the last attestation (seq and age);
 - the ledger: entries, head, the last signed checkpoint and the last cosignature (witness, size, age);
 - requests and tokens served today (UTC), counted from the node's own signed receipts.
@@ -45,17 +47,36 @@ class Counters:
     started_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
 
-async def status_document(config, p2p, pool, ledger: LedgerStore, counters: Counters, now_ms: int) -> dict:
+HOW = {
+    "outbound": "its own outbound connections only (behind NAT, no relay reservation yet)",
+    "direct": "its announced addresses (a gateway's dial-back reached them), and its own connections",
+    "relayed": "a relay on its gateway for peers without a connection, and its own connections",
+    "announced": "the announced addresses from node.toml, and its own connections",
+}
+
+
+def reachability(config, p2p, reach, now_ms: int) -> dict:
+    """How others reach the node: ``how`` is outbound, direct, relayed or announced (node.toml's announce_addrs);
+    each relay reservation with its expiry."""
+    announced = announced_addrs(config, p2p.addrs(), p2p.peer_id, reach, now_ms // 1000)
+    how = "announced" if config.announce_addrs else (reach.how if reach is not None else "outbound")
+    if how == "outbound" and announced:       # a node on a local network, its listen address dialable as it is
+        how = "direct"
+    reservations = [] if reach is None or config.announce_addrs else [
+        {"addr": addr, "expires_in_s": expires - now_ms // 1000}
+        for addr, expires in sorted(reach.reservations.items()) if expires > now_ms // 1000]
+    return {"how": how, "description": HOW[how], "announced": announced, "reservations": reservations}
+
+
+async def status_document(config, p2p, pool, ledger: LedgerStore, counters: Counters, now_ms: int,
+                          reach=None) -> dict:
     connected = set(str(peer) for peer in p2p.host.get_network().connections)
-    announced = announced_addrs(config, p2p.addrs(), p2p.peer_id)
     return {
         "peer_id": p2p.peer_id,
         "model": config.models[0],
         "engine_build": pool.engines[0].fingerprint,
         "gateways": [{"peer_id": peer, "connected": peer in connected} for peer in config.trusted_gateways],
-        "reachability": {"announced": announced,
-                         "how": "announced addresses, and its own connections" if announced else
-                                "its own outbound connections only (behind NAT: nothing to announce)"},
+        "reachability": reachability(config, p2p, reach, now_ms),
         "slots": {"total": pool.total, "free": len(pool.free)},
         "last_attestation": {"seq": counters.last_attestation_seq,
                              "age_ms": now_ms - counters.last_attestation_ms if counters.last_attestation_ms else None},
@@ -168,7 +189,11 @@ def render(status: dict) -> str:
     for gateway in status["gateways"]:
         lines.append(f"gateway {gateway['peer_id']}: {'connected' if gateway['connected'] else 'NOT CONNECTED'}")
     reach = status["reachability"]
-    lines.append(f"reached over: {reach['how']}" + (f" ({', '.join(reach['announced'])})" if reach["announced"] else ""))
+    lines.append(f"reached: {reach['how']}: {reach['description']}")
+    for addr in reach["announced"]:
+        lines.append(f"  announced {addr}")
+    for reservation in reach["reservations"]:
+        lines.append(f"  relay reservation expires in {reservation['expires_in_s']} s: {reservation['addr']}")
     lines.append(f"slots: {status['slots']['free']} free of {status['slots']['total']}; last attestation "
                  f"{age(status['last_attestation']['age_ms'])}")
     ledger = status["ledger"]

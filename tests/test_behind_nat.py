@@ -11,6 +11,7 @@ Needs root and iproute2 + nftables; skipped, with the reason, otherwise.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import sqlite3
@@ -22,11 +23,11 @@ import pytest
 from llorch.gateway.localnet import LocalNetwork
 from llorch.ledger.note import verify_cosignature
 from llorch.ledger.objects import Receipt
-from llorch.ledger.signing import public_key_of_peer_id
+from llorch.ledger.signing import load_key_file, public_key_of_peer_id
 from llorch.ledger.verify import read_sqlite_entries
 from tests.helpers import MODEL_ID
-from tests.small_internet import (HOMES, Served, SmallInternet, slow_links_unavailable_reason, start_market,
-                                  stream_chat, unavailable_reason)
+from tests.small_internet import (GATEWAY_IP, HOMES, Served, SmallInternet, slow_links_unavailable_reason,
+                                  start_market, stream_chat, tool, unavailable_reason)
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +36,7 @@ MAX_TOKENS = 24
 REQUESTS_MAX = 8                 # to see both nodes serve (placement alternates between equal providers)
 RESTART_PLACED_S_MAX = 15.0      # a restarted node is placed on again within this (from its restart)
 WITNESS_WAIT_S_MAX = 30.0
+RELAY_WAIT_S = 30.0             # node start → probe answered → approved → reservation
 SLOW_DELAY_MS = 40               # each direction of each public link: 80 ms round trip
 SLOW_LOSS_PPM = 10_000           # 1% of packets, each direction
 SAME_SEED = 400
@@ -167,6 +169,60 @@ def test_the_gateway_witnesses_and_cosigns_both_ledgers(internet, client, networ
         verify_cosignature(row[1], witness, gateway_key)
         for note in held:                      # the cosigned checkpoints the gateway sent back into the home LAN
             verify_cosignature(note, witness, gateway_key)
+
+
+def node_status(internet: SmallInternet, network: LocalNetwork, name: str) -> dict:
+    """`llorch node status --json` of node ``name``, run inside its LAN (its admin endpoint is its own 127.0.0.1)."""
+    with internet.inside(name):
+        return json.loads(network.cli("node", "status", "--config", f"{name}.toml", "--json"))
+
+
+def relayed_status(internet: SmallInternet, network: LocalNetwork, name: str) -> dict:
+    """Node ``name``'s status once it reports a relay reservation (fail after RELAY_WAIT_S)."""
+    deadline = time.monotonic() + RELAY_WAIT_S
+    while True:
+        status = node_status(internet, network, name)
+        if status["reachability"]["how"] == "relayed" or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def test_each_node_finds_it_is_not_directly_reachable_and_is_relayed_by_the_gateway(internet, network):
+    gateway = network.gateway.state()
+    for home in HOMES:
+        status = relayed_status(internet, network, home.host)
+        reach = status["reachability"]
+        circuit = f"{gateway['multiaddrs'][0]}/p2p-circuit/p2p/{status['peer_id']}"
+        assert reach["how"] == "relayed", f"node {home.host}: {reach}"
+        assert reach["announced"] == [circuit], f"node {home.host} announces {reach['announced']}"
+        assert [r["addr"] for r in reach["reservations"]] == [circuit]
+        assert 0 < reach["reservations"][0]["expires_in_s"] <= 600
+        with internet.inside(home.host):
+            text = network.cli("node", "status", "--config", f"{home.host}.toml")
+        assert "reached: relayed" in text and "relay reservation expires in" in text
+
+
+def test_an_auditor_on_the_public_side_pulls_node_a_ledger_over_the_relay(internet, client, network):
+    serve_on_each(internet, client, network, first_seed=300)
+    status = relayed_status(internet, network, "a")
+    [circuit] = status["reachability"]["announced"]
+    auditor = network.workdir / "auditor.key"
+    network.cli("keys", "new", str(auditor))
+    auditor_peer = load_key_file(auditor).peer_id
+    with internet.inside("a"):
+        network.cli("node", "grant-auditor", auditor_peer, "--config", "a.toml", "--days", "1",
+                    "--out", str(network.workdir / "auditor.grant"))
+    size = len(list(read_sqlite_entries(network.workdir / "a.ledger.sqlite")))
+    with internet.inside("public"):
+        fetched = network.cli("ledger", "fetch", circuit, "--key", str(auditor), "--grant",
+                              str(network.workdir / "auditor.grant"), "--out", str(network.workdir / "a.bundle"))
+        network.cli("ledger", "verify", str(network.workdir / "a.bundle"))
+    assert size > 0 and f"fetched {size} entries" in fetched, fetched
+    # Node A opened no connection to the auditor (nor could the auditor open one into A's LAN): A's only TCP
+    # connections off its own machine are its outbound ones to the gateway's libp2p port.
+    listing = internet.run("a", tool("ss"), "-Htn", "state", "established").stdout
+    far_ends = {line.split()[-1] for line in listing.splitlines() if line.strip() and "127.0.0.1" not in line}
+    assert far_ends and far_ends <= {f"{GATEWAY_IP}:{gateway_port(network)}"}, listing
 
 
 def kill_and_restart(internet: SmallInternet, network: LocalNetwork, name: str, between=lambda: None) -> float:

@@ -38,6 +38,7 @@ def test_node_status_reports_connection_reachability_ledger_and_today(tmp_path, 
         assert status["ledger"]["entries"] == 2 and cosigned and cosigned["size"] == 2
         assert status["today"]["requests"] == 2 and status["today"]["tokens_out"] > 0
         assert all(addr.startswith("/ip4/127.0.0.1/") for addr in status["reachability"]["announced"])
+        assert status["reachability"]["how"] == "direct"     # on one machine, its listen address is dialable
         text = net.cli("node", "status", "--config", "lab.toml")
         assert "connected" in text and "today (UTC): 2 requests" in text and "NOT CONNECTED" not in text
     finally:

@@ -158,6 +158,12 @@ def test_the_attestation_vector():
     assert all(addr.endswith("/p2p/" + peer_id_of(provider)) for addr in attestation["addrs"])
     assert attestation["slots_free"] <= attestation["slots_total"]
     assert 0 < attestation["expires_ms"] - attestation["issued_ms"] <= 180_000
+    relayed = open_signed(bytes.fromhex(vector["relayed_attestation_envelope_hex"]), "attestation", "provider_key")
+    gateway = peer_id_of(public_key_of(vector["gateway_seed_hex"]))
+    [addr] = relayed["addrs"]           # §5: /<ip>/<host>/tcp/<port>/p2p/<relay>/p2p-circuit/p2p/<signer>
+    parts = addr.split("/")[1:]
+    assert parts[0] in ("ip4", "ip6", "dns", "dns4", "dns6") and parts[2] == "tcp" and int(parts[3]) < 65536
+    assert parts[4:] == ["p2p", gateway, "p2p-circuit", "p2p", peer_id_of(provider)]
 
 
 def test_the_checkpoint_vector_with_two_cosignatures():

@@ -38,20 +38,67 @@ class RuleBroken(EncodingError):
 
 
 def check_multiaddr(addr: str, own_peer_id: str) -> None:
-    """An address a provider may claim: a parseable multiaddr of the allowed transports only (MULTIADDR_PROTOCOLS),
-    ending, if it names a peer, in the provider's own peer id. Raises RuleBroken("bad_address", …) naming the problem. (A claimed
-    address is still only a claim: the gateway never dials one it was only told about.)"""
+    """An address a provider may claim (docs/protocol.md §5), or RuleBroken("bad_address", …) naming the problem:
+
+    - direct: a parseable multiaddr of the allowed transports only (MULTIADDR_PROTOCOLS, no ``p2p-circuit``), with
+      at most one ``/p2p/``, which names the provider and ends the address;
+    - relayed: exactly ``/<ip4|ip6|dns|dns4|dns6>/<host>/tcp/<port>/p2p/<relay>/p2p-circuit/p2p/<provider>``: one
+      circuit, through a relay that is not the provider. Whether the relay is one the reader trusts is checked by
+      ``parse_attestation`` (``relay_of`` names it).
+
+    A claimed address is still only a claim: it is dialled only as announced, never replaced by what the peerstore
+    learnt elsewhere."""
+    items = _items(addr)
+    names = [name for name, _ in items]
+    if not names or names[0] not in MULTIADDR_FIRST or not set(names) <= MULTIADDR_PROTOCOLS:
+        raise RuleBroken("bad_address", f"addr {addr[:80]!r} uses a transport this market does not dial "
+                                        f"({'/'.join(names)}); allowed: {', '.join(sorted(MULTIADDR_PROTOCOLS))}")
+    if "p2p-circuit" in names:
+        _check_circuit(addr, items, own_peer_id)
+        return
+    peers = [value for name, value in items if name == "p2p"]
+    if len(peers) > 1 or (peers and names[-1] != "p2p"):
+        raise RuleBroken("bad_address", f"addr {addr[:80]!r}: a direct address has at most one /p2p/, at its end")
+    if peers and peers[0] != own_peer_id:
+        raise RuleBroken("bad_address", f"addr {addr[:80]!r} names another peer than the signer")
+
+
+CIRCUIT_SHAPE = ["tcp", "p2p", "p2p-circuit", "p2p"]      # after the first (ip4, ip6, dns, dns4, dns6) component
+
+
+def _check_circuit(addr: str, items: list[tuple[str, str | None]], own_peer_id: str) -> None:
+    names = [name for name, _ in items]
+    if names.count("p2p-circuit") != 1:
+        raise RuleBroken("bad_address", f"addr {addr[:80]!r}: a relayed address has one circuit, not nested ones")
+    circuit = names.index("p2p-circuit")
+    if circuit == 0 or names[circuit - 1] != "p2p":
+        raise RuleBroken("bad_address", f"addr {addr[:80]!r}: /p2p-circuit must follow the relay's peer id "
+                                        f"(/p2p/<relay>/p2p-circuit/p2p/<provider>)")
+    if names[circuit + 1:] != ["p2p"]:
+        raise RuleBroken("bad_address", f"addr {addr[:80]!r}: a relayed address must end in /p2p/<provider> right "
+                                        f"after /p2p-circuit")
+    if names[1:] != CIRCUIT_SHAPE:
+        raise RuleBroken("bad_address", f"addr {addr[:80]!r}: a relay is reached over tcp: "
+                                        f"/<ip4|ip6|dns|dns4|dns6>/<host>/tcp/<port>/p2p/<relay>/p2p-circuit/p2p/<provider>")
+    relay, provider = items[2][1], items[4][1]
+    if provider != own_peer_id:
+        raise RuleBroken("bad_address", f"addr {addr[:80]!r} names another peer than the signer")
+    if relay == own_peer_id:
+        raise RuleBroken("bad_address", f"addr {addr[:80]!r}: a provider cannot be relayed through itself")
+
+
+def _items(addr: str) -> list[tuple[str, str | None]]:
     try:
-        parsed = Multiaddr(addr)
-        names = [protocol.name for protocol in parsed.protocols()]
+        return [(protocol.name, value) for protocol, value in Multiaddr(addr).items()]
     except Exception as exc:  # py-multiaddr raises several types for a bad string; all mean "not a multiaddr"
         raise RuleBroken("bad_address", f"addr {addr[:80]!r} is not a multiaddr: {exc}") from None
-    if not names or names[0] not in MULTIADDR_FIRST or not set(names) <= MULTIADDR_PROTOCOLS:
-        raise RuleBroken("bad_address", f"addr {addr[:80]!r} uses a transport this market does not dial ({'/'.join(names)}); "
-                            f"allowed: {', '.join(sorted(MULTIADDR_PROTOCOLS))}")
-    peers = addr.split("/p2p/")[1:]
-    if peers and peers[-1].split("/")[0] != own_peer_id:
-        raise RuleBroken("bad_address", f"addr {addr[:80]!r} names another peer than the signer")
+
+
+def relay_of(addr: str) -> str | None:
+    """The relay's peer id of a relayed address that passed ``check_multiaddr``; None for a direct address."""
+    if "/p2p-circuit" not in addr:
+        return None
+    return addr.split("/p2p/")[1].split("/")[0]
 
 
 @dataclass(frozen=True)
@@ -119,11 +166,15 @@ class Attestation(SignedObject):
         return any(m["id"] == model_id and m["sha256"] == sha256 for m in self.models)
 
 
-def parse_attestation(data: bytes, sender_key: bytes | None, now_ms: int) -> Attestation:
+def parse_attestation(data: bytes, sender_key: bytes | None, now_ms: int,
+                      relays: frozenset[str] = frozenset()) -> Attestation:
     """Validate gossiped bytes into an Attestation or raise AttestationRejected with the reason.
 
     ``sender_key`` is the Ed25519 key of the gossip message's originator (None when unknown); it must be the
-    attestation's signer, so nobody can republish someone else's capacity under their own message.
+    attestation's signer, so nobody can republish someone else's capacity under their own message. ``relays`` are
+    the peer ids of the relays the reader trusts (a gateway: itself and its configured relay peers); a relayed
+    address through any other peer is refused (reason ``untrusted_relay``), so nobody makes a gateway or an auditor
+    dial a stranger and ask it for circuits.
     """
     if len(data) > limits.ATTESTATION_BYTES_MAX:
         raise AttestationRejected(f"attestation is {len(data)} bytes, limit {limits.ATTESTATION_BYTES_MAX}",
@@ -144,4 +195,9 @@ def parse_attestation(data: bytes, sender_key: bytes | None, now_ms: int) -> Att
             "from_future")
     if attestation.expires_ms <= now_ms:
         raise AttestationRejected(f"attestation expired {now_ms - attestation.expires_ms} ms ago", "expired")
+    for addr in attestation.addrs:
+        relay = relay_of(addr)
+        if relay is not None and relay not in relays:
+            raise AttestationRejected(f"addr {addr[:120]!r} goes through relay {relay}, which this gateway does not "
+                                      f"trust (it trusts {', '.join(sorted(relays)) or 'no relay'})", "untrusted_relay")
     return attestation
