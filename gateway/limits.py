@@ -17,3 +17,10 @@ PENDING_ATTESTATIONS_MAX = 256            # attestations of keys nobody approved
 REGISTRATIONS_PENDING_MAX = 1_000        # registrations awaiting the operator's review, from everyone
 REGISTRATIONS_PENDING_PER_SOURCE_MAX = 4  # ... from one client IP address
 HTTP_SHUTDOWN_GRACE_S = 2.0
+# The dashboards (gateway/api/pages.py)
+DASHBOARD_SESSION_LIFETIME_MS = 8 * 3_600_000     # a signed-in customer or operator signs in again after this
+DASHBOARD_SESSIONS_MAX = 10_000                   # sessions kept in memory; the oldest is dropped beyond
+DASHBOARD_FORM_BYTES_MAX = 4 * 1024               # a sign-in or action form
+DASHBOARD_RECEIPTS_SHOWN_MAX = 50                 # latest receipts listed on the customer page
+DASHBOARD_DAYS = 14                               # days in the per-day charts
+DASHBOARD_REFRESH_S = 30                          # pages reload themselves this often

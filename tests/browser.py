@@ -38,7 +38,13 @@ def missing_reason() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def browser():
+def downloads(tmp_path_factory) -> Path:
+    """Where the module's browser saves what a page's download links fetch."""
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(downloads):
     """One headless Chromium per test module (the profile is fresh, so no cookies leak between modules)."""
     reason = missing_reason()
     if reason is not None:
@@ -51,6 +57,8 @@ def browser():
     for argument in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                      f"--window-size={WINDOW[0]},{WINDOW[1]}"):
         options.add_argument(argument)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
     if os.geteuid() == 0:
         options.add_argument("--no-sandbox")          # Chromium refuses to start its sandbox as root
     driver = webdriver.Chrome(service=Service(executable_path=_which(DRIVER_NAMES)), options=options)
@@ -81,6 +89,22 @@ def bar_values(driver, chart_id: str) -> list[int]:
 
     bars = driver.find_elements(By.CSS_SELECTOR, f"#{chart_id} rect.bar")
     return [int(bar.get_attribute("data-value")) for bar in bars]
+
+
+def sign_in(driver, url: str, field: str, secret: str) -> None:
+    """Fill a dashboard's sign-in form and submit it, as a person would."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+    driver.find_element(By.ID, field).send_keys(secret)
+    driver.find_element(By.ID, "sign-in").click()
+
+
+def timed_get(driver, url: str) -> float:
+    """Load ``url`` and return the page load time in ms as the browser measured it (navigation timing)."""
+    driver.get(url)
+    return driver.execute_script("const t = performance.getEntriesByType('navigation')[0];"
+                                 "return t.loadEventEnd - t.startTime;")
 
 
 def text_of(driver, element_id: str) -> str:
