@@ -121,3 +121,104 @@ def test_a_tenant_never_sees_another_tenants_receipts(market, browser):
         assert answer.status_code == 404 and foreign not in answer.text.replace(f"no receipt {foreign}", "")
     mine = httpx.get(market.http_url + f"/dashboard/receipts/{market.request_ids['alice'][0]}", cookies=cookie)
     assert mine.status_code == 200 and mine.json()["request_id"] == market.request_ids["alice"][0]
+
+
+# -- the operator console -----------------------------------------------------------------------------------------
+def provider_status(browser, peer: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.CSS_SELECTOR, f"tr[data-provider-id='{peer}']").get_attribute("data-status")
+
+
+def operate(browser, peer: str, action: str) -> None:
+    """Click the action on the provider's row, then confirm it."""
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.CSS_SELECTOR, f"tr[data-provider-id='{peer}'] a.action-{action}").click()
+    assert peer in text_of(browser, "confirm-what")
+    browser.find_element(By.ID, "confirm").click()
+
+
+@pytest.fixture(scope="module")
+def operator_token(market):
+    return market.cli("gateway", "operator-token", "--config", "gateway.toml").strip()
+
+
+def test_operator_console_refuses_without_the_operator_token(market, browser, operator_token):
+    browser.delete_all_cookies()
+    browser.get(market.http_url + "/operator")
+    assert browser.current_url.endswith("/operator/sign-in")
+    for credential in (market.keys["alice"], market.api_key, operator_token + "x"):   # tenant keys are not it
+        sign_in(browser, market.http_url + "/operator/sign-in", "token", credential)
+        assert "incorrect operator token" in text_of(browser, "error")
+    refused = httpx.post(market.http_url + f"/operator/providers/{market.peers['pending']}/approve",
+                         data={"csrf": "x"}, follow_redirects=False)
+    assert refused.status_code == 401
+    assert provider_record(market, "pending")["status"] == "pending"
+
+
+def provider_record(market, name: str) -> dict:
+    listed = json.loads(market.cli("gateway", "providers", "list", "--config", "gateway.toml"))
+    return next(record for record in listed if record["provider_id"] == market.peers[name])
+
+
+def test_operator_console_shows_the_numbers_of_the_books_and_the_cli(market, browser, screenshots, operator_token):
+    from selenium.webdriver.common.by import By
+
+    browser.delete_all_cookies()
+    sign_in(browser, market.http_url + "/operator/sign-in", "token", operator_token)
+    LOAD_TIMES_MS["operator"] = timed_get(browser, market.http_url + "/operator")
+    listed = {t["name"]: t for t in json.loads(market.cli("gateway", "tenants", "list", "--config", "gateway.toml"))}
+    rows = {row.get_attribute("data-tenant"): int(row.get_attribute("data-spent-minor"))
+            for row in browser.find_elements(By.CSS_SELECTOR, "tr.tenant")}
+    assert set(rows) == set(listed) and all(format_amount(rows[name]) == listed[name]["spent"] for name in rows)
+    period = time.strftime("%Y-%m", time.gmtime())
+    platform = json.loads(market.cli("billing", "statement", "--platform", "--period", period,
+                                     "--config", "gateway.toml"))
+    fees = {e.get_attribute("data-currency"): minor(e) for e in browser.find_elements(By.CSS_SELECTOR, ".fees-month")}
+    assert fees == platform["totals_minor"] and fees["EUR"] > 0
+    payouts = sum(json.loads(market.cli("billing", "statement", "--provider", peer, "--period", period, "--config",
+                                        "gateway.toml"))["totals_minor"].get("EUR", 0) for peer in market.peers.values())
+    revenue = sum(rows.values())
+    assert bar_values(browser, "revenue-per-day")[-1] == revenue == payouts + fees["EUR"]
+    assert bar_values(browser, "payouts-per-day")[-1] == payouts
+    assert bar_values(browser, "fees-per-day")[-1] == fees["EUR"]
+    receipts = ledger_receipts(market, "lab")                        # the payouts are what the receipts claim
+    assert payouts == sum(receipts[r].amount for name in ("alice", "bob") for r in market.request_ids[name])
+    assert provider_status(browser, market.peers["pending"]) == "pending"
+    assert provider_status(browser, market.peers["lab"]) == "approved"
+    assert text_of(browser, "finding-count") == "0" and text_of(browser, "fork-count") == "0"
+    screenshots(browser, "operator-console")
+
+
+def test_operator_approves_and_suspends_through_the_browser_and_placement_sees_it(market, browser, operator_token):
+    browser.delete_all_cookies()
+    sign_in(browser, market.http_url + "/operator/sign-in", "token", operator_token)
+    cookie = {c["name"]: c["value"] for c in browser.get_cookies()}
+    forged = httpx.post(market.http_url + f"/operator/providers/{market.peers['pending']}/approve",
+                        data={"csrf": "0" * 64}, cookies=cookie, follow_redirects=False)
+    assert forged.status_code == 400 and "CSRF" in forged.text
+    assert provider_record(market, "pending")["status"] == "pending"          # a forged form changed nothing
+    operate(browser, market.peers["pending"], "approve")
+    assert provider_status(browser, market.peers["pending"]) == "approved"
+    for name in ("lab", "dear"):
+        operate(browser, market.peers[name], "suspend")
+        assert provider_status(browser, market.peers[name]) == "suspended"
+    assert [provider_record(market, n)["status"] for n in ("pending", "lab", "dear")] == \
+        ["approved", "suspended", "suspended"]
+    client = openai.OpenAI(base_url=market.base_url, api_key=market.keys["bob"], max_retries=0, timeout=60)
+    deadline, served = time.monotonic() + 20, None
+    while served != market.peers["pending"] and time.monotonic() < deadline:   # its next attestation counts
+        try:
+            served = client.chat.completions.with_raw_response.create(
+                model=MODEL_ID, max_tokens=4, messages=[{"role": "user", "content": "hi"}]).headers["x-llorch-provider"]
+            assert served == market.peers["pending"], "placed on a suspended provider"
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503
+            time.sleep(0.5)
+    assert served == market.peers["pending"]
+    operate(browser, market.peers["pending"], "suspend")
+    with pytest.raises(openai.APIStatusError) as caught:              # nobody left to place on
+        client.chat.completions.create(model=MODEL_ID, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 503
+    operate(browser, market.peers["lab"], "approve")                  # as it was, for the tests after this one
