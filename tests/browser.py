@@ -14,6 +14,7 @@ import pytest
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 DRIVER_NAMES = ("chromedriver",)
 PAGE_LOAD_TIMEOUT_S = 30
+ELEMENT_WAIT_S = 5
 WINDOW = (1280, 1600)
 
 
@@ -63,6 +64,7 @@ def browser(downloads):
         options.add_argument("--no-sandbox")          # Chromium refuses to start its sandbox as root
     driver = webdriver.Chrome(service=Service(executable_path=_which(DRIVER_NAMES)), options=options)
     driver.set_page_load_timeout(PAGE_LOAD_TIMEOUT_S)
+    driver.implicitly_wait(ELEMENT_WAIT_S)           # a form submitted by a click loads its answer asynchronously
     try:
         yield driver
     finally:

@@ -1,7 +1,8 @@
 """The dashboards in headless Chromium against one live local network that has served real llama.cpp requests:
 the customer page, the operator console and the provider dashboard, each checked against the books, the CLI, the
 API and the provider's ledger, with a screenshot and its load time. The network is shared by the module (one
-gateway, one llama.cpp node, two echo nodes); browser tests skip, saying why, without Chromium."""
+gateway, one llama.cpp node that serves every request until the operator suspends it, and one echo node awaiting
+approval); browser tests skip, saying why, without Chromium."""
 
 from __future__ import annotations
 
@@ -33,9 +34,7 @@ def market(tmp_path_factory, model_path):
         net.start_gateway()
         net.peers = {"lab": net.start_node("lab", threads=2, extra=f'region = "{HOSTILE}"\n')["peer_id"]}
         net.peers["pending"] = net.start_node("pending", extra='engine = "echo"\n', approve=False)["peer_id"]
-        net.peers["dear"] = net.start_node("dear", price_in=900_000, price_out=900_000,
-                                           extra='engine = "echo"\n')["peer_id"]
-        net.wait_for_providers(2)
+        net.wait_for_providers(1)
         net.keys = {name: net.cli("gateway", "tenants", "add", name, "--config", "gateway.toml",
                                   *extra).strip() for name, extra in (("alice", ["--budget", "5"]), ("bob", []))}
         net.request_ids = {name: [] for name in net.keys}
@@ -201,11 +200,9 @@ def test_operator_approves_and_suspends_through_the_browser_and_placement_sees_i
     assert provider_record(market, "pending")["status"] == "pending"          # a forged form changed nothing
     operate(browser, market.peers["pending"], "approve")
     assert provider_status(browser, market.peers["pending"]) == "approved"
-    for name in ("lab", "dear"):
-        operate(browser, market.peers[name], "suspend")
-        assert provider_status(browser, market.peers[name]) == "suspended"
-    assert [provider_record(market, n)["status"] for n in ("pending", "lab", "dear")] == \
-        ["approved", "suspended", "suspended"]
+    operate(browser, market.peers["lab"], "suspend")
+    assert provider_status(browser, market.peers["lab"]) == "suspended"
+    assert [provider_record(market, n)["status"] for n in ("pending", "lab")] == ["approved", "suspended"]
     client = openai.OpenAI(base_url=market.base_url, api_key=market.keys["bob"], max_retries=0, timeout=60)
     deadline, served = time.monotonic() + 20, None
     while served != market.peers["pending"] and time.monotonic() < deadline:   # its next attestation counts
@@ -222,3 +219,98 @@ def test_operator_approves_and_suspends_through_the_browser_and_placement_sees_i
         client.chat.completions.create(model=MODEL_ID, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
     assert caught.value.status_code == 503
     operate(browser, market.peers["lab"], "approve")                  # as it was, for the tests after this one
+
+
+# -- the provider dashboard ---------------------------------------------------------------------------------------
+def admin_url(market, name: str) -> str:
+    return next(node for node in market.nodes if node.name == name).state()["admin_url"]
+
+
+def test_provider_dashboard_shows_the_numbers_of_its_own_ledger(market, browser, screenshots):
+    from selenium.webdriver.common.by import By
+
+    status = json.loads(market.cli("node", "status", "--config", "lab.toml", "--json"))        # the CLI
+    LOAD_TIMES_MS["provider"] = timed_get(browser, admin_url(market, "lab") + "/")
+    receipts = ledger_receipts(market, "lab")
+    midnight = int(time.time() * 1000) // 86_400_000 * 86_400_000
+    today = [r for r in receipts.values() if r.finished_ms >= midnight]
+    earned = minor(browser.find_element(By.ID, "earned-today"))
+    assert earned == status["today"]["earned_minor"] == sum(r.amount for r in today) > 0
+    assert bar_values(browser, "earned-per-day")[-1] == earned
+    assert sum(bar_values(browser, "requests-per-hour")) == len(receipts) == int(text_of(browser, "entries"))
+    assert sum(bar_values(browser, "tokens-per-hour")) == sum(r.tokens_in + r.tokens_out for r in receipts.values())
+    rows = {row.get_attribute("data-request-id"): minor(row)
+            for row in browser.find_elements(By.CSS_SELECTOR, "tr.receipt")}
+    assert rows == {request_id: r.amount for request_id, r in receipts.items()}
+    assert text_of(browser, "class").startswith("dc1-")
+    assert "connected" in browser.find_element(By.CSS_SELECTOR, "td.gateway").text
+    screenshots(browser, "provider-dashboard")
+
+
+def test_a_provider_controlled_script_is_escaped_on_every_page_that_shows_it(market, browser, operator_token):
+    """The lab node's region is ``<script>...``: the operator console and the provider dashboard show it as text.
+    The control first: the same page rendered without escaping runs the script (so this test can fail)."""
+    from jinja2 import Environment, FileSystemLoader
+    from selenium.webdriver.common.by import By
+
+    from llorch.node import dashboard
+
+    naive = Environment(loader=FileSystemLoader([str(dashboard.TEMPLATES), str(dashboard.TEMPLATES.parent / "web" /
+                                                                               "templates")]), autoescape=False)
+    naive.filters.update(environment_filters())
+    naive.globals.update(bar_chart=lambda *a, **k: "")
+    browser.get(admin_url(market, "lab") + "/")
+    page = browser.page_source
+    assert HOSTILE not in page and "&lt;script&gt;document.title" in page
+    unescaped = market.workdir / "naive.html"
+    unescaped.write_text(naive.get_template("provider.html").render(**naive_context(market)))
+    browser.get(unescaped.as_uri())
+    assert browser.title == "owned"                                  # injectable without escaping
+    browser.delete_all_cookies()
+    sign_in(browser, market.http_url + "/operator/sign-in", "token", operator_token)
+    for url in (admin_url(market, "lab") + "/", market.http_url + "/operator"):
+        browser.get(url)
+        assert browser.title != "owned"
+        shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".region")]
+        assert HOSTILE in shown, f"{url} does not show the region as text: {shown}"
+
+
+def environment_filters() -> dict:
+    from llorch.node.web.render import environment
+
+    return environment().filters
+
+
+def naive_context(market) -> dict:
+    """The dashboard's context for the lab node, as the node builds it."""
+    import shutil
+
+    from llorch.node.cli import load_node_config
+    from llorch.node.dashboard import History, page_context
+
+    status = json.loads(market.cli("node", "status", "--config", "lab.toml", "--json"))
+    config = load_node_config(market.workdir / "lab.toml")
+    return page_context(config, status, History(), shutil.disk_usage(market.workdir), int(time.time() * 1000))
+
+
+def test_provider_dashboard_answers_only_on_loopback(market):
+    import socket
+
+    url = admin_url(market, "lab")
+    port = int(url.rsplit(":", 1)[1])
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))                     # no packet is sent: it only picks the outbound address
+        address = probe.getsockname()[0]
+    except OSError:
+        address = None
+    finally:
+        probe.close()
+    if address is None or address.startswith("127."):
+        pytest.skip("this machine has no non-loopback IPv4 address to try the dashboard on")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://{address}:{port}/", timeout=5)
+    assert httpx.get(url + "/", timeout=10).status_code == 200
+    rebound = httpx.get(url + "/", headers={"host": f"attacker.example:{port}"}, timeout=10)     # DNS rebinding
+    assert rebound.status_code == 421 and "llorch" not in rebound.text.replace("127.0.0.1", "")
+    assert httpx.get(url + "/status", headers={"host": "attacker.example"}, timeout=10).status_code == 421
