@@ -65,6 +65,29 @@ def add_commands(gateway_subparsers) -> None:
     readmit.add_argument("--config", type=Path, required=True)
     readmit.set_defaults(handler=lambda args: _run(args, providers_readmit))
 
+    token = gateway_subparsers.add_parser(
+        "operator-token", help="make the operator console's sign-in token (prints it once; the old one stops working)",
+        description="The operator console (/operator on the gateway's HTTP address) signs in with this token, never "
+                    "with a tenant's API key. Only its SHA-256 is kept, in <db_path>.operator-token (mode 0600); "
+                    "making a new token ends every session signed in with the old one.")
+    token.add_argument("--config", type=Path, required=True)
+    token.set_defaults(handler=operator_token)
+
+
+def operator_token(args: argparse.Namespace) -> int:
+    from llorch.gateway.api.sessions import new_operator_token, operator_token_file
+
+    try:
+        config = load_gateway_config(args.config)
+        token = new_operator_token(config.db_path)
+    except (NodeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    print(f"operator token made; the token above is shown once and only its SHA-256 is kept "
+          f"({operator_token_file(config.db_path)}); sign in at /operator", file=sys.stderr)
+    return 0
+
 
 def _tenant_options(parser, creating: bool) -> None:
     parser.add_argument("--config", type=Path, required=True, help="gateway.toml")

@@ -4,6 +4,7 @@
     llorch gateway start --config F      run the gateway
     llorch gateway tenants add|list|update|revoke ...      tenants, API keys, budgets, limits
     llorch gateway providers list|approve|certify|suspend|forks|readmit   providers, fork evidence
+    llorch gateway operator-token --config F       the operator console's sign-in token
     llorch node init --gateway G         set up a provider (key, model, node.toml) and register
     llorch node start [--config F]       run a provider node          (node info, node status, grant-auditor)
     llorch keys new PATH                 create a key file (0600)

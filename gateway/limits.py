@@ -28,3 +28,11 @@ RELAY_CIRCUIT_DURATION_S = 300            # one circuit is closed after this lon
 RELAY_CIRCUIT_BYTES_MAX = 64 * 1024 * 1024  # both directions of one circuit together (a paged ledger fetch)
 DIALBACK_CONNECT_TIMEOUT_S = 3.0          # one TCP connect of a dial-back probe
 DIALBACK_FRAME_READ_BYTES = 1024          # one read of a dial-back request (a whole request is smaller)
+
+# The dashboards (gateway/api/pages.py)
+DASHBOARD_SESSION_LIFETIME_MS = 8 * 3_600_000     # a signed-in customer or operator signs in again after this
+DASHBOARD_SESSIONS_MAX = 10_000                   # sessions kept in memory; the oldest is dropped beyond
+DASHBOARD_FORM_BYTES_MAX = 4 * 1024               # a sign-in or action form
+DASHBOARD_RECEIPTS_SHOWN_MAX = 50                 # latest receipts listed on the customer page
+DASHBOARD_DAYS = 14                               # days in the per-day charts
+DASHBOARD_REFRESH_S = 30                          # pages reload themselves this often

@@ -19,6 +19,7 @@ from llorch.ledger.store import LedgerStore, exclusive
 from llorch.node import limits
 from llorch.node.wire.attestation import TOPIC, Attestation
 from llorch.node.config import NodeConfig
+from llorch.node.dashboard import dashboard_app
 from llorch.node.ledger_service import LedgerService, sign_checkpoints
 from llorch.node.lifecycle import supervise, write_state_file
 from llorch.node.reachability import announced_addrs
@@ -112,8 +113,9 @@ async def _run_node(config: NodeConfig) -> None:
             counters, reach = Counters(), Reach()
             async with background_trio_service(TrustedStop(p2p.host, frozenset(config.trusted_gateways))), \
                     trio.open_nursery() as nursery:
-                admin_url = await nursery.start(serve_admin, config.admin_port, admin_app(
-                    lambda: status_document(config, p2p, pool, ledger, counters, now_ms(), reach)))
+                status = lambda: status_document(config, p2p, pool, ledger, counters, now_ms(), reach)  # noqa: E731
+                admin_url = await nursery.start(serve_admin, config.admin_port, dashboard_app(
+                    admin_app(status), config, ledger, status, now_ms))
                 write_admin_url(config, admin_url)
                 nursery.start_soon(supervise, "bootstrap", lambda: keep_connected(p2p, config.bootstrap))
                 nursery.start_soon(supervise, "checkpoints", lambda: sign_checkpoints(
@@ -126,6 +128,6 @@ async def _run_node(config: NodeConfig) -> None:
                 write_state_file(config.state_file, {"peer_id": p2p.peer_id, "addrs": p2p.addrs(),
                                                      "ledger": str(Path(config.ledger_path).resolve()),
                                                      "admin_url": admin_url})
-                log.info("node %s listening on %s; ledger %s (%d entries)", p2p.peer_id, ", ".join(p2p.addrs()),
-                         config.ledger_path, ledger.size)
+                log.info("node %s listening on %s; ledger %s (%d entries); dashboard %s/ (this machine only)",
+                         p2p.peer_id, ", ".join(p2p.addrs()), config.ledger_path, ledger.size, admin_url)
                 await trio.sleep_forever()

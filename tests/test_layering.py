@@ -30,7 +30,8 @@ ALLOWED = {
     "node": {"ledger", "inference"},
     "gateway": {"node", "ledger"},
 }
-NODE_SHARED = {"wire", "errors", "limits", "p2p", "stream_io", "lifecycle", "config", "models", "ledger_client"}
+NODE_SHARED = {"wire", "errors", "limits", "p2p", "stream_io", "lifecycle", "config", "models", "ledger_client",
+               "web"}
 NODE_WIRE_MAY_IMPORT = {"wire", "errors", "limits"}
 GATEWAY_BASE = {"errors", "limits", "config"}
 GATEWAY_SUBPACKAGES = {

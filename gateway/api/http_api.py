@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from llorch.gateway.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, UNMATCHED_ROUTE
 from llorch.gateway import limits
 from llorch.gateway.api.body import parse_json, read_body_capped
+from llorch.gateway.api.pages import mount_pages
 from llorch.gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from llorch.gateway.api.openai_api import (STREAM_DESCRIPTION, ChatCompletion, ChatCompletionChunk, ChatRequest,
                                            CompletionRequest, ModelList, TextCompletion, TextCompletionChunk,
@@ -308,6 +309,8 @@ def build_app(gateway: Gateway) -> FastAPI:
         if document is None:
             raise NotFound(f"no receipt {request_id} for this API key")
         return document
+
+    mount_pages(app, gateway)      # the customer page and the operator console (HTML, not in the document)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -258,3 +258,9 @@ def _outside(receipt: Receipt, ticket: Ticket) -> str | None:
     if receipt.tokens_out > ticket.sampling["max_tokens"]:
         return f"{receipt.tokens_out} output tokens, the ticket allowed {ticket.sampling['max_tokens']}"
     return None
+
+
+async def open_findings(database: Database, period: str | None = None) -> Report:
+    """What the last `llorch billing reconcile` left open, without examining anything new (read-only: the
+    operator console shows it)."""
+    return await _report(database, Report(period), period)

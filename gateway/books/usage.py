@@ -1,0 +1,78 @@
+"""Per-day figures and the latest billed requests, read from the same postings the statements sum
+(gateway/books/postings.py): a day's amount is the change of the account's balance that day (legs out minus legs
+in, corrections included), so the days of a month add up to the month's statement and the running balance.
+
+Days are UTC, on the gateway's clock (``posted_ms``). Read-only; the dashboards call these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llorch.gateway.books.postings import PLATFORM_ACCOUNT, tenant_account
+from llorch.ledger.sqlite import Database
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class Day:
+    requests: int
+    tokens_in: int
+    tokens_out: int
+    amount_minor: int
+
+
+@dataclass(frozen=True)
+class Market:
+    """One day of the whole market: what tenants were charged, what providers earned, and the platform's fees."""
+
+    revenue_minor: int
+    payouts_minor: int
+    fees_minor: int
+
+
+@dataclass(frozen=True)
+class BilledRequest:
+    request_id: str
+    posted_ms: int
+    model_id: str
+    provider_id: str
+    tokens_in: int
+    tokens_out: int
+    amount_minor: int                    # what the tenant was charged: payout + fee
+    currency: str
+
+
+async def tenant_days(database: Database, tenant: str, since_ms: int) -> dict[int, Day]:
+    """Day start (ms) → the tenant's requests, billed tokens and net spend that day."""
+    account = tenant_account(tenant)
+    rows = await database.fetchall(
+        "SELECT (posted_ms / ?) * ?, COUNT(DISTINCT CASE WHEN leg = 'payout' THEN request_id END), "
+        "SUM(CASE WHEN leg = 'payout' THEN tokens_in ELSE 0 END), "
+        "SUM(CASE WHEN leg = 'payout' THEN tokens_out ELSE 0 END), "
+        "SUM(CASE WHEN debit = ? THEN amount ELSE -amount END) "
+        "FROM postings WHERE (debit = ? OR credit = ?) AND posted_ms >= ? GROUP BY 1",
+        (DAY_MS, DAY_MS, account, account, account, since_ms))
+    return {day: Day(requests, tokens_in, tokens_out, amount) for day, requests, tokens_in, tokens_out, amount in rows}
+
+
+async def market_days(database: Database, since_ms: int) -> dict[int, Market]:
+    """Day start (ms) → revenue (net charged to tenants), payouts (net credited to providers) and fees (net
+    credited to the platform)."""
+    rows = await database.fetchall(
+        "SELECT (posted_ms / ?) * ?, "
+        "SUM((debit LIKE 'tenant:%') * amount - (credit LIKE 'tenant:%') * amount), "
+        "SUM((credit LIKE 'provider:%') * amount - (debit LIKE 'provider:%') * amount), "
+        "SUM((credit = ?) * amount - (debit = ?) * amount) "
+        "FROM postings WHERE posted_ms >= ? GROUP BY 1",
+        (DAY_MS, DAY_MS, PLATFORM_ACCOUNT, PLATFORM_ACCOUNT, since_ms))
+    return {day: Market(revenue, payouts, fees) for day, revenue, payouts, fees in rows}
+
+
+async def latest_billed(database: Database, tenant: str, count_max: int) -> list[BilledRequest]:
+    """The tenant's latest billed requests, newest first: only its own (the legs it was debited)."""
+    rows = await database.fetchall(
+        "SELECT request_id, MAX(posted_ms), model_id, provider_id, MAX(tokens_in), MAX(tokens_out), SUM(amount), "
+        "currency FROM postings WHERE debit = ? AND leg IN ('payout', 'fee') GROUP BY request_id "
+        "ORDER BY MAX(posted_ms) DESC, request_id LIMIT ?", (tenant_account(tenant), count_max))
+    return [BilledRequest(*row) for row in rows]

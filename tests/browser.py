@@ -1,0 +1,115 @@
+"""Headless Chromium for the dashboards' tests, driven with Selenium: Debian's `chromium` and `chromium-driver`
+(`./dev test` installs them when it runs as root). Without them, or without Selenium, every browser test skips and
+its reason says which is missing and how to get it. Screenshots go under the test's own tmp directory; their paths
+are printed (pytest -s, or the captured output of a failure)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+DRIVER_NAMES = ("chromedriver",)
+PAGE_LOAD_TIMEOUT_S = 30
+ELEMENT_WAIT_S = 5
+WINDOW = (1280, 1600)
+
+
+def _which(names) -> str | None:
+    search = os.environ.get("PATH", "") + ":/usr/bin:/usr/lib/chromium"
+    return next((found for name in names if (found := shutil.which(name, path=search))), None)
+
+
+def missing_reason() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed: pip install -e '.[test]'"
+    lacking = [package for package, names in (("chromium", CHROMIUM_NAMES), ("chromium-driver", DRIVER_NAMES))
+               if _which(names) is None]
+    if lacking:
+        how = "./dev test installs them when run as root" if os.geteuid() != 0 else \
+            "./dev test could not install them (no apt-get, or no network?)"
+        return f"{' and '.join(lacking)} not installed: {how}, or apt-get install chromium chromium-driver"
+    return None
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory) -> Path:
+    """Where the module's browser saves what a page's download links fetch."""
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(downloads):
+    """One headless Chromium per test module (the profile is fresh, so no cookies leak between modules)."""
+    reason = missing_reason()
+    if reason is not None:
+        pytest.skip(f"browser test: {reason}")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = _which(CHROMIUM_NAMES)
+    for argument in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                     f"--window-size={WINDOW[0]},{WINDOW[1]}"):
+        options.add_argument(argument)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    if os.geteuid() == 0:
+        options.add_argument("--no-sandbox")          # Chromium refuses to start its sandbox as root
+    driver = webdriver.Chrome(service=Service(executable_path=_which(DRIVER_NAMES)), options=options)
+    driver.set_page_load_timeout(PAGE_LOAD_TIMEOUT_S)
+    driver.implicitly_wait(ELEMENT_WAIT_S)           # a form submitted by a click loads its answer asynchronously
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    """``shoot(driver, name)`` saves a full-window PNG under this module's artifacts and prints its path."""
+    folder = tmp_path_factory.mktemp("screenshots")
+
+    def shoot(driver, name: str) -> Path:
+        path = folder / f"{name}.png"
+        assert driver.save_screenshot(str(path)), f"no screenshot of {name}"
+        print(f"screenshot of {name}: {path}")
+        return path
+
+    return shoot
+
+
+def bar_values(driver, chart_id: str) -> list[int]:
+    """The integers a server-drawn chart (node/web/charts.py) shows, read from the page's DOM."""
+    from selenium.webdriver.common.by import By
+
+    bars = driver.find_elements(By.CSS_SELECTOR, f"#{chart_id} rect.bar")
+    return [int(bar.get_attribute("data-value")) for bar in bars]
+
+
+def sign_in(driver, url: str, field: str, secret: str) -> None:
+    """Fill a dashboard's sign-in form and submit it, as a person would."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+    driver.find_element(By.ID, field).send_keys(secret)
+    driver.find_element(By.ID, "sign-in").click()
+
+
+def timed_get(driver, url: str) -> float:
+    """Load ``url`` and return the page load time in ms as the browser measured it (navigation timing)."""
+    driver.get(url)
+    return driver.execute_script("const t = performance.getEntriesByType('navigation')[0];"
+                                 "return t.loadEventEnd - t.startTime;")
+
+
+def text_of(driver, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, element_id).text
