@@ -23,7 +23,7 @@ from llorch.ledger.signing import sha256
 from llorch.ledger.store import LedgerStore
 from llorch.node import limits
 from llorch.node.errors import FrameTimeout, ProtocolError, TicketRejected
-from llorch.node.wire.frames import Accepted, Busy, Error, Final, Request, Token
+from llorch.node.wire.frames import Accepted, Busy, Cancel, Error, Final, Request, Token
 from llorch.node.wire.infer_protocol import InferProtocol, Role
 from llorch.node.stream_io import now_ms, read_frame, serve_stream, write_frame
 
@@ -78,14 +78,26 @@ class ProviderService:
         await serve_stream(stream, "infer", lambda s: self._serve(s, InferProtocol(Role.SERVER)))
 
     async def _serve(self, stream, protocol: InferProtocol) -> None:
-        try:
-            request = await read_frame(stream, protocol, limits.REQUEST_READ_TIMEOUT_S)
-        except ProtocolError as exc:
-            if protocol.bytes_received == 0 and not isinstance(exc, FrameTimeout):
-                log.debug("a stream ended before its request (a gateway's unused stream): %s", exc)
-                return
-            raise
-        assert isinstance(request, Request)
+        """Serve the requests of one stream, one after another, until the gateway closes it or it stays idle for
+        REQUEST_READ_TIMEOUT_S. A stream that ends quietly between requests (or before its first: a gateway's
+        stream opened ahead and not needed) is no error."""
+        served = 0
+        while True:
+            before = protocol.bytes_received
+            try:
+                request = await read_frame(stream, protocol, limits.REQUEST_READ_TIMEOUT_S)
+            except ProtocolError as exc:
+                if protocol.bytes_received == before and (served or not isinstance(exc, FrameTimeout)):
+                    log.debug("infer stream ended between requests after %d: %s", served, exc)
+                    return
+                raise
+            if isinstance(request, Cancel):             # crossed the final frame of the request before: ignored
+                continue
+            assert isinstance(request, Request)
+            await self._serve_one(stream, protocol, request)
+            served += 1
+
+    async def _serve_one(self, stream, protocol: InferProtocol, request: Request) -> None:
         try:
             ticket = self.check_ticket(request.ticket, now_ms())
         except TicketRejected as exc:

@@ -18,13 +18,13 @@ from llorch.gateway.books.receipts import check_receipt
 from llorch.ledger.signing import SigningKey
 from llorch.ledger.store import LedgerStore
 from llorch.ledger.verify import read_sqlite_entries
-from llorch.node.wire.frames import Final, Request, Token
+from llorch.node.wire.frames import Cancel, Final, Request, Token, encode_frame
 from llorch.node.p2p import running_host
 from llorch.node.run import build_attestation
 from llorch.node.service import EnginePool, ProviderService
-from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID
+from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID, InferProtocol, Role
 from llorch.node.config import NodeConfig
-from llorch.node.stream_io import now_ms
+from llorch.node.stream_io import now_ms, read_frame, write_frame
 from llorch.node.wire.attestation import Attestation
 from tests.fakes import FakeEngine
 from tests.helpers import MODEL_ID, MODEL_SHA256, make_ticket
@@ -35,13 +35,13 @@ LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
 @asynccontextmanager
-async def provider_and_gateway(tmp_path, slots=1, delay_s=0.0):
+async def provider_and_gateway(tmp_path, slots=1, delay_s=0.0, service_class=ProviderService):
     gateway_key, provider_key = SigningKey.generate(), SigningKey.generate()
     pool = EnginePool([FakeEngine(delay_s) for _ in range(slots)])
     config = NodeConfig(key_file=tmp_path / "k", ledger_path=tmp_path / "ledger.sqlite", bootstrap=(),
                         trusted_gateways=(gateway_key.peer_id,))
     async with LedgerStore.open(config.ledger_path, provider_key) as ledger:
-        service = ProviderService(provider_key.public_key, frozenset({gateway_key.public_key}), pool, ledger,
+        service = service_class(provider_key.public_key, frozenset({gateway_key.public_key}), pool, ledger,
                                   {MODEL_ID: MODEL_SHA256})
         async with running_host(provider_key, LOOPBACK) as provider_p2p, \
                 running_host(gateway_key, LOOPBACK) as gateway_p2p:
@@ -203,4 +203,76 @@ async def test_unused_pooled_streams_are_closed_in_time_and_the_node_takes_that_
             _, _, tokens, _ = await serve_one(gateway_p2p, gateway_key, attestation, seed=2, pool=pool)
             assert len(tokens) == 5
             nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+async def test_requests_one_after_another_share_one_stream(tmp_path):
+    """After a request ends cleanly the next one to the same provider goes on the same stream: five requests, one
+    after another, open at most two streams (the first request's own and one spare), not six."""
+    async with provider_and_gateway(tmp_path, slots=2) as (gateway_key, provider_key, gateway_p2p, _, attestation, _):
+        pool, peer = StreamPool(gateway_p2p), ID.from_base58(provider_key.peer_id)
+        opened = []
+        new_stream = gateway_p2p.host.new_stream
+
+        async def counted(peer_id, protocols, *args, **kwargs):
+            if INFER_PROTOCOL_ID in protocols:
+                opened.append(peer_id)
+            return await new_stream(peer_id, protocols, *args, **kwargs)
+
+        gateway_p2p.host.new_stream = counted
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            receipts = []
+            for seed in range(5):
+                _, _, tokens, receipt = await serve_one(gateway_p2p, gateway_key, attestation, seed=seed, pool=pool)
+                assert len(tokens) == 5
+                receipts.append(receipt)
+                await wait_for_idle_stream(pool, peer)
+            nursery.cancel_scope.cancel()
+        assert len(set(receipts)) == 5
+        assert len(opened) <= 2, f"{len(opened)} streams opened for 5 requests"
+
+
+async def test_a_provider_that_closes_the_stream_after_each_request_is_still_served(tmp_path):
+    """A provider from before streams carried several requests closes the stream after its final frame: the
+    gateway's next request on that stream finds it closed before any answer and goes on a new stream."""
+
+    class OneRequestPerStream(ProviderService):
+        async def _serve(self, stream, protocol) -> None:
+            request = await read_frame(stream, protocol, 10)
+            await self._serve_one(stream, protocol, request)
+
+    async with provider_and_gateway(tmp_path, slots=2, service_class=OneRequestPerStream) as \
+            (gateway_key, provider_key, gateway_p2p, _, attestation, _):
+        pool, peer = StreamPool(gateway_p2p), ID.from_base58(provider_key.peer_id)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            for seed in range(4):
+                _, _, tokens, _ = await serve_one(gateway_p2p, gateway_key, attestation, seed=seed, pool=pool)
+                assert len(tokens) == 5
+                await wait_for_idle_stream(pool, peer)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_cancel_that_crosses_the_final_frame_is_ignored_and_the_stream_serves_on(tmp_path, caplog):
+    async with provider_and_gateway(tmp_path, slots=1) as (gateway_key, provider_key, gateway_p2p, provider_p2p,
+                                                           attestation, _):
+        peer = provider_p2p.host.get_id()
+        gateway_p2p.host.get_peerstore().add_addrs(peer, provider_p2p.host.get_addrs(), 60)
+        stream = await gateway_p2p.host.new_stream(peer, [TProtocol(INFER_PROTOCOL_ID)])
+        outputs = []
+        for seed in (1, 2):
+            protocol = InferProtocol(Role.CLIENT)
+            _, ticket_bytes = make_ticket(gateway_key, attestation.provider_key, now_ms(), sampling={
+                "seed": seed, "temperature_ppm": 0, "top_p_ppm": 1_000_000, "max_tokens": 5, "stop": []})
+            await write_frame(stream, protocol, Request(ticket_bytes, SALT, PROMPT))
+            frames = []
+            while not isinstance(frame := await read_frame(stream, protocol, 5), Final):
+                frames.append(frame)
+            assert [f.index for f in frames[1:]] == list(range(5))       # indexes start at 0 for each request
+            outputs.append("".join(f.text for f in frames[1:]))
+            await stream.write(encode_frame(Cancel()))                    # too late: the request is done
+        assert outputs[0] != outputs[1]
+        await stream.close()
+        await trio.sleep(0.2)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

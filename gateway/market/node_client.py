@@ -60,8 +60,9 @@ class InferenceCall:
 
 
 class StreamPool:
-    """Streams to providers, opened and negotiated (multistream-select) ahead of need, so a request does not pay for
-    that on its own path: a request takes one, and each take orders a replacement in the background. At most
+    """Streams to providers, ready for a request: opened and negotiated (multistream-select) ahead of need, or given
+    back by a request that ended cleanly (the next request goes on the same stream, docs/protocol.md §6), so a
+    request pays for neither on its own path. A take that leaves none orders a spare in the background. At most
     POOLED_STREAMS_PER_PROVIDER_MAX wait per provider, each for at most POOLED_STREAM_AGE_S_MAX (the node waits
     REQUEST_READ_TIMEOUT_S for the request frame): a provider nobody places on keeps none for long.
 
@@ -86,15 +87,28 @@ class StreamPool:
             self._discard(stream)
         return None
 
-    def order(self, peer: ID, addrs: list[str]) -> None:
-        """Ask for one more stream to ``peer`` unless it has its share (waiting or being opened)."""
-        if len(self._idle.get(peer, ())) + self._opening.get(peer, 0) >= limits.POOLED_STREAMS_PER_PROVIDER_MAX:
+    def keep_spare(self, peer: ID, addrs: list[str]) -> None:
+        """Order a stream to ``peer`` in the background unless one is waiting or being opened already."""
+        if len(self._idle.get(peer, ())) + self._opening.get(peer, 0) > 0:
             return
         try:
             self._orders_in.send_nowait((peer, addrs))
             self._opening[peer] = self._opening.get(peer, 0) + 1
         except trio.WouldBlock:      # a backlog of orders already: this one is not needed
             pass
+
+    @property
+    def running(self) -> bool:
+        return self._nursery is not None
+
+    def give_back(self, peer: ID, stream) -> None:
+        """A stream whose request ended cleanly (docs/protocol.md §6: the next request may follow on it) waits for
+        the next request to ``peer``, unless ``peer`` already has its share (then it is closed)."""
+        idle = self._idle.setdefault(peer, deque())
+        if len(idle) >= limits.POOLED_STREAMS_PER_PROVIDER_MAX:
+            self._discard(stream)
+        else:
+            idle.append((trio.current_time(), stream))
 
     def idle(self, peer: ID) -> int:
         """How many streams to ``peer`` are waiting for a request."""
@@ -152,12 +166,13 @@ async def request_inference(p2p: P2P, provider: Attestation, request: Request,
     dial_only_announced(p2p, peer, addrs)
     stream = pool.take(peer) if pool is not None else None
     if pool is not None:
-        pool.order(peer, addrs)
+        pool.keep_spare(peer, addrs)                  # the next request should not wait for a stream either
     if stream is not None:
         protocol = InferProtocol(Role.CLIENT)
         try:
             admission = await _send_request(stream, protocol, request)
-        except _DeadBeforeAnswer:
+        except _DeadBeforeAnswer as exc:
+            log.debug("a pooled stream to %s was dead before any answer (%s): a new one", peer, exc)
             await close_quietly(stream, reset=True)
             pool.forget(peer)
             stream = None
@@ -179,7 +194,10 @@ async def request_inference(p2p: P2P, provider: Attestation, request: Request,
         yield InferenceCall(stream, protocol)
         finished = protocol.done
     finally:
-        await close_quietly(stream, reset=not finished)
+        if finished and pool is not None and pool.running:
+            pool.give_back(peer, stream)              # the next request to this provider goes on it
+        else:
+            await close_quietly(stream, reset=not finished)
 
 
 class _DeadBeforeAnswer(Exception):

@@ -1,9 +1,12 @@
 """/llorch/infer/1 as a sans-IO state machine: bytes in, frames out, bytes to send. No sockets here.
 
 Both ends drive the same class: the gateway as CLIENT (``request_inference`` in gateway/market/node_client.py), the provider
-as SERVER (``serve_inference`` in node/service.py). One stream carries one request:
+as SERVER (``serve_inference`` in node/service.py). One stream carries one request at a time; once a request is
+done, the client may send the next one on the same stream (token indexes start again at 0):
 
     AWAIT_REQUEST   --client: request-->            AWAIT_ADMISSION
+    DONE            --client: request-->            AWAIT_ADMISSION
+    DONE            --client: cancel-->             DONE          (a cancel that crossed the final frame)
     AWAIT_ADMISSION --server: accepted-->           STREAMING
     AWAIT_ADMISSION --server: busy | error-->       DONE
     STREAMING       --server: token (index = n)-->  STREAMING
@@ -47,6 +50,8 @@ class State(enum.Enum):
 # (state, sender, frame type) -> next state. The transition table is the protocol.
 TRANSITIONS: dict[tuple[State, Role, type], State] = {
     (State.AWAIT_REQUEST, Role.CLIENT, Request): State.AWAIT_ADMISSION,
+    (State.DONE, Role.CLIENT, Request): State.AWAIT_ADMISSION,
+    (State.DONE, Role.CLIENT, Cancel): State.DONE,
     (State.AWAIT_ADMISSION, Role.SERVER, Accepted): State.STREAMING,
     (State.AWAIT_ADMISSION, Role.SERVER, Busy): State.DONE,
     (State.AWAIT_ADMISSION, Role.SERVER, Error): State.DONE,
@@ -72,13 +77,16 @@ class InferProtocol(FramedProtocol):
         self.tokens_seen = 0
 
     def _frame_cap(self) -> int:
-        return limits.REQUEST_FRAME_BYTES_MAX if self.state is State.AWAIT_REQUEST else limits.FRAME_BYTES_MAX
+        return limits.REQUEST_FRAME_BYTES_MAX if self.state in (State.AWAIT_REQUEST, State.DONE) else \
+            limits.FRAME_BYTES_MAX
 
     def _advance(self, sender: Role, frame: Frame) -> None:
         next_state = TRANSITIONS.get((self.state, sender, type(frame)))
         if next_state is None:
             raise ProtocolError(f"{frame.TYPE} frame from the {sender.value} is not allowed in state "
                                 f"{self.state.value}")
+        if isinstance(frame, Request):
+            self.tokens_seen = 0
         if isinstance(frame, Token):
             if frame.index != self.tokens_seen:
                 raise ProtocolError(f"token frame {frame.index} arrived when {self.tokens_seen} was expected")
