@@ -132,3 +132,21 @@ async def test_a_path_that_matches_no_route_answers_in_the_openai_error_shape(li
     error = await refused(built, client, "DELETE", "/v1/models", 405, "method DELETE")
     assert error["code"] == "method_not_allowed"
 
+
+
+@pytest.mark.parametrize("path, field", [("/dashboard/sign-in", "api_key"), ("/operator/sign-in", "token")])
+async def test_a_sign_in_form_posted_from_another_site_is_refused(live, path, field):
+    """Login CSRF: a page elsewhere auto-submits the sign-in form with the attacker's own API key, and the victim's
+    browser is signed in to the attacker's account (and what the victim then does lands there). The sign-in
+    forms have no session yet to carry a CSRF token, so the browser's Origin header decides."""
+    built, client = live
+    api_key = client.headers["Authorization"].split()[1]
+    credential = api_key if field == "api_key" else "op-llorch-not-a-token"
+    response = await client.post(path, data={field: credential}, headers={"Origin": "https://evil.example"},
+                                 follow_redirects=False)
+    assert response.status_code == 403, response.text
+    assert "set-cookie" not in response.headers
+    assert "another site" in response.text
+    same_site = await client.post("/dashboard/sign-in", data={"api_key": api_key}, follow_redirects=False,
+                                  headers={"Origin": str(client.base_url).rstrip("/")})
+    assert same_site.status_code == 303 and "set-cookie" in same_site.headers

@@ -26,7 +26,7 @@ from llorch.gateway.api.sessions import (Session, SessionBook, check_operator_to
 from llorch.gateway.books.postings import period_of
 from llorch.gateway.books.reconcile import open_findings
 from llorch.gateway.books.usage import DAY_MS, latest_billed, market_days, tenant_days
-from llorch.gateway.errors import BadRequest, GatewayError
+from llorch.gateway.errors import BadRequest, Forbidden, GatewayError
 from llorch.gateway.market.providers import ProviderError
 from llorch.gateway.market.tenants import key_hash
 from llorch.gateway.service import Gateway
@@ -91,7 +91,13 @@ class Pages:
 
     @staticmethod
     async def form(request: Request) -> dict[str, str]:
-        """An application/x-www-form-urlencoded body, small, each field at most once."""
+        """An application/x-www-form-urlencoded body, small, each field at most once, posted from these pages: a
+        browser names the page a form came from in ``Origin``, and one from another site is refused (Forbidden)
+        before anything is read. This is what protects the sign-in forms, which have no session yet for a CSRF
+        token (login CSRF: signing a victim in to the attacker's account); the other forms carry a token too."""
+        origin = request.headers.get("origin")        # scheme://host[:port]; the scheme may differ behind a TLS proxy
+        if origin is not None and origin.partition("://")[2] != request.headers.get("host", ""):
+            raise Forbidden(f"a form posted from another site ({origin[:100]}) is refused: sign in on this page")
         body = await read_body_capped(request, limits.DASHBOARD_FORM_BYTES_MAX)
         try:
             fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
