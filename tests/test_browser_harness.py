@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from llorch.node.web.charts import Bar, bar_chart
 from llorch.node.web.render import environment
-from tests.browser import bar_values, browser, screenshots  # noqa: F401 (fixtures)
+from tests.browser import bar_values, browser, downloads, screenshots  # noqa: F401 (fixtures)
 
 PAGE = """{% extends "base.html" %}{% block heading %}harness{% endblock %}
 {% block main %}<section id="tokens">{{ chart }}</section><p id="who">{{ who }}</p>{% endblock %}"""
