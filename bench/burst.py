@@ -65,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llorch-bench-") as workdir:
         net = LocalNetwork(workdir)
         try:
-            net.start_gateway(extra="queue_timeout_ms = 900000\n")
+            net.start_gateway(extra="queue_timeout_ms = 600000\n")
             net.start_node("n1", threads=1)
             net.start_node("n2", threads=1)
             net.wait_for_providers(2)
