@@ -76,8 +76,10 @@ class Pages:
     # -- rendering --------------------------------------------------------------------------------------------------
     def html(self, template: str, status: int = 200, **context) -> HTMLResponse:
         page = self.templates.get_template(template).render(**context)
+        # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" with every form, and
+        # ``form`` refuses that; same-origin still sends nothing to other sites.
         return HTMLResponse(page, status_code=status, headers={
-            "cache-control": "no-store", "x-frame-options": "DENY", "referrer-policy": "no-referrer",
+            "cache-control": "no-store", "x-frame-options": "DENY", "referrer-policy": "same-origin",
             "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
                                        "form-action 'self'; frame-ancestors 'none'"})
 
