@@ -293,6 +293,12 @@ class WitnessBook:
                  "evidence": json.loads(evidence), "readmitted_ms": readmitted, "note": note}
                 for key, detected, reason, evidence, readmitted, note in rows]
 
+    async def exclusion(self, provider_key: bytes) -> tuple[int, str] | None:
+        """(detected_ms, reason) of the fork evidence that excludes this provider now, or None."""
+        row = await self._database.fetchone("SELECT detected_ms, reason FROM forks WHERE provider_key = ?",
+                                            (provider_key,))
+        return None if row is None else (row[0], row[1])
+
     async def fork_evidence(self, provider_key: bytes) -> tuple[str, list[str]] | None:
         row = await self._database.fetchone("SELECT reason, evidence FROM forks WHERE provider_key = ?",
                                             (provider_key,))

@@ -1,0 +1,115 @@
+"""/llorch/standing/1, the gateway side: tell a provider where it stands here (node/wire/standing.py,
+docs/protocol.md §5b).
+
+A provider asks over the connection it keeps to the gateway; the answer is read from the operator's decisions
+(``ProviderBook``: registered, approved, suspended, geo certified) and the witness's exclusions (``WitnessBook``:
+fork evidence), with the gateway's clock. The gateway answers only about the peer the connection's Noise handshake
+authenticated: a question about any other provider id is refused (``not_yourself``) without looking it up, so a
+peer learns nothing about another provider. Answering reads and never writes; questions are bounded in size, time
+and number at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from llorch.gateway import limits
+from llorch.gateway.market.providers import ProviderBook
+from llorch.gateway.witness.witness import WitnessBook
+from llorch.ledger.signing import public_key_of_peer_id
+from llorch.node import limits as node_limits
+from llorch.node.errors import ProtocolError
+from llorch.node.stream_io import close_quietly, now_ms
+from llorch.node.wire.standing import AskStanding, OneFrame, Standing, StandingRefused
+
+log = logging.getLogger("llorch.gateway.standing")
+
+
+def cut(text: str, chars_max: int) -> str:
+    """``text`` in at most ``chars_max`` characters (an ellipsis marks a cut), never empty."""
+    text = text or "(no reason recorded)"
+    return text if len(text) <= chars_max else text[:chars_max - 1] + "…"
+
+
+class StandingDesk:
+    """Answers /llorch/standing/1. ``clock()`` is the gateway's time in ms (the answer's ``gateway_ms``)."""
+
+    def __init__(self, providers: ProviderBook, witness_book: WitnessBook, clock=now_ms) -> None:
+        self.providers = providers
+        self.witness_book = witness_book
+        self.clock = clock
+        self.limiter = trio.CapacityLimiter(limits.STANDING_ANSWERS_CONCURRENT_MAX)
+
+    async def standing_of(self, provider_id: str) -> Standing:
+        """Where ``provider_id`` (a well-formed peer id) stands now."""
+        record = await self.providers.get(provider_id)
+        fork = await self.witness_book.exclusion(public_key_of_peer_id(provider_id))
+        return Standing(
+            provider_id=provider_id, status=record.status if record else "unregistered",
+            country=record.registration.geo["country"] if record else None,
+            geo_certified=bool(record and record.geo_certified),
+            fork_detected_ms=fork[0] if fork else None,
+            fork_reason=cut(fork[1], node_limits.STANDING_FORK_REASON_CHARS_MAX) if fork else None,
+            gateway_ms=self.clock())
+
+    async def answer(self, frame: bytes, asker: str) -> Standing | StandingRefused:
+        """The answer to one question frame from the peer ``asker`` (its authenticated peer id)."""
+        try:
+            question = AskStanding.from_bytes(frame)
+        except ProtocolError as exc:
+            return StandingRefused("malformed", f"not a standing question: {exc}"[:node_limits.ERROR_MESSAGE_CHARS_MAX])
+        if question.provider_id != asker:
+            return StandingRefused("not_yourself", f"this gateway tells a provider only its own standing: ask "
+                                                   f"about {asker}, the peer id of your connection")
+        try:
+            return await self.standing_of(asker)
+        except Exception:  # the database is closing or busy: the node asks again later
+            log.exception("cannot look up the standing of %s", asker)
+            return StandingRefused("unavailable", "the gateway cannot read its records now; ask again later")
+
+    async def serve_standing(self, stream) -> None:
+        """The stream handler: one question in, one answer out, under timeouts; never raises."""
+        asker = stream.muxed_conn.peer_id.to_base58()
+        finished = False
+        try:
+            try:
+                self.limiter.acquire_nowait()
+            except trio.WouldBlock:
+                answer = StandingRefused("busy", "too many standing questions at once; ask again in a minute")
+            else:
+                try:
+                    answer = await self.answer(await read_question(stream), asker)
+                finally:
+                    self.limiter.release()
+            with trio.fail_after(limits.STANDING_WRITE_TIMEOUT_S):
+                await stream.write(answer.to_bytes())
+            finished = True
+            if isinstance(answer, StandingRefused):
+                log.info("standing question from %s refused (%s): %s", asker, answer.code, answer.message)
+        except (ProtocolError, trio.TooSlowError) as exc:
+            log.info("standing question from %s dropped: %s", asker, exc or "timed out")
+        except Exception as exc:  # the peer hung up mid-question: nothing to answer
+            log.debug("standing question from %s ended: %s", asker, exc)
+        finally:
+            await close_quietly(stream, reset=not finished)
+
+
+async def read_question(stream) -> bytes:
+    """One whole question frame, within STANDING_READ_TIMEOUT_S and its size limit. A frame over the limit, or
+    bytes after it, is returned as it is, for ``answer`` to refuse as malformed; a peer that closes early or is too
+    slow raises ProtocolError / TooSlowError."""
+    reader = OneFrame(node_limits.STANDING_REQUEST_FRAME_BYTES_MAX)
+    received = b""
+    with trio.fail_after(limits.STANDING_READ_TIMEOUT_S):
+        while reader.frame is None:
+            data = await stream.read(node_limits.STANDING_REQUEST_FRAME_BYTES_MAX)
+            if not data:
+                raise ProtocolError("the peer closed the stream before a whole standing question")
+            received += data
+            try:
+                reader.receive_data(data)
+            except ProtocolError:
+                return received
+    return reader.frame
