@@ -1,7 +1,8 @@
 """The provider dashboard: an HTML page at ``/`` on the node's admin server (127.0.0.1 only, node/status.py), beside
 ``GET /status``. It shows the status document `llorch node status` prints (the same function builds both), charts
 of requests and tokens per hour and earnings per day counted from the node's own signed receipts, the latest
-receipts, the ledger head with its last checkpoint and cosignature, and the warnings a provider must act on.
+receipts, the ledger head with its last checkpoint and cosignature, what each gateway answered about the node's
+standing there, and the warnings a provider must act on (node/warnings.py, in the status document).
 
 The admin server answers only requests addressed to the loopback host (``Host: 127.0.0.1`` / ``localhost``): a web
 page elsewhere that points a name of its own at 127.0.0.1 (DNS rebinding) gets 421, never the node's figures.
@@ -9,7 +10,6 @@ page elsewhere that points a name of its own at 127.0.0.1 (DNS rebinding) gets 4
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +30,6 @@ LATEST_RECEIPTS_SHOWN = 20
 ENTRIES_SCANNED_MAX = 100_000              # receipts read back per page (newest first)
 READ_BATCH_ENTRIES = 256
 REFRESH_S = 15
-COSIGNATURE_STALE_MS = 10 * 60_000         # connected, with receipts, and no cosignature for this long: warn
-CLOCK_SKEW_MS_MAX = 5_000                  # a cosignature stamped this far in the node's future: warn
-DISK_FREE_BYTES_MIN = 1 << 30              # warn below 1 GiB free beside the ledger ...
-DISK_FREE_PPM_MIN = 50_000                 # ... or below 5% free
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -80,31 +76,7 @@ async def receipt_history(ledger: LedgerStore, now_ms: int) -> History:
     return history
 
 
-def warnings(status: dict, disk_free_bytes: int, disk_total_bytes: int) -> list[str]:
-    """What the provider must act on, each with what to do; pure (the status document and the disk figures)."""
-    found = []
-    for gateway in status["gateways"]:
-        if not gateway["connected"]:
-            found.append(f"not connected to gateway {gateway['peer_id']}: no requests reach you from it; check the "
-                         f"network and node.bootstrap")
-    ledger = status["ledger"]
-    cosigned = ledger["last_cosignature"]
-    if ledger["entries"] and any(g["connected"] for g in status["gateways"]) and \
-            (cosigned is None or cosigned["age_ms"] > COSIGNATURE_STALE_MS):
-        found.append("the gateway has not cosigned your ledger for over 10 minutes: it witnesses only providers it "
-                     "has approved and not excluded for a fork. Ask its operator whether you are approved (a new "
-                     "registration waits for approval; a geo claim also waits for certification)")
-    if cosigned is not None and cosigned["age_ms"] < -CLOCK_SKEW_MS_MAX:
-        found.append(f"clock skew: the gateway's last cosignature is stamped {-cosigned['age_ms'] // 1000} s in "
-                     f"your future; set your clock by NTP (tickets and attestations are refused when clocks differ)")
-    if disk_total_bytes and (disk_free_bytes < DISK_FREE_BYTES_MIN or
-                             disk_free_bytes * 1_000_000 < disk_total_bytes * DISK_FREE_PPM_MIN):
-        found.append(f"disk nearly full beside the ledger: {disk_free_bytes >> 20} MiB free; a full disk stops "
-                     f"receipts from being written, and so every request")
-    return found
-
-
-def page_context(config, status: dict, history: History, disk, now_ms: int) -> dict:
+def page_context(config, status: dict, history: History, now_ms: int) -> dict:
     first_day = now_ms - now_ms % DAY_MS - (DAYS_SHOWN - 1) * DAY_MS
     first_hour = now_ms - now_ms % HOUR_MS - (HOURS_SHOWN - 1) * HOUR_MS
     hour_label = lambda start: time.strftime("%H:00", time.gmtime(start // 1000))      # noqa: E731
@@ -115,7 +87,7 @@ def page_context(config, status: dict, history: History, disk, now_ms: int) -> d
         "charts": {"requests": buckets(history.requests_per_hour, first_hour, HOURS_SHOWN, HOUR_MS, hour_label),
                    "tokens": buckets(history.tokens_per_hour, first_hour, HOURS_SHOWN, HOUR_MS, hour_label),
                    "earned": buckets(history.earned_per_day, first_day, DAYS_SHOWN, DAY_MS, day_label)},
-        "latest": history.latest, "warnings": warnings(status, disk.free, disk.total),
+        "latest": history.latest, "warnings": status["warnings"],
     }
 
 
@@ -136,8 +108,7 @@ def dashboard_app(status_app, config, ledger: LedgerStore, status, clock):
                 return
             if scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
                 now = clock()
-                context = page_context(config, await status(), await receipt_history(ledger, now),
-                                       shutil.disk_usage(Path(config.ledger_path).resolve().parent), now)
+                context = page_context(config, await status(), await receipt_history(ledger, now), now)
                 response = HTMLResponse(templates.get_template("provider.html").render(**context), headers={
                     "cache-control": "no-store", "x-frame-options": "DENY",
                     "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"})

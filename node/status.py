@@ -3,14 +3,17 @@
 The running node serves ``GET /status`` (JSON) on 127.0.0.1 only, at ``admin_port`` (node.toml; 0 picks a free port,
 and the state file records the URL). `llorch node status` reads node.toml, asks that endpoint and prints:
 
-- each trusted gateway and whether the node is connected to it (behind NAT, that connection, which the node
-  opened, carries every request and witness round);
+- each trusted gateway, whether the node is connected to it (behind NAT, that connection, which the node
+  opened, carries every request and witness round), and what it last answered about the node's standing there
+  (node/standing.py: approved or not, geo certified, excluded for a fork, the clock offset);
 - how others reach the node: outbound (its own connections only), direct (a gateway's dial-back reached an announced
   address), relayed (through a trusted gateway's Circuit Relay v2, with the reservation's expiry) or announced
   (announce_addrs from node.toml), and the addresses it announces;
 - slots free and total, the last attestation (seq and age);
 - the ledger: entries, head, the last signed checkpoint and the last cosignature (witness, size, age);
-- requests and tokens served today (UTC), counted from the node's own signed receipts.
+- requests and tokens served today (UTC), counted from the node's own signed receipts;
+- the free disk beside the ledger, and the warnings a provider must act on (node/warnings.py), which the dashboard
+  shows too.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +37,8 @@ from llorch.ledger.signing import open_envelope
 from llorch.ledger.store import LedgerStore
 from llorch.node.errors import ConfigError
 from llorch.node.reachability import announced_addrs
+from llorch.node.standing import Standings
+from llorch.node.warnings import warnings
 
 DAY_MS = 86_400_000
 TODAY_ENTRIES_SCANNED_MAX = 100_000      # receipts read back to count today's (newest first)
@@ -69,13 +75,17 @@ def reachability(config, p2p, reach, now_ms: int) -> dict:
 
 
 async def status_document(config, p2p, pool, ledger: LedgerStore, counters: Counters, now_ms: int,
-                          reach=None) -> dict:
+                          reach=None, standings: Standings | None = None) -> dict:
     connected = set(str(peer) for peer in p2p.host.get_network().connections)
-    return {
+    standings = standings or Standings()
+    disk = shutil.disk_usage(Path(config.ledger_path).resolve().parent)
+    document = {
         "peer_id": p2p.peer_id,
         "model": config.models[0],
         "engine_build": pool.engines[0].fingerprint,
-        "gateways": [{"peer_id": peer, "connected": peer in connected} for peer in config.trusted_gateways],
+        "country": config.country,
+        "gateways": [{"peer_id": peer, "connected": peer in connected, **standings.document(peer, now_ms)}
+                     for peer in config.trusted_gateways],
         "reachability": reachability(config, p2p, reach, now_ms),
         "slots": {"total": pool.total, "free": len(pool.free)},
         "last_attestation": {"seq": counters.last_attestation_seq,
@@ -83,7 +93,10 @@ async def status_document(config, p2p, pool, ledger: LedgerStore, counters: Coun
         "ledger": await ledger_summary(ledger, now_ms),
         "today": await served_today(ledger, now_ms),
         "uptime_ms": now_ms - counters.started_ms,
+        "disk": {"free_bytes": disk.free, "total_bytes": disk.total},
     }
+    document["warnings"] = warnings(document)
+    return document
 
 
 async def ledger_summary(ledger: LedgerStore, now_ms: int) -> dict:
@@ -187,7 +200,8 @@ def render(status: dict) -> str:
 
     lines = [f"node {status['peer_id']}  model {status['model']}  up {status['uptime_ms'] / 3_600_000:.1f} h"]
     for gateway in status["gateways"]:
-        lines.append(f"gateway {gateway['peer_id']}: {'connected' if gateway['connected'] else 'NOT CONNECTED'}")
+        lines.append(f"gateway {gateway['peer_id']}: {'connected' if gateway['connected'] else 'NOT CONNECTED'}; "
+                     f"{standing_line(gateway)}")
     reach = status["reachability"]
     lines.append(f"reached: {reach['how']}: {reach['description']}")
     for addr in reach["announced"]:
@@ -204,4 +218,23 @@ def render(status: dict) -> str:
     today = status["today"]
     lines.append(f"today (UTC): {today['requests']} requests, {today['tokens_in']} + {today['tokens_out']} tokens, "
                  f"{today['earned_minor']} minor units earned")
+    disk = status["disk"]
+    lines.append(f"disk beside the ledger: {disk['free_bytes'] >> 20} MiB free of {disk['total_bytes'] >> 20} MiB")
+    if status["warnings"]:
+        lines.append("to act on:")
+        lines += [f"  - {warning}" for warning in status["warnings"]]
     return "\n".join(lines)
+
+
+def standing_line(gateway: dict) -> str:
+    """What a gateway last answered about the node's standing there, in one line."""
+    standing = gateway["standing"]
+    if standing is None:
+        return f"standing unknown ({gateway['standing_error'] or 'not asked yet'})"
+    geo = "not registered" if standing["country"] is None else \
+        f"geo {standing['country']} {'certified' if standing['geo_certified'] else 'not certified'}"
+    fork = "not excluded" if standing["fork_detected_ms"] is None else \
+        f"EXCLUDED for fork evidence ({standing['fork_reason']})"
+    offset = standing["clock_offset_ms"]
+    return (f"{standing['status']}, {geo}, {fork}, clock {'+' if offset >= 0 else '-'}{abs(offset) / 1000:.1f} s "
+            f"(±{standing['round_trip_ms'] // 2} ms); asked {standing['age_ms'] // 1000} s ago")

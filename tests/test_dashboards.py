@@ -190,7 +190,27 @@ def test_operator_console_shows_the_numbers_of_the_books_and_the_cli(market, bro
     screenshots(browser, "operator-console")
 
 
-def test_operator_approves_and_suspends_through_the_browser_and_placement_sees_it(market, browser, operator_token):
+def provider_warnings(browser, market, name: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    browser.get(admin_url(market, name) + "/")
+    return [element.text for element in browser.find_elements(By.CSS_SELECTOR, "li.warning")]
+
+
+def test_operator_approves_and_suspends_through_the_browser_and_placement_sees_it(market, browser, operator_token,
+                                                                                 screenshots):
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + 30            # the node asked once it was connected, and again after registering
+    while not any("(pending)" in w for w in provider_warnings(browser, market, "pending")) and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    warned = [w for w in provider_warnings(browser, market, "pending") if w.startswith("not approved by gateway")]
+    assert warned and warned[0].startswith(f"not approved by gateway {market.gateway.state()['peer_id']} (pending)")
+    assert f"llorch gateway providers approve {market.peers['pending']}" in warned[0]
+    standing = browser.find_element(By.CSS_SELECTOR, "td.standing")
+    assert standing.get_attribute("data-status") == "pending" and "geo DE certified" in standing.text
+    screenshots(browser, "provider-dashboard-pending")
     browser.delete_all_cookies()
     sign_in(browser, market.http_url + "/operator/sign-in", "token", operator_token)
     cookie = {c["name"]: c["value"] for c in browser.get_cookies()}
@@ -200,6 +220,13 @@ def test_operator_approves_and_suspends_through_the_browser_and_placement_sees_i
     assert provider_record(market, "pending")["status"] == "pending"          # a forged form changed nothing
     operate(browser, market.peers["pending"], "approve")
     assert provider_status(browser, market.peers["pending"]) == "approved"
+    deadline = time.monotonic() + 30            # the node's next question (every 10 s while pending) hears it
+    while any(w.startswith("not approved") for w in provider_warnings(browser, market, "pending")) and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [w for w in provider_warnings(browser, market, "pending") if w.startswith("not approved")]
+    assert browser.find_element(By.CSS_SELECTOR, "td.standing").get_attribute("data-status") == "approved"
+    browser.get(market.http_url + "/operator")
     operate(browser, market.peers["lab"], "suspend")
     assert provider_status(browser, market.peers["lab"]) == "suspended"
     assert [provider_record(market, n)["status"] for n in ("pending", "lab")] == ["approved", "suspended"]
@@ -283,14 +310,12 @@ def environment_filters() -> dict:
 
 def naive_context(market) -> dict:
     """The dashboard's context for the lab node, as the node builds it."""
-    import shutil
-
     from llorch.node.cli import load_node_config
     from llorch.node.dashboard import History, page_context
 
     status = json.loads(market.cli("node", "status", "--config", "lab.toml", "--json"))
     config = load_node_config(market.workdir / "lab.toml")
-    return page_context(config, status, History(), shutil.disk_usage(market.workdir), int(time.time() * 1000))
+    return page_context(config, status, History(), int(time.time() * 1000))
 
 
 def test_provider_dashboard_answers_only_on_loopback(market):

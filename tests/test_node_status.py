@@ -27,13 +27,20 @@ def test_node_status_reports_connection_reachability_ledger_and_today(tmp_path, 
             client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=4, seed=seed)
         deadline = time.monotonic() + 30
-        while True:                                       # the witness round that cosigns both receipts
+        while True:          # the witness round that cosigns both receipts, and the gateway's answer since approval
             status = json.loads(net.cli("node", "status", "--config", "lab.toml", "--json"))
             cosigned = status["ledger"]["last_cosignature"]
-            if cosigned and cosigned["size"] == 2 or time.monotonic() > deadline:
+            standing = status["gateways"][0]["standing"]
+            if cosigned and cosigned["size"] == 2 and standing and standing["geo_certified"] or \
+                    time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        assert status["gateways"] == [{"peer_id": net.gateway.state()["peer_id"], "connected": True}]
+        gateway, = status["gateways"]
+        assert (gateway["peer_id"], gateway["connected"]) == (net.gateway.state()["peer_id"], True)
+        assert (standing["status"], standing["country"], standing["geo_certified"], standing["fork_detected_ms"]) == \
+            ("approved", "DE", True, None)
+        assert abs(standing["clock_offset_ms"]) <= standing["round_trip_ms"] // 2 + 50      # one machine, one clock
+        assert status["warnings"] == [], status["warnings"]
         assert status["slots"]["total"] >= 1 and status["last_attestation"]["age_ms"] < 10_000
         assert status["ledger"]["entries"] == 2 and cosigned and cosigned["size"] == 2
         assert status["today"]["requests"] == 2 and status["today"]["tokens_out"] > 0
@@ -41,5 +48,6 @@ def test_node_status_reports_connection_reachability_ledger_and_today(tmp_path, 
         assert status["reachability"]["how"] == "direct"     # on one machine, its listen address is dialable
         text = net.cli("node", "status", "--config", "lab.toml")
         assert "connected" in text and "today (UTC): 2 requests" in text and "NOT CONNECTED" not in text
+        assert "connected; approved, geo DE certified, not excluded, clock" in text and "to act on" not in text
     finally:
         net.stop()

@@ -1,28 +1,110 @@
-"""The provider dashboard's warnings (node/dashboard.py ``warnings``): a pure function of the status document and
-the disk figures."""
+"""The provider's warnings (node/warnings.py ``warnings``): a pure function of the status document, which carries
+the disk figures and what each gateway answered about the node's standing (/llorch/standing/1). The dashboard and
+`llorch node status` show the same list."""
 
 from __future__ import annotations
 
-from llorch.node.dashboard import COSIGNATURE_STALE_MS, warnings
+import pytest
+
+from llorch.node.limits import CLOCK_SKEW_MS_MAX, COSIGNATURE_STALE_MS
+from llorch.node.status import render
+from llorch.node.warnings import warnings
 
 GIB = 1 << 30
+ME = "12D3KooWme"
+GATEWAY = "12D3KooWgateway"
+APPROVED = {"status": "approved", "country": "DE", "geo_certified": True, "fork_detected_ms": None,
+            "fork_reason": None, "clock_offset_ms": 120, "round_trip_ms": 40, "age_ms": 3_000}
 
 
-def status(connected=True, entries=3, cosigned_age_ms: int | None = 1_000) -> dict:
-    return {"gateways": [{"peer_id": "12D3KooWgateway", "connected": connected}],
+def status(connected=True, entries=3, cosigned_age_ms: int | None = 1_000, standing: dict | None = None,
+           free_bytes: int = 100 * GIB, total_bytes: int = 200 * GIB, country: str = "DE") -> dict:
+    return {"peer_id": ME, "country": country,
+            "gateways": [{"peer_id": GATEWAY, "connected": connected, "standing": standing,
+                          "standing_error": None if standing else "not connected"}],
             "ledger": {"entries": entries, "checkpoint_size": entries, "last_cosignature": None if cosigned_age_ms is
-                       None else {"witness": "llorch-witness/x", "size": entries, "age_ms": cosigned_age_ms}}}
+                       None else {"witness": "llorch-witness/x", "size": entries, "age_ms": cosigned_age_ms}},
+            "disk": {"free_bytes": free_bytes, "total_bytes": total_bytes}}
+
+
+def standing(**changes) -> dict:
+    return {**APPROVED, **changes}
+
+
+def one(found: list[str]) -> str:
+    assert len(found) == 1, found
+    return found[0]
 
 
 def test_a_healthy_node_has_nothing_to_act_on():
-    assert warnings(status(), 100 * GIB, 200 * GIB) == []
-    assert warnings(status(entries=0, cosigned_age_ms=None), 100 * GIB, 200 * GIB) == []   # nothing to witness yet
+    assert warnings(status()) == []
+    assert warnings(status(standing=standing())) == []
+    assert warnings(status(entries=0, cosigned_age_ms=None)) == []   # nothing to witness yet
 
 
-def test_each_condition_is_named_with_what_to_do():
-    assert "not connected to gateway 12D3KooWgateway" in warnings(status(connected=False), 100 * GIB, 200 * GIB)[0]
+@pytest.mark.parametrize("state, said", [("pending", "its operator has not approved your registration yet"),
+                                         ("suspended", "its operator suspended you")])
+def test_not_approved_says_which_and_what_to_do(state, said):
+    warning = one(warnings(status(standing=standing(status=state), cosigned_age_ms=None)))
+    assert warning.startswith(f"not approved by gateway {GATEWAY} ({state})") and said in warning
+    assert f"llorch gateway providers approve {ME}" in warning
+    assert "has not cosigned" not in warning           # the stale-cosignature guess gives way to the answer
+
+
+def test_unregistered_says_to_register():
+    warning = one(warnings(status(standing=standing(status="unregistered", country=None, geo_certified=False))))
+    assert f"not registered with gateway {GATEWAY}" in warning and "llorch node register" in warning
+
+
+def test_geo_not_certified_names_the_claim_and_the_certification():
+    warning = one(warnings(status(standing=standing(geo_certified=False))))
+    assert warning.startswith(f"geo not certified: gateway {GATEWAY} has not certified your claim DE")
+    assert f"llorch gateway providers certify {ME}" in warning
+    differs = one(warnings(status(country="FR", standing=standing())))     # node.toml and registration disagree
+    assert "node.toml claims FR but your registration with gateway" in differs and "claims DE" in differs
+
+
+def test_fork_evidence_says_since_when_why_and_the_operators_commands():
+    warning = one(warnings(status(standing=standing(fork_detected_ms=1_790_000_000_000,
+                                                    fork_reason="two different roots for size 3"))))
+    assert warning.startswith(f"fork evidence: gateway {GATEWAY} has excluded you since 2026-09-21 14:13 UTC")
+    assert "two different roots for size 3" in warning
+    assert "llorch gateway providers forks" in warning and f"llorch gateway providers readmit {ME}" in warning
+
+
+def test_clock_skew_is_measured_against_the_gateways_clock():
+    behind = one(warnings(status(standing=standing(clock_offset_ms=42_000, round_trip_ms=40))))
+    assert behind.startswith(f"clock skew: your clock is 42 s behind gateway {GATEWAY}'s")
+    ahead = one(warnings(status(standing=standing(clock_offset_ms=-9_000, round_trip_ms=40))))
+    assert "9 s ahead of gateway" in ahead
+    # Within the limit once the round trip's uncertainty is allowed for: no warning.
+    assert warnings(status(standing=standing(clock_offset_ms=CLOCK_SKEW_MS_MAX + 400, round_trip_ms=1_000))) == []
+
+
+def test_without_an_answer_the_warnings_are_inferred_as_before():
+    assert "not connected to gateway 12D3KooWgateway" in one(warnings(status(connected=False)))
     for stale in (status(cosigned_age_ms=None), status(cosigned_age_ms=COSIGNATURE_STALE_MS + 1)):
-        assert "whether you are approved" in warnings(stale, 100 * GIB, 200 * GIB)[0]
-    assert "clock skew" in warnings(status(cosigned_age_ms=-60_000), 100 * GIB, 200 * GIB)[0]
-    assert "disk nearly full" in warnings(status(), GIB - 1, 200 * GIB)[0]
-    assert "disk nearly full" in warnings(status(), 4 * GIB, 100 * GIB)[0]          # under 5% free
+        assert "whether you are approved" in one(warnings(stale))
+    assert "clock skew" in one(warnings(status(cosigned_age_ms=-60_000)))
+    approved_but_stale = one(warnings(status(cosigned_age_ms=None, standing=standing())))
+    assert f"gateway {GATEWAY} approved you but has not cosigned" in approved_but_stale
+
+
+def test_disk_nearly_full():
+    assert "disk nearly full" in one(warnings(status(free_bytes=GIB - 1)))
+    assert "disk nearly full" in one(warnings(status(free_bytes=4 * GIB, total_bytes=100 * GIB)))   # under 5% free
+
+
+def test_node_status_prints_the_standing_and_the_warnings():
+    document = {**status(standing=standing(status="pending", geo_certified=False)), "model": "m",
+                "uptime_ms": 0, "reachability": {"how": "direct", "description": "d", "announced": [],
+                                                 "reservations": []},
+                "slots": {"free": 1, "total": 1}, "last_attestation": {"seq": 1, "age_ms": 5},
+                "today": {"requests": 0, "tokens_in": 0, "tokens_out": 0, "earned_minor": 0}}
+    document["warnings"] = warnings(document)
+    text = render(document)
+    assert f"gateway {GATEWAY}: connected; pending, geo DE not certified, not excluded, clock +0.1 s (±20 ms); " \
+           f"asked 3 s ago" in text
+    assert "to act on:" in text and f"  - not approved by gateway {GATEWAY} (pending)" in text
+    document["gateways"][0].update(standing=None, standing_error="did not answer")
+    assert f"gateway {GATEWAY}: connected; standing unknown (did not answer)" in render(document)
