@@ -39,8 +39,27 @@ def test_empty_and_all_zero_series_draw_without_dividing_by_zero():
         == [1, 1]
 
 
-@pytest.mark.parametrize("bad", [[Bar("a", -1)], [Bar("a", 1.5)], [Bar("a", 1)] * (BARS_MAX + 1)])
-def test_refuses_negative_fractional_or_too_many_bars(bad):
+def test_a_negative_value_is_drawn_below_the_zero_line_with_its_sign():
+    """A day of refunds (corrections) nets negative: it is a bar down from the axis, never a zero."""
+    svg = parsed(bar_chart("spend", [Bar("d1", 30), Bar("d2", -10), Bar("d3", 0)], " micro-EUR"))
+    bars = svg.findall(f"{SVG}rect")
+    assert [int(b.get("data-value")) for b in bars] == [30, -10, 0]
+    axis = svg.find(f"{SVG}line")
+    zero_y = float(axis.get("y1"))
+    up, down, flat = bars
+    assert float(up.get("y")) + int(up.get("height")) == zero_y                 # rises from the zero line
+    assert float(down.get("y")) == zero_y and "negative" in down.get("class")     # hangs below it
+    assert abs(int(up.get("height")) - 3 * int(down.get("height"))) <= 2        # one scale for both (to a pixel)
+    assert TOP_PX < zero_y < HEIGHT_PX - AXIS_PX
+    assert int(up.get("height")) + int(down.get("height")) == HEIGHT_PX - AXIS_PX - TOP_PX
+    assert down.find(f"{SVG}title").text == "d2: -10 micro-EUR"
+    assert "min -10 micro-EUR" in str(bar_chart("spend", [Bar("d1", 30), Bar("d2", -10)], " micro-EUR"))
+    only_refunds = parsed(bar_chart("spend", [Bar("d1", -5), Bar("d2", 0)])).findall(f"{SVG}rect")
+    assert int(only_refunds[0].get("height")) == HEIGHT_PX - AXIS_PX - TOP_PX
+
+
+@pytest.mark.parametrize("bad", [[Bar("a", 1.5)], [Bar("a", True)], [Bar("a", 1)] * (BARS_MAX + 1)])
+def test_refuses_fractional_or_too_many_bars(bad):
     with pytest.raises(ValueError):
         bar_chart("bad", bad)
 

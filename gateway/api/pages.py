@@ -156,10 +156,9 @@ class Pages:
         first_day = now - now % DAY_MS - (limits.DASHBOARD_DAYS - 1) * DAY_MS
         days = await tenant_days(database, tenant.name, first_day)
         spent = await books.tenant_spent(tenant.name)            # the balance admission reads
-        charts = {name: buckets({day: max(0, pick(figures)) for day, figures in days.items()}, first_day,
-                                limits.DASHBOARD_DAYS, DAY_MS, day_label)
-                  for name, pick in (("spend", lambda d: d.amount_minor), ("requests", lambda d: d.requests),
-                                     ("tokens", lambda d: d.tokens_in + d.tokens_out))}
+        charts = per_day_charts(days, first_day, limits.DASHBOARD_DAYS, {
+            "spend": lambda d: d.amount_minor, "requests": lambda d: d.requests,
+            "tokens": lambda d: d.tokens_in + d.tokens_out})
         return self.html(
             "customer.html", refresh_s=limits.DASHBOARD_REFRESH_S, tenant=tenant, spent=spent,
             left=None if tenant.budget_minor is None else tenant.budget_minor - spent,
@@ -216,10 +215,8 @@ class Pages:
         gateway = self.gateway
         first_day = now - now % DAY_MS - (limits.DASHBOARD_DAYS - 1) * DAY_MS
         days = await market_days(gateway.database, first_day)
-        charts = {name: buckets({day: max(0, pick(figures)) for day, figures in days.items()}, first_day,
-                                limits.DASHBOARD_DAYS, DAY_MS, day_label)
-                  for name, pick in (("revenue", lambda d: d.revenue_minor), ("payouts", lambda d: d.payouts_minor),
-                                     ("fees", lambda d: d.fees_minor))}
+        charts = per_day_charts(days, first_day, limits.DASHBOARD_DAYS, {
+            "revenue": lambda d: d.revenue_minor, "payouts": lambda d: d.payouts_minor, "fees": lambda d: d.fees_minor})
         forked = await gateway.witness_book.forked()
         providers = [{"record": record, "attestation": fresh_or_none(gateway, record.provider_key, now),
                       "standing": gateway.standings.get(record.provider_key), "forked": record.provider_key in forked}
@@ -300,3 +297,10 @@ def fresh_or_none(gateway: Gateway, provider_key: bytes, now: int):
 def day_label(start_ms: int) -> str:
     return time.strftime("%m-%d", time.gmtime(start_ms // 1000))
 
+
+
+def per_day_charts(days: dict, first_day: int, count: int, picks: dict) -> dict:
+    """name → the bars of ``picks[name](day's figures)`` for ``count`` days from ``first_day``: pure. A day of
+    refunds keeps its sign (the chart draws it below the zero line), so the bars add up to the month."""
+    return {name: buckets({day: pick(figures) for day, figures in days.items()}, first_day, count, DAY_MS, day_label)
+            for name, pick in picks.items()}

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS postings (
 );
 CREATE INDEX IF NOT EXISTS postings_debit ON postings (debit, period);
 CREATE INDEX IF NOT EXISTS postings_credit ON postings (credit, period);
+CREATE INDEX IF NOT EXISTS postings_posted ON postings (posted_ms);     -- the dashboards' per-day figures
 CREATE TABLE IF NOT EXISTS account_balances (
     account     TEXT PRIMARY KEY,
     debits      INTEGER NOT NULL DEFAULT 0,

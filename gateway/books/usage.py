@@ -43,29 +43,35 @@ class BilledRequest:
     currency: str
 
 
+# Parameters: DAY_MS, DAY_MS, the account three times, the first day (ms). Reads the debit and credit indexes.
+TENANT_DAYS_SQL = (
+    "SELECT (posted_ms / ?) * ?, COUNT(DISTINCT CASE WHEN leg = 'payout' THEN request_id END), "
+    "SUM(CASE WHEN leg = 'payout' THEN tokens_in ELSE 0 END), "
+    "SUM(CASE WHEN leg = 'payout' THEN tokens_out ELSE 0 END), "
+    "SUM(CASE WHEN debit = ? THEN amount ELSE -amount END) "
+    "FROM postings WHERE (debit = ? OR credit = ?) AND posted_ms >= ? GROUP BY 1")
+# Parameters: DAY_MS, DAY_MS, the platform account twice, the first day (ms). Reads postings_posted: the last
+# DASHBOARD_DAYS of postings, not all of them.
+MARKET_DAYS_SQL = (
+    "SELECT (posted_ms / ?) * ?, "
+    "SUM((debit LIKE 'tenant:%') * amount - (credit LIKE 'tenant:%') * amount), "
+    "SUM((credit LIKE 'provider:%') * amount - (debit LIKE 'provider:%') * amount), "
+    "SUM((credit = ?) * amount - (debit = ?) * amount) "
+    "FROM postings WHERE posted_ms >= ? GROUP BY 1")
+
+
 async def tenant_days(database: Database, tenant: str, since_ms: int) -> dict[int, Day]:
-    """Day start (ms) → the tenant's requests, billed tokens and net spend that day."""
+    """Day start (ms) → the tenant's requests, billed tokens and net spend that day (negative on a day of
+    refunds)."""
     account = tenant_account(tenant)
-    rows = await database.fetchall(
-        "SELECT (posted_ms / ?) * ?, COUNT(DISTINCT CASE WHEN leg = 'payout' THEN request_id END), "
-        "SUM(CASE WHEN leg = 'payout' THEN tokens_in ELSE 0 END), "
-        "SUM(CASE WHEN leg = 'payout' THEN tokens_out ELSE 0 END), "
-        "SUM(CASE WHEN debit = ? THEN amount ELSE -amount END) "
-        "FROM postings WHERE (debit = ? OR credit = ?) AND posted_ms >= ? GROUP BY 1",
-        (DAY_MS, DAY_MS, account, account, account, since_ms))
+    rows = await database.fetchall(TENANT_DAYS_SQL, (DAY_MS, DAY_MS, account, account, account, since_ms))
     return {day: Day(requests, tokens_in, tokens_out, amount) for day, requests, tokens_in, tokens_out, amount in rows}
 
 
 async def market_days(database: Database, since_ms: int) -> dict[int, Market]:
     """Day start (ms) → revenue (net charged to tenants), payouts (net credited to providers) and fees (net
-    credited to the platform)."""
-    rows = await database.fetchall(
-        "SELECT (posted_ms / ?) * ?, "
-        "SUM((debit LIKE 'tenant:%') * amount - (credit LIKE 'tenant:%') * amount), "
-        "SUM((credit LIKE 'provider:%') * amount - (debit LIKE 'provider:%') * amount), "
-        "SUM((credit = ?) * amount - (debit = ?) * amount) "
-        "FROM postings WHERE posted_ms >= ? GROUP BY 1",
-        (DAY_MS, DAY_MS, PLATFORM_ACCOUNT, PLATFORM_ACCOUNT, since_ms))
+    credited to the platform); each negative on a day whose corrections refunded more than was charged."""
+    rows = await database.fetchall(MARKET_DAYS_SQL, (DAY_MS, DAY_MS, PLATFORM_ACCOUNT, PLATFORM_ACCOUNT, since_ms))
     return {day: Market(revenue, payouts, fees) for day, revenue, payouts, fees in rows}
 
 
