@@ -37,7 +37,7 @@ DASHBOARD_RECEIPTS_SHOWN_MAX = 50                 # latest receipts listed on th
 DASHBOARD_DAYS = 14                               # days in the per-day charts
 DASHBOARD_REFRESH_S = 30                          # pages reload themselves this often
 
-# /llorch/standing/1 (a provider asks where it stands; gateway/standing.py)
-STANDING_ANSWERS_CONCURRENT_MAX = 32      # standing questions answered at once; more are refused as busy
-STANDING_READ_TIMEOUT_S = 5.0             # stream open → a whole question
-STANDING_WRITE_TIMEOUT_S = 5.0            # the answer
+# /llorch/listing/1 (a provider asks for its listing; gateway/listing.py)
+LISTING_ANSWERS_CONCURRENT_MAX = 32      # listing questions answered at once; more are refused as busy
+LISTING_READ_TIMEOUT_S = 5.0             # stream open → a whole question
+LISTING_WRITE_TIMEOUT_S = 5.0            # the answer

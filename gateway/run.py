@@ -20,7 +20,7 @@ from llorch.gateway.books.postings import Books
 from llorch.gateway.db import open_gateway_db
 from llorch.gateway.market.providers import ProviderBook
 from llorch.gateway.relay import ProviderRelay, serve_dialback
-from llorch.gateway.standing import StandingDesk
+from llorch.gateway.listing import ListingDesk
 from llorch.gateway.books.receipts import ReceiptBook
 from llorch.gateway.market.tenants import TenantBook
 from llorch.gateway.witness.witness import Witness, WitnessBook, witness_forever
@@ -28,7 +28,7 @@ from llorch.gateway.service import Gateway
 from llorch.ledger.signing import load_key_file
 from llorch.node.wire.attestation import TOPIC, parse_attestation
 from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID
-from llorch.node.wire.standing import STANDING_PROTOCOL_ID
+from llorch.node.wire.listing import LISTING_PROTOCOL_ID
 from llorch.node.errors import AttestationRejected, ConfigError, StartupError
 from llorch.node.lifecycle import bind_failure, supervise, write_state_file
 from llorch.node.p2p import P2P, check_can_listen, peer_key_of, running_host
@@ -136,8 +136,8 @@ async def run_gateway(config: GatewayConfig) -> None:
                               f"has that name: the two would share one account. Set gateway.tenant to another name")
         witness = Witness(p2p, key, witness_book, directory.exclude)
         p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), serve_dialback)
-        p2p.host.set_stream_handler(TProtocol(STANDING_PROTOCOL_ID),
-                                    StandingDesk(gateway.providers, witness_book).serve_standing)
+        p2p.host.set_stream_handler(TProtocol(LISTING_PROTOCOL_ID),
+                                    ListingDesk(gateway.providers, witness_book).serve_listing)
 
         async def may_reserve(peer: ID) -> bool:
             """Only approved providers hold a relay reservation (gateway/relay.py)."""

@@ -48,7 +48,7 @@ def add_commands(subparsers) -> None:
     info.add_argument("--config", type=Path, help="default: the node.toml `llorch node init` wrote")
     info.set_defaults(handler=node_info)
     status = node_sub.add_parser(
-        "status", help="how the running node is doing: gateway connection and standing (approved, geo "
+        "status", help="how the running node is doing: gateway connection and listing (approved, geo "
                        "certified, fork exclusion, clock), reachability, slots, ledger, today, warnings",
         description="Asks the running node's admin endpoint (127.0.0.1 only). Exit 0 if it answered; 2 if not.")
     status.add_argument("--config", type=Path, help="default: the node.toml `llorch node init` wrote")

@@ -2,7 +2,7 @@
 ``GET /status``. It shows the status document `llorch node status` prints (the same function builds both), charts
 of requests and tokens per hour and earnings per day counted from the node's own signed receipts, the latest
 receipts, the ledger head with its last checkpoint and cosignature, what each gateway answered about the node's
-standing there, and the warnings a provider must act on (node/warnings.py, in the status document).
+listing there, and the warnings a provider must act on (node/warnings.py, in the status document).
 
 The admin server answers only requests addressed to the loopback host (``Host: 127.0.0.1`` / ``localhost``): a web
 page elsewhere that points a name of its own at 127.0.0.1 (DNS rebinding) gets 421, never the node's figures.

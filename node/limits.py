@@ -50,14 +50,14 @@ RELAY_RENEW_BEFORE_S = 120                # renew a reservation this long before
 RELAY_RETRY_S = 5.0                       # after a failed reservation (no connection yet, refused), try again
 RELAY_DIAL_TIMEOUT_S = 15.0               # an auditor's dial through a relay: reach the relay, circuit, handshakes
 
-# /llorch/standing/1 (node/wire/standing.py, node/standing.py).
-STANDING_REQUEST_FRAME_BYTES_MAX = 128    # {"t": "ask", "provider_id": ...} is about 70 bytes
-STANDING_ANSWER_FRAME_BYTES_MAX = 1024    # the standing map (with a fork reason) or a refusal
-STANDING_FORK_REASON_CHARS_MAX = 256      # the witness's reason, cut to this by the gateway
-STANDING_TIMEOUT_S = 10.0                 # open a stream on the existing connection, ask, hear the answer
-STANDING_RECHECK_S = 60.0                 # how often a node asks each connected gateway again, once settled
-STANDING_UNSETTLED_RECHECK_S = 10.0       # ... while not approved, not geo certified or excluded
-STANDING_RETRY_S = 5.0                    # after a gateway did not answer (or was not connected yet)
+# /llorch/listing/1 (node/wire/listing.py, node/listing.py).
+LISTING_REQUEST_FRAME_BYTES_MAX = 128    # {"t": "ask", "provider_id": ...} is about 70 bytes
+LISTING_ANSWER_FRAME_BYTES_MAX = 1024    # the listing map (with a fork reason) or a refusal
+LISTING_FORK_REASON_CHARS_MAX = 256      # the witness's reason, cut to this by the gateway
+LISTING_TIMEOUT_S = 10.0                 # open a stream on the existing connection, ask, hear the answer
+LISTING_RECHECK_S = 60.0                 # how often a node asks each connected gateway again, once settled
+LISTING_UNSETTLED_RECHECK_S = 10.0       # ... while not approved, not geo certified or excluded
+LISTING_RETRY_S = 5.0                    # after a gateway did not answer (or was not connected yet)
 
 # The provider's warnings (node/warnings.py: the dashboard and `llorch node status`).
 COSIGNATURE_STALE_MS = 10 * 60_000        # connected, with receipts, and no cosignature for this long: warn

@@ -27,7 +27,7 @@ from llorch.node.relay import Reach, TrustedStop, keep_reachable
 from llorch.node.status import Counters, admin_app, serve_admin, status_document, write_admin_url
 from llorch.node.p2p import P2P, check_can_listen, keep_connected, running_host
 from llorch.node.service import EnginePool, ProviderService
-from llorch.node.standing import Standings, keep_standing
+from llorch.node.listing import Listings, keep_listing
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID
 from llorch.node.wire.ledger_protocol import LEDGER_PROTOCOL_ID
 from llorch.node.stream_io import now_ms
@@ -111,19 +111,19 @@ async def _run_node(config: NodeConfig) -> None:
         async with running_host(key, config.listen_addr, LISTEN_SETTING) as p2p:
             p2p.host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), service.serve_inference)
             p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), LedgerService(ledger, trusted).serve_ledger)
-            counters, reach, standings = Counters(), Reach(), Standings()
+            counters, reach, listings = Counters(), Reach(), Listings()
             async with background_trio_service(TrustedStop(p2p.host, frozenset(config.trusted_gateways))), \
                     trio.open_nursery() as nursery:
                 status = lambda: status_document(config, p2p, pool, ledger, counters, now_ms(), reach,  # noqa: E731
-                                                 standings)
+                                                 listings)
                 admin_url = await nursery.start(serve_admin, config.admin_port, dashboard_app(
                     admin_app(status), config, ledger, status, now_ms))
                 write_admin_url(config, admin_url)
                 nursery.start_soon(supervise, "bootstrap", lambda: keep_connected(p2p, config.bootstrap))
                 nursery.start_soon(supervise, "checkpoints", lambda: sign_checkpoints(
                     ledger, config.checkpoint_every_entries, config.checkpoint_every_ms / 1000))
-                nursery.start_soon(supervise, "standing", lambda: keep_standing(
-                    p2p, config.trusted_gateways, standings))
+                nursery.start_soon(supervise, "listing", lambda: keep_listing(
+                    p2p, config.trusted_gateways, listings))
                 nursery.start_soon(supervise, "attestations", lambda: publish_attestations(
                     config, key, p2p, pool, counters, reach))
                 if not config.announce_addrs:        # an operator's announce_addrs are the whole truth

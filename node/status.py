@@ -4,8 +4,8 @@ The running node serves ``GET /status`` (JSON) on 127.0.0.1 only, at ``admin_por
 and the state file records the URL). `llorch node status` reads node.toml, asks that endpoint and prints:
 
 - each trusted gateway, whether the node is connected to it (behind NAT, that connection, which the node
-  opened, carries every request and witness round), and what it last answered about the node's standing there
-  (node/standing.py: approved or not, geo certified, excluded for a fork, the clock offset);
+  opened, carries every request and witness round), and what it last answered about the node's listing there
+  (node/listing.py: approved or not, geo certified, excluded for a fork, the clock offset);
 - how others reach the node: outbound (its own connections only), direct (a gateway's dial-back reached an announced
   address), relayed (through a trusted gateway's Circuit Relay v2, with the reservation's expiry) or announced
   (announce_addrs from node.toml), and the addresses it announces;
@@ -37,7 +37,7 @@ from llorch.ledger.signing import open_envelope
 from llorch.ledger.store import LedgerStore
 from llorch.node.errors import ConfigError
 from llorch.node.reachability import announced_addrs
-from llorch.node.standing import Standings
+from llorch.node.listing import Listings
 from llorch.node.warnings import warnings
 
 DAY_MS = 86_400_000
@@ -75,16 +75,16 @@ def reachability(config, p2p, reach, now_ms: int) -> dict:
 
 
 async def status_document(config, p2p, pool, ledger: LedgerStore, counters: Counters, now_ms: int,
-                          reach=None, standings: Standings | None = None) -> dict:
+                          reach=None, listings: Listings | None = None) -> dict:
     connected = set(str(peer) for peer in p2p.host.get_network().connections)
-    standings = standings or Standings()
+    listings = listings or Listings()
     disk = shutil.disk_usage(Path(config.ledger_path).resolve().parent)
     document = {
         "peer_id": p2p.peer_id,
         "model": config.models[0],
         "engine_build": pool.engines[0].fingerprint,
         "country": config.country,
-        "gateways": [{"peer_id": peer, "connected": peer in connected, **standings.document(peer, now_ms)}
+        "gateways": [{"peer_id": peer, "connected": peer in connected, **listings.document(peer, now_ms)}
                      for peer in config.trusted_gateways],
         "reachability": reachability(config, p2p, reach, now_ms),
         "slots": {"total": pool.total, "free": len(pool.free)},
@@ -201,7 +201,7 @@ def render(status: dict) -> str:
     lines = [f"node {status['peer_id']}  model {status['model']}  up {status['uptime_ms'] / 3_600_000:.1f} h"]
     for gateway in status["gateways"]:
         lines.append(f"gateway {gateway['peer_id']}: {'connected' if gateway['connected'] else 'NOT CONNECTED'}; "
-                     f"{standing_line(gateway)}")
+                     f"{listing_line(gateway)}")
     reach = status["reachability"]
     lines.append(f"reached: {reach['how']}: {reach['description']}")
     for addr in reach["announced"]:
@@ -226,15 +226,15 @@ def render(status: dict) -> str:
     return "\n".join(lines)
 
 
-def standing_line(gateway: dict) -> str:
-    """What a gateway last answered about the node's standing there, in one line."""
-    standing = gateway["standing"]
-    if standing is None:
-        return f"standing unknown ({gateway['standing_error'] or 'not asked yet'})"
-    geo = "not registered" if standing["country"] is None else \
-        f"geo {standing['country']} {'certified' if standing['geo_certified'] else 'not certified'}"
-    fork = "not excluded" if standing["fork_detected_ms"] is None else \
-        f"EXCLUDED for fork evidence ({standing['fork_reason']})"
-    offset = standing["clock_offset_ms"]
-    return (f"{standing['status']}, {geo}, {fork}, clock {'+' if offset >= 0 else '-'}{abs(offset) / 1000:.1f} s "
-            f"(±{standing['round_trip_ms'] // 2} ms); asked {standing['age_ms'] // 1000} s ago")
+def listing_line(gateway: dict) -> str:
+    """What a gateway last answered about the node's listing there, in one line."""
+    listing = gateway["listing"]
+    if listing is None:
+        return f"listing unknown ({gateway['listing_error'] or 'not asked yet'})"
+    geo = "not registered" if listing["country"] is None else \
+        f"geo {listing['country']} {'certified' if listing['geo_certified'] else 'not certified'}"
+    fork = "not excluded" if listing["fork_detected_ms"] is None else \
+        f"EXCLUDED for fork evidence ({listing['fork_reason']})"
+    offset = listing["clock_offset_ms"]
+    return (f"{listing['status']}, {geo}, {fork}, clock {'+' if offset >= 0 else '-'}{abs(offset) / 1000:.1f} s "
+            f"(±{listing['round_trip_ms'] // 2} ms); asked {listing['age_ms'] // 1000} s ago")

@@ -1,7 +1,7 @@
 """What a provider must act on, each with what to do: a pure function of the status document (node/status.py),
 which the dashboard shows at the top of its page and `llorch node status` prints.
 
-Where a gateway answered /llorch/standing/1 (node/standing.py), the warnings say exactly what its operator decided:
+Where a gateway answered /llorch/listing/1 (node/listing.py), the warnings say exactly what its operator decided:
 not registered, not approved (pending or suspended), geo claim not certified (or not the claim node.toml makes),
 excluded for fork evidence (since when, why), and the node's clock measured against the gateway's. Without an
 answer (a gateway from before the protocol, or not reached yet) they fall back to what the node can see alone: a
@@ -24,8 +24,8 @@ def warnings(status: dict) -> list[str]:
         if not gateway["connected"]:
             found.append(f"not connected to gateway {gateway['peer_id']}: no requests reach you from it; check the "
                          f"network and node.bootstrap")
-        if gateway.get("standing"):
-            found += standing_warnings(me, status["country"], gateway["peer_id"], gateway["standing"])
+        if gateway.get("listing"):
+            found += listing_warnings(me, status["country"], gateway["peer_id"], gateway["listing"])
     found += cosignature_warnings(status)
     disk = status["disk"]
     if disk["total_bytes"] and (disk["free_bytes"] < DISK_FREE_BYTES_MIN or
@@ -36,36 +36,36 @@ def warnings(status: dict) -> list[str]:
     return found
 
 
-def standing_warnings(me: str, claimed_country: str, gateway: str, standing: dict) -> list[str]:
+def listing_warnings(me: str, claimed_country: str, gateway: str, listing: dict) -> list[str]:
     """What one gateway's answer asks of the provider."""
     found = []
-    if standing["status"] == "unregistered":
+    if listing["status"] == "unregistered":
         found.append(f"not registered with gateway {gateway}: it places nothing on you and does not witness your "
                      f"ledger; run `llorch node register --gateway <its URL>`, then ask its operator to approve you")
-    elif standing["status"] == "pending":
+    elif listing["status"] == "pending":
         found.append(f"not approved by gateway {gateway} (pending): its operator has not approved your registration "
                      f"yet; until then no requests are placed on you and your ledger is not witnessed. Ask its "
                      f"operator to run `{PROVIDERS} approve {me}`")
-    elif standing["status"] == "suspended":
+    elif listing["status"] == "suspended":
         found.append(f"not approved by gateway {gateway} (suspended): its operator suspended you, so no requests are "
                      f"placed on you and your ledger is not witnessed. Ask its operator why, and to approve you again "
                      f"(`{PROVIDERS} approve {me}`)")
-    if standing["fork_detected_ms"] is not None:
-        since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(standing["fork_detected_ms"] // 1000))
-        found.append(f"fork evidence: gateway {gateway} has excluded you since {since} ({standing['fork_reason']}): "
+    if listing["fork_detected_ms"] is not None:
+        since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(listing["fork_detected_ms"] // 1000))
+        found.append(f"fork evidence: gateway {gateway} has excluded you since {since} ({listing['fork_reason']}): "
                      f"it saw two histories of your ledger that cannot both be true (two nodes on one key and ledger, "
                      f"or a ledger restored from a backup?). Nothing is placed on you nor witnessed until its operator "
                      f"reviews the evidence (`{PROVIDERS} forks`) and readmits you (`{PROVIDERS} readmit {me}`). Run "
                      f"one node per key and ledger")
-    if standing["country"] is not None and standing["country"] != claimed_country:
+    if listing["country"] is not None and listing["country"] != claimed_country:
         found.append(f"geo claim differs: node.toml claims {claimed_country} but your registration with gateway "
-                     f"{gateway} claims {standing['country']}: register again (`llorch node register`) so both say "
+                     f"{gateway} claims {listing['country']}: register again (`llorch node register`) so both say "
                      f"the same; the new claim waits for the operator's certification")
-    elif standing["country"] is not None and not standing["geo_certified"]:
-        found.append(f"geo not certified: gateway {gateway} has not certified your claim {standing['country']}: "
+    elif listing["country"] is not None and not listing["geo_certified"]:
+        found.append(f"geo not certified: gateway {gateway} has not certified your claim {listing['country']}: "
                      f"tenants that require a certified location (EU-only) are not served by you until its operator "
                      f"certifies it (`{PROVIDERS} certify {me}`)")
-    offset, uncertainty = standing["clock_offset_ms"], standing["round_trip_ms"] // 2
+    offset, uncertainty = listing["clock_offset_ms"], listing["round_trip_ms"] // 2
     if abs(offset) - uncertainty > CLOCK_SKEW_MS_MAX:
         found.append(f"clock skew: your clock is {abs(offset) // 1000} s {'behind' if offset > 0 else 'ahead of'} "
                      f"gateway {gateway}'s (±{uncertainty} ms); set it by NTP: tickets and attestations are refused "
@@ -78,12 +78,12 @@ def cosignature_warnings(status: dict) -> list[str]:
     said precisely where a gateway's answer explains it, guessed where none does."""
     found = []
     connected = [g for g in status["gateways"] if g["connected"]]
-    answered = [g for g in connected if g.get("standing")]
+    answered = [g for g in connected if g.get("listing")]
     ledger = status["ledger"]
     cosigned = ledger["last_cosignature"]
     if ledger["entries"] and connected and (cosigned is None or cosigned["age_ms"] > COSIGNATURE_STALE_MS):
-        clean = [g for g in answered if g["standing"]["status"] == "approved" and
-                 g["standing"]["fork_detected_ms"] is None]
+        clean = [g for g in answered if g["listing"]["status"] == "approved" and
+                 g["listing"]["fork_detected_ms"] is None]
         if clean:
             found.append(f"gateway {clean[0]['peer_id']} approved you but has not cosigned your ledger for over 10 "
                          f"minutes: its witness does not reach your ledger. Check how you are reached (above) and the "

@@ -208,8 +208,8 @@ def test_operator_approves_and_suspends_through_the_browser_and_placement_sees_i
     warned = [w for w in provider_warnings(browser, market, "pending") if w.startswith("not approved by gateway")]
     assert warned and warned[0].startswith(f"not approved by gateway {market.gateway.state()['peer_id']} (pending)")
     assert f"llorch gateway providers approve {market.peers['pending']}" in warned[0]
-    standing = browser.find_element(By.CSS_SELECTOR, "td.standing")
-    assert standing.get_attribute("data-status") == "pending" and "geo DE certified" in standing.text
+    listing = browser.find_element(By.CSS_SELECTOR, "td.listing")
+    assert listing.get_attribute("data-status") == "pending" and "geo DE certified" in listing.text
     screenshots(browser, "provider-dashboard-pending")
     browser.delete_all_cookies()
     sign_in(browser, market.http_url + "/operator/sign-in", "token", operator_token)
@@ -225,7 +225,7 @@ def test_operator_approves_and_suspends_through_the_browser_and_placement_sees_i
             time.monotonic() < deadline:
         time.sleep(0.5)
     assert not [w for w in provider_warnings(browser, market, "pending") if w.startswith("not approved")]
-    assert browser.find_element(By.CSS_SELECTOR, "td.standing").get_attribute("data-status") == "approved"
+    assert browser.find_element(By.CSS_SELECTOR, "td.listing").get_attribute("data-status") == "approved"
     browser.get(market.http_url + "/operator")
     operate(browser, market.peers["lab"], "suspend")
     assert provider_status(browser, market.peers["lab"]) == "suspended"

@@ -31,7 +31,7 @@ headers, str for bin, unsorted or duplicated keys, floats). ``LLORCH_FUZZ_EXAMPL
         put_cosigned checkpoint entries proof ack error  peer                     ProtocolError
     node.wire.infer_protocol.InferProtocol (byte stream, both roles)      peer    ProtocolError
     node.wire.ledger_protocol.LedgerProtocol (byte stream, both roles)    peer    ProtocolError
-    node.wire.standing.AskStanding.from_bytes, decode_answer   peer (both ends)   ProtocolError
+    node.wire.listing.AskListing.from_bytes, decode_answer   peer (both ends)   ProtocolError
     node.wire.attestation.parse_attestation              gossip                   AttestationRejected
     node.wire.attestation.check_multiaddr                gossip                   EncodingError
     node.wire.registration.Registration.from_envelope    provider                 EncodingError, SignatureError
@@ -89,7 +89,7 @@ from llorch.node.wire.frames import (FRAME_TYPES, Accepted, Busy, Cancel, Error,
                                      decode_uvarint, encode_frame, encode_uvarint)
 from llorch.node.wire.infer_protocol import InferProtocol, Role
 from llorch.node.wire.ledger_protocol import LedgerProtocol, witness_name
-from llorch.node.wire import standing
+from llorch.node.wire import listing
 from llorch.node.wire.registration import Registration
 from llorch.node.wire.sampling import chat_request_prompt, chat_request_sampling
 from tests.fuzz_strategies import (FUZZ, OTHER, SIGNER, any_value, arbitrary_bytes, arbitrary_text, byte_inputs,
@@ -574,17 +574,17 @@ def test_decode_ledger_reply_frame(body):
     _frame_property(body, lp.REPLIES)
 
 
-STANDING_FRAMES = [bytes.fromhex(hex_frame) for hex_frame in json.loads(
-    (Path(__file__).parent / "fixtures" / "standing_vectors.json").read_text())["frames"].values()]
+LISTING_FRAMES = [bytes.fromhex(hex_frame) for hex_frame in json.loads(
+    (Path(__file__).parent / "fixtures" / "listing_vectors.json").read_text())["frames"].values()]
 
 
 @FUZZ
-@given(st.sampled_from([_body(frame) for frame in STANDING_FRAMES]).flatmap(
+@given(st.sampled_from([_body(frame) for frame in LISTING_FRAMES]).flatmap(
     lambda body: st.one_of(mutated(body), loose_msgpack(canonical.decode(body)), plausible_map(canonical.decode(body))
                            .map(_encodable))) | arbitrary_bytes | st.builds(_encodable, any_value))
-def test_decode_standing_frames(body):
+def test_decode_listing_frames(body):
     data = encode_uvarint(len(body)) + body
-    for decode in (standing.AskStanding.from_bytes, standing.decode_answer):
+    for decode in (listing.AskListing.from_bytes, listing.decode_answer):
         frame = accepted_or_refused(decode, data, ProtocolError)
         if frame is not None:
             assert frame.to_bytes() == data

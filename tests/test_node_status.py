@@ -30,16 +30,16 @@ def test_node_status_reports_connection_reachability_ledger_and_today(tmp_path, 
         while True:          # the witness round that cosigns both receipts, and the gateway's answer since approval
             status = json.loads(net.cli("node", "status", "--config", "lab.toml", "--json"))
             cosigned = status["ledger"]["last_cosignature"]
-            standing = status["gateways"][0]["standing"]
-            if cosigned and cosigned["size"] == 2 and standing and standing["geo_certified"] or \
+            listing = status["gateways"][0]["listing"]
+            if cosigned and cosigned["size"] == 2 and listing and listing["geo_certified"] or \
                     time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         gateway, = status["gateways"]
         assert (gateway["peer_id"], gateway["connected"]) == (net.gateway.state()["peer_id"], True)
-        assert (standing["status"], standing["country"], standing["geo_certified"], standing["fork_detected_ms"]) == \
+        assert (listing["status"], listing["country"], listing["geo_certified"], listing["fork_detected_ms"]) == \
             ("approved", "DE", True, None)
-        assert abs(standing["clock_offset_ms"]) <= standing["round_trip_ms"] // 2 + 50      # one machine, one clock
+        assert abs(listing["clock_offset_ms"]) <= listing["round_trip_ms"] // 2 + 50      # one machine, one clock
         assert status["warnings"] == [], status["warnings"]
         assert status["slots"]["total"] >= 1 and status["last_attestation"]["age_ms"] < 10_000
         assert status["ledger"]["entries"] == 2 and cosigned and cosigned["size"] == 2

@@ -1,5 +1,5 @@
 """The provider's warnings (node/warnings.py ``warnings``): a pure function of the status document, which carries
-the disk figures and what each gateway answered about the node's standing (/llorch/standing/1). The dashboard and
+the disk figures and what each gateway answered about the node's listing (/llorch/listing/1). The dashboard and
 `llorch node status` show the same list."""
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ APPROVED = {"status": "approved", "country": "DE", "geo_certified": True, "fork_
             "fork_reason": None, "clock_offset_ms": 120, "round_trip_ms": 40, "age_ms": 3_000}
 
 
-def status(connected=True, entries=3, cosigned_age_ms: int | None = 1_000, standing: dict | None = None,
+def status(connected=True, entries=3, cosigned_age_ms: int | None = 1_000, listing: dict | None = None,
            free_bytes: int = 100 * GIB, total_bytes: int = 200 * GIB, country: str = "DE") -> dict:
     return {"peer_id": ME, "country": country,
-            "gateways": [{"peer_id": GATEWAY, "connected": connected, "standing": standing,
-                          "standing_error": None if standing else "not connected"}],
+            "gateways": [{"peer_id": GATEWAY, "connected": connected, "listing": listing,
+                          "listing_error": None if listing else "not connected"}],
             "ledger": {"entries": entries, "checkpoint_size": entries, "last_cosignature": None if cosigned_age_ms is
                        None else {"witness": "llorch-witness/x", "size": entries, "age_ms": cosigned_age_ms}},
             "disk": {"free_bytes": free_bytes, "total_bytes": total_bytes}}
 
 
-def standing(**changes) -> dict:
+def listing(**changes) -> dict:
     return {**APPROVED, **changes}
 
 
@@ -38,34 +38,34 @@ def one(found: list[str]) -> str:
 
 def test_a_healthy_node_has_nothing_to_act_on():
     assert warnings(status()) == []
-    assert warnings(status(standing=standing())) == []
+    assert warnings(status(listing=listing())) == []
     assert warnings(status(entries=0, cosigned_age_ms=None)) == []   # nothing to witness yet
 
 
 @pytest.mark.parametrize("state, said", [("pending", "its operator has not approved your registration yet"),
                                          ("suspended", "its operator suspended you")])
 def test_not_approved_says_which_and_what_to_do(state, said):
-    warning = one(warnings(status(standing=standing(status=state), cosigned_age_ms=None)))
+    warning = one(warnings(status(listing=listing(status=state), cosigned_age_ms=None)))
     assert warning.startswith(f"not approved by gateway {GATEWAY} ({state})") and said in warning
     assert f"llorch gateway providers approve {ME}" in warning
     assert "has not cosigned" not in warning           # the stale-cosignature guess gives way to the answer
 
 
 def test_unregistered_says_to_register():
-    warning = one(warnings(status(standing=standing(status="unregistered", country=None, geo_certified=False))))
+    warning = one(warnings(status(listing=listing(status="unregistered", country=None, geo_certified=False))))
     assert f"not registered with gateway {GATEWAY}" in warning and "llorch node register" in warning
 
 
 def test_geo_not_certified_names_the_claim_and_the_certification():
-    warning = one(warnings(status(standing=standing(geo_certified=False))))
+    warning = one(warnings(status(listing=listing(geo_certified=False))))
     assert warning.startswith(f"geo not certified: gateway {GATEWAY} has not certified your claim DE")
     assert f"llorch gateway providers certify {ME}" in warning
-    differs = one(warnings(status(country="FR", standing=standing())))     # node.toml and registration disagree
+    differs = one(warnings(status(country="FR", listing=listing())))     # node.toml and registration disagree
     assert "node.toml claims FR but your registration with gateway" in differs and "claims DE" in differs
 
 
 def test_fork_evidence_says_since_when_why_and_the_operators_commands():
-    warning = one(warnings(status(standing=standing(fork_detected_ms=1_790_000_000_000,
+    warning = one(warnings(status(listing=listing(fork_detected_ms=1_790_000_000_000,
                                                     fork_reason="two different roots for size 3"))))
     assert warning.startswith(f"fork evidence: gateway {GATEWAY} has excluded you since 2026-09-21 14:13 UTC")
     assert "two different roots for size 3" in warning
@@ -73,12 +73,12 @@ def test_fork_evidence_says_since_when_why_and_the_operators_commands():
 
 
 def test_clock_skew_is_measured_against_the_gateways_clock():
-    behind = one(warnings(status(standing=standing(clock_offset_ms=42_000, round_trip_ms=40))))
+    behind = one(warnings(status(listing=listing(clock_offset_ms=42_000, round_trip_ms=40))))
     assert behind.startswith(f"clock skew: your clock is 42 s behind gateway {GATEWAY}'s")
-    ahead = one(warnings(status(standing=standing(clock_offset_ms=-9_000, round_trip_ms=40))))
+    ahead = one(warnings(status(listing=listing(clock_offset_ms=-9_000, round_trip_ms=40))))
     assert "9 s ahead of gateway" in ahead
     # Within the limit once the round trip's uncertainty is allowed for: no warning.
-    assert warnings(status(standing=standing(clock_offset_ms=CLOCK_SKEW_MS_MAX + 400, round_trip_ms=1_000))) == []
+    assert warnings(status(listing=listing(clock_offset_ms=CLOCK_SKEW_MS_MAX + 400, round_trip_ms=1_000))) == []
 
 
 def test_without_an_answer_the_warnings_are_inferred_as_before():
@@ -86,7 +86,7 @@ def test_without_an_answer_the_warnings_are_inferred_as_before():
     for stale in (status(cosigned_age_ms=None), status(cosigned_age_ms=COSIGNATURE_STALE_MS + 1)):
         assert "whether you are approved" in one(warnings(stale))
     assert "clock skew" in one(warnings(status(cosigned_age_ms=-60_000)))
-    approved_but_stale = one(warnings(status(cosigned_age_ms=None, standing=standing())))
+    approved_but_stale = one(warnings(status(cosigned_age_ms=None, listing=listing())))
     assert f"gateway {GATEWAY} approved you but has not cosigned" in approved_but_stale
 
 
@@ -95,8 +95,8 @@ def test_disk_nearly_full():
     assert "disk nearly full" in one(warnings(status(free_bytes=4 * GIB, total_bytes=100 * GIB)))   # under 5% free
 
 
-def test_node_status_prints_the_standing_and_the_warnings():
-    document = {**status(standing=standing(status="pending", geo_certified=False)), "model": "m",
+def test_node_status_prints_the_listing_and_the_warnings():
+    document = {**status(listing=listing(status="pending", geo_certified=False)), "model": "m",
                 "uptime_ms": 0, "reachability": {"how": "direct", "description": "d", "announced": [],
                                                  "reservations": []},
                 "slots": {"free": 1, "total": 1}, "last_attestation": {"seq": 1, "age_ms": 5},
@@ -106,5 +106,5 @@ def test_node_status_prints_the_standing_and_the_warnings():
     assert f"gateway {GATEWAY}: connected; pending, geo DE not certified, not excluded, clock +0.1 s (±20 ms); " \
            f"asked 3 s ago" in text
     assert "to act on:" in text and f"  - not approved by gateway {GATEWAY} (pending)" in text
-    document["gateways"][0].update(standing=None, standing_error="did not answer")
-    assert f"gateway {GATEWAY}: connected; standing unknown (did not answer)" in render(document)
+    document["gateways"][0].update(listing=None, listing_error="did not answer")
+    assert f"gateway {GATEWAY}: connected; listing unknown (did not answer)" in render(document)

@@ -89,31 +89,31 @@ def test_frame_vectors_decode_independently_and_our_code_reproduces_them():
         assert encode_frame(frame) == data, name
 
 
-STANDING = json.loads((Path(__file__).parent / "fixtures" / "standing_vectors.json").read_text())
+LISTING = json.loads((Path(__file__).parent / "fixtures" / "listing_vectors.json").read_text())
 PROVIDER_PEER_ID = "12D3KooWA4Xop1JaT3MHxwYMkCepYsv4iPVopMXwCz5iHYdBfeSB"     # of the seed 00 01 ... 1f
 T0_MS = 1_795_690_000_000
-STANDING_EXPECTED = {        # written from docs/protocol.md §5b, not from our classes
+LISTING_EXPECTED = {        # written from docs/protocol.md §5b, not from our classes
     "ask": {"t": "ask", "provider_id": PROVIDER_PEER_ID},
-    "standing_pending": {"t": "standing", "provider_id": PROVIDER_PEER_ID, "status": "pending", "country": "DE",
+    "listing_pending": {"t": "listing", "provider_id": PROVIDER_PEER_ID, "status": "pending", "country": "DE",
                          "geo_certified": False, "fork_detected_ms": None, "fork_reason": None,
                          "gateway_ms": T0_MS},
-    "standing_excluded": {"t": "standing", "provider_id": PROVIDER_PEER_ID, "status": "approved", "country": "DE",
+    "listing_excluded": {"t": "listing", "provider_id": PROVIDER_PEER_ID, "status": "approved", "country": "DE",
                           "geo_certified": True, "fork_detected_ms": T0_MS - 60_000,
                           "fork_reason": "two different roots for size 3", "gateway_ms": T0_MS},
-    "standing_unregistered": {"t": "standing", "provider_id": PROVIDER_PEER_ID, "status": "unregistered",
+    "listing_unregistered": {"t": "listing", "provider_id": PROVIDER_PEER_ID, "status": "unregistered",
                               "country": None, "geo_certified": False, "fork_detected_ms": None,
                               "fork_reason": None, "gateway_ms": T0_MS},
     "refused": {"t": "refused", "code": "not_yourself",
-                "message": "this gateway tells a provider only its own standing"},
+                "message": "this gateway tells a provider only its own listing"},
 }
 
 
-def test_standing_vectors_decode_independently_and_our_code_reproduces_them():
-    from llorch.node.wire.standing import AskStanding, decode_answer
+def test_listing_vectors_decode_independently_and_our_code_reproduces_them():
+    from llorch.node.wire.listing import AskListing, decode_answer
 
-    assert SigningKey(bytes.fromhex(STANDING["provider_seed_hex"])).peer_id == PROVIDER_PEER_ID
-    assert set(STANDING["frames"]) == set(STANDING_EXPECTED)
-    for name, hex_frame in STANDING["frames"].items():
+    assert SigningKey(bytes.fromhex(LISTING["provider_seed_hex"])).peer_id == PROVIDER_PEER_ID
+    assert set(LISTING["frames"]) == set(LISTING_EXPECTED)
+    for name, hex_frame in LISTING["frames"].items():
         data = bytes.fromhex(hex_frame)
         length, shift, offset = 0, 0, 0
         while True:                                     # unsigned LEB128
@@ -125,9 +125,9 @@ def test_standing_vectors_decode_independently_and_our_code_reproduces_them():
         body = data[offset:]
         assert length == len(body), name
         decoded = msgpack.unpackb(body, raw=False)
-        assert decoded == STANDING_EXPECTED[name], name
+        assert decoded == LISTING_EXPECTED[name], name
         assert msgpack.packb(canonical(decoded)) == body, name      # canonical: sorted keys, smallest forms
-        parsed = AskStanding.from_bytes(data) if name == "ask" else decode_answer(data)
+        parsed = AskListing.from_bytes(data) if name == "ask" else decode_answer(data)
         assert parsed.to_bytes() == data, name
 
 
@@ -270,7 +270,7 @@ def test_our_code_reproduces_the_connected_vectors():
     finally:
         make_vectors.write = original
     assert sorted(written) == ["attestation_vector.json", "bill_vector.json", "checkpoint_vector.json",
-                               "receipt_vector.json", "standing_vectors.json", "ticket_vector.json"]
+                               "listing_vectors.json", "receipt_vector.json", "ticket_vector.json"]
     for name, text in written.items():
         assert text == (FIXTURES / name).read_text(), f"{name} differs from what make_vectors.py writes"
     from llorch.ledger.receipt_proof import verify_receipt_document

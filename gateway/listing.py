@@ -1,4 +1,4 @@
-"""/llorch/standing/1, the gateway side: tell a provider where it stands here (node/wire/standing.py,
+"""/llorch/listing/1, the gateway side: tell a provider its listing here (node/wire/listing.py,
 docs/protocol.md §5b).
 
 A provider asks over the connection it keeps to the gateway; the answer is read from the operator's decisions
@@ -22,9 +22,9 @@ from llorch.ledger.signing import public_key_of_peer_id
 from llorch.node import limits as node_limits
 from llorch.node.errors import ProtocolError
 from llorch.node.stream_io import close_quietly, now_ms
-from llorch.node.wire.standing import AskStanding, OneFrame, Standing, StandingRefused
+from llorch.node.wire.listing import AskListing, OneFrame, Listing, ListingRefused
 
-log = logging.getLogger("llorch.gateway.standing")
+log = logging.getLogger("llorch.gateway.listing")
 
 
 def cut(text: str, chars_max: int) -> str:
@@ -33,43 +33,43 @@ def cut(text: str, chars_max: int) -> str:
     return text if len(text) <= chars_max else text[:chars_max - 1] + "…"
 
 
-class StandingDesk:
-    """Answers /llorch/standing/1. ``clock()`` is the gateway's time in ms (the answer's ``gateway_ms``)."""
+class ListingDesk:
+    """Answers /llorch/listing/1. ``clock()`` is the gateway's time in ms (the answer's ``gateway_ms``)."""
 
     def __init__(self, providers: ProviderBook, witness_book: WitnessBook, clock=now_ms) -> None:
         self.providers = providers
         self.witness_book = witness_book
         self.clock = clock
-        self.limiter = trio.CapacityLimiter(limits.STANDING_ANSWERS_CONCURRENT_MAX)
+        self.limiter = trio.CapacityLimiter(limits.LISTING_ANSWERS_CONCURRENT_MAX)
 
-    async def standing_of(self, provider_id: str) -> Standing:
+    async def listing_of(self, provider_id: str) -> Listing:
         """Where ``provider_id`` (a well-formed peer id) stands now."""
         record = await self.providers.get(provider_id)
         fork = await self.witness_book.exclusion(public_key_of_peer_id(provider_id))
-        return Standing(
+        return Listing(
             provider_id=provider_id, status=record.status if record else "unregistered",
             country=record.registration.geo["country"] if record else None,
             geo_certified=bool(record and record.geo_certified),
             fork_detected_ms=fork[0] if fork else None,
-            fork_reason=cut(fork[1], node_limits.STANDING_FORK_REASON_CHARS_MAX) if fork else None,
+            fork_reason=cut(fork[1], node_limits.LISTING_FORK_REASON_CHARS_MAX) if fork else None,
             gateway_ms=self.clock())
 
-    async def answer(self, frame: bytes, asker: str) -> Standing | StandingRefused:
+    async def answer(self, frame: bytes, asker: str) -> Listing | ListingRefused:
         """The answer to one question frame from the peer ``asker`` (its authenticated peer id)."""
         try:
-            question = AskStanding.from_bytes(frame)
+            question = AskListing.from_bytes(frame)
         except ProtocolError as exc:
-            return StandingRefused("malformed", f"not a standing question: {exc}"[:node_limits.ERROR_MESSAGE_CHARS_MAX])
+            return ListingRefused("malformed", f"not a listing question: {exc}"[:node_limits.ERROR_MESSAGE_CHARS_MAX])
         if question.provider_id != asker:
-            return StandingRefused("not_yourself", f"this gateway tells a provider only its own standing: ask "
+            return ListingRefused("not_yourself", f"this gateway tells a provider only its own listing: ask "
                                                    f"about {asker}, the peer id of your connection")
         try:
-            return await self.standing_of(asker)
+            return await self.listing_of(asker)
         except Exception:  # the database is closing or busy: the node asks again later
-            log.exception("cannot look up the standing of %s", asker)
-            return StandingRefused("unavailable", "the gateway cannot read its records now; ask again later")
+            log.exception("cannot look up the listing of %s", asker)
+            return ListingRefused("unavailable", "the gateway cannot read its records now; ask again later")
 
-    async def serve_standing(self, stream) -> None:
+    async def serve_listing(self, stream) -> None:
         """The stream handler: one question in, one answer out, under timeouts; never raises."""
         asker = stream.muxed_conn.peer_id.to_base58()
         finished = False
@@ -77,36 +77,36 @@ class StandingDesk:
             try:
                 self.limiter.acquire_nowait()
             except trio.WouldBlock:
-                answer = StandingRefused("busy", "too many standing questions at once; ask again in a minute")
+                answer = ListingRefused("busy", "too many listing questions at once; ask again in a minute")
             else:
                 try:
                     answer = await self.answer(await read_question(stream), asker)
                 finally:
                     self.limiter.release()
-            with trio.fail_after(limits.STANDING_WRITE_TIMEOUT_S):
+            with trio.fail_after(limits.LISTING_WRITE_TIMEOUT_S):
                 await stream.write(answer.to_bytes())
             finished = True
-            if isinstance(answer, StandingRefused):
-                log.info("standing question from %s refused (%s): %s", asker, answer.code, answer.message)
+            if isinstance(answer, ListingRefused):
+                log.info("listing question from %s refused (%s): %s", asker, answer.code, answer.message)
         except (ProtocolError, trio.TooSlowError) as exc:
-            log.info("standing question from %s dropped: %s", asker, exc or "timed out")
+            log.info("listing question from %s dropped: %s", asker, exc or "timed out")
         except Exception as exc:  # the peer hung up mid-question: nothing to answer
-            log.debug("standing question from %s ended: %s", asker, exc)
+            log.debug("listing question from %s ended: %s", asker, exc)
         finally:
             await close_quietly(stream, reset=not finished)
 
 
 async def read_question(stream) -> bytes:
-    """One whole question frame, within STANDING_READ_TIMEOUT_S and its size limit. A frame over the limit, or
+    """One whole question frame, within LISTING_READ_TIMEOUT_S and its size limit. A frame over the limit, or
     bytes after it, is returned as it is, for ``answer`` to refuse as malformed; a peer that closes early or is too
     slow raises ProtocolError / TooSlowError."""
-    reader = OneFrame(node_limits.STANDING_REQUEST_FRAME_BYTES_MAX)
+    reader = OneFrame(node_limits.LISTING_REQUEST_FRAME_BYTES_MAX)
     received = b""
-    with trio.fail_after(limits.STANDING_READ_TIMEOUT_S):
+    with trio.fail_after(limits.LISTING_READ_TIMEOUT_S):
         while reader.frame is None:
-            data = await stream.read(node_limits.STANDING_REQUEST_FRAME_BYTES_MAX)
+            data = await stream.read(node_limits.LISTING_REQUEST_FRAME_BYTES_MAX)
             if not data:
-                raise ProtocolError("the peer closed the stream before a whole standing question")
+                raise ProtocolError("the peer closed the stream before a whole listing question")
             received += data
             try:
                 reader.receive_data(data)

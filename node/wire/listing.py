@@ -1,19 +1,19 @@
-"""/llorch/standing/1: a node asks a gateway it trusts where it stands there (docs/protocol.md §5b).
+"""/llorch/listing/1: a node asks a gateway it trusts for its listing there (docs/protocol.md §5b).
 
 A provider cannot see the operator's decisions from its side: whether its registration is approved, pending or
 suspended, whether its geo claim is certified, whether the witness excluded it for fork evidence. Nor can it measure
 its clock against the gateway's. So it asks, over the connection it already keeps to the gateway:
 
-    node → gateway   one frame: AskStanding {"t": "ask", "provider_id": str}
-    gateway → node   one frame: Standing {"t": "standing", ...} or StandingRefused {"t": "refused", code, message}
+    node → gateway   one frame: AskListing {"t": "ask", "provider_id": str}
+    gateway → node   one frame: Listing {"t": "listing", ...} or ListingRefused {"t": "refused", code, message}
 
 The gateway answers only about the peer asking: ``provider_id`` must be the peer id the Noise handshake of the
-connection authenticated, or the answer is StandingRefused ``not_yourself`` and says nothing of that provider.
+connection authenticated, or the answer is ListingRefused ``not_yourself`` and says nothing of that provider.
 
 A frame is an unsigned varint length, then that many bytes of canonical msgpack (the framing of /llorch/infer/1):
-a request at most STANDING_REQUEST_FRAME_BYTES_MAX, an answer at most STANDING_ANSWER_FRAME_BYTES_MAX. Parsing is
+a request at most LISTING_REQUEST_FRAME_BYTES_MAX, an answer at most LISTING_ANSWER_FRAME_BYTES_MAX. Parsing is
 strict: a key missing or extra, a value of the wrong type or out of range, or bytes after the frame raise
-ProtocolError. Nothing here does I/O (node/standing.py and gateway/standing.py move the bytes).
+ProtocolError. Nothing here does I/O (node/listing.py and gateway/listing.py move the bytes).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from llorch.node import limits
 from llorch.node.errors import ProtocolError
 from llorch.node.wire.frames import decode_uvarint, encode_uvarint
 
-STANDING_PROTOCOL_ID = "/llorch/standing/1"
+LISTING_PROTOCOL_ID = "/llorch/listing/1"
 STATUSES = ("unregistered", "pending", "approved", "suspended")
 REFUSAL_CODES = ("not_yourself", "malformed", "busy", "unavailable")
 COUNTRY = re.compile(r"[A-Z]{2}")          # with fullmatch, as a registration's geo.country
@@ -58,8 +58,8 @@ def _time_ms(value: object, name: str) -> int:
 
 
 @dataclass(frozen=True)
-class AskStanding:
-    """node → gateway: where does ``provider_id`` (the asking node itself) stand?"""
+class AskListing:
+    """node → gateway: what is the listing of ``provider_id`` (the asking node itself)?"""
 
     provider_id: str
 
@@ -70,14 +70,14 @@ class AskStanding:
         return _frame({"t": "ask", "provider_id": self.provider_id})
 
     @classmethod
-    def from_bytes(cls, frame: bytes) -> "AskStanding":
-        fields = _unframe(frame, limits.STANDING_REQUEST_FRAME_BYTES_MAX)
+    def from_bytes(cls, frame: bytes) -> "AskListing":
+        fields = _unframe(frame, limits.LISTING_REQUEST_FRAME_BYTES_MAX)
         _keys(fields, "ask", {"t", "provider_id"})
         return cls(fields["provider_id"])
 
 
 @dataclass(frozen=True)
-class Standing:
+class Listing:
     """gateway → node: the operator's decisions about the asking provider, and the gateway's clock.
 
     ``status``: unregistered (no registration from this peer id), pending (registered, not yet approved), approved
@@ -109,7 +109,7 @@ class Standing:
             raise ProtocolError("fork_detected_ms and fork_reason are both nil or both set")
         if self.fork_detected_ms is not None:
             _time_ms(self.fork_detected_ms, "fork_detected_ms")
-            _text(self.fork_reason, "fork_reason", limits.STANDING_FORK_REASON_CHARS_MAX)
+            _text(self.fork_reason, "fork_reason", limits.LISTING_FORK_REASON_CHARS_MAX)
         _time_ms(self.gateway_ms, "gateway_ms")
 
     @property
@@ -117,14 +117,14 @@ class Standing:
         return self.fork_detected_ms is not None
 
     def to_bytes(self) -> bytes:
-        return _frame({"t": "standing", "provider_id": self.provider_id, "status": self.status,
+        return _frame({"t": "listing", "provider_id": self.provider_id, "status": self.status,
                        "country": self.country, "geo_certified": self.geo_certified,
                        "fork_detected_ms": self.fork_detected_ms, "fork_reason": self.fork_reason,
                        "gateway_ms": self.gateway_ms})
 
 
 @dataclass(frozen=True)
-class StandingRefused:
+class ListingRefused:
     """gateway → node: no answer, and why (``code`` one of REFUSAL_CODES)."""
 
     code: str
@@ -139,18 +139,18 @@ class StandingRefused:
         return _frame({"t": "refused", "code": self.code, "message": self.message})
 
 
-STANDING_KEYS = {"t", "provider_id", "status", "country", "geo_certified", "fork_detected_ms", "fork_reason",
+LISTING_KEYS = {"t", "provider_id", "status", "country", "geo_certified", "fork_detected_ms", "fork_reason",
                  "gateway_ms"}
 
 
-def decode_answer(frame: bytes) -> Standing | StandingRefused:
+def decode_answer(frame: bytes) -> Listing | ListingRefused:
     """The gateway's answer in one complete frame (length prefix included); ProtocolError if it is not one."""
-    fields = _unframe(frame, limits.STANDING_ANSWER_FRAME_BYTES_MAX)
+    fields = _unframe(frame, limits.LISTING_ANSWER_FRAME_BYTES_MAX)
     if fields.get("t") == "refused":
         _keys(fields, "refused", {"t", "code", "message"})
-        return StandingRefused(fields["code"], fields["message"])
-    _keys(fields, "standing", STANDING_KEYS)
-    return Standing(**{key: fields[key] for key in STANDING_KEYS - {"t"}})
+        return ListingRefused(fields["code"], fields["message"])
+    _keys(fields, "listing", LISTING_KEYS)
+    return Listing(**{key: fields[key] for key in LISTING_KEYS - {"t"}})
 
 
 def _frame(fields: dict) -> bytes:
@@ -160,7 +160,7 @@ def _frame(fields: dict) -> bytes:
 
 def _keys(fields: dict, kind: str, keys: set[str]) -> None:
     if fields.get("t") != kind:
-        raise ProtocolError(f"expected a standing frame of t={kind!r}, got t={str(fields.get('t'))[:32]!r}")
+        raise ProtocolError(f"expected a listing frame of t={kind!r}, got t={str(fields.get('t'))[:32]!r}")
     if set(fields) != keys:
         raise ProtocolError(f"a {kind!r} frame has exactly the keys {sorted(keys)}; got {sorted(fields)[:16]}")
 
@@ -169,14 +169,14 @@ def _unframe(frame: bytes, bytes_max: int) -> dict:
     """The map in one complete frame (length prefix included), at most ``bytes_max`` bytes in all."""
     total = frame_length(frame, bytes_max)
     if total is None or total != len(frame):
-        raise ProtocolError("standing frame: the length prefix does not match the bytes")
+        raise ProtocolError("listing frame: the length prefix does not match the bytes")
     header = decode_uvarint(frame)
     try:
         fields = canonical.decode(frame[header[1]:])
     except EncodingError as exc:
-        raise ProtocolError(f"standing frame is not canonical msgpack: {exc}") from None
+        raise ProtocolError(f"listing frame is not canonical msgpack: {exc}") from None
     if not isinstance(fields, dict):
-        raise ProtocolError("a standing frame is a map")
+        raise ProtocolError("a listing frame is a map")
     return fields
 
 
@@ -188,12 +188,12 @@ def frame_length(buffer: bytes, bytes_max: int) -> int | None:
         return None
     total = header[0] + header[1]
     if total > bytes_max:
-        raise ProtocolError(f"standing frame of {total} bytes announced, limit {bytes_max}")
+        raise ProtocolError(f"listing frame of {total} bytes announced, limit {bytes_max}")
     return total
 
 
 class OneFrame:
-    """Sans-IO reader of the single frame a standing stream carries: feed bytes with ``receive_data``; ``frame``
+    """Sans-IO reader of the single frame a listing stream carries: feed bytes with ``receive_data``; ``frame``
     is the complete frame once it has arrived. Bytes after it, or a frame over ``bytes_max``, raise ProtocolError
     (before more is buffered than the limit)."""
 
@@ -205,13 +205,13 @@ class OneFrame:
     def receive_data(self, data: bytes) -> None:
         if self.frame is not None:
             if data:
-                raise ProtocolError("bytes after the standing frame")
+                raise ProtocolError("bytes after the listing frame")
             return
         self._buffer += data
         total = frame_length(self._buffer, self.bytes_max)
         if total is None:
             return
         if len(self._buffer) > total:
-            raise ProtocolError("bytes after the standing frame")
+            raise ProtocolError("bytes after the listing frame")
         if len(self._buffer) == total:
             self.frame, self._buffer = self._buffer, b""

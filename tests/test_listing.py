@@ -1,4 +1,4 @@
-"""/llorch/standing/1: a provider learns from a gateway it trusts where it stands there (docs/protocol.md §5b).
+"""/llorch/listing/1: a provider learns its listing from a gateway it trusts (docs/protocol.md §5b).
 
 The attacks come first: a peer asking about another provider learns nothing of it; malformed, oversized or trailing
 frames get a clear refusal and change nothing; a gateway's answer about someone else, or a malformed one, is not
@@ -16,10 +16,10 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from llorch.gateway import standing as gateway_standing
+from llorch.gateway import listing as gateway_listing
 from llorch.gateway.db import open_gateway_db
 from llorch.gateway.market.providers import ProviderBook
-from llorch.gateway.standing import StandingDesk
+from llorch.gateway.listing import ListingDesk
 from llorch.gateway.witness.witness import WitnessBook
 from llorch.ledger import canonical
 from llorch.ledger.signing import SigningKey
@@ -27,11 +27,11 @@ from llorch.node.config import NodeConfig
 from llorch.node.errors import ProtocolError
 from llorch.node.p2p import running_host
 from llorch.node.register import build_registration
-from llorch.node.standing import Standings, StandingUnknown, ask_standing, keep_standing, observed
+from llorch.node.listing import Listings, ListingUnknown, ask_listing, keep_listing, observed
 from llorch.node.stream_io import now_ms
 from llorch.node.wire.frames import encode_uvarint
 from llorch.node.wire.registration import Registration
-from llorch.node.wire.standing import (STANDING_PROTOCOL_ID, AskStanding, OneFrame, Standing, StandingRefused,
+from llorch.node.wire.listing import (LISTING_PROTOCOL_ID, AskListing, OneFrame, Listing, ListingRefused,
                                        decode_answer)
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -44,7 +44,7 @@ def frame(fields) -> bytes:
 
 
 def tables(path) -> dict:
-    """Every row of the tables a standing answer reads, to show it wrote nothing."""
+    """Every row of the tables a listing answer reads, to show it wrote nothing."""
     with sqlite3.connect(path) as connection:
         return {table: sorted(connection.execute(f"SELECT * FROM {table}").fetchall())
                 for table in ("providers", "forks", "fork_history", "witnessed")}
@@ -55,7 +55,7 @@ class Gateway:
         self.path = path
         self.providers = ProviderBook(database)
         self.witness_book = WitnessBook(database)
-        self.desk = StandingDesk(self.providers, self.witness_book, clock=lambda: GATEWAY_MS)
+        self.desk = ListingDesk(self.providers, self.witness_book, clock=lambda: GATEWAY_MS)
 
     async def register(self, key: SigningKey, country: str = "DE") -> None:
         config = NodeConfig(key_file="k", ledger_path="l", bootstrap=(),
@@ -70,8 +70,8 @@ async def gateway(tmp_path):
         yield Gateway(database, tmp_path / "gateway.sqlite")
 
 
-async def ask(gateway: Gateway, asker: SigningKey, about: str | None = None) -> Standing | StandingRefused:
-    answer = await gateway.desk.answer(AskStanding(about or asker.peer_id).to_bytes(), asker.peer_id)
+async def ask(gateway: Gateway, asker: SigningKey, about: str | None = None) -> Listing | ListingRefused:
+    answer = await gateway.desk.answer(AskListing(about or asker.peer_id).to_bytes(), asker.peer_id)
     return decode_answer(answer.to_bytes())           # as the node parses it
 
 
@@ -83,20 +83,20 @@ async def test_a_peer_asking_about_another_provider_learns_nothing_of_it(gateway
     await gateway.witness_book.record_fork(victim.public_key, "two different roots for size 3", ["a", "b"])
     before = tables(gateway.path)
     answer = await ask(gateway, attacker, about=victim.peer_id)
-    assert isinstance(answer, StandingRefused) and answer.code == "not_yourself"
+    assert isinstance(answer, ListingRefused) and answer.code == "not_yourself"
     assert attacker.peer_id in answer.message                  # told whom it may ask about: itself
     leaked = answer.to_bytes()
     for secret in (b"FR", b"suspended", b"roots", victim.peer_id.encode()):
         assert secret not in leaked
     assert tables(gateway.path) == before
-    own = await ask(gateway, attacker)                         # about itself it learns only its own standing
+    own = await ask(gateway, attacker)                         # about itself it learns only its own listing
     assert own.provider_id == attacker.peer_id and own.status == "unregistered" and own.country is None
 
 
 MALFORMED = {
     "not msgpack": (encode_uvarint(3) + b"\xc1\xc1\xc1", "not canonical msgpack"),
     "not a map": (frame(["ask"]), "is a map"),
-    "wrong type": (frame({"t": "standing", "provider_id": "x"}), "t='ask'"),
+    "wrong type": (frame({"t": "listing", "provider_id": "x"}), "t='ask'"),
     "missing key": (frame({"t": "ask"}), "exactly the keys"),
     "extra key": (frame({"t": "ask", "provider_id": "P", "as": "admin"}), "exactly the keys"),
     "not a peer id": (frame({"t": "ask", "provider_id": "12D3KooWnotapeerid"}), "not the peer id"),
@@ -114,26 +114,26 @@ async def test_a_malformed_question_gets_a_clear_refusal_and_changes_nothing(gat
     await gateway.register(asker)
     data, expected = MALFORMED[case]
     if data is None:
-        data = AskStanding(asker.peer_id).to_bytes() + b"\x00"
+        data = AskListing(asker.peer_id).to_bytes() + b"\x00"
     before = tables(gateway.path)
     answer = decode_answer((await gateway.desk.answer(data, asker.peer_id)).to_bytes())
-    assert isinstance(answer, StandingRefused) and answer.code == "malformed", answer
+    assert isinstance(answer, ListingRefused) and answer.code == "malformed", answer
     assert expected in answer.message, answer.message
     assert tables(gateway.path) == before
 
 
 def test_unsorted_keys_are_refused_by_the_strict_parser():
-    good = AskStanding(SigningKey.generate().peer_id).to_bytes()
+    good = AskListing(SigningKey.generate().peer_id).to_bytes()
     prefix, body = good[:1], good[1:]                     # a 1-byte length: the body is under 128 bytes
     assert body[0] == 0x82 and body[-6:] == b"\xa1t\xa3ask"
     unsorted = prefix + body[:1] + body[-6:] + body[1:-6]     # {"t": ..., "provider_id": ...}
     assert len(unsorted) == len(good) and unsorted != good
     with pytest.raises(ProtocolError, match="not canonical"):
-        AskStanding.from_bytes(unsorted)
+        AskListing.from_bytes(unsorted)
 
 
 def answer_fields(**changes) -> dict:
-    fields = {"t": "standing", "provider_id": SigningKey.generate().peer_id, "status": "pending", "country": "DE",
+    fields = {"t": "listing", "provider_id": SigningKey.generate().peer_id, "status": "pending", "country": "DE",
               "geo_certified": False, "fork_detected_ms": None, "fork_reason": None, "gateway_ms": GATEWAY_MS}
     return {**fields, **changes}
 
@@ -150,7 +150,7 @@ def answer_fields(**changes) -> dict:
     ({"fork_detected_ms": 5, "fork_reason": "x" * 257}, "at most 256"),
     ({"gateway_ms": "now"}, "integer time"),
     ({"extra": 1}, "exactly the keys"),
-    ({"t": "standings"}, "t='standing'"),
+    ({"t": "listings"}, "t='listing'"),
 ])
 def test_the_node_refuses_a_malformed_answer(changes, expected):
     with pytest.raises(ProtocolError, match=expected):
@@ -160,10 +160,10 @@ def test_the_node_refuses_a_malformed_answer(changes, expected):
 def test_the_node_does_not_take_an_answer_about_another_peer_or_a_refusal():
     me, other = SigningKey.generate().peer_id, SigningKey.generate().peer_id
     about_other = decode_answer(frame(answer_fields(provider_id=other)))
-    with pytest.raises(StandingUnknown, match=f"standing of {other}, not of this node"):
+    with pytest.raises(ListingUnknown, match=f"listing of {other}, not of this node"):
         observed(about_other, me, "gw", 0, 10)
-    with pytest.raises(StandingUnknown, match="refused the standing question .busy"):
-        observed(StandingRefused("busy", "later"), me, "gw", 0, 10)
+    with pytest.raises(ListingUnknown, match="refused the listing question .busy"):
+        observed(ListingRefused("busy", "later"), me, "gw", 0, 10)
 
 
 def test_an_oversized_or_trailing_answer_is_refused_before_it_is_buffered():
@@ -171,7 +171,7 @@ def test_an_oversized_or_trailing_answer_is_refused_before_it_is_buffered():
     with pytest.raises(ProtocolError, match="5000 bytes announced, limit 1024"):
         reader.receive_data(encode_uvarint(4998) + b"\x00")
     reader = OneFrame(1024)
-    good = StandingRefused("busy", "later").to_bytes()
+    good = ListingRefused("busy", "later").to_bytes()
     with pytest.raises(ProtocolError, match="bytes after"):
         reader.receive_data(good + b"\x00")
     reader = OneFrame(1024)
@@ -202,58 +202,58 @@ async def test_the_answer_follows_the_operators_decisions_and_the_witness(gatewa
     assert (answer.status, answer.excluded, answer.fork_reason) == ("suspended", False, None)
 
 
-async def test_over_libp2p_the_node_learns_its_own_standing_and_the_clock_offset(gateway):
+async def test_over_libp2p_the_node_learns_its_own_listing_and_the_clock_offset(gateway):
     provider, stranger, gateway_key = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
     await gateway.register(provider)
     await gateway.providers.set_status(provider.peer_id, "approved")
     gateway.desk.clock = lambda: now_ms() + 42_000         # the gateway's clock is 42 s ahead
     async with running_host(gateway_key, LOOPBACK) as gateway_p2p, running_host(provider, LOOPBACK) as node_p2p, \
             running_host(stranger, LOOPBACK) as stranger_p2p:
-        gateway_p2p.host.set_stream_handler(TProtocol(STANDING_PROTOCOL_ID), gateway.desk.serve_standing)
+        gateway_p2p.host.set_stream_handler(TProtocol(LISTING_PROTOCOL_ID), gateway.desk.serve_listing)
         gateway_id = gateway_p2p.host.get_id()
-        with pytest.raises(StandingUnknown, match="not connected"):        # never dials on its own
-            await ask_standing(node_p2p, gateway_id)
+        with pytest.raises(ListingUnknown, match="not connected"):        # never dials on its own
+            await ask_listing(node_p2p, gateway_id)
         for p2p in (node_p2p, stranger_p2p):
             with trio.fail_after(10):
                 await p2p.host.connect(info_from_p2p_addr(Multiaddr(f"{gateway_p2p.addrs()[0]}/p2p/"
                                                                     f"{gateway_key.peer_id}")))
-        seen = await ask_standing(node_p2p, gateway_id)
-        assert seen.standing.provider_id == provider.peer_id and seen.standing.status == "approved"
+        seen = await ask_listing(node_p2p, gateway_id)
+        assert seen.listing.provider_id == provider.peer_id and seen.listing.status == "approved"
         assert abs(seen.clock_offset_ms - 42_000) <= seen.round_trip_ms // 2 + 5 and seen.round_trip_ms < 5_000
 
         # A stranger asks about the provider over its own (Noise-authenticated) connection: refused, nothing said.
-        stream = await stranger_p2p.host.new_stream(gateway_id, [TProtocol(STANDING_PROTOCOL_ID)])
-        await stream.write(AskStanding(provider.peer_id).to_bytes())
+        stream = await stranger_p2p.host.new_stream(gateway_id, [TProtocol(LISTING_PROTOCOL_ID)])
+        await stream.write(AskListing(provider.peer_id).to_bytes())
         reader = OneFrame(1024)
         with trio.fail_after(10):
             while reader.frame is None:
                 reader.receive_data(await stream.read(1024))
         refused = decode_answer(reader.frame)
-        assert isinstance(refused, StandingRefused) and refused.code == "not_yourself"
+        assert isinstance(refused, ListingRefused) and refused.code == "not_yourself"
 
         # A node that keeps asking keeps the latest answer per gateway, and the reason it could not ask another.
-        standings, absent = Standings(), SigningKey.generate().peer_id
+        listings, absent = Listings(), SigningKey.generate().peer_id
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(keep_standing, node_p2p, (gateway_key.peer_id, absent), standings)
+            nursery.start_soon(keep_listing, node_p2p, (gateway_key.peer_id, absent), listings)
             with trio.fail_after(10):
-                while gateway_key.peer_id not in standings.latest or absent not in standings.failures:
+                while gateway_key.peer_id not in listings.latest or absent not in listings.failures:
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
-        document = standings.document(gateway_key.peer_id, now_ms())
-        assert document["standing"]["status"] == "approved" and document["standing_error"] is None
-        assert "not connected" in standings.document(absent, now_ms())["standing_error"]
+        document = listings.document(gateway_key.peer_id, now_ms())
+        assert document["listing"]["status"] == "approved" and document["listing_error"] is None
+        assert "not connected" in listings.document(absent, now_ms())["listing_error"]
 
 
 async def test_a_question_that_never_arrives_is_dropped_after_the_timeout(gateway, monkeypatch):
-    monkeypatch.setattr(gateway_standing.limits, "STANDING_READ_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(gateway_listing.limits, "LISTING_READ_TIMEOUT_S", 0.3)
     provider, gateway_key = SigningKey.generate(), SigningKey.generate()
     async with running_host(gateway_key, LOOPBACK) as gateway_p2p, running_host(provider, LOOPBACK) as node_p2p:
-        gateway_p2p.host.set_stream_handler(TProtocol(STANDING_PROTOCOL_ID), gateway.desk.serve_standing)
+        gateway_p2p.host.set_stream_handler(TProtocol(LISTING_PROTOCOL_ID), gateway.desk.serve_listing)
         with trio.fail_after(10):
             await node_p2p.host.connect(info_from_p2p_addr(Multiaddr(f"{gateway_p2p.addrs()[0]}/p2p/"
                                                                      f"{gateway_key.peer_id}")))
-        stream = await node_p2p.host.new_stream(gateway_p2p.host.get_id(), [TProtocol(STANDING_PROTOCOL_ID)])
-        await stream.write(AskStanding(provider.peer_id).to_bytes()[:5])        # and then nothing
+        stream = await node_p2p.host.new_stream(gateway_p2p.host.get_id(), [TProtocol(LISTING_PROTOCOL_ID)])
+        await stream.write(AskListing(provider.peer_id).to_bytes()[:5])        # and then nothing
         with trio.fail_after(5):
             try:
                 data = await stream.read(1024)
@@ -269,5 +269,5 @@ async def test_a_gateway_without_the_protocol_is_reported_not_taken(gateway):
         with trio.fail_after(10):
             await node_p2p.host.connect(info_from_p2p_addr(Multiaddr(f"{gateway_p2p.addrs()[0]}/p2p/"
                                                                      f"{gateway_key.peer_id}")))
-        with pytest.raises(StandingUnknown, match="standing question to .* failed"):
-            await ask_standing(node_p2p, gateway_p2p.host.get_id())
+        with pytest.raises(ListingUnknown, match="listing question to .* failed"):
+            await ask_listing(node_p2p, gateway_p2p.host.get_id())
