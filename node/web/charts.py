@@ -44,8 +44,10 @@ def bar_chart(title: str, bars: list[Bar], unit: str = "") -> Markup:
     for index, bar in enumerate(bars):
         if bar.value == 0:
             height = 1
+        elif bar.value > 0:
+            height = max(1, round(bar.value * above_px / top))
         else:
-            height = max(1, round(bar.value * above_px / top) if bar.value > 0 else round(bar.value * below_px / bottom))
+            height = max(1, round(bar.value * below_px / bottom))
         x = index * slot + slot * 0.1
         y, kind = (zero_y - height, "bar") if bar.value >= 0 else (zero_y, "bar negative")
         parts.append(f'<rect class="{kind}" x="{x:.1f}" y="{y}" width="{slot * 0.8:.1f}" '
