@@ -77,7 +77,7 @@ class Pages:
     def html(self, template: str, status: int = 200, **context) -> HTMLResponse:
         page = self.templates.get_template(template).render(**context)
         return HTMLResponse(page, status_code=status, headers={
-            "cache-control": "no-store", "x-frame-options": "DENY", "referrer-policy": "no-referrer",
+            "cache-control": "no-store", "x-frame-options": "DENY", "referrer-policy": "same-origin",
             "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
                                        "form-action 'self'; frame-ancestors 'none'"})
 
