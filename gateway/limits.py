@@ -36,3 +36,8 @@ DASHBOARD_FORM_BYTES_MAX = 4 * 1024               # a sign-in or action form
 DASHBOARD_RECEIPTS_SHOWN_MAX = 50                 # latest receipts listed on the customer page
 DASHBOARD_DAYS = 14                               # days in the per-day charts
 DASHBOARD_REFRESH_S = 30                          # pages reload themselves this often
+
+# Spot-checks (gateway/market/spot_checks.py, docs/verification.md)
+SPOT_CHECK_QUEUE_MAX = 256                # sampled requests waiting for their re-run; more are dropped (and counted)
+SPOT_CHECK_CANDIDATES_MAX = 4             # providers tried for one re-run before it is given up
+SPOT_CHECK_TIMEOUT_S = 600.0              # one re-run, from ticket to receipt
