@@ -13,6 +13,7 @@ import trio
 from llorch.gateway.config import load_gateway_config
 from llorch.gateway.db import open_gateway_db
 from llorch.gateway.market.providers import ProviderBook, ProviderError, record_json
+from llorch.gateway.market.spot_checks import evidence_document_of, evidence_list
 from llorch.gateway.market.tenants import TIERS, TenantBook, TenantError, format_amount, parse_amount
 from llorch.gateway.witness.witness import WitnessBook
 from llorch.ledger.errors import EncodingError, LedgerError
@@ -41,7 +42,7 @@ def add_commands(gateway_subparsers) -> None:
     revoke.set_defaults(handler=lambda args: _run(args, tenants_revoke))
 
     providers = gateway_subparsers.add_parser(
-        "providers", help="approve, certify, suspend or readmit registered providers; review fork evidence")
+        "providers", help="approve, certify, suspend or readmit registered providers; review fork and spot-check evidence")
     providers_sub = providers.add_subparsers(dest="providers_command", required=True)
     for action, text in (("approve", "allow placement on a registered provider"),
                          ("certify", "certify a provider's geo claim (counts for EU-only tenants)"),
@@ -55,6 +56,17 @@ def add_commands(gateway_subparsers) -> None:
     forks = providers_sub.add_parser("forks", help="list every fork the witness caught, with its evidence")
     forks.add_argument("--config", type=Path, required=True)
     forks.set_defaults(handler=lambda args: _run(args, providers_forks))
+    evidence = providers_sub.add_parser(
+        "evidence", help="list spot-check evidence against providers, or write one to a file",
+        description="Without ID: every disagreement a spot-check found, oldest first (JSON: id, request_id, suspect "
+                    "or null when undecided, providers, found_ms, credited_requests). With ID --out FILE: the "
+                    "evidence file (docs/verification.md §5), which anyone checks offline with `llorch ledger "
+                    "check-evidence FILE`. It holds the customer's prompt and the outputs: share it only with "
+                    "the parties to the dispute.")
+    evidence.add_argument("id", nargs="?", type=int, help="the evidence to write")
+    evidence.add_argument("--out", type=Path, help="where to write it (with ID)")
+    evidence.add_argument("--config", type=Path, required=True)
+    evidence.set_defaults(handler=lambda args: _run(args, providers_evidence))
     readmit = providers_sub.add_parser(
         "readmit", help="let a provider excluded for a fork back, after reviewing its evidence",
         description="For a fork its own operator caused (e.g. two node processes on one ledger). The evidence "
@@ -98,6 +110,10 @@ def _tenant_options(parser, creating: bool) -> None:
                         help="serve only on operator-certified EU providers; never elsewhere")
     parser.add_argument("--require-determinism", action=flag, default=False if creating else None,
                         help="serve only on providers in the pinned determinism class")
+    parser.add_argument("--spot-checks", action=flag, default=False if creating else None,
+                        help="allow a sample of this tenant's requests (prompt included) to be re-run on a second "
+                             "provider of the same determinism class to catch a cheating provider (default: off; "
+                             "an EU-only tenant's are re-run only on certified EU providers)")
     parser.add_argument("--models", help="comma-separated catalog model ids (default: all)")
     parser.add_argument("--rps", type=int, help="requests per second (token bucket)")
     parser.add_argument("--max-concurrent", type=int, help="requests in flight at once")
@@ -124,7 +140,7 @@ async def tenants_add(database, args) -> int:
     models = args.models.split(",") if args.models else None
     budget = parse_amount(args.budget) if args.budget is not None else None
     key = await TenantBook(database).add(args.name, args.tier, budget, args.eu_only, args.require_determinism,
-                                         models, args.rps, args.max_concurrent, now_ms())
+                                         models, args.rps, args.max_concurrent, now_ms(), args.spot_checks)
     print(key)
     print(f"tenant {args.name} created; the API key above is shown once and stored only as a hash",
           file=sys.stderr)
@@ -136,7 +152,7 @@ async def tenants_update(database, args) -> int:
         ("tier", args.tier), ("budget_minor", parse_amount(args.budget) if args.budget is not None else None),
         ("eu_only", args.eu_only), ("require_determinism", args.require_determinism),
         ("models", args.models.split(",") if args.models else None), ("rps", args.rps),
-        ("max_concurrent", args.max_concurrent)) if value is not None}
+        ("max_concurrent", args.max_concurrent), ("spot_checks", args.spot_checks)) if value is not None}
     tenant = await TenantBook(database).update(args.name, **changes)
     print(json.dumps(_tenant_json(tenant), indent=2))
     return 0
@@ -157,11 +173,29 @@ def _tenant_json(tenant) -> dict:
     return {"name": tenant.name, "tier": tenant.tier, "budget": format_amount(tenant.budget_minor),
             "spent": format_amount(tenant.spent_minor), "eu_only": tenant.eu_only,
             "require_determinism": tenant.require_determinism, "models": list(tenant.models or []) or "all",
-            "rps": tenant.rps, "max_concurrent": tenant.max_concurrent, "revoked": tenant.revoked}
+            "rps": tenant.rps, "max_concurrent": tenant.max_concurrent, "spot_checks": tenant.spot_checks,
+            "revoked": tenant.revoked}
 
 
 async def providers_forks(database, args) -> int:
     print(json.dumps(await WitnessBook(database).fork_history(), indent=2))
+    return 0
+
+
+async def providers_evidence(database, args) -> int:
+    if args.id is None:
+        print(json.dumps(await evidence_list(database), indent=2))
+        return 0
+    if args.out is None:
+        raise ProviderError("give --out FILE to write evidence ID to")
+    document = await evidence_document_of(database, args.id)
+    if document is None:
+        raise ProviderError(f"there is no evidence {args.id} (`llorch gateway providers evidence` lists them)")
+    try:
+        args.out.write_text(document + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ProviderError(f"cannot write {args.out}: {exc}") from None
+    print(f"evidence {args.id} written to {args.out}; check it with `llorch ledger check-evidence {args.out}`")
     return 0
 
 

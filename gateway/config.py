@@ -31,6 +31,7 @@ class GatewayConfig:
     margin_bp_hobby: int = 4_000              # platform margin on the customer price, per tier, in basis points
     margin_bp_startup: int = 4_000            # (20%-60%: 2000-6000)
     margin_bp_enterprise: int = 4_000
+    spot_check_rate_ppm: int = 20_000         # share of finished requests re-run on another provider of the class
 
     def __post_init__(self) -> None:
         if not TENANT_NAME.match(self.tenant):
@@ -41,6 +42,8 @@ class GatewayConfig:
             margin = getattr(self, f"margin_bp_{tier}")
             if not 2_000 <= margin <= 6_000:
                 raise ConfigError(f"gateway.margin_bp_{tier} must be 2000..6000 (20%-60%), got {margin}")
+        if not 0 <= self.spot_check_rate_ppm <= 1_000_000:
+            raise ConfigError("gateway.spot_check_rate_ppm must be 0..1000000 (20000: 2% of requests re-run)")
         if not 0 <= self.queue_timeout_ms <= 600_000:
             raise ConfigError("gateway.queue_timeout_ms must be 0..600000 (0: never queue, answer 429 at once)")
         for peer in self.relay_peers:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from llorch.gateway.books import postings, receipts, reconcile, tickets
-from llorch.gateway.market import providers, tenants
+from llorch.gateway.market import providers, spot_checks, tenants
 from llorch.gateway.witness import witness
 from llorch.ledger.sqlite import Database, open_database
 
@@ -21,6 +21,7 @@ ADDED_COLUMNS = {
     "tickets": tickets.TICKET_COLUMNS,                             # settlement
     "postings": {"ticket_sha256": "BLOB"},
     "providers": providers.PROVIDER_COLUMNS,                       # registration caps by source
+    "tenants": tenants.TENANT_COLUMNS,                             # spot-check consent
 }
 
 
@@ -28,7 +29,7 @@ ADDED_COLUMNS = {
 async def open_gateway_db(path: Path) -> AsyncIterator[Database]:
     async with open_database(path) as database:
         await database.executescript(receipts.SCHEMA + tickets.SCHEMA + witness.SCHEMA + tenants.SCHEMA +
-                                     providers.SCHEMA + postings.SCHEMA)
+                                     providers.SCHEMA + postings.SCHEMA + spot_checks.SCHEMA)
         await add_missing_columns(database)
         await database.executescript(tickets.TRIGGERS + reconcile.SCHEMA)
         await rebuild_balances_if_missing(database)

@@ -38,6 +38,11 @@ DASHBOARD_DAYS = 14                               # days in the per-day charts
 DASHBOARD_REFRESH_S = 30                          # pages reload themselves this often
 
 # /llorch/listing/1 (a provider asks for its listing; gateway/listing.py)
-LISTING_ANSWERS_CONCURRENT_MAX = 32      # listing questions answered at once; more are refused as busy
-LISTING_READ_TIMEOUT_S = 5.0             # stream open → a whole question
-LISTING_WRITE_TIMEOUT_S = 5.0            # the answer
+LISTING_ANSWERS_CONCURRENT_MAX = 32       # listing questions answered at once; more are refused as busy
+LISTING_READ_TIMEOUT_S = 5.0              # stream open → a whole question
+LISTING_WRITE_TIMEOUT_S = 5.0             # the answer
+
+# Spot-checks (gateway/market/spot_checks.py, docs/verification.md)
+SPOT_CHECK_QUEUE_MAX = 256                # sampled requests waiting for their re-run; more are dropped (and counted)
+SPOT_CHECK_CANDIDATES_MAX = 4             # providers tried for one re-run before it is given up
+SPOT_CHECK_TIMEOUT_S = 600.0              # one re-run, from ticket to receipt

@@ -161,6 +161,7 @@ async def run_gateway(config: GatewayConfig) -> None:
                 p2p, directory, gateway.providers, gateway.metrics, gateway.waiting.wake,
                 frozenset({p2p.peer_id, *config.relay_peers})), restarts)
             nursery.start_soon(supervise, "streams", gateway.streams.run, restarts)
+            nursery.start_soon(supervise, "spot-checks", gateway.spot_checks.run, restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve_http(

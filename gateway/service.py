@@ -47,6 +47,7 @@ from llorch.gateway.market.node_client import AttemptFailed, InferenceCall, Stre
 from llorch.gateway.market.placement import (ProviderView, Requirements, Standing, after_failure, after_success,
                                              customer_prices, rank_providers, why_not)
 from llorch.gateway.market.providers import ProviderBook
+from llorch.gateway.market.spot_checks import Finished, SpotChecker
 from llorch.gateway.market.quota import (QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound,
                                          worst_case_minor)
 from llorch.gateway.market.tenants import Tenant, TenantBook
@@ -144,6 +145,7 @@ class Gateway:
         self._in_flight: dict[bytes, int] = {}   # this gateway's tickets per provider, from issue to settlement
         self._quotas: dict[str, TenantQuota] = {}
         self._locks: dict[str, trio.Lock] = {}
+        self.spot_checks = SpotChecker(self, config.spot_check_rate_ppm)    # its ``run``: a supervised loop
 
     # (1)-(2) --------------------------------------------------------------------------------------------------
     async def authenticate(self, authorization: str | None) -> Tenant:
@@ -251,10 +253,13 @@ class Gateway:
         job.reserved_minor = worst_case_minor(job.prompt_tokens_max, need.max_tokens, *job.price_caps)
         quota = await self.admit(tenant, job.request_id, job.reserved_minor)
         try:
-            return await self._serve_or_wait(job, need, candidates)
+            completion = await self._serve_or_wait(job, need, candidates)
         finally:
             quota.settle(job.request_id, job.charged)
             self.waiting.wake()                 # a slot this request held (or tried for) may be free now
+        # Settled: only now is it drawn whether this request is re-run elsewhere (never waits; docs/verification.md)
+        self.spot_checks.finished(Finished(job.request_id, tenant, job.prompt, job.salt, completion.text))
+        return completion
 
     async def _serve_or_wait(self, job: _Job, need: Requirements, candidates: list[ProviderView]) -> Completion:
         """(5)-(8), and while every eligible provider is busy, wait in the fair admission queue for a slot (woken

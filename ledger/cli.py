@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from llorch.ledger.errors import BundleError, KeyFileError, LedgerError, StoreError, VerificationError
+from llorch.ledger.errors import (BundleError, EvidenceError, EvidenceFormatError, KeyFileError, LedgerError,
+                                  StoreError, VerificationError)
+from llorch.ledger.limits import EVIDENCE_FILE_BYTES_MAX
+from llorch.ledger.evidence import CHECKS as EVIDENCE_CHECKS, load_evidence, result_of, verify_evidence
 from llorch.ledger.export import export_ledger
 from llorch.ledger.signing import SigningKey, write_key_file
 from llorch.ledger.material import load_material
@@ -63,6 +66,17 @@ def add_commands(subparsers):
                        help="file of the witnesses you trust (as for verify): the report says which cosignatures "
                             "are by them")
     check.set_defaults(handler=ledger_verify_receipt)
+    evidence_checks = "; ".join(f"({n}) {code} {name}" for n, (code, name) in sorted(EVIDENCE_CHECKS.items()))
+    evidence = ledger_sub.add_parser(
+        "check-evidence", help="check spot-check evidence against a provider offline",
+        description=f"FILE is a llorch-evidence/1 document (docs/verification.md §5), as `llorch gateway providers "
+                    f"evidence ID --out FILE` writes it: signed tickets and receipts of one request run by providers "
+                    f"of one determinism class that disagree. Checks: {evidence_checks}. Exit 0 if the evidence "
+                    f"holds (one of the receipts is false; the suspect, if named, is the odd one out); 1 naming the "
+                    f"first failed check; 2 if FILE is not such a document.")
+    evidence.add_argument("file", type=Path)
+    evidence.add_argument("--json", action="store_true", help="print a machine-readable report")
+    evidence.set_defaults(handler=ledger_check_evidence)
     return ledger_sub
 
 
@@ -139,6 +153,38 @@ def ledger_verify_receipt(args: argparse.Namespace) -> int:
     print(f"OK: receipt {receipt.request_id} ({receipt.tokens_in} + {receipt.tokens_out} tokens, {receipt.amount} "
           f"{receipt.currency} minor units to the provider) is entry {receipt.index} of {receipt.origin}, under its "
           f"signed checkpoint of {checked.tree_size} entries{cosigned}")
+    return EXIT_OK
+
+
+def ledger_check_evidence(args: argparse.Namespace) -> int:
+    from llorch.ledger.signing import peer_id_of
+
+    try:                                     # unreadable input: exit 2
+        with open(args.file, "rb") as handle:
+            data = handle.read(EVIDENCE_FILE_BYTES_MAX + 1)     # load_evidence refuses more
+        document = load_evidence(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, EvidenceFormatError) as exc:
+        _emit(args, {"ok": False, "error": str(exc)}, f"error: cannot use {args.file}: {exc}")
+        return EXIT_UNUSABLE
+    try:                                     # evidence that does not hold: exit 1
+        checked = verify_evidence(document)
+    except EvidenceError as exc:
+        _emit(args, {"ok": False, "check": exc.check, "code": exc.code, "message": exc.message}, f"FAIL {exc}")
+        return EXIT_FAILED
+    runs = [{"provider": peer_id_of(r.provider_key), "request_id": r.request_id, "tokens_in": r.tokens_in,
+             "tokens_out": r.tokens_out, "finish_reason": r.finish_reason, "output_sha256": r.output_sha256.hex()}
+            for r in checked.receipts]
+    verdict = (f"the odd one out is {peer_id_of(checked.suspect)}: its signed result differs from the one the "
+               f"other {len(runs) - 1} agree on" if checked.suspect else
+               "no suspect is named: one of these providers signed a false result, not decided which")
+    lines = [f"  {run['provider']}: {run['tokens_in']} + {run['tokens_out']} tokens, {run['finish_reason']}, "
+             f"output {run['output_sha256'][:16]}" for run in runs]
+    _emit(args, {"ok": True, "engine_build": checked.engine_build, "runs": runs,
+                 "suspect": peer_id_of(checked.suspect) if checked.suspect else None,
+                 "distinct_results": len({result_of(r) for r in checked.receipts}),
+                 "checks_passed": [EVIDENCE_CHECKS[n][0] for n in sorted(EVIDENCE_CHECKS)]},
+          f"OK: {len(runs)} signed runs of identical inputs in engine build {checked.engine_build!r} disagree; "
+          f"{verdict}\n" + "\n".join(lines))
     return EXIT_OK
 
 

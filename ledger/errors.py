@@ -9,7 +9,9 @@
     ├── BundleError                  a bundle file cannot be read (truncated, extended, corrupted, not a bundle) or
     │                                written (disk full): nothing in it was audited
     ├── ChainBreak                   an entry does not continue its ledger (carries the auditor's check number)
-    └── VerificationError            the offline auditor found a bad entry (carries check number, code, entry index)
+    ├── VerificationError            the offline auditor found a bad entry (carries check number, code, entry index)
+    ├── EvidenceFormatError          a file is not a spot-check evidence document (nothing in it was checked)
+    └── EvidenceError                a spot-check evidence document fails a numbered check (carries check and code)
 
 Everything here describes a problem with *data* (a file, a peer's bytes); bugs in our own code are
 ``AssertionError``s and are never caught.
@@ -97,6 +99,26 @@ class VerificationError(LedgerError):
         else:
             where = "checkpoint"
         super().__init__(f"{code} (check {check}) at {where}: {message}")
+
+
+class EvidenceFormatError(LedgerError):
+    """Raised when a file is not a spot-check evidence document (docs/verification.md §5): not JSON, a field missing
+    or of the wrong type, too large. Nothing in it was checked, so it says nothing for or against any provider: ask
+    the gateway operator for the file again (`llorch gateway providers evidence ID --out FILE`)."""
+
+
+class EvidenceError(LedgerError):
+    """Raised when a spot-check evidence document fails one of its numbered checks (docs/verification.md §5).
+
+    ``check`` is the step number, ``code`` the stable code (EV01...). The document does not prove what it claims:
+    whoever produced it (a gateway) sent a forgery, a damaged file, or evidence of nothing.
+    """
+
+    def __init__(self, check: int, code: str, message: str) -> None:
+        self.check = check
+        self.code = code
+        self.message = message
+        super().__init__(f"{code} (check {check}): {message}")
 
 
 def sole_exception(error: BaseException) -> BaseException:

@@ -148,8 +148,11 @@ async def market_gateway(workdir, gateway_key: SigningKey, gateway_options: dict
 async def market(tmp_path, providers: dict[str, dict], tenants: dict[str, dict] | None = None,
                  gateway_options: dict | None = None):
     """``providers``: name → {"cls": ProviderService subclass, "claims": {...}, "delay_s": float, "slots": int,
-    "price_in": int, "price_out": int, "model": catalog id, "tokens": int, "stall": (tokens, seconds)}.
-    ``tenants``: name → TenantBook.add options (tier, budget_minor, ...)."""
+    "price_in": int, "price_out": int, "model": catalog id, "tokens": int, "stall": (tokens, seconds),
+    "engine": an echo engine class (tests/cheaters.py), "certified": bool (the operator certified its geo claim)}.
+    ``tenants``: name → TenantBook.add options (tier, budget_minor, ..., spot_checks).
+    With ``gateway_options["spot_check_rate_ppm"]`` the gateway's spot-check loop runs (gateway/market/spot_checks.py).
+    """
     gateway_key = SigningKey.generate()
     async with AsyncExitStack() as stack:
         built = await stack.enter_async_context(market_gateway(tmp_path, gateway_key, gateway_options))
@@ -177,11 +180,18 @@ async def market(tmp_path, providers: dict[str, dict], tenants: dict[str, dict] 
             registration = build_registration(node_config, key, p2p.addrs()[0])
             await gateway.providers.register(Registration.from_envelope(registration), registration, now_ms())
             await gateway.providers.set_status(key.peer_id, "approved")
+            if spec.get("certified"):
+                await gateway.providers.certify_geo(key.peer_id)
             built.providers[name] = Provider(name, key, node_config, service, ledger, attestation, p2p, pool)
         for name, options in (tenants or {"acme": {}}).items():
             await gateway.tenants.add(name, options.get("tier", "hobby"), options.get("budget_minor"),
                                       options.get("eu_only", False), options.get("require_determinism", False),
-                                      None, None, options.get("max_concurrent"), now_ms())
+                                      None, None, options.get("max_concurrent"), now_ms(),
+                                      options.get("spot_checks", False))
+        if (gateway_options or {}).get("spot_check_rate_ppm"):
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            nursery.start_soon(gateway.spot_checks.run)
+            stack.callback(nursery.cancel_scope.cancel)
         yield built
 
 
@@ -189,6 +199,8 @@ def engine_for(spec: dict):
     """The test-only engine a provider spec asks for: echo (of catalog model "model", the default one unless
     given), stopping early ("tokens") or stalling ("stall")."""
     entry, delay_s = catalog.lookup(spec.get("model", MODEL_ID)), spec.get("delay_s", 0.0)
+    if "engine" in spec:
+        return spec["engine"](entry, delay_s)
     if "tokens" in spec:
         return ShortEngine(entry, delay_s, spec["tokens"])
     if "stall" in spec:

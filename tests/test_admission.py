@@ -4,11 +4,15 @@ is busy"."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trio
 
 from llorch.gateway.errors import RateLimited
-from tests.inprocess import market
+from llorch.node.stream_io import now_ms
+from tests.helpers import MODEL_ID
+from tests.inprocess import market, serving_http
 
 BODY = {"messages": [{"role": "user", "content": "a burst"}], "max_tokens": 6}
 
@@ -78,3 +82,33 @@ async def test_a_customer_who_hangs_up_while_queued_leaves_the_queue_at_once(tmp
             assert len(m.gateway.waiting.queue) == 0
         rows = await m.rows("SELECT accepted_ms FROM tickets WHERE request_id = 'chatcmpl-gave-up-waiting'")
         assert all(accepted is None for accepted, in rows), rows      # never placed after it left
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_customer_who_hangs_up_its_http_connection_while_queued_is_never_served(tmp_path, stream):
+    """Over HTTP, as a customer hangs up: the connection closes while the request waits in the queue. Before, a
+    non-streaming request stayed queued, was placed when the slot freed, ran on the provider and was billed to a
+    customer who was gone (ghost work). It must leave the queue at once and never get a ticket."""
+    async with market(tmp_path, {"a": {"stall": (1, 3.0)}}, tenants={"acme": {"max_concurrent": 8}}) as m, \
+            serving_http(m.gateway) as base_url:
+        api_key = await m.gateway.tenants.add("caller", "hobby", None, False, False, None, None, 8, now_ms())
+        host, port = base_url.removeprefix("http://").split(":")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(m.complete, "acme", {**BODY, "seed": 1})      # holds the only slot for 3 s
+            await trio.sleep(0.3)
+            body = json.dumps({"model": MODEL_ID, **BODY, "seed": 2, "stream": stream}).encode()
+            connection = await trio.open_tcp_stream(host, int(port))
+            await connection.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                      b"Authorization: Bearer " + api_key.encode() + b"\r\n"
+                                      b"Content-Type: application/json\r\n"
+                                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            with trio.fail_after(2):
+                while len(m.gateway.waiting.queue) == 0:
+                    await trio.sleep(0.02)
+            await connection.aclose()                                      # the customer hangs up
+            with trio.fail_after(1):
+                while len(m.gateway.waiting.queue) != 0:
+                    await trio.sleep(0.02)
+        await trio.sleep(0.5)                                              # the slot is free again by now
+        assert await m.rows("SELECT request_id FROM tickets WHERE tenant = 'caller'") == []
+        assert await m.rows("SELECT * FROM postings WHERE tenant = 'caller'") == []

@@ -35,6 +35,7 @@ from llorch.gateway.api.openapi import (BEARER, GatewayInfo, Health, ProviderCap
                                         request_body)
 from llorch.gateway.market.providers import parse_registration_body, record_json
 from llorch.gateway.service import PROMPT_BYTES_MAX, Completion, Gateway, new_request_id
+from llorch.ledger.errors import sole_exception
 from llorch.node.models import catalog_kind
 from llorch.node.stream_io import now_ms
 
@@ -77,6 +78,34 @@ def llorch_extension(completion: Completion) -> dict:
             "provider_amount": completion.charge.payout, "currency": receipt.currency}
 
 
+HUNG_UP = object()
+CLIENT_CLOSED_REQUEST = 499           # the status nginx logs for a client that went away before the answer
+
+
+async def unless_the_client_hangs_up(receive: Receive, work):
+    """``await work()``, cancelled as soon as the client's connection closes (ASGI ``http.disconnect``; the request
+    body must have been read): a request waiting in the admission queue leaves it at once and is never placed, a
+    placed one cancels its provider stream and is billed only for what was relayed. Returns work's result, or
+    HUNG_UP if the client went away first."""
+    result = HUNG_UP
+    try:
+        async with trio.open_nursery() as nursery:
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_disconnect)
+            result = await work()
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:      # work's own error (a 4xx, a 503) reaches the handlers unwrapped
+        sole = sole_exception(group)
+        if sole is group:
+            raise
+        raise sole from None
+    return result
+
+
 class ChatStreamResponse(Response):
     """An SSE response that starts only when the first token arrives, so errors before it keep their status code.
 
@@ -95,15 +124,7 @@ class ChatStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope.setdefault("state", {})["request_id"] = self.request_id
-        async with trio.open_nursery() as nursery:
-            async def watch_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch_disconnect)
-            await self._run(send)
-            nursery.cancel_scope.cancel()
+        await unless_the_client_hangs_up(receive, lambda: self._run(send))
 
     async def _run(self, send: Send) -> None:
         started = False
@@ -247,7 +268,10 @@ def build_app(gateway: Gateway) -> FastAPI:
 
         request_id = new_request_id()
         request.state.request_id = request_id
-        completion = await gateway.complete(chat, tenant, ignore, request_id)
+        completion = await unless_the_client_hangs_up(request.receive,
+                                                      lambda: gateway.complete(chat, tenant, ignore, request_id))
+        if completion is HUNG_UP:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)       # nobody reads it
         return JSONResponse(completion_body(chat, completion, int(time.time())),
                             headers={"x-llorch-provider": completion.provider_peer_id})
 

@@ -4,7 +4,10 @@
     tenant:<name>  →  platform:fees        fee    (charge − payout: the margin)
 
 or, for a ticket the gateway lost before settling it live (gateway/books/settlement.py, GATEWAY_LOST), one leg
-platform:fees → provider:<peer id>. Legs are keyed by (request_id, leg): posting a request twice is impossible (the
+platform:fees → provider:<peer id>; for a spot-check re-run (gateway/market/spot_checks.py) one leg "spot_check"
+platform:fees → provider:<peer id>, a platform cost. Customers a provider caught cheating served since its last
+clean check are credited with legs "correction:spot-check-payout" (provider → tenant) and
+"correction:spot-check-fee" (platform → tenant), the payout and fee of each request reversed. Legs are keyed by (request_id, leg): posting a request twice is impossible (the
 database refuses the second), and each leg names the ticket it settles. Corrections are new legs of kind
 "correction", never edits. Balances are derived from the legs: ``account_balances`` is a running sum that a trigger
 keeps in the same transaction as every posting (so admission reads a tenant's spend in O(1) however long its
@@ -100,10 +103,14 @@ class Books:
 
     @staticmethod
     def settlement_statements(tenant: str, ticket: Ticket, ticket_sha256: bytes, settlement: Settlement,
-                              now_ms: int) -> list:
-        """The legs of one settled ticket (to run in the caller's transaction); none when nothing is billed."""
+                              now_ms: int, platform_leg: str | None = None) -> list:
+        """The legs of one settled ticket (to run in the caller's transaction); none when nothing is billed.
+        ``platform_leg``: the name of the leg when the platform pays the provider (a spot-check: "spot_check")."""
         provider = peer_id_of(ticket.provider_key)
         legs = settlement.legs(tenant_account(tenant), provider_account(provider), PLATFORM_ACCOUNT)
+        if platform_leg is not None:
+            assert all(debit == PLATFORM_ACCOUNT for _, debit, _, _ in legs), "a platform cost charges no tenant"
+            legs = [(platform_leg, debit, credit, amount) for _, debit, credit, amount in legs]
         if not legs:
             return []
         common = (ticket.currency, period_of(now_ms), tenant, provider, ticket.model_id, settlement.tokens_in,
@@ -135,6 +142,19 @@ class Books:
             "model_id, tokens_in, tokens_out, margin_bp, posted_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
             [(request_id, leg, debit, credit, amount, currency, period, tenant, provider, model, margin, now_ms)])])
         return leg
+
+    @staticmethod
+    def credit_statements(provider_id: str, served_after_ms: int, now_ms: int) -> list:
+        """Credit every customer of ``provider_id`` for its requests posted after ``served_after_ms``: the payout and
+        the fee of each reversed, as correction legs (to run in the caller's transaction). Crediting twice is a
+        no-op: the legs are keyed by (request_id, leg)."""
+        return [(
+            "INSERT OR IGNORE INTO postings (request_id, leg, debit, credit, amount, currency, period, tenant, "
+            "provider_id, model_id, tokens_in, tokens_out, margin_bp, posted_ms) "
+            "SELECT request_id, 'correction:spot-check-' || leg, credit, debit, amount, currency, ?, tenant, "
+            "provider_id, model_id, 0, 0, margin_bp, ? FROM postings WHERE provider_id = ? AND posted_ms > ? "
+            "AND leg IN ('payout', 'fee') AND debit LIKE 'tenant:%' AND amount > 0",
+            [(period_of(now_ms), now_ms, provider_id, served_after_ms)])]
 
     async def balance(self, account: str) -> int:
         """Credits minus debits of an account (a tenant's balance is negative: what it owes)."""

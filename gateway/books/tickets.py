@@ -97,16 +97,18 @@ class TicketBook:
               terms.prompt_tokens_max)])])
 
     async def settle(self, ticket: Ticket, ticket_bytes: bytes, metered: Metered, settlement: Settlement,
-                     receipt: Receipt | None, receipt_bytes: bytes | None, tenant: str, now_ms: int) -> None:
+                     receipt: Receipt | None, receipt_bytes: bytes | None, tenant: str, now_ms: int,
+                     platform_leg: str | None = None) -> None:
         """One transaction: the settlement, the receipt it used, its postings and findings. Raises StoreError
-        (and writes nothing) if the ticket was already settled."""
+        (and writes nothing) if the ticket was already settled. ``platform_leg``: see Books.settlement_statements."""
         await self._database.transaction(
             self.settlement_statements(ticket, ticket_bytes, metered, settlement, receipt, receipt_bytes, tenant,
-                                       now_ms))
+                                       now_ms, platform_leg))
 
     @staticmethod
     def settlement_statements(ticket: Ticket, ticket_bytes: bytes, metered: Metered, settlement: Settlement,
-                              receipt: Receipt | None, receipt_bytes: bytes | None, tenant: str, now_ms: int) -> list:
+                              receipt: Receipt | None, receipt_bytes: bytes | None, tenant: str, now_ms: int,
+                              platform_leg: str | None = None) -> list:
         ticket_hash = sha256(ticket_bytes)
         statements: list = [(
             "UPDATE tickets SET state = 'settled', outcome = ?, frames = ?, text_bytes = ?, accepted_ms = ?, "
@@ -118,7 +120,7 @@ class TicketBook:
               sha256(receipt_bytes) if receipt_bytes and settlement.receipt_used else None, ticket_hash)])]
         if receipt is not None and receipt_bytes is not None:
             statements += ReceiptBook.statements(receipt, ticket_bytes, receipt_bytes)
-        statements += Books.settlement_statements(tenant, ticket, ticket_hash, settlement, now_ms)
+        statements += Books.settlement_statements(tenant, ticket, ticket_hash, settlement, now_ms, platform_leg)
         if settlement.findings:
             statements.append((
                 "INSERT OR IGNORE INTO findings (kind, provider_key, ticket_sha256, request_id, detail, found_ms) "

@@ -35,7 +35,9 @@ CREATE TABLE IF NOT EXISTS tenants (
 # spent is the tenant's account balance, kept by the books (gateway/books/postings.py) with every posting
 COLUMNS = ("name", "tier", "budget_minor",
            "COALESCE((SELECT debits - credits FROM account_balances WHERE account = 'tenant:' || tenants.name), 0)",
-           "eu_only", "require_determinism", "models", "rps", "max_concurrent", "revoked")
+           "eu_only", "require_determinism", "models", "rps", "max_concurrent", "revoked", "spot_checks")
+# Columns added since the first version (databases from before get them with ALTER TABLE, see gateway/db.py).
+TENANT_COLUMNS = {"spot_checks": "INTEGER NOT NULL DEFAULT 0"}   # may a request be re-run on a second provider
 
 
 class TenantError(Exception):
@@ -54,6 +56,7 @@ class Tenant:
     rps: int | None
     max_concurrent: int | None
     revoked: bool
+    spot_checks: bool = False            # its requests may be re-run on a second provider (docs/verification.md)
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -86,9 +89,9 @@ def format_amount(minor: int | None) -> str:
 
 
 def _row_to_tenant(row) -> Tenant:
-    name, tier, budget, spent, eu_only, determinism, models, rps, concurrent, revoked = row
+    name, tier, budget, spent, eu_only, determinism, models, rps, concurrent, revoked, spot_checks = row
     return Tenant(name, tier, budget, spent, bool(eu_only), bool(determinism),
-                  tuple(models.split(",")) if models else None, rps, concurrent, bool(revoked))
+                  tuple(models.split(",")) if models else None, rps, concurrent, bool(revoked), bool(spot_checks))
 
 
 def validate(tier: str | None = None, rps: int | None = None, max_concurrent: int | None = None,
@@ -109,17 +112,19 @@ class TenantBook:
         self._database = database
 
     async def add(self, name: str, tier: str, budget_minor: int | None, eu_only: bool, require_determinism: bool,
-                  models: list[str] | None, rps: int | None, max_concurrent: int | None, now_ms: int) -> str:
-        """Create a tenant; return its API key (shown once, stored only as a hash)."""
+                  models: list[str] | None, rps: int | None, max_concurrent: int | None, now_ms: int,
+                  spot_checks: bool = False) -> str:
+        """Create a tenant; return its API key (shown once, stored only as a hash). ``spot_checks``: the tenant
+        allows its requests to be re-run on a second provider to check the first (off unless it says so)."""
         validate(tier, rps, max_concurrent, models, name)
         if await self.get(name) is not None:
             raise TenantError(f"tenant {name!r} already exists")
         api_key = new_api_key()
         await self._database.transaction([(
             "INSERT INTO tenants (name, api_key_sha256, tier, budget_minor, eu_only, require_determinism, models, "
-            "rps, max_concurrent, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "rps, max_concurrent, created_ms, spot_checks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(name, key_hash(api_key), tier, budget_minor, int(eu_only), int(require_determinism),
-              ",".join(models) if models else None, rps, max_concurrent, now_ms)])])
+              ",".join(models) if models else None, rps, max_concurrent, now_ms, int(spot_checks))])])
         return api_key
 
     async def get(self, name: str) -> Tenant | None:
@@ -135,11 +140,12 @@ class TenantBook:
         return [_row_to_tenant(row) for row in rows]
 
     async def update(self, name: str, **changes) -> Tenant:
-        """Change tier, budget_minor, eu_only, require_determinism, models, rps or max_concurrent."""
+        """Change tier, budget_minor, eu_only, require_determinism, models, rps, max_concurrent or spot_checks."""
         if await self.get(name) is None:
             raise TenantError(f"no tenant {name!r}")
         validate(changes.get("tier"), changes.get("rps"), changes.get("max_concurrent"), changes.get("models"))
-        allowed = {"tier", "budget_minor", "eu_only", "require_determinism", "models", "rps", "max_concurrent"}
+        allowed = {"tier", "budget_minor", "eu_only", "require_determinism", "models", "rps", "max_concurrent",
+                   "spot_checks"}
         if set(changes) - allowed:
             raise TenantError(f"cannot change {sorted(set(changes) - allowed)}")
         values = {k: (",".join(v) if k == "models" and v else int(v) if isinstance(v, bool) else v)

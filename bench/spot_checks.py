@@ -1,0 +1,56 @@
+"""Detection figures for spot-checks (docs/verification.md §3): for each test-only cheating engine, how many of its
+own requests a provider serves before a spot-check catches it, over several seeds of the gateway's draw, against the
+formula n(P) = ln(1 - P) / ln(1 - p·q). In-process market (real libp2p and SQLite, echo engines), three providers of
+which one cheats.
+
+    .venv/bin/python bench/spot_checks.py [--rate-ppm 500000] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.cheaters import OtherModelEngine, ResamplingEngine, SometimesEngine, TruncatingEngine  # noqa: E402
+from tests.inprocess import market  # noqa: E402
+from tests.test_spot_checks import serve_until_suspended  # noqa: E402
+
+CHEATERS = {"another model": (OtherModelEngine, 1.0), "truncates": (TruncatingEngine, 1.0),
+            "changes sampling": (ResamplingEngine, 1.0), "cheats on 10%": (SometimesEngine, 0.1)}
+
+
+async def one(kind: str, rate_ppm: int, seed: int) -> tuple[int, int]:
+    engine, _ = CHEATERS[kind]
+    with tempfile.TemporaryDirectory() as workdir:
+        providers = {"honest1": {}, "cheater": {"engine": engine}, "honest2": {}}
+        async with market(Path(workdir), providers, {"acme": {"spot_checks": True}},
+                          {"spot_check_rate_ppm": rate_ppm}) as m, trio.open_nursery() as nursery:
+            nursery.start_soon(m.attest_forever)
+            m.gateway.spot_checks.rng = random.Random(seed)
+            sent, served, _ = await serve_until_suspended(m, m.providers["cheater"], 3_000)
+            nursery.cancel_scope.cancel()
+            return sent, served
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate-ppm", type=int, default=500_000)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    p = args.rate_ppm / 1e6
+    for kind, (_, q) in CHEATERS.items():
+        served = [trio.run(one, kind, args.rate_ppm, seed)[1] for seed in range(args.runs)]
+        n50, n99 = (math.ceil(math.log(1 - P) / math.log(1 - p * q)) for P in (0.5, 0.99))
+        print(f"{kind:18s} p={p:.0%} q={q:.0%}: caught after serving {sorted(served)} of its requests "
+              f"(median {sorted(served)[len(served) // 2]}); formula n(50%)={n50}, n(99%)={n99}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

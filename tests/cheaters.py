@@ -1,0 +1,61 @@
+"""Cheating engines, test-only: each claims the pinned model and the echo engine's determinism class (its
+fingerprint is ``echo/1`` like the honest echo engine's, so its attestations and receipts name the same class) but
+does not serve what it signs. The honest echo engine is deterministic, so two honest echo providers always agree:
+only a cheater makes a spot-check disagree. For tests/test_spot_checks.py; never used outside tests."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from llorch.inference.echo import EchoEngine
+from llorch.inference.engine import Generation
+
+
+class OtherModelEngine(EchoEngine):
+    """Serves another (cheaper) model's output under the pinned model's name: other words, same length."""
+
+    async def generate(self, prepared, emit) -> Generation:
+        sent = []
+        for index in range(prepared.sampling.max_tokens):
+            word = f"small{prepared.sampling.seed}-{index} "
+            await emit(word)
+            sent.append(word)
+        return Generation("".join(sent), len(prepared.prompt_tokens), len(sent), "length")
+
+
+class TruncatingEngine(EchoEngine):
+    """Stops after half the tokens asked for and says the answer ended there ("stop"): paid less, but spends less."""
+
+    async def generate(self, prepared, emit) -> Generation:
+        half = max(1, prepared.sampling.max_tokens // 2)
+        generation = await super().generate(replace(prepared, sampling=replace(prepared.sampling, max_tokens=half)),
+                                            emit)
+        return replace(generation, finish_reason="stop")
+
+
+class ResamplingEngine(EchoEngine):
+    """Changes the sampling: ignores the ticket's seed (as a cached or greedy answer would)."""
+
+    async def generate(self, prepared, emit) -> Generation:
+        return await super().generate(replace(prepared, sampling=replace(prepared.sampling, seed=0)), emit)
+
+
+class SometimesEngine(EchoEngine):
+    """Cheats on a fraction of requests (``CHEAT_PPM``, drawn from a fixed seed so a test run repeats), honest on the
+    rest: the hardest cheater for sampling to catch."""
+
+    CHEAT_PPM = 100_000
+    cheated = 0
+    served = 0
+
+    def __init__(self, entry, delay_s: float = 0.0) -> None:
+        super().__init__(entry, delay_s)
+        self._rng = random.Random(14)
+
+    async def generate(self, prepared, emit) -> Generation:
+        type(self).served += 1
+        if self._rng.randrange(1_000_000) < self.CHEAT_PPM:
+            type(self).cheated += 1
+            return await OtherModelEngine.generate(self, prepared, emit)
+        return await super().generate(prepared, emit)

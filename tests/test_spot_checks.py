@@ -1,0 +1,204 @@
+"""Catching a cheating provider with spot-checks (gateway/market/spot_checks.py, docs/verification.md), against a
+real in-process market (real libp2p, real SQLite ledgers and books). The cheaters are the test-only engines of
+tests/cheaters.py: each claims the pinned model and the echo engine's class, and each is caught, suspended, its
+evidence checks out offline, and the customers it served are credited. Honest echo providers are deterministic like
+real ones: they never disagree."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import trio
+
+from llorch.gateway.books.postings import PLATFORM_ACCOUNT, provider_account, tenant_account
+from llorch.gateway.cli import main
+from llorch.gateway.market.spot_checks import evidence_document_of, evidence_list
+from llorch.ledger.evidence import verify_evidence
+from llorch.node.stream_io import now_ms
+from tests.cheaters import OtherModelEngine, ResamplingEngine, SometimesEngine, TruncatingEngine
+from tests.inprocess import market
+
+ALL_PPM = 1_000_000
+CONSENTING = {"acme": {"spot_checks": True}}
+
+
+def body(seed: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"tell me about request {seed}"}], "max_tokens": 6,
+            "seed": seed}
+
+
+async def serve(m, count: int, tenant: str = "acme", first_seed: int = 1) -> list:
+    """``count`` requests one after another, each followed by its spot-check (if drawn)."""
+    completions = []
+    for seed in range(first_seed, first_seed + count):
+        completions.append(await m.complete(tenant, body(seed)))
+        await m.gateway.spot_checks.wait_idle()
+    return completions
+
+
+async def serve_until_suspended(m, cheater, requests_max: int) -> tuple[int, int, list]:
+    """Requests until ``cheater`` is suspended: (requests sent, requests it served, the completions)."""
+    completions = []
+    for seed in range(1, requests_max + 1):
+        completions.append(await m.complete("acme", body(seed)))
+        await m.gateway.spot_checks.wait_idle()
+        if (await m.gateway.providers.get(cheater.key.peer_id)).status == "suspended":
+            served = sum(c.provider_peer_id == cheater.key.peer_id for c in completions)
+            return seed, served, completions
+    raise AssertionError(f"the cheater was not caught within {requests_max} requests")
+
+
+async def check_exported_evidence(m, tmp_path, cheater) -> dict:
+    """The stored evidence names the cheater, checks out offline, and the CLI says so (exit 0)."""
+    (listed,) = await evidence_list(m.database)
+    assert listed["suspect"] == cheater.key.peer_id and listed["verdict"] == "suspect"
+    document = json.loads(await evidence_document_of(m.database, listed["id"]))
+    assert verify_evidence(document).suspect == cheater.key.public_key
+    path = tmp_path / "evidence.json"
+    path.write_text(json.dumps(document))
+    assert main(["ledger", "check-evidence", str(path)]) == 0
+    return listed
+
+
+async def check_customers_credited(m, cheater, served_by_cheater: list) -> None:
+    """Every request the cheater served is reversed (payout and fee back to the tenant); nothing else is."""
+    cheater_id = cheater.key.peer_id
+    credited = await m.rows("SELECT request_id, leg, debit, credit, amount FROM postings "
+                            "WHERE leg LIKE 'correction:spot-check-%' ORDER BY request_id, leg")
+    assert {r[0] for r in credited} == {c.request_id for c in served_by_cheater}
+    for completion in served_by_cheater:
+        legs = {leg: (debit, credit, amount) for request_id, leg, debit, credit, amount in credited
+                if request_id == completion.request_id}
+        assert legs["correction:spot-check-payout"] == (provider_account(cheater_id), tenant_account("acme"),
+                                                        completion.charge.payout)
+        if completion.charge.fee:           # a fee rounded to 0 has no leg to reverse
+            assert legs["correction:spot-check-fee"] == (PLATFORM_ACCOUNT, tenant_account("acme"),
+                                                         completion.charge.fee)
+        else:
+            assert set(legs) == {"correction:spot-check-payout"}
+    statement = await m.gateway.books.statement("tenant", "acme", time_period())
+    assert sum(-c["amount_minor"] for c in statement["corrections"]) == \
+        sum(c.charge.charge for c in served_by_cheater)
+
+
+def time_period() -> str:
+    from llorch.gateway.books.postings import period_of
+    return period_of(now_ms())
+
+
+CHEATERS = {"another_model": OtherModelEngine, "truncates": TruncatingEngine, "changes_sampling": ResamplingEngine}
+
+
+@pytest.mark.parametrize("kind", sorted(CHEATERS))
+async def test_a_cheater_is_caught_suspended_its_evidence_checks_out_and_its_customers_are_credited(tmp_path, kind):
+    providers = {"honest1": {}, "cheater": {"engine": CHEATERS[kind]}, "honest2": {}}
+    async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": ALL_PPM}) as m:
+        cheater = m.providers["cheater"]
+        sent, served, completions = await serve_until_suspended(m, cheater, 6)
+        # At 100% every request is re-run: the cheater is caught at the first request it serves or re-runs.
+        assert served <= 1 and sent <= 3, (sent, served)
+        listed = await check_exported_evidence(m, tmp_path, cheater)
+        served_by_cheater = [c for c in completions if c.provider_peer_id == cheater.key.peer_id]
+        assert listed["credited_requests"] == len(served_by_cheater)
+        await check_customers_credited(m, cheater, served_by_cheater)
+        # suspended at once: no more requests go to it, as customer or as checker
+        later = await serve(m, 4, first_seed=100)
+        assert all(c.provider_peer_id != cheater.key.peer_id for c in later)
+        assert (await m.gateway.providers.get(cheater.key.peer_id)).status == "suspended"
+    await check_operator_cli(tmp_path, cheater, listed["id"])
+
+
+async def check_operator_cli(tmp_path, cheater, evidence_id: int) -> None:
+    """The operator sees the suspension and the evidence, and exports a file that checks out offline."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[gateway]\nkey_file = "{tmp_path / "gateway.key"}"\ndb_path = "{tmp_path / "gateway.sqlite"}"\n')
+    out = tmp_path / "exported.json"
+
+    def operator() -> list:
+        return [main(["gateway", "providers", "evidence", "--config", str(config)]),
+                main(["gateway", "providers", "evidence", str(evidence_id), "--out", str(out), "--config",
+                      str(config)]),
+                main(["gateway", "providers", "evidence", "999", "--out", str(out) + ".x", "--config", str(config)]),
+                main(["ledger", "check-evidence", str(out)])]
+
+    assert await trio.to_thread.run_sync(operator) == [0, 0, 2, 0]
+
+
+async def test_honest_providers_never_disagree_and_checks_are_a_platform_cost(tmp_path):
+    async with market(tmp_path, {"a": {}, "b": {}, "c": {}}, CONSENTING, {"spot_check_rate_ppm": ALL_PPM}) as m:
+        completions = await serve(m, 24)
+        stats = m.gateway.spot_checks.statistics
+        assert (stats.sampled, stats.clean, stats.mismatched, stats.failed) == (24, 24, 0, 0)
+        assert await evidence_list(m.database) == []
+        assert all(r.status == "approved" for r in await m.gateway.providers.all())
+        legs = await m.rows("SELECT debit, credit, amount FROM postings WHERE leg = 'spot_check'")
+        assert len(legs) == 24 and all(d == PLATFORM_ACCOUNT and c.startswith("provider:") and a > 0
+                                       for d, c, a in legs)
+        # the customer pays for its own requests only; the platform statement shows what the checks cost
+        spent = await m.gateway.books.tenant_spent("acme")
+        assert spent == sum(c.charge.charge for c in completions)
+        statement = await m.gateway.books.statement("platform", None, time_period())
+        assert sum(-c["amount_minor"] for c in statement["corrections"]) == sum(a for _, _, a in legs)
+
+
+async def test_a_tenant_that_did_not_allow_it_is_never_re_run(tmp_path):
+    async with market(tmp_path, {"a": {}, "b": {}}, {"acme": {}}, {"spot_check_rate_ppm": ALL_PPM}) as m:
+        await serve(m, 6)
+        assert m.gateway.spot_checks.statistics.sampled == 0
+        assert await m.rows("SELECT * FROM postings WHERE leg = 'spot_check'") == []
+        tickets = await m.rows("SELECT COUNT(*) FROM tickets")
+        assert tickets == [(6,)]
+
+
+async def test_an_eu_only_tenants_request_is_re_run_only_on_certified_eu_providers(tmp_path):
+    providers = {"eu1": {"certified": True}, "eu2": {"certified": True}, "elsewhere": {}}
+    tenants = {"acme": {"spot_checks": True, "eu_only": True}}
+    async with market(tmp_path, providers, tenants, {"spot_check_rate_ppm": ALL_PPM}) as m:
+        await serve(m, 6)
+        assert m.gateway.spot_checks.statistics.clean == 6
+        elsewhere = m.providers["elsewhere"].key.public_key
+        assert await m.rows("SELECT COUNT(*) FROM tickets WHERE provider_key = ?", (elsewhere,)) == [(0,)]
+
+
+async def test_with_no_third_provider_a_disagreement_is_stored_undecided_and_nobody_is_suspended(tmp_path):
+    providers = {"honest": {}, "cheater": {"engine": OtherModelEngine}}
+    async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": ALL_PPM}) as m:
+        await serve(m, 2)
+        (listed, *_) = await evidence_list(m.database)
+        assert listed["verdict"] == "undecided" and listed["credited_requests"] == 0
+        assert all(r.status == "approved" for r in await m.gateway.providers.all())
+        assert verify_evidence(json.loads(await evidence_document_of(m.database, listed["id"]))).suspect is None
+
+
+def requests_to_catch(rate_ppm: int, cheat_ppm: int, miss_probability: float) -> int:
+    """The n with 1 - (1 - p·q)^n ≥ 1 - miss_probability (docs/verification.md §3)."""
+    pq = rate_ppm / 1e6 * cheat_ppm / 1e6
+    return math.ceil(math.log(miss_probability) / math.log(1 - pq))
+
+
+async def test_a_provider_cheating_on_10_percent_is_caught_within_the_sampling_math(tmp_path):
+    import random
+    rate_ppm = 500_000
+    bound = requests_to_catch(rate_ppm, SometimesEngine.CHEAT_PPM, 1e-4)       # 180 requests served by it
+    providers = {"honest1": {}, "cheater": {"engine": SometimesEngine}, "honest2": {}}
+    async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": rate_ppm}) as m, \
+            trio.open_nursery() as nursery:
+        nursery.start_soon(m.attest_forever)
+        m.gateway.spot_checks.rng = random.Random(1)
+        cheater = m.providers["cheater"]
+        sent, served, completions = await serve_until_suspended(m, cheater, 3 * bound)
+        assert served <= bound, f"caught after it served {served}; the formula gives {bound} at 99.99%"
+        await check_exported_evidence(m, tmp_path, cheater)
+        # credited: what it served after the last run of its that a check found clean (settled on the gateway's
+        # clock), and not what it served before
+        last_clean_ms = (await m.rows("SELECT COALESCE(MAX(served_ms), 0) FROM spot_checks WHERE provider_key = ? "
+                                      "AND verdict = 'clean'", (cheater.key.public_key,)))[0][0]
+        settled = dict(await m.rows("SELECT request_id, settled_ms FROM tickets WHERE provider_key = ?",
+                                    (cheater.key.public_key,)))
+        ours = [c for c in completions if c.provider_peer_id == cheater.key.peer_id]
+        expected = [c for c in ours if settled[c.request_id] > last_clean_ms]
+        assert expected and (last_clean_ms == 0 or len(expected) < len(ours))
+        await check_customers_credited(m, cheater, expected)
+        nursery.cancel_scope.cancel()
