@@ -61,6 +61,28 @@ class ProviderRelay(CircuitV2Protocol):
         await self._send_status(stream, StatusCode.PERMISSION_DENIED, why)
 
 
+class DialbackProbes:
+    """The /llorch/dialback/1 handler with its costs bounded: each probe is up to DIALBACK_PORTS_MAX TCP connects of
+    up to DIALBACK_CONNECT_TIMEOUT_S in worker threads, so a peer gets one probe at a time, and all peers together
+    DIALBACK_PROBES_MAX; a probe beyond that is refused at once (the stream is reset; the node asks again later)."""
+
+    def __init__(self) -> None:
+        self._busy: set[ID] = set()
+
+    async def serve(self, stream) -> None:
+        peer = stream.muxed_conn.peer_id
+        if peer in self._busy or len(self._busy) >= limits.DIALBACK_PROBES_MAX:
+            log.info("dial-back probe from %s refused: %s", peer,
+                     "one is running for it already" if peer in self._busy else "too many probes at once")
+            await close_quietly(stream, reset=True)
+            return
+        self._busy.add(peer)
+        try:
+            await serve_dialback(stream)
+        finally:
+            self._busy.discard(peer)
+
+
 async def serve_dialback(stream) -> None:
     """/llorch/dialback/1, the gateway side: read one DialbackRequest, try a plain TCP connect to the requester's
     observed IP on each asked port, answer which accepted. Never dials another host; never over a relayed

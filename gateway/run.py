@@ -19,7 +19,7 @@ from llorch.gateway import limits
 from llorch.gateway.books.postings import Books
 from llorch.gateway.db import open_gateway_db
 from llorch.gateway.market.providers import ProviderBook
-from llorch.gateway.relay import ProviderRelay, serve_dialback
+from llorch.gateway.relay import DialbackProbes, ProviderRelay
 from llorch.gateway.listing import ListingDesk
 from llorch.gateway.books.receipts import ReceiptBook
 from llorch.gateway.market.tenants import TenantBook
@@ -135,7 +135,7 @@ async def run_gateway(config: GatewayConfig) -> None:
             raise ConfigError(f"gateway.tenant names the bootstrap key's tenant {config.tenant!r}, but a real tenant "
                               f"has that name: the two would share one account. Set gateway.tenant to another name")
         witness = Witness(p2p, key, witness_book, directory.exclude)
-        p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), serve_dialback)
+        p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), DialbackProbes().serve)
         p2p.host.set_stream_handler(TProtocol(LISTING_PROTOCOL_ID),
                                     ListingDesk(gateway.providers, witness_book).serve_listing)
 

@@ -116,3 +116,36 @@ async def test_the_dial_back_probe_reaches_an_open_port_and_not_a_closed_one():
         reply = await probe(node_p2p, gateway_p2p.host.get_id(), (open_port, closed_port))
     closed.close()
     assert reply.observed_ip == "127.0.0.1" and reply.reachable == (open_port,)
+
+
+async def test_one_peer_cannot_make_the_gateway_run_many_dial_back_probes_at_once(monkeypatch):
+    """Each probe costs the gateway up to 4 TCP connects of up to 3 s in worker threads: one connected peer opening
+    probe streams in a loop had the gateway connecting without bound. Now one probe per peer at a time; the rest
+    are refused at once."""
+    from llorch.gateway import relay as gateway_relay
+    connects = []
+
+    async def slow_accepts(host: str, port: int) -> bool:
+        connects.append(port)
+        await trio.sleep(0.3)                           # a connect that takes its time
+        return False
+
+    monkeypatch.setattr(gateway_relay, "_accepts", slow_accepts)
+    node, gateway = SigningKey.generate(), SigningKey.generate()
+    outcomes = []
+    async with running_host(gateway, LOOPBACK) as gateway_p2p, running_host(node, LOOPBACK) as node_p2p:
+        gateway_p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), gateway_relay.DialbackProbes().serve)
+        await connect(node_p2p, address(gateway_p2p))
+
+        async def one() -> None:
+            try:
+                await probe(node_p2p, gateway_p2p.host.get_id(), (1001, 1002, 1003, 1004))
+                outcomes.append("answered")
+            except RelayError:
+                outcomes.append("refused")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(one)
+    assert outcomes.count("answered") == 1 and outcomes.count("refused") == 9, outcomes
+    assert len(connects) == 4
