@@ -133,9 +133,16 @@ def operate(browser, peer: str, action: str) -> None:
     """Click the action on the provider's row, then confirm it."""
     from selenium.webdriver.common.by import By
 
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
     browser.find_element(By.CSS_SELECTOR, f"tr[data-provider-id='{peer}'] a.action-{action}").click()
     assert peer in text_of(browser, "confirm-what")
-    browser.find_element(By.ID, "confirm").click()
+    confirm = browser.find_element(By.ID, "confirm")
+    confirm.click()
+    # The click only sends the form: wait for the page that answers it, so the change is made before the test goes on
+    # (a request sent at once could still be placed on a provider the form was about to suspend).
+    WebDriverWait(browser, 30).until(expected_conditions.staleness_of(confirm))
 
 
 @pytest.fixture(scope="module")

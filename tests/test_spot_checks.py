@@ -199,6 +199,8 @@ async def test_a_provider_cheating_on_10_percent_is_caught_within_the_sampling_m
                                     (cheater.key.public_key,)))
         ours = [c for c in completions if c.provider_peer_id == cheater.key.peer_id]
         expected = [c for c in ours if settled[c.request_id] > last_clean_ms]
-        assert expected and (last_clean_ms == 0 or len(expected) < len(ours))
+        # Which provider serves and checks which request depends on timing, so the cheater may have been caught
+        # checking another's request: then what it served after its last clean check may be nothing at all.
+        assert last_clean_ms == 0 or len(expected) < len(ours)
         await check_customers_credited(m, cheater, expected)
         nursery.cancel_scope.cancel()
