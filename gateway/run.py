@@ -25,6 +25,7 @@ from llorch.gateway.books.receipts import ReceiptBook
 from llorch.gateway.market.tenants import TenantBook
 from llorch.gateway.witness.witness import Witness, WitnessBook, witness_forever
 from llorch.gateway.service import Gateway
+from llorch.gateway.probes import Prober
 from llorch.ledger.signing import load_key_file
 from llorch.node.wire.attestation import TOPIC, parse_attestation
 from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID
@@ -162,6 +163,9 @@ async def run_gateway(config: GatewayConfig) -> None:
                 frozenset({p2p.peer_id, *config.relay_peers})), restarts)
             nursery.start_soon(supervise, "streams", gateway.streams.run, restarts)
             nursery.start_soon(supervise, "spot-checks", gateway.spot_checks.run, restarts)
+            if config.probe_interval_ms:
+                prober = Prober(gateway, config.probe_interval_ms, config.probe_tenant)
+                nursery.start_soon(supervise, "probes", prober.run, restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve_http(
