@@ -116,3 +116,16 @@ async def test_a_provider_that_recognises_probes_passes_them_and_is_caught_by_sp
         assert served <= 1 and sent <= 3, (sent, served)
         (listed,) = await evidence_list(m.database)
         assert listed["suspect"] == dodger.key.peer_id
+
+
+def test_probe_settings_out_of_range_are_refused_with_the_setting_named(tmp_path):
+    import pytest
+
+    from llorch.gateway.config import GatewayConfig
+    from llorch.node.errors import ConfigError
+    paths = dict(key_file=tmp_path / "k", db_path=tmp_path / "d")
+    for bad in ({"probe_interval_ms": 500}, {"probe_interval_ms": -1}, {"probe_interval_ms": 86_400_001},
+                {"probe_tenant": "no spaces"}, {"probe_tenant": "bootstrap"}):
+        with pytest.raises(ConfigError, match=f"gateway.{next(iter(bad))}"):
+            GatewayConfig(**paths, **bad)
+    assert GatewayConfig(**paths, probe_interval_ms=0).probe_interval_ms == 0
