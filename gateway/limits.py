@@ -50,3 +50,4 @@ SPOT_CHECK_TIMEOUT_S = 600.0              # one re-run, from ticket to receipt
 # Unmarked probes (gateway/probes.py, docs/verification.md §6)
 PROBE_RUNS_PER_INPUT_MAX = 6              # providers one probe input is sent to (each at most once)
 EVIDENCE_RUNS_MAX = 8                     # runs in one evidence file (docs/verification.md §5)
+SLA_REFRESH_S = 300.0                     # how often placement's view of who misses its SLA is recomputed
