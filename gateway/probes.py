@@ -5,8 +5,9 @@ A spot-check re-runs real requests, so it needs a consenting tenant's traffic; a
 
   (a) a provider is drawn at random among the fresh approved ones, at random intervals (exponential, mean
       ``gateway.probe_interval_ms``), by one supervised loop;
-  (b) the probe's input: one of the class's probe inputs that this provider has never run, the one with the most
-      runs first (so answers get established); if none, a new one: a prompt from a realistic pool, the usual
+  (b) the probe's input: one of the class's probe inputs that this provider has never run and that no dispute
+      retired (a run found suspect or undecided: its runs are evidence already), the one with the most runs first
+      (so answers get established); if none, a new one: a prompt from a realistic pool, the usual
       sampling and sizes, a fresh seed and salt, built by the same code as a customer's request
       (gateway/api/openai_api.py) so it is as any customer's;
   (c) the provider runs it on a ticket like a customer's (a fresh request id, the pseudonym of the platform's probe
@@ -194,7 +195,8 @@ class Prober:
             "SELECT i.id, i.body, i.salt, i.seed, COUNT(r.input_id) AS runs FROM probe_inputs i "
             "LEFT JOIN probe_runs r ON r.input_id = i.id WHERE i.engine_build = ? AND i.model_id = ? "
             "AND i.model_sha256 = ? AND NOT EXISTS (SELECT 1 FROM probe_runs o WHERE o.input_id = i.id "
-            "AND o.provider_key = ?) GROUP BY i.id HAVING runs < ? ORDER BY runs DESC, i.id LIMIT 1",
+            "AND o.provider_key = ?) AND NOT EXISTS (SELECT 1 FROM probe_runs d WHERE d.input_id = i.id "
+            "AND d.verdict IN ('suspect', 'undecided')) GROUP BY i.id HAVING runs < ? ORDER BY runs DESC, i.id LIMIT 1",
             (target.engine_build, model_id, catalog_pin(model_id), target.provider_key,
              limits.PROBE_RUNS_PER_INPUT_MAX))
         if row is not None:

@@ -18,7 +18,7 @@ from llorch.ledger.objects import Ticket
 from llorch.node.wire.frames import encode_frame, encode_uvarint
 from tests.cheaters import OtherModelEngine, ProbeAwareProvider, ProbeDodgingEngine
 from tests.inprocess import market
-from tests.test_spot_checks import CONSENTING, body, serve_until_suspended
+from tests.test_spot_checks import CONSENTING, serve_until_suspended, time_period
 
 PROBE_TENANT = "platform-probes"
 
@@ -28,10 +28,11 @@ def prober_of(m, seed: int = 7) -> Prober:
 
 
 async def test_a_probe_answer_is_established_by_two_providers_and_a_provider_answering_otherwise_is_caught(tmp_path):
-    providers = {"honest1": {}, "honest2": {}, "cheater": {"engine": OtherModelEngine}}
+    providers = {"honest1": {}, "honest2": {}, "cheater": {"engine": OtherModelEngine, "price_out": 300_000}}
     async with market(tmp_path, providers, CONSENTING) as m:
         prober = prober_of(m)
-        first = await prober.probe(m.providers["honest1"].attestation)       # a new input: honest2 runs it too
+        # a new input: the cheapest other provider of the class (honest2) runs it too
+        first = await prober.probe(m.providers["honest1"].attestation)
         assert first.verdict == "clean"
         assert await m.rows("SELECT COUNT(*), MIN(verdict) FROM probe_runs") == [(2, "clean")]
         caught = await prober.probe(m.providers["cheater"].attestation)      # the known answer, never sent to it
@@ -72,10 +73,9 @@ def shape(value):
 
 async def test_a_probe_looks_exactly_like_a_customer_request(tmp_path):
     ProbeAwareProvider.seen.clear()
-    providers = {"watched": {"cls": ProbeAwareProvider}, "other": {}}
+    providers = {"watched": {"cls": ProbeAwareProvider}, "other": {"price_out": 300_000}}   # the customer: watched
     async with market(tmp_path, providers, CONSENTING) as m:
         watched = m.providers["watched"]
-        m.gateway.standings.clear()
         await m.complete("acme", {"messages": [{"role": "user", "content": "What is 2 plus 2?"}], "max_tokens": 16,
                                   "temperature": 0.7})
         customer = [seen for seen in ProbeAwareProvider.seen]
@@ -129,3 +129,18 @@ def test_probe_settings_out_of_range_are_refused_with_the_setting_named(tmp_path
         with pytest.raises(ConfigError, match=f"gateway.{next(iter(bad))}"):
             GatewayConfig(**paths, **bad)
     assert GatewayConfig(**paths, probe_interval_ms=0).probe_interval_ms == 0
+
+
+async def test_an_input_with_a_dispute_is_not_sent_again_so_nobody_is_accused_twice_for_it(tmp_path):
+    providers = {"honest1": {}, "honest2": {}, "cheater": {"engine": OtherModelEngine, "price_out": 300_000},
+                 "honest3": {"price_out": 250_000}}
+    async with market(tmp_path, providers, CONSENTING) as m:
+        prober = prober_of(m)
+        first = await prober.probe(m.providers["honest1"].attestation)
+        caught = await prober.probe(m.providers["cheater"].attestation)
+        assert caught.verdict == "suspect" and caught.input_id == first.input_id
+        later = await prober.probe(m.providers["honest3"].attestation)
+        assert later.verdict == "clean" and later.input_id != first.input_id
+        assert len(await evidence_list(m.database)) == 1
+        statement = await m.gateway.books.statement("platform", None, time_period())
+        assert {c["leg"] for c in statement["corrections"]} == {"probe"}     # the platform pays for its probes
