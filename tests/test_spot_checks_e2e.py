@@ -6,6 +6,7 @@ bench/spot_checks_honest.py runs the long version (300+ requests) with these hel
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 
@@ -113,3 +114,27 @@ def test_two_honest_llama_cpp_providers_never_disagree_at_a_100_percent_spot_che
     # both runs of every request judged clean (the customer's provider and the re-run's), nothing else
     assert summary == {"verdicts": {"clean": 40}, "evidence": 0, "statuses": ["approved", "approved"],
                        "spot_check_legs": 20}, summary
+
+
+def test_the_gateways_probes_to_two_honest_llama_cpp_providers_agree_and_count_as_answered(tmp_path, model_path):
+    """The probe loop of `llorch gateway start` (one probe a second on average here) with no customer traffic: every
+    probe input is run by both nodes and they agree; `providers sla` counts the probes as sent and answered."""
+    net = LocalNetwork(tmp_path)
+    try:
+        net.start_gateway(extra="probe_interval_ms = 1000\n")
+        net.start_node("n1", threads=1)
+        net.start_node("n2", threads=1)
+        net.wait_for_providers(2)
+        deadline = time.monotonic() + CHECK_TIMEOUT_S
+        while gateway_rows(net, "SELECT COUNT(*) FROM probe_runs WHERE verdict = 'clean'")[0][0] < 6:
+            assert time.monotonic() < deadline, f"fewer than 3 probes settled; see {net.gateway.log_path}"
+            net.report_deaths()
+            time.sleep(0.2)
+        sla = json.loads(net.cli("gateway", "providers", "sla", "--config", str(net.workdir / "gateway.toml")))
+        verdicts = dict(gateway_rows(net, "SELECT verdict, COUNT(*) FROM probe_runs GROUP BY verdict"))
+        evidence = gateway_rows(net, "SELECT COUNT(*) FROM evidence")[0][0]
+    finally:
+        net.stop()
+    assert set(verdicts) <= {"clean", "pending"} and evidence == 0, (verdicts, evidence)
+    assert len(sla) == 2 and all(row["probes_sent"] >= 1 and row["uptime_ppm"] is not None for row in sla), sla
+    assert all(row["probes_answered"] <= row["probes_sent"] for row in sla)
