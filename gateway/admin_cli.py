@@ -13,6 +13,8 @@ import trio
 from llorch.gateway.config import load_gateway_config
 from llorch.gateway.db import open_gateway_db
 from llorch.gateway.market.providers import ProviderBook, ProviderError, record_json
+from llorch.gateway.books.postings import period_of
+from llorch.gateway.market.sla import sla_report
 from llorch.gateway.market.spot_checks import evidence_document_of, evidence_list
 from llorch.gateway.market.tenants import TIERS, TenantBook, TenantError, format_amount, parse_amount
 from llorch.gateway.witness.witness import WitnessBook
@@ -67,6 +69,15 @@ def add_commands(gateway_subparsers) -> None:
     evidence.add_argument("--out", type=Path, help="where to write it (with ID)")
     evidence.add_argument("--config", type=Path, required=True)
     evidence.set_defaults(handler=lambda args: _run(args, providers_evidence))
+    sla = providers_sub.add_parser(
+        "sla", help="each provider's month against its registered SLA, from the gateway's own clocks",
+        description="Per registered provider (JSON): uptime_ppm (the share of 5-minute buckets with an attestation, "
+                    "times the share of probes answered), ttft_ms_p50/p95 and tokens_per_s_p50 over its finished "
+                    "tickets, the SLA it registered, and met (true/false; null: too few observations yet). "
+                    "Providers that miss it are placed after those that do (docs/verification.md §7).")
+    sla.add_argument("--month", help="YYYY-MM (UTC; default: this month)")
+    sla.add_argument("--config", type=Path, required=True)
+    sla.set_defaults(handler=lambda args: _run(args, providers_sla))
     readmit = providers_sub.add_parser(
         "readmit", help="let a provider excluded for a fork back, after reviewing its evidence",
         description="For a fork its own operator caused (e.g. two node processes on one ledger). The evidence "
@@ -123,6 +134,7 @@ def _run(args: argparse.Namespace, command, *extra) -> int:
     try:
         config = load_gateway_config(args.config)
         args.bootstrap_tenant = config.tenant if config.api_key_sha256 else None
+        args.probe_tenant = config.probe_tenant
         return trio.run(_with_db, config.db_path, command, args, *extra)
     except (TenantError, ProviderError, NodeError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -196,6 +208,14 @@ async def providers_evidence(database, args) -> int:
     except OSError as exc:
         raise ProviderError(f"cannot write {args.out}: {exc}") from None
     print(f"evidence {args.id} written to {args.out}; check it with `llorch ledger check-evidence {args.out}`")
+    return 0
+
+
+async def providers_sla(database, args) -> int:
+    now = now_ms()
+    month = args.month if args.month is not None else period_of(now)
+    report = await sla_report(database, month, now, args.probe_tenant)
+    print(json.dumps([figures.to_json() for figures in report], indent=2))
     return 0
 
 

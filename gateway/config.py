@@ -32,6 +32,8 @@ class GatewayConfig:
     margin_bp_startup: int = 4_000            # (20%-60%: 2000-6000)
     margin_bp_enterprise: int = 4_000
     spot_check_rate_ppm: int = 20_000         # share of finished requests re-run on another provider of the class
+    probe_interval_ms: int = 600_000          # mean time between two probes (known-answer requests); 0: none
+    probe_tenant: str = "platform-probes"     # the platform tenant whose pseudonyms probes carry
 
     def __post_init__(self) -> None:
         if not TENANT_NAME.match(self.tenant):
@@ -44,6 +46,12 @@ class GatewayConfig:
                 raise ConfigError(f"gateway.margin_bp_{tier} must be 2000..6000 (20%-60%), got {margin}")
         if not 0 <= self.spot_check_rate_ppm <= 1_000_000:
             raise ConfigError("gateway.spot_check_rate_ppm must be 0..1000000 (20000: 2% of requests re-run)")
+        if not 0 <= self.probe_interval_ms <= 86_400_000 or 0 < self.probe_interval_ms < 1_000:
+            raise ConfigError("gateway.probe_interval_ms must be 0 (no probes) or 1000..86400000 (600000: one probe "
+                              "every 10 minutes on average)")
+        if not TENANT_NAME.match(self.probe_tenant) or self.probe_tenant == self.tenant:
+            raise ConfigError("gateway.probe_tenant must be 1-64 characters of A-Z a-z 0-9 _ . -, and not "
+                              "gateway.tenant")
         if not 0 <= self.queue_timeout_ms <= 600_000:
             raise ConfigError("gateway.queue_timeout_ms must be 0..600000 (0: never queue, answer 429 at once)")
         for peer in self.relay_peers:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from llorch.gateway.books import postings, receipts, reconcile, tickets
-from llorch.gateway.market import providers, spot_checks, tenants
+from llorch.gateway import probes
+from llorch.gateway.market import providers, sla, spot_checks, tenants
 from llorch.gateway.witness import witness
 from llorch.ledger.sqlite import Database, open_database
 
@@ -29,7 +30,8 @@ ADDED_COLUMNS = {
 async def open_gateway_db(path: Path) -> AsyncIterator[Database]:
     async with open_database(path) as database:
         await database.executescript(receipts.SCHEMA + tickets.SCHEMA + witness.SCHEMA + tenants.SCHEMA +
-                                     providers.SCHEMA + postings.SCHEMA + spot_checks.SCHEMA)
+                                     providers.SCHEMA + postings.SCHEMA + spot_checks.SCHEMA +
+                                     probes.SCHEMA + sla.SCHEMA)
         await add_missing_columns(database)
         await database.executescript(tickets.TRIGGERS + reconcile.SCHEMA)
         await rebuild_balances_if_missing(database)

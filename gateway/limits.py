@@ -47,3 +47,8 @@ LISTING_WRITE_TIMEOUT_S = 5.0             # the answer
 SPOT_CHECK_QUEUE_MAX = 256                # sampled requests waiting for their re-run; more are dropped (and counted)
 SPOT_CHECK_CANDIDATES_MAX = 4             # providers tried for one re-run before it is given up
 SPOT_CHECK_TIMEOUT_S = 600.0              # one re-run, from ticket to receipt
+
+# Unmarked probes (gateway/probes.py, docs/verification.md §6)
+PROBE_RUNS_PER_INPUT_MAX = 6              # providers one probe input is sent to (each at most once)
+EVIDENCE_RUNS_MAX = 8                     # runs in one evidence file (docs/verification.md §5)
+SLA_REFRESH_S = 300.0                     # how often placement's view of who misses its SLA is recomputed

@@ -19,12 +19,14 @@ from llorch.gateway import limits
 from llorch.gateway.books.postings import Books
 from llorch.gateway.db import open_gateway_db
 from llorch.gateway.market.providers import ProviderBook
+from llorch.gateway.market.sla import AttestationClock, missed_sla
 from llorch.gateway.relay import DialbackProbes, ProviderRelay
 from llorch.gateway.listing import ListingDesk
 from llorch.gateway.books.receipts import ReceiptBook
 from llorch.gateway.market.tenants import TenantBook
 from llorch.gateway.witness.witness import Witness, WitnessBook, witness_forever
 from llorch.gateway.service import Gateway
+from llorch.gateway.probes import Prober
 from llorch.ledger.signing import load_key_file
 from llorch.node.wire.attestation import TOPIC, parse_attestation
 from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID
@@ -67,9 +69,10 @@ def attestation_validator(directory: ProviderDirectory, metrics: Metrics, relays
 
 async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers: ProviderBook,
                               metrics: Metrics, on_free_slots=lambda count: None,
-                              relays: frozenset[str] = frozenset()) -> None:
+                              relays: frozenset[str] = frozenset(), clock: AttestationClock | None = None) -> None:
     """Drain the attestation subscription into the directory (a full subscription channel would drop messages).
-    ``relays``: the peer ids whose relayed provider addresses are accepted (docs/protocol.md §5)."""
+    ``relays``: the peer ids whose relayed provider addresses are accepted (docs/protocol.md §5); ``clock``
+    records when approved providers attested, for their uptime (gateway/market/sla.py)."""
     p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics, relays), False)
     subscription = await p2p.pubsub.subscribe(TOPIC)
     while True:
@@ -81,12 +84,21 @@ async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers:
             directory.observe(attestation, approved)
             if approved and attestation.slots_free:
                 on_free_slots(attestation.slots_free)        # wake that many queued requests to try again
+            if approved and clock is not None:
+                await clock.observe(attestation.provider_key, now_ms())
             if known is None:                    # unapproved keys are anyone's to make: not worth a line each
                 log.log(logging.INFO if approved else logging.DEBUG, "provider %s joined%s: %s", ID(message.from_id),
                         "" if approved else " (not approved: pending)", ", ".join(m["id"] for m in attestation.models))
         except AttestationRejected as exc:   # e.g. expired or overtaken while it waited in the channel
             metrics.attestation_dropped(exc.reason)
             log.debug("attestation not kept: %s", exc)
+
+
+async def follow_sla(gateway: Gateway, probe_tenant: str) -> None:
+    """Every SLA_REFRESH_S: the providers whose figures this month miss their registered SLA, for placement."""
+    while True:
+        gateway.sla_missed = await missed_sla(gateway.database, now_ms(), probe_tenant)
+        await trio.sleep(limits.SLA_REFRESH_S)
 
 
 HTTP_PORT_SETTING = "gateway.http_port (LLORCH_GATEWAY_HTTP_PORT)"
@@ -159,9 +171,13 @@ async def run_gateway(config: GatewayConfig) -> None:
             restarts = gateway.metrics.loop_restarted
             nursery.start_soon(supervise, "attestations", lambda: follow_attestations(
                 p2p, directory, gateway.providers, gateway.metrics, gateway.waiting.wake,
-                frozenset({p2p.peer_id, *config.relay_peers})), restarts)
+                frozenset({p2p.peer_id, *config.relay_peers}), AttestationClock(database)), restarts)
             nursery.start_soon(supervise, "streams", gateway.streams.run, restarts)
             nursery.start_soon(supervise, "spot-checks", gateway.spot_checks.run, restarts)
+            nursery.start_soon(supervise, "sla", lambda: follow_sla(gateway, config.probe_tenant), restarts)
+            if config.probe_interval_ms:
+                prober = Prober(gateway, config.probe_interval_ms, config.probe_tenant)
+                nursery.start_soon(supervise, "probes", prober.run, restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve_http(

@@ -146,6 +146,7 @@ class Gateway:
         self._quotas: dict[str, TenantQuota] = {}
         self._locks: dict[str, trio.Lock] = {}
         self.spot_checks = SpotChecker(self, config.spot_check_rate_ppm)    # its ``run``: a supervised loop
+        self.sla_missed: frozenset[bytes] = frozenset()   # ranked last: kept by run.py's "sla" loop (market/sla.py)
 
     # (1)-(2) --------------------------------------------------------------------------------------------------
     async def authenticate(self, authorization: str | None) -> Tenant:
@@ -191,7 +192,8 @@ class Gateway:
             record = records.get(attestation.provider_key)
             certified = record.registration.geo["country"] if record and record.geo_certified else None
             views.append(ProviderView(attestation, bool(record and record.approved), certified,
-                                      self.standings.get(attestation.provider_key, Standing())))
+                                      self.standings.get(attestation.provider_key, Standing()),
+                                      attestation.provider_key not in self.sla_missed))
         return views
 
     def requirements(self, job: _Job, **overrides) -> Requirements:

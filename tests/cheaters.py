@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from llorch.inference.echo import EchoEngine
 from llorch.inference.engine import Generation
+from llorch.node.service import ProviderService
 
 
 class OtherModelEngine(EchoEngine):
@@ -59,3 +60,30 @@ class SometimesEngine(EchoEngine):
             type(self).cheated += 1
             return await OtherModelEngine.generate(self, prepared, emit)
         return await super().generate(prepared, emit)
+
+
+class ProbeAwareProvider(ProviderService):
+    """A provider that has somehow learnt which tenant pseudonym the gateway's probes carry (``probe_tenant``, set by
+    the test) and records every request it gets (``seen``: (ticket, request frame bytes)). Its engine must be a
+    ``ProbeDodgingEngine``: honest on the probe pseudonym's requests, another model's output on everyone else's."""
+
+    probe_tenant: str = ""
+
+    async def _generate(self, stream, protocol, request, ticket, engine):
+        type(self).seen.append((ticket, request))
+        engine.honest = ticket.tenant == self.probe_tenant
+        return await super()._generate(stream, protocol, request, ticket, engine)
+
+
+ProbeAwareProvider.seen = []
+
+
+class ProbeDodgingEngine(EchoEngine):
+    """Honest when its provider says the request is a probe, cheats (another model) otherwise."""
+
+    honest = True
+
+    async def generate(self, prepared, emit) -> Generation:
+        if self.honest:
+            return await super().generate(prepared, emit)
+        return await OtherModelEngine.generate(self, prepared, emit)

@@ -138,3 +138,13 @@ def test_one_old_failure_is_forgiven_with_time_so_a_recovered_provider_gets_its_
     assert rank([busy_peer, failed])[0] is failed          # 15 s later: equal standing, and it is its turn
     fresh_failure = view(standing=replace(after_failure(Standing(), NOW - 2_000), last_placed_ms=NOW - 15_000))
     assert rank([busy_peer, fresh_failure])[0] is busy_peer   # a failure 2 s ago still counts
+
+
+def test_a_provider_missing_its_registered_sla_goes_after_those_that_meet_it_even_when_cheaper():
+    reliable, unreliable_cheap = view(price_out=300), replace(view(price_out=100), sla_met=False)
+    assert rank([unreliable_cheap, reliable]) == [reliable, unreliable_cheap]
+    # still placed when it is the only one (ranked last, not excluded)
+    assert rank([unreliable_cheap]) == [unreliable_cheap]
+    # a free slot still comes first: a busy reliable provider would only answer busy
+    busy_reliable = view(price_out=300, slots_free=0)
+    assert rank([busy_reliable, unreliable_cheap]) == [unreliable_cheap, busy_reliable]

@@ -7,7 +7,9 @@ Eligible (``why_not`` returns the first reason a provider is not):
   multiplier and the tier's margin) · for EU-only tenants: geo certified by the operator, an
   EU country, and attesting the certified country (fails closed: no fallback outside the EU) · for tenants that
   require determinism (and for resuming a stream): the pinned engine build · not excluded (forked, or already tried).
-Ranked by: a free slot in the latest attestation, then the worst-case customer price of this request, then observed success
+Ranked by: a free slot in the latest attestation, then meeting its registered SLA this month as the gateway measured
+it (gateway/market/sla.py: providers that miss it go after those that meet it or are not judged yet), then the
+worst-case customer price of this request, then observed success
 rate (in 5% steps below the best), observed time to first token (in 250 ms steps above the best), load (free
 share of slots), least recently
 placed, provider key. Providers in back-off after a failure go last.
@@ -71,6 +73,7 @@ class ProviderView:
     approved: bool
     certified_country: str | None            # the geo claim the operator certified, if any
     standing: Standing = Standing()
+    sla_met: bool = True                     # False: this month's measured figures miss its registered SLA
 
     @property
     def key(self) -> bytes:
@@ -124,7 +127,7 @@ def rank_providers(views: Iterable[ProviderView], need: Requirements, now_ms: in
         free_share_ppm = a.slots_free * 1_000_000 // a.slots_total
         # Observations are compared in coarse steps from the best one, so noise (a few ms of TTFT around a step's
         # edge) does not pin all traffic to one of two equivalent providers; within a step, load and turns decide.
-        return (s.backoff_until_ms > now_ms, a.slots_free == 0, worst_case_cost(a, need),
+        return (s.backoff_until_ms > now_ms, a.slots_free == 0, not v.sla_met, worst_case_cost(a, need),
                 (best_success - s.success_now_ppm(now_ms)) // SUCCESS_STEP_PPM, (s.ttft_ms - best_ttft) // TTFT_STEP_MS,
                 -free_share_ppm, s.last_placed_ms, v.key)
 

@@ -32,7 +32,7 @@ from llorch.gateway import limits
 from llorch.gateway.books.postings import Books
 from llorch.gateway.books.pricing import ticket_price
 from llorch.gateway.books.receipts import check_receipt
-from llorch.gateway.books.settlement import ENDED, Meter, Terms, settle
+from llorch.gateway.books.settlement import ENDED, Meter, Metered, Terms, settle
 from llorch.gateway.books.tickets import TicketBook
 from llorch.gateway.errors import ReceiptRejected
 from llorch.gateway.market.node_client import AttemptFailed, request_inference
@@ -209,58 +209,11 @@ class SpotChecker:
         return None
 
     async def _run_on(self, request: Finished, original: Ticket, provider: Attestation) -> tuple[Run, Receipt]:
-        """One re-run: a ticket like any customer's (new request id, the tenant's pseudonym at this provider, the
-        original's model and sampling, this provider's price), written before it is sent, settled once as a
-        platform cost."""
-        gateway = self.gateway
-        multiplier_bp = gateway.demand_multiplier(original.model_id, original.model_sha256)   # as a customer's
-        issued = now_ms()
-        ticket = Ticket(v=VERSION, request_id="chatcmpl-" + secrets.token_hex(12), gateway_key=gateway.key.public_key,
-                        provider_key=provider.provider_key,
-                        tenant=gateway.tenant_pseudonym(request.tenant.name, provider.provider_key),
-                        model_id=original.model_id, model_sha256=original.model_sha256, sampling=original.sampling,
-                        price_in=ticket_price(provider.price_in, multiplier_bp),
-                        price_out=ticket_price(provider.price_out, multiplier_bp),
-                        currency=provider.currency, issued_ms=issued, expires_ms=issued + limits.TICKET_LIFETIME_MS)
-        ticket_bytes = ticket.seal(gateway.key)
-        prompt_bound = prompt_tokens_upper_bound(len(str(request.prompt).encode()), prompt_parts(request.prompt))
-        terms = Terms(request.tenant.name, 0, 0, 0, 0, prompt_bound)      # the customer pays nothing for it
-        tickets = TicketBook(gateway.database)
-        await tickets.issue(ticket, ticket_bytes, terms)
-        meter, pieces, receipt, receipt_bytes = Meter(issued), [], None, None
-        try:
-            async with request_inference(gateway.p2p, provider, Request(ticket_bytes, request.salt, request.prompt),
-                                         gateway.streams) as call:
-                meter.handle("accepted", now_ms())
-                while True:
-                    frame = await call.next_frame()
-                    if isinstance(frame, Final):
-                        receipt = check_receipt(frame.receipt, ticket, ticket_bytes, request.salt, request.prompt,
-                                                "".join(pieces))
-                        receipt_bytes = frame.receipt
-                        meter.handle("final", now_ms())
-                        break
-                    if meter.frames >= min(limits.RELAY_FRAMES_MAX, ticket.sampling["max_tokens"]):
-                        raise ProtocolError(f"the provider sent more than {meter.frames} token frames")
-                    meter.handle("token", now_ms(), frame.text)
-                    pieces.append(frame.text)
-        except AttemptFailed:
-            meter.handle("refused", now_ms())
-            raise
-        except (ProtocolError, ReceiptRejected):
-            meter.handle("provider_failed", now_ms())
-            raise
-        finally:
-            with trio.CancelScope(shield=True):
-                if meter.state not in ENDED:
-                    meter.handle("customer_gone", now_ms())
-                settlement = settle(ticket, terms, receipt, meter.metered())
-                try:
-                    await tickets.settle(ticket, ticket_bytes, meter.metered(), settlement, receipt, receipt_bytes,
-                                         request.tenant.name, now_ms(), PLATFORM_LEG)
-                except LedgerError as exc:   # stays open: `llorch billing reconcile --post` settles it
-                    log.error("could not settle the spot-check ticket %s: %s", ticket.request_id, exc)
-        return Run(ticket_bytes, receipt_bytes, "".join(pieces)), receipt
+        """One re-run of the customer's request on ``provider``, as a platform cost."""
+        run, receipt, _ = await run_for_platform(self.gateway, request.tenant.name, original.model_id,
+                                                 original.model_sha256, original.sampling, request.prompt,
+                                                 request.salt, provider, PLATFORM_LEG)
+        return run, receipt
 
     # (c)-(d) ------------------------------------------------------------------------------------------------------
     async def _judge(self, request: Finished, verdict: Verdict, served_ms: int) -> Verdict:
@@ -275,11 +228,25 @@ class SpotChecker:
         self.statistics.mismatched += 1
         odd = odd_one_out([result_of(r) for r in verdict.receipts])
         suspect = keys[odd] if odd is not None else None
-        document = evidence_document(request.prompt, request.salt, list(verdict.runs), suspect, now)
         rows = [(key, r.request_id, at, "suspect" if key == suspect else "clean" if suspect else "undecided", now)
                 for key, r, at in zip(keys, verdict.receipts, served)]
         statements = [("INSERT INTO spot_checks (provider_key, request_id, served_ms, verdict, checked_ms) "
                        "VALUES (?, ?, ?, ?, ?)", rows)]
+        evidence_id, credited = await self.store_evidence(request.request_id, request.prompt, request.salt,
+                                                          list(verdict.runs), keys, suspect, now, statements)
+        if suspect is None:
+            self.statistics.undecided += 1
+        else:
+            self.statistics.suspects += 1
+        return Verdict(verdict.request_id, verdict.runs, verdict.receipts, suspect, evidence_id, credited)
+
+    async def store_evidence(self, request_id: str, prompt: dict, salt: bytes, runs: list[Run], keys: list[bytes],
+                             suspect: bytes | None, now: int, statements: list) -> tuple[int, int]:
+        """(d) for a spot-check or a probe (gateway/market/probes.py): in one transaction with ``statements``, the
+        evidence document and, with a suspect, the credits to the customers it served since its last clean
+        spot-check; then the suspension. Returns (evidence id, customer requests credited)."""
+        document = evidence_document(prompt, salt, runs, suspect, now)
+        statements = list(statements)
         credited = 0
         if suspect is not None:
             since = await self.last_clean_ms(suspect)
@@ -288,21 +255,18 @@ class SpotChecker:
         statements.append((
             "INSERT INTO evidence (request_id, suspect_key, providers, found_ms, credited, document) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            [(request.request_id, suspect, ",".join(peer_id_of(k) for k in keys), now, credited,
-              json.dumps(document))]))
+            [(request_id, suspect, ",".join(peer_id_of(k) for k in keys), now, credited, json.dumps(document))]))
         await self.gateway.database.transaction(statements)
         evidence_id = (await self.gateway.database.fetchone("SELECT MAX(id) FROM evidence"))[0]
         if suspect is None:
-            self.statistics.undecided += 1
-            log.warning("spot-check of %s: the runs of %s disagree with no majority; evidence %d is undecided",
-                        request.request_id, ", ".join(peer_id_of(k) for k in keys), evidence_id)
+            log.warning("check of %s: the runs of %s disagree with no majority; evidence %d is undecided",
+                        request_id, ", ".join(peer_id_of(k) for k in keys), evidence_id)
         else:
-            self.statistics.suspects += 1
             await self.gateway.providers.set_status(peer_id_of(suspect), "suspended")
-            log.warning("spot-check of %s: provider %s signed a result the other %d providers of its class "
-                        "contradict; suspended, %d customer requests credited (evidence %d)", request.request_id,
+            log.warning("check of %s: provider %s signed a result the other %d providers of its class "
+                        "contradict; suspended, %d customer requests credited (evidence %d)", request_id,
                         peer_id_of(suspect), len(keys) - 1, credited, evidence_id)
-        return Verdict(verdict.request_id, verdict.runs, verdict.receipts, suspect, evidence_id, credited)
+        return evidence_id, credited
 
     async def last_clean_ms(self, provider_key: bytes) -> int:
         """When (the gateway's clock) the latest run of ``provider_key`` that a check found clean was served; 0 if
@@ -341,3 +305,59 @@ async def evidence_list(database) -> list[dict]:
 async def evidence_document_of(database, evidence_id: int) -> str | None:
     row = await database.fetchone("SELECT document FROM evidence WHERE id = ?", (evidence_id,))
     return None if row is None else row[0]
+
+
+async def run_for_platform(gateway, tenant_name: str, model_id: str, model_sha256: bytes, sampling: dict,
+                           prompt: dict, salt: bytes, provider: Attestation, leg: str) -> tuple[Run, Receipt, Metered]:
+    """One request the platform pays for (a spot-check re-run, a probe): a ticket like any customer's (new request
+    id, ``tenant_name``'s pseudonym at this provider, the given model and sampling, this provider's price under the
+    current demand multiplier), written before it is sent and settled once with the platform's leg ``leg``.
+    Returns the run, the checked receipt and what the gateway's clock measured. Raises AttemptFailed, ProtocolError,
+    ReceiptRejected like a customer's attempt."""
+    multiplier_bp = gateway.demand_multiplier(model_id, model_sha256)      # as a customer's
+    issued = now_ms()
+    ticket = Ticket(v=VERSION, request_id="chatcmpl-" + secrets.token_hex(12), gateway_key=gateway.key.public_key,
+                    provider_key=provider.provider_key,
+                    tenant=gateway.tenant_pseudonym(tenant_name, provider.provider_key),
+                    model_id=model_id, model_sha256=model_sha256, sampling=sampling,
+                    price_in=ticket_price(provider.price_in, multiplier_bp),
+                    price_out=ticket_price(provider.price_out, multiplier_bp),
+                    currency=provider.currency, issued_ms=issued, expires_ms=issued + limits.TICKET_LIFETIME_MS)
+    ticket_bytes = ticket.seal(gateway.key)
+    prompt_bound = prompt_tokens_upper_bound(len(str(prompt).encode()), prompt_parts(prompt))
+    terms = Terms(tenant_name, 0, 0, 0, 0, prompt_bound)          # no tenant pays for it
+    tickets = TicketBook(gateway.database)
+    await tickets.issue(ticket, ticket_bytes, terms)
+    meter, pieces, receipt, receipt_bytes = Meter(issued), [], None, None
+    try:
+        async with request_inference(gateway.p2p, provider, Request(ticket_bytes, salt, prompt),
+                                     gateway.streams) as call:
+            meter.handle("accepted", now_ms())
+            while True:
+                frame = await call.next_frame()
+                if isinstance(frame, Final):
+                    receipt = check_receipt(frame.receipt, ticket, ticket_bytes, salt, prompt, "".join(pieces))
+                    receipt_bytes = frame.receipt
+                    meter.handle("final", now_ms())
+                    break
+                if meter.frames >= min(limits.RELAY_FRAMES_MAX, ticket.sampling["max_tokens"]):
+                    raise ProtocolError(f"the provider sent more than {meter.frames} token frames")
+                meter.handle("token", now_ms(), frame.text)
+                pieces.append(frame.text)
+    except AttemptFailed:
+        meter.handle("refused", now_ms())
+        raise
+    except (ProtocolError, ReceiptRejected):
+        meter.handle("provider_failed", now_ms())
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            if meter.state not in ENDED:
+                meter.handle("customer_gone", now_ms())
+            settlement = settle(ticket, terms, receipt, meter.metered())
+            try:
+                await tickets.settle(ticket, ticket_bytes, meter.metered(), settlement, receipt, receipt_bytes,
+                                     tenant_name, now_ms(), leg)
+            except LedgerError as exc:   # stays open: `llorch billing reconcile --post` settles it
+                log.error("could not settle the platform's ticket %s: %s", ticket.request_id, exc)
+    return Run(ticket_bytes, receipt_bytes, "".join(pieces)), receipt, meter.metered()
