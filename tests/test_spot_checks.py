@@ -204,3 +204,30 @@ async def test_a_provider_cheating_on_10_percent_is_caught_within_the_sampling_m
         assert last_clean_ms == 0 or len(expected) < len(ours)
         await check_customers_credited(m, cheater, expected)
         nursery.cancel_scope.cancel()
+
+
+async def test_the_operator_console_shows_the_evidence_and_serves_the_same_file_to_the_operator_only(tmp_path):
+    import httpx
+
+    from llorch.gateway.api.sessions import new_operator_token
+    from tests.inprocess import serving_http
+
+    providers = {"honest1": {}, "cheater": {"engine": TruncatingEngine}, "honest2": {}}
+    async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": ALL_PPM}) as m, \
+            serving_http(m.gateway) as base_url:
+        cheater = m.providers["cheater"]
+        await serve_until_suspended(m, cheater, 6)
+        (listed,) = await evidence_list(m.database)
+        token = new_operator_token(m.gateway.config.db_path)
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as browser:
+            refused = await browser.get(f"/operator/evidence/{listed['id']}")
+            assert refused.status_code == 401 and "sign in" in refused.text
+            signed_in = await browser.post("/operator/sign-in", data={"token": token})
+            assert signed_in.status_code == 303
+            browser.cookies.set("llorch_operator", signed_in.cookies["llorch_operator"])
+            page = await browser.get("/operator")
+            assert f'data-evidence-id="{listed["id"]}"' in page.text and cheater.key.peer_id in page.text
+            download = await browser.get(f"/operator/evidence/{listed['id']}")
+            assert download.status_code == 200
+            assert download.text == await evidence_document_of(m.database, listed["id"]) + "\n"
+            assert (await browser.get("/operator/evidence/99999")).status_code == 404

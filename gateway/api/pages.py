@@ -25,6 +25,7 @@ from llorch.gateway.api.sessions import (Session, SessionBook, check_operator_to
                                          session_key)
 from llorch.gateway.books.postings import period_of
 from llorch.gateway.books.reconcile import open_findings
+from llorch.gateway.market.spot_checks import evidence_document_of, evidence_list
 from llorch.gateway.books.usage import DAY_MS, latest_billed, market_days, tenant_days
 from llorch.gateway.errors import BadRequest, Forbidden, GatewayError
 from llorch.gateway.market.providers import ProviderError
@@ -69,6 +70,7 @@ class Pages:
                 ("/operator/sign-in", self.operator_sign_in_form, ["GET"]),
                 ("/operator/sign-in", self.operator_sign_in, ["POST"]),
                 ("/operator/sign-out", self.operator_sign_out, ["POST"]),
+                ("/operator/evidence/{evidence_id}", self.evidence_download, ["GET"]),
                 ("/operator/providers/{provider_id}/{action}", self.confirm_action, ["GET"]),
                 ("/operator/providers/{provider_id}/{action}", self.provider_action, ["POST"])):
             app.add_api_route(path, handler, methods=methods, include_in_schema=False, response_model=None)
@@ -226,8 +228,22 @@ class Pages:
             tenants=await gateway.tenants.list(), charts=charts, now_ms=now,
             platform=await gateway.books.statement("platform", None, period_of(now)),
             findings=(await open_findings(gateway.database)).findings,
-            forks=await gateway.witness_book.fork_history(), csrf=self.sessions.csrf_token(session), quote=quote,
+            forks=await gateway.witness_book.fork_history(), evidence=await evidence_list(gateway.database),
+            csrf=self.sessions.csrf_token(session), quote=quote,
             render_ms=lambda: round((time.perf_counter() - started) * 1000))
+
+    async def evidence_download(self, request: Request, evidence_id: str) -> Response:
+        """One spot-check evidence document, as `llorch gateway providers evidence ID --out F` writes it. It holds
+        a customer's prompt: the operator's session only."""
+        if self.operator_session(request) is None:
+            return self.refused("sign in as the operator first", "/operator/sign-in")
+        document = await evidence_document_of(self.gateway.database, int(evidence_id)) \
+            if evidence_id.isdigit() and len(evidence_id) <= 18 else None
+        if document is None:
+            return self.html("refused.html", 404, message="there is no such evidence", sign_in="/operator")
+        return Response(document + "\n", media_type="application/json", headers={
+            "content-disposition": f'attachment; filename="evidence-{int(evidence_id)}.json"',
+            "cache-control": "no-store", "x-content-type-options": "nosniff"})
 
     async def confirm_action(self, request: Request, provider_id: str, action: str) -> Response:
         """The confirmation step of approve / certify / suspend: what will change, and a form to do it."""
