@@ -1,9 +1,10 @@
 """Detection figures for spot-checks (docs/verification.md §3): for each test-only cheating engine, how many of its
 own requests a provider serves before a spot-check catches it, over several seeds of the gateway's draw, against the
 formula n(P) = ln(1 - P) / ln(1 - p·q). In-process market (real libp2p and SQLite, echo engines), three providers of
-which one cheats.
+which one cheats. Then the cost: three honest providers at the default rate (2%), --cost-requests requests, and the
+platform's spot-check legs as a share of the fees it earned on them, measured from the postings.
 
-    .venv/bin/python bench/spot_checks.py [--rate-ppm 500000] [--runs 5]
+    .venv/bin/python bench/spot_checks.py [--rate-ppm 500000] [--runs 5] [--cost-requests 1000]
 """
 
 from __future__ import annotations
@@ -39,10 +40,34 @@ async def one(kind: str, rate_ppm: int, seed: int) -> tuple[int, int]:
             return sent, served
 
 
+async def cost(requests: int) -> tuple[int, int, int]:
+    """(spot-check legs in minor units, fee legs, re-runs) over ``requests`` honest requests at the default rate."""
+    from llorch.gateway.config import GatewayConfig
+    from llorch.gateway.market.spot_checks import PLATFORM_LEG
+
+    with tempfile.TemporaryDirectory() as workdir:
+        providers = {"honest1": {}, "honest2": {}, "honest3": {}}
+        async with market(Path(workdir), providers, {"acme": {"spot_checks": True}},
+                          {"spot_check_rate_ppm": GatewayConfig.spot_check_rate_ppm}) as m, \
+                trio.open_nursery() as nursery:
+            nursery.start_soon(m.attest_forever)
+            m.gateway.spot_checks.rng = random.Random(7)
+            for seed in range(requests):
+                await m.complete("acme", {"messages": [{"role": "user", "content": f"question {seed}"}],
+                                          "max_tokens": 8, "seed": seed})
+            await m.gateway.spot_checks.wait_idle()
+            checks = (await m.rows("SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM postings WHERE leg = ?",
+                                   (PLATFORM_LEG,)))[0]
+            fees = (await m.rows("SELECT COALESCE(SUM(amount), 0) FROM postings WHERE leg = 'fee'"))[0][0]
+            nursery.cancel_scope.cancel()
+            return checks[0], fees, checks[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate-ppm", type=int, default=500_000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--cost-requests", type=int, default=1000)
     args = parser.parse_args()
     p = args.rate_ppm / 1e6
     for kind, (_, q) in CHEATERS.items():
@@ -50,6 +75,10 @@ def main() -> None:
         n50, n99 = (math.ceil(math.log(1 - P) / math.log(1 - p * q)) for P in (0.5, 0.99))
         print(f"{kind:18s} p={p:.0%} q={q:.0%}: caught after serving {sorted(served)} of its requests "
               f"(median {sorted(served)[len(served) // 2]}); formula n(50%)={n50}, n(99%)={n99}", flush=True)
+    if args.cost_requests:
+        checks, fees, reruns = trio.run(cost, args.cost_requests)
+        print(f"cost at the default rate: {reruns} re-runs over {args.cost_requests} honest requests cost the platform "
+              f"{checks} minor units against {fees} in fees earned: {checks / fees:.1%} of fees", flush=True)
 
 
 if __name__ == "__main__":
