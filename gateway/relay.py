@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 import trio
 from libp2p.peer.id import ID
@@ -23,9 +24,12 @@ from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 
 from llorch.gateway import limits
+from llorch.ledger.objects import VERSION
+from llorch.ledger.signing import SigningKey
 from llorch.node.errors import ProtocolError
 from llorch.node.stream_io import close_quietly
-from llorch.node.wire.dialback import DialbackReply, DialbackRequest, frame_length
+from llorch.node.p2p import peer_key_of
+from llorch.node.wire.dialback import DialbackReply, DialbackRequest, Observation, frame_length
 
 log = logging.getLogger("llorch.gateway.relay")
 
@@ -66,7 +70,8 @@ class DialbackProbes:
     up to DIALBACK_CONNECT_TIMEOUT_S in worker threads, so a peer gets one probe at a time, and all peers together
     DIALBACK_PROBES_MAX; a probe beyond that is refused at once (the stream is reset; the node asks again later)."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: SigningKey) -> None:
+        self.key = key
         self._busy: set[ID] = set()
 
     async def serve(self, stream) -> None:
@@ -78,25 +83,29 @@ class DialbackProbes:
             return
         self._busy.add(peer)
         try:
-            await serve_dialback(stream)
+            await serve_dialback(stream, self.key)
         finally:
             self._busy.discard(peer)
 
 
-async def serve_dialback(stream) -> None:
+async def serve_dialback(stream, key: SigningKey) -> None:
     """/llorch/dialback/1, the gateway side: read one DialbackRequest, try a plain TCP connect to the requester's
-    observed IP on each asked port, answer which accepted. Never dials another host; never over a relayed
-    connection (its observed address is the relay's)."""
+    observed IP on each asked port, answer which accepted with an ``Observation`` of that IP signed by ``key``.
+    Never dials another host; never over a relayed connection (its observed address is the relay's)."""
     finished = False
     try:
         remote = stream.get_remote_address()
-        if not remote or "/p2p-circuit" in str(getattr(stream.muxed_conn, "get_transport_addresses", lambda: "")()):
+        peer_key = peer_key_of(stream.muxed_conn.peer_id)
+        if not remote or peer_key is None or "/p2p-circuit" in str(
+                getattr(stream.muxed_conn, "get_transport_addresses", lambda: "")()):
             return
         with trio.fail_after(limits.DIALBACK_CONNECT_TIMEOUT_S):
             request = DialbackRequest.from_bytes(await _read_one_frame(stream))
         reachable = [port for port in request.ports if await _accepts(remote[0], port)]
+        observation = Observation(v=VERSION, gateway_key=key.public_key, peer_key=peer_key, ip=remote[0],
+                                  observed_ms=int(time.time() * 1000)).seal(key)
         with trio.fail_after(limits.DIALBACK_CONNECT_TIMEOUT_S):
-            await stream.write(DialbackReply(remote[0], tuple(reachable)).to_bytes())
+            await stream.write(DialbackReply(remote[0], tuple(reachable), observation).to_bytes())
         finished = True
     except (ProtocolError, trio.TooSlowError) as exc:
         log.info("dial-back probe from %s refused: %s", stream.muxed_conn.peer_id, exc)

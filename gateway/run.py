@@ -147,7 +147,7 @@ async def run_gateway(config: GatewayConfig) -> None:
             raise ConfigError(f"gateway.tenant names the bootstrap key's tenant {config.tenant!r}, but a real tenant "
                               f"has that name: the two would share one account. Set gateway.tenant to another name")
         witness = Witness(p2p, key, witness_book, directory.exclude)
-        p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), DialbackProbes().serve)
+        p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), DialbackProbes(key).serve)
         p2p.host.set_stream_handler(TProtocol(LISTING_PROTOCOL_ID),
                                     ListingDesk(gateway.providers, witness_book).serve_listing)
 

@@ -98,6 +98,10 @@ def add_fetch(ledger_subparsers) -> None:
     fetch.add_argument("--key", type=Path, required=True, help="your own key file (the grant names its peer id)")
     fetch.add_argument("--grant", type=Path, help="the grant file the provider gave you")
     fetch.add_argument("--out", type=Path, required=True, help="bundle file to write")
+    fetch.add_argument("--punch-from", metavar="MULTIADDR",
+                       help="listen on this TCP address (e.g. /ip4/0.0.0.0/tcp/4102) and, if the provider is reached "
+                            "through a relay, try a hole punch from it to fetch over a direct connection (the relay "
+                            "caps a circuit's bytes and life); without it, this host dials out only")
     fetch.set_defaults(handler=ledger_fetch)
 
 
@@ -110,8 +114,8 @@ def ledger_fetch(args: argparse.Namespace) -> int:
     from llorch.node.p2p import running_host
 
     async def fetch():
-        async with running_host(key, "/ip4/127.0.0.1/tcp/0") as p2p:
-            return await fetch_ledger(p2p, args.address, grant)
+        async with running_host(key, args.punch_from or "/ip4/127.0.0.1/tcp/0", "--punch-from") as p2p:
+            return await fetch_ledger(p2p, args.address, grant, punch=bool(args.punch_from), say=print)
 
     try:
         key = load_key_file(args.key)

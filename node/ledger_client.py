@@ -19,6 +19,7 @@ from llorch.node.errors import ProtocolError
 from llorch.node.wire.frames import Error
 from llorch.node.wire.infer_protocol import Role
 from llorch.node.wire.ledger_protocol import LEDGER_PROTOCOL_ID, GetCheckpoint, GetEntries, LedgerProtocol
+from llorch.node.hole_punch import PunchFailed, direct_addr_to, punch
 from llorch.node.p2p import P2P, connect_relayed, dial_only_announced, peer_key_of
 from llorch.node.stream_io import close_quietly, read_frame, write_frame
 
@@ -59,10 +60,13 @@ async def request_ledger(p2p: P2P, provider_key: bytes, addrs: list[str], reques
 
 
 async def fetch_ledger(p2p: P2P, provider_address: str, grant: bytes = b"",
-                       page_entries: int = ledger_limits.ENTRIES_PAGE_MAX) -> LedgerMaterial:
+                       page_entries: int = ledger_limits.ENTRIES_PAGE_MAX, punch: bool = False,
+                       say=lambda line: None) -> LedgerMaterial:
     """An auditor's copy of a provider's ledger: its latest signed checkpoint and every entry up to it, paged, as
     material `llorch ledger verify` checks (the entries are trusted no more than a file's would be). ``grant`` is
-    the provider's auditor grant for this host's key (empty for a gateway the node trusts)."""
+    the provider's auditor grant for this host's key (empty for a gateway the node trusts). With ``punch``, a
+    provider reached through a relay is asked for a hole punch first (node/hole_punch.py); ``say`` is told how the
+    provider was reached."""
     try:
         info = info_from_p2p_addr(Multiaddr(provider_address))
         provider_key = peer_key_of(info.peer_id)
@@ -72,6 +76,8 @@ async def fetch_ledger(p2p: P2P, provider_address: str, grant: bytes = b"",
     if provider_key is None:
         raise LedgerRequestFailed(f"{info.peer_id} is not an Ed25519 peer id")
     addrs = [str(addr) for addr in info.addrs]
+    if punch:
+        await reach_directly(p2p, info.peer_id, addrs, say)
     checkpoint = await request_ledger(p2p, provider_key, addrs, GetCheckpoint())
     try:
         size = open_checkpoint(checkpoint.note, ledger_origin(provider_key), provider_key).size
@@ -86,3 +92,21 @@ async def fetch_ledger(p2p: P2P, provider_address: str, grant: bytes = b"",
                                       f"request for [{len(entries)}, {end})")
         entries.extend(reply.entries)
     return LedgerMaterial(entries, [checkpoint.note], [])
+
+
+async def reach_directly(p2p: P2P, peer: ID, addrs: list[str], say) -> None:
+    """If ``peer`` announced only relayed addresses, connect through its relay and try a hole punch; ``say`` how it
+    is reached. A failed punch leaves the relayed connection in use; a peer with a direct address is left to the
+    first request to dial."""
+    if any("/p2p-circuit" not in addr for addr in addrs):
+        return
+    dial_only_announced(p2p, peer, addrs)
+    if not await connect_relayed(p2p, peer, addrs):
+        return                                       # the first request says why it cannot reach the peer
+    if direct_addr_to(p2p, peer) is not None:
+        say(f"reached {peer} directly at {direct_addr_to(p2p, peer)}")
+        return
+    try:
+        say(f"reached {peer} directly at {await punch(p2p, peer)} (hole-punched)")
+    except PunchFailed as exc:
+        say(f"reached {peer} through a relay; hole punch failed: {exc}")

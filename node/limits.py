@@ -43,6 +43,12 @@ LEDGER_READ_TIMEOUT_S = 10.0
 # Reachability (node/reachability.py, node/relay.py).
 DIALBACK_FRAME_BYTES_MAX = 1024           # a dial-back probe's request or reply
 DIALBACK_PORTS_MAX = 4                    # ports one dial-back probe may ask about (node/wire/dialback.py)
+OBSERVATION_AGE_MS_MAX = 900_000          # a gateway's signed observation of a peer's IP is used this long
+OBSERVATION_REFRESH_MS = 480_000          # a node asks its gateway for a new one when its own is this old
+PUNCH_TIMEOUT_S = 10.0                    # a hole punch's exchange over the relayed connection, then its dials
+PUNCH_DIAL_TIMEOUT_S = 2.0                # one simultaneous-open dial
+PUNCH_ROUNDS = 3                          # dial rounds in one hole punch (the timing is a race; retry it)
+PUNCHES_AT_ONCE_MAX = 4                   # hole punches a node answers at the same time (one per peer)
 DIALBACK_TIMEOUT_S = 15.0                 # open, ask and hear the answer (the gateway tries each port for 3 s)
 REACHABILITY_RECHECK_S = 300.0            # how often a node asks again whether it is directly reachable
 RELAY_RESERVE_TIMEOUT_S = 10.0            # open a hop stream, reserve, read the answer

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 import trio
+from libp2p.connection_types import ConnectionType
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -30,7 +31,7 @@ from multiaddr import Multiaddr
 
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.p2p import P2P
+from llorch.node.p2p import P2P, peer_key_of
 from llorch.node.stream_io import close_quietly
 from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID, DialbackReply, DialbackRequest, frame_length
 
@@ -49,6 +50,8 @@ class Reach:
     direct: list[str] = field(default_factory=list)             # dial-back-confirmed addresses
     reservations: dict[str, int] = field(default_factory=dict)  # relayed address → reservation expiry (unix s)
     checked_ms: int = 0                                         # last dial-back answer
+    observations: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # gateway → (when, signed envelope)
+    punched: dict[str, str] = field(default_factory=dict)       # peer → the address a hole punch connected
 
     def relayed(self, now_s: int) -> list[str]:
         return [addr for addr, expires in self.reservations.items() if expires > now_s]
@@ -56,7 +59,9 @@ class Reach:
 
 class TrustedStop(CircuitV2Protocol):
     """The node's end of Circuit Relay v2 (``stop``): a circuit is accepted only when the relay is a gateway the node
-    trusts. py-libp2p would accept one opened by any connected peer."""
+    trusts. py-libp2p would accept one opened by any connected peer. The circuit's connection is named by its real
+    relay, ``/p2p/<relay>/p2p-circuit/p2p/<peer>``: py-libp2p names this host in the relay's place, so the hole
+    punch (node/hole_punch.py) could not tell which gateway a circuit came through."""
 
     def __init__(self, host, trusted_relays: frozenset[str]) -> None:
         super().__init__(host, allow_hop=False)
@@ -69,6 +74,16 @@ class TrustedStop(CircuitV2Protocol):
             await stream.reset()
             return
         await super()._handle_stop_stream(stream)
+
+    async def handle_incoming_connection(self, stream, remote_peer_id: bytes) -> None:
+        await super().handle_incoming_connection(stream, remote_peer_id)
+        peer, me = ID(remote_peer_id), self.host.get_id()
+        as_named = f"/p2p/{me}/p2p-circuit/p2p/{peer}"
+        found = self.host.get_network().connections.get(peer) or []
+        for conn in (found if isinstance(found, list) else [found]):
+            if [str(addr) for addr in conn.get_transport_addresses()] == [as_named]:
+                conn.set_transport_info([Multiaddr(f"/p2p/{stream.muxed_conn.peer_id}/p2p-circuit/p2p/{peer}")],
+                                        ConnectionType.RELAYED)
 
 
 def relayed_addr(bootstrap_addr: str, node_peer_id: str) -> str:
@@ -106,8 +121,12 @@ async def reserve(p2p: P2P, relay: ID) -> int:
 
 
 async def probe(p2p: P2P, gateway: ID, ports: tuple[int, ...]) -> DialbackReply:
-    """Ask ``gateway`` to dial back ``ports`` at the address our connection comes from (node/wire/dialback.py)."""
+    """Ask ``gateway`` to dial back ``ports`` at the address our connection comes from (node/wire/dialback.py), or
+    with no ports only for its signed observation of that address. The reply's observation is checked."""
     request = DialbackRequest(ports)
+    gateway_key = peer_key_of(gateway)
+    if gateway_key is None:
+        raise RelayError(f"{gateway} is not an Ed25519 peer id")
     stream, finished = None, False
     try:
         with trio.fail_after(limits.DIALBACK_TIMEOUT_S):
@@ -122,7 +141,8 @@ async def probe(p2p: P2P, gateway: ID, ports: tuple[int, ...]) -> DialbackReply:
             if len(buffer) != total:
                 raise RelayError(f"{gateway} sent bytes after its dial-back answer")
             finished = True
-            return DialbackReply.from_bytes(buffer).answers(request)
+            return DialbackReply.from_bytes(buffer).answers(request, gateway_key, peer_key_of(p2p.host.get_id()),
+                                                            int(time.time() * 1000))
     except trio.TooSlowError:
         raise RelayError(f"{gateway} did not answer a dial-back probe within {limits.DIALBACK_TIMEOUT_S} s") from None
     except ProtocolError as exc:
@@ -187,6 +207,7 @@ async def _probe_any(p2p: P2P, gateways, reach: Reach) -> bool:
         kind = "ip6" if ":" in reply.observed_ip else "ip4"
         reach.direct = [f"/{kind}/{reply.observed_ip}/tcp/{port}/p2p/{p2p.peer_id}" for port in reply.reachable]
         reach.checked_ms = int(time.time() * 1000)
+        reach.observations[gateway.to_base58()] = (reach.checked_ms, reply.observation)
         return True
     return False
 

@@ -23,7 +23,9 @@ from llorch.node.dashboard import dashboard_app
 from llorch.node.ledger_service import LedgerService, sign_checkpoints
 from llorch.node.lifecycle import supervise, write_state_file
 from llorch.node.reachability import announced_addrs
+from llorch.node.hole_punch import Punches
 from llorch.node.relay import Reach, TrustedStop, keep_reachable
+from llorch.node.wire.punch import PUNCH_PROTOCOL_ID
 from llorch.node.status import Counters, admin_app, serve_admin, status_document, write_admin_url
 from llorch.node.p2p import P2P, check_can_listen, keep_connected, running_host
 from llorch.node.service import EnginePool, ProviderService
@@ -112,6 +114,8 @@ async def _run_node(config: NodeConfig) -> None:
             p2p.host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), service.serve_inference)
             p2p.host.set_stream_handler(TProtocol(LEDGER_PROTOCOL_ID), LedgerService(ledger, trusted).serve_ledger)
             counters, reach, listings = Counters(), Reach(), Listings()
+            p2p.host.set_stream_handler(TProtocol(PUNCH_PROTOCOL_ID),
+                                        Punches(p2p, reach, frozenset(config.trusted_gateways)).serve)
             async with background_trio_service(TrustedStop(p2p.host, frozenset(config.trusted_gateways))), \
                     trio.open_nursery() as nursery:
                 status = lambda: status_document(config, p2p, pool, ledger, counters, now_ms(), reach,  # noqa: E731

@@ -7,7 +7,8 @@ and the state file records the URL). `llorch node status` reads node.toml, asks 
   opened, carries every request and witness round), and what it last answered about the node's listing there
   (node/listing.py: approved or not, geo certified, excluded for a fork, the clock offset);
 - how others reach the node: outbound (its own connections only), direct (a gateway's dial-back reached an announced
-  address), relayed (through a trusted gateway's Circuit Relay v2, with the reservation's expiry) or announced
+  address), relayed (through a trusted gateway's Circuit Relay v2, with the reservation's expiry), hole-punched
+  (relayed, and a hole punch turned some peers' relayed connections direct: each with its address) or announced
   (announce_addrs from node.toml), and the addresses it announces;
 - slots free and total, the last attestation (seq and age);
 - the ledger: entries, head, the last signed checkpoint and the last cosignature (witness, size, age);
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+from libp2p.peer.id import ID
 
 from llorch.ledger.errors import LedgerError
 from llorch.ledger.note import parse_checkpoint_text, parse_note
@@ -36,6 +38,7 @@ from llorch.ledger.objects import Receipt
 from llorch.ledger.signing import open_envelope
 from llorch.ledger.store import LedgerStore
 from llorch.node.errors import ConfigError
+from llorch.node.hole_punch import direct_addr_to
 from llorch.node.reachability import announced_addrs
 from llorch.node.listing import Listings
 from llorch.node.warnings import warnings
@@ -57,13 +60,15 @@ HOW = {
     "outbound": "its own outbound connections only (behind NAT, no relay reservation yet)",
     "direct": "its announced addresses (a gateway's dial-back reached them), and its own connections",
     "relayed": "a relay on its gateway for peers without a connection, and its own connections",
+    "hole-punched": "direct connections a hole punch opened (below), a relay on its gateway for other peers, and its "
+                    "own connections",
     "announced": "the announced addresses from node.toml, and its own connections",
 }
 
 
 def reachability(config, p2p, reach, now_ms: int) -> dict:
-    """How others reach the node: ``how`` is outbound, direct, relayed or announced (node.toml's announce_addrs);
-    each relay reservation with its expiry."""
+    """How others reach the node: ``how`` is outbound, direct, relayed, hole-punched or announced (node.toml's
+    announce_addrs); each relay reservation with its expiry; each peer a hole punch connected, while it is."""
     announced = announced_addrs(config, p2p.addrs(), p2p.peer_id, reach, now_ms // 1000)
     how = "announced" if config.announce_addrs else (reach.how if reach is not None else "outbound")
     if how == "outbound" and announced:       # a node on a local network, its listen address dialable as it is
@@ -71,7 +76,13 @@ def reachability(config, p2p, reach, now_ms: int) -> dict:
     reservations = [] if reach is None or config.announce_addrs else [
         {"addr": addr, "expires_in_s": expires - now_ms // 1000}
         for addr, expires in sorted(reach.reservations.items()) if expires > now_ms // 1000]
-    return {"how": how, "description": HOW[how], "announced": announced, "reservations": reservations}
+    punched = [] if reach is None else [
+        {"peer_id": peer, "addr": addr} for peer, addr in sorted(reach.punched.items())
+        if direct_addr_to(p2p, ID.from_base58(peer)) is not None]
+    if how == "relayed" and punched:
+        how = "hole-punched"
+    return {"how": how, "description": HOW[how], "announced": announced, "reservations": reservations,
+            "punched": punched}
 
 
 async def status_document(config, p2p, pool, ledger: LedgerStore, counters: Counters, now_ms: int,
@@ -208,6 +219,8 @@ def render(status: dict) -> str:
         lines.append(f"  announced {addr}")
     for reservation in reach["reservations"]:
         lines.append(f"  relay reservation expires in {reservation['expires_in_s']} s: {reservation['addr']}")
+    for punched in reach["punched"]:
+        lines.append(f"  hole-punched: {punched['peer_id']} at {punched['addr']}")
     lines.append(f"slots: {status['slots']['free']} free of {status['slots']['total']}; last attestation "
                  f"{age(status['last_attestation']['age_ms'])}")
     ledger = status["ledger"]

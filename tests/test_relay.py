@@ -22,7 +22,7 @@ from llorch.node.ledger_client import fetch_ledger
 from llorch.node.ledger_service import LedgerService
 from llorch.node.p2p import connect_relayed, running_host
 from llorch.node.relay import RelayError, TrustedStop, probe, relayed_addr, reserve
-from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID
+from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID, Observation
 from llorch.node.wire.ledger_protocol import LEDGER_PROTOCOL_ID
 from tests.helpers import receipt_fields
 from tests.test_ledger_access import grant
@@ -110,12 +110,16 @@ async def test_the_dial_back_probe_reaches_an_open_port_and_not_a_closed_one():
     closed.bind(("127.0.0.1", 0))
     closed_port = closed.getsockname()[1]                  # bound, never listening: connections are refused
     async with running_host(gateway, LOOPBACK) as gateway_p2p, running_host(node, LOOPBACK) as node_p2p:
-        gateway_p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), serve_dialback)
+        gateway_p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID),
+                                            lambda stream: serve_dialback(stream, gateway))
         await connect(node_p2p, address(gateway_p2p))
         open_port = node_relay.listen_ports(node_p2p)[0]
         reply = await probe(node_p2p, gateway_p2p.host.get_id(), (open_port, closed_port))
     closed.close()
     assert reply.observed_ip == "127.0.0.1" and reply.reachable == (open_port,)
+    observation = Observation.from_envelope(reply.observation)         # signed by the gateway, about this node
+    assert (observation.gateway_key, observation.peer_key, observation.ip) == (gateway.public_key, node.public_key,
+                                                                              "127.0.0.1")
 
 
 async def test_one_peer_cannot_make_the_gateway_run_many_dial_back_probes_at_once(monkeypatch):
@@ -134,7 +138,7 @@ async def test_one_peer_cannot_make_the_gateway_run_many_dial_back_probes_at_onc
     node, gateway = SigningKey.generate(), SigningKey.generate()
     outcomes = []
     async with running_host(gateway, LOOPBACK) as gateway_p2p, running_host(node, LOOPBACK) as node_p2p:
-        gateway_p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), gateway_relay.DialbackProbes().serve)
+        gateway_p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), gateway_relay.DialbackProbes(gateway).serve)
         await connect(node_p2p, address(gateway_p2p))
 
         async def one() -> None:

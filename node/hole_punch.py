@@ -1,0 +1,238 @@
+"""Hole punching: turning a relayed connection through a gateway into a direct one (/llorch/punch/1, the wire in
+node/wire/punch.py, docs/protocol.md §5c).
+
+Two peers behind NAT routers joined by a relayed connection (say an auditor at home fetching a provider's ledger)
+each learn from the relaying gateway, in a signed ``Observation``, the IP their connection comes from; they swap
+those observations and their listen ports over the relayed connection, then both dial the other at once from their
+own listen port (TCP simultaneous open): each router sees its host's SYN leave before the other's arrives, and lets
+the other's in as the answer. Where that works (routers that drop unsolicited packets, as most home routers do,
+and that keep the source port) the connection is direct from then on; where it does not, the relay still serves.
+
+py-libp2p ships DCUtR for this; it is not used because it dials every address in the peerstore (a node's own
+``0.0.0.0`` listen address among them) and any address a peer names, answers a punch from any peer, and starts one
+itself every 2 s. Here:
+
+- a punch is answered only over a relayed connection through a gateway the node trusts (``trusted``);
+- each side dials only the IP the relaying gateway signed for the other peer, fresh (OBSERVATION_AGE_MS_MAX), at
+  the ports offered: no third party can be made a target, not even by a peer lying about its address;
+- a node answers one punch per peer and PUNCHES_AT_ONCE_MAX in all; only the initiator starts one.
+
+``Reach.punched`` keeps each peer a punch connected, for ``llorch node status`` (reached: hole-punched).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from multiaddr import Multiaddr
+
+from llorch.node import limits
+from llorch.node.errors import ProtocolError
+from llorch.node.p2p import P2P, peer_key_of
+from llorch.node.relay import Reach, RelayError, listen_ports, probe
+from llorch.node.stream_io import close_quietly
+from llorch.node.wire.dialback import Observation
+from llorch.node.wire.punch import PUNCH_PROTOCOL_ID, SYNC, FrameReader, Offer, sync_bytes
+
+log = logging.getLogger("llorch.punch")
+
+
+class PunchFailed(Exception):
+    """A hole punch did not produce a direct connection; the message says why (the relayed one still works)."""
+
+
+def relay_of(addrs) -> str | None:
+    """The relay's peer id if every address of a connection is a circuit through one relay
+    (``…/p2p/<relay>/p2p-circuit/p2p/<peer>``), else None (a direct connection, or addresses unknown)."""
+    relays = set()
+    for addr in map(str, addrs or []):
+        head, circuit, _ = addr.partition("/p2p-circuit")
+        if not circuit or "/p2p/" not in head:
+            return None
+        relays.add(head.rsplit("/p2p/", 1)[1].split("/")[0])
+    return relays.pop() if len(relays) == 1 else None
+
+
+def connections_to(p2p: P2P, peer: ID) -> list:
+    found = p2p.host.get_network().connections.get(peer) or []
+    return list(found) if isinstance(found, (list, tuple)) else [found]
+
+
+def direct_addr_to(p2p: P2P, peer: ID) -> str | None:
+    """The address of a direct (not relayed) connection to ``peer``, if there is one."""
+    for conn in connections_to(p2p, peer):
+        addrs = [str(addr) for addr in conn.get_transport_addresses()]
+        if addrs and relay_of(addrs) is None:
+            return addrs[0]
+    return None
+
+
+def relay_of_stream(p2p: P2P, stream) -> str | None:
+    """The relay of the connection ``stream`` runs on, if it is a relayed connection (None otherwise)."""
+    for conn in connections_to(p2p, stream.muxed_conn.peer_id):
+        if getattr(conn, "muxed_conn", None) is stream.muxed_conn:
+            return relay_of(conn.get_transport_addresses())
+    return None
+
+
+async def own_observation(p2p: P2P, gateway: ID, reach: Reach | None = None) -> bytes:
+    """``gateway``'s signed observation of this host's IP: ``reach``'s if fresh enough, else a new one (a
+    /llorch/dialback/1 request with no ports). RelayError if the gateway does not give one."""
+    now_ms = int(time.time() * 1000)
+    if reach is not None:
+        made_ms, envelope = reach.observations.get(gateway.to_base58(), (0, b""))
+        if envelope and now_ms - made_ms < limits.OBSERVATION_REFRESH_MS:
+            return envelope
+    envelope = (await probe(p2p, gateway, ())).observation
+    if reach is not None:
+        reach.observations[gateway.to_base58()] = (now_ms, envelope)
+    return envelope
+
+
+def _check_offer(message, relay: str, peer: ID) -> tuple[Offer, Observation]:
+    """The offer and its observation, if ``message`` is an offer whose observation ``relay`` signed about ``peer``."""
+    if not isinstance(message, Offer):
+        raise ProtocolError("expected an offer")
+    relay_key, peer_key = peer_key_of(ID.from_base58(relay)), peer_key_of(peer)
+    if relay_key is None or peer_key is None:
+        raise ProtocolError("the relay and the peer must have Ed25519 peer ids")
+    return message, Observation.checked(message.observation, relay_key, peer_key, int(time.time() * 1000))
+
+
+def _source(p2p: P2P, kind: str = "ip4") -> tuple[str, int]:
+    """The (ip, port) this host listens on, to dial from: the SYN must leave from the listen port, so that the NAT
+    mapping it makes is the address the other side dials (routers keep the source port when they can)."""
+    for addr in p2p.addrs():
+        parts = addr.split("/")
+        if addr.startswith(f"/{kind}/") and len(parts) > 4 and parts[3] == "tcp" and "/p2p-circuit" not in addr:
+            return parts[2], int(parts[4])
+    raise PunchFailed(f"this host listens on no {kind} TCP port to punch from")
+
+
+async def _dial(p2p: P2P, peer: ID, ip: str, ports: tuple[int, ...], as_responder: bool) -> str | None:
+    """Dial ``ip`` at each of ``ports`` from our listen port, in up to PUNCH_ROUNDS rounds; the direct address
+    connected, or None. ``as_responder``: the punch's initiator upgrades its dials as the libp2p responder, so that
+    the one TCP connection a simultaneous open makes has one Noise initiator (the other side)."""
+    network = p2p.host.get_network()
+    dial = network.dial_addr_as_responder if as_responder else network.dial_addr
+    kind = "ip6" if ":" in ip else "ip4"
+    source = _source(p2p, kind)
+
+    async def one(port: int) -> None:
+        with trio.move_on_after(limits.PUNCH_DIAL_TIMEOUT_S):
+            try:
+                await dial(Multiaddr(f"/{kind}/{ip}/tcp/{port}"), peer, source)
+            except Exception as exc:  # refused, reset, handshake lost the race: the next round tries again
+                log.debug("punch dial to %s:%s failed: %s: %s", ip, port, type(exc).__name__, exc)
+
+    for _ in range(limits.PUNCH_ROUNDS):
+        async with trio.open_nursery() as nursery:
+            for port in ports:
+                nursery.start_soon(one, port)
+        if (addr := direct_addr_to(p2p, peer)) is not None:
+            return addr
+        await trio.sleep(0.2)
+    return direct_addr_to(p2p, peer)
+
+
+class Punches:
+    """The responder: answers /llorch/punch/1 streams on relayed connections through ``trusted`` gateways."""
+
+    def __init__(self, p2p: P2P, reach: Reach, trusted: frozenset[str]) -> None:
+        self.p2p, self.reach, self.trusted = p2p, reach, trusted
+        self._busy: set[ID] = set()
+
+    async def serve(self, stream) -> None:
+        peer = stream.muxed_conn.peer_id
+        relay = relay_of_stream(self.p2p, stream)
+        why = ("it did not come over a relayed connection" if relay is None else
+               f"it came through {relay}, not a gateway this node trusts" if relay not in self.trusted else
+               "one is running for this peer" if peer in self._busy else
+               "too many punches at once" if len(self._busy) >= limits.PUNCHES_AT_ONCE_MAX else None)
+        if why is not None:
+            log.warning("refused a hole punch from %s: %s", peer, why)
+            await close_quietly(stream, reset=True)
+            return
+        self._busy.add(peer)
+        try:
+            await self._answer(stream, peer, relay)
+        finally:
+            self._busy.discard(peer)
+
+    async def _answer(self, stream, peer: ID, relay: str) -> None:
+        finished = False
+        try:
+            with trio.fail_after(limits.PUNCH_TIMEOUT_S):
+                reader = FrameReader(stream)
+                offer, theirs = _check_offer(await reader.next(), relay, peer)
+                mine = await own_observation(self.p2p, ID.from_base58(relay), self.reach)
+                await stream.write(Offer(mine, listen_ports(self.p2p)).to_bytes())
+                if await reader.next() != SYNC:
+                    raise ProtocolError("expected a sync after the offers")
+                finished = True
+        except (ProtocolError, RelayError, PunchFailed) as exc:
+            log.warning("hole punch from %s refused: %s", peer, exc)
+            return
+        except trio.TooSlowError:
+            log.info("hole punch from %s: no sync within %s s", peer, limits.PUNCH_TIMEOUT_S)
+            return
+        except Exception as exc:  # the peer hung up mid-exchange
+            log.info("hole punch from %s ended: %s: %s", peer, type(exc).__name__, exc)
+            return
+        finally:
+            await close_quietly(stream, reset=not finished)
+        addr = await _dial(self.p2p, peer, theirs.ip, offer.ports, as_responder=False)
+        if addr is None:
+            log.info("hole punch with %s at %s%s did not connect; it stays relayed", peer, theirs.ip, list(offer.ports))
+            return
+        self.reach.punched[peer.to_base58()] = addr
+        log.info("hole punch with %s connected directly: %s", peer, addr)
+
+
+async def punch(p2p: P2P, peer: ID) -> str:
+    """The initiator: over our relayed connection to ``peer``, swap signed observations through its relay, then
+    dial. Returns the direct address; PunchFailed says why not (the relayed connection is left as it was). On
+    success the relayed connection is closed, so new streams use the direct one."""
+    if direct_addr_to(p2p, peer) is not None:
+        return direct_addr_to(p2p, peer)
+    relayed = [conn for conn in connections_to(p2p, peer) if relay_of(conn.get_transport_addresses())]
+    if not relayed:
+        raise PunchFailed(f"no relayed connection to {peer}")
+    relay = relay_of(relayed[0].get_transport_addresses())
+    _source(p2p)
+    ports = listen_ports(p2p)
+    stream, finished = None, False
+    try:
+        with trio.fail_after(limits.PUNCH_TIMEOUT_S):
+            mine = await own_observation(p2p, ID.from_base58(relay))
+            stream = await p2p.host.new_stream(peer, [TProtocol(PUNCH_PROTOCOL_ID)])
+            reader = FrameReader(stream)
+            sent = trio.current_time()
+            await stream.write(Offer(mine, ports).to_bytes())
+            offer, theirs = _check_offer(await reader.next(), relay, peer)
+            round_trip = trio.current_time() - sent
+            await stream.write(sync_bytes())
+            finished = True
+    except trio.TooSlowError:
+        raise PunchFailed(f"{peer} did not answer the punch within {limits.PUNCH_TIMEOUT_S} s") from None
+    except (ProtocolError, RelayError) as exc:
+        raise PunchFailed(str(exc)) from None
+    except PunchFailed:
+        raise
+    except Exception as exc:  # stream and negotiation errors come in many types (a node that does not punch)
+        raise PunchFailed(f"punch stream to {peer} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        if stream is not None:
+            await close_quietly(stream, reset=not finished)
+    await trio.sleep(min(round_trip / 2, 1.0))     # the sync reaches the responder, which dials at once
+    addr = await _dial(p2p, peer, theirs.ip, offer.ports, as_responder=True)
+    if addr is None:
+        raise PunchFailed(f"no direct connection to {theirs.ip} at {list(offer.ports)} (the routers' way with "
+                          f"unsolicited packets, or the timing); the relayed connection stays")
+    for conn in relayed:
+        await conn.close()
+    return addr
