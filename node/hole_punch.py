@@ -189,7 +189,7 @@ class Punches:
         if addr is None:
             log.info("hole punch with %s at %s%s did not connect; it stays relayed", peer, theirs.ip, list(offer.ports))
             return
-        self.reach.punched[peer.to_base58()] = addr
+        self.reach.punched[peer.to_base58()] = (addr, int(time.time() * 1000))
         log.info("hole punch with %s connected directly: %s", peer, addr)
 
 

@@ -51,7 +51,7 @@ class Reach:
     reservations: dict[str, int] = field(default_factory=dict)  # relayed address → reservation expiry (unix s)
     checked_ms: int = 0                                         # last dial-back answer
     observations: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # gateway → (when, signed envelope)
-    punched: dict[str, str] = field(default_factory=dict)       # peer → the address a hole punch connected
+    punched: dict[str, tuple[str, int]] = field(default_factory=dict)  # peer → (address a punch connected, when ms)
 
     def relayed(self, now_s: int) -> list[str]:
         return [addr for addr, expires in self.reservations.items() if expires > now_s]

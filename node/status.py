@@ -46,6 +46,7 @@ from llorch.node.warnings import warnings
 DAY_MS = 86_400_000
 TODAY_ENTRIES_SCANNED_MAX = 100_000      # receipts read back to count today's (newest first)
 STATUS_TIMEOUT_S = 5
+PUNCHES_SHOWN_MS = 3_600_000             # status lists the hole punches of the last hour
 
 
 @dataclass
@@ -67,8 +68,9 @@ HOW = {
 
 
 def reachability(config, p2p, reach, now_ms: int) -> dict:
-    """How others reach the node: ``how`` is outbound, direct, relayed, hole-punched or announced (node.toml's
-    announce_addrs); each relay reservation with its expiry; each peer a hole punch connected, while it is."""
+    """How others reach the node: ``how`` is outbound, direct, relayed, hole-punched (relayed, with a punched
+    connection open) or announced (node.toml's announce_addrs); each relay reservation with its expiry; each hole
+    punch of the last hour, and whether its connection is still open."""
     announced = announced_addrs(config, p2p.addrs(), p2p.peer_id, reach, now_ms // 1000)
     how = "announced" if config.announce_addrs else (reach.how if reach is not None else "outbound")
     if how == "outbound" and announced:       # a node on a local network, its listen address dialable as it is
@@ -77,9 +79,10 @@ def reachability(config, p2p, reach, now_ms: int) -> dict:
         {"addr": addr, "expires_in_s": expires - now_ms // 1000}
         for addr, expires in sorted(reach.reservations.items()) if expires > now_ms // 1000]
     punched = [] if reach is None else [
-        {"peer_id": peer, "addr": addr} for peer, addr in sorted(reach.punched.items())
-        if direct_addr_to(p2p, ID.from_base58(peer)) is not None]
-    if how == "relayed" and punched:
+        {"peer_id": peer, "addr": addr, "age_ms": now_ms - at_ms,
+         "connected": direct_addr_to(p2p, ID.from_base58(peer)) is not None}
+        for peer, (addr, at_ms) in sorted(reach.punched.items()) if now_ms - at_ms < PUNCHES_SHOWN_MS]
+    if how == "relayed" and any(punch["connected"] for punch in punched):
         how = "hole-punched"
     return {"how": how, "description": HOW[how], "announced": announced, "reservations": reservations,
             "punched": punched}
@@ -220,7 +223,8 @@ def render(status: dict) -> str:
     for reservation in reach["reservations"]:
         lines.append(f"  relay reservation expires in {reservation['expires_in_s']} s: {reservation['addr']}")
     for punched in reach["punched"]:
-        lines.append(f"  hole-punched: {punched['peer_id']} at {punched['addr']}")
+        lines.append(f"  hole punch {punched['age_ms'] / 1000:.0f} s ago: {punched['peer_id']} at {punched['addr']} "
+                     f"({'connected' if punched['connected'] else 'closed since'})")
     lines.append(f"slots: {status['slots']['free']} free of {status['slots']['total']}; last attestation "
                  f"{age(status['last_attestation']['age_ms'])}")
     ledger = status["ledger"]

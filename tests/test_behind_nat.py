@@ -225,6 +225,50 @@ def test_an_auditor_on_the_public_side_pulls_node_a_ledger_over_the_relay(intern
     assert far_ends and far_ends <= {f"{GATEWAY_IP}:{gateway_port(network)}"}, listing
 
 
+AUDITOR_PUNCH_PORT = 4202
+
+
+def test_an_auditor_behind_another_nat_hole_punches_to_node_a(internet, client, network):
+    """An auditor at home (behind router 2, beside node B) fetches node A's ledger: through the gateway's relay,
+    then a hole punch. With routers that drop unsolicited packets (most home routers; tests/hole_punch.py) the
+    fetch runs over a direct connection between the two routers' public addresses, and node A's status shows it;
+    with routers that answer them with a reset (the topology's default) the punch fails and the relay serves."""
+    from tests.hole_punch import quiet_routers
+    serve_on_each(internet, client, network, first_seed=350)
+    status = relayed_status(internet, network, "a")
+    [circuit] = status["reachability"]["announced"]
+    auditor = network.workdir / "home-auditor.key"
+    network.cli("keys", "new", str(auditor))
+    auditor_peer = load_key_file(auditor).peer_id
+    grant_file = network.workdir / "home-auditor.grant"
+    with internet.inside("a"):
+        network.cli("node", "grant-auditor", auditor_peer, "--config", "a.toml", "--days", "1", "--out", str(grant_file))
+
+    def fetch(bundle: str) -> str:
+        with internet.inside("b"):
+            fetched = network.cli("ledger", "fetch", circuit, "--key", str(auditor), "--grant", str(grant_file),
+                                  "--out", str(network.workdir / bundle),
+                                  "--punch-from", f"/ip4/0.0.0.0/tcp/{AUDITOR_PUNCH_PORT}")
+            network.cli("ledger", "verify", str(network.workdir / bundle))
+        assert "fetched" in fetched, fetched
+        return fetched
+
+    print("\nrouters reset unsolicited packets: " + fetch("resetting.bundle").splitlines()[0])
+    quiet_routers(internet)
+    try:
+        fetched = fetch("punched.bundle")
+    finally:
+        for home in HOMES:
+            internet.run(home.router, tool("nft"), "delete", "table", "ip", "quiet")
+    print("routers drop unsolicited packets: " + fetched.splitlines()[0])
+    a_wan = next(home.wan_ip for home in HOMES if home.host == "a")
+    b_wan = next(home.wan_ip for home in HOMES if home.host == "b")
+    assert f"directly at /ip4/{a_wan}/tcp/{listen_port(network, 'a')}" in fetched and "(hole-punched)" in fetched
+    punches = node_status(internet, network, "a")["reachability"]["punched"]
+    assert [(p["peer_id"], p["addr"]) for p in punches] == [(auditor_peer, f"/ip4/{b_wan}/tcp/{AUDITOR_PUNCH_PORT}")], \
+        punches
+
+
 def kill_and_restart(internet: SmallInternet, network: LocalNetwork, name: str, between=lambda: None) -> float:
     """SIGKILL node ``name``, call ``between()``, restart the node in its LAN and wait until it has a new connection
     to the gateway through its router; return the monotonic time of the restart."""

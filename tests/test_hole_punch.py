@@ -95,6 +95,7 @@ async def test_an_auditor_behind_a_relay_punches_through_to_a_direct_connection(
         assert world.node_dials and set(world.node_dials) == {
             f"/ip4/127.0.0.1/tcp/{auditor_port}"}, world.node_dials
         assert set(world.reach.punched) == {auditor.peer_id}
+        assert world.reach.punched[auditor.peer_id][0] == f"/ip4/127.0.0.1/tcp/{auditor_port}"
 
 
 async def offer_as_attacker(p2p, node_id, offer: Offer) -> None:
