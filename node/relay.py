@@ -8,8 +8,10 @@ Everything the market already did keeps its path: customers' streams, witnessing
 connection to each gateway. The relay is for those who have no such connection (an auditor, a second gateway).
 
 ``Reach`` is what ``llorch node status`` reports: ``outbound`` (only the node's own connections), ``direct`` (a
-gateway's dial-back reached a listen port) or ``relayed`` (with each reservation's expiry). Hole punching (DCUtR)
-is not attempted: see docs/operating.md, "Behind NAT".
+gateway's dial-back reached a listen port) or ``relayed`` (with each reservation's expiry); a peer that reached the
+node through the relay may turn that into a direct connection with a hole punch (node/hole_punch.py), which the
+status reports as ``hole-punched``. The dial-back reply also carries the gateway's signed observation of the
+node's IP, which a hole punch shows to the other peer (kept per gateway in ``Reach.observations``).
 """
 
 from __future__ import annotations

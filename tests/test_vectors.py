@@ -63,6 +63,19 @@ def test_our_code_reproduces_the_vector_exactly():
         VECTOR["public_key_hex"]
 
 
+def unframe(data: bytes) -> bytes:
+    """The body of one frame: an unsigned LEB128 length, then exactly that many bytes."""
+    length, shift, offset = 0, 0, 0
+    while True:
+        byte = data[offset]
+        length |= (byte & 0x7F) << shift
+        offset, shift = offset + 1, shift + 7
+        if byte < 0x80:
+            break
+    assert length == len(data) - offset
+    return data[offset:]
+
+
 FRAMES = json.loads((Path(__file__).parent / "fixtures" / "frame_vectors.json").read_text())["frames"]
 
 
@@ -71,15 +84,7 @@ def test_frame_vectors_decode_independently_and_our_code_reproduces_them():
     assert {vector["type"] for vector in FRAMES.values()} == set(FRAME_TYPES)      # one of every type
     for name, vector in FRAMES.items():
         data = bytes.fromhex(vector["hex"])
-        length, shift, offset = 0, 0, 0
-        while True:                                     # unsigned LEB128
-            byte = data[offset]
-            length |= (byte & 0x7F) << shift
-            offset, shift = offset + 1, shift + 7
-            if byte < 0x80:
-                break
-        body = data[offset:]
-        assert length == len(body), name
+        body = unframe(data)
         decoded = msgpack.unpackb(body, raw=False)
         expected = {key: bytes.fromhex(value) if key in ("ticket", "salt", "receipt") else value
                     for key, value in vector["fields"].items()}
@@ -115,15 +120,7 @@ def test_listing_vectors_decode_independently_and_our_code_reproduces_them():
     assert set(LISTING["frames"]) == set(LISTING_EXPECTED)
     for name, hex_frame in LISTING["frames"].items():
         data = bytes.fromhex(hex_frame)
-        length, shift, offset = 0, 0, 0
-        while True:                                     # unsigned LEB128
-            byte = data[offset]
-            length |= (byte & 0x7F) << shift
-            offset, shift = offset + 1, shift + 7
-            if byte < 0x80:
-                break
-        body = data[offset:]
-        assert length == len(body), name
+        body = unframe(data)
         decoded = msgpack.unpackb(body, raw=False)
         assert decoded == LISTING_EXPECTED[name], name
         assert msgpack.packb(canonical(decoded)) == body, name      # canonical: sorted keys, smallest forms
@@ -259,6 +256,43 @@ def test_the_bill_vector_proves_the_receipt_under_the_cosigned_checkpoint():
     assert sn == 0 and r.hex() == checkpoint["root_hex"]
 
 
+PUNCH = json.loads((Path(__file__).parent / "fixtures" / "punch_vectors.json").read_text())
+
+
+def test_punch_vectors_verify_independently_and_our_code_reads_them():
+    """docs/protocol.md §5a and §5c: the observation is an envelope signed by the gateway under
+    "llorch/observation/v1" 0x00; the dial-back reply and the punch offer carry it as bin."""
+    from llorch.node.wire.dialback import DialbackReply, DialbackRequest
+    from llorch.node.wire.punch import Offer, decode
+
+    gateway = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(PUNCH["gateway_seed_hex"])).public_key()
+    provider = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(PUNCH["provider_seed_hex"])).public_key()
+    envelope_bytes = bytes.fromhex(PUNCH["observation_envelope_hex"])
+    envelope = msgpack.unpackb(envelope_bytes, raw=False)
+    payload = msgpack.unpackb(envelope["p"], raw=False)
+    assert msgpack.packb(canonical(payload), use_bin_type=True) == envelope["p"]
+    assert payload == {"v": 1, "gateway_key": gateway.public_bytes_raw(), "peer_key": provider.public_bytes_raw(),
+                       "ip": "203.0.113.21", "observed_ms": T0_MS}
+    gateway.verify(envelope["s"], b"llorch/observation/v1\x00" + envelope["p"])
+    frames = {name: bytes.fromhex(hex_frame) for name, hex_frame in PUNCH["frames"].items()}
+    expected = {
+        "dialback_request": {"ports": [4101]},
+        "dialback_request_observation_only": {"ports": []},
+        "dialback_reply": {"observed_ip": "203.0.113.21", "reachable": [], "observation": envelope_bytes},
+        "punch_offer": {"t": "offer", "observation": envelope_bytes, "ports": [4101]},
+        "punch_sync": {"t": "sync"},
+    }
+    assert set(frames) == set(expected)
+    for name, data in frames.items():
+        body = unframe(data)
+        assert msgpack.unpackb(body, raw=False) == expected[name], name
+        assert msgpack.packb(canonical(expected[name]), use_bin_type=True) == body, name
+    assert DialbackRequest.from_bytes(frames["dialback_request"]).ports == (4101,)
+    assert DialbackRequest.from_bytes(frames["dialback_request_observation_only"]).ports == ()
+    assert DialbackReply.from_bytes(frames["dialback_reply"]).observation == envelope_bytes
+    assert decode(frames["punch_offer"]) == Offer(envelope_bytes, (4101,)) and decode(frames["punch_sync"]) == "sync"
+
+
 def test_our_code_reproduces_the_connected_vectors():
     from tests.fixtures import make_vectors
 
@@ -270,7 +304,8 @@ def test_our_code_reproduces_the_connected_vectors():
     finally:
         make_vectors.write = original
     assert sorted(written) == ["attestation_vector.json", "bill_vector.json", "checkpoint_vector.json",
-                               "listing_vectors.json", "receipt_vector.json", "ticket_vector.json"]
+                               "listing_vectors.json", "punch_vectors.json", "receipt_vector.json",
+                               "ticket_vector.json"]
     for name, text in written.items():
         assert text == (FIXTURES / name).read_text(), f"{name} differs from what make_vectors.py writes"
     from llorch.ledger.receipt_proof import verify_receipt_document
