@@ -98,7 +98,7 @@ def test_disk_nearly_full():
 def test_node_status_prints_the_listing_and_the_warnings():
     document = {**status(listing=listing(status="pending", geo_certified=False)), "model": "m",
                 "uptime_ms": 0, "reachability": {"how": "direct", "description": "d", "announced": [],
-                                                 "reservations": []},
+                                                 "reservations": [], "punched": []},
                 "slots": {"free": 1, "total": 1}, "last_attestation": {"seq": 1, "age_ms": 5},
                 "today": {"requests": 0, "tokens_in": 0, "tokens_out": 0, "earned_minor": 0}}
     document["warnings"] = warnings(document)
