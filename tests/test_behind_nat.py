@@ -202,20 +202,25 @@ def test_each_node_finds_it_is_not_directly_reachable_and_is_relayed_by_the_gate
         assert "reached: relayed" in text and "relay reservation expires in" in text
 
 
+def auditor_granted_by_a(internet: SmallInternet, network: LocalNetwork, name: str):
+    """A new auditor key ``<name>.key`` and node A's one-day grant for it: (key file, peer id, grant file)."""
+    key_file, grant_file = network.workdir / f"{name}.key", network.workdir / f"{name}.grant"
+    network.cli("keys", "new", str(key_file))
+    peer = load_key_file(key_file).peer_id
+    with internet.inside("a"):
+        network.cli("node", "grant-auditor", peer, "--config", "a.toml", "--days", "1", "--out", str(grant_file))
+    return key_file, peer, grant_file
+
+
 def test_an_auditor_on_the_public_side_pulls_node_a_ledger_over_the_relay(internet, client, network):
     serve_on_each(internet, client, network, first_seed=300)
     status = relayed_status(internet, network, "a")
     [circuit] = status["reachability"]["announced"]
-    auditor = network.workdir / "auditor.key"
-    network.cli("keys", "new", str(auditor))
-    auditor_peer = load_key_file(auditor).peer_id
-    with internet.inside("a"):
-        network.cli("node", "grant-auditor", auditor_peer, "--config", "a.toml", "--days", "1",
-                    "--out", str(network.workdir / "auditor.grant"))
+    auditor, _, grant_file = auditor_granted_by_a(internet, network, "auditor")
     size = len(list(read_sqlite_entries(network.workdir / "a.ledger.sqlite")))
     with internet.inside("public"):
-        fetched = network.cli("ledger", "fetch", circuit, "--key", str(auditor), "--grant",
-                              str(network.workdir / "auditor.grant"), "--out", str(network.workdir / "a.bundle"))
+        fetched = network.cli("ledger", "fetch", circuit, "--key", str(auditor), "--grant", str(grant_file),
+                              "--out", str(network.workdir / "a.bundle"))
         network.cli("ledger", "verify", str(network.workdir / "a.bundle"))
     assert size > 0 and f"fetched {size} entries" in fetched, fetched
     # Node A opened no connection to the auditor (nor could the auditor open one into A's LAN): A's only TCP
@@ -237,12 +242,7 @@ def test_an_auditor_behind_another_nat_hole_punches_to_node_a(internet, client, 
     serve_on_each(internet, client, network, first_seed=350)
     status = relayed_status(internet, network, "a")
     [circuit] = status["reachability"]["announced"]
-    auditor = network.workdir / "home-auditor.key"
-    network.cli("keys", "new", str(auditor))
-    auditor_peer = load_key_file(auditor).peer_id
-    grant_file = network.workdir / "home-auditor.grant"
-    with internet.inside("a"):
-        network.cli("node", "grant-auditor", auditor_peer, "--config", "a.toml", "--days", "1", "--out", str(grant_file))
+    auditor, auditor_peer, grant_file = auditor_granted_by_a(internet, network, "home-auditor")
 
     def fetch(bundle: str) -> str:
         with internet.inside("b"):

@@ -95,7 +95,7 @@ async def test_a_peer_asking_about_another_provider_learns_nothing_of_it(gateway
 
 MALFORMED = {
     "not msgpack": (encode_uvarint(3) + b"\xc1\xc1\xc1", "not canonical msgpack"),
-    "not a map": (frame(["ask"]), "is a map"),
+    "not a map": (frame(["ask"]), "must be a map"),
     "wrong type": (frame({"t": "listing", "provider_id": "x"}), "t='ask'"),
     "missing key": (frame({"t": "ask"}), "exactly the keys"),
     "extra key": (frame({"t": "ask", "provider_id": "P", "as": "admin"}), "exactly the keys"),

@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import ClassVar
 
-from llorch.ledger import canonical
 from llorch.ledger.errors import EncodingError, SignatureError
 from llorch.ledger.objects import SignedObject
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.wire.frames import decode_uvarint, encode_uvarint
+from llorch.node.wire.frames import decode_small_frame, encode_small_frame, small_frame_length
 
 DIALBACK_PROTOCOL_ID = "/llorch/dialback/1"
 
@@ -140,23 +139,13 @@ class DialbackReply:
         return self
 
 
-def _frame(fields: dict) -> bytes:
-    body = canonical.encode(fields)
-    return encode_uvarint(len(body)) + body
+_frame = encode_small_frame
 
 
 def _unframe(frame: bytes, keys: set[str]) -> dict:
     """The one message of a complete frame (length prefix included), with exactly ``keys``."""
-    if len(frame) > limits.DIALBACK_FRAME_BYTES_MAX:
-        raise ProtocolError(f"dial-back frame of {len(frame)} bytes, limit {limits.DIALBACK_FRAME_BYTES_MAX}")
-    header = decode_uvarint(frame)
-    if header is None or header[1] + header[0] != len(frame):
-        raise ProtocolError("dial-back frame: the length prefix does not match the bytes")
-    try:
-        fields = canonical.decode(frame[header[1]:])
-    except EncodingError as exc:
-        raise ProtocolError(f"dial-back frame is not canonical msgpack: {exc}") from None
-    if not isinstance(fields, dict) or set(fields) != keys:
+    fields = decode_small_frame(frame, limits.DIALBACK_FRAME_BYTES_MAX, "dial-back")
+    if set(fields) != keys:
         raise ProtocolError(f"dial-back frame must be a map with exactly {sorted(keys)}")
     return fields
 
@@ -164,10 +153,4 @@ def _unframe(frame: bytes, keys: set[str]) -> dict:
 def frame_length(buffer: bytes) -> int | None:
     """The total length of the frame starting ``buffer`` once its prefix is complete, else None; ProtocolError if
     it announces more than DIALBACK_FRAME_BYTES_MAX."""
-    header = decode_uvarint(buffer)
-    if header is None:
-        return None
-    total = header[0] + header[1]
-    if total > limits.DIALBACK_FRAME_BYTES_MAX:
-        raise ProtocolError(f"dial-back frame of {total} bytes announced, limit {limits.DIALBACK_FRAME_BYTES_MAX}")
-    return total
+    return small_frame_length(buffer, limits.DIALBACK_FRAME_BYTES_MAX, "dial-back")

@@ -256,3 +256,36 @@ class FramedProtocol:
 
     def _advance(self, sender, frame) -> None:
         raise NotImplementedError
+
+
+# Small one-message protocols (/llorch/dialback/1, /llorch/listing/1, /llorch/punch/1) frame each message the same
+# way as /llorch/infer/1: an unsigned varint length, then that many bytes of one canonical msgpack map.
+
+def encode_small_frame(fields: dict) -> bytes:
+    body = canonical.encode(fields)
+    return encode_uvarint(len(body)) + body
+
+
+def small_frame_length(buffer: bytes, bytes_max: int, what: str) -> int | None:
+    """The total length of the frame starting ``buffer`` once its prefix is complete, else None; ProtocolError if
+    it announces more than ``bytes_max`` (checked before the body is read). ``what`` names the protocol."""
+    header = decode_uvarint(buffer)
+    if header is None:
+        return None
+    total = header[0] + header[1]
+    if total > bytes_max:
+        raise ProtocolError(f"{what} frame of {total} bytes announced, limit {bytes_max}")
+    return total
+
+
+def decode_small_frame(frame: bytes, bytes_max: int, what: str) -> dict:
+    """The map in one complete frame (length prefix included), at most ``bytes_max`` bytes in all."""
+    if small_frame_length(frame, bytes_max, what) != len(frame):
+        raise ProtocolError(f"{what} frame: the length prefix does not match the bytes")
+    try:
+        fields = canonical.decode(frame[decode_uvarint(frame)[1]:])
+    except EncodingError as exc:
+        raise ProtocolError(f"{what} frame is not canonical msgpack: {exc}") from None
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"a {what} frame must be a map")
+    return fields

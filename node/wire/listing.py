@@ -21,12 +21,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from llorch.ledger import canonical
 from llorch.ledger.errors import EncodingError
 from llorch.ledger.signing import public_key_of_peer_id
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.wire.frames import decode_uvarint, encode_uvarint
+from llorch.node.wire.frames import decode_small_frame, encode_small_frame, small_frame_length
 
 LISTING_PROTOCOL_ID = "/llorch/listing/1"
 STATUSES = ("unregistered", "pending", "approved", "suspended")
@@ -153,9 +152,7 @@ def decode_answer(frame: bytes) -> Listing | ListingRefused:
     return Listing(**{key: fields[key] for key in LISTING_KEYS - {"t"}})
 
 
-def _frame(fields: dict) -> bytes:
-    body = canonical.encode(fields)
-    return encode_uvarint(len(body)) + body
+_frame = encode_small_frame
 
 
 def _keys(fields: dict, kind: str, keys: set[str]) -> None:
@@ -166,30 +163,11 @@ def _keys(fields: dict, kind: str, keys: set[str]) -> None:
 
 
 def _unframe(frame: bytes, bytes_max: int) -> dict:
-    """The map in one complete frame (length prefix included), at most ``bytes_max`` bytes in all."""
-    total = frame_length(frame, bytes_max)
-    if total is None or total != len(frame):
-        raise ProtocolError("listing frame: the length prefix does not match the bytes")
-    header = decode_uvarint(frame)
-    try:
-        fields = canonical.decode(frame[header[1]:])
-    except EncodingError as exc:
-        raise ProtocolError(f"listing frame is not canonical msgpack: {exc}") from None
-    if not isinstance(fields, dict):
-        raise ProtocolError("a listing frame is a map")
-    return fields
+    return decode_small_frame(frame, bytes_max, "listing")
 
 
 def frame_length(buffer: bytes, bytes_max: int) -> int | None:
-    """The total length of the frame starting ``buffer`` once its prefix is complete, else None; ProtocolError if
-    it announces more than ``bytes_max`` (checked before the body is read)."""
-    header = decode_uvarint(buffer)
-    if header is None:
-        return None
-    total = header[0] + header[1]
-    if total > bytes_max:
-        raise ProtocolError(f"listing frame of {total} bytes announced, limit {bytes_max}")
-    return total
+    return small_frame_length(buffer, bytes_max, "listing")
 
 
 class OneFrame:

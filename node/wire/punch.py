@@ -16,12 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llorch.ledger import canonical
-from llorch.ledger.errors import EncodingError
-from llorch.node import limits
 from llorch.node.errors import ProtocolError
 from llorch.node.wire.dialback import check_ports
-from llorch.node.wire.frames import decode_uvarint, encode_uvarint
+from llorch.node.wire.frames import decode_small_frame, encode_small_frame, small_frame_length
 
 PUNCH_PROTOCOL_ID = "/llorch/punch/1"
 PUNCH_FRAME_BYTES_MAX = 1024
@@ -71,33 +68,18 @@ class FrameReader:
 
     async def next(self) -> Offer | str:
         while True:
-            header = decode_uvarint(self._buffer)
-            if header is not None:
-                total = header[0] + header[1]
-                if total > PUNCH_FRAME_BYTES_MAX:
-                    raise ProtocolError(f"punch frame of {total} bytes announced, limit {PUNCH_FRAME_BYTES_MAX}")
-                if len(self._buffer) >= total:
-                    frame, self._buffer = self._buffer[:total], self._buffer[total:]
-                    return decode(frame)
+            total = small_frame_length(self._buffer, PUNCH_FRAME_BYTES_MAX, "punch")
+            if total is not None and len(self._buffer) >= total:
+                frame, self._buffer = self._buffer[:total], self._buffer[total:]
+                return decode(frame)
             data = await self.stream.read(PUNCH_FRAME_BYTES_MAX)
             if not data:
                 raise ProtocolError("the punch stream ended before a whole frame")
             self._buffer += data
 
 
-def _frame(fields: dict) -> bytes:
-    body = canonical.encode(fields)
-    return encode_uvarint(len(body)) + body
+_frame = encode_small_frame
 
 
 def _unframe(frame: bytes) -> dict:
-    header = decode_uvarint(frame)
-    if header is None or header[0] + header[1] != len(frame):
-        raise ProtocolError("punch frame: the length prefix does not match the bytes")
-    try:
-        fields = canonical.decode(frame[header[1]:])
-    except EncodingError as exc:
-        raise ProtocolError(f"punch frame is not canonical msgpack: {exc}") from None
-    if not isinstance(fields, dict):
-        raise ProtocolError("a punch frame must be a map")
-    return fields
+    return decode_small_frame(frame, PUNCH_FRAME_BYTES_MAX, "punch")
