@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace, command, *extra) -> int:
         config = load_gateway_config(args.config)
         args.bootstrap_tenant = config.tenant if config.api_key_sha256 else None
         args.probe_tenant = config.probe_tenant
-        return trio.run(_with_db, config.db_path, command, args, *extra)
+        return trio.run(_with_db, config.store(), command, args, *extra)
     except (TenantError, ProviderError, NodeError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ def billing_reconcile(args: argparse.Namespace) -> int:
     try:
         config = load_gateway_config(args.config)
         key = load_key_file(config.key_file)
-        report = trio.run(_reconcile, config.db_path, key.public_key, args.period, int(args.grace_s * 1000),
+        report = trio.run(_reconcile, config.store(), key.public_key, args.period, int(args.grace_s * 1000),
                           args.post)
     except (NodeError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -90,7 +90,7 @@ def billing_statement(args: argparse.Namespace) -> int:
                      else ("platform", None))
     try:
         config = load_gateway_config(args.config)
-        statement = trio.run(_statement, config.db_path, kind, subject, args.period)
+        statement = trio.run(_statement, config.store(), kind, subject, args.period)
     except (NodeError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -102,7 +102,7 @@ def billing_statement(args: argparse.Namespace) -> int:
 def billing_correct(args: argparse.Namespace) -> int:
     try:
         config = load_gateway_config(args.config)
-        leg = trio.run(_correct, config.db_path, args)
+        leg = trio.run(_correct, config.store(), args)
     except (NodeError, LedgerError, BooksError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

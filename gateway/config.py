@@ -17,7 +17,7 @@ TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")     # as tenants' names (gat
 @dataclass(frozen=True)
 class GatewayConfig:
     key_file: Path
-    db_path: Path
+    db_path: Path                             # the SQLite file (and, beside it, the operator token)
     api_key_sha256: str = ""                  # optional bootstrap key (hex sha256) for the unlimited tenant below
     tenant: str = "bootstrap"                 # its name in the books; no real tenant may have it
     determinism_pin: str = ""                 # the engine build tenants with require_determinism are served on
@@ -34,6 +34,7 @@ class GatewayConfig:
     spot_check_rate_ppm: int = 20_000         # share of finished requests re-run on another provider of the class
     probe_interval_ms: int = 600_000          # mean time between two probes (known-answer requests); 0: none
     probe_tenant: str = "platform-probes"     # the platform tenant whose pseudonyms probes carry
+    database: str = ""                        # "" (SQLite at db_path), sqlite:///<path> or postgresql://… (storage.py)
 
     def __post_init__(self) -> None:
         if not TENANT_NAME.match(self.tenant):
@@ -59,6 +60,12 @@ class GatewayConfig:
                 raise ConfigError(f"gateway.relay_peers holds {peer[:60]!r}, not a peer id (12D3KooW...)")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError("gateway.http_port must be in 0..65535")
+        self.store()                          # a database URL of another kind is refused at load
+
+    def store(self):
+        """The engine of the gateway's database (gateway/storage.py)."""
+        from llorch.gateway.storage import engine_for
+        return engine_for(self.database, self.db_path)
 
 
 def margin_bp(config: GatewayConfig, tier: str) -> int:

@@ -91,7 +91,8 @@ class LocalNetwork:
             write_key_file(path, SigningKey.generate())
         return load_key_file(path)
 
-    def start_gateway(self, determinism_pin: str = "", extra: str = "") -> dict:
+    def start_gateway(self, determinism_pin: str = "", extra: str = "", database: str = "") -> dict:
+        """Start the gateway; ``database``: its gateway.database (empty: SQLite, gateway.sqlite here)."""
         self.key("gateway")
         config = self.workdir / "gateway.toml"
         config.write_text(
@@ -102,7 +103,7 @@ class LocalNetwork:
             f"http_port = {self.http_port}\n"
             "witness_interval_ms = 1000\n"
             f'determinism_pin = "{determinism_pin}"\n'
-            'state_file = "gateway.state.json"\n' + extra)
+            'state_file = "gateway.state.json"\n' + (f'database = "{database}"\n' if database else "") + extra)
         self.gateway = self._spawn("gateway", ["gateway", "start", "--config", str(config)], "gateway.state.json")
         return self._wait_state(self.gateway)
 

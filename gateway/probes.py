@@ -196,7 +196,8 @@ class Prober:
             "LEFT JOIN probe_runs r ON r.input_id = i.id WHERE i.engine_build = ? AND i.model_id = ? "
             "AND i.model_sha256 = ? AND NOT EXISTS (SELECT 1 FROM probe_runs o WHERE o.input_id = i.id "
             "AND o.provider_key = ?) AND NOT EXISTS (SELECT 1 FROM probe_runs d WHERE d.input_id = i.id "
-            "AND d.verdict IN ('suspect', 'undecided')) GROUP BY i.id HAVING runs < ? ORDER BY runs DESC, i.id LIMIT 1",
+            "AND d.verdict IN ('suspect', 'undecided')) GROUP BY i.id, i.body, i.salt, i.seed "
+            "HAVING COUNT(r.input_id) < ? ORDER BY runs DESC, i.id LIMIT 1",
             (target.engine_build, model_id, catalog_pin(model_id), target.provider_key,
              limits.PROBE_RUNS_PER_INPUT_MAX))
         if row is not None:

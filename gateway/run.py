@@ -137,7 +137,7 @@ async def run_gateway(config: GatewayConfig) -> None:
         raise http_bind_error(config.http_host, config.http_port, reason)
     check_can_listen(config.p2p_listen_addr, P2P_LISTEN_SETTING)
     directory = ProviderDirectory()
-    async with open_gateway_db(config.db_path) as database, \
+    async with open_gateway_db(config.store()) as database, \
             running_host(key, config.p2p_listen_addr, P2P_LISTEN_SETTING) as p2p:
         witness_book = WitnessBook(database)
         directory.excluded |= await witness_book.forked()

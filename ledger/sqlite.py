@@ -1,13 +1,18 @@
-"""The one place llorch talks to SQLite from trio.
+"""The one place llorch talks to a SQL database from trio: SQLite (the node's ledger; the gateway's embedded default)
+or, for the gateway, PostgreSQL (gateway/storage.py).
 
-``open_database`` yields a ``Database`` whose methods are plain trio coroutines over one sqlite3 connection. Every
-statement runs in a worker thread (``trio.to_thread``), one call at a time, and is never abandoned: a cancelled
-caller waits for its statement to finish or roll back, so the connection is never left mid-transaction for the next
-task. Point reads on the request path may run inline (``peek``): a WAL read of one indexed row costs microseconds,
-less than the hop to a thread. Concurrent ``transaction`` calls are committed together (group commit): each runs in
-its own savepoint, so one caller's constraint error rolls back only its own statements, and every caller is
-answered only once the shared COMMIT is durable (``synchronous=FULL``). sqlite3 errors are translated into
-StoreError at this boundary, with the cause in the message; IntegrityError reaches its own caller unchanged.
+``open_database`` yields a ``Database`` whose methods are plain trio coroutines over one connection of an
+``Engine``. Every statement runs in a worker thread (``trio.to_thread``), one call at a time, and is never
+abandoned: a cancelled caller waits for its statement to finish or roll back, so the connection is never left
+mid-transaction for the next task. On SQLite, point reads on the request path may run inline (``peek``): a WAL read
+of one indexed row costs microseconds, less than the hop to a thread. Concurrent ``transaction`` calls are committed
+together (group commit): each runs in its own savepoint, so one caller's constraint error rolls back only its own
+statements, and every caller is answered only once the shared COMMIT is durable (SQLite: ``synchronous=FULL``).
+Driver errors are translated into StoreError at this boundary, with the cause in the message; an integrity error
+(a constraint, a trigger's refusal) reaches its own caller as ``IntegrityError``.
+
+SQL is written once, in the dialect both engines accept (``?`` placeholders, ``ON CONFLICT``); an engine rewrites
+what it must (gateway/storage.py: placeholders and column types for PostgreSQL).
 """
 
 from __future__ import annotations
@@ -26,6 +31,53 @@ from llorch.ledger.errors import StoreError
 Statements = Sequence[tuple[str, Sequence[Sequence[Any]]]]
 
 
+class IntegrityError(Exception):
+    """A constraint or a trigger refused a write (a duplicate key, a settled ticket settled again); the message is
+    the engine's. Raised to the caller whose statement it was; nothing of that caller's transaction is written."""
+
+
+class Engine:
+    """What ``Database`` needs of a driver. This one is SQLite (sqlite3); gateway/storage.py adds PostgreSQL."""
+
+    name = "sqlite"
+    inline_reads = True                     # peek() may run on trio's thread
+    begin = "BEGIN IMMEDIATE"
+    integrity_errors: tuple[type, ...] = (sqlite3.IntegrityError,)
+    errors: tuple[type, ...] = (sqlite3.Error,)
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.where = str(self.path)
+
+    def connect(self):
+        # check_same_thread=False: the connection moves between trio's worker threads, one call at a time (a lock).
+        return sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                               timeout=limits.SQLITE_BUSY_TIMEOUT_MS / 1000)
+
+    def open_error(self, exc: BaseException) -> StoreError:
+        return StoreError(f"cannot open SQLite database {self.path}: {exc} (does its directory exist, and may this "
+                          f"user write there?)")
+
+    def prepare(self, connection) -> None:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+
+    def sql(self, text: str) -> str:
+        return text
+
+    def params(self, values: Sequence[Any]) -> Sequence[Any]:
+        return values
+
+    def executescript(self, connection, script: str) -> None:
+        connection.executescript(script)
+
+    def in_transaction(self, connection) -> bool:
+        return connection.in_transaction
+
+    def error(self, exc: BaseException) -> StoreError:
+        return StoreError(f"SQLite error on {self.path}: {exc}")
+
+
 @dataclass
 class _Waiting:
     """A transaction waiting for the next group commit, and, once it ran, what it ended in."""
@@ -36,21 +88,23 @@ class _Waiting:
 
 
 class Database:
-    """One sqlite3 connection in autocommit mode; use ``transaction()`` for atomic, durable writes."""
+    """One connection in autocommit mode; use ``transaction()`` for atomic, durable writes. ``engine.name`` says
+    which engine ("sqlite", "postgresql"), for the few places that must differ (DDL, see gateway/storage.py)."""
 
-    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, connection, engine: Engine) -> None:
         self._connection = connection
-        self.path = path
+        self.engine = engine
+        self.path = getattr(engine, "path", None)
         # One connection serves every task: a transaction and any read take turns, so no read ever sees another
         # task's uncommitted (and perhaps rolled back) writes.
         self._lock = trio.Lock()
         self._waiting: list[_Waiting] = []
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
-        await self._run(self._connection.execute, sql, params)
+        await self._run(self._execute, sql, params)
 
     async def executescript(self, sql: str) -> None:
-        await self._run(self._connection.executescript, sql)
+        await self._run(self.engine.executescript, self._connection, sql)
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
         return await self._run(self._fetchone, sql, params)
@@ -61,6 +115,8 @@ class Database:
     async def peek(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
         """``fetchone`` run inline on trio's thread, for a read of a few rows by an index (never a scan): the
         request path's reads, where the hop to a worker thread would cost more than the read."""
+        if not self.engine.inline_reads:             # a network round trip: never on trio's thread
+            return await self.fetchone(sql, params)
         async with self._lock:
             return self._translated(self._fetchone, sql, params)
 
@@ -98,27 +154,27 @@ class Database:
 
     def _commit_group(self, batch: list[_Waiting]) -> None:
         """In the worker thread: one IMMEDIATE transaction, a savepoint per waiting transaction, one COMMIT."""
-        connection = self._connection
+        connection, engine = self._connection, self.engine
         try:
-            connection.execute("BEGIN IMMEDIATE")
+            connection.execute(engine.begin)
             try:
                 for waiting in batch:
                     connection.execute("SAVEPOINT one")
                     try:
                         for sql, rows in waiting.statements:
-                            connection.executemany(sql, rows)
-                    except sqlite3.Error as exc:         # this caller's statements only
-                        connection.execute("ROLLBACK TO one")
-                        waiting.error = exc if isinstance(exc, sqlite3.IntegrityError) else self._store_error(exc)
-                    connection.execute("RELEASE one")
+                            self._executemany(sql, rows)
+                    except engine.errors as exc:         # this caller's statements only
+                        connection.execute("ROLLBACK TO SAVEPOINT one")
+                        waiting.error = self._caller_error(exc)
+                    connection.execute("RELEASE SAVEPOINT one")
                 connection.execute("COMMIT")
             except BaseException:
-                if connection.in_transaction:
+                if engine.in_transaction(connection):
                     connection.execute("ROLLBACK")
                 raise
         except Exception as exc:   # BEGIN, a rollback or COMMIT failed (disk full, I/O): nothing of it is durable
             for waiting in batch:
-                waiting.error = self._store_error(exc) if isinstance(exc, sqlite3.Error) else exc
+                waiting.error = self._caller_error(exc) if isinstance(exc, engine.errors) else exc
 
     async def _run(self, function: Callable, *args) -> Any:
         async with self._lock:
@@ -128,41 +184,46 @@ class Database:
     def _translated(self, function: Callable, *args) -> Any:
         try:
             return function(*args)
-        except sqlite3.IntegrityError:
-            raise
-        except sqlite3.Error as exc:
-            raise self._store_error(exc) from None
+        except self.engine.errors as exc:
+            raise self._caller_error(exc) from None
 
-    def _store_error(self, exc: BaseException) -> StoreError:
-        return StoreError(f"SQLite error on {self.path}: {exc}")
+    def _caller_error(self, exc: BaseException) -> Exception:
+        if isinstance(exc, self.engine.integrity_errors):
+            return IntegrityError(str(exc))
+        return self.engine.error(exc)
+
+    def _execute(self, sql: str, params: Sequence[Any]) -> None:
+        self._connection.execute(self.engine.sql(sql), self.engine.params(params))
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        text = self.engine.sql(sql)
+        if self.engine.name == "sqlite":
+            self._connection.executemany(text, rows)
+        else:
+            with self._connection.cursor() as cursor:
+                cursor.executemany(text, [self.engine.params(row) for row in rows])
 
     def _fetchone(self, sql: str, params: Sequence[Any]) -> tuple | None:
-        return self._connection.execute(sql, params).fetchone()
+        return self._connection.execute(self.engine.sql(sql), self.engine.params(params)).fetchone()
 
     def _fetchall(self, sql: str, params: Sequence[Any]) -> list[tuple]:
-        return self._connection.execute(sql, params).fetchall()
+        return self._connection.execute(self.engine.sql(sql), self.engine.params(params)).fetchall()
 
 
 @asynccontextmanager
-async def open_database(path: Path) -> AsyncIterator[Database]:
-    """Open (creating if needed) a SQLite file in WAL mode with synchronous=FULL: a commit is durable on return."""
+async def open_database(path_or_engine) -> AsyncIterator[Database]:
+    """Open a database: a path is a SQLite file (created if needed, WAL mode, synchronous=FULL: a commit is durable
+    on return); an ``Engine`` is whatever it connects to."""
+    engine = path_or_engine if isinstance(path_or_engine, Engine) else Engine(Path(path_or_engine))
     try:
-        connection = await trio.to_thread.run_sync(_connect, Path(path))
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open SQLite database {path}: {exc} (does its directory exist, and may this user "
-                         f"write there?)") from None
-    database = Database(connection, Path(path))
+        connection = await trio.to_thread.run_sync(engine.connect)
+    except engine.errors as exc:
+        raise engine.open_error(exc) from None
+    database = Database(connection, engine)
     try:
-        await database.execute("PRAGMA journal_mode=WAL")
-        await database.execute("PRAGMA synchronous=FULL")
+        await database._run(engine.prepare, connection)
         yield database
     finally:
         with trio.CancelScope(shield=True):     # on shutdown too, after any statement still running
             async with database._lock:
                 await trio.to_thread.run_sync(connection.close)
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    # check_same_thread=False: the connection moves between trio's worker threads, one call at a time (the lock).
-    return sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
-                           timeout=limits.SQLITE_BUSY_TIMEOUT_MS / 1000)

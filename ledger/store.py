@@ -31,7 +31,7 @@ from llorch.ledger.errors import ChainBreak, ConflictError, EncodingError, Ledge
 from llorch.ledger.note import Checkpoint, NoteError, open_checkpoint, parse_checkpoint_text, parse_note, sign_checkpoint
 from llorch.ledger.objects import VERSION, ZERO_HASH, Receipt, ledger_origin, receipt_fields_of, with_chain
 from llorch.ledger.signing import SigningKey, sha256
-from llorch.ledger.sqlite import Database, open_database
+from llorch.ledger.sqlite import Database, IntegrityError, open_database
 
 log = logging.getLogger("llorch.ledger")
 
@@ -265,7 +265,7 @@ class LedgerStore:
                 self.batches_committed += 1
         except Exception as exc:   # the batch fails with a reason; the writer task, and the ledger, live on
             error = exc if isinstance(exc, StoreError) else StoreError(f"append failed: {type(exc).__name__}: {exc}")
-            if not isinstance(exc, (StoreError, sqlite3.Error)):
+            if not isinstance(exc, (StoreError, sqlite3.Error, IntegrityError)):
                 log.error("ledger append batch failed unexpectedly", exc_info=exc)
             for pending in batch:
                 if pending.error is None:

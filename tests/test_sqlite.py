@@ -3,13 +3,12 @@ leaves a caller wrong about whether its rows were written, and a failing disk re
 
 from __future__ import annotations
 
-import sqlite3
 
 import pytest
 import trio
 
 from llorch.ledger.errors import StoreError
-from llorch.ledger.sqlite import open_database
+from llorch.ledger.sqlite import IntegrityError, open_database
 
 INSERT = "INSERT INTO t (id, v) VALUES (?, ?)"
 
@@ -47,7 +46,7 @@ async def test_one_callers_constraint_error_rolls_back_only_its_own_rows(tmp_pat
             try:
                 await database.transaction([(INSERT, rows)])
                 outcomes[n] = "written"
-            except sqlite3.IntegrityError:
+            except IntegrityError:
                 outcomes[n] = "refused"
 
         async with trio.open_nursery() as nursery:

@@ -149,11 +149,11 @@ class Books:
         the fee of each reversed, as correction legs (to run in the caller's transaction). Crediting twice is a
         no-op: the legs are keyed by (request_id, leg)."""
         return [(
-            "INSERT OR IGNORE INTO postings (request_id, leg, debit, credit, amount, currency, period, tenant, "
+            "INSERT INTO postings (request_id, leg, debit, credit, amount, currency, period, tenant, "
             "provider_id, model_id, tokens_in, tokens_out, margin_bp, posted_ms) "
             "SELECT request_id, 'correction:spot-check-' || leg, credit, debit, amount, currency, ?, tenant, "
             "provider_id, model_id, 0, 0, margin_bp, ? FROM postings WHERE provider_id = ? AND posted_ms > ? "
-            "AND leg IN ('payout', 'fee') AND debit LIKE 'tenant:%' AND amount > 0",
+            "AND leg IN ('payout', 'fee') AND debit LIKE 'tenant:%' AND amount > 0 ON CONFLICT DO NOTHING",
             [(period_of(now_ms), now_ms, provider_id, served_after_ms)])]
 
     async def balance(self, account: str) -> int:

@@ -145,10 +145,11 @@ async def _examine_new_entries(database: Database, gateway_key: bytes, provider_
     periods = await _periods(database, findings, now_ms)
     await database.transaction([
         ("UPDATE tickets SET receipt_seen = 1 WHERE ticket_sha256 = ?", seen),
-        ("INSERT OR IGNORE INTO reconcile_findings (kind, request_id, provider_id, period, detail, found_ms) "
-         "VALUES (?, ?, ?, ?, ?, ?)", [(f.kind, f.request_id, f.provider_id, periods[f.request_id], f.detail, now_ms)
+        ("INSERT INTO reconcile_findings (kind, request_id, provider_id, period, detail, found_ms) "
+         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", [(f.kind, f.request_id, f.provider_id, periods[f.request_id], f.detail, now_ms)
                                        for f in findings]),
-        ("INSERT OR REPLACE INTO reconcile_cursor (provider_key, next_idx) VALUES (?, ?)",
+        ("INSERT INTO reconcile_cursor (provider_key, next_idx) VALUES (?, ?) "
+         "ON CONFLICT (provider_key) DO UPDATE SET next_idx = excluded.next_idx",
          [(provider_key, rows[-1][0] + 1)])])
 
 
@@ -209,8 +210,8 @@ async def _find_tickets_without_receipts(database: Database, now_ms: int, grace_
         "ON w.provider_key = t.provider_key WHERE t.receipt_seen = 0 AND t.issued_ms + ? <= w.checked_ms "
         "AND t.state = 'settled' AND (t.tenant IS NULL OR t.accepted_ms IS NOT NULL)", (grace_ms,))
     await database.transaction([(
-        "INSERT OR IGNORE INTO reconcile_findings (kind, request_id, provider_id, period, detail, found_ms) "
-        "VALUES ('ticket_without_receipt', ?, ?, ?, ?, ?)",
+        "INSERT INTO reconcile_findings (kind, request_id, provider_id, period, detail, found_ms) "
+        "VALUES ('ticket_without_receipt', ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         [(request_id, peer_id_of(provider_key), period_of(issued_ms),
           "the provider accepted this ticket but its witnessed ledger has no receipt", now_ms)
          for request_id, provider_key, issued_ms in rows])])

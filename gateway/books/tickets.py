@@ -123,8 +123,8 @@ class TicketBook:
         statements += Books.settlement_statements(tenant, ticket, ticket_hash, settlement, now_ms, platform_leg)
         if settlement.findings:
             statements.append((
-                "INSERT OR IGNORE INTO findings (kind, provider_key, ticket_sha256, request_id, detail, found_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO findings (kind, provider_key, ticket_sha256, request_id, detail, found_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(finding.kind, ticket.provider_key, ticket_hash, ticket.request_id, finding.detail, now_ms)
                  for finding in settlement.findings]))
         return statements

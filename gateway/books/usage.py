@@ -54,9 +54,11 @@ TENANT_DAYS_SQL = (
 # DASHBOARD_DAYS of postings, not all of them.
 MARKET_DAYS_SQL = (
     "SELECT (posted_ms / ?) * ?, "
-    "SUM((debit LIKE 'tenant:%') * amount - (credit LIKE 'tenant:%') * amount), "
-    "SUM((credit LIKE 'provider:%') * amount - (debit LIKE 'provider:%') * amount), "
-    "SUM((credit = ?) * amount - (debit = ?) * amount) "
+    "SUM(CASE WHEN debit LIKE 'tenant:%' THEN amount ELSE 0 END - CASE WHEN credit LIKE 'tenant:%' THEN amount "
+    "ELSE 0 END), "
+    "SUM(CASE WHEN credit LIKE 'provider:%' THEN amount ELSE 0 END - CASE WHEN debit LIKE 'provider:%' THEN amount "
+    "ELSE 0 END), "
+    "SUM(CASE WHEN credit = ? THEN amount ELSE 0 END - CASE WHEN debit = ? THEN amount ELSE 0 END) "
     "FROM postings WHERE posted_ms >= ? GROUP BY 1")
 
 
@@ -78,7 +80,7 @@ async def market_days(database: Database, since_ms: int) -> dict[int, Market]:
 async def latest_billed(database: Database, tenant: str, count_max: int) -> list[BilledRequest]:
     """The tenant's latest billed requests, newest first: only its own (the legs it was debited)."""
     rows = await database.fetchall(
-        "SELECT request_id, MAX(posted_ms), model_id, provider_id, MAX(tokens_in), MAX(tokens_out), SUM(amount), "
-        "currency FROM postings WHERE debit = ? AND leg IN ('payout', 'fee') GROUP BY request_id "
+        "SELECT request_id, MAX(posted_ms), MAX(model_id), MAX(provider_id), MAX(tokens_in), MAX(tokens_out), "
+        "SUM(amount), MAX(currency) FROM postings WHERE debit = ? AND leg IN ('payout', 'fee') GROUP BY request_id "
         "ORDER BY MAX(posted_ms) DESC, request_id LIMIT ?", (tenant_account(tenant), count_max))
     return [BilledRequest(*row) for row in rows]

@@ -7,6 +7,8 @@ import base64
 import json
 from dataclasses import dataclass, replace
 
+import trio
+
 from llorch.gateway import limits
 from llorch.gateway.errors import BadRequest, RateLimited
 from llorch.ledger.errors import EncodingError, SignatureError
@@ -16,6 +18,8 @@ from llorch.node.wire.registration import Registration
 
 REGISTRATION_CLOCK_SKEW_MS = 5 * 60_000
 STATUSES = ("pending", "approved", "suspended")
+
+PROVIDERS_REREAD_S = 1.0          # on a shared database, how stale the provider list may be
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS providers (
@@ -93,8 +97,11 @@ class ProviderBook:
         certified = bool(known and known.geo_certified and known.registration.geo == registration.geo)
         status = known.status if known else "pending"
         await self._database.transaction([(
-            "INSERT OR REPLACE INTO providers (provider_id, provider_key, registration, status, geo_certified, "
-            "registered_ms, issued_ms, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO providers (provider_id, provider_key, registration, status, geo_certified, "
+            "registered_ms, issued_ms, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (provider_id) DO UPDATE "
+            "SET provider_key = excluded.provider_key, registration = excluded.registration, "
+            "status = excluded.status, geo_certified = excluded.geo_certified, "
+            "registered_ms = excluded.registered_ms, issued_ms = excluded.issued_ms, source = excluded.source",
             [(registration.provider_id, registration.provider_key, envelope, status, int(certified), now_ms,
               registration.issued_ms, source)])])
         record = ProviderRecord(registration.provider_id, registration.provider_key, registration, status, certified)
@@ -103,7 +110,8 @@ class ProviderBook:
 
     async def _check_pending_room(self, source: str | None) -> None:
         pending, from_source = await self._database.fetchone(
-            "SELECT COUNT(*), COALESCE(SUM(source IS ?), 0) FROM providers WHERE status = 'pending'", (source,))
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN source = ? THEN 1 ELSE 0 END), 0) FROM providers "
+            "WHERE status = 'pending'", (source,))
         if pending >= limits.REGISTRATIONS_PENDING_MAX:
             raise RateLimited(f"{pending} registrations are awaiting the operator's review; try again later",
                               "registrations_pending", retry_after_s=3600)
@@ -123,7 +131,10 @@ class ProviderBook:
         return self._sorted
 
     async def _refresh(self) -> None:
-        version = (await self._database.peek("PRAGMA data_version"))[0]
+        if self._database.engine.name == "sqlite":     # changes when another connection (a CLI) committed
+            version = (await self._database.peek("PRAGMA data_version"))[0]
+        else:     # PostgreSQL: other replicas write too; read again at most once a second
+            version = int(trio.current_time() // PROVIDERS_REREAD_S)
         if version == self._version:
             return
         rows = await self._database.fetchall(

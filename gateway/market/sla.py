@@ -155,7 +155,7 @@ class AttestationClock:
         if self._last.get(provider_key) == bucket:
             return
         await self._database.transaction([(
-            "INSERT OR IGNORE INTO attested_buckets (provider_key, bucket) VALUES (?, ?)", [(provider_key, bucket)])])
+            "INSERT INTO attested_buckets (provider_key, bucket) VALUES (?, ?) ON CONFLICT DO NOTHING", [(provider_key, bucket)])])
         self._last[provider_key] = bucket
 
 

@@ -206,10 +206,12 @@ class WitnessBook:
             rows.append((provider_key, old.size + offset, Receipt.from_envelope(entry).request_id, entry))
         await self._database.transaction([
             ("INSERT INTO provider_entries (provider_key, idx, request_id, entry) VALUES (?, ?, ?, ?)", rows),
-            ("INSERT OR IGNORE INTO provider_tree (provider_key, level, idx, hash) VALUES (?, ?, ?, ?)",
+            ("INSERT INTO provider_tree (provider_key, level, idx, hash) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
              [(provider_key, level, at, hash_) for level, at, hash_ in nodes or []]),
-            ("INSERT OR REPLACE INTO witnessed (provider_key, size, root, head_hash, compact, note, checked_ms) "
-             "VALUES (?, ?, ?, ?, ?, ?, ?)", [(provider_key, new.size, new.root, new.head_hash, compact, new.note,
+            ("INSERT INTO witnessed (provider_key, size, root, head_hash, compact, note, checked_ms) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (provider_key) DO UPDATE SET size = excluded.size, "
+             "root = excluded.root, head_hash = excluded.head_hash, compact = excluded.compact, "
+             "note = excluded.note, checked_ms = excluded.checked_ms", [(provider_key, new.size, new.root, new.head_hash, compact, new.note,
                                                now_ms())])])
 
     async def known_request_ids(self, provider_key: bytes, request_ids: list[str]) -> set[str]:
@@ -258,7 +260,8 @@ class WitnessBook:
 
     async def record_fork(self, provider_key: bytes, reason: str, evidence: list[str]) -> None:
         await self._database.transaction([(
-            "INSERT OR IGNORE INTO forks (provider_key, detected_ms, reason, evidence) VALUES (?, ?, ?, ?)",
+            "INSERT INTO forks (provider_key, detected_ms, reason, evidence) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
             [(provider_key, now_ms(), reason, json.dumps(evidence))])])
 
     async def forked(self) -> set[bytes]:
