@@ -4,6 +4,7 @@ database (the running gateway sees every change at its next request)."""
 from __future__ import annotations
 
 import argparse
+import time
 import json
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import trio
 
 from llorch.gateway.config import load_gateway_config
-from llorch.gateway.db import open_gateway_db
+from llorch.gateway.db import MIGRATIONS, SCHEMA_VERSION, applied_versions, open_gateway_db, upgrade
 from llorch.gateway.market.providers import ProviderBook, ProviderError, record_json
 from llorch.gateway.books.postings import period_of
 from llorch.gateway.market.sla import sla_report
@@ -96,6 +97,16 @@ def add_commands(gateway_subparsers) -> None:
     token.add_argument("--config", type=Path, required=True)
     token.set_defaults(handler=operator_token)
 
+    db = gateway_subparsers.add_parser("db", help="the gateway database's schema version and migrations")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    for action, text in (("status", "print the schema version, the migrations applied (when) and those pending; "
+                                    "changes nothing"),
+                         ("upgrade", "apply the pending migrations (a starting gateway applies them too)")):
+        parser = db_sub.add_parser(action, help=text)
+        parser.add_argument("--config", type=Path, required=True, help="gateway.toml (its database setting)")
+        parser.set_defaults(handler=lambda args, action=action: _run(args, db_status if action == "status"
+                                                                      else db_upgrade, migrate=False))
+
 
 def operator_token(args: argparse.Namespace) -> int:
     from llorch.gateway.api.sessions import new_operator_token, operator_token_file
@@ -130,20 +141,40 @@ def _tenant_options(parser, creating: bool) -> None:
     parser.add_argument("--max-concurrent", type=int, help="requests in flight at once")
 
 
-def _run(args: argparse.Namespace, command, *extra) -> int:
+def _run(args: argparse.Namespace, command, *extra, migrate: bool = True) -> int:
     try:
         config = load_gateway_config(args.config)
         args.bootstrap_tenant = config.tenant if config.api_key_sha256 else None
         args.probe_tenant = config.probe_tenant
-        return trio.run(_with_db, config.store(), command, args, *extra)
+        return trio.run(_with_db, config.store(), command, args, migrate, *extra)
     except (TenantError, ProviderError, NodeError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-async def _with_db(path: Path, command, args, *extra) -> int:
-    async with open_gateway_db(path) as database:
+async def _with_db(where, command, args, migrate: bool, *extra) -> int:
+    async with open_gateway_db(where, migrate=migrate) as database:
         return await command(database, args, *extra)
+
+
+async def db_status(database, args) -> int:
+    applied = await applied_versions(database)
+    where = database.engine.where
+    print(f"database {where} ({database.engine.name}): schema version {max(applied, default=0)}; this gateway "
+          f"speaks {SCHEMA_VERSION}")
+    for migration in MIGRATIONS:
+        at = applied.get(migration.version)
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at / 1000)) if at else "pending"
+        print(f"  {migration.version}  {when:<23}  {migration.description}")
+    return 0
+
+
+async def db_upgrade(database, args) -> int:
+    done = await upgrade(database)
+    for migration in done:
+        print(f"applied {migration.version}: {migration.description}")
+    print(f"schema version {SCHEMA_VERSION}" + ("" if done else " (nothing to do)"))
+    return 0
 
 
 async def tenants_add(database, args) -> int:

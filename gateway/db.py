@@ -1,20 +1,27 @@
-"""The gateway's database: every table the gateway keeps, in SQLite (one file) or PostgreSQL (gateway/storage.py).
+"""The gateway's database: every table the gateway keeps, in SQLite (one file) or PostgreSQL (gateway/storage.py),
+and its versioned migrations.
 
-Opening it creates what is missing and brings a database from an older gateway up to date (columns added, the
-running balances rebuilt from the postings), so an upgrade keeps every ticket, receipt and posting.
+``schema_version`` records each migration applied (version, when). Opening the database applies the pending ones,
+in order (a gateway starts on the newest schema); `llorch gateway db status` lists them, `llorch gateway db upgrade`
+applies them without starting the gateway. Every migration keeps the data: version 1 also brings a database from
+before versioning up to date (columns added, the running balances rebuilt from the postings), so an upgrade keeps
+every ticket, receipt and posting. On PostgreSQL, replicas starting together take turns (an advisory lock).
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from llorch.gateway.books import postings, receipts, reconcile, tickets
 from llorch.gateway import probes
 from llorch.gateway.market import providers, sla, spot_checks, tenants
 from llorch.gateway.witness import witness
 from llorch.gateway.storage import POSTGRES_TRIGGERS
+from llorch.ledger.errors import StoreError
 from llorch.ledger.sqlite import Database, Engine, open_database
 
 # table -> columns a database from an older gateway may lack, with their declarations
@@ -27,17 +34,81 @@ ADDED_COLUMNS = {
 }
 
 
+VERSION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version    INTEGER NOT NULL PRIMARY KEY,
+    applied_ms INTEGER NOT NULL
+);
+"""
+MIGRATION_LOCK = 7_164_771_001          # PostgreSQL advisory lock id: one replica migrates at a time
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[Database], Awaitable[None]]
+
+
+async def _books(database: Database) -> None:
+    """Every table of the first versioned schema; a database from before versioning gets what it lacks."""
+    await database.executescript(receipts.SCHEMA + tickets.SCHEMA + witness.SCHEMA + tenants.SCHEMA +
+                                 providers.SCHEMA + postings.SCHEMA + spot_checks.SCHEMA + probes.SCHEMA + sla.SCHEMA)
+    await add_missing_columns(database)
+    await database.executescript(tickets.TRIGGERS + reconcile.SCHEMA +
+                                 (POSTGRES_TRIGGERS if database.engine.name == "postgresql" else ""))
+    await rebuild_balances_if_missing(database)
+
+
+async def _witness_leases(database: Database) -> None:
+    await database.executescript(witness.LEASE_SCHEMA)
+
+
+MIGRATIONS = (
+    Migration(1, "the books: tickets, receipts, postings and balances, tenants, providers, witness, spot checks, "
+                 "probes, SLA", _books),
+    Migration(2, "witness leases: which gateway replica witnesses which provider, until when", _witness_leases),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+async def applied_versions(database: Database) -> dict[int, int]:
+    """Version → when it was applied (ms), for each migration this database has had."""
+    await database.executescript(VERSION_SCHEMA)
+    return {version: at for version, at in await database.fetchall("SELECT version, applied_ms FROM schema_version")}
+
+
+async def upgrade(database: Database) -> list[Migration]:
+    """Apply the pending migrations in order; return them. A database newer than this build is refused."""
+    postgres = database.engine.name == "postgresql"
+    if postgres:
+        await database.execute("SELECT pg_advisory_lock(?)", (MIGRATION_LOCK,))
+    try:
+        applied = await applied_versions(database)
+        if applied and max(applied) > SCHEMA_VERSION:
+            raise StoreError(f"the database is at schema version {max(applied)}, newer than this gateway's "
+                             f"{SCHEMA_VERSION}: upgrade the gateway")
+        done = []
+        for migration in MIGRATIONS:
+            if migration.version in applied:
+                continue
+            await migration.apply(database)
+            await database.transaction([("INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)",
+                                         [(migration.version, int(time.time() * 1000))])])
+            done.append(migration)
+        return done
+    finally:
+        if postgres:
+            await database.execute("SELECT pg_advisory_unlock(?)", (MIGRATION_LOCK,))
+
+
 @asynccontextmanager
-async def open_gateway_db(where: Path | Engine) -> AsyncIterator[Database]:
-    """``where``: a SQLite file's path, or an engine (gateway/storage.py ``engine_for``)."""
+async def open_gateway_db(where: Path | Engine, migrate: bool = True) -> AsyncIterator[Database]:
+    """``where``: a SQLite file's path, or an engine (gateway/storage.py ``engine_for``). Pending migrations are
+    applied first unless ``migrate`` is false (`llorch gateway db status` looks without changing anything)."""
     async with open_database(where) as database:
-        await database.executescript(receipts.SCHEMA + tickets.SCHEMA + witness.SCHEMA + tenants.SCHEMA +
-                                     providers.SCHEMA + postings.SCHEMA + spot_checks.SCHEMA +
-                                     probes.SCHEMA + sla.SCHEMA)
-        await add_missing_columns(database)
-        await database.executescript(tickets.TRIGGERS + reconcile.SCHEMA +
-                                     (POSTGRES_TRIGGERS if database.engine.name == "postgresql" else ""))
-        await rebuild_balances_if_missing(database)
+        if migrate:
+            await upgrade(database)
         yield database
 
 

@@ -142,6 +142,14 @@ def request_ids_of(entries: list[bytes]) -> list[str]:
     return ids
 
 
+LEASE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS witness_leases (
+    provider_key BLOB PRIMARY KEY,
+    holder       TEXT NOT NULL,               -- the peer id of the gateway replica witnessing this provider
+    expires_ms   INTEGER NOT NULL
+);
+"""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS witnessed (
     provider_key BLOB PRIMARY KEY,
