@@ -137,4 +137,4 @@ async def rebuild_balances_if_missing(database: Database) -> None:
             "INSERT INTO account_balances (account, debits, credits) "
             "SELECT account, SUM(debits), SUM(credits) FROM ("
             " SELECT debit AS account, amount AS debits, 0 AS credits FROM postings"
-            " UNION ALL SELECT credit, 0, amount FROM postings) GROUP BY account", [()])])
+            " UNION ALL SELECT credit, 0, amount FROM postings) AS legs GROUP BY account", [()])])

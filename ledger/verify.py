@@ -19,6 +19,7 @@ about, and evidence where there is some. The numbers are the ones in docs/ledger
   (9)  LV09 rollback         no checkpoint or cosigned copy is for a larger tree than the ledger holds
   (6)  LV06 root mismatch    each of them has the Merkle root of the entries at that size
   (8)  LV08 fork             the auditor's checkpoint agrees with the ledger at its size (both are printed if not)
+  (13) LV13 witness quorum   with a quorum K: at least K of the auditor's trusted witnesses cosigned the ledger
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ CHECKS = {
     10: ("LV10", "duplicate request_id"),
     11: ("LV11", "amount mismatch"),
     12: ("LV12", "bad cosignature"),
+    13: ("LV13", "witness quorum"),
 }
 # Ledgers this big are inspected by worker processes (signature checks dominate and are independent per entry).
 PARALLEL_THRESHOLD_ENTRIES = 20_000
@@ -84,6 +86,7 @@ class VerifyReport:
     checkpoints: int
     held_checkpoint_size: int | None
     cosignatures: list[WitnessedSize]
+    quorum_size: int | None = None      # with a quorum K: the largest size at least K trusted witnesses vouch for
 
 
 def _fail(check: int, entry: int | None, message: str, evidence: list[str] | None = None) -> VerificationError:
@@ -97,10 +100,11 @@ def _fail_checkpoint(check: int, size: int | None, message: str, evidence: list[
 
 def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
            held_checkpoint: bytes | None = None, witness_keys: set[bytes] | None = None,
-           now_s: int | None = None) -> VerifyReport:
+           now_s: int | None = None, quorum: int | None = None) -> VerifyReport:
     """Run every check; raise VerificationError at the first failure. ``witness_keys`` are the witnesses the
     auditor trusts (every cosignature is checked either way; the report says which are trusted); ``now_s`` is the
-    auditor's clock for cosignature times (default: now)."""
+    auditor's clock for cosignature times (default: now). ``quorum`` K (needs ``witness_keys``): at least K distinct
+    trusted witnesses must have cosigned a checkpoint of this ledger (check 13)."""
     now_s = int(time.time()) if now_s is None else now_s
     wanted = _claimed_sizes([*material.checkpoints, *material.cosigned,
                              *([held_checkpoint] if held_checkpoint else [])])
@@ -144,7 +148,22 @@ def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
                         f"{base64.b64encode(ours).decode()})"]
             raise _fail_checkpoint(8, checkpoint.size, f"two signed views of this log disagree at size {checkpoint.size}: "
                                             f"the provider forked its ledger", evidence)
-    return VerifyReport(size, origin, head, tree.root(), len(own), held[0].size if held else None, cosignatures)
+    return VerifyReport(size, origin, head, tree.root(), len(own), held[0].size if held else None, cosignatures,
+                        _quorum_size(cosignatures, quorum) if quorum else None)
+
+
+def _quorum_size(cosignatures: list[WitnessedSize], quorum: int) -> int:
+    """Check 13: the largest size that at least ``quorum`` distinct trusted witnesses cosigned (a witness that
+    cosigned size S vouches for every size up to S: all the checkpoints were found consistent with the entries)."""
+    largest: dict[str, int] = {}
+    for cosignature in cosignatures:
+        if cosignature.trusted:
+            largest[cosignature.witness] = max(largest.get(cosignature.witness, 0), cosignature.size)
+    if len(largest) < quorum:
+        names = ", ".join(sorted(largest)) or "none"
+        raise _fail_checkpoint(13, None, f"{len(largest)} of the trusted witnesses cosigned this ledger ({names}); "
+                                         f"the quorum is {quorum}")
+    return sorted(largest.values(), reverse=True)[quorum - 1]
 
 
 def _owner_of_empty_ledger(notes: list[bytes], trusted_keys: set[bytes] | None) -> bytes | None:

@@ -12,7 +12,7 @@ import pytest
 
 from llorch.ledger.errors import VerificationError
 from llorch.ledger.objects import Receipt
-from llorch.ledger.signing import SigningKey
+from llorch.ledger.signing import SigningKey, public_key_of_peer_id
 from llorch.ledger.store import LedgerStore
 from llorch.ledger.verify import CHECKS, load_material, verify
 from tests.helpers import receipt_fields
@@ -43,8 +43,10 @@ def test_the_docs_the_code_and_the_fixtures_name_the_same_checks():
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_fixture_is_caught_with_its_code_and_place(name):
     case = BAD[name]
+    witness_keys = {public_key_of_peer_id(peer) for peer in case["witness_keys"]} if "witness_keys" in case else None
     with pytest.raises(VerificationError) as caught:
-        verify(load_material(FIXTURES / case["bundle"]), held_checkpoint=held(case))
+        verify(load_material(FIXTURES / case["bundle"]), held_checkpoint=held(case), witness_keys=witness_keys,
+               quorum=case.get("quorum"))
     error = caught.value
     assert error.code == case["code"]
     assert error.entry == case.get("entry")
@@ -72,7 +74,8 @@ def test_json_report(tmp_path):
     assert result.returncode == 1
     assert (report["ok"], report["check"], report["code"], report["entry"]) == (False, 5, "LV05", 2)
     good = json.loads(run_verify(FIXTURES / "valid.bundle", "--json").stdout)
-    assert good["ok"] and good["entries"] == 6 and len(good["checks_passed"]) == len(CHECKS)
+    assert good["ok"] and good["entries"] == 6
+    assert good["checks_passed"] == [code for n, (code, _) in sorted(CHECKS.items()) if n != 13]    # no quorum asked
 
 
 def test_trusted_keys(tmp_path):
@@ -228,3 +231,26 @@ def test_verify_receipt_reports_which_cosignatures_are_by_trusted_witnesses(tmp_
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("trusted") == 1 and "not a key in --witness-keys" in result.stdout
+
+
+def test_witness_quorum(tmp_path):
+    """LV13: with --quorum K, at least K distinct witnesses of --witness-keys must have cosigned the ledger (the
+    connected test vector's checkpoint carries two cosignatures)."""
+    from llorch.ledger.export import write_bundle_file
+    from llorch.ledger.signing import SigningKey
+
+    vector = json.loads((FIXTURES.parent / "checkpoint_vector.json").read_text())
+    witnesses = [SigningKey(bytes.fromhex(seed)) for seed in vector["witness_seeds_hex"]]
+    bundle = tmp_path / "cosigned.bundle"
+    write_bundle_file(bundle, [bytes.fromhex(e) for e in vector["entries_hex"]], [], [vector["note"].encode()])
+    both, one = tmp_path / "both.txt", tmp_path / "one.txt"
+    both.write_text("".join(f"{w.peer_id}\n" for w in witnesses))
+    one.write_text(f"{witnesses[0].peer_id}\n{SigningKey.generate().peer_id}\n")
+
+    passed = run_verify(bundle, "--witness-keys", both, "--quorum", "2", "--json")
+    report = json.loads(passed.stdout)
+    assert passed.returncode == 0 and report["quorum_size"] == 3 and "LV13" in report["checks_passed"], passed
+    short = run_verify(bundle, "--witness-keys", one, "--quorum", "2")
+    assert short.returncode == 1 and "LV13" in short.stderr and "1 of the trusted witnesses" in short.stderr
+    assert run_verify(bundle, "--witness-keys", both, "--quorum", "3").returncode == 1
+    assert run_verify(bundle, "--quorum", "1").returncode == 2            # a quorum of whom: needs --witness-keys

@@ -298,7 +298,8 @@ class WitnessBook:
         rows = await self._database.fetchall(
             f"SELECT provider_key, detected_ms, reason, evidence, readmitted_ms, note FROM ("
             f" SELECT provider_key, detected_ms, reason, evidence, readmitted_ms, note FROM fork_history"
-            f" UNION ALL SELECT provider_key, detected_ms, reason, evidence, NULL, NULL FROM forks) {where} "
+            f" UNION ALL SELECT provider_key, detected_ms, reason, evidence, NULL, NULL FROM forks) AS every_fork "
+            f"{where} "
             f"ORDER BY detected_ms", params)
         return [{"provider_id": peer_id_of(key), "detected_ms": detected, "reason": reason,
                  "evidence": json.loads(evidence), "readmitted_ms": readmitted, "note": note}
