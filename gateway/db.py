@@ -18,7 +18,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from llorch.gateway.books import postings, receipts, reconcile, tickets
 from llorch.gateway import probes
-from llorch.gateway.market import providers, sla, spot_checks, tenants
+from llorch.gateway.market import providers, shared, sla, spot_checks, tenants
 from llorch.gateway.witness import witness
 from llorch.gateway.storage import POSTGRES_TRIGGERS
 from llorch.ledger.errors import StoreError
@@ -60,14 +60,15 @@ async def _books(database: Database) -> None:
     await rebuild_balances_if_missing(database)
 
 
-async def _witness_leases(database: Database) -> None:
-    await database.executescript(witness.LEASE_SCHEMA)
+async def _replicas(database: Database) -> None:
+    await database.executescript(witness.LEASE_SCHEMA + shared.SCHEMA)
 
 
 MIGRATIONS = (
     Migration(1, "the books: tickets, receipts, postings and balances, tenants, providers, witness, spot checks, "
                  "probes, SLA", _books),
-    Migration(2, "witness leases: which gateway replica witnesses which provider, until when", _witness_leases),
+    Migration(2, "replicas: witness leases, each replica's cosigned sizes, shared reservations, replica heartbeats",
+              _replicas),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

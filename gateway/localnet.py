@@ -78,6 +78,8 @@ class LocalNetwork:
     api_key: str = field(default_factory=lambda: "sk-llorch-" + secrets.token_urlsafe(24))
     gateway: Process | None = None
     nodes: list[Process] = field(default_factory=list)
+    replicas: list[Process] = field(default_factory=list)      # more gateways on the first one's database
+    database: str = ""
     _reported: set[str] = field(default_factory=set)         # nodes whose death report_deaths already reported
 
     def __post_init__(self) -> None:
@@ -93,19 +95,34 @@ class LocalNetwork:
 
     def start_gateway(self, determinism_pin: str = "", extra: str = "", database: str = "") -> dict:
         """Start the gateway; ``database``: its gateway.database (empty: SQLite, gateway.sqlite here)."""
-        self.key("gateway")
-        config = self.workdir / "gateway.toml"
-        config.write_text(
-            "[gateway]\n"
-            'key_file = "gateway.key"\n'
-            'db_path = "gateway.sqlite"\n'
-            f'api_key_sha256 = "{hashlib.sha256(self.api_key.encode()).hexdigest()}"\n'
-            f"http_port = {self.http_port}\n"
-            "witness_interval_ms = 1000\n"
-            f'determinism_pin = "{determinism_pin}"\n'
-            'state_file = "gateway.state.json"\n' + (f'database = "{database}"\n' if database else "") + extra)
+        self.database = database
+        config = self._gateway_config("gateway", self.http_port, determinism_pin, extra)
         self.gateway = self._spawn("gateway", ["gateway", "start", "--config", str(config)], "gateway.state.json")
         return self._wait_state(self.gateway)
+
+    def start_replica(self, name: str, determinism_pin: str = "", extra: str = "") -> dict:
+        """Start another gateway replica (its own key and HTTP port) on the first gateway's database, which must be
+        PostgreSQL. Nodes started afterwards dial and trust every replica."""
+        assert self.gateway is not None and self.database, "start the gateway on a PostgreSQL database first"
+        config = self._gateway_config(name, 0, determinism_pin, extra)
+        process = self._spawn(name, ["gateway", "start", "--config", str(config)], f"{name}.state.json")
+        self.replicas.append(process)
+        return self._wait_state(process)
+
+    def _gateway_config(self, name: str, http_port: int, determinism_pin: str, extra: str) -> Path:
+        self.key(name)
+        config = self.workdir / f"{name}.toml"
+        config.write_text(
+            "[gateway]\n"
+            f'key_file = "{name}.key"\n'
+            f'db_path = "{name}.sqlite"\n'
+            f'api_key_sha256 = "{hashlib.sha256(self.api_key.encode()).hexdigest()}"\n'
+            f"http_port = {http_port}\n"
+            "witness_interval_ms = 1000\n"
+            f'determinism_pin = "{determinism_pin}"\n'
+            f'state_file = "{name}.state.json"\n' + (f'database = "{self.database}"\n' if self.database else "")
+            + extra)
+        return config
 
     def start_node(self, name: str, price_in: int = 100_000, price_out: int = 200_000, country: str = "DE",
                    threads: int = 1, extra: str = "", approve: bool = True, certify: bool = True,
@@ -113,15 +130,15 @@ class LocalNetwork:
         """Start a provider node, register it with the gateway, and (as the operator) approve it and certify its
         geo claim unless told otherwise."""
         assert self.gateway is not None, "start the gateway first"
-        gateway_state = self.gateway.state()
+        gateways = [process.state() for process in (self.gateway, *self.replicas)]
         self.key(name)
         config = self.workdir / f"{name}.toml"
         config.write_text(
             "[node]\n"
             f'key_file = "{name}.key"\n'
             f'ledger_path = "{name}.ledger.sqlite"\n'
-            f"bootstrap = {json.dumps(gateway_state['multiaddrs'])}\n"
-            f"trusted_gateways = {json.dumps([gateway_state['peer_id'], *also_trusted])}\n"
+            f"bootstrap = {json.dumps([addr for state in gateways for addr in state['multiaddrs']])}\n"
+            f"trusted_gateways = {json.dumps([state['peer_id'] for state in gateways] + list(also_trusted))}\n"
             f"threads_per_slot = {threads}\n"
             f"attestation_interval_ms = 1000\n"
             f"price_in_per_1m = {price_in}\n"
@@ -181,7 +198,7 @@ class LocalNetwork:
 
     def stop(self) -> dict[str, int | None]:
         """SIGTERM every process (nodes first) and return their exit codes."""
-        codes = {process.name: process.stop() for process in self.nodes}
+        codes = {process.name: process.stop() for process in (*self.nodes, *self.replicas)}
         if self.gateway is not None:
             codes["gateway"] = self.gateway.stop()
         return codes

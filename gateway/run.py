@@ -24,7 +24,7 @@ from llorch.gateway.relay import DialbackProbes, ProviderRelay
 from llorch.gateway.listing import ListingDesk
 from llorch.gateway.books.receipts import ReceiptBook
 from llorch.gateway.market.tenants import TenantBook
-from llorch.gateway.witness.witness import Witness, WitnessBook, witness_forever
+from llorch.gateway.witness.witness import Witness, WitnessBook, WitnessLeases, witness_forever
 from llorch.gateway.service import Gateway
 from llorch.gateway.probes import Prober
 from llorch.ledger.signing import load_key_file
@@ -36,6 +36,7 @@ from llorch.node.lifecycle import bind_failure, supervise, write_state_file
 from llorch.node.p2p import P2P, check_can_listen, peer_key_of, running_host
 from llorch.node.stream_io import now_ms
 
+WITNESS_LEASE_ROUNDS = 3          # a witness lease lasts this many rounds: a dead replica's providers move on then
 log = logging.getLogger("llorch.gateway")
 
 
@@ -146,7 +147,9 @@ async def run_gateway(config: GatewayConfig) -> None:
         if config.api_key_sha256 and await gateway.tenants.get(config.tenant) is not None:
             raise ConfigError(f"gateway.tenant names the bootstrap key's tenant {config.tenant!r}, but a real tenant "
                               f"has that name: the two would share one account. Set gateway.tenant to another name")
-        witness = Witness(p2p, key, witness_book, directory.exclude)
+        leases = (WitnessLeases(database, p2p.peer_id, WITNESS_LEASE_ROUNDS * config.witness_interval_ms)
+                  if database.engine.name == "postgresql" else None)        # replicas share out the witnessing
+        witness = Witness(p2p, key, witness_book, directory.exclude, leases)
         p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), DialbackProbes(key).serve)
         p2p.host.set_stream_handler(TProtocol(LISTING_PROTOCOL_ID),
                                     ListingDesk(gateway.providers, witness_book).serve_listing)
@@ -178,6 +181,9 @@ async def run_gateway(config: GatewayConfig) -> None:
             if config.probe_interval_ms:
                 prober = Prober(gateway, config.probe_interval_ms, config.probe_tenant)
                 nursery.start_soon(supervise, "probes", prober.run, restarts)
+            if gateway.shared is not None:
+                await gateway.shared.start(now_ms())
+                nursery.start_soon(supervise, "replica", lambda: gateway.shared.heartbeat_forever(now_ms), restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve_http(

@@ -48,6 +48,7 @@ from llorch.gateway.market.placement import (ProviderView, Requirements, Standin
                                              customer_prices, rank_providers, why_not)
 from llorch.gateway.market.providers import ProviderBook
 from llorch.gateway.market.spot_checks import Finished, SpotChecker
+from llorch.gateway.market.shared import SharedReservations
 from llorch.gateway.market.quota import (QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound,
                                          worst_case_minor)
 from llorch.gateway.market.tenants import Tenant, TenantBook
@@ -145,6 +146,9 @@ class Gateway:
         self._in_flight: dict[bytes, int] = {}   # this gateway's tickets per provider, from issue to settlement
         self._quotas: dict[str, TenantQuota] = {}
         self._locks: dict[str, trio.Lock] = {}
+        # On a database replicas share, tenants' concurrency and budget hold over all of them (market/shared.py)
+        self.shared = (SharedReservations(books.database, p2p.peer_id)
+                       if books.database.engine.name == "postgresql" else None)
         self.spot_checks = SpotChecker(self, config.spot_check_rate_ppm)    # its ``run``: a supervised loop
         self.sla_missed: frozenset[bytes] = frozenset()   # ranked last: kept by run.py's "sla" loop (market/sla.py)
 
@@ -258,6 +262,9 @@ class Gateway:
             completion = await self._serve_or_wait(job, need, candidates)
         finally:
             quota.settle(job.request_id, job.charged)
+            if self.shared is not None and tenant.limited:
+                with trio.CancelScope(shield=True):     # after the settlement: its charge is in the books
+                    await self.shared.release(job.request_id)
             self.waiting.wake()                 # a slot this request held (or tried for) may be free now
         # Settled: only now is it drawn whether this request is re-run elsewhere (never waits; docs/verification.md)
         self.spot_checks.finished(Finished(job.request_id, tenant, job.prompt, job.salt, completion.text))
@@ -297,6 +304,13 @@ class Gateway:
             quota.spent_minor = await self.books.tenant_spent(tenant.name)      # the books, not a counter
             try:
                 quota.admit(request_id, reserved_minor, now_ms())
+                if self.shared is not None and tenant.limited:
+                    try:
+                        await self.shared.admit(tenant.name, tenant.max_concurrent, tenant.budget_minor, request_id,
+                                                reserved_minor, now_ms())
+                    except BaseException:
+                        quota.settle(request_id, None)
+                        raise
             except QuotaExceeded as exc:
                 raise (PaymentRequired(str(exc)) if exc.kind == "budget" else
                        RateLimited(str(exc), "rate_limit_exceeded" if exc.kind == "rate" else "too_many_concurrent",

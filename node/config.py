@@ -36,6 +36,7 @@ class NodeConfig:
     models: tuple[str, ...] = (DEFAULT_MODEL_ID,)
     model_cache_dir: Path | None = None
     engine: str = "llama.cpp"                # "echo" runs a fake engine: for tests and benchmarks only
+    echo_token_delay_ms: int = 0             # the echo engine's pause before each token (tests: requests that last)
     slots: int = 1
     threads_per_slot: int = 2
     gpu_layers: int = 0                      # layers llama.cpp offloads to a GPU (needs a CUDA/Metal build)

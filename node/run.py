@@ -44,7 +44,8 @@ def load_engines(config: NodeConfig) -> tuple[EnginePool, dict[str, bytes]]:
     entry = catalog.lookup(config.models[0])
     if config.engine == "echo":
         log.warning("this node runs the ECHO engine: a fake for tests and benchmarks, not a real model")
-        return EnginePool([EchoEngine(entry) for _ in range(config.slots)]), {entry.id: bytes.fromhex(entry.sha256)}
+        return EnginePool([EchoEngine(entry, config.echo_token_delay_ms / 1000)
+                           for _ in range(config.slots)]), {entry.id: bytes.fromhex(entry.sha256)}
     catalog.verified_path(entry, config.model_cache_dir)
     engines = [Engine.load(entry.id, config.model_cache_dir, threads=config.threads_per_slot,
                            context_tokens=config.context_tokens, batch_tokens=config.batch_tokens,

@@ -20,7 +20,7 @@ UNMATCHED_ROUTE = "(unmatched)"
 DROP_REASONS = ("oversized", "malformed", "bad_address", "too_long_valid", "bad_signature", "not_signer",
                 "from_future", "expired", "replay")
 PLACEMENT_FAILURES = ("eu_only", "determinism", "none_eligible", "busy", "failed", "resume")
-LOOPS = ("attestations", "probes", "sla", "spot-checks", "streams", "witness")
+LOOPS = ("attestations", "probes", "replica", "sla", "spot-checks", "streams", "witness")
 
 
 def _bounded(value: str, allowed: tuple[str, ...]) -> str:

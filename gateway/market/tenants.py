@@ -58,6 +58,11 @@ class Tenant:
     revoked: bool
     spot_checks: bool = False            # its requests may be re-run on a second provider (docs/verification.md)
 
+    @property
+    def limited(self) -> bool:
+        """A concurrency limit or a budget: admission must reserve against them."""
+        return self.max_concurrent is not None or self.budget_minor is not None
+
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
 

@@ -22,7 +22,7 @@ import trio
 from llorch.ledger import canonical, merkle
 from llorch.ledger.chain import check_continues, inspect_entry
 from llorch.ledger.errors import ChainBreak, EncodingError, StoreError
-from llorch.ledger.note import Checkpoint, NoteError, cosign, open_checkpoint
+from llorch.ledger.note import Checkpoint, Note, NoteError, cosign, open_checkpoint, parse_note
 from llorch.ledger.objects import ZERO_HASH, Receipt, ledger_origin
 from llorch.ledger.signing import SigningKey, open_envelope, peer_id_of
 from llorch.ledger.sqlite import Database
@@ -148,6 +148,13 @@ CREATE TABLE IF NOT EXISTS witness_leases (
     holder       TEXT NOT NULL,               -- the peer id of the gateway replica witnessing this provider
     expires_ms   INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS replica_cosigned (
+    witness      TEXT NOT NULL,               -- llorch-witness/<peer id> of a replica
+    provider_key BLOB NOT NULL,
+    size         INTEGER NOT NULL,            -- the largest checkpoint this replica cosigned for the provider
+    root         BLOB NOT NULL,
+    PRIMARY KEY (witness, provider_key)
+);
 """
 
 SCHEMA = """
@@ -207,7 +214,7 @@ class WitnessBook:
         return WitnessedState(size, root, head, merkle.CompactRange(size, nodes), note)
 
     async def advance(self, provider_key: bytes, old: WitnessedState, new: WitnessedState,
-                      entries: list[bytes], nodes: list | None = None) -> None:
+                      entries: list[bytes], nodes: list | None = None, witness: str | None = None) -> None:
         compact = canonical.encode([[level, hash_] for level, hash_ in new.compact.nodes])
         rows = []
         for offset, entry in enumerate(entries):
@@ -219,8 +226,23 @@ class WitnessBook:
             ("INSERT INTO witnessed (provider_key, size, root, head_hash, compact, note, checked_ms) "
              "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (provider_key) DO UPDATE SET size = excluded.size, "
              "root = excluded.root, head_hash = excluded.head_hash, compact = excluded.compact, "
-             "note = excluded.note, checked_ms = excluded.checked_ms", [(provider_key, new.size, new.root, new.head_hash, compact, new.note,
-                                               now_ms())])])
+             "note = excluded.note, checked_ms = excluded.checked_ms",
+             [(provider_key, new.size, new.root, new.head_hash, compact, new.note, now_ms())]),
+            *([self.cosigned_statement(witness, provider_key, new.size, new.root)] if witness else [])])
+
+    @staticmethod
+    def cosigned_statement(witness: str, provider_key: bytes, size: int, root: bytes) -> tuple:
+        return ("INSERT INTO replica_cosigned (witness, provider_key, size, root) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (witness, provider_key) DO UPDATE SET size = excluded.size, root = excluded.root",
+                [(witness, provider_key, size, root)])
+
+    async def record_cosigned(self, witness: str, provider_key: bytes, size: int, root: bytes) -> None:
+        await self._database.transaction([self.cosigned_statement(witness, provider_key, size, root)])
+
+    async def cosigned_by(self, witness: str, provider_key: bytes) -> tuple[int, bytes] | None:
+        """The largest size (and its root) ``witness`` cosigned for the provider, if any."""
+        return await self._database.fetchone(
+            "SELECT size, root FROM replica_cosigned WHERE witness = ? AND provider_key = ?", (witness, provider_key))
 
     async def known_request_ids(self, provider_key: bytes, request_ids: list[str]) -> set[str]:
         """Which of ``request_ids`` this provider's witnessed ledger already holds."""
@@ -317,18 +339,49 @@ class WitnessBook:
         return None if row is None else (row[0], json.loads(row[1]))
 
 
-class Witness:
-    """Runs witness rounds for providers; forked providers are reported to ``on_fork``."""
+def provider_signed(note: bytes) -> bytes:
+    """A cosigned checkpoint note with only its first signature, the provider's own (cosignatures dropped)."""
+    parsed = parse_note(note)
+    return Note(parsed.text, parsed.signatures[:1]).to_bytes()
 
-    def __init__(self, p2p: P2P, key: SigningKey, book: WitnessBook, on_fork) -> None:
+
+class WitnessLeases:
+    """Gateway replicas sharing a database share out the witnessing: one replica at a time holds a provider's lease
+    (``witness_leases``) and runs the full round (entries fetched and verified, the shared state advanced); it renews
+    the lease every round, and a lease not renewed for ``lease_ms`` (its replica died) is taken by the next replica
+    that tries. The others cosign what the holder verified, after their own checks (``Witness._cosign_verified``)."""
+
+    def __init__(self, database: Database, holder: str, lease_ms: int) -> None:
+        self.database, self.holder, self.lease_ms = database, holder, lease_ms
+
+    async def hold(self, provider_key: bytes, now: int) -> bool:
+        """Take or renew the provider's lease if it is free, lapsed or ours; whether this replica holds it."""
+        await self.database.transaction([(
+            "INSERT INTO witness_leases (provider_key, holder, expires_ms) VALUES (?, ?, ?) "
+            "ON CONFLICT (provider_key) DO UPDATE SET holder = excluded.holder, expires_ms = excluded.expires_ms "
+            "WHERE witness_leases.holder = excluded.holder OR witness_leases.expires_ms < ?",
+            [(provider_key, self.holder, now + self.lease_ms, now)])])
+        row = await self.database.fetchone("SELECT holder FROM witness_leases WHERE provider_key = ?", (provider_key,))
+        return row is not None and row[0] == self.holder
+
+
+class Witness:
+    """Runs witness rounds for providers; forked providers are reported to ``on_fork``. With ``leases`` (replicas
+    sharing a database), the full round only for providers whose lease this replica holds."""
+
+    def __init__(self, p2p: P2P, key: SigningKey, book: WitnessBook, on_fork,
+                 leases: WitnessLeases | None = None) -> None:
         self.p2p = p2p
         self.key = key
         self.book = book
         self.on_fork = on_fork
+        self.leases = leases
         self.name = witness_name(key.public_key)
 
     async def witness(self, provider_key: bytes, addrs: list[str]) -> WitnessedState | None:
         """One round for one provider. Returns the new state, or None if the provider could not be witnessed."""
+        if self.leases is not None and not await self.leases.hold(provider_key, now_ms()):
+            return await self._cosign_verified(provider_key, addrs)
         state = await self.book.state(provider_key)
         try:
             reply = await request_ledger(self.p2p, provider_key, addrs, GetCheckpoint())
@@ -355,12 +408,48 @@ class Witness:
             return None
         cosigned = cosign(new_state.note, self.name, self.key, now_ms() // 1000)
         new_state = WitnessedState(new_state.size, new_state.root, new_state.head_hash, new_state.compact, cosigned)
-        await self.book.advance(provider_key, state, new_state, entries, nodes)
+        await self.book.advance(provider_key, state, new_state, entries, nodes, self.name)
+        await self._hand_back(provider_key, addrs, cosigned)
+        return new_state
+
+    async def _cosign_verified(self, provider_key: bytes, addrs: list[str]) -> WitnessedState | None:
+        """A replica without the lease: check the provider's current checkpoint against the shared state (a second
+        view of a witnessed size, or one not consistent with it, is a fork: a split view shown to two replicas is
+        caught here), then cosign the checkpoint the lease holder verified, once it is consistent with the last one
+        this replica cosigned (a proof from the provider, checked here)."""
+        state = await self.book.state(provider_key)
+        mine = await self.book.cosigned_by(self.name, provider_key)
+        try:
+            reply = await request_ledger(self.p2p, provider_key, addrs, GetCheckpoint())
+            checkpoint = check_checkpoint(state, reply.note, provider_key)
+            if state.size and checkpoint.size > state.size:
+                proof = await request_ledger(self.p2p, provider_key, addrs, GetConsistency(state.size, checkpoint.size))
+                check_consistency(state, checkpoint, reply.note, proof.hashes)
+            if not state.size or (mine is not None and mine[0] >= state.size):
+                return state
+            verified = check_checkpoint(state, provider_signed(state.note), provider_key)
+            if mine is not None and mine[0]:
+                earlier = WitnessedState(mine[0], mine[1], ZERO_HASH, merkle.CompactRange(), None)
+                proof = await request_ledger(self.p2p, provider_key, addrs, GetConsistency(mine[0], state.size))
+                check_consistency(earlier, verified, state.note, proof.hashes)
+        except ForkDetected as fork:
+            log.error("provider %s FORKED its ledger: %s", peer_id_of(provider_key), fork)
+            await self.book.record_fork(provider_key, str(fork), fork.evidence)
+            self.on_fork(provider_key)
+            return None
+        except (BadView, LedgerRequestFailed) as exc:
+            log.warning("could not cosign %s this round: %s", peer_id_of(provider_key), exc)
+            return None
+        cosigned = cosign(provider_signed(state.note), self.name, self.key, now_ms() // 1000)
+        await self.book.record_cosigned(self.name, provider_key, state.size, state.root)
+        await self._hand_back(provider_key, addrs, cosigned)
+        return state
+
+    async def _hand_back(self, provider_key: bytes, addrs: list[str], cosigned: bytes) -> None:
         try:
             await request_ledger(self.p2p, provider_key, addrs, PutCosigned(cosigned))
         except LedgerRequestFailed as exc:
             log.info("provider %s did not take the cosigned checkpoint: %s", peer_id_of(provider_key), exc)
-        return new_state
 
     async def _fetch_entries(self, provider_key: bytes, addrs: list[str], start: int, end: int) -> list[bytes]:
         entries: list[bytes] = []
