@@ -152,5 +152,8 @@ class PostgresEngine(Engine):
     def in_transaction(self, connection) -> bool:
         return connection.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE
 
+    def broken(self, connection) -> bool:
+        return connection.closed or connection.broken
+
     def error(self, exc: BaseException) -> StoreError:
         return StoreError(f"PostgreSQL error on {self.where}: {str(exc).strip()}")

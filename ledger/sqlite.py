@@ -74,6 +74,10 @@ class Engine:
     def in_transaction(self, connection) -> bool:
         return connection.in_transaction
 
+    def broken(self, connection) -> bool:
+        """Whether the connection is lost (a database server restarted or failed over): reconnect before use."""
+        return False
+
     def error(self, exc: BaseException) -> StoreError:
         return StoreError(f"SQLite error on {self.path}: {exc}")
 
@@ -104,7 +108,7 @@ class Database:
         await self._run(self._execute, sql, params)
 
     async def executescript(self, sql: str) -> None:
-        await self._run(self.engine.executescript, self._connection, sql)
+        await self._run(self._executescript, sql)
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
         return await self._run(self._fetchone, sql, params)
@@ -154,8 +158,9 @@ class Database:
 
     def _commit_group(self, batch: list[_Waiting]) -> None:
         """In the worker thread: one IMMEDIATE transaction, a savepoint per waiting transaction, one COMMIT."""
-        connection, engine = self._connection, self.engine
         try:
+            self._reconnect_if_lost()
+            connection, engine = self._connection, self.engine
             connection.execute(engine.begin)
             try:
                 for waiting in batch:
@@ -174,7 +179,7 @@ class Database:
                 raise
         except Exception as exc:   # BEGIN, a rollback or COMMIT failed (disk full, I/O): nothing of it is durable
             for waiting in batch:
-                waiting.error = self._caller_error(exc) if isinstance(exc, engine.errors) else exc
+                waiting.error = self._caller_error(exc) if isinstance(exc, self.engine.errors) else exc
 
     async def _run(self, function: Callable, *args) -> Any:
         async with self._lock:
@@ -183,6 +188,7 @@ class Database:
 
     def _translated(self, function: Callable, *args) -> Any:
         try:
+            self._reconnect_if_lost()
             return function(*args)
         except self.engine.errors as exc:
             raise self._caller_error(exc) from None
@@ -191,6 +197,22 @@ class Database:
         if isinstance(exc, self.engine.integrity_errors):
             return IntegrityError(str(exc))
         return self.engine.error(exc)
+
+    def _reconnect_if_lost(self) -> None:
+        """In the worker thread, before a statement: a lost connection (PostgreSQL restarted or failed over) is
+        replaced. The statement that met the loss failed with its error; nothing is retried behind a caller."""
+        if not self.engine.broken(self._connection):
+            return
+        try:
+            self._connection.close()
+        except self.engine.errors:
+            pass
+        connection = self.engine.connect()
+        self.engine.prepare(connection)
+        self._connection = connection
+
+    def _executescript(self, sql: str) -> None:
+        self.engine.executescript(self._connection, sql)
 
     def _execute(self, sql: str, params: Sequence[Any]) -> None:
         self._connection.execute(self.engine.sql(sql), self.engine.params(params))
@@ -226,4 +248,4 @@ async def open_database(path_or_engine) -> AsyncIterator[Database]:
     finally:
         with trio.CancelScope(shield=True):     # on shutdown too, after any statement still running
             async with database._lock:
-                await trio.to_thread.run_sync(connection.close)
+                await trio.to_thread.run_sync(database._connection.close)

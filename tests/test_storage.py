@@ -117,3 +117,22 @@ def test_postgresql_spellings():
                            "n BIGINT);")
     with pytest.raises(Exception, match="gateway.database must be"):
         engine_for("mysql://x", None)
+
+
+async def test_a_lost_postgresql_connection_fails_one_statement_and_the_next_reconnects(postgres_cluster):
+    """A PostgreSQL restart or failover drops the gateway's connection: the statement that meets the loss fails with
+    a StoreError (its caller is told; nothing is retried behind it), the next one runs on a new connection."""
+    import psycopg
+    from llorch.ledger.errors import StoreError
+
+    url = postgres_cluster.new_database()
+    async with open_database(PostgresEngine(url)) as database:
+        await database.executescript("CREATE TABLE t (id INTEGER NOT NULL PRIMARY KEY)")
+        (backend,) = await database.fetchone("SELECT pg_backend_pid()")
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        with pytest.raises(StoreError):
+            await database.transaction([("INSERT INTO t (id) VALUES (?)", [(1,)])])
+        await database.transaction([("INSERT INTO t (id) VALUES (?)", [(2,)])])
+        assert await database.fetchall("SELECT id FROM t") == [(2,)]
+        assert (await database.fetchone("SELECT pg_backend_pid()"))[0] != backend
