@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -96,27 +94,8 @@ async def run_role(role: str, workdir: Path) -> None:
 
 
 def one_round(quiet: bool, delay_ms: int) -> dict:
-    from tests.hole_punch import quiet_routers
-    from tests.small_internet import SmallInternet, tool
-
-    with SmallInternet(delay_ms=delay_ms) as internet, tempfile.TemporaryDirectory() as workdir:
-        if quiet:
-            quiet_routers(internet)
-        processes = {role: subprocess.Popen([tool("ip"), "netns", "exec", internet.ns(namespace), sys.executable,
-                                             __file__, "--role", role, "--workdir", workdir],
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                     for role, namespace in (("relay", "public"), ("a", "a"), ("b", "b"))}
-        try:
-            for role in ("b", "a"):
-                processes[role].wait(timeout=WAIT_S + HOLD_S)
-        finally:
-            (Path(workdir) / "done").write_text("")
-            processes["relay"].wait(timeout=10)
-            for process in processes.values():
-                if process.poll() is None:
-                    process.kill()
-        return {role: json.loads((Path(workdir) / f"{role}.json").read_text()) for role in ("a", "b")
-                if (Path(workdir) / f"{role}.json").exists()}
+    from tests.hole_punch import three_process_round
+    return three_process_round(__file__, "relay", quiet, delay_ms, WAIT_S + HOLD_S)
 
 
 def main() -> int:

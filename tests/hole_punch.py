@@ -16,9 +16,14 @@ routers do; without it a Linux router answers such a SYN with a reset, as the to
 from __future__ import annotations
 
 import errno
+import json
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from tests.small_internet import GATEWAY_IP, HOMES, SmallInternet, tool
 
@@ -157,3 +162,27 @@ def _one_side(internet: SmallInternet, host: str, ip: str, port: int, delay_s: f
     finally:
         for sock in (punch, to_observer, listener):
             sock.close()
+
+
+def three_process_round(script: str, public_role: str, quiet: bool, delay_ms: int, wait_s: float) -> dict:
+    """One round of a hole-punch bench: a fresh topology, ``script --role R --workdir W`` run as ``public_role`` on
+    the public side and as "a" and "b" in the two home LANs; "b" and "a" each write ``<role>.json``, then the public
+    process is told to stop (a ``done`` file). Returns those results by role."""
+    with SmallInternet(delay_ms=delay_ms) as internet, tempfile.TemporaryDirectory() as workdir:
+        if quiet:
+            quiet_routers(internet)
+        processes = {role: subprocess.Popen([tool("ip"), "netns", "exec", internet.ns(namespace), sys.executable,
+                                             script, "--role", role, "--workdir", workdir],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for role, namespace in ((public_role, "public"), ("a", "a"), ("b", "b"))}
+        try:
+            for role in ("b", "a"):
+                processes[role].wait(timeout=wait_s)
+        finally:
+            (Path(workdir) / "done").write_text("")
+            processes[public_role].wait(timeout=10)
+            for process in processes.values():
+                if process.poll() is None:
+                    process.kill()
+        return {role: json.loads((Path(workdir) / f"{role}.json").read_text()) for role in ("a", "b")
+                if (Path(workdir) / f"{role}.json").exists()}

@@ -5,6 +5,7 @@ failover, not the model). Skipped, saying why, where PostgreSQL is not installed
 - 100 concurrent requests from one tenant, spread over both replicas, never exceed its concurrency limit nor its
   budget: checked from the database (tickets' intervals, the postings), not from the replicas' memories.
 - Both replicas cosign each node's checkpoints: the node's exported ledger passes `ledger verify --quorum 2`.
+- The same requests give the same statement whether one gateway on SQLite or two replicas served them.
 - A replica SIGKILLed mid-stream: the customer's retry on the other is served, nothing is billed twice, and the
   survivor holds every witness lease within a lease period.
 """
@@ -12,6 +13,7 @@ failover, not the model). Skipped, saying why, where PostgreSQL is not installed
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,6 +144,41 @@ def test_both_replicas_cosign_each_nodes_checkpoints(replicas):
             time.sleep(1)
 
 
+STATEMENT_REQUESTS = 12
+
+
+def statement_of(net: LocalNetwork, config: str, tenant: str) -> dict:
+    statement = json.loads(net.cli("billing", "statement", "--config", config, "--tenant", tenant))
+    return {key: value for key, value in statement.items() if key not in ("generated_ms", "generated_at")}
+
+
+def test_the_same_requests_give_the_same_statement_on_two_replicas_as_on_one_gateway(replicas, tmp_path):
+    """Node "a" alone (its key copied, so the provider is the same), requests one at a time with the same seeds
+    (so the demand multiplier is the same), the tenant created alike: one gateway on SQLite, then alternating
+    between the two replicas. Every line of the tenant's statement is the same."""
+    replicas.cli("gateway", "providers", "suspend", load_key_file(replicas.workdir / "b.key").peer_id,
+                 "--config", "gateway.toml")
+    single = LocalNetwork(tmp_path / "single")
+    shutil.copy(replicas.workdir / "a.key", single.workdir / "a.key")
+    try:
+        single.start_gateway()
+        single.start_node("a", extra='engine = "echo"\nslots = 4\n')
+        single.wait_for_providers(1)
+        statements = []
+        for net, targets in ((single, [single.base_url]), (replicas, urls(replicas))):
+            key = net.cli("gateway", "tenants", "add", "same", "--config", "gateway.toml").strip()
+            for seed in range(STATEMENT_REQUESTS):
+                response = chat(targets[seed % len(targets)], key, seed)
+                assert response.status_code == 200, response.text
+            statements.append(statement_of(net, "gateway.toml", "same"))
+    finally:
+        single.stop()
+        replicas.cli("gateway", "providers", "approve", load_key_file(replicas.workdir / "b.key").peer_id,
+                     "--config", "gateway.toml")
+    assert statements[0] == statements[1] and statements[0]["lines"], statements
+    assert statement_of(replicas, "gateway2.toml", "same") == statements[1]      # either replica reads the books
+
+
 def test_a_replica_killed_mid_stream_the_retry_is_served_once_and_the_survivor_takes_the_leases(replicas):
     key = replicas.cli("gateway", "tenants", "add", "late", "--config", "gateway.toml").strip()
     first, second = replicas.gateway.state()["base_url"], replicas.replicas[0].state()["base_url"]
@@ -176,7 +213,9 @@ def test_a_replica_killed_mid_stream_the_retry_is_served_once_and_the_survivor_t
     legs = sql(replicas, "SELECT request_id, leg, COUNT(*) FROM postings WHERE tenant = 'late' GROUP BY 1, 2")
     assert legs and all(count == 1 for _, _, count in legs)
     assert retry.json()["id"] in {request_id for request_id, _, _ in legs}
-    while {holder for (holder,) in sql(replicas, "SELECT holder FROM witness_leases")} != {survivor}:
-        assert time.monotonic() - killed_at < WITNESS_LEASE_S + 5, sql(replicas, "SELECT holder FROM witness_leases")
+    witnessed = ("SELECT l.holder FROM witness_leases l JOIN providers p ON p.provider_key = l.provider_key "
+                 "WHERE p.status = 'approved'")                     # a suspended provider is witnessed by nobody
+    while {holder for (holder,) in sql(replicas, witnessed)} != {survivor}:
+        assert time.monotonic() - killed_at < WITNESS_LEASE_S + 5, sql(replicas, witnessed)
         time.sleep(0.2)
     print(f"\nthe survivor held every witness lease {time.monotonic() - killed_at:.1f} s after the kill")

@@ -62,16 +62,16 @@ class SharedReservations:
         limit = UNLIMITED if max_concurrent is None else max_concurrent
         budget = UNLIMITED if budget_minor is None else budget_minor
         account = tenant_account(tenant)
-        await self.database.transaction([
-            ("UPDATE tenants SET max_concurrent = max_concurrent WHERE name = ?", [(tenant,)]),     # the row lock
-            ("INSERT INTO reservations (request_id, tenant, amount, holder, reserved_ms) SELECT ?, ?, ?, ?, ? "
-             f"WHERE (SELECT COUNT(*) {_LIVE}) < ? "
-             "AND COALESCE((SELECT debits - credits FROM account_balances WHERE account = ?), 0) "
-             f"+ COALESCE((SELECT SUM(r.amount) {_LIVE}), 0) + ? <= ?",
-             [(request_id, tenant, amount, self.holder, now_ms, tenant, now_ms, limit, account, tenant, now_ms,
-               amount, budget)])])
-        if await self.database.peek("SELECT 1 FROM reservations WHERE request_id = ?", (request_id,)):
-            return
+        try:
+            if await self._reserve(tenant, limit, budget, account, request_id, amount, now_ms):
+                return
+        except BaseException:          # cancelled (the customer left) or failed after the insert: take it back
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.release(request_id)
+                except Exception as exc:   # the database is gone too: the heartbeat's end frees it
+                    log.warning("could not take back the reservation of %s: %s", request_id, exc)
+            raise
         count, spent, reserved = await self.database.fetchone(
             f"SELECT (SELECT COUNT(*) {_LIVE}), "
             "COALESCE((SELECT debits - credits FROM account_balances WHERE account = ?), 0), "
@@ -81,6 +81,19 @@ class SharedReservations:
                                                f"limit is {limit}")
         raise QuotaExceeded("budget", f"this request may cost up to {amount} minor units; "
                                       f"{max(budget - spent - reserved, 0)} of the budget of {budget} remain")
+
+    async def _reserve(self, tenant: str, limit: int, budget: int, account: str, request_id: str, amount: int,
+                       now_ms: int) -> bool:
+        """The conditional insert; whether it reserved."""
+        await self.database.transaction([
+            ("UPDATE tenants SET max_concurrent = max_concurrent WHERE name = ?", [(tenant,)]),     # the row lock
+            ("INSERT INTO reservations (request_id, tenant, amount, holder, reserved_ms) SELECT ?, ?, ?, ?, ? "
+             f"WHERE (SELECT COUNT(*) {_LIVE}) < ? "
+             "AND COALESCE((SELECT debits - credits FROM account_balances WHERE account = ?), 0) "
+             f"+ COALESCE((SELECT SUM(r.amount) {_LIVE}), 0) + ? <= ?",
+             [(request_id, tenant, amount, self.holder, now_ms, tenant, now_ms, limit, account, tenant, now_ms,
+               amount, budget)])])
+        return await self.database.peek("SELECT 1 FROM reservations WHERE request_id = ?", (request_id,)) is not None
 
     async def release(self, request_id: str) -> None:
         await self.database.transaction([("DELETE FROM reservations WHERE request_id = ?", [(request_id,)])])

@@ -381,65 +381,66 @@ class Witness:
     async def witness(self, provider_key: bytes, addrs: list[str]) -> WitnessedState | None:
         """One round for one provider. Returns the new state, or None if the provider could not be witnessed."""
         if self.leases is not None and not await self.leases.hold(provider_key, now_ms()):
-            return await self._cosign_verified(provider_key, addrs)
-        state = await self.book.state(provider_key)
+            return await self._unless_forked(provider_key, "cosign", self._cosign_verified(provider_key, addrs))
+        return await self._unless_forked(provider_key, "witness", self._full_round(provider_key, addrs))
+
+    async def _unless_forked(self, provider_key: bytes, what: str, round_) -> WitnessedState | None:
+        """Run a round: a fork it finds is recorded and reported (``on_fork``); a view it cannot use is logged and
+        left for the next round. None in both cases."""
         try:
-            reply = await request_ledger(self.p2p, provider_key, addrs, GetCheckpoint())
-            checkpoint = check_checkpoint(state, reply.note, provider_key)
-            if checkpoint.size == state.size:
-                await self.book.touch(provider_key, state, reply.note)
-                return state
-            if checkpoint.size - state.size > ENTRIES_PER_ROUND_MAX:
-                raise BadView(f"{checkpoint.size - state.size} new entries: more than one round takes")
-            if state.size:
-                proof = await request_ledger(self.p2p, provider_key, addrs, GetConsistency(state.size, checkpoint.size))
-                check_consistency(state, checkpoint, reply.note, proof.hashes)
-            entries = await self._fetch_entries(provider_key, addrs, state.size, checkpoint.size)
-            nodes: list = []
-            earlier = await self.book.known_request_ids(provider_key, request_ids_of(entries))
-            new_state = extend(state, checkpoint, reply.note, entries, provider_key, nodes, earlier)
+            return await round_
         except ForkDetected as fork:
             log.error("provider %s FORKED its ledger: %s", peer_id_of(provider_key), fork)
             await self.book.record_fork(provider_key, str(fork), fork.evidence)
             self.on_fork(provider_key)
-            return None
         except (BadView, LedgerRequestFailed) as exc:
-            log.warning("could not witness %s this round: %s", peer_id_of(provider_key), exc)
-            return None
+            log.warning("could not %s %s this round: %s", what, peer_id_of(provider_key), exc)
+        return None
+
+    async def _full_round(self, provider_key: bytes, addrs: list[str]) -> WitnessedState:
+        """Fetch the checkpoint, check it against what was witnessed, fetch and verify the new entries, advance the
+        witnessed state, cosign and hand the cosigned note back. ForkDetected, BadView or LedgerRequestFailed."""
+        state = await self.book.state(provider_key)
+        reply = await request_ledger(self.p2p, provider_key, addrs, GetCheckpoint())
+        checkpoint = check_checkpoint(state, reply.note, provider_key)
+        if checkpoint.size == state.size:
+            await self.book.touch(provider_key, state, reply.note)
+            return state
+        if checkpoint.size - state.size > ENTRIES_PER_ROUND_MAX:
+            raise BadView(f"{checkpoint.size - state.size} new entries: more than one round takes")
+        if state.size:
+            proof = await request_ledger(self.p2p, provider_key, addrs, GetConsistency(state.size, checkpoint.size))
+            check_consistency(state, checkpoint, reply.note, proof.hashes)
+        entries = await self._fetch_entries(provider_key, addrs, state.size, checkpoint.size)
+        nodes: list = []
+        earlier = await self.book.known_request_ids(provider_key, request_ids_of(entries))
+        new_state = extend(state, checkpoint, reply.note, entries, provider_key, nodes, earlier)
         cosigned = cosign(new_state.note, self.name, self.key, now_ms() // 1000)
         new_state = WitnessedState(new_state.size, new_state.root, new_state.head_hash, new_state.compact, cosigned)
         await self.book.advance(provider_key, state, new_state, entries, nodes, self.name)
         await self._hand_back(provider_key, addrs, cosigned)
         return new_state
 
-    async def _cosign_verified(self, provider_key: bytes, addrs: list[str]) -> WitnessedState | None:
+    async def _cosign_verified(self, provider_key: bytes, addrs: list[str]) -> WitnessedState:
         """A replica without the lease: check the provider's current checkpoint against the shared state (a second
         view of a witnessed size, or one not consistent with it, is a fork: a split view shown to two replicas is
         caught here), then cosign the checkpoint the lease holder verified, once it is consistent with the last one
-        this replica cosigned (a proof from the provider, checked here)."""
+        this replica cosigned (a proof from the provider, checked here). ForkDetected, BadView or
+        LedgerRequestFailed."""
         state = await self.book.state(provider_key)
         mine = await self.book.cosigned_by(self.name, provider_key)
-        try:
-            reply = await request_ledger(self.p2p, provider_key, addrs, GetCheckpoint())
-            checkpoint = check_checkpoint(state, reply.note, provider_key)
-            if state.size and checkpoint.size > state.size:
-                proof = await request_ledger(self.p2p, provider_key, addrs, GetConsistency(state.size, checkpoint.size))
-                check_consistency(state, checkpoint, reply.note, proof.hashes)
-            if not state.size or (mine is not None and mine[0] >= state.size):
-                return state
-            verified = check_checkpoint(state, provider_signed(state.note), provider_key)
-            if mine is not None and mine[0]:
-                earlier = WitnessedState(mine[0], mine[1], ZERO_HASH, merkle.CompactRange(), None)
-                proof = await request_ledger(self.p2p, provider_key, addrs, GetConsistency(mine[0], state.size))
-                check_consistency(earlier, verified, state.note, proof.hashes)
-        except ForkDetected as fork:
-            log.error("provider %s FORKED its ledger: %s", peer_id_of(provider_key), fork)
-            await self.book.record_fork(provider_key, str(fork), fork.evidence)
-            self.on_fork(provider_key)
-            return None
-        except (BadView, LedgerRequestFailed) as exc:
-            log.warning("could not cosign %s this round: %s", peer_id_of(provider_key), exc)
-            return None
+        reply = await request_ledger(self.p2p, provider_key, addrs, GetCheckpoint())
+        checkpoint = check_checkpoint(state, reply.note, provider_key)
+        if state.size and checkpoint.size > state.size:
+            proof = await request_ledger(self.p2p, provider_key, addrs, GetConsistency(state.size, checkpoint.size))
+            check_consistency(state, checkpoint, reply.note, proof.hashes)
+        if not state.size or (mine is not None and mine[0] >= state.size):
+            return state
+        verified = check_checkpoint(state, provider_signed(state.note), provider_key)
+        if mine is not None and mine[0]:
+            earlier = WitnessedState(mine[0], mine[1], ZERO_HASH, merkle.CompactRange(), None)
+            proof = await request_ledger(self.p2p, provider_key, addrs, GetConsistency(mine[0], state.size))
+            check_consistency(earlier, verified, state.note, proof.hashes)
         cosigned = cosign(provider_signed(state.note), self.name, self.key, now_ms() // 1000)
         await self.book.record_cosigned(self.name, provider_key, state.size, state.root)
         await self._hand_back(provider_key, addrs, cosigned)
