@@ -21,12 +21,15 @@ import trio
 
 from llorch.gateway.books.postings import tenant_account
 from llorch.gateway.market.quota import QuotaExceeded
-from llorch.ledger.sqlite import Database
+from llorch.ledger.errors import StoreError
+from llorch.ledger.sqlite import Database, IntegrityError
 
 log = logging.getLogger("llorch.gateway.replicas")
 
 HEARTBEAT_S = 2.0
 REPLICA_ALIVE_MS = 10_000                # a replica silent this long no longer holds its reservations
+RESERVATION_AGE_MAX_MS = 3_600_000       # nor one older than this (longer than any request lasts): a release lost
+                                         # to a database outage cannot hold a tenant's slot for ever
 UNLIMITED = 2 ** 62
 
 SCHEMA = """
@@ -44,9 +47,10 @@ CREATE TABLE IF NOT EXISTS gateway_replicas (
 );
 """
 
-# Live reservations of one tenant: held by a replica whose heartbeat has not lapsed.
+# Live reservations of one tenant: held by a replica whose heartbeat has not lapsed, and not older than the longest
+# request. Parameters: the tenant, now, the oldest reservation that counts (ms).
 _LIVE = ("FROM reservations r JOIN gateway_replicas g ON g.peer_id = r.holder "
-         "WHERE r.tenant = ? AND g.alive_until_ms > ?")
+         "WHERE r.tenant = ? AND g.alive_until_ms > ? AND r.reserved_ms > ?")
 
 
 class SharedReservations:
@@ -62,41 +66,43 @@ class SharedReservations:
         limit = UNLIMITED if max_concurrent is None else max_concurrent
         budget = UNLIMITED if budget_minor is None else budget_minor
         account = tenant_account(tenant)
+        live = (tenant, now_ms, now_ms - RESERVATION_AGE_MAX_MS)
         try:
-            if await self._reserve(tenant, limit, budget, account, request_id, amount, now_ms):
+            if await self._reserve(live, limit, budget, account, request_id, amount, now_ms):
                 return
         except BaseException:          # cancelled (the customer left) or failed after the insert: take it back
             with trio.CancelScope(shield=True):
-                try:
-                    await self.release(request_id)
-                except Exception as exc:   # the database is gone too: the heartbeat's end frees it
-                    log.warning("could not take back the reservation of %s: %s", request_id, exc)
+                await self.release(request_id)
             raise
         count, spent, reserved = await self.database.fetchone(
             f"SELECT (SELECT COUNT(*) {_LIVE}), "
             "COALESCE((SELECT debits - credits FROM account_balances WHERE account = ?), 0), "
-            f"COALESCE((SELECT SUM(r.amount) {_LIVE}), 0)", (tenant, now_ms, account, tenant, now_ms))
+            f"COALESCE((SELECT SUM(r.amount) {_LIVE}), 0)", (*live, account, *live))
         if count >= limit:
             raise QuotaExceeded("concurrency", f"{count} requests already in flight over every gateway replica; the "
                                                f"limit is {limit}")
         raise QuotaExceeded("budget", f"this request may cost up to {amount} minor units; "
                                       f"{max(budget - spent - reserved, 0)} of the budget of {budget} remain")
 
-    async def _reserve(self, tenant: str, limit: int, budget: int, account: str, request_id: str, amount: int,
+    async def _reserve(self, live: tuple, limit: int, budget: int, account: str, request_id: str, amount: int,
                        now_ms: int) -> bool:
         """The conditional insert; whether it reserved."""
         await self.database.transaction([
-            ("UPDATE tenants SET max_concurrent = max_concurrent WHERE name = ?", [(tenant,)]),     # the row lock
+            ("UPDATE tenants SET max_concurrent = max_concurrent WHERE name = ?", [(live[0],)]),   # the row lock
             ("INSERT INTO reservations (request_id, tenant, amount, holder, reserved_ms) SELECT ?, ?, ?, ?, ? "
              f"WHERE (SELECT COUNT(*) {_LIVE}) < ? "
              "AND COALESCE((SELECT debits - credits FROM account_balances WHERE account = ?), 0) "
              f"+ COALESCE((SELECT SUM(r.amount) {_LIVE}), 0) + ? <= ?",
-             [(request_id, tenant, amount, self.holder, now_ms, tenant, now_ms, limit, account, tenant, now_ms,
-               amount, budget)])])
+             [(request_id, live[0], amount, self.holder, now_ms, *live, limit, account, *live, amount, budget)])])
         return await self.database.peek("SELECT 1 FROM reservations WHERE request_id = ?", (request_id,)) is not None
 
     async def release(self, request_id: str) -> None:
-        await self.database.transaction([("DELETE FROM reservations WHERE request_id = ?", [(request_id,)])])
+        """Drop the request's reservation. A database error is logged, not raised: the request itself is done (the
+        reservation stops counting when it is RESERVATION_AGE_MAX_MS old)."""
+        try:
+            await self.database.transaction([("DELETE FROM reservations WHERE request_id = ?", [(request_id,)])])
+        except (StoreError, IntegrityError) as exc:
+            log.warning("could not release the reservation of %s: %s", request_id, exc)
 
     async def heartbeat_forever(self, clock) -> None:
         """Runs until cancelled (supervised): renew this replica's heartbeat every HEARTBEAT_S."""
