@@ -140,30 +140,37 @@ async def _dial(p2p: P2P, peer: ID, ip: str, ports: tuple[int, ...], as_responde
 
 
 class Punches:
-    """The responder: answers /llorch/punch/1 streams on relayed connections through ``trusted`` gateways."""
+    """The responder: answers /llorch/punch/1 streams on relayed connections through ``trusted`` gateways. One
+    exchange per peer at a time; a peer's newer punch replaces the dials of its older one (a fetch retried while the
+    node still dials a router that drops them); PUNCHES_AT_ONCE_MAX exchanges and dials in all."""
 
     def __init__(self, p2p: P2P, reach: Reach, trusted: frozenset[str]) -> None:
         self.p2p, self.reach, self.trusted = p2p, reach, trusted
-        self._busy: set[ID] = set()
+        self._exchanging: set[ID] = set()
+        self._dialling: dict[ID, trio.CancelScope] = {}
 
     async def serve(self, stream) -> None:
         peer = stream.muxed_conn.peer_id
         relay = relay_of_stream(self.p2p, stream)
+        others = len(self._exchanging) + len([p for p in self._dialling if p != peer])
         why = ("it did not come over a relayed connection" if relay is None else
                f"it came through {relay}, not a gateway this node trusts" if relay not in self.trusted else
-               "one is running for this peer" if peer in self._busy else
-               "too many punches at once" if len(self._busy) >= limits.PUNCHES_AT_ONCE_MAX else None)
+               "an exchange is running for this peer" if peer in self._exchanging else
+               "too many punches at once" if others >= limits.PUNCHES_AT_ONCE_MAX else None)
         if why is not None:
             log.warning("refused a hole punch from %s: %s", peer, why)
             await close_quietly(stream, reset=True)
             return
-        self._busy.add(peer)
+        self._exchanging.add(peer)
         try:
-            await self._answer(stream, peer, relay)
+            agreed = await self._exchange(stream, peer, relay)
         finally:
-            self._busy.discard(peer)
+            self._exchanging.discard(peer)
+        if agreed is not None:
+            await self._dial_replacing(peer, *agreed)
 
-    async def _answer(self, stream, peer: ID, relay: str) -> None:
+    async def _exchange(self, stream, peer: ID, relay: str) -> tuple[str, tuple[int, ...]] | None:
+        """The offers and the sync; the peer's observed IP and ports to dial, or None (logged) if it went wrong."""
         finished = False
         try:
             with trio.fail_after(limits.PUNCH_TIMEOUT_S):
@@ -174,23 +181,35 @@ class Punches:
                 if await reader.next() != SYNC:
                     raise ProtocolError("expected a sync after the offers")
                 finished = True
+                return theirs.ip, offer.ports
         except (ProtocolError, RelayError, PunchFailed) as exc:
             log.warning("hole punch from %s refused: %s", peer, exc)
-            return
         except trio.TooSlowError:
             log.info("hole punch from %s: no sync within %s s", peer, limits.PUNCH_TIMEOUT_S)
-            return
         except Exception as exc:  # the peer hung up mid-exchange
             log.info("hole punch from %s ended: %s: %s", peer, type(exc).__name__, exc)
-            return
         finally:
             await close_quietly(stream, reset=not finished)
-        addr = await _dial(self.p2p, peer, theirs.ip, offer.ports, as_responder=False)
-        if addr is None:
-            log.info("hole punch with %s at %s%s did not connect; it stays relayed", peer, theirs.ip, list(offer.ports))
-            return
-        self.reach.punched[peer.to_base58()] = (addr, int(time.time() * 1000))
-        log.info("hole punch with %s connected directly: %s", peer, addr)
+        return None
+
+    async def _dial_replacing(self, peer: ID, ip: str, ports: tuple[int, ...]) -> None:
+        older = self._dialling.pop(peer, None)
+        if older is not None:
+            older.cancel()
+        with trio.CancelScope() as scope:
+            self._dialling[peer] = scope
+            try:
+                addr = await _dial(self.p2p, peer, ip, ports, as_responder=False)
+            finally:
+                if self._dialling.get(peer) is scope:
+                    del self._dialling[peer]
+        if scope.cancelled_caught:
+            log.info("hole punch with %s: its newer punch replaced this one's dials", peer)
+        elif addr is None:
+            log.info("hole punch with %s at %s%s did not connect; it stays relayed", peer, ip, list(ports))
+        else:
+            self.reach.punched[peer.to_base58()] = (addr, int(time.time() * 1000))
+            log.info("hole punch with %s connected directly: %s", peer, addr)
 
 
 async def punch(p2p: P2P, peer: ID) -> str:

@@ -170,3 +170,29 @@ def test_punch_frames_are_strict():
     assert checked.ip == "198.51.100.7"
     with pytest.raises(ProtocolError, match="another gateway"):
         Observation.checked(envelope, peer.public_key, peer.public_key, int(time.time() * 1000))
+
+
+async def test_a_punch_asked_again_while_the_last_ones_dials_still_run_is_answered(tmp_path, monkeypatch):
+    """A fetch that gave up (its punch's dials still running on the node, towards a router that drops them) and is
+    retried at once: the node refused the retry ("one is running for this peer") until the old dials timed out. Now
+    the newer punch replaces the older one's dials."""
+    auditor = SigningKey.generate()
+    real_dial, calls = hole_punch._dial, []
+
+    async def first_dials_hang(p2p, peer, ip, ports, as_responder):
+        calls.append(as_responder)
+        if not as_responder and calls.count(False) == 1:
+            await trio.sleep(30)                 # the first punch's dials: a router that drops every packet
+        return await real_dial(p2p, peer, ip, ports, as_responder)
+
+    monkeypatch.setattr(hole_punch, "_dial", first_dials_hang)
+    async with market(tmp_path) as world, running_host(auditor, LOOPBACK) as auditor_p2p:
+        node_id = world.node_p2p.host.get_id()
+        assert await connect_relayed(auditor_p2p, node_id, [world.circuit()])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(punch, auditor_p2p, node_id)          # its node side hangs in the dials
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()                            # the auditor gives up
+        with trio.fail_after(10):
+            assert await punch(auditor_p2p, node_id)                 # and asks again at once
+        assert set(world.reach.punched) == {auditor.peer_id}
