@@ -28,7 +28,6 @@ RELAY_CIRCUIT_DURATION_S = 300            # one circuit is closed after this lon
 RELAY_CIRCUIT_BYTES_MAX = 64 * 1024 * 1024  # both directions of one circuit together (a paged ledger fetch)
 DIALBACK_CONNECT_TIMEOUT_S = 3.0          # one TCP connect of a dial-back probe
 DIALBACK_PROBES_MAX = 16                  # dial-back probes running at once, all peers (one per peer)
-DIALBACK_FRAME_READ_BYTES = 1024          # one read of a dial-back request (a whole request is smaller)
 
 # The dashboards (gateway/api/pages.py)
 DASHBOARD_SESSION_LIFETIME_MS = 8 * 3_600_000     # a signed-in customer or operator signs in again after this

@@ -22,7 +22,8 @@ from llorch.ledger.signing import public_key_of_peer_id
 from llorch.node import limits as node_limits
 from llorch.node.errors import ProtocolError
 from llorch.node.stream_io import close_quietly, now_ms
-from llorch.node.wire.listing import AskListing, OneFrame, Listing, ListingRefused
+from llorch.node.wire.frames import OneFrame
+from llorch.node.wire.listing import AskListing, Listing, ListingRefused
 
 log = logging.getLogger("llorch.gateway.listing")
 
@@ -100,7 +101,7 @@ async def read_question(stream) -> bytes:
     """One whole question frame, within LISTING_READ_TIMEOUT_S and its size limit. A frame over the limit, or
     bytes after it, is returned as it is, for ``answer`` to refuse as malformed; a peer that closes early or is too
     slow raises ProtocolError / TooSlowError."""
-    reader = OneFrame(node_limits.LISTING_REQUEST_FRAME_BYTES_MAX)
+    reader = OneFrame(node_limits.LISTING_REQUEST_FRAME_BYTES_MAX, "listing")
     received = b""
     with trio.fail_after(limits.LISTING_READ_TIMEOUT_S):
         while reader.frame is None:

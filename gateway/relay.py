@@ -29,7 +29,7 @@ from llorch.ledger.signing import SigningKey
 from llorch.node.errors import ProtocolError
 from llorch.node.stream_io import close_quietly
 from llorch.node.p2p import peer_key_of
-from llorch.node.wire.dialback import DialbackReply, DialbackRequest, Observation, frame_length
+from llorch.node.wire.dialback import DialbackReply, DialbackRequest, Observation, reader as dialback_reader
 
 log = logging.getLogger("llorch.gateway.relay")
 
@@ -100,7 +100,7 @@ async def serve_dialback(stream, key: SigningKey) -> None:
                 getattr(stream.muxed_conn, "get_transport_addresses", lambda: "")()):
             return
         with trio.fail_after(limits.DIALBACK_CONNECT_TIMEOUT_S):
-            request = DialbackRequest.from_bytes(await _read_one_frame(stream))
+            request = DialbackRequest.from_bytes(await dialback_reader().read(stream))
         reachable = [port for port in request.ports if await _accepts(remote[0], port)]
         observation = Observation(v=VERSION, gateway_key=key.public_key, peer_key=peer_key, ip=remote[0],
                                   observed_ms=int(time.time() * 1000)).seal(key)
@@ -113,20 +113,6 @@ async def serve_dialback(stream, key: SigningKey) -> None:
         log.debug("dial-back probe ended: %s", exc)
     finally:
         await close_quietly(stream, reset=not finished)
-
-
-async def _read_one_frame(stream) -> bytes:
-    buffer = b""
-    while True:
-        total = frame_length(buffer)
-        if total is not None and len(buffer) >= total:
-            if len(buffer) > total:
-                raise ProtocolError("bytes after the dial-back request")
-            return buffer
-        data = await stream.read(limits.DIALBACK_FRAME_READ_BYTES)
-        if not data:
-            raise ProtocolError("stream closed before a whole dial-back request")
-        buffer += data
 
 
 async def _accepts(host: str, port: int) -> bool:

@@ -23,7 +23,8 @@ from llorch.node import limits
 from llorch.node.errors import ProtocolError
 from llorch.node.p2p import P2P
 from llorch.node.stream_io import close_quietly, now_ms
-from llorch.node.wire.listing import (LISTING_PROTOCOL_ID, AskListing, OneFrame, Listing, ListingRefused,
+from llorch.node.wire.frames import OneFrame
+from llorch.node.wire.listing import (LISTING_PROTOCOL_ID, AskListing, Listing, ListingRefused,
                                        decode_answer)
 
 log = logging.getLogger("llorch.node.listing")
@@ -74,7 +75,7 @@ async def ask_listing(p2p: P2P, gateway: ID, clock=now_ms) -> Observed:
             stream = await p2p.host.new_stream(gateway, [TProtocol(LISTING_PROTOCOL_ID)])
             sent_ms = clock()
             await stream.write(AskListing(p2p.peer_id).to_bytes())
-            reader = OneFrame(limits.LISTING_ANSWER_FRAME_BYTES_MAX)
+            reader = OneFrame(limits.LISTING_ANSWER_FRAME_BYTES_MAX, "listing")
             while reader.frame is None:
                 data = await stream.read(limits.LISTING_ANSWER_FRAME_BYTES_MAX)
                 if not data:

@@ -35,7 +35,7 @@ from llorch.node import limits
 from llorch.node.errors import ProtocolError
 from llorch.node.p2p import P2P, peer_key_of
 from llorch.node.stream_io import close_quietly
-from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID, DialbackReply, DialbackRequest, frame_length
+from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID, DialbackReply, DialbackRequest, reader as dialback_reader
 
 log = logging.getLogger("llorch.relay")
 
@@ -134,14 +134,7 @@ async def probe(p2p: P2P, gateway: ID, ports: tuple[int, ...]) -> DialbackReply:
         with trio.fail_after(limits.DIALBACK_TIMEOUT_S):
             stream = await p2p.host.new_stream(gateway, [TProtocol(DIALBACK_PROTOCOL_ID)])
             await stream.write(request.to_bytes())
-            buffer = b""
-            while (total := frame_length(buffer)) is None or len(buffer) < total:
-                data = await stream.read(limits.DIALBACK_FRAME_BYTES_MAX)
-                if not data:
-                    raise RelayError(f"{gateway} closed the dial-back stream without answering")
-                buffer += data
-            if len(buffer) != total:
-                raise RelayError(f"{gateway} sent bytes after its dial-back answer")
+            buffer = await dialback_reader().read(stream)
             finished = True
             return DialbackReply.from_bytes(buffer).answers(request, gateway_key, peer_key_of(p2p.host.get_id()),
                                                             int(time.time() * 1000))

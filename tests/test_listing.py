@@ -29,9 +29,9 @@ from llorch.node.p2p import running_host
 from llorch.node.register import build_registration
 from llorch.node.listing import Listings, ListingUnknown, ask_listing, keep_listing, observed
 from llorch.node.stream_io import now_ms
-from llorch.node.wire.frames import encode_uvarint
+from llorch.node.wire.frames import OneFrame, encode_uvarint
 from llorch.node.wire.registration import Registration
-from llorch.node.wire.listing import (LISTING_PROTOCOL_ID, AskListing, OneFrame, Listing, ListingRefused,
+from llorch.node.wire.listing import (LISTING_PROTOCOL_ID, AskListing, Listing, ListingRefused,
                                        decode_answer)
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -167,14 +167,14 @@ def test_the_node_does_not_take_an_answer_about_another_peer_or_a_refusal():
 
 
 def test_an_oversized_or_trailing_answer_is_refused_before_it_is_buffered():
-    reader = OneFrame(1024)
+    reader = OneFrame(1024, "listing")
     with pytest.raises(ProtocolError, match="5000 bytes announced, limit 1024"):
         reader.receive_data(encode_uvarint(4998) + b"\x00")
-    reader = OneFrame(1024)
+    reader = OneFrame(1024, "listing")
     good = ListingRefused("busy", "later").to_bytes()
     with pytest.raises(ProtocolError, match="bytes after"):
         reader.receive_data(good + b"\x00")
-    reader = OneFrame(1024)
+    reader = OneFrame(1024, "listing")
     for byte in good:                                      # one byte at a time is fine
         reader.receive_data(bytes([byte]))
     assert reader.frame == good
@@ -224,7 +224,7 @@ async def test_over_libp2p_the_node_learns_its_own_listing_and_the_clock_offset(
         # A stranger asks about the provider over its own (Noise-authenticated) connection: refused, nothing said.
         stream = await stranger_p2p.host.new_stream(gateway_id, [TProtocol(LISTING_PROTOCOL_ID)])
         await stream.write(AskListing(provider.peer_id).to_bytes())
-        reader = OneFrame(1024)
+        reader = OneFrame(1024, "listing")
         with trio.fail_after(10):
             while reader.frame is None:
                 reader.receive_data(await stream.read(1024))

@@ -29,7 +29,7 @@ from llorch.ledger.errors import EncodingError, SignatureError
 from llorch.ledger.objects import SignedObject
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.wire.frames import decode_small_frame, encode_small_frame, small_frame_length
+from llorch.node.wire.frames import OneFrame, decode_small_frame, encode_small_frame
 
 DIALBACK_PROTOCOL_ID = "/llorch/dialback/1"
 
@@ -142,15 +142,14 @@ class DialbackReply:
 _frame = encode_small_frame
 
 
+def reader() -> OneFrame:
+    """Reads one dial-back frame off a stream."""
+    return OneFrame(limits.DIALBACK_FRAME_BYTES_MAX, "dial-back")
+
+
 def _unframe(frame: bytes, keys: set[str]) -> dict:
     """The one message of a complete frame (length prefix included), with exactly ``keys``."""
     fields = decode_small_frame(frame, limits.DIALBACK_FRAME_BYTES_MAX, "dial-back")
     if set(fields) != keys:
         raise ProtocolError(f"dial-back frame must be a map with exactly {sorted(keys)}")
     return fields
-
-
-def frame_length(buffer: bytes) -> int | None:
-    """The total length of the frame starting ``buffer`` once its prefix is complete, else None; ProtocolError if
-    it announces more than DIALBACK_FRAME_BYTES_MAX."""
-    return small_frame_length(buffer, limits.DIALBACK_FRAME_BYTES_MAX, "dial-back")

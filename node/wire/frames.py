@@ -289,3 +289,38 @@ def decode_small_frame(frame: bytes, bytes_max: int, what: str) -> dict:
     if not isinstance(fields, dict):
         raise ProtocolError(f"a {what} frame must be a map")
     return fields
+
+
+class OneFrame:
+    """Sans-IO reader of the single small frame a stream carries (``what`` names its protocol): feed bytes with
+    ``receive_data``; ``frame`` is the complete frame once it has arrived. Bytes after it, or a frame over
+    ``bytes_max``, raise ProtocolError (before more is buffered than the limit)."""
+
+    def __init__(self, bytes_max: int, what: str) -> None:
+        self.bytes_max, self.what = bytes_max, what
+        self._buffer = b""
+        self.frame: bytes | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        if self.frame is not None:
+            if data:
+                raise ProtocolError(f"bytes after the {self.what} frame")
+            return
+        self._buffer += data
+        total = small_frame_length(self._buffer, self.bytes_max, self.what)
+        if total is None:
+            return
+        if len(self._buffer) > total:
+            raise ProtocolError(f"bytes after the {self.what} frame")
+        if len(self._buffer) == total:
+            self.frame, self._buffer = self._buffer, b""
+
+    async def read(self, stream) -> bytes:
+        """Read ``stream`` until the whole frame is in (the caller bounds the time); ProtocolError if the stream
+        ends first."""
+        while self.frame is None:
+            data = await stream.read(self.bytes_max)
+            if not data:
+                raise ProtocolError(f"the stream ended before a whole {self.what} frame")
+            self.receive_data(data)
+        return self.frame

@@ -25,7 +25,7 @@ from llorch.ledger.errors import EncodingError
 from llorch.ledger.signing import public_key_of_peer_id
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.wire.frames import decode_small_frame, encode_small_frame, small_frame_length
+from llorch.node.wire.frames import decode_small_frame, encode_small_frame
 
 LISTING_PROTOCOL_ID = "/llorch/listing/1"
 STATUSES = ("unregistered", "pending", "approved", "suspended")
@@ -164,32 +164,3 @@ def _keys(fields: dict, kind: str, keys: set[str]) -> None:
 
 def _unframe(frame: bytes, bytes_max: int) -> dict:
     return decode_small_frame(frame, bytes_max, "listing")
-
-
-def frame_length(buffer: bytes, bytes_max: int) -> int | None:
-    return small_frame_length(buffer, bytes_max, "listing")
-
-
-class OneFrame:
-    """Sans-IO reader of the single frame a listing stream carries: feed bytes with ``receive_data``; ``frame``
-    is the complete frame once it has arrived. Bytes after it, or a frame over ``bytes_max``, raise ProtocolError
-    (before more is buffered than the limit)."""
-
-    def __init__(self, bytes_max: int) -> None:
-        self.bytes_max = bytes_max
-        self._buffer = b""
-        self.frame: bytes | None = None
-
-    def receive_data(self, data: bytes) -> None:
-        if self.frame is not None:
-            if data:
-                raise ProtocolError("bytes after the listing frame")
-            return
-        self._buffer += data
-        total = frame_length(self._buffer, self.bytes_max)
-        if total is None:
-            return
-        if len(self._buffer) > total:
-            raise ProtocolError("bytes after the listing frame")
-        if len(self._buffer) == total:
-            self.frame, self._buffer = self._buffer, b""
