@@ -32,8 +32,8 @@ from multiaddr import Multiaddr
 
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.p2p import P2P, peer_key_of
-from llorch.node.relay import Reach, RelayError, listen_ports, probe
+from llorch.node.p2p import P2P, peer_key_of, relay_and_target
+from llorch.node.relay import Reach, RelayError, listen_ports, probe, tcp_listen_addrs
 from llorch.node.stream_io import close_quietly
 from llorch.node.wire.dialback import Observation
 from llorch.node.wire.punch import PUNCH_PROTOCOL_ID, SYNC, FrameReader, Offer, sync_bytes
@@ -50,10 +50,10 @@ def relay_of(addrs) -> str | None:
     (``…/p2p/<relay>/p2p-circuit/p2p/<peer>``), else None (a direct connection, or addresses unknown)."""
     relays = set()
     for addr in map(str, addrs or []):
-        head, circuit, _ = addr.partition("/p2p-circuit")
-        if not circuit or "/p2p/" not in head:
+        parts = relay_and_target(addr) if "/p2p/" in addr.partition("/p2p-circuit")[0] else None
+        if parts is None:
             return None
-        relays.add(head.rsplit("/p2p/", 1)[1].split("/")[0])
+        relays.add(parts[1].split("/")[0])
     return relays.pop() if len(relays) == 1 else None
 
 
@@ -106,10 +106,9 @@ def _check_offer(message, relay: str, peer: ID) -> tuple[Offer, Observation]:
 def _source(p2p: P2P, kind: str = "ip4") -> tuple[str, int]:
     """The (ip, port) this host listens on, to dial from: the SYN must leave from the listen port, so that the NAT
     mapping it makes is the address the other side dials (routers keep the source port when they can)."""
-    for addr in p2p.addrs():
-        parts = addr.split("/")
-        if addr.startswith(f"/{kind}/") and len(parts) > 4 and parts[3] == "tcp" and "/p2p-circuit" not in addr:
-            return parts[2], int(parts[4])
+    for family, ip, port in tcp_listen_addrs(p2p):
+        if family == kind:
+            return ip, port
     raise PunchFailed(f"this host listens on no {kind} TCP port to punch from")
 
 

@@ -33,7 +33,7 @@ from multiaddr import Multiaddr
 
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
-from llorch.node.p2p import P2P, peer_key_of
+from llorch.node.p2p import P2P, TCP_LISTEN_ADDR, peer_key_of
 from llorch.node.stream_io import close_quietly
 from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID, DialbackReply, DialbackRequest, reader as dialback_reader
 
@@ -151,13 +151,21 @@ async def probe(p2p: P2P, gateway: ID, ports: tuple[int, ...]) -> DialbackReply:
             await close_quietly(stream, reset=not finished)
 
 
+def tcp_listen_addrs(p2p: P2P) -> list[tuple[str, str, int]]:
+    """(ip4 or ip6, ip, port) of each TCP address this host listens on (no relayed ones), in order."""
+    found = []
+    for addr in p2p.addrs():
+        match = TCP_LISTEN_ADDR.match(addr.split("/p2p/")[0])
+        if match is not None:
+            found.append((match.group(1), match.group(2), int(match.group(3))))
+    return found
+
+
 def listen_ports(p2p: P2P) -> tuple[int, ...]:
     ports = []
-    for addr in p2p.addrs():
-        if "/tcp/" in addr and "/p2p-circuit" not in addr:
-            port = int(addr.split("/tcp/")[1].split("/")[0])
-            if port not in ports:
-                ports.append(port)
+    for _, _, port in tcp_listen_addrs(p2p):
+        if port not in ports:
+            ports.append(port)
     return tuple(ports[:limits.DIALBACK_PORTS_MAX])
 
 
