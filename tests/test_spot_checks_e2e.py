@@ -119,9 +119,9 @@ def test_two_honest_llama_cpp_providers_never_disagree_at_a_100_percent_spot_che
 def test_the_gateways_probes_to_two_honest_llama_cpp_providers_agree_and_count_as_answered(tmp_path, model_path):
     """The probe loop of `llorch gateway start` (one probe a second on average here) with no customer traffic: every
     probe input is run by both nodes and they agree; `providers sla` counts the probes as sent and answered."""
-    net = LocalNetwork(tmp_path)
+    net = LocalNetwork(tmp_path, probe_interval_ms=1000)
     try:
-        net.start_gateway(extra="probe_interval_ms = 1000\n")
+        net.start_gateway()
         net.start_node("n1", threads=1)
         net.start_node("n2", threads=1)
         net.wait_for_providers(2)
