@@ -18,7 +18,6 @@ ATTESTATIONS_KEPT_MAX = 10_000            # approved providers remembered by the
 PENDING_ATTESTATIONS_MAX = 256            # attestations of keys nobody approved (never placed on, never dialled)
 REGISTRATIONS_PENDING_MAX = 1_000        # registrations awaiting the operator's review, from everyone
 REGISTRATIONS_PENDING_PER_SOURCE_MAX = 4  # ... from one client IP address
-HTTP_SHUTDOWN_GRACE_S = 2.0
 
 # Circuit Relay v2 (the gateway relays for approved providers behind NAT; gateway/relay.py).
 RELAY_RESERVATIONS_MAX = 512              # providers holding a reservation at once

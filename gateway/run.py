@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
 from llorch.gateway.config import GatewayConfig
 from llorch.gateway.market.directory import ProviderDirectory
+from llorch.gateway.api import http_server
 from llorch.gateway.api.http_api import build_app
 from llorch.gateway.api.metrics import Metrics
 from llorch.gateway import limits
@@ -111,9 +110,9 @@ def http_bind_error(host: str, port: int, reason: str) -> StartupError:
                         f"(or gateway.http_host) to another port")
 
 
-async def serve_http(app, http: HypercornConfig, host: str, port: int,
-                     task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """hypercorn's ``serve``, with a failure to bind (before it is up) translated into StartupError."""
+async def serve_http(app, host: str, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """gateway/api/http_server.py's ``serve_http``, with a failure to bind (before it is up) translated into
+    StartupError."""
     up = False
 
     class Status:
@@ -123,7 +122,7 @@ async def serve_http(app, http: HypercornConfig, host: str, port: int,
             task_status.started(value)
 
     try:
-        await serve(app, http, task_status=Status())
+        await http_server.serve_http(app, host, port, task_status=Status())
     except OSError as exc:
         if up:
             raise
@@ -166,10 +165,6 @@ async def run_gateway(config: GatewayConfig) -> None:
             approved = await gateway.providers.approved_keys()
             return [(a.provider_key, list(a.addrs)) for a in directory.fresh(now_ms()) if a.provider_key in approved]
 
-        http = HypercornConfig()
-        http.bind = [f"{config.http_host}:{config.http_port}"]
-        http.accesslog = None
-        http.graceful_timeout = limits.HTTP_SHUTDOWN_GRACE_S
         async with background_trio_service(ProviderRelay(p2p.host, may_reserve)), trio.open_nursery() as nursery:
             restarts = gateway.metrics.loop_restarted
             nursery.start_soon(supervise, "attestations", lambda: follow_attestations(
@@ -187,7 +182,7 @@ async def run_gateway(config: GatewayConfig) -> None:
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve_http(
-                build_app(gateway), http, config.http_host, config.http_port, task_status=task_status))
+                build_app(gateway), config.http_host, config.http_port, task_status=task_status))
             base_url = f"{bound[0]}/v1" if bound else f"http://{config.http_host}:{config.http_port}/v1"
             addrs = [f"{addr}/p2p/{p2p.peer_id}" if "/p2p/" not in addr else addr for addr in p2p.addrs()]
             write_state_file(config.state_file, {"peer_id": p2p.peer_id, "multiaddrs": addrs, "base_url": base_url})

@@ -234,17 +234,13 @@ def cancel_after(pieces: int):
 
 @asynccontextmanager
 async def serving_http(gateway: Gateway):
-    """The gateway's HTTP API (gateway/api/http_api.py) served by hypercorn on 127.0.0.1, an ephemeral port, in this
-    trio run, as `llorch gateway start` serves it. Yields the base URL (``http://127.0.0.1:PORT``)."""
-    from hypercorn.config import Config as HypercornConfig
-    from hypercorn.trio import serve
-
+    """The gateway's HTTP API (gateway/api/http_api.py) served by its HTTP server (gateway/api/http_server.py) on
+    127.0.0.1, an ephemeral port, in this trio run, as `llorch gateway start` serves it. Yields the base URL
+    (``http://127.0.0.1:PORT``)."""
     from llorch.gateway.api.http_api import build_app
+    from llorch.gateway.api.http_server import serve_http
 
-    http = HypercornConfig()
-    http.bind = ["127.0.0.1:0"]
-    http.accesslog = None
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(lambda task_status: serve(build_app(gateway), http, task_status=task_status))
+        bound = await nursery.start(serve_http, build_app(gateway), "127.0.0.1", 0)
         yield bound[0]
         nursery.cancel_scope.cancel()

@@ -1,0 +1,129 @@
+"""The gateway's HTTP/1.1 server (gateway/api/http_server.py) against hostile and careless clients, over real loopback
+sockets: oversized and malformed heads, a client trickling its head or stalling its body, keep-alive and pipelining,
+chunked answers, Expect: 100-continue, a client that hangs up while its request runs, and an app that fails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from llorch.gateway.api import http_server
+
+
+async def app(scope, receive, send):
+    """Echoes the method, path, query and body; /fail raises; /stream answers in three chunks; /wait waits for the
+    client to hang up and records it."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    if scope["path"] == "/fail":
+        raise ValueError("a bug in a handler")
+    if scope["path"] == "/wait":
+        HUNG_UP.append((await receive())["type"])
+        return
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        for piece in (b"one ", b"two ", b"three"):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    answer = json.dumps({"method": scope["method"], "path": scope["path"], "query": scope["query_string"].decode(),
+                         "body": body.decode()}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]})
+    await send({"type": "http.response.body", "body": answer})
+
+
+HUNG_UP: list[str] = []
+
+
+@pytest.fixture
+async def server(nursery):
+    bound = await nursery.start(http_server.serve_http, app, "127.0.0.1", 0)
+    yield int(bound[0].rsplit(":", 1)[1])
+
+
+async def exchange(port: int, data: bytes, read_until_closed: bool = True, timeout_s: float = 10) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        received = b""
+        with trio.fail_after(timeout_s):
+            while True:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return received
+                received += chunk
+                if not read_until_closed and b"\r\n\r\n" in received:
+                    return received
+
+
+async def test_keep_alive_and_pipelined_requests_are_answered_in_order(server):
+    two = (b"POST /a?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
+           b"GET /b%20c HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    answer = await exchange(server, two)
+    bodies = [json.loads(part.split(b"\r\n\r\n", 1)[1]) for part in answer.split(b"HTTP/1.1 ")[1:]]
+    assert bodies == [{"method": "POST", "path": "/a", "query": "x=1", "body": "hello"},
+                      {"method": "GET", "path": "/b c", "query": "", "body": ""}]
+
+
+async def test_an_answer_without_length_is_chunked_and_100_continue_is_honoured(server):
+    answer = await exchange(server, b"GET /stream HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert b"transfer-encoding: chunked" in answer.lower() and answer.endswith(b"0\r\n\r\n")
+    assert b"one " in answer and b"three" in answer
+    stream = await trio.open_tcp_stream("127.0.0.1", server)
+    async with stream:
+        await stream.send_all(b"POST /c HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        with trio.fail_after(5):
+            assert (await stream.receive_some(1024)).startswith(b"HTTP/1.1 100 ")
+        await stream.send_all(b"ok")
+        answer = b""
+        with trio.fail_after(5):
+            while b'"body": "ok"' not in answer:
+                answer += await stream.receive_some(65536)
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * (20 * 1024) + b"\r\n\r\n", b"431"),   # over HEADERS_BYTES_MAX
+    (b"GET /\x00 HTTP/1.1\r\nHost: h\r\n\r\n", b"400"),
+    (b"NOT HTTP AT ALL\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nab", b"400"),
+])
+async def test_a_malformed_or_oversized_head_is_refused_and_the_connection_closed(server, head, status):
+    answer = await exchange(server, head)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:80]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"].startswith("malformed HTTP request")
+
+
+async def test_a_client_trickling_its_head_or_stalling_its_body_is_cut_off(server, monkeypatch):
+    monkeypatch.setattr(http_server, "REQUEST_WAIT_S", 0.5)
+    monkeypatch.setattr(http_server, "BODY_TIMEOUT_S", 0.5)
+    for opening in (b"", b"GET / HTTP/1.1\r\nHost: h\r\n",                           # silent; half a head
+                    b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc"):   # 3 of 10 body bytes
+        started = trio.current_time()
+        assert await exchange(server, opening, timeout_s=5) == b""                      # closed, nothing answered
+        assert trio.current_time() - started < 3
+
+
+async def test_a_client_hanging_up_is_told_to_the_app_at_once(server):
+    HUNG_UP.clear()
+    stream = await trio.open_tcp_stream("127.0.0.1", server)
+    await stream.send_all(b"GET /wait HTTP/1.1\r\nHost: h\r\n\r\n")
+    await trio.sleep(0.2)
+    await stream.aclose()
+    with trio.fail_after(5):
+        while not HUNG_UP:
+            await trio.sleep(0.01)
+    assert HUNG_UP == ["http.disconnect"]
+
+
+async def test_an_app_failing_is_a_500_and_the_server_goes_on(server, caplog):
+    answer = await exchange(server, b"GET /fail HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 500 ") and b"internal error" in answer
+    assert "a bug in a handler" in caplog.text
+    assert b'"path": "/ok"' in await exchange(server, b"GET /ok HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
