@@ -106,6 +106,7 @@ def postgres_ddl(script: str) -> str:
 class PostgresEngine(Engine):
     name = "postgresql"
     inline_reads = False
+    inline_commits = False
     begin = "BEGIN"
 
     def __init__(self, url: str) -> None:

@@ -5,11 +5,15 @@ database at the previous schema version upgraded in place with its data intact."
 
 from __future__ import annotations
 
+import logging
+import time
+
 import pytest
 import trio
 
 from llorch.gateway import db as gateway_db
 from llorch.gateway.storage import PostgresEngine, _placeholders, engine_for, postgres_ddl
+from llorch.ledger import sqlite as sqlite_module
 from llorch.ledger.sqlite import Engine, IntegrityError, open_database
 
 ENGINES = ("sqlite", "postgresql")
@@ -136,3 +140,54 @@ async def test_a_lost_postgresql_connection_fails_one_statement_and_the_next_rec
         await database.transaction([("INSERT INTO t (id) VALUES (?)", [(2,)])])
         assert await database.fetchall("SELECT id FROM t") == [(2,)]
         assert (await database.fetchone("SELECT pg_backend_pid()"))[0] != backend
+
+
+class Ticker:
+    """The longest gap between the wake-ups of a task that sleeps 1 ms at a time: how long trio's thread was held."""
+
+    def __init__(self) -> None:
+        self.longest_s = 0.0
+
+    async def run(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await trio.sleep(0.001)
+            now = time.perf_counter()
+            self.longest_s, last = max(self.longest_s, now - last), now
+
+
+async def held_while(database, rows: int) -> float:
+    ticker = Ticker()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker.run)
+        await trio.sleep(0.01)
+        await database.transaction([("INSERT INTO t (n) VALUES (?)", [(n,) for n in range(rows)])])
+        await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    return ticker.longest_s
+
+
+async def test_sqlite_commits_inline_while_quick_and_in_threads_once_the_disk_is_slow(tmp_path, monkeypatch, caplog):
+    """Small group commits run on trio's thread (cheaper than two thread hops); a disk that stalls a commit
+    (60 ms here) sends them to worker threads, so it holds trio's thread once, not on every request; large groups
+    never run inline."""
+    caplog.set_level(logging.INFO, "llorch.store")
+    async with open_database(tmp_path / "t.sqlite") as database:
+        await database.execute("CREATE TABLE t (n INTEGER)")
+        assert await held_while(database, 1) < 0.03                     # quick: inline, and it holds nothing
+        commit = database._commit_group
+
+        def stalled_disk(batch) -> None:
+            time.sleep(0.06)
+            commit(batch)
+
+        monkeypatch.setattr(database, "_commit_group", stalled_disk)
+        assert await held_while(database, 1) >= 0.06                    # inline once: it held the thread
+        assert "run in worker threads" in caplog.text
+        assert await held_while(database, 1) < 0.03                     # then in a worker thread
+        assert (await database.fetchone("SELECT COUNT(*) FROM t"))[0] == 3
+    async with open_database(tmp_path / "u.sqlite") as database:
+        await database.execute("CREATE TABLE t (n INTEGER)")
+        commit = database._commit_group
+        monkeypatch.setattr(database, "_commit_group", lambda batch: (time.sleep(0.06), commit(batch)))
+        assert await held_while(database, sqlite_module.INLINE_COMMIT_ROWS_MAX + 1) < 0.03   # a large group: a thread
