@@ -35,7 +35,7 @@ from llorch.gateway.api.metrics import Metrics
 from llorch.gateway.api.openai_api import ChatRequest
 from llorch.gateway.books.postings import Books, tenant_account
 from llorch.gateway.books.pricing import Charge, customer_price, demand_multiplier_bp, ticket_price, utilisation_ppm
-from llorch.gateway.books.receipts import ReceiptBook, check_receipt
+from llorch.gateway.books.receipts import ReceiptBook, check_receipt, receipt_expectations
 from llorch.gateway.books.settlement import ENDED, Meter, Settlement, State, Terms, settle
 from llorch.gateway.books.tickets import TicketBook
 from llorch.gateway.config import GatewayConfig, margin_bp
@@ -465,13 +465,15 @@ class Gateway:
     async def _relay(self, call: InferenceCall, job: _Job, run: _TicketRun) -> None:
         """Relay token frames (metering each), then check the final frame's receipt. Resumed streams regenerate what
         was delivered: it is compared in O(n) and only the rest reaches the customer."""
+        # While the provider generates (the gateway would only wait): what its receipt must say, but for the output.
+        run.expected = receipt_expectations(run.ticket, run.ticket_bytes, job.salt, job.prompt)
         while True:
             frame = await call.next_frame()
             if isinstance(frame, Final):
                 if run.received_chars < len(job.delivered):
                     raise ProtocolError("the resumed stream ended before it caught up with what was delivered")
                 run.receipt = check_receipt(frame.receipt, run.ticket, run.ticket_bytes, job.salt, job.prompt,
-                                            run.text())
+                                            run.text(), expected=run.expected)
                 run.receipt_bytes = frame.receipt
                 run.meter.handle("final", now_ms())
                 return
@@ -500,7 +502,8 @@ class Gateway:
                     frame = await call.next_frame(limits.CANCEL_DRAIN_TIMEOUT_S)
                     if isinstance(frame, Final):
                         run.receipt = check_receipt(frame.receipt, run.ticket, run.ticket_bytes, job.salt,
-                                                    job.prompt, run.text(), cancelled_by_gateway=True)
+                                                    job.prompt, run.text(), cancelled_by_gateway=True,
+                                                    expected=run.expected)
                         run.receipt_bytes = frame.receipt
                         return
                     run.receive(frame.text, job.delivered)
@@ -576,6 +579,7 @@ class _TicketRun:
     meter: Meter
     received: list[str] = field(default_factory=list)
     received_chars: int = 0
+    expected: dict | None = None     # receipt_expectations of this ticket, computed while the provider works
     receipt: Receipt | None = None
     receipt_bytes: bytes | None = None
     settlement: Settlement | None = None

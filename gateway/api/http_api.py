@@ -185,10 +185,28 @@ async def _no_receive() -> dict:
     return {"type": "http.disconnect"}
 
 
+class GatewayApp(FastAPI):
+    """The FastAPI app, with the two completion routes taken straight to their handler: past FastAPI's and
+    Starlette's middleware, routing and dependency solving, about 0.15 ms of each request (a quarter of what the
+    gateway may add at p50). The handler, the X-Request-Id and metrics wrapper and the answers are the same ones."""
+
+    completion_routes: dict[str, tuple[type, object]] = {}     # path → (body shape, its APIRoute, for metrics)
+    fast_completion = None                                    # the handler's ASGI app, wrapped by RequestIdMiddleware
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.completion_routes.get(scope.get("path")) if scope["type"] == "http" and \
+            scope.get("method") == "POST" else None
+        if route is None or self.fast_completion is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["route"], scope["app"] = route[1], self
+        await self.fast_completion(scope, receive, send)
+
+
 def build_app(gateway: Gateway) -> FastAPI:
-    app = FastAPI(title="llorch gateway", version="0.1.0",
-                  description="OpenAI-compatible gateway to the llorch peer-to-peer inference market.",
-                  generate_unique_id_function=lambda route: route.name)
+    app = GatewayApp(title="llorch gateway", version="0.1.0",
+                     description="OpenAI-compatible gateway to the llorch peer-to-peer inference market.",
+                     generate_unique_id_function=lambda route: route.name)
     app.add_middleware(RequestIdMiddleware, gateway=gateway)
 
     @app.exception_handler(GatewayError)
@@ -334,6 +352,18 @@ def build_app(gateway: Gateway) -> FastAPI:
             raise NotFound(f"no receipt {request_id} for this API key")
         return document
 
+    async def fast_completion(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await serve_completion(Request(scope, receive), app.completion_routes[scope["path"]][0])
+        except GatewayError as error:
+            response = error_response(error)
+        await response(scope, receive, send)
+
+    app.completion_routes = {route.path: (shape, route) for route in app.routes
+                             for path, shape in (("/v1/chat/completions", ChatRequest),
+                                                 ("/v1/completions", CompletionRequest))
+                             if getattr(route, "path", None) == path}
+    app.fast_completion = RequestIdMiddleware(fast_completion, gateway)
     mount_pages(app, gateway)      # the customer page and the operator console (HTML, not in the document)
 
     def openapi() -> dict:

@@ -14,24 +14,19 @@ from llorch.ledger.sqlite import Database
 
 
 def check_receipt(receipt_bytes: bytes, ticket: Ticket, ticket_bytes: bytes, salt: bytes, prompt: dict,
-                  relayed_text: str, cancelled_by_gateway: bool = False) -> Receipt:
+                  relayed_text: str, cancelled_by_gateway: bool = False, expected: dict | None = None) -> Receipt:
     """Return the receipt if it is signed by the ticket's provider and matches the ticket and the text the provider
     sent. Its counts and times are claims: gateway/books/settlement.py bounds them by the gateway's measurements.
     ``cancelled_by_gateway``: the gateway sent a cancel frame, so the receipt may say "cancelled" (or finish
-    normally, when the provider was done before the cancel arrived); otherwise it must not say "cancelled"."""
+    normally, when the provider was done before the cancel arrived); otherwise it must not say "cancelled".
+    ``expected``: ``receipt_expectations`` of the same ticket, salt and prompt, when the caller computed them
+    ahead (while the provider was generating)."""
     try:
         receipt = Receipt.from_envelope(receipt_bytes)
     except (EncodingError, SignatureError) as exc:
         raise ReceiptRejected(f"receipt is invalid: {exc}") from None
-    expected = {
-        "provider_key": ticket.provider_key, "request_id": ticket.request_id, "ticket_sha256": sha256(ticket_bytes),
-        "gateway_key": ticket.gateway_key, "tenant": ticket.tenant, "model_id": ticket.model_id,
-        "model_sha256": ticket.model_sha256, "seed": ticket.sampling["seed"],
-        "sampling_sha256": sampling_sha256(ticket.sampling), "price_in": ticket.price_in,
-        "price_out": ticket.price_out, "currency": ticket.currency,
-        "prompt_commitment": prompt_commitment(salt, prompt),
-        "output_sha256": sha256(relayed_text.encode("utf-8")),
-    }
+    expected = {**(expected or receipt_expectations(ticket, ticket_bytes, salt, prompt)),
+                "output_sha256": sha256(relayed_text.encode("utf-8"))}
     for name, value in expected.items():
         if getattr(receipt, name) != value:
             raise ReceiptRejected(f"receipt {name} does not match the ticket or the relayed output")
@@ -43,6 +38,18 @@ def check_receipt(receipt_bytes: bytes, ticket: Ticket, ticket_bytes: bytes, sal
     if receipt.finish_reason == "cancelled" and not cancelled_by_gateway:
         raise ReceiptRejected("receipt says the request was cancelled, but the gateway relayed it to the end")
     return receipt
+
+
+def receipt_expectations(ticket: Ticket, ticket_bytes: bytes, salt: bytes, prompt: dict) -> dict:
+    """What a receipt for ``ticket`` must say, but for its output: field name → value."""
+    return {
+        "provider_key": ticket.provider_key, "request_id": ticket.request_id, "ticket_sha256": sha256(ticket_bytes),
+        "gateway_key": ticket.gateway_key, "tenant": ticket.tenant, "model_id": ticket.model_id,
+        "model_sha256": ticket.model_sha256, "seed": ticket.sampling["seed"],
+        "sampling_sha256": sampling_sha256(ticket.sampling), "price_in": ticket.price_in,
+        "price_out": ticket.price_out, "currency": ticket.currency,
+        "prompt_commitment": prompt_commitment(salt, prompt),
+    }
 
 
 SCHEMA = """
