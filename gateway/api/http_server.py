@@ -10,7 +10,7 @@ and no HTTP/2.
 
 Every read is bounded: the request line and headers by HEADERS_BYTES_MAX, the wait for them (a new or idle
 keep-alive connection, or a client trickling its headers) by REQUEST_WAIT_S, and each piece of a body by BODY_TIMEOUT_S;
-connections beyond CONNECTIONS_MAX wait to be accepted. A malformed request is answered 400 and the connection
+connections beyond CONNECTIONS_MAX wait their turn. A malformed request is answered 400 and the connection
 closed; an app that fails before it answered is a 500.
 """
 
@@ -29,7 +29,7 @@ HEADERS_BYTES_MAX = 16 * 1024        # request line and headers together
 REQUEST_WAIT_S = 5.0                 # a connection without a whole request head this long after it opened (or after
                                      # its last answer) is closed
 BODY_TIMEOUT_S = 30.0                # the longest wait for the next piece of a request body
-CONNECTIONS_MAX = 1_024              # open client connections; more wait in the listen backlog
+CONNECTIONS_MAX = 1_024              # client connections served at once; more wait their turn
 READ_BYTES = 64 * 1024
 SERVER = b"llorch"
 
