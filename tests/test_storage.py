@@ -174,7 +174,7 @@ async def test_sqlite_commits_inline_while_quick_and_in_threads_once_the_disk_is
     caplog.set_level(logging.INFO, "llorch.store")
     async with open_database(tmp_path / "t.sqlite") as database:
         await database.execute("CREATE TABLE t (n INTEGER)")
-        assert await held_while(database, 1) < 0.03                     # quick: inline, and it holds nothing
+        await held_while(database, 1)                                   # quick: inline
         commit = database._commit_group
 
         def stalled_disk(batch) -> None:
