@@ -16,6 +16,7 @@ closed; an app that fails before it answered is a 500.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Awaitable, Callable
 from urllib.parse import unquote
@@ -44,7 +45,10 @@ async def serve_http(app: App, host: str, port: int, task_status=trio.TASK_STATU
 
     async def handle(stream: trio.SocketStream) -> None:
         async with limiter:
-            await Connection(app, stream, (host, bound_port)).serve()
+            try:
+                await Connection(app, stream, (host, bound_port)).serve()
+            except Exception:            # a bug here ends this connection, never the server (and the gateway)
+                log.exception("an HTTP connection failed")
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handle, listeners)
@@ -72,7 +76,7 @@ class Connection:
         try:
             while True:
                 with trio.move_on_after(REQUEST_WAIT_S) as waited:
-                    event = await self._next_event(headers=True)
+                    event = await self._next_event()
                 if waited.cancelled_caught:
                     return
                 if isinstance(event, h11.ConnectionClosed):
@@ -93,16 +97,14 @@ class Connection:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
 
-    async def _next_event(self, headers: bool = False):
-        """The next h11 event, reading from the socket as needed (the caller bounds the wait)."""
+    async def _next_event(self):
+        """The next h11 event, reading from the socket as needed (the caller bounds the wait). EOF between requests
+        is h11's ConnectionClosed; inside one, its RemoteProtocolError."""
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await self._receive()
-            self.h11.receive_data(data)
-            if not data and headers and self.h11.their_state is h11.IDLE:
-                return h11.ConnectionClosed()
+            self.h11.receive_data(await self._receive())
 
     async def _receive(self) -> bytes:
         try:
@@ -118,8 +120,7 @@ class Connection:
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         status = exc.error_status_hint
-        body = f'{{"error": {{"message": "malformed HTTP request: {status}", "type": "invalid_request_error", ' \
-               f'"param": null, "code": null}}}}'.encode()
+        body = error_body(f"malformed HTTP request: {status}", "invalid_request_error")
         try:
             await self.stream.send_all(self.h11.send(h11.Response(status_code=status, headers=[
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -146,12 +147,10 @@ class Connection:
                 raise _Closed() from None
             log.exception("the HTTP app failed on %s %s", scope["method"], scope["path"])
             if not exchange.started:
-                await exchange.send_plain(500, b'{"error": {"message": "internal error", "type": "server_error", '
-                                               b'"param": null, "code": null}}')
+                await exchange.send_plain(500, error_body("internal error", "server_error"))
             raise _Closed() from None
         if not exchange.started:
-            await exchange.send_plain(500, b'{"error": {"message": "no response", "type": "server_error", '
-                                           b'"param": null, "code": null}}')
+            await exchange.send_plain(500, error_body("no response", "server_error"))
         elif self.h11.our_state is h11.SEND_BODY:     # the app returned mid-body: the client cannot trust it
             raise _Closed()
 
@@ -225,6 +224,11 @@ class _Exchange:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.connection.eof.set()
             raise _Closed() from None
+
+
+def error_body(message: str, kind: str) -> bytes:
+    """OpenAI's error shape, as the app's own errors have it."""
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
 
 
 def _percent_decoded(path: bytes) -> str:
