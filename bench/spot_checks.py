@@ -43,7 +43,7 @@ async def one(kind: str, rate_ppm: int, seed: int) -> tuple[int, int]:
 async def cost(requests: int) -> tuple[int, int, int]:
     """(spot-check legs in minor units, fee legs, re-runs) over ``requests`` honest requests at the default rate."""
     from llorch.gateway.config import GatewayConfig
-    from llorch.gateway.market.spot_checks import PLATFORM_LEG
+    from llorch.gateway.spot_checks import PLATFORM_LEG
 
     with tempfile.TemporaryDirectory() as workdir:
         providers = {"honest1": {}, "honest2": {}, "honest3": {}}

@@ -16,7 +16,7 @@ from llorch.gateway.db import MIGRATIONS, SCHEMA_VERSION, applied_versions, open
 from llorch.gateway.market.providers import ProviderBook, ProviderError, record_json
 from llorch.gateway.books.postings import period_of
 from llorch.gateway.market.sla import sla_report
-from llorch.gateway.market.spot_checks import evidence_document_of, evidence_list
+from llorch.gateway.spot_checks import evidence_document_of, evidence_list
 from llorch.gateway.market.tenants import TIERS, TenantBook, TenantError, format_amount, parse_amount
 from llorch.gateway.witness.witness import WitnessBook
 from llorch.ledger.errors import EncodingError, LedgerError

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 from llorch.gateway.books import postings, receipts, reconcile, tickets
-from llorch.gateway import probes
-from llorch.gateway.market import providers, shared, sla, spot_checks, tenants
+from llorch.gateway import probes, spot_checks
+from llorch.gateway.market import providers, shared, sla, tenants
 from llorch.gateway.witness import witness
 from llorch.gateway.storage import POSTGRES_TRIGGERS
 from llorch.ledger.errors import StoreError

@@ -41,7 +41,7 @@ LISTING_ANSWERS_CONCURRENT_MAX = 32       # listing questions answered at once; 
 LISTING_READ_TIMEOUT_S = 5.0              # stream open → a whole question
 LISTING_WRITE_TIMEOUT_S = 5.0             # the answer
 
-# Spot-checks (gateway/market/spot_checks.py, docs/verification.md)
+# Spot-checks (gateway/spot_checks.py, docs/verification.md)
 SPOT_CHECK_QUEUE_MAX = 256                # sampled requests waiting for their re-run; more are dropped (and counted)
 SPOT_CHECK_CANDIDATES_MAX = 4             # providers tried for one re-run before it is given up
 SPOT_CHECK_TIMEOUT_S = 600.0              # one re-run, from ticket to receipt

@@ -14,7 +14,7 @@ A spot-check re-runs real requests, so it needs a consenting tenant's traffic; a
       tenant at that provider, its price under the current demand multiplier), paid by the platform (leg "probe");
   (d) the answer is known when two providers of the class agree on it (the first run of a new input is followed by
       a run on a second provider; a disagreement by a third); the run that differs from the others' agreed answer
-      is the suspect, with the same evidence, suspension and credits as a spot-check's (gateway/market/spot_checks.py).
+      is the suspect, with the same evidence, suspension and credits as a spot-check's (gateway/spot_checks.py).
 
 Each input goes to a provider at most once, so no provider sees an input repeated; the cost is one run per probe
 once answers are established (two for a new input).
@@ -35,7 +35,7 @@ from llorch.gateway.api.openai_api import ChatRequest, parse_chat_request
 from llorch.gateway.errors import ReceiptRejected
 from llorch.gateway.market.node_client import AttemptFailed
 from llorch.gateway.market.placement import Requirements, rank_providers
-from llorch.gateway.market.spot_checks import run_for_platform
+from llorch.gateway.spot_checks import run_for_platform
 from llorch.ledger.evidence import Run, odd_one_out, result_of
 from llorch.ledger.objects import Receipt, Ticket
 from llorch.ledger.signing import peer_id_of

@@ -13,7 +13,7 @@ from llorch.gateway.config import GatewayConfig
 from llorch.gateway.market.directory import ProviderDirectory
 from llorch.gateway.api import http_server
 from llorch.gateway.api.http_api import build_app
-from llorch.gateway.api.metrics import Metrics
+from llorch.gateway.metrics import Metrics
 from llorch.gateway import limits
 from llorch.gateway.books.postings import Books
 from llorch.gateway.db import open_gateway_db

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from llorch.gateway import limits
-from llorch.gateway.api.metrics import Metrics
+from llorch.gateway.metrics import Metrics
 from llorch.gateway.api.openai_api import ChatRequest
 from llorch.gateway.books.postings import Books, tenant_account
 from llorch.gateway.books.pricing import Charge, customer_price, demand_multiplier_bp, ticket_price, utilisation_ppm
@@ -47,7 +47,7 @@ from llorch.gateway.market.node_client import AttemptFailed, InferenceCall, Stre
 from llorch.gateway.market.placement import (ProviderView, Requirements, Standing, after_failure, after_success,
                                              customer_prices, rank_providers, why_not)
 from llorch.gateway.market.providers import ProviderBook
-from llorch.gateway.market.spot_checks import Finished, SpotChecker
+from llorch.gateway.spot_checks import Finished, SpotChecker
 from llorch.gateway.market.shared import SharedReservations
 from llorch.gateway.market.quota import (QuotaExceeded, TenantQuota, TokenBucket, prompt_tokens_upper_bound,
                                          worst_case_minor)

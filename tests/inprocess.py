@@ -151,7 +151,7 @@ async def market(tmp_path, providers: dict[str, dict], tenants: dict[str, dict] 
     "price_in": int, "price_out": int, "model": catalog id, "tokens": int, "stall": (tokens, seconds),
     "engine": an echo engine class (tests/cheaters.py), "certified": bool (the operator certified its geo claim)}.
     ``tenants``: name → TenantBook.add options (tier, budget_minor, ..., spot_checks).
-    With ``gateway_options["spot_check_rate_ppm"]`` the gateway's spot-check loop runs (gateway/market/spot_checks.py).
+    With ``gateway_options["spot_check_rate_ppm"]`` the gateway's spot-check loop runs (gateway/spot_checks.py).
     """
     gateway_key = SigningKey.generate()
     async with AsyncExitStack() as stack:

@@ -38,7 +38,7 @@ GATEWAY_SUBPACKAGES = {
     "market": GATEWAY_BASE | {"books"},       # placement compares the customer's prices (books.pricing)
     "books": GATEWAY_BASE,
     "witness": GATEWAY_BASE,
-    "api": GATEWAY_BASE | {"market", "books", "witness", "service"},
+    "api": GATEWAY_BASE | {"market", "books", "witness", "service", "spot_checks", "metrics"},
 }
 GATEWAY_ENTRY = {"cli.py"}          # the `llorch` command assembles every role's subcommands
 

@@ -10,7 +10,7 @@ import json
 import random
 import re
 
-from llorch.gateway.market.spot_checks import evidence_document_of, evidence_list
+from llorch.gateway.spot_checks import evidence_document_of, evidence_list
 from llorch.gateway.probes import Prober
 from llorch.ledger import canonical
 from llorch.ledger.evidence import verify_evidence

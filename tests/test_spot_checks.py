@@ -1,4 +1,4 @@
-"""Catching a cheating provider with spot-checks (gateway/market/spot_checks.py, docs/verification.md), against a
+"""Catching a cheating provider with spot-checks (gateway/spot_checks.py, docs/verification.md), against a
 real in-process market (real libp2p, real SQLite ledgers and books). The cheaters are the test-only engines of
 tests/cheaters.py: each claims the pinned model and the echo engine's class, and each is caught, suspended, its
 evidence checks out offline, and the customers it served are credited. Honest echo providers are deterministic like
@@ -14,7 +14,7 @@ import trio
 
 from llorch.gateway.books.postings import PLATFORM_ACCOUNT, provider_account, tenant_account
 from llorch.gateway.cli import main
-from llorch.gateway.market.spot_checks import evidence_document_of, evidence_list
+from llorch.gateway.spot_checks import evidence_document_of, evidence_list
 from llorch.ledger.evidence import verify_evidence
 from llorch.node.stream_io import now_ms
 from tests.cheaters import OtherModelEngine, ResamplingEngine, SometimesEngine, TruncatingEngine

@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from llorch.gateway.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, UNMATCHED_ROUTE
+from llorch.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, UNMATCHED_ROUTE
 from llorch.gateway import limits
 from llorch.gateway.api.body import parse_json, read_body_capped
 from llorch.gateway.api.pages import mount_pages

@@ -25,7 +25,7 @@ from llorch.gateway.api.sessions import (Session, SessionBook, check_operator_to
                                          session_key)
 from llorch.gateway.books.postings import period_of
 from llorch.gateway.books.reconcile import open_findings
-from llorch.gateway.market.spot_checks import evidence_document_of, evidence_list
+from llorch.gateway.spot_checks import evidence_document_of, evidence_list
 from llorch.gateway.books.usage import DAY_MS, latest_billed, market_days, tenant_days
 from llorch.gateway.errors import BadRequest, Forbidden, GatewayError
 from llorch.gateway.market.providers import ProviderError

@@ -4,7 +4,7 @@
     tenant:<name>  →  platform:fees        fee    (charge − payout: the margin)
 
 or, for a ticket the gateway lost before settling it live (gateway/books/settlement.py, GATEWAY_LOST), one leg
-platform:fees → provider:<peer id>; for a spot-check re-run (gateway/market/spot_checks.py) one leg "spot_check"
+platform:fees → provider:<peer id>; for a spot-check re-run (gateway/spot_checks.py) one leg "spot_check"
 platform:fees → provider:<peer id>, a platform cost. Customers a provider caught cheating served since its last
 clean check are credited with legs "correction:spot-check-payout" (provider → tenant) and
 "correction:spot-check-fee" (platform → tenant), the payout and fee of each request reversed. Legs are keyed by (request_id, leg): posting a request twice is impossible (the
