@@ -16,7 +16,7 @@ from llorch.gateway.db import MIGRATIONS, SCHEMA_VERSION, applied_versions, open
 from llorch.gateway.market.providers import ProviderBook, ProviderError, record_json
 from llorch.gateway.books.postings import period_of
 from llorch.gateway.market.sla import sla_report
-from llorch.gateway.spot_checks import evidence_document_of, evidence_list
+from llorch.gateway.spot_checks import check_outcomes, evidence_document_of, evidence_list
 from llorch.gateway.market.tenants import TIERS, TenantBook, TenantError, format_amount, parse_amount
 from llorch.gateway.witness.witness import WitnessBook
 from llorch.ledger.errors import EncodingError, LedgerError
@@ -70,6 +70,16 @@ def add_commands(gateway_subparsers) -> None:
     evidence.add_argument("--out", type=Path, help="where to write it (with ID)")
     evidence.add_argument("--config", type=Path, required=True)
     evidence.set_defaults(handler=lambda args: _run(args, providers_evidence))
+    checks = providers_sub.add_parser(
+        "checks", help="what became of every spot-check draw: clean, caught, undecided, dropped, expired",
+        description="Counts of the spot-check draws decided in the window, by outcome, and the latest draws that "
+                    "did not end clean with the reason (docs/verification.md §2). Dropped: nobody could check it "
+                    "(the queue was full, or no other provider of the class exists); expired: checkers exist but "
+                    "none took the re-run before the deadline.")
+    checks.add_argument("--since-hours", type=float, default=24.0, help="the window (default: 24 hours)")
+    checks.add_argument("--json", action="store_true", help="the report as JSON")
+    checks.add_argument("--config", type=Path, required=True)
+    checks.set_defaults(handler=lambda args: _run(args, providers_checks))
     sla = providers_sub.add_parser(
         "sla", help="each provider's month against its registered SLA, from the gateway's own clocks",
         description="Per registered provider (JSON): uptime_ppm (the share of 5-minute buckets with an attestation, "
@@ -239,6 +249,20 @@ async def providers_evidence(database, args) -> int:
     except OSError as exc:
         raise ProviderError(f"cannot write {args.out}: {exc}") from None
     print(f"evidence {args.id} written to {args.out}; check it with `llorch ledger check-evidence {args.out}`")
+    return 0
+
+
+async def providers_checks(database, args) -> int:
+    if not 0 < args.since_hours <= 24 * 366:
+        raise ProviderError("--since-hours must be above 0 and at most a year")
+    report = await check_outcomes(database, now_ms() - int(args.since_hours * 3_600_000))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    outcomes = ", ".join(f"{name} {count}" for name, count in report["outcomes"].items())
+    print(f"spot-check draws decided in the last {args.since_hours:g} h: {report['drawn']} ({outcomes})")
+    for row in report["not_clean"]:
+        print(f"  {row['outcome']:9s} {row['request_id']} {row['provider'] or '-'}: {row['reason']}")
     return 0
 
 

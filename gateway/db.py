@@ -64,11 +64,24 @@ async def _replicas(database: Database) -> None:
     await database.executescript(witness.LEASE_SCHEMA + shared.SCHEMA)
 
 
+async def _payers(database: Database) -> None:
+    """Tickets name who pays them (gateway/books/settlement.py ``Payer``); the platform's older runs are found by
+    their legs. Spot-check draws get a row each, so what became of every draw can be counted."""
+    if "payer" not in await table_columns(database, "tickets"):
+        await database.executescript(f"ALTER TABLE tickets ADD COLUMN payer {tickets.PAYER_COLUMN['payer']}")
+    await database.transaction([(
+        "UPDATE tickets SET payer = ? WHERE ticket_sha256 IN (SELECT ticket_sha256 FROM postings WHERE leg = ?)",
+        [("spot_check", "spot_check"), ("probe", "probe")])])
+    await database.executescript(spot_checks.DRAWS_SCHEMA)
+
+
 MIGRATIONS = (
     Migration(1, "the books: tickets, receipts, postings and balances, tenants, providers, witness, spot checks, "
                  "probes, SLA", _books),
     Migration(2, "replicas: witness leases, each replica's cosigned sizes, shared reservations, replica heartbeats",
               _replicas),
+    Migration(3, "tickets name their payer (customer, spot_check, probe); every spot-check draw and its outcome",
+              _payers),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -45,6 +45,8 @@ LISTING_WRITE_TIMEOUT_S = 5.0             # the answer
 SPOT_CHECK_QUEUE_MAX = 256                # sampled requests waiting for their re-run; more are dropped (and counted)
 SPOT_CHECK_CANDIDATES_MAX = 4             # providers tried for one re-run before it is given up
 SPOT_CHECK_TIMEOUT_S = 600.0              # one re-run, from ticket to receipt
+CHECK_DEADLINE_S = 600.0                  # a drawn check waits this long for checkers' slots (re-run, tie-breaker)
+CHECK_RETRY_S_MAX = 1.0                   # a waiting check looks at the market again at least this often
 
 # Unmarked probes (gateway/probes.py, docs/verification.md §6)
 PROBE_RUNS_PER_INPUT_MAX = 6              # providers one probe input is sent to (each at most once)

@@ -74,6 +74,7 @@ class ListingDesk:
         """The stream handler: one question in, one answer out, under timeouts; never raises."""
         asker = stream.muxed_conn.peer_id.to_base58()
         finished = False
+        answer: Listing | ListingRefused
         try:
             try:
                 self.limiter.acquire_nowait()

@@ -51,6 +51,12 @@ class Process:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def started_state(self) -> dict:
+        """The state of a process that came up (``_wait_state`` saw its state file)."""
+        state = self.state()
+        assert state is not None, f"{self.name} has not come up: no state in {self.state_path}"
+        return state
+
     def stop(self, signum: int = signal.SIGTERM) -> int | None:
         """Signal the process and wait up to STOP_TIMEOUT_S; kill it if it does not exit. Returns its exit code.
 
@@ -132,7 +138,7 @@ class LocalNetwork:
         """Start a provider node, register it with the gateway, and (as the operator) approve it and certify its
         geo claim unless told otherwise."""
         assert self.gateway is not None, "start the gateway first"
-        gateways = [process.state() for process in (self.gateway, *self.replicas)]
+        gateways = [process.started_state() for process in (self.gateway, *self.replicas)]
         self.key(name)
         config = self.workdir / f"{name}.toml"
         config.write_text(
@@ -192,7 +198,7 @@ class LocalNetwork:
     @property
     def base_url(self) -> str:
         assert self.gateway is not None
-        return self.gateway.state()["base_url"]
+        return self.gateway.started_state()["base_url"]
 
     @property
     def http_url(self) -> str:

@@ -7,6 +7,8 @@ in this module, and anything else is counted under "other".
 
 from __future__ import annotations
 
+import enum
+
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -20,6 +22,7 @@ UNMATCHED_ROUTE = "(unmatched)"
 DROP_REASONS = ("oversized", "malformed", "bad_address", "too_long_valid", "bad_signature", "not_signer",
                 "from_future", "expired", "replay")
 PLACEMENT_FAILURES = ("eu_only", "determinism", "none_eligible", "busy", "failed", "resume")
+SPOT_CHECK_OUTCOMES = ("drawn", "clean", "caught", "undecided", "dropped", "expired")   # spot_checks.CheckOutcome
 LOOPS = ("attestations", "probes", "replica", "sla", "spot-checks", "streams", "witness")
 
 
@@ -56,6 +59,10 @@ class Metrics:
                                      buckets=LATENCY_BUCKETS_S, registry=registry)
         self._dropped = Counter("llorch_attestations_dropped", "Gossiped attestations dropped, by reason.",
                                 ["reason"], registry=registry)
+        self._spot_checks = Counter("llorch_spot_checks", "Spot-check draws (drawn) and what became of each.",
+                                    ["outcome"], registry=registry)
+        for outcome in SPOT_CHECK_OUTCOMES:
+            self._spot_checks.labels(outcome)
         for reason in DROP_REASONS:                 # every reason shows from the start, at 0
             self._dropped.labels(reason)
         for kind in ("prompt", "completion"):
@@ -84,6 +91,10 @@ class Metrics:
 
     def queue_waited(self, seconds: float) -> None:
         self._queue_wait.observe(seconds)
+
+    def spot_check(self, outcome: enum.Enum) -> None:
+        """A spot-check draw (``drawn``) or its outcome (gateway/spot_checks.py ``CheckOutcome``)."""
+        self._spot_checks.labels(_bounded(str(outcome.value), SPOT_CHECK_OUTCOMES)).inc()
 
     def attestation_dropped(self, reason: str) -> None:
         self._dropped.labels(_bounded(reason, DROP_REASONS)).inc()

@@ -13,11 +13,14 @@ from llorch.gateway.config import GatewayConfig
 from llorch.gateway.market.directory import ProviderDirectory
 from llorch.gateway.api import http_server
 from llorch.gateway.api.http_api import build_app
+from llorch.gateway.api.openai_api import request_of
 from llorch.gateway.metrics import Metrics
 from llorch.gateway import limits
 from llorch.gateway.books.postings import Books
 from llorch.gateway.db import open_gateway_db
 from llorch.gateway.market.providers import ProviderBook
+from llorch.gateway.market.view import MarketView
+from llorch.ledger.sqlite import Database
 from llorch.gateway.market.sla import AttestationClock, missed_sla
 from llorch.gateway.relay import DialbackProbes, ProviderRelay
 from llorch.gateway.listing import ListingDesk
@@ -94,10 +97,10 @@ async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers:
             log.debug("attestation not kept: %s", exc)
 
 
-async def follow_sla(gateway: Gateway, probe_tenant: str) -> None:
+async def follow_sla(market: MarketView, database: Database, probe_tenant: str) -> None:
     """Every SLA_REFRESH_S: the providers whose figures this month miss their registered SLA, for placement."""
     while True:
-        gateway.sla_missed = await missed_sla(gateway.database, now_ms(), probe_tenant)
+        market.sla_missed_now(await missed_sla(database, now_ms(), probe_tenant))
         await trio.sleep(limits.SLA_REFRESH_S)
 
 
@@ -172,13 +175,16 @@ async def run_gateway(config: GatewayConfig) -> None:
                 frozenset({p2p.peer_id, *config.relay_peers}), AttestationClock(database)), restarts)
             nursery.start_soon(supervise, "streams", gateway.streams.run, restarts)
             nursery.start_soon(supervise, "spot-checks", gateway.spot_checks.run, restarts)
-            nursery.start_soon(supervise, "sla", lambda: follow_sla(gateway, config.probe_tenant), restarts)
+            nursery.start_soon(supervise, "sla", lambda: follow_sla(gateway.market, database, config.probe_tenant),
+                               restarts)
             if config.probe_interval_ms:
-                prober = Prober(gateway, config.probe_interval_ms, config.probe_tenant)
+                prober = Prober(gateway.runner, gateway.market, database, gateway.spot_checks, request_of,
+                                config.probe_interval_ms, config.probe_tenant)
                 nursery.start_soon(supervise, "probes", prober.run, restarts)
-            if gateway.shared is not None:
-                await gateway.shared.start(now_ms())
-                nursery.start_soon(supervise, "replica", lambda: gateway.shared.heartbeat_forever(now_ms), restarts)
+            shared = gateway.admission.shared
+            if shared is not None:
+                await shared.start(now_ms())
+                nursery.start_soon(supervise, "replica", lambda: shared.heartbeat_forever(now_ms), restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve_http(

@@ -111,7 +111,8 @@ class Engine:
                                         n_threads_batch=threads, n_gpu_layers=gpu_layers, seed=0, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise EngineError(f"llama.cpp could not load {path}: {exc}") from None
-        self._format = None                 # a base model serves raw completions only: it never formats a chat
+        # a base model serves raw completions only: it never formats a chat
+        self._format: Callable[..., llama_chat_format.ChatFormatterResponse] | None = None
         if entry.chat_format is not None:
             self._format = getattr(llama_chat_format, f"format_{entry.chat_format.replace('-', '_')}", None)
             if self._format is None:
@@ -146,6 +147,7 @@ class Engine:
                 raise RequestError(f"a completion prompt needs 1..{limits.PROMPT_CHARS_MAX} characters")
         else:
             check_serves_chat(self.entry)
+            assert self._format is not None         # a model that serves chat has a chat format (__init__)
             messages = prompt["messages"]
             if not 0 < len(messages) <= limits.MESSAGES_MAX:
                 raise RequestError(f"a chat request needs 1..{limits.MESSAGES_MAX} messages, got {len(messages)}")

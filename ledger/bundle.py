@@ -204,8 +204,10 @@ def read_legacy_bundle(data: bytes, name: str) -> tuple[list[bytes], list[bytes]
     if not isinstance(bundle, dict) or bundle.get("format") != LEGACY_FORMAT:
         raise BundleError(f"cannot read {name}: not a ledger file or bundle (no {FORMAT!r} header, not a "
                           f"{LEGACY_FORMAT!r} map)")
-    parts = {field: bundle.get(field) for field in ("checkpoints", "cosigned", "entries")}
-    for field, value in parts.items():
+    parts: list[list[bytes]] = []
+    for field in ("checkpoints", "cosigned", "entries"):
+        value = bundle.get(field)
         if not isinstance(value, list) or not all(isinstance(item, bytes) for item in value):
             raise BundleError(f"cannot read {name}: bundle field {field!r} must be a list of bin")
-    return parts["checkpoints"], parts["cosigned"], parts["entries"]
+        parts.append(value)
+    return parts[0], parts[1], parts[2]

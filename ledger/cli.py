@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from llorch.ledger.errors import (BundleError, EvidenceError, EvidenceFormatError, KeyFileError, LedgerError,
                                   StoreError, VerificationError)
@@ -179,9 +180,10 @@ def ledger_check_evidence(args: argparse.Namespace) -> int:
     except EvidenceError as exc:
         _emit(args, {"ok": False, "check": exc.check, "code": exc.code, "message": exc.message}, f"FAIL {exc}")
         return EXIT_FAILED
-    runs = [{"provider": peer_id_of(r.provider_key), "request_id": r.request_id, "tokens_in": r.tokens_in,
-             "tokens_out": r.tokens_out, "finish_reason": r.finish_reason, "output_sha256": r.output_sha256.hex()}
-            for r in checked.receipts]
+    runs: list[dict[str, Any]] = [
+        {"provider": peer_id_of(r.provider_key), "request_id": r.request_id, "tokens_in": r.tokens_in,
+         "tokens_out": r.tokens_out, "finish_reason": r.finish_reason, "output_sha256": r.output_sha256.hex()}
+        for r in checked.receipts]
     verdict = (f"the odd one out is {peer_id_of(checked.suspect)}: its signed result differs from the one the "
                f"other {len(runs) - 1} agree on" if checked.suspect else
                "no suspect is named: one of these providers signed a false result, not decided which")

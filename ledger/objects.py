@@ -81,6 +81,7 @@ class SignedObject:
     SIGNED_TYPE: ClassVar[str]
     FIELDS: ClassVar[dict[str, str]]
     SIGNER_FIELD: ClassVar[str]
+    v: int                                  # every subclass's first field (an annotation only: no field here)
 
     def __post_init__(self) -> None:
         for name, kind in self.FIELDS.items():

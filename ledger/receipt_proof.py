@@ -57,7 +57,10 @@ def verify_receipt_document(document: dict, witness_key: bytes | None = None,
         checkpoint = open_checkpoint(note.encode(), origin, receipt.provider_key)
         cosignatures = check_cosignatures(note.encode(), origin, int(time.time()) if now_s is None else now_s) \
             if len(parse_note(note.encode()).signatures) > 1 else []
-        cosigned_at = verify_cosignature(note.encode(), witness_name, witness_key) if witness_key else None
+        cosigned_at = None
+        if witness_key:
+            assert witness_name is not None, "a witness_key comes with its witness_name"
+            cosigned_at = verify_cosignature(note.encode(), witness_name, witness_key)
     except NoteError as exc:
         raise ReceiptProofError(f"(2) {exc}") from None
     if checkpoint.size != size:

@@ -59,11 +59,11 @@ class Engine:
     inline_reads = True                     # peek() may run on trio's thread
     inline_commits = True                   # so may a group commit, while commits are quick
     begin = "BEGIN IMMEDIATE"
-    integrity_errors: tuple[type, ...] = (sqlite3.IntegrityError,)
-    errors: tuple[type, ...] = (sqlite3.Error,)
+    integrity_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+        self.path: Path | None = Path(path)         # None for a server database (gateway/storage.py)
         self.where = str(self.path)
 
     def connect(self):

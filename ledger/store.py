@@ -21,7 +21,7 @@ import sqlite3
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 import trio
 
@@ -95,6 +95,9 @@ def exclusive(path: Path, what: str):
         yield
     finally:
         handle.close()
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -236,7 +239,7 @@ class LedgerStore:
             rows, nodes, written = [], [], []
             for pending in batch:
                 request_id = pending.fields.get("request_id")
-                prior = stored.get(request_id)
+                prior = stored.get(request_id) if isinstance(request_id, str) else None    # else malformed, below
                 if prior is not None:
                     self._answer_repeat(pending, prior)
                     continue
@@ -253,7 +256,7 @@ class LedgerStore:
                 compact.append(facts.leaf, lambda level, index, hash_: nodes.append((level, index, hash_)))
                 head = facts.entry_sha256
                 rows.append((size, request_id, envelope, head))
-                stored[request_id] = envelope
+                stored[receipt.request_id] = envelope
                 pending.entry = envelope
                 written.append(pending)
                 size += 1
@@ -289,7 +292,7 @@ class LedgerStore:
             pending.error = ConflictError(f"request_id {pending.fields['request_id']} is already in the ledger "
                                           f"with different content")
 
-    async def _stored_entries(self, request_ids: Sequence[str]) -> dict[str, bytes]:
+    async def _stored_entries(self, request_ids: Sequence[object]) -> dict[str, bytes]:
         unique = sorted({r for r in request_ids if isinstance(r, str)})
         found: dict[str, bytes] = {}
         for chunk_start in range(0, len(unique), 500):
@@ -317,7 +320,7 @@ class LedgerStore:
         row = await self._database.fetchone("SELECT idx FROM entries WHERE request_id = ?", (request_id,))
         return None if row is None else row[0]
 
-    async def _merkle(self, compute):
+    async def _merkle(self, compute: Callable[[merkle.Subtree], T]) -> T:
         """Run a Merkle computation against the stored tree, reading every node it needs in one query."""
         wanted = sorted(set(needed_nodes(compute)))
         hashes: dict[tuple[int, int], bytes] = {}

@@ -119,6 +119,7 @@ def verify(material: LedgerMaterial, trusted_keys: set[bytes] | None = None,
     held = _open_checkpoint(held_checkpoint, owner, origin, "the auditor's checkpoint") if held_checkpoint else None
     cosignatures = []
     for checkpoint, note in copies:                                                      # (12)
+        assert origin is not None               # _open_checkpoint opened this copy, so the owner is known
         try:
             found = check_cosignatures(note, origin, now_s)
         except NoteError as exc:
@@ -287,8 +288,8 @@ def _verify_entries(entries: Iterable[bytes], count: int | None, trusted_keys: s
 
 
 def _open_checkpoint(note: bytes, owner: bytes | None, origin: str | None, what: str) -> tuple[Checkpoint, bytes]:
-    if owner is None:
-        raise AssertionError("an owner is known whenever there is a checkpoint to open")
+    if owner is None or origin is None:
+        raise AssertionError("an owner (so an origin) is known whenever there is a checkpoint to open")
     try:                                                                                 # (7)
         return open_checkpoint(note, origin, owner), note
     except NoteError as exc:

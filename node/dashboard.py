@@ -94,7 +94,7 @@ def page_context(config, status: dict, history: History, now_ms: int) -> dict:
 def dashboard_app(status_app, config, ledger: LedgerStore, status, clock):
     """The admin server's app: ``/`` (this page) in front of ``status_app`` (``GET /status``), both answering only
     requests addressed to the loopback host. ``status()`` builds the status document; ``clock()`` is now in ms."""
-    from starlette.responses import HTMLResponse, PlainTextResponse
+    from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
     templates = environment(TEMPLATES)
 
@@ -103,7 +103,7 @@ def dashboard_app(status_app, config, ledger: LedgerStore, status, clock):
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             if name not in LOOPBACK_HOSTS:
-                response = PlainTextResponse("the node's admin server answers only http://127.0.0.1", 421)
+                response: Response = PlainTextResponse("the node's admin server answers only http://127.0.0.1", 421)
                 await response(scope, receive, send)
                 return
             if scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):

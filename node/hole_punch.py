@@ -160,6 +160,7 @@ class Punches:
             log.warning("refused a hole punch from %s: %s", peer, why)
             await close_quietly(stream, reset=True)
             return
+        assert relay is not None                    # else ``why`` said so
         self._exchanging.add(peer)
         try:
             agreed = await self._exchange(stream, peer, relay)
@@ -215,12 +216,14 @@ async def punch(p2p: P2P, peer: ID) -> str:
     """The initiator: over our relayed connection to ``peer``, swap signed observations through its relay, then
     dial. Returns the direct address; PunchFailed says why not (the relayed connection is left as it was). On
     success the relayed connection is closed, so new streams use the direct one."""
-    if direct_addr_to(p2p, peer) is not None:
-        return direct_addr_to(p2p, peer)
+    direct = direct_addr_to(p2p, peer)
+    if direct is not None:
+        return direct
     relayed = [conn for conn in connections_to(p2p, peer) if relay_of(conn.get_transport_addresses())]
     if not relayed:
         raise PunchFailed(f"no relayed connection to {peer}")
     relay = relay_of(relayed[0].get_transport_addresses())
+    assert relay is not None                        # ``relayed`` holds only connections through a relay
     _source(p2p)
     ports = listen_ports(p2p)
     stream, finished = None, False

@@ -70,7 +70,8 @@ class LedgerService:
         self._check_range(request.end)
         end = min(request.end, request.start + ledger_limits.ENTRIES_PAGE_MAX)
         entries = await self.ledger.entries(request.start, end)
-        page, total = [], 0
+        page: list[bytes] = []
+        total = 0
         for entry in entries:
             if page and total + len(entry) > ledger_limits.ENTRIES_PAGE_BYTES_MAX:
                 break

@@ -15,6 +15,7 @@ from typing import AsyncIterator
 
 import trio
 from libp2p import new_host
+from libp2p.abc import IHost
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
@@ -63,7 +64,7 @@ def message_id(message) -> bytes:
 
 @dataclass
 class P2P:
-    host: object
+    host: IHost
     pubsub: Pubsub
 
     @property

@@ -84,8 +84,9 @@ class TrustedStop(CircuitV2Protocol):
         found = self.host.get_network().connections.get(peer) or []
         for conn in (found if isinstance(found, list) else [found]):
             if [str(addr) for addr in conn.get_transport_addresses()] == [as_named]:
-                conn.set_transport_info([Multiaddr(f"/p2p/{stream.muxed_conn.peer_id}/p2p-circuit/p2p/{peer}")],
-                                        ConnectionType.RELAYED)
+                relayed = Multiaddr(f"/p2p/{stream.muxed_conn.peer_id}/p2p-circuit/p2p/{peer}")
+                # INetConn does not declare set_transport_info; the swarm's connections are SwarmConn, which has it.
+                conn.set_transport_info([relayed], ConnectionType.RELAYED)  # type: ignore[attr-defined]
 
 
 def relayed_addr(bootstrap_addr: str, node_peer_id: str) -> str:
@@ -129,6 +130,8 @@ async def probe(p2p: P2P, gateway: ID, ports: tuple[int, ...]) -> DialbackReply:
     gateway_key = peer_key_of(gateway)
     if gateway_key is None:
         raise RelayError(f"{gateway} is not an Ed25519 peer id")
+    own_key = peer_key_of(p2p.host.get_id())
+    assert own_key is not None                      # our own identity is an Ed25519 key (key_pair_of)
     stream, finished = None, False
     try:
         with trio.fail_after(limits.DIALBACK_TIMEOUT_S):
@@ -136,8 +139,7 @@ async def probe(p2p: P2P, gateway: ID, ports: tuple[int, ...]) -> DialbackReply:
             await stream.write(request.to_bytes())
             buffer = await dialback_reader().read(stream)
             finished = True
-            return DialbackReply.from_bytes(buffer).answers(request, gateway_key, peer_key_of(p2p.host.get_id()),
-                                                            int(time.time() * 1000))
+            return DialbackReply.from_bytes(buffer).answers(request, gateway_key, own_key, int(time.time() * 1000))
     except trio.TooSlowError:
         raise RelayError(f"{gateway} did not answer a dial-back probe within {limits.DIALBACK_TIMEOUT_S} s") from None
     except ProtocolError as exc:

@@ -11,11 +11,14 @@ Any failure is answered with an error frame when the stream still works, and nev
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
-from llorch.inference.engine import Engine, Sampling
+from llorch.inference.catalog import CatalogEntry
+from llorch.inference.engine import Generation, Prepared, Sampling
 from llorch.inference.errors import InferenceError, RequestError
 from llorch.ledger.errors import EncodingError, LedgerError, SignatureError, sole_exception
 from llorch.ledger.objects import Ticket, amount_minor, prompt_commitment, sampling_sha256
@@ -30,13 +33,23 @@ from llorch.node.stream_io import now_ms, read_frame, serve_stream, write_frame
 log = logging.getLogger("llorch.node")
 
 
+class SlotEngine(Protocol):
+    """What a slot needs of its engine: inference.engine.Engine, or inference.echo.EchoEngine (a fake for tests)."""
+
+    entry: CatalogEntry
+    fingerprint: str
+
+    def prepare(self, prompt: dict, sampling: Sampling) -> Prepared: ...
+
+    async def generate(self, prepared: Prepared, emit: Callable[[str], Awaitable[None]]) -> Generation: ...
+
 
 @dataclass
 class EnginePool:
     """The node's slots: one engine per slot, taken without waiting (a full pool means BUSY)."""
 
-    engines: list[Engine]
-    free: list[Engine] = field(default_factory=list)
+    engines: Sequence[SlotEngine]
+    free: list[SlotEngine] = field(default_factory=list)
     changed: trio.Event = field(default_factory=trio.Event)    # set when a slot is taken or freed
 
     def __post_init__(self) -> None:
@@ -46,13 +59,13 @@ class EnginePool:
     def total(self) -> int:
         return len(self.engines)
 
-    def try_take(self) -> Engine | None:
+    def try_take(self) -> SlotEngine | None:
         if not self.free:
             return None
         self.changed.set()
         return self.free.pop()
 
-    def give_back(self, engine: Engine) -> None:
+    def give_back(self, engine: SlotEngine) -> None:
         assert engine in self.engines and engine not in self.free
         self.free.append(engine)
         self.changed.set()
@@ -146,7 +159,7 @@ class ProviderService:
         return ticket
 
     async def _generate(self, stream, protocol: InferProtocol, request: Request, ticket: Ticket,
-                        engine: Engine) -> None:
+                        engine: SlotEngine) -> None:
         if await self.ledger.contains(ticket.request_id):
             await write_frame(stream, protocol, Error("replayed_request",
                                                       f"request {ticket.request_id} is already in the ledger"))
@@ -206,7 +219,7 @@ class ProviderService:
                      generation.tokens_out)
         await write_frame(stream, protocol, Final(receipt))
 
-    async def _record(self, ticket: Ticket, request: Request, engine: Engine, generation, accepted_ms: int,
+    async def _record(self, ticket: Ticket, request: Request, engine: SlotEngine, generation, accepted_ms: int,
                       first_token_ms: int, finished_ms: int) -> bytes:
         """Build the receipt and append it durably; return the envelope bytes that were stored."""
         fields = {

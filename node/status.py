@@ -115,8 +115,8 @@ async def status_document(config, p2p, pool, ledger: LedgerStore, counters: Coun
 
 async def ledger_summary(ledger: LedgerStore, now_ms: int) -> dict:
     latest = ledger.latest_checkpoint
-    summary = {"entries": ledger.size, "checkpoint_size": latest[0].size if latest else None,
-               "last_cosignature": None}
+    summary: dict[str, object] = {"entries": ledger.size, "checkpoint_size": latest[0].size if latest else None,
+                                  "last_cosignature": None}
     cosigned = await ledger.cosigned()
     if cosigned:
         note = parse_note(cosigned[-1])

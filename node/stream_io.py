@@ -15,8 +15,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 
 from llorch.node import limits
 from llorch.node.errors import FrameTimeout, ProtocolError
-from llorch.node.wire.frames import Frame
-from llorch.node.wire.infer_protocol import InferProtocol
+from llorch.node.wire.frames import F, FramedProtocol
 
 log = logging.getLogger("llorch.node")
 
@@ -26,7 +25,7 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def read_frame(stream, protocol: InferProtocol, timeout_s: float) -> Frame:
+async def read_frame(stream, protocol: FramedProtocol[F], timeout_s: float) -> F:
     """Read until the protocol yields one frame; raise ProtocolError on timeout, EOF, reset or a bad frame."""
     with trio.move_on_after(timeout_s) as scope:
         while True:
@@ -46,7 +45,7 @@ async def read_frame(stream, protocol: InferProtocol, timeout_s: float) -> Frame
     raise FrameTimeout(f"no complete frame within {timeout_s:g} s")
 
 
-async def write_frame(stream, protocol: InferProtocol, frame: Frame,
+async def write_frame(stream, protocol: FramedProtocol[F], frame: F,
                       timeout_s: float = limits.FRAME_WRITE_TIMEOUT_S) -> None:
     data = protocol.send(frame)
     with trio.move_on_after(timeout_s) as scope:

@@ -87,3 +87,33 @@ class ProbeDodgingEngine(EchoEngine):
         if self.honest:
             return await super().generate(prepared, emit)
         return await OtherModelEngine.generate(self, prepared, emit)
+
+
+class HeldBackEngine(EchoEngine):
+    """Honest, test-only: ends every answer the way llama.cpp does when the last token starts a stop sequence at
+    max_tokens (inference/engine.py): that token's frame is empty (its text held back until it is decided), and
+    the held-back text follows in one more frame, so an answer of max_tokens tokens takes max_tokens + 1 frames
+    (docs/protocol.md §6). Deterministic like the echo engine: two of them always agree."""
+
+    async def generate(self, prepared, emit) -> Generation:
+        sent = []
+        for index in range(prepared.sampling.max_tokens):
+            word = f"w{prepared.sampling.seed}-{index} "
+            last = index == prepared.sampling.max_tokens - 1
+            await emit("" if last else word)
+            sent.append(word)
+        await emit(sent[-1])                    # the held-back text, flushed: no new token
+        return Generation("".join(sent), len(prepared.prompt_tokens), len(sent), "length")
+
+
+class LazyEngine(EchoEngine):
+    """Answers every request in at most 5 tokens and signs "stop" (the cheapest answer that still looks like one):
+    paid for a few tokens, spends almost nothing. Always cheats, so no check of it is ever clean."""
+
+    TOKENS_MAX = 5
+
+    async def generate(self, prepared, emit) -> Generation:
+        short = replace(prepared, sampling=replace(prepared.sampling,
+                                                   max_tokens=min(self.TOKENS_MAX, prepared.sampling.max_tokens)))
+        generation = await super().generate(short, emit)
+        return replace(generation, finish_reason="stop")

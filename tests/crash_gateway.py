@@ -22,7 +22,7 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from llorch.gateway.books import tickets as tickets_module
-from llorch.gateway.books.settlement import Meter
+from llorch.gateway.books.settlement import Event, Meter
 from llorch.gateway.market.tenants import TenantBook
 from llorch.ledger.signing import load_key_file
 from llorch.ledger.store import LedgerStore
@@ -81,12 +81,12 @@ def crash_at(step: str) -> None:
 
         setattr(tickets_module.TicketBook, name, then_die)
         return
-    event = {"accepted": "accepted", "relaying": "token", "final": "final"}[step]
+    event = {"accepted": Event.ACCEPTED, "relaying": Event.TOKEN, "final": Event.FINAL}[step]
     handle = Meter.handle
 
     def handle_then_die(self, name, now_ms, text=""):
         state = handle(self, name, now_ms, text)
-        if name == event and (event != "token" or self.frames == 2):
+        if name is event and (event is not Event.TOKEN or self.frames == 2):
             die()
         return state
 

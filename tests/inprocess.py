@@ -130,7 +130,7 @@ class Market:
         async def ignore(text: str, provider: str) -> None:
             return None
 
-        return await self.gateway.complete(chat, tenant, on_text or ignore, request_id)
+        return await self.gateway.complete(chat.to_domain(), tenant, on_text or ignore, request_id)
 
 
 @asynccontextmanager

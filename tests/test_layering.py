@@ -9,7 +9,8 @@ host, stream I/O, lifecycle, config loading, errors, limits, the catalog wrapper
 
 Inside gateway, the sub-packages own one concern each: ``books`` and ``witness`` import only the gateway's base
 modules (errors, limits, config), ``market`` also ``books`` (placement compares customer prices); ``api`` (the HTTP surface) may import them and the request flow
-(``service``); nothing imports ``api`` back except the wiring at the top (service, run, the CLIs).
+and the domain at the top (``service``, ``ticket_runner``, ``spot_checks``, ``request``, ``metrics``); the domain never
+imports ``api`` back: only the wiring (run, the CLIs) does.
 """
 
 import ast
@@ -38,8 +39,10 @@ GATEWAY_SUBPACKAGES = {
     "market": GATEWAY_BASE | {"books"},       # placement compares the customer's prices (books.pricing)
     "books": GATEWAY_BASE,
     "witness": GATEWAY_BASE,
-    "api": GATEWAY_BASE | {"market", "books", "witness", "service", "spot_checks", "metrics"},
+    "api": GATEWAY_BASE | {"market", "books", "witness", "service", "ticket_runner", "spot_checks", "request",
+                           "metrics"},
 }
+GATEWAY_DOMAIN = {"service.py", "ticket_runner.py", "spot_checks.py", "probes.py", "request.py", "metrics.py"}
 GATEWAY_ENTRY = {"cli.py"}          # the `llorch` command assembles every role's subcommands
 
 
@@ -102,6 +105,14 @@ def test_gateway_sub_packages_import_only_downwards(sub):
         reached = {parts[1] for parts in ours(imported_modules(path)) if parts[0] == "gateway" and len(parts) > 1}
         foreign = reached - GATEWAY_SUBPACKAGES[sub] - {sub}
         assert not foreign, f"{path.relative_to(ROOT)} imports gateway's {sorted(foreign)}, which {sub} may not"
+
+
+@pytest.mark.parametrize("module", sorted(GATEWAY_DOMAIN))
+def test_the_domain_never_imports_the_api(module):
+    """The API parses HTTP into the domain's types (gateway/request.py); the domain never sees the HTTP shapes."""
+    path = ROOT / "gateway" / module
+    reached = {parts[1] for parts in ours(imported_modules(path)) if parts[0] == "gateway" and len(parts) > 1}
+    assert "api" not in reached, f"gateway/{module} imports the API"
 
 
 @pytest.mark.parametrize("sub", sorted(GATEWAY_SUBPACKAGES) + ["../node/wire"])

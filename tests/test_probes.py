@@ -11,20 +11,27 @@ import random
 import re
 
 from llorch.gateway.spot_checks import evidence_document_of, evidence_list
+from llorch.gateway.api.openai_api import request_of
 from llorch.gateway.probes import Prober
 from llorch.ledger import canonical
 from llorch.ledger.evidence import verify_evidence
 from llorch.ledger.objects import Ticket
 from llorch.node.wire.frames import encode_frame, encode_uvarint
-from tests.cheaters import OtherModelEngine, ProbeAwareProvider, ProbeDodgingEngine
+from tests.cheaters import HeldBackEngine, OtherModelEngine, ProbeAwareProvider, ProbeDodgingEngine
 from tests.inprocess import market
 from tests.test_spot_checks import CONSENTING, serve_until_suspended, time_period
 
 PROBE_TENANT = "platform-probes"
 
 
+def prober_for(gateway, tenant: str, seed: int) -> Prober:
+    """A Prober wired as `llorch gateway start` wires it (gateway/run.py), with a seeded draw."""
+    return Prober(gateway.runner, gateway.market, gateway.database, gateway.spot_checks, request_of, 60_000, tenant,
+                  rng=random.Random(seed))
+
+
 def prober_of(m, seed: int = 7) -> Prober:
-    return Prober(m.gateway, 60_000, PROBE_TENANT, rng=random.Random(seed))
+    return prober_for(m.gateway, PROBE_TENANT, seed)
 
 
 async def test_a_probe_answer_is_established_by_two_providers_and_a_provider_answering_otherwise_is_caught(tmp_path):
@@ -106,7 +113,7 @@ async def test_a_provider_that_recognises_probes_passes_them_and_is_caught_by_sp
                  "dodger": {"cls": ProbeAwareProvider, "engine": ProbeDodgingEngine}}
     async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": 1_000_000}) as m:
         dodger = m.providers["dodger"]
-        dodger.service.probe_tenant = m.gateway.tenant_pseudonym(PROBE_TENANT, dodger.key.public_key)
+        dodger.service.probe_tenant = m.gateway.runner.tenant_pseudonym(PROBE_TENANT, dodger.key.public_key)
         prober = prober_of(m)
         await prober.probe(m.providers["honest1"].attestation)
         verdicts = [(await prober.probe(dodger.attestation)).verdict for _ in range(5)]
@@ -144,3 +151,13 @@ async def test_an_input_with_a_dispute_is_not_sent_again_so_nobody_is_accused_tw
         assert len(await evidence_list(m.database)) == 1
         statement = await m.gateway.books.statement("platform", None, time_period())
         assert {c["leg"] for c in statement["corrections"]} == {"probe"}     # the platform pays for its probes
+
+
+async def test_an_honest_run_ending_in_held_back_text_passes_a_probe(tmp_path):
+    """A run of max_tokens token frames plus the flush of held-back text (docs/protocol.md §6) is honest: the probe
+    and its second run both pass and the answer is established."""
+    providers = {"a": {"engine": HeldBackEngine}, "b": {"engine": HeldBackEngine}}
+    async with market(tmp_path, providers, CONSENTING) as m:
+        verdict = await prober_of(m).probe(m.providers["a"].attestation)
+        assert verdict is not None and verdict.verdict == "clean", verdict
+        assert await m.rows("SELECT COUNT(*), MIN(verdict) FROM probe_runs") == [(2, "clean")]

@@ -15,7 +15,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from llorch.gateway.books.postings import PLATFORM_ACCOUNT, Books, provider_account, tenant_account
 from llorch.gateway.books.pricing import DEMAND_TABLE, customer_price, ticket_price
-from llorch.gateway.books.settlement import (TRANSITIONS, Meter, Metered, SettlementError, State, Terms, settle)
+from llorch.gateway.books.settlement import (TRANSITIONS, Event, Leg, Meter, Metered, Payer, PostedLeg,
+                                             SettlementError, State, Terms, correction, credit, credit_of_settlement,
+                                             settle)
 from llorch.gateway.books.tickets import TicketBook
 from llorch.gateway.db import open_gateway_db
 from llorch.gateway.market.quota import worst_case_minor
@@ -48,10 +50,10 @@ def ticket_and_terms(attested=(100_000, 200_000), multiplier_bp=10_000, margin_b
 
 def relayed(frames: int, outcome: str = "final") -> Metered:
     meter = Meter(0)
-    meter.handle("accepted", 10)
+    meter.handle(Event.ACCEPTED, 10)
     for n in range(frames):
-        meter.handle("token", 20 + n, "x")
-    meter.handle(outcome, 100)
+        meter.handle(Event.TOKEN, 20 + n, "x")
+    meter.handle(Event(outcome), 100)
     return meter.metered()
 
 
@@ -63,16 +65,16 @@ def test_every_transition_in_the_table_and_nothing_else():
             if (state, event) in TRANSITIONS:
                 assert meter.handle(event, 1, "x") is TRANSITIONS[(state, event)]
             else:
-                with pytest.raises(SettlementError, match=event):
+                with pytest.raises(SettlementError, match=event.value):
                     meter.handle(event, 1, "x")
 
 
 def test_the_meter_keeps_the_gateways_clock():
     meter = Meter(0)
-    meter.handle("accepted", 1_000)
-    meter.handle("token", 1_250, "héllo")
-    meter.handle("token", 1_300, "")
-    meter.handle("final", 1_400)
+    meter.handle(Event.ACCEPTED, 1_000)
+    meter.handle(Event.TOKEN, 1_250, "héllo")
+    meter.handle(Event.TOKEN, 1_300, "")
+    meter.handle(Event.FINAL, 1_400)
     metered = meter.metered()
     assert (metered.frames, metered.text_bytes, metered.ttft_ms, metered.ended_ms) == (2, 6, 250, 1_400)
     with pytest.raises(SettlementError):
@@ -112,9 +114,8 @@ def test_a_ticket_the_gateway_lost_is_paid_by_the_platform_not_the_customer():
     ticket, _, terms = ticket_and_terms(max_tokens=16)
     settled = settle(ticket, terms, receipt(ticket, 12, 999), Metered(State.GATEWAY_LOST))
     assert settled.charge == 0 and settled.payout == amount_minor(12, 16, ticket.price_in, ticket.price_out)
-    assert settled.fee == -settled.payout
-    assert settled.legs("tenant:a", "provider:p", PLATFORM_ACCOUNT) == [("payout", PLATFORM_ACCOUNT, "provider:p",
-                                                                        settled.payout)]
+    assert (settled.fee, settled.platform_cost) == (0, settled.payout)
+    assert settled.legs == (Leg("payout", PLATFORM_ACCOUNT, provider_account(PROVIDER.peer_id), settled.payout),)
 
 
 class MoneyMachine(RuleBasedStateMachine):
@@ -151,21 +152,21 @@ class MoneyMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.request is not None and self.meter.state is State.ISSUED)
     @rule()
     def accept(self):
-        self.meter.handle("accepted", 1)
+        self.meter.handle(Event.ACCEPTED, 1)
 
     @precondition(lambda self: self.request is not None and self.meter.state in (State.ACCEPTED, State.RELAYING)
                   and self.meter.frames <= self.request["max_tokens"])
     @rule(count=st.integers(1, 10))
     def frames(self, count):
         for _ in range(min(count, self.request["max_tokens"] + 1 - self.meter.frames)):
-            self.meter.handle("token", 2, "t")
+            self.meter.handle(Event.TOKEN, 2, "t")
         self.request["delivered"] = max(self.request["delivered"], self.meter.frames)
 
     @precondition(lambda self: self.request is not None and self.meter.state in (State.ACCEPTED, State.RELAYING))
     @rule(claim_in=st.integers(0, 10**7), claim_out=st.integers(0, 60), outcome=st.sampled_from(
         ["final", "customer_gone"]), with_receipt=st.booleans())
     def end(self, claim_in, claim_out, outcome, with_receipt):
-        self.meter.handle(outcome, 3)
+        self.meter.handle(Event(outcome), 3)
         self._settle(receipt(self.request["tickets"][-1][0], claim_in, min(claim_out, self.request["max_tokens"]))
                      if with_receipt or outcome == "final" else None)
         self.request = None
@@ -179,7 +180,7 @@ class MoneyMachine(RuleBasedStateMachine):
             how = "refused"                     # before acceptance a provider can only refuse
         elif how == "refused":
             how = "provider_failed"
-        self.meter.handle(how, 3)
+        self.meter.handle(Event(how), 3)
         self._settle(receipt(self.request["tickets"][-1][0], 5, min(claim_out, self.request["max_tokens"])))
         # resume on another provider whose customer price fits the reservation's prices
         attested = self.request["tickets"][-1][3]
@@ -188,7 +189,7 @@ class MoneyMachine(RuleBasedStateMachine):
     def _settle(self, the_receipt):
         ticket, terms, meter, attested = self.request["tickets"][-1]
         metered = meter.metered()
-        meter.handle("settled", 4)
+        meter.handle(Event.SETTLED, 4)
         self.settled.append((ticket, terms, metered, settle(ticket, terms, the_receipt, metered), attested,
                              self.request))
 
@@ -263,3 +264,63 @@ def test_the_books_in_the_database_balance_and_the_running_balances_agree(tmp_pa
 
 def test_account_names_used_by_the_legs():
     assert tenant_account("acme") == "tenant:acme" and provider_account("p").startswith("provider:")
+
+
+ENDINGS = ["final", "customer_gone", "provider_failed", "timed_out", "gateway_lost"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(payer=st.sampled_from(list(Payer)), ending=st.sampled_from(ENDINGS), with_receipt=st.booleans(),
+       claim_in=st.integers(0, 10**6), claim_out=st.integers(0, 40), frames=st.integers(0, 41),
+       attested_in=st.integers(0, 400_000), attested_out=st.integers(0, 800_000),
+       margin=st.integers(2_000, 6_000), prompt_bound=st.integers(1, 300))
+def test_every_payer_and_outcome_settles_to_legs_that_add_up_and_credits_repay_no_more_than_was_charged(
+        payer, ending, with_receipt, claim_in, claim_out, frames, attested_in, attested_out, margin, prompt_bound):
+    ticket, _, terms = ticket_and_terms((attested_in, attested_out), margin_bp=margin, max_tokens=40,
+                                        prompt_tokens_max=prompt_bound)
+    if payer.platform:
+        terms = Terms(terms.tenant, 0, 0, 0, 0, prompt_bound, payer)
+    metered = Metered(State.GATEWAY_LOST) if ending == "gateway_lost" else relayed(frames, ending)
+    s = settle(ticket, terms, receipt(ticket, claim_in, claim_out) if with_receipt else None, metered)
+    tenant, provider = tenant_account("acme"), provider_account(PROVIDER.peer_id)
+
+    def moved(debit=None, credit=None) -> int:
+        return sum(leg.amount for leg in s.legs if debit in (None, leg.debit) and credit in (None, leg.credit))
+
+    assert min(s.charge, s.payout, s.fee, s.platform_cost) >= 0
+    assert s.charge + s.platform_cost == s.payout + s.fee
+    assert (moved(debit=tenant), moved(debit=PLATFORM_ACCOUNT)) == (s.charge, s.platform_cost)
+    assert (moved(credit=provider), moved(credit=PLATFORM_ACCOUNT)) == (s.payout, s.fee)
+    if payer.platform or ending == "gateway_lost":
+        assert s.charge == 0 and s.fee == 0 and moved(debit=tenant) == 0     # no customer pays
+    else:
+        assert s.platform_cost == 0 and s.charge <= terms.reserved_minor
+    if not with_receipt or ending in ("provider_failed", "timed_out"):
+        assert s.legs == () and s.payout == 0
+    repaid = credit_of_settlement(ticket.request_id, s)
+    if s.charge == 0:
+        assert repaid is None                                  # nothing to repay: a customer never gains
+    else:
+        assert repaid is not None and repaid.amount == s.charge
+        assert all(leg.credit == tenant for leg in repaid.legs)
+        posted = [PostedLeg(ticket.request_id, leg.name, leg.debit, leg.credit, leg.amount)
+                  for leg in s.legs + repaid.legs]
+        assert credit(ticket.request_id, posted) is None       # never credited twice
+
+
+def test_a_platform_ticket_with_customer_prices_is_refused():
+    with pytest.raises(SettlementError, match="no customer prices"):
+        Terms("acme", 0, 1, 0, 0, 10, Payer.PROBE)
+
+
+def test_a_correction_moves_money_only_between_the_requests_own_accounts():
+    posted = [PostedLeg("r1", "payout", "tenant:acme", "provider:p", 10),
+              PostedLeg("r1", "fee", "tenant:acme", PLATFORM_ACCOUNT, 4)]
+    assert correction("r1", posted, PLATFORM_ACCOUNT, "tenant:acme", 4) == \
+        Leg("correction:1", PLATFORM_ACCOUNT, "tenant:acme", 4)
+    with pytest.raises(ValueError, match="moves money between"):
+        correction("r1", posted, PLATFORM_ACCOUNT, "tenant:other", 4)
+    with pytest.raises(ValueError, match="positive"):
+        correction("r1", posted, PLATFORM_ACCOUNT, "tenant:acme", 0)
+    with pytest.raises(ValueError, match="never posted"):
+        correction("r2", [], PLATFORM_ACCOUNT, "tenant:acme", 1)

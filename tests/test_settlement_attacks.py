@@ -58,7 +58,7 @@ async def test_a_receipt_inflating_input_tokens_is_billed_at_the_gateways_own_bo
         assert completion.charge.charge == await total(m, "debit", tenant_account("acme"))
         findings = await m.rows("SELECT kind FROM findings WHERE provider_key = ?", (greedy.key.public_key,))
         assert ("tokens_in_over_bound",) in findings
-        assert m.gateway.standings[greedy.key.public_key].success_ppm < 1_000_000
+        assert m.gateway.market.standings[greedy.key.public_key].success_ppm < 1_000_000
         await assert_books_balance(m)
 
 
@@ -79,7 +79,7 @@ async def test_the_billing_period_and_ttft_come_from_the_gateways_clock(tmp_path
         await m.complete("acme", {**BODY, "max_tokens": 2})
         periods = await m.rows("SELECT DISTINCT period FROM postings")
         assert periods == [(time.strftime("%Y-%m", time.gmtime()),)], f"the provider chose the period: {periods}"
-        standing = m.gateway.standings[m.providers["greedy"].key.public_key]
+        standing = m.gateway.market.standings[m.providers["greedy"].key.public_key]
         assert standing.ttft_ms >= 250, f"TTFT {standing.ttft_ms} ms: the provider's claim ranked it"
 
 
@@ -198,4 +198,4 @@ async def test_a_prompt_no_provider_would_accept_is_refused_before_placement(tmp
         with pytest.raises(BadRequest, match="providers accept"):
             await m.complete("acme", {**BODY, "messages": big})
         assert await m.rows("SELECT COUNT(*) FROM tickets") == [(0,)]
-        assert m.gateway.standings == {}                   # nobody's standing was touched
+        assert m.gateway.market.standings == {}                   # nobody's standing was touched

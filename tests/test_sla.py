@@ -14,9 +14,9 @@ from llorch.gateway.cli import main
 from llorch.gateway.market.providers import ProviderError
 from llorch.gateway.market.sla import (SLA_BUCKET_MS, SLA_BUCKETS_MIN, SLA_REQUESTS_MIN, AttestationClock, Timing,
                                        figures, missed_sla, month_bounds_ms, percentile, sla_report)
-from llorch.gateway.probes import Prober
 from llorch.node.stream_io import now_ms
 from tests.inprocess import market
+from tests.test_probes import prober_for
 from tests.test_spot_checks import body
 
 REGISTERED = {"uptime_ppm": 990_000, "ttft_ms": 100}
@@ -63,7 +63,7 @@ async def test_the_report_reads_the_gateways_own_clocks_and_a_missing_provider_i
     async with market(tmp_path, {"a": {}, "b": {}}, {"acme": {}}) as m:
         for seed in range(1, 25):
             await m.complete("acme", body(seed))
-        prober = Prober(m.gateway, 60_000, "platform-probes", rng=random.Random(1))
+        prober = prober_for(m.gateway, "platform-probes", 1)
         await prober.probe(m.providers["a"].attestation)
         now = now_ms()
         report = {f.provider_id: f for f in await sla_report(m.database, period_of(now), now, "platform-probes")}
@@ -86,7 +86,7 @@ async def test_the_report_reads_the_gateways_own_clocks_and_a_missing_provider_i
         assert (march[a.peer_id].uptime_ppm, march[a.peer_id].met) == (1_000_000, True)
         missed = await missed_sla(m.database, march_ms, "platform-probes")
         assert missed == {b.public_key}
-        m.gateway.sla_missed = missed
+        m.gateway.market.sla_missed_now(missed)
         assert {v.key: v.sla_met for v in await m.gateway.provider_views()} == {a.public_key: True,
                                                                                b.public_key: False}
 

@@ -17,7 +17,7 @@ from llorch.gateway.cli import main
 from llorch.gateway.spot_checks import evidence_document_of, evidence_list
 from llorch.ledger.evidence import verify_evidence
 from llorch.node.stream_io import now_ms
-from tests.cheaters import OtherModelEngine, ResamplingEngine, SometimesEngine, TruncatingEngine
+from tests.cheaters import HeldBackEngine, LazyEngine, OtherModelEngine, ResamplingEngine, SometimesEngine, TruncatingEngine
 from tests.inprocess import market
 
 ALL_PPM = 1_000_000
@@ -117,13 +117,15 @@ async def check_operator_cli(tmp_path, cheater, evidence_id: int) -> None:
     out = tmp_path / "exported.json"
 
     def operator() -> list:
-        return [main(["gateway", "providers", "evidence", "--config", str(config)]),
+        return [main(["gateway", "providers", "checks", "--config", str(config)]),
+                main(["gateway", "providers", "checks", "--since-hours", "0", "--config", str(config)]),
+                main(["gateway", "providers", "evidence", "--config", str(config)]),
                 main(["gateway", "providers", "evidence", str(evidence_id), "--out", str(out), "--config",
                       str(config)]),
                 main(["gateway", "providers", "evidence", "999", "--out", str(out) + ".x", "--config", str(config)]),
                 main(["ledger", "check-evidence", str(out)])]
 
-    assert await trio.to_thread.run_sync(operator) == [0, 0, 2, 0]
+    assert await trio.to_thread.run_sync(operator) == [0, 2, 0, 0, 2, 0]
 
 
 async def test_honest_providers_never_disagree_and_checks_are_a_platform_cost(tmp_path):
@@ -231,3 +233,124 @@ async def test_the_operator_console_shows_the_evidence_and_serves_the_same_file_
             assert download.status_code == 200
             assert download.text == await evidence_document_of(m.database, listed["id"]) + "\n"
             assert (await browser.get("/operator/evidence/99999")).status_code == 404
+
+
+async def test_an_honest_run_ending_in_held_back_text_passes_a_spot_check(tmp_path):
+    """max_tokens token frames and one more with the held-back text (docs/protocol.md §6) is an honest run: the
+    customer's request was served that way, and the re-run on another provider must be accepted the same way."""
+    providers = {"a": {"engine": HeldBackEngine}, "b": {"engine": HeldBackEngine}}
+    async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": ALL_PPM}) as m:
+        completions = await serve(m, 3)
+        stats = m.gateway.spot_checks.statistics
+        assert all(c.settlement.tokens_out == 6 for c in completions)
+        assert (stats.sampled, stats.clean, stats.mismatched) == (3, 3, 0), stats
+        assert await evidence_list(m.database) == []
+
+
+LAZY_RUNS = 20
+STEADY_CLIENTS = 3
+
+
+async def test_a_lazy_cheater_under_steady_load_is_caught_within_the_bound_in_every_seeded_run(tmp_path):
+    """docs/verification.md §3 at p = 0.5, P = 0.999 (q = 1: it cheats on every request): caught within n = 10 of
+    its requests, in 20 of 20 seeded runs, on 1-slot nodes kept busy by 3 clients. Checkers are often busy then: a
+    drawn check and a tie-breaker wait for a slot instead of being dropped or left undecided, and every request the
+    cheater settled (those in flight when it was caught included) is credited."""
+    import random
+
+    rate_ppm = 500_000
+    bound = requests_to_catch(rate_ppm, ALL_PPM, 1e-3)
+    assert bound == 10
+    for seed in range(LAZY_RUNS):
+        workdir = tmp_path / f"run{seed}"
+        workdir.mkdir()
+        providers = {"honest1": {"delay_s": 0.002}, "cheater": {"engine": LazyEngine, "delay_s": 0.002},
+                     "honest2": {"delay_s": 0.002}}
+        async with market(workdir, providers, CONSENTING, {"spot_check_rate_ppm": rate_ppm}) as m:
+            m.gateway.spot_checks.rng = random.Random(seed)
+            cheater = m.providers["cheater"]
+            served_by_cheater: list = []
+            served = 0
+
+            async def client(first_seed: int) -> None:
+                nonlocal served
+                for n in range(60):
+                    if (await m.gateway.providers.get(cheater.key.peer_id)).status == "suspended":
+                        return
+                    completion = await m.complete("acme", body(first_seed + n))
+                    served += 1
+                    if completion.provider_peer_id == cheater.key.peer_id:
+                        served_by_cheater.append(completion)
+
+            async with trio.open_nursery() as nursery:
+                for c in range(STEADY_CLIENTS):
+                    nursery.start_soon(client, 1_000 * c)
+            stats = m.gateway.spot_checks.statistics
+            status = (await m.gateway.providers.get(cheater.key.peer_id)).status
+            assert status == "suspended", f"seed {seed}: not caught after {served} requests ({stats})"
+            assert len(served_by_cheater) <= bound, f"seed {seed}: caught after it served {len(served_by_cheater)}"
+            assert stats.dropped == 0 and stats.expired == 0 and stats.undecided == 0, f"seed {seed}: {stats}"
+            assert all(r.status == "approved" for r in await m.gateway.providers.all()
+                       if r.provider_key != cheater.key.public_key)
+            await check_customers_credited(m, cheater, served_by_cheater)
+
+
+async def test_every_draw_ends_in_one_outcome_counted_in_the_metrics_and_the_books(tmp_path):
+    """Draws that end clean, caught, and dropped (no other provider of the class is left once the cheater is
+    suspended): each counted once in llorch_spot_checks_total{outcome} and stored in spot_check_draws."""
+    from llorch.gateway.spot_checks import check_outcomes
+
+    providers = {"honest1": {}, "cheater": {"engine": OtherModelEngine}, "honest2": {}}
+    async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": ALL_PPM}) as m:
+        await serve_until_suspended(m, m.providers["cheater"], 6)
+        await m.gateway.providers.set_status(m.providers["honest2"].key.peer_id, "suspended")
+        await serve(m, 2, first_seed=50)              # honest1 alone: nobody can check it
+        stats = m.gateway.spot_checks.statistics
+        report = await check_outcomes(m.database)
+        outcomes = report["outcomes"]
+        assert outcomes["caught"] == stats.suspects == 1 and outcomes["dropped"] == stats.dropped == 2
+        assert outcomes["clean"] == stats.clean and outcomes["expired"] == outcomes["undecided"] == 0
+        assert report["drawn"] == stats.sampled == sum(outcomes.values())
+        assert {row["outcome"] for row in report["not_clean"]} == {"caught", "dropped"}
+        metrics = m.gateway.metrics.render(0, 0, 0).decode()
+        for outcome, count in {**outcomes, "drawn": stats.sampled}.items():
+            assert f'llorch_spot_checks_total{{outcome="{outcome}"}} {float(count)}' in metrics, outcome
+
+
+async def test_a_request_in_flight_when_its_provider_is_caught_is_credited_as_it_settles(tmp_path):
+    """The cheater streams a long answer (for a tenant whose requests are never re-run, so only this mechanism can
+    credit it) on one slot while a short request it served on its other slot is checked and it is caught: the
+    long one settles after the suspension and is credited in that same settlement (before: the credits read the
+    books once, at detection, and missed it)."""
+    providers = {"honest1": {"delay_s": 0.01, "price_out": 300_000}, "honest2": {"delay_s": 0.01, "price_out": 300_000},
+                 "cheater": {"engine": TruncatingEngine, "delay_s": 0.1, "slots": 2, "price_out": 100_000}}
+    tenants = {"acme": {"spot_checks": True}, "quiet": {}}
+    async with market(tmp_path, providers, tenants, {"spot_check_rate_ppm": ALL_PPM}) as m:
+        cheater = m.providers["cheater"]
+        streaming = trio.Event()
+        results: dict = {}
+
+        async def on_text(text: str, provider: str) -> None:
+            streaming.set()
+
+        async def long_request() -> None:
+            results["long"] = await m.complete("quiet", {**body(1), "max_tokens": 40}, on_text)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_request)
+            await streaming.wait()
+            results["short"] = await m.complete("acme", body(2))
+            with trio.fail_after(30):
+                while (await m.gateway.providers.get(cheater.key.peer_id)).status != "suspended":
+                    await trio.sleep(0.01)
+            assert "long" not in results, "the long request ended before the cheater was caught"
+        await m.gateway.spot_checks.wait_idle()
+        long, short = results["long"], results["short"]
+        assert {long.provider_peer_id, short.provider_peer_id} == {cheater.key.peer_id}
+        for completion, tenant in ((short, "acme"), (long, "quiet")):
+            legs = {leg: (debit, credit, amount) for leg, debit, credit, amount in await m.rows(
+                "SELECT leg, debit, credit, amount FROM postings WHERE request_id = ? AND leg LIKE 'correction:%'",
+                (completion.request_id,))}
+            assert legs["correction:spot-check-payout"] == (provider_account(cheater.key.peer_id),
+                                                            tenant_account(tenant), completion.charge.payout)
+        assert await m.gateway.books.tenant_spent("quiet") == 0          # charged, then repaid in full

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llorch.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, UNMATCHED_ROUTE
 from llorch.gateway import limits
@@ -35,6 +35,7 @@ from llorch.gateway.api.openapi import (BEARER, GatewayInfo, Health, ProviderCap
                                         ReceiptProof, RegistrationBody, Statement, errors, event_stream, openapi_document,
                                         request_body)
 from llorch.gateway.market.providers import parse_registration_body, record_json
+from llorch.gateway.market.tenants import Tenant
 from llorch.gateway.service import PROMPT_BYTES_MAX, Completion, Gateway, new_request_id
 from llorch.ledger.errors import sole_exception
 from llorch.node.models import catalog_kind
@@ -114,7 +115,7 @@ class ChatStreamResponse(Response):
     which closes the provider stream, which stops the provider's engine.
     """
 
-    def __init__(self, gateway: Gateway, chat: ChatRequest, tenant: str) -> None:
+    def __init__(self, gateway: Gateway, chat: ChatRequest, tenant: Tenant) -> None:
         self.background = None
         self.gateway = gateway
         self.chat = chat
@@ -145,7 +146,7 @@ class ChatStreamResponse(Response):
             await self._event({"content": text}, None, send)
 
         try:
-            completion = await self.gateway.complete(self.chat, self.tenant, on_text, self.request_id)
+            completion = await self.gateway.complete(self.chat.to_domain(), self.tenant, on_text, self.request_id)
         except GatewayError as error:
             if not started:
                 response = error_response(error)
@@ -161,7 +162,7 @@ class ChatStreamResponse(Response):
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
     def _chunk(self, choices: list, completion: Completion | None = None, usage: dict | None = None) -> dict:
-        chunk = {"id": self.request_id, "object": "chat.completion.chunk" if self.chat_shape else "text_completion",
+        chunk: dict[str, object] = {"id": self.request_id, "object": "chat.completion.chunk" if self.chat_shape else "text_completion",
                  "created": self.created,
                  "model": self.chat.model, "choices": choices}
         if completion is not None:
@@ -194,11 +195,11 @@ class GatewayApp(FastAPI):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.completion_routes: dict[str, tuple[type, APIRoute]] = {}   # path → (body shape, route: for metrics)
-        self.fast_completion = None         # build_app's: the handler as an ASGI app, in RequestIdMiddleware
+        self.fast_completion: ASGIApp | None = None   # build_app's: the handler as an ASGI app, in RequestIdMiddleware
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.completion_routes.get(scope.get("path")) if scope.get("method") == "POST" else None
-        if route is None:
+        route = self.completion_routes.get(scope.get("path", "")) if scope.get("method") == "POST" else None
+        if route is None or self.fast_completion is None:
             await super().__call__(scope, receive, send)
             return
         scope["route"], scope["app"] = route[1], self
@@ -289,7 +290,8 @@ def build_app(gateway: Gateway) -> FastAPI:
         request_id = new_request_id()
         request.state.request_id = request_id
         completion = await unless_the_client_hangs_up(request.receive,
-                                                      lambda: gateway.complete(chat, tenant, ignore, request_id))
+                                                      lambda: gateway.complete(chat.to_domain(), tenant, ignore,
+                                                                               request_id))
         if completion is HUNG_UP:
             return Response(status_code=CLIENT_CLOSED_REQUEST)       # nobody reads it
         return JSONResponse(completion_body(chat, completion, int(time.time())),
@@ -372,7 +374,7 @@ def build_app(gateway: Gateway) -> FastAPI:
             app.openapi_schema = openapi_document(app)
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi          # type: ignore[method-assign]   # FastAPI's documented way to replace it
     return app
 
 

@@ -67,7 +67,7 @@ class Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=HEADERS_BYTES_MAX)
         try:
             peer = stream.socket.getpeername()
-            self.client = (peer[0], peer[1])
+            self.client: tuple[str, int] | None = (peer[0], peer[1])
         except OSError:
             self.client = None
         self.eof = trio.Event()              # the client closed its side (or the connection broke)

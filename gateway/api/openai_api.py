@@ -6,7 +6,8 @@ downstream sees a float.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
@@ -14,6 +15,7 @@ from pydantic_core import PydanticCustomError
 from llorch.gateway import limits
 from llorch.gateway.api.body import parse_json_object
 from llorch.gateway.errors import BadRequest
+from llorch.gateway.request import InferenceRequest
 from llorch.node.models import DEFAULT_MODEL_ID, catalog_model_ids
 from llorch.node.wire.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
 
@@ -51,17 +53,20 @@ class LlorchExtension(BaseModel):
     max_price_out_per_1m: int | None = Field(default=None, ge=0, le=10**12)
 
 
-STOP_TEXT_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 64}
-STOP_SCHEMA = {"anyOf": [STOP_TEXT_SCHEMA, {"type": "array", "items": STOP_TEXT_SCHEMA, "maxItems": 4},
+STOP_TEXT_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": 64}
+STOP_SCHEMA: dict[str, Any] = {"anyOf": [STOP_TEXT_SCHEMA, {"type": "array", "items": STOP_TEXT_SCHEMA, "maxItems": 4},
                          {"type": "null"}],
                "description": "Up to 4 sequences (1-64 characters each) where generation stops."}
+
+
+MODEL_ENUM: dict[str, Any] = {"enum": catalog_model_ids()}
 
 
 class SamplingFields(BaseModel):
     """What chat and text completion requests share: model, sampling, limits, streaming, the llorch extension."""
 
     model_config = STRICT
-    model: str = Field(min_length=1, max_length=128, json_schema_extra={"enum": catalog_model_ids()},
+    model: str = Field(min_length=1, max_length=128, json_schema_extra=MODEL_ENUM,
                        description="A catalog model id (GET /v1/models lists those on offer now); another is a 404.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -96,6 +101,13 @@ class SamplingFields(BaseModel):
         """The prompt as the provider receives it (and as the prompt commitment hashes it)."""
         return chat_request_prompt(self.model_dump())
 
+    def to_domain(self) -> InferenceRequest:
+        """The request as the gateway's domain takes it (gateway/request.py)."""
+        extension = self.llorch
+        return InferenceRequest(self.model, self.prompt(), self.sampling(0), self.seed,
+                                extension.max_price_in_per_1m if extension else None,
+                                extension.max_price_out_per_1m if extension else None)
+
 
 class ChatRequest(SamplingFields):
     """The subset of OpenAI's chat-completions body llorch serves; anything else is a 400 naming the field."""
@@ -129,7 +141,7 @@ class CompletionRequest(SamplingFields):
         return {"text": self.prompt_text}
 
 
-def parse_chat_request(body: bytes, model: type = ChatRequest):
+def parse_chat_request(body: bytes, model: type[SamplingFields] = ChatRequest) -> Any:
     """Parse a request body into ``model``; raise BadRequest naming the offending field."""
     if len(body) > limits.HTTP_BODY_BYTES_MAX:
         raise BadRequest(f"request body is {len(body)} bytes; the limit is {limits.HTTP_BODY_BYTES_MAX}")
@@ -140,6 +152,12 @@ def parse_chat_request(body: bytes, model: type = ChatRequest):
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         raise BadRequest(f"invalid {param or 'body'}: {first['msg']}", param=param) from None
+
+
+def request_of(body: dict) -> InferenceRequest:
+    """A chat request body, parsed exactly as a customer's and taken to the domain's type (the probes build theirs
+    so: gateway/probes.py)."""
+    return parse_chat_request(json.dumps(body).encode(), ChatRequest).to_domain()
 
 
 # Response shapes (documentation of what gateway/api/http_api.py writes; the schemathesis test holds them to it) ----

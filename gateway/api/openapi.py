@@ -8,17 +8,18 @@ and the models below; tests/test_schemathesis.py holds the live gateway to the d
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import JsonSchemaMode
 
 from llorch.gateway.api.openai_api import ErrorBody
 from llorch.node.wire.registration import PRICE_PER_1M_MAX
 
 SECURITY_SCHEME = "apiKey"
-BEARER = {"security": [{SECURITY_SCHEME: []}]}
+BEARER: dict[str, Any] = {"security": [{SECURITY_SCHEME: []}]}
 REF = "#/components/schemas/{model}"
 
 ERROR_MEANINGS = {
@@ -38,10 +39,10 @@ def errors(*statuses: int) -> dict:
     return {status: {"model": ErrorBody, "description": ERROR_MEANINGS[status]} for status in statuses}
 
 
-_COMPONENTS: dict[str, tuple[type[BaseModel], str]] = {}     # name → (model, "validation" | "serialization")
+_COMPONENTS: dict[str, tuple[type[BaseModel], JsonSchemaMode]] = {}     # name → (model, its schema mode)
 
 
-def component(model: type[BaseModel], mode: str = "serialization") -> dict:
+def component(model: type[BaseModel], mode: JsonSchemaMode = "serialization") -> dict:
     """A reference to ``model`` in the document's components, for schemas FastAPI does not see (bodies the
     handlers parse themselves, server-sent events)."""
     _COMPONENTS[model.__name__] = (model, mode)

@@ -221,7 +221,7 @@ class Pages:
             "revenue": lambda d: d.revenue_minor, "payouts": lambda d: d.payouts_minor, "fees": lambda d: d.fees_minor})
         forked = await gateway.witness_book.forked()
         providers = [{"record": record, "attestation": fresh_or_none(gateway, record.provider_key, now),
-                      "standing": gateway.standings.get(record.provider_key), "forked": record.provider_key in forked}
+                      "standing": gateway.market.standings.get(record.provider_key), "forked": record.provider_key in forked}
                      for record in await gateway.providers.all()]
         return self.html(
             "operator.html", refresh_s=limits.DASHBOARD_REFRESH_S, providers=providers,

@@ -3,12 +3,14 @@
     tenant:<name>  →  provider:<peer id>   payout (tokens billed × the ticket's prices)
     tenant:<name>  →  platform:fees        fee    (charge − payout: the margin)
 
-or, for a ticket the gateway lost before settling it live (gateway/books/settlement.py, GATEWAY_LOST), one leg
-platform:fees → provider:<peer id>; for a spot-check re-run (gateway/spot_checks.py) one leg "spot_check"
-platform:fees → provider:<peer id>, a platform cost. Customers a provider caught cheating served since its last
-clean check are credited with legs "correction:spot-check-payout" (provider → tenant) and
-"correction:spot-check-fee" (platform → tenant), the payout and fee of each request reversed. Legs are keyed by (request_id, leg): posting a request twice is impossible (the
-database refuses the second), and each leg names the ticket it settles. Corrections are new legs of kind
+or, for a ticket the gateway lost before settling it live (GATEWAY_LOST), one leg platform:fees → provider:<peer id>;
+for a run the platform pays (a spot-check re-run, a probe) one leg named after the payer ("spot_check", "probe"),
+platform:fees → provider:<peer id>. Customers a provider caught cheating served since its last clean check are
+credited with legs "correction:spot-check-payout" (provider → tenant) and "correction:spot-check-fee" (platform →
+tenant), the payout and fee of each request reversed. Every leg is computed by gateway/books/settlement.py
+(``settle``, ``credit``, ``correction``); this module only stores and reads them. Legs are keyed by (request_id,
+leg): posting a request twice is impossible (the database refuses the second), and each leg names the ticket it
+settles. Corrections are new legs of kind
 "correction", never edits. Balances are derived from the legs: ``account_balances`` is a running sum that a trigger
 keeps in the same transaction as every posting (so admission reads a tenant's spend in O(1) however long its
 history); ``tests/test_settlement.py`` checks it against the legs."""
@@ -18,13 +20,13 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
+from typing import Sequence
 
-from llorch.gateway.books.settlement import Settlement
+from llorch.gateway.books.settlement import (CREDIT_LEG_PREFIX, PLATFORM_ACCOUNT, Credit, Leg, PostedLeg, Settlement,
+                                             correction, credit, provider_account, tenant_account)
 from llorch.ledger.objects import Ticket
 from llorch.ledger.signing import peer_id_of
 from llorch.ledger.sqlite import Database
-
-PLATFORM_ACCOUNT = "platform:fees"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS postings (
@@ -71,14 +73,6 @@ class BooksError(Exception):
     """A posting that the books refuse (unknown request, wrong accounts, non-positive amount)."""
 
 
-def tenant_account(name: str) -> str:
-    return f"tenant:{name}"
-
-
-def provider_account(peer_id: str) -> str:
-    return f"provider:{peer_id}"
-
-
 def period_of(ms: int) -> str:
     import time
     return time.strftime("%Y-%m", time.gmtime(ms // 1000))
@@ -102,24 +96,35 @@ class Books:
         return self._database
 
     @staticmethod
-    def settlement_statements(tenant: str, ticket: Ticket, ticket_sha256: bytes, settlement: Settlement,
-                              now_ms: int, platform_leg: str | None = None) -> list:
-        """The legs of one settled ticket (to run in the caller's transaction); none when nothing is billed.
-        ``platform_leg``: the name of the leg when the platform pays the provider (a spot-check: "spot_check")."""
-        provider = peer_id_of(ticket.provider_key)
-        legs = settlement.legs(tenant_account(tenant), provider_account(provider), PLATFORM_ACCOUNT)
-        if platform_leg is not None:
-            assert all(debit == PLATFORM_ACCOUNT for _, debit, _, _ in legs), "a platform cost charges no tenant"
-            legs = [(platform_leg, debit, credit, amount) for _, debit, credit, amount in legs]
+    def leg_statements(request_id: str, ticket_sha256: bytes | None, legs: Sequence[Leg], currency: str,
+                       period: str, tenant: str, provider_id: str, model_id: str, tokens: tuple[int, int],
+                       margin_bp: int, now_ms: int) -> list:
+        """Store ``legs`` (computed by gateway/books/settlement.py: the books compute no money) of one request, to
+        run in the caller's transaction. A leg already stored (same request, same name) is refused by the database
+        and aborts the transaction, unless it is a credit (``CREDIT_LEG_PREFIX``), which is idempotent."""
         if not legs:
             return []
-        common = (ticket.currency, period_of(now_ms), tenant, provider, ticket.model_id, settlement.tokens_in,
-                  settlement.tokens_out, settlement.margin_bp, now_ms, ticket_sha256)
+        credits = all(leg.name.startswith(CREDIT_LEG_PREFIX) for leg in legs)
         return [(
             "INSERT INTO postings (request_id, leg, debit, credit, amount, currency, period, tenant, provider_id, "
             "model_id, tokens_in, tokens_out, margin_bp, posted_ms, ticket_sha256) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(ticket.request_id, leg, debit, credit, amount, *common) for leg, debit, credit, amount in legs])]
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" + (" ON CONFLICT DO NOTHING" if credits else ""),
+            [(request_id, leg.name, leg.debit, leg.credit, leg.amount, currency, period, tenant, provider_id,
+              model_id, *tokens, margin_bp, now_ms, ticket_sha256) for leg in legs])]
+
+    @staticmethod
+    def settlement_statements(tenant: str, ticket: Ticket, ticket_sha256: bytes, settlement: Settlement,
+                              now_ms: int) -> list:
+        """The legs of one settled ticket (to run in the caller's transaction); none when nothing is billed."""
+        return Books.leg_statements(ticket.request_id, ticket_sha256, settlement.legs, ticket.currency,
+                                    period_of(now_ms), tenant, peer_id_of(ticket.provider_key), ticket.model_id,
+                                    (settlement.tokens_in, settlement.tokens_out), settlement.margin_bp, now_ms)
+
+    async def posted_legs(self, request_id: str) -> list[PostedLeg]:
+        rows = await self._database.fetchall(
+            "SELECT request_id, leg, debit, credit, amount FROM postings WHERE request_id = ? ORDER BY id",
+            (request_id,))
+        return [PostedLeg(*row) for row in rows]
 
     async def post_correction(self, request_id: str, debit: str, credit: str, amount: int, now_ms: int) -> str:
         """A correction of a posted request: a new leg (never an edit), e.g. a refund provider → tenant."""
@@ -128,33 +133,42 @@ class Books:
             "WHERE request_id = ? AND leg = 'payout'", (request_id,))
         if not rows:
             raise BooksError(f"request {request_id} was never posted")
-        if amount <= 0:
-            raise BooksError("a correction moves a positive amount (swap the accounts to reverse it)")
-        accounts = {tenant_account(rows[0][2]), provider_account(rows[0][3]), PLATFORM_ACCOUNT}
-        if debit not in accounts or credit not in accounts or debit == credit:
-            raise BooksError(f"a correction of {request_id} moves money between {sorted(accounts)}")
-        count = (await self._database.fetchone(
-            "SELECT COUNT(*) FROM postings WHERE request_id = ? AND leg LIKE 'correction:%'", (request_id,)))[0]
-        leg = f"correction:{count + 1}"
+        try:
+            leg = correction(request_id, await self.posted_legs(request_id), debit, credit, amount)
+        except ValueError as exc:
+            raise BooksError(str(exc)) from None
         currency, period, tenant, provider, model, margin = rows[0]
-        await self._database.transaction([(
-            "INSERT INTO postings (request_id, leg, debit, credit, amount, currency, period, tenant, provider_id, "
-            "model_id, tokens_in, tokens_out, margin_bp, posted_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
-            [(request_id, leg, debit, credit, amount, currency, period, tenant, provider, model, margin, now_ms)])])
-        return leg
+        await self._database.transaction(self.leg_statements(request_id, None, [leg], currency, period, tenant,
+                                                             provider, model, (0, 0), margin, now_ms))
+        return leg.name
+
+    async def credits_since(self, provider_id: str, served_after_ms: int) -> list[tuple[Credit, tuple]]:
+        """The credits owed to the customers of ``provider_id`` for its requests posted after ``served_after_ms``
+        (each computed by settlement.credit from the request's legs), with what their legs are stored beside."""
+        rows = await self._database.fetchall(
+            "SELECT p.request_id, p.leg, p.debit, p.credit, p.amount, p.currency, p.tenant, p.model_id, p.margin_bp "
+            "FROM postings p WHERE p.request_id IN (SELECT request_id FROM postings WHERE provider_id = ? "
+            "AND posted_ms > ? AND leg = 'payout' AND debit LIKE 'tenant:%') ORDER BY p.request_id, p.id",
+            (provider_id, served_after_ms))
+        by_request: dict[str, list[tuple]] = {}
+        for row in rows:
+            by_request.setdefault(row[0], []).append(row)
+        owed = []
+        for request_id, legs in by_request.items():
+            credited = credit(request_id, [PostedLeg(*row[:5]) for row in legs])
+            if credited is not None:
+                currency, tenant, model_id, margin_bp = legs[0][5:9]
+                owed.append((credited, (currency, tenant, provider_id, model_id, margin_bp)))
+        return owed
 
     @staticmethod
-    def credit_statements(provider_id: str, served_after_ms: int, now_ms: int) -> list:
-        """Credit every customer of ``provider_id`` for its requests posted after ``served_after_ms``: the payout and
-        the fee of each reversed, as correction legs (to run in the caller's transaction). Crediting twice is a
-        no-op: the legs are keyed by (request_id, leg)."""
-        return [(
-            "INSERT INTO postings (request_id, leg, debit, credit, amount, currency, period, tenant, "
-            "provider_id, model_id, tokens_in, tokens_out, margin_bp, posted_ms) "
-            "SELECT request_id, 'correction:spot-check-' || leg, credit, debit, amount, currency, ?, tenant, "
-            "provider_id, model_id, 0, 0, margin_bp, ? FROM postings WHERE provider_id = ? AND posted_ms > ? "
-            "AND leg IN ('payout', 'fee') AND debit LIKE 'tenant:%' AND amount > 0 ON CONFLICT DO NOTHING",
-            [(period_of(now_ms), now_ms, provider_id, served_after_ms)])]
+    def credit_statements(owed: Sequence[tuple[Credit, tuple]], now_ms: int) -> list:
+        """The legs of ``owed`` credits (``credits_since``), to run in the caller's transaction; idempotent."""
+        statements: list = []
+        for credited, (currency, tenant, provider_id, model_id, margin_bp) in owed:
+            statements += Books.leg_statements(credited.request_id, None, credited.legs, currency, period_of(now_ms),
+                                               tenant, provider_id, model_id, (0, 0), margin_bp, now_ms)
+        return statements
 
     async def balance(self, account: str) -> int:
         """Credits minus debits of an account (a tenant's balance is negative: what it owes)."""
@@ -173,12 +187,13 @@ class Books:
     async def statement(self, kind: str, subject: str | None, period: str) -> dict:
         """Invoice lines and totals: kind "tenant" (what it owes, by model and provider), "provider" (payouts, by
         model), or "platform" (fees, by tenant)."""
+        header: tuple[str, ...]
         if kind == "tenant":
-            lines = await self.lines("debit = ? AND period = ?", (tenant_account(subject), period),
+            lines = await self.lines("debit = ? AND period = ?", (tenant_account(subject or ""), period),
                                      ("currency", "model_id", "provider_id"))
             header = ("currency", "model", "provider")
         elif kind == "provider":
-            lines = await self.lines("credit = ? AND period = ?", (provider_account(subject), period),
+            lines = await self.lines("credit = ? AND period = ?", (provider_account(subject or ""), period),
                                      ("currency", "model_id"))
             header = ("currency", "model")
         else:

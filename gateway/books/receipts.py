@@ -87,4 +87,5 @@ class ReceiptBook:
 
     async def count(self) -> int:
         row = await self._database.fetchone("SELECT COUNT(*) FROM receipts")
+        assert row is not None                   # an aggregate answers one row
         return row[0]

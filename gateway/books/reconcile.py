@@ -25,7 +25,7 @@ import calendar
 from dataclasses import dataclass, field
 
 from llorch.gateway.books.postings import period_of
-from llorch.gateway.books.settlement import Metered, State, Terms, settle
+from llorch.gateway.books.settlement import Metered, Payer, State, Terms, settle
 from llorch.gateway.books.tickets import TicketBook, metered_of_row
 from llorch.ledger.errors import LedgerError
 from llorch.ledger.objects import Receipt, Ticket
@@ -56,7 +56,7 @@ CREATE INDEX IF NOT EXISTS tickets_waiting ON tickets (provider_key, issued_ms) 
 
 TICKET_ROW = ("ticket, state, outcome, tenant, margin_bp, customer_price_in, customer_price_out, reserved_minor, "
               "prompt_tokens_max, frames, text_bytes, accepted_ms, first_token_ms, ended_ms, tokens_in, tokens_out, "
-              "payout, charge, receipt_sha256, issued_ms")
+              "payout, charge, receipt_sha256, issued_ms, payer")
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,8 @@ class _TicketRow:
     @classmethod
     def parse(cls, row: tuple) -> "_TicketRow":
         ticket_bytes, state, outcome = row[0], row[1], row[2]
-        terms = Terms(*row[3:9]) if row[3] is not None else None           # None: a ticket from before settlement
+        terms = (Terms(row[3], row[4], row[5], row[6], row[7], row[8], Payer(row[20]))
+                 if row[3] is not None else None)           # None: a ticket from before settlement
         metered = metered_of_row(outcome, *row[9:14]) if outcome else None
         return cls(Ticket.from_envelope(ticket_bytes), ticket_bytes, state, outcome, terms, metered,
                    tuple(row[14:18]), row[18], row[19])
@@ -233,9 +234,12 @@ async def _report(database: Database, report: Report, period: str | None) -> Rep
         f"SELECT kind, request_id, provider_id, detail FROM reconcile_findings {where} "
         f"{'AND' if where else 'WHERE'} resolved_ms IS NULL ORDER BY kind, request_id", params)]
     in_period = ("WHERE issued_ms >= ? AND issued_ms < ?", _period_bounds(period)) if period else ("", ())
-    report.tickets = (await database.fetchone(f"SELECT COUNT(*) FROM tickets {in_period[0]}", in_period[1]))[0]
+    tickets = await database.fetchone(f"SELECT COUNT(*) FROM tickets {in_period[0]}", in_period[1])
     seen_where = f"{in_period[0]} {'AND' if in_period[0] else 'WHERE'} receipt_seen = 1"
-    report.matched = (await database.fetchone(f"SELECT COUNT(*) FROM tickets {seen_where}", in_period[1]))[0] - \
+    seen = await database.fetchone(f"SELECT COUNT(*) FROM tickets {seen_where}", in_period[1])
+    assert tickets is not None and seen is not None              # an aggregate answers one row
+    report.tickets = tickets[0]
+    report.matched = seen[0] - \
         sum(1 for f in report.findings if f.kind in ERRORS - {"receipt_without_ticket", "ticket_without_receipt"})
     report.receipts = report.matched + sum(1 for f in report.findings if f.kind != "ticket_without_receipt")
     return report

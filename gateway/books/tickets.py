@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from llorch.gateway.books.postings import Books
 from llorch.gateway.books.receipts import ReceiptBook
-from llorch.gateway.books.settlement import Metered, Settlement, State, Terms
+from llorch.gateway.books.settlement import Credit, Metered, Payer, Settlement, State, Terms
 from llorch.ledger.objects import Receipt, Ticket
-from llorch.ledger.signing import sha256
+from llorch.ledger.signing import peer_id_of, sha256
 from llorch.ledger.sqlite import Database
 
 SCHEMA = """
@@ -63,6 +63,7 @@ TICKET_COLUMNS = {
     "receipt_sha256": "BLOB",                      # the receipt the settlement used (NULL: settled without one)
     "receipt_seen": "INTEGER NOT NULL DEFAULT 0",  # reconciliation found this ticket's receipt in the ledger
 }
+PAYER_COLUMN = {"payer": "TEXT NOT NULL DEFAULT 'customer'"}   # customer | spot_check | probe (schema version 3)
 
 TRIGGERS = """
 CREATE INDEX IF NOT EXISTS tickets_request ON tickets (request_id);
@@ -90,25 +91,36 @@ class TicketBook:
         """Write the ticket durably, before it is sent."""
         await self._database.transaction([(
             "INSERT INTO tickets (ticket_sha256, request_id, provider_key, issued_ms, ticket, state, tenant, margin_bp,"
-            " customer_price_in, customer_price_out, reserved_minor, prompt_tokens_max) "
-            "VALUES (?, ?, ?, ?, ?, 'issued', ?, ?, ?, ?, ?, ?)",
+            " customer_price_in, customer_price_out, reserved_minor, prompt_tokens_max, payer) "
+            "VALUES (?, ?, ?, ?, ?, 'issued', ?, ?, ?, ?, ?, ?, ?)",
             [(sha256(ticket_bytes), ticket.request_id, ticket.provider_key, ticket.issued_ms, ticket_bytes,
               terms.tenant, terms.margin_bp, terms.customer_price_in, terms.customer_price_out, terms.reserved_minor,
-              terms.prompt_tokens_max)])])
+              terms.prompt_tokens_max, terms.payer.value)])])
 
     async def settle(self, ticket: Ticket, ticket_bytes: bytes, metered: Metered, settlement: Settlement,
                      receipt: Receipt | None, receipt_bytes: bytes | None, tenant: str, now_ms: int,
-                     platform_leg: str | None = None) -> None:
-        """One transaction: the settlement, the receipt it used, its postings and findings. Raises StoreError
-        (and writes nothing) if the ticket was already settled. ``platform_leg``: see Books.settlement_statements."""
-        await self._database.transaction(
-            self.settlement_statements(ticket, ticket_bytes, metered, settlement, receipt, receipt_bytes, tenant,
-                                       now_ms, platform_leg))
+                     credit: Credit | None = None) -> None:
+        """One transaction: the settlement, the receipt it used, its postings and findings, and ``credit`` (the
+        request served by a provider suspended meanwhile, repaid at once). Raises StoreError (and writes nothing)
+        if the ticket was already settled."""
+        statements = self.settlement_statements(ticket, ticket_bytes, metered, settlement, receipt, receipt_bytes,
+                                                tenant, now_ms)
+        if credit is not None:
+            statements += self._credit_statements(ticket, credit, tenant, settlement.margin_bp, now_ms)
+        await self._database.transaction(statements)
+
+    async def credit(self, ticket: Ticket, credit: Credit, tenant: str, margin_bp: int, now_ms: int) -> None:
+        """A settled ticket's credit on its own (idempotent: a request is never credited twice)."""
+        await self._database.transaction(self._credit_statements(ticket, credit, tenant, margin_bp, now_ms))
+
+    @staticmethod
+    def _credit_statements(ticket: Ticket, credit: Credit, tenant: str, margin_bp: int, now_ms: int) -> list:
+        return Books.credit_statements([(credit, (ticket.currency, tenant, peer_id_of(ticket.provider_key),
+                                                  ticket.model_id, margin_bp))], now_ms)
 
     @staticmethod
     def settlement_statements(ticket: Ticket, ticket_bytes: bytes, metered: Metered, settlement: Settlement,
-                              receipt: Receipt | None, receipt_bytes: bytes | None, tenant: str, now_ms: int,
-                              platform_leg: str | None = None) -> list:
+                              receipt: Receipt | None, receipt_bytes: bytes | None, tenant: str, now_ms: int) -> list:
         ticket_hash = sha256(ticket_bytes)
         statements: list = [(
             "UPDATE tickets SET state = 'settled', outcome = ?, frames = ?, text_bytes = ?, accepted_ms = ?, "
@@ -120,7 +132,7 @@ class TicketBook:
               sha256(receipt_bytes) if receipt_bytes and settlement.receipt_used else None, ticket_hash)])]
         if receipt is not None and receipt_bytes is not None:
             statements += ReceiptBook.statements(receipt, ticket_bytes, receipt_bytes)
-        statements += Books.settlement_statements(tenant, ticket, ticket_hash, settlement, now_ms, platform_leg)
+        statements += Books.settlement_statements(tenant, ticket, ticket_hash, settlement, now_ms)
         if settlement.findings:
             statements.append((
                 "INSERT INTO findings (kind, provider_key, ticket_sha256, request_id, detail, found_ms) "
@@ -132,8 +144,9 @@ class TicketBook:
     async def open_tickets(self) -> list[OpenTicket]:
         rows = await self._database.fetchall(
             "SELECT ticket_sha256, ticket, tenant, margin_bp, customer_price_in, customer_price_out, reserved_minor, "
-            "prompt_tokens_max FROM tickets WHERE state = 'issued' ORDER BY issued_ms")
-        return [OpenTicket(row[0], Ticket.from_envelope(row[1]), row[1], Terms(*row[2:])) for row in rows]
+            "prompt_tokens_max, payer FROM tickets WHERE state = 'issued' ORDER BY issued_ms")
+        return [OpenTicket(row[0], Ticket.from_envelope(row[1]), row[1], Terms(row[2], row[3], row[4], row[5], row[6], row[7], Payer(row[8])))
+                for row in rows]
 
 
 def metered_of_row(outcome: str, frames, text_bytes, accepted_ms, first_token_ms, ended_ms) -> Metered:

@@ -1,4 +1,4 @@
-"""The admission queue: a request that finds every eligible provider busy waits here for a slot instead of failing.
+"""Admission (step 2: ``Admission``, a tenant's quota and reservation) and the admission queue: a request that finds every eligible provider busy waits here for a slot instead of failing.
 
 ``FairQueue`` is the pure data structure: FIFO within a tenant, round robin across tenants (one tenant's burst
 cannot starve another: each tenant with someone waiting gets the next slot in turn), bounded in size. A waiter woken
@@ -16,6 +16,13 @@ from collections import deque
 from typing import Generic, TypeVar
 
 import trio
+
+from llorch.gateway.books.postings import Books
+from llorch.gateway.errors import PaymentRequired, RateLimited
+from llorch.gateway.market.quota import QuotaExceeded, TenantQuota, TokenBucket
+from llorch.gateway.market.shared import SharedReservations
+from llorch.gateway.market.tenants import Tenant
+from llorch.node.stream_io import now_ms
 
 T = TypeVar("T")
 
@@ -116,3 +123,60 @@ class WaitingRoom:
             if turn is None:
                 return
             turn.set()
+
+
+class Admission:
+    """Step (2): a tenant's rate token, concurrency slot and budget reservation, all or nothing, against the spend
+    in the books (gateway/market/quota.py); with replicas on one PostgreSQL database, the slot and the reservation
+    also in the database, where they hold over every replica (gateway/market/shared.py). ``tenant_lock``: admission
+    reads a tenant's spend and reserves under it, and a settlement posts under it, so no admission sees a charge
+    both spent and still reserved, or neither."""
+
+    def __init__(self, books: Books, shared: SharedReservations | None) -> None:
+        self._books = books
+        self.shared = shared
+        self._quotas: dict[str, TenantQuota] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    def tenant_lock(self, name: str) -> trio.Lock:
+        return self._locks.setdefault(name, trio.Lock())
+
+    async def admit(self, tenant: Tenant, request_id: str, reserved_minor: int) -> None:
+        """Take a rate token, a concurrency slot and the reservation, or raise PaymentRequired / RateLimited and
+        take nothing. The caller gives them back with ``release``."""
+        quota = self._quota(tenant)
+        async with self.tenant_lock(tenant.name):
+            quota.spent_minor = await self._books.tenant_spent(tenant.name)      # the books, not a counter
+            try:
+                quota.admit(request_id, reserved_minor, now_ms())
+                if self.shared is not None and tenant.limited:
+                    try:
+                        await self.shared.admit(tenant.name, tenant.max_concurrent, tenant.budget_minor, request_id,
+                                                reserved_minor, now_ms())
+                    except BaseException:
+                        quota.settle(request_id, None)
+                        raise
+            except QuotaExceeded as exc:
+                raise (PaymentRequired(str(exc)) if exc.kind == "budget" else
+                       RateLimited(str(exc), "rate_limit_exceeded" if exc.kind == "rate" else "too_many_concurrent",
+                                   max(1, -(-(exc.retry_after_ms or 1000) // 1000)))) from None
+
+    async def release(self, tenant: Tenant, request_id: str, charged_minor: int) -> None:
+        """Give back what ``admit`` took, once the request's tickets are settled (``charged_minor``: their charge)."""
+        self._quota(tenant).settle(request_id, charged_minor)
+        if self.shared is not None and tenant.limited:
+            with trio.CancelScope(shield=True):     # after the settlement: its charge is in the books
+                await self.shared.release(request_id)
+
+    def _quota(self, tenant: Tenant) -> TenantQuota:
+        quota = self._quotas.get(tenant.name)
+        if quota is None:
+            quota = self._quotas[tenant.name] = TenantQuota(tenant.max_concurrent, tenant.budget_minor,
+                                                            tenant.spent_minor)
+        quota.max_concurrent, quota.budget_minor = tenant.max_concurrent, tenant.budget_minor   # may be updated
+        quota.spent_minor = max(quota.spent_minor, tenant.spent_minor)
+        if tenant.rps is None:
+            quota.bucket = None
+        elif quota.bucket is None or quota.bucket.rate_per_s != tenant.rps:
+            quota.bucket = TokenBucket(tenant.rps, tenant.rps)
+        return quota

@@ -8,6 +8,7 @@ Drives node.infer_protocol.InferProtocol in the CLIENT role; all bytes go throug
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import deque
 from contextlib import asynccontextmanager
@@ -29,13 +30,29 @@ from llorch.ledger.signing import peer_id_of
 log = logging.getLogger("llorch.gateway")
 
 
-class AttemptFailed(Exception):
-    """The provider refused (busy, rejected ticket) or failed before admission; nothing was served."""
+class Refusal(enum.Enum):
+    """Why a provider did not start serving a ticket."""
 
-    def __init__(self, reason: str, busy: bool = False, code: str | None = None) -> None:
+    BUSY = "busy"                    # every slot taken (no mark against it)
+    BAD_REQUEST = "bad_request"      # the request itself is unservable: no other provider would differ
+    REFUSED = "refused"              # it refused this ticket (an error frame)
+    UNREACHABLE = "unreachable"      # no stream, or the stream broke before admission
+    FAILED = "failed"                # admitted, then failed before any text reached the customer
+    SUSPENDED = "suspended"          # caught cheating since placement: this gateway sends it nothing more
+
+
+class AttemptFailed(Exception):
+    """The provider refused (busy, rejected ticket) or failed before admission; nothing was served. ``refusal``
+    says which; ``code`` is the provider's error code, if it sent one."""
+
+    def __init__(self, reason: str, refusal: Refusal = Refusal.UNREACHABLE, code: str | None = None) -> None:
         super().__init__(reason)
-        self.busy = busy
+        self.refusal = refusal
         self.code = code
+
+    @property
+    def busy(self) -> bool:
+        return self.refusal is Refusal.BUSY
 
 
 class InferenceCall:
@@ -167,7 +184,7 @@ async def request_inference(p2p: P2P, provider: Attestation, request: Request,
     stream = pool.take(peer) if pool is not None else None
     if pool is not None:
         pool.keep_spare(peer, addrs)                  # the next request should not wait for a stream either
-    if stream is not None:
+    if pool is not None and stream is not None:
         protocol = InferProtocol(Role.CLIENT)
         try:
             admission = await _send_request(stream, protocol, request)
@@ -187,9 +204,10 @@ async def request_inference(p2p: P2P, provider: Attestation, request: Request,
     finished = False
     try:
         if isinstance(admission, Busy):
-            raise AttemptFailed(f"busy: {admission.reason}", busy=True)
+            raise AttemptFailed(f"busy: {admission.reason}", Refusal.BUSY)
         if isinstance(admission, Error):
-            raise AttemptFailed(f"refused ({admission.code}): {admission.message}", code=admission.code)
+            refusal = Refusal.BAD_REQUEST if admission.code == "bad_request" else Refusal.REFUSED
+            raise AttemptFailed(f"refused ({admission.code}): {admission.message}", refusal, admission.code)
         assert isinstance(admission, Accepted)
         yield InferenceCall(stream, protocol)
         finished = protocol.done

@@ -109,9 +109,11 @@ class ProviderBook:
         return record
 
     async def _check_pending_room(self, source: str | None) -> None:
-        pending, from_source = await self._database.fetchone(
+        row = await self._database.fetchone(
             "SELECT COUNT(*), COALESCE(SUM(CASE WHEN source = ? THEN 1 ELSE 0 END), 0) FROM providers "
             "WHERE status = 'pending'", (source,))
+        assert row is not None                   # an aggregate answers one row
+        pending, from_source = row
         if pending >= limits.REGISTRATIONS_PENDING_MAX:
             raise RateLimited(f"{pending} registrations are awaiting the operator's review; try again later",
                               "registrations_pending", retry_after_s=3600)
@@ -132,7 +134,9 @@ class ProviderBook:
 
     async def _refresh(self) -> None:
         if self._database.engine.name == "sqlite":     # changes when another connection (a CLI) committed
-            version = (await self._database.peek("PRAGMA data_version"))[0]
+            row = await self._database.peek("PRAGMA data_version")
+            assert row is not None               # the pragma answers one row
+            version = row[0]
         else:     # PostgreSQL: other replicas write too; read again at most once a second
             version = int(trio.current_time() // PROVIDERS_REREAD_S)
         if version == self._version:
@@ -149,20 +153,22 @@ class ProviderBook:
     async def approved_keys(self) -> set[bytes]:
         return {record.provider_key for record in await self.all() if record.approved}
 
-    async def set_status(self, provider_id: str, status: str) -> ProviderRecord:
+    async def set_status(self, provider_id: str, status: str, together: list | None = None) -> ProviderRecord:
+        """Set a provider's status; ``together``: statements written in the same transaction (a suspension's
+        evidence and credits: gateway/spot_checks.py)."""
         assert status in STATUSES
         await self._require(provider_id)
-        await self._database.transaction([("UPDATE providers SET status = ? WHERE provider_id = ?",
-                                           [(status, provider_id)])])
-        self._keep(replace(await self.get(provider_id), status=status))
-        return await self.get(provider_id)
+        await self._database.transaction([*(together or []), ("UPDATE providers SET status = ? WHERE provider_id = ?",
+                                                              [(status, provider_id)])])
+        self._keep(replace(await self._known(provider_id), status=status))
+        return await self._known(provider_id)
 
     async def certify_geo(self, provider_id: str) -> ProviderRecord:
         await self._require(provider_id)
         await self._database.transaction([("UPDATE providers SET geo_certified = 1 WHERE provider_id = ?",
                                            [(provider_id,)])])
-        self._keep(replace(await self.get(provider_id), geo_certified=True))
-        return await self.get(provider_id)
+        self._keep(replace(await self._known(provider_id), geo_certified=True))
+        return await self._known(provider_id)
 
     async def _require(self, provider_id: str) -> None:
         try:
@@ -171,6 +177,12 @@ class ProviderBook:
             raise ProviderError(f"{provider_id!r} is not a peer id") from None
         if await self.get(provider_id) is None:
             raise ProviderError(f"provider {provider_id} has not registered with this gateway")
+
+    async def _known(self, provider_id: str) -> ProviderRecord:
+        """The record of a provider ``_require`` found: providers are never deleted."""
+        record = await self.get(provider_id)
+        assert record is not None
+        return record
 
     @staticmethod
     def _record(row) -> ProviderRecord:

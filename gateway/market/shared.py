@@ -74,10 +74,12 @@ class SharedReservations:
             with trio.CancelScope(shield=True):
                 await self.release(request_id)
             raise
-        count, spent, reserved = await self.database.fetchone(
+        row = await self.database.fetchone(
             f"SELECT (SELECT COUNT(*) {_LIVE}), "
             "COALESCE((SELECT debits - credits FROM account_balances WHERE account = ?), 0), "
             f"COALESCE((SELECT SUM(r.amount) {_LIVE}), 0)", (*live, account, *live))
+        assert row is not None                   # a select of aggregates answers one row
+        count, spent, reserved = row
         if count >= limit:
             raise QuotaExceeded("concurrency", f"{count} requests already in flight over every gateway replica; the "
                                                f"limit is {limit}")

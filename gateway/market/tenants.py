@@ -5,11 +5,13 @@ so a revoked key stops working at once."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import secrets
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
+from llorch.gateway.errors import AuthError
 from llorch.ledger.sqlite import Database
 
 TIERS = ("hobby", "startup", "enterprise")
@@ -83,7 +85,8 @@ def parse_amount(text: str) -> int:
         raise TenantError(f"amount {text!r} is not a number") from None
     # Range first (NaN, infinities and exponents like 1e999999999 never reach arithmetic), then exactness, checked
     # without rounding: 1e-999999999 times 10^6 would underflow to 0 and pass as a whole number of minor units.
-    if not amount.is_finite() or not 0 <= amount <= 10**9 or amount.as_tuple().exponent < -6 and \
+    exponent = amount.as_tuple().exponent          # an int for a finite amount ('n', 'N', 'F' otherwise)
+    if not amount.is_finite() or not 0 <= amount <= 10**9 or isinstance(exponent, int) and exponent < -6 and \
             amount != amount.quantize(Decimal(1).scaleb(-6)):
         raise TenantError(f"amount {text!r} must be 0..1e9 with at most 6 decimals")
     return int(amount.scaleb(6))
@@ -159,10 +162,39 @@ class TenantBook:
             assignments = ", ".join(f"{column} = ?" for column in values)
             await self._database.transaction([(f"UPDATE tenants SET {assignments} WHERE name = ?",
                                                [(*values.values(), name)])])
-        return await self.get(name)
+        tenant = await self.get(name)
+        if tenant is None:
+            raise TenantError(f"no tenant named {name!r}")
+        return tenant
 
     async def revoke(self, name: str) -> None:
         if await self.get(name) is None:
             raise TenantError(f"no tenant {name!r}")
         await self._database.transaction([("UPDATE tenants SET revoked = 1 WHERE name = ?", [(name,)])])
 
+
+
+class Authenticator:
+    """Step (1): the tenant of an ``Authorization: Bearer <key>`` header. The bootstrap key (the config's
+    ``api_key_sha256``) belongs to an unlimited tenant named by the config: run_gateway refuses to start if a real
+    tenant has the name, and `tenants add` refuses it, so the two never share an account."""
+
+    def __init__(self, tenants: TenantBook, bootstrap_key_sha256: str | None, bootstrap_name: str) -> None:
+        self._tenants = tenants
+        self._bootstrap_key_sha256 = bootstrap_key_sha256
+        self.bootstrap_tenant = Tenant(bootstrap_name, "enterprise", None, 0, False, False, None, None, None, False)
+
+    async def authenticate(self, authorization: str | None) -> Tenant:
+        """The tenant of a valid header; raises AuthError otherwise (a revoked key included)."""
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            raise AuthError("missing API key: send the header `Authorization: Bearer <api key>`")
+        presented = hashlib.sha256(credentials.strip().encode()).hexdigest()
+        if self._bootstrap_key_sha256 and hmac.compare_digest(presented, self._bootstrap_key_sha256):
+            return self.bootstrap_tenant
+        tenant = await self._tenants.by_key_hash(presented)
+        if tenant is None:
+            raise AuthError("incorrect API key")
+        if tenant.revoked:
+            raise AuthError(f"the API key of tenant {tenant.name} has been revoked")
+        return tenant

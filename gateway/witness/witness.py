@@ -420,7 +420,7 @@ class Witness:
         earlier = await self.book.known_request_ids(provider_key, request_ids)
         new_state = await trio.to_thread.run_sync(extend, state, checkpoint, reply.note, entries, provider_key, nodes,
                                                   earlier)
-        cosigned = cosign(new_state.note, self.name, self.key, now_ms() // 1000)
+        cosigned = cosign(reply.note, self.name, self.key, now_ms() // 1000)       # the note ``extend`` checked
         new_state = WitnessedState(new_state.size, new_state.root, new_state.head_hash, new_state.compact, cosigned)
         await self.book.advance(provider_key, state, new_state, entries, request_ids, nodes, self.name)
         await self._hand_back(provider_key, addrs, cosigned)
@@ -441,6 +441,7 @@ class Witness:
             check_consistency(state, checkpoint, reply.note, proof.hashes)
         if not state.size or (mine is not None and mine[0] >= state.size):
             return state
+        assert state.note is not None                  # a witnessed size has its cosigned note
         verified = check_checkpoint(state, provider_signed(state.note), provider_key)
         if mine is not None and mine[0]:
             earlier = WitnessedState(mine[0], mine[1], ZERO_HASH, merkle.CompactRange(), None)

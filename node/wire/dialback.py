@@ -63,7 +63,7 @@ def check_ip(ip: object, name: str) -> str:
         parsed = ip_address(ip) if isinstance(ip, str) else None
     except ValueError:
         parsed = None
-    if parsed is None or parsed.is_unspecified or parsed.is_multicast:
+    if not isinstance(ip, str) or parsed is None or parsed.is_unspecified or parsed.is_multicast:
         raise ProtocolError(f"{name} {str(ip)[:64]!r} is not a unicast IPv4 or IPv6 address")
     return ip
 

@@ -6,8 +6,9 @@ Frames are frozen dataclasses validated when built; ``decode_frame`` parses stri
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import ClassVar
+import enum
+from dataclasses import Field, dataclass, fields
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from llorch.ledger import canonical
 from llorch.ledger.errors import EncodingError
@@ -101,6 +102,17 @@ Frame = Request | Accepted | Busy | Token | Final | Cancel | Error
 FRAME_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (Request, Accepted, Busy, Token, Final, Cancel, Error)}
 
 
+class FrameLike(Protocol):
+    """A frame of any stream protocol here (this module's, node/wire/ledger_protocol.py's): a frozen dataclass whose
+    ``TYPE`` is its "t" on the wire."""
+
+    TYPE: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+
+F = TypeVar("F", bound=FrameLike)
+
+
 def _check_text(name: str, value: object, chars_max: int) -> None:
     if not isinstance(value, str) or len(value) > chars_max:
         raise ProtocolError(f"{name} must be a str of at most {chars_max} characters")
@@ -131,7 +143,7 @@ def prompt_parts(prompt: dict) -> int:
     return 1 if "text" in prompt else len(prompt["messages"])
 
 
-def encode_frame(frame: Frame) -> bytes:
+def encode_frame(frame: FrameLike) -> bytes:
     body = canonical.encode({"t": frame.TYPE, **{f.name: getattr(frame, f.name) for f in fields(frame)}})
     return encode_uvarint(len(body)) + body
 
@@ -144,12 +156,13 @@ def decode_frame(body: bytes, types: dict[str, type] = FRAME_TYPES):
         raise ProtocolError(f"frame is not canonical msgpack: {exc}") from None
     if not isinstance(value, dict) or not isinstance(value.get("t"), str):
         raise ProtocolError('a frame is a map with a str "t"')
-    cls = types.get(value.pop("t"))
+    name = value.pop("t")
+    cls = types.get(name)
     if cls is None:
         raise ProtocolError("unknown frame type")
     expected = {f.name for f in fields(cls)}
     if set(value) != expected:
-        raise ProtocolError(f"{cls.TYPE} frame must have exactly the fields {sorted(expected)}")
+        raise ProtocolError(f"{name} frame must have exactly the fields {sorted(expected)}")
     return cls(**value)
 
 
@@ -208,16 +221,17 @@ class FrameBuffer:
         return body
 
 
-class FramedProtocol:
+class FramedProtocol(Generic[F]):
     """What both stream protocols share: a role, a bounded frame buffer, and send/receive around a transition check.
 
     A subclass sets ``INCOMING`` (frame types the peer may send, by role of the peer) and implements
     ``_frame_cap`` (the largest frame accepted in the current state) and ``_advance`` (the state machine), which
-    raises ProtocolError for a frame that is not allowed.
+    raises ProtocolError for a frame that is not allowed. ``F`` is the union of the protocol's frame types.
     """
 
     RECEIVE_BUFFER_BYTES_MAX: int
     INCOMING: dict
+    state: enum.Enum                # the subclass's own State; "done" ends the stream
 
     def __init__(self, role) -> None:
         self.role = role
@@ -225,7 +239,7 @@ class FramedProtocol:
         self._frames = FrameBuffer(self.RECEIVE_BUFFER_BYTES_MAX)
         self.bytes_received = 0
 
-    def send(self, frame) -> bytes:
+    def send(self, frame: F) -> bytes:
         """Advance the state for a frame we send; return its bytes. A local misuse raises AssertionError."""
         try:
             self._advance(self.role, frame)
@@ -238,7 +252,7 @@ class FramedProtocol:
         self.bytes_received += len(data)
         self._frames.feed(data)
 
-    def next_frame(self):
+    def next_frame(self) -> F | None:
         """The next complete frame from the peer, or None if more bytes are needed."""
         body = self._frames.next_body(self._frame_cap(), self.state.value)
         if body is None:
@@ -254,7 +268,7 @@ class FramedProtocol:
     def _frame_cap(self) -> int:
         raise NotImplementedError
 
-    def _advance(self, sender, frame) -> None:
+    def _advance(self, sender, frame: F) -> None:
         raise NotImplementedError
 
 
@@ -282,8 +296,10 @@ def decode_small_frame(frame: bytes, bytes_max: int, what: str) -> dict:
     """The map in one complete frame (length prefix included), at most ``bytes_max`` bytes in all."""
     if small_frame_length(frame, bytes_max, what) != len(frame):
         raise ProtocolError(f"{what} frame: the length prefix does not match the bytes")
+    header = decode_uvarint(frame)
+    assert header is not None               # small_frame_length found the whole prefix
     try:
-        fields = canonical.decode(frame[decode_uvarint(frame)[1]:])
+        fields = canonical.decode(frame[header[1]:])
     except EncodingError as exc:
         raise ProtocolError(f"{what} frame is not canonical msgpack: {exc}") from None
     if not isinstance(fields, dict):

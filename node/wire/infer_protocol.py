@@ -65,7 +65,7 @@ TRANSITIONS: dict[tuple[State, Role, type], State] = {
 }
 
 
-class InferProtocol(FramedProtocol):
+class InferProtocol(FramedProtocol[Frame]):
     """One side of one /llorch/infer/1 stream."""
 
     RECEIVE_BUFFER_BYTES_MAX = limits.RECEIVE_BUFFER_BYTES_MAX
@@ -73,7 +73,7 @@ class InferProtocol(FramedProtocol):
 
     def __init__(self, role: Role) -> None:
         super().__init__(role)
-        self.state = State.AWAIT_REQUEST
+        self.state: State = State.AWAIT_REQUEST
         self.tokens_seen = 0
 
     def _frame_cap(self) -> int:

@@ -144,6 +144,8 @@ class Ack:
     TYPE: ClassVar[str] = "ack"
 
 
+LedgerFrame = (GetCheckpoint | GetEntries | GetConsistency | GetInclusion | PutCosigned | CheckpointReply | EntriesReply
+               | ProofReply | Ack | Error)
 REQUESTS = {cls.TYPE: cls for cls in (GetCheckpoint, GetEntries, GetConsistency, GetInclusion, PutCosigned)}
 REPLIES = {cls.TYPE: cls for cls in (CheckpointReply, EntriesReply, ProofReply, Ack, Error)}
 REPLY_TO = {GetCheckpoint: CheckpointReply, GetEntries: EntriesReply, GetConsistency: ProofReply,
@@ -156,7 +158,7 @@ class State(enum.Enum):
     DONE = "done"
 
 
-class LedgerProtocol(FramedProtocol):
+class LedgerProtocol(FramedProtocol[LedgerFrame]):
     """One side of one /llorch/ledger/1 stream."""
 
     RECEIVE_BUFFER_BYTES_MAX = limits.LEDGER_RECEIVE_BUFFER_BYTES_MAX
@@ -164,7 +166,7 @@ class LedgerProtocol(FramedProtocol):
 
     def __init__(self, role: Role) -> None:
         super().__init__(role)
-        self.state = State.AWAIT_REQUEST
+        self.state: State = State.AWAIT_REQUEST
         self.request = None
 
     def _frame_cap(self) -> int:
