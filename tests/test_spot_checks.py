@@ -251,48 +251,58 @@ LAZY_RUNS = 20
 STEADY_CLIENTS = 3
 
 
+async def catch_a_lazy_cheater_under_load(workdir, seed: int, rate_ppm: int) -> tuple[object, list, int]:
+    """Three 1-slot providers, one of them lazy (tests/cheaters.py LazyEngine), kept busy by STEADY_CLIENTS clients
+    until the cheater is suspended (or each sent 60 requests); the draw seeded with ``seed``. Asserts what must
+    hold whatever the seed (suspended, no draw dropped, expired or undecided, no honest provider suspended, every
+    request it settled credited); returns (the checker's statistics, the completions it served, requests sent)."""
+    import random
+
+    providers = {"honest1": {"delay_s": 0.002}, "cheater": {"engine": LazyEngine, "delay_s": 0.002},
+                 "honest2": {"delay_s": 0.002}}
+    async with market(workdir, providers, CONSENTING, {"spot_check_rate_ppm": rate_ppm}) as m:
+        m.gateway.spot_checks.rng = random.Random(seed)
+        cheater = m.providers["cheater"]
+        served_by_cheater: list = []
+        sent = 0
+
+        async def client(first_seed: int) -> None:
+            nonlocal sent
+            for n in range(60):
+                if (await m.gateway.providers.get(cheater.key.peer_id)).status == "suspended":
+                    return
+                completion = await m.complete("acme", body(first_seed + n))
+                sent += 1
+                if completion.provider_peer_id == cheater.key.peer_id:
+                    served_by_cheater.append(completion)
+
+        async with trio.open_nursery() as nursery:
+            for c in range(STEADY_CLIENTS):
+                nursery.start_soon(client, 1_000 * c)
+        stats = m.gateway.spot_checks.statistics
+        status = (await m.gateway.providers.get(cheater.key.peer_id)).status
+        assert status == "suspended", f"seed {seed}: not caught after {sent} requests ({stats})"
+        assert stats.dropped == 0 and stats.expired == 0 and stats.undecided == 0, f"seed {seed}: {stats}"
+        assert all(r.status == "approved" for r in await m.gateway.providers.all()
+                   if r.provider_key != cheater.key.public_key)
+        await check_customers_credited(m, cheater, served_by_cheater)
+        return stats, served_by_cheater, sent
+
+
 async def test_a_lazy_cheater_under_steady_load_is_caught_within_the_bound_in_every_seeded_run(tmp_path):
     """docs/verification.md §3 at p = 0.5, P = 0.999 (q = 1: it cheats on every request): caught within n = 10 of
     its requests, in 20 of 20 seeded runs, on 1-slot nodes kept busy by 3 clients. Checkers are often busy then: a
     drawn check and a tie-breaker wait for a slot instead of being dropped or left undecided, and every request the
-    cheater settled (those in flight when it was caught included) is credited."""
-    import random
-
+    cheater settled (those in flight when it was caught included) is credited. bench/spot_checks.py --lazy-runs N
+    runs more seeds."""
     rate_ppm = 500_000
     bound = requests_to_catch(rate_ppm, ALL_PPM, 1e-3)
     assert bound == 10
     for seed in range(LAZY_RUNS):
         workdir = tmp_path / f"run{seed}"
         workdir.mkdir()
-        providers = {"honest1": {"delay_s": 0.002}, "cheater": {"engine": LazyEngine, "delay_s": 0.002},
-                     "honest2": {"delay_s": 0.002}}
-        async with market(workdir, providers, CONSENTING, {"spot_check_rate_ppm": rate_ppm}) as m:
-            m.gateway.spot_checks.rng = random.Random(seed)
-            cheater = m.providers["cheater"]
-            served_by_cheater: list = []
-            served = 0
-
-            async def client(first_seed: int) -> None:
-                nonlocal served
-                for n in range(60):
-                    if (await m.gateway.providers.get(cheater.key.peer_id)).status == "suspended":
-                        return
-                    completion = await m.complete("acme", body(first_seed + n))
-                    served += 1
-                    if completion.provider_peer_id == cheater.key.peer_id:
-                        served_by_cheater.append(completion)
-
-            async with trio.open_nursery() as nursery:
-                for c in range(STEADY_CLIENTS):
-                    nursery.start_soon(client, 1_000 * c)
-            stats = m.gateway.spot_checks.statistics
-            status = (await m.gateway.providers.get(cheater.key.peer_id)).status
-            assert status == "suspended", f"seed {seed}: not caught after {served} requests ({stats})"
-            assert len(served_by_cheater) <= bound, f"seed {seed}: caught after it served {len(served_by_cheater)}"
-            assert stats.dropped == 0 and stats.expired == 0 and stats.undecided == 0, f"seed {seed}: {stats}"
-            assert all(r.status == "approved" for r in await m.gateway.providers.all()
-                       if r.provider_key != cheater.key.public_key)
-            await check_customers_credited(m, cheater, served_by_cheater)
+        _, served_by_cheater, _ = await catch_a_lazy_cheater_under_load(workdir, seed, rate_ppm)
+        assert len(served_by_cheater) <= bound, f"seed {seed}: caught after it served {len(served_by_cheater)}"
 
 
 async def test_every_draw_ends_in_one_outcome_counted_in_the_metrics_and_the_books(tmp_path):
