@@ -364,3 +364,110 @@ async def test_a_request_in_flight_when_its_provider_is_caught_is_credited_as_it
             assert legs["correction:spot-check-payout"] == (provider_account(cheater.key.peer_id),
                                                             tenant_account(tenant), completion.charge.payout)
         assert await m.gateway.books.tenant_spent("quiet") == 0          # charged, then repaid in full
+
+
+def occupying_order(m, provider_name: str, max_tokens: int = 40):
+    """An order that keeps one slot of ``provider_name`` busy (the platform pays; nobody's request)."""
+    from llorch.gateway.books.settlement import Payer
+    from llorch.gateway.ticket_runner import Order, new_request_id
+
+    model = m.providers[provider_name].attestation.models[0]
+    sampling = {"seed": 9, "temperature_ppm": 0, "top_p_ppm": 1_000_000, "max_tokens": max_tokens, "stop": []}
+    return Order(new_request_id(), "acme", Payer.PROBE, model["id"], model["sha256"], sampling, bytes(16),
+                 {"messages": [{"role": "user", "content": "keep busy"}]}, 64, 10_000)
+
+
+async def keep_busy(m, provider_name: str, started: trio.Event, max_tokens: int = 40) -> None:
+    from llorch.gateway.ticket_runner import Keep
+
+    class Signal(Keep):
+        async def send(self, text: str, provider_peer_id: str) -> None:
+            started.set()
+
+    await m.gateway.runner.run(occupying_order(m, provider_name, max_tokens), m.providers[provider_name].attestation,
+                               Signal())
+
+
+async def test_a_check_whose_only_checker_is_busy_waits_for_it_instead_of_being_dropped(tmp_path):
+    """The one other provider of the class is busy when the draw is made: the check waits for its slot and ends
+    clean (before: counted no_checker and thrown away)."""
+    providers = {"served": {}, "checker": {"delay_s": 0.05}}
+    async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": ALL_PPM}) as m, \
+            trio.open_nursery() as nursery:
+        busy = trio.Event()
+        nursery.start_soon(keep_busy, m, "checker", busy)
+        await busy.wait()
+        completion = await m.complete("acme", body(1))
+        assert completion.provider_peer_id == m.providers["served"].key.peer_id
+        await m.gateway.spot_checks.wait_idle()
+        stats = m.gateway.spot_checks.statistics
+        assert (stats.sampled, stats.clean, stats.dropped, stats.expired) == (1, 1, 0, 0), stats
+        (verdict,) = m.gateway.spot_checks.verdicts
+        assert [r.provider_key for r in verdict.receipts] == [m.providers["served"].key.public_key,
+                                                              m.providers["checker"].key.public_key]
+
+
+async def test_a_disagreement_waits_for_a_busy_tie_breaker_and_catches_the_cheater(tmp_path):
+    """The cheater's run and the first checker's disagree while the only other provider is busy: the check waits
+    for it, and the majority catches the cheater (before: stored undecided, nobody suspended)."""
+    providers = {"cheater": {"engine": TruncatingEngine, "price_out": 100_000}, "checker": {"price_out": 200_000},
+                 "tie_breaker": {"delay_s": 0.05, "price_out": 300_000}}
+    async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": ALL_PPM}) as m, \
+            trio.open_nursery() as nursery:
+        busy = trio.Event()
+        nursery.start_soon(keep_busy, m, "tie_breaker", busy)
+        await busy.wait()
+        completion = await m.complete("acme", body(1))
+        cheater = m.providers["cheater"]
+        assert completion.provider_peer_id == cheater.key.peer_id
+        await m.gateway.spot_checks.wait_idle()
+        stats = m.gateway.spot_checks.statistics
+        assert (stats.suspects, stats.undecided, stats.dropped, stats.expired) == (1, 0, 0, 0), stats
+        assert (await m.gateway.providers.get(cheater.key.peer_id)).status == "suspended"
+        await check_customers_credited(m, cheater, [completion])
+
+
+async def test_a_check_no_checker_takes_before_the_deadline_expires_and_says_so(tmp_path):
+    """Checkers exist but stay busy past the deadline: the draw ends "expired" (counted, stored with its reason),
+    and nobody is suspended."""
+    from llorch.gateway.spot_checks import check_outcomes
+
+    providers = {"served": {}, "checker": {"delay_s": 0.1}}
+    async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": ALL_PPM}) as m, \
+            trio.open_nursery() as nursery:
+        m.gateway.spot_checks.deadline_s = 0.5
+        busy = trio.Event()
+        nursery.start_soon(keep_busy, m, "checker", busy, 40)          # busy for ~4 s
+        await busy.wait()
+        await m.complete("acme", body(1))
+        await m.gateway.spot_checks.wait_idle()
+        stats = m.gateway.spot_checks.statistics
+        assert (stats.sampled, stats.expired, stats.clean, stats.dropped) == (1, 1, 0, 0), stats
+        report = await check_outcomes(m.database)
+        assert report["outcomes"]["expired"] == 1
+        assert "busy until the deadline" in report["not_clean"][0]["reason"]
+        assert all(r.status == "approved" for r in await m.gateway.providers.all())
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_check_waiting_for_its_checker_never_takes_a_customers_turn(tmp_path):
+    """Customers queue for the one free provider while a check queues for another, busy one: a turn the check is
+    handed but cannot use (its checker is still busy) goes on to the next waiter, so every customer is served
+    within the queue deadline (without that, a freed slot could wake only the check and the customers time out)."""
+    providers = {"a": {"delay_s": 0.05}, "checker": {"delay_s": 0.1}}
+    async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": ALL_PPM,
+                                                        "queue_timeout_ms": 3_000}) as m, \
+            trio.open_nursery() as nursery:
+        busy = trio.Event()
+        nursery.start_soon(keep_busy, m, "checker", busy, 60)          # busy for ~6 s
+        await busy.wait()
+        served = []
+
+        async def customer(seed: int) -> None:
+            served.append(await m.complete("acme", body(seed)))
+
+        async with trio.open_nursery() as customers:
+            for seed in range(4):
+                customers.start_soon(customer, seed)
+        assert len(served) == 4 and {c.provider_peer_id for c in served} == {m.providers["a"].key.peer_id}
+        nursery.cancel_scope.cancel()
