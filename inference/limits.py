@@ -19,5 +19,6 @@ HASH_CHUNK_BYTES = 1 << 20
 # Downloads from the Hugging Face Hub or a URL (inference/sources.py): the Hub's metadata answer, a read that
 # stalls, and the largest model file accepted (a server's Content-Length is a claim; the sha256 pin decides).
 HUB_METADATA_TIMEOUT_S = 30.0
+DOWNLOAD_CHUNK_BYTES = 4 << 20
 DOWNLOAD_READ_TIMEOUT_S = 60.0
 MODEL_FILE_BYTES_MAX = 256 * 2**30

@@ -18,6 +18,7 @@ space needed and the space free.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -123,11 +124,11 @@ def fetch_from_url(entry: CatalogEntry, url: str, cache_dir: Path | None = None,
         try:
             with urllib.request.urlopen(request, timeout=limits.DOWNLOAD_READ_TIMEOUT_S) as response:
                 have, total = _check_response(response.status, response.headers, have, url)
-                _receive(response, url, partial, have, total, progress)
+                digest = _receive(response, url, partial, have, total, progress)
         except urllib.error.HTTPError as exc:
             if exc.code != 416 or not have:                 # 416 on a resume: nothing after what we have
                 raise FetchError(f"{url} answered {exc.code} {exc.reason}") from None
-            total = have
+            total, digest = have, None
         except (urllib.error.URLError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -136,7 +137,7 @@ def fetch_from_url(entry: CatalogEntry, url: str, cache_dir: Path | None = None,
     if total is not None and partial.stat().st_size != total:
         raise FetchError(f"{url} ended after {partial.stat().st_size} of {total} bytes; run the same command again "
                          f"to resume")
-    placed = _place(entry, partial, target, log, url, partials=[partial])
+    placed = _place(entry, partial, target, log, url, partials=[partial], sha256=digest)
     _remove_if_empty(folder)
     return placed
 
@@ -182,28 +183,35 @@ def _check_response(status: int, headers, have: int, url: str) -> tuple[int, int
     return have, total
 
 
-def _receive(response, url: str, partial: Path, have: int, total: int | None, progress: Progress | None) -> None:
-    """Append the body to ``partial`` (from byte ``have``), never beyond ``total`` or MODEL_FILE_BYTES_MAX."""
+def _receive(response, url: str, partial: Path, have: int, total: int | None, progress: Progress | None) -> str:
+    """Append the body to ``partial`` (from byte ``have``), never beyond ``total`` or MODEL_FILE_BYTES_MAX; return
+    the sha256 (hex) of the whole file, hashed as it is written (the bytes kept from before are hashed first)."""
     bound = total if total is not None else limits.MODEL_FILE_BYTES_MAX
+    digest = hashlib.sha256()
     done = have
     with open(partial, "r+b" if have else "wb") as out:
+        while have and (kept := out.read(min(limits.HASH_CHUNK_BYTES, have - out.tell()))):
+            digest.update(kept)
         out.seek(have)
         out.truncate()
-        while chunk := response.read(limits.HASH_CHUNK_BYTES):
+        while chunk := response.read(limits.DOWNLOAD_CHUNK_BYTES):
             done += len(chunk)
             if done > bound:
                 raise FetchError(f"{url} sent more than the {bound} bytes it announced")
             out.write(chunk)
+            digest.update(chunk)
             if progress:
                 progress(done, total)
         out.flush()
         os.fsync(out.fileno())
+    return digest.hexdigest()
 
 
-def _place(entry: CatalogEntry, candidate: Path, target: Path, log, origin: str, partials: list[Path]) -> Path:
-    """Check ``candidate`` against the pin and the declared kind, then rename it into place; a wrong file is
-    removed with every partial of it, and refused."""
-    actual = file_sha256(candidate)
+def _place(entry: CatalogEntry, candidate: Path, target: Path, log, origin: str, partials: list[Path],
+           sha256: str | None = None) -> Path:
+    """Check ``candidate`` against the pin (``sha256``: hashed already as it was written) and the declared kind,
+    then rename it into place; a wrong file is removed with every partial of it, and refused."""
+    actual = sha256 or file_sha256(candidate)
     if actual != entry.sha256:
         for path in {candidate, *partials}:
             path.unlink(missing_ok=True)
