@@ -40,6 +40,7 @@ class NodeConfig:
     slots: int = 1
     threads_per_slot: int = 2
     gpu_layers: int = 0                      # layers llama.cpp offloads to a GPU (needs a CUDA/Metal build)
+    memory_max_bytes: int = 0                # how much RAM the node's models may take (0: what is available at start)
     context_tokens: int = 2048
     batch_tokens: int = 512
     attestation_interval_ms: int = limits.ATTESTATION_INTERVAL_MS_DEFAULT
@@ -72,6 +73,8 @@ class NodeConfig:
             raise ConfigError("node.trusted_gateways is empty: no ticket could ever be accepted")
         for addr in self.announce_addrs:
             self._check_announce_addr(addr)
+        if self.memory_max_bytes < 0:
+            raise ConfigError("node.memory_max_bytes must be 0 (what the machine has available) or a byte count")
         if not 0 <= self.gpu_layers <= 1000:
             raise ConfigError("node.gpu_layers must be in 0..1000 (0: CPU only)")
         if not 0 <= self.admin_port <= 65535:

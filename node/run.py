@@ -10,7 +10,7 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.tools.anyio_service import background_trio_service
 
-from llorch.inference import catalog
+from llorch.inference import catalog, memory, metadata
 from llorch.inference.echo import EchoEngine
 from llorch.inference.engine import Engine
 from llorch.ledger.objects import VERSION
@@ -19,6 +19,7 @@ from llorch.ledger.store import LedgerStore, exclusive
 from llorch.node import limits
 from llorch.node.wire.attestation import TOPIC, Attestation
 from llorch.node.config import NodeConfig
+from llorch.node.errors import StartupError
 from llorch.node.dashboard import dashboard_app
 from llorch.node.ledger_service import LedgerService, sign_checkpoints
 from llorch.node.lifecycle import supervise, write_state_file
@@ -46,12 +47,26 @@ def load_engines(config: NodeConfig) -> tuple[EnginePool, dict[str, bytes]]:
         log.warning("this node runs the ECHO engine: a fake for tests and benchmarks, not a real model")
         return EnginePool([EchoEngine(entry, config.echo_token_delay_ms / 1000)
                            for _ in range(config.slots)]), {entry.id: bytes.fromhex(entry.sha256)}
-    catalog.verified_path(entry, config.model_cache_dir)
+    check_fits(entry, catalog.verified_path(entry, config.model_cache_dir), config)
     engines = [Engine.load(entry.id, config.model_cache_dir, threads=config.threads_per_slot,
                            context_tokens=config.context_tokens, batch_tokens=config.batch_tokens,
                            gpu_layers=config.gpu_layers)
                for _ in range(config.slots)]
     return EnginePool(engines), {entry.id: bytes.fromhex(entry.sha256)}
+
+
+def check_fits(entry: catalog.CatalogEntry, path: Path, config: NodeConfig) -> None:
+    """Refuse, in one line, a model this machine cannot hold with the configured slots and context (CPU-only nodes:
+    with ``gpu_layers`` the offloaded layers are in VRAM, which this figure does not see)."""
+    if config.gpu_layers:
+        return
+    need = memory.memory_need(path, metadata.read_metadata(path), config.context_tokens, config.slots)
+    limit = config.memory_max_bytes or memory.available_memory_bytes()
+    if need.total_bytes > limit:
+        why = "node.memory_max_bytes" if config.memory_max_bytes else "available on this machine now"
+        raise StartupError(f"{entry.id} needs about {need.explain()} for {config.slots} slot(s) of "
+                           f"{config.context_tokens} context tokens, but only {memory.gib(limit)} is {why}: lower "
+                           f"node.slots or node.context_tokens, or serve a smaller model (`llorch models list`)")
 
 
 def build_attestation(config: NodeConfig, key: SigningKey, p2p: P2P, pool: EnginePool, seq: int,

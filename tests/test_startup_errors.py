@@ -148,3 +148,11 @@ def test_debug_shows_the_traceback(tmp_path, taken_port):
                  tmp_path)
     assert result.returncode == 2 and "Traceback" in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr[-3000:]
+
+
+def test_node_with_a_model_its_memory_cannot_hold(tmp_path):
+    """The model needs more than node.memory_max_bytes (or what the machine has): refused at start, one line naming
+    the memory it needs, before any engine is loaded."""
+    config = node_config(tmp_path, engine="llama.cpp", slots=2, memory_max_bytes=100_000_000)
+    line = the_one_error_line(run(["node", "start", "--config", str(config)], tmp_path))
+    assert "needs about" in line and "GiB" in line and "2 slot(s)" in line and "node.memory_max_bytes" in line, line
