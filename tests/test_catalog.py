@@ -89,3 +89,36 @@ def test_a_part_list_must_not_be_empty():
     assert isinstance(entry.parts[0], Part)
     with pytest.raises(CatalogError, match="parts"):
         CatalogEntry(**{**dataclasses.asdict(entry), "parts": ()})
+
+
+def test_the_catalog_is_a_data_file_read_strictly(tmp_path):
+    """inference/catalog.json holds the entries; a malformed file is refused naming the entry and the field."""
+    import json
+
+    document = json.loads(catalog.BUILTIN_CATALOG.read_text())
+    assert {entry["id"] for entry in document["entries"]} == set(catalog.CATALOG)
+    assert catalog.load_catalog(catalog.BUILTIN_CATALOG) == catalog.CATALOG
+    default = dict(document["entries"][0])
+
+    def refused(entry: dict, expected: str) -> None:
+        path = tmp_path / "catalog.json"
+        path.write_text(json.dumps({"format": catalog.CATALOG_FORMAT, "entries": [entry]}))
+        with pytest.raises(CatalogError, match=expected):
+            catalog.load_catalog(path)
+
+    refused({**default, "colour": "blue"}, r"unknown fields \['colour'\]")
+    refused({k: v for k, v in default.items() if k != "sha256"}, r"missing fields \['sha256'\]")
+    refused({**default, "sha256": "AB" * 32}, "64 lowercase hex")
+    refused({**default, "context_tokens": "8192"}, "context_tokens has the wrong type")
+    refused({**default, "context_tokens": True}, "context_tokens has the wrong type")
+    refused({**default, "file_name": "../evil.gguf"}, "plain .gguf file name")
+    refused({**default, "parts": [], "package": ""}, "has no source")
+    refused({**default, "hub": {"repo": "a/b", "revision": "main", "filename": "x.gguf"}}, "pin a commit")
+    refused({**default, "urls": ["ftp://x/y.gguf"]}, "http")
+    path = tmp_path / "twice.json"
+    path.write_text(json.dumps({"format": catalog.CATALOG_FORMAT, "entries": [default, default]}))
+    with pytest.raises(CatalogError, match="twice"):
+        catalog.load_catalog(path)
+    path.write_text(json.dumps({"format": "something-else", "entries": []}))
+    with pytest.raises(CatalogError, match="llorch-catalog/1"):
+        catalog.load_catalog(path)

@@ -172,3 +172,21 @@ def test_the_models_commands_fetch_from_a_hub_mirror_and_import_a_file(endpoint,
     assert catalog.model_path(ENTRY, other).is_file()
     wrong = llorch("models", "import", str(Path(__file__)), "--id", ENTRY.id, env={"LLORCH_MODEL_CACHE": str(other)})
     assert wrong.returncode == 2 and "nothing was imported" in wrong.stderr
+
+
+def test_a_model_is_fetched_from_the_first_of_its_sources_that_gives_the_pinned_file(endpoint, tmp_path):
+    """An entry with no registry parts, a (gated) Hub source and two URLs: the Hub refuses without a token, the
+    first URL does not exist, the second gives the file; with every source failing, each one's reason is named."""
+    import dataclasses
+
+    from llorch.inference.sources import fetch_any
+
+    base_url = os.environ["HF_ENDPOINT"]
+    endpoint.gated[REPO] = "hf_test_token"
+    entry = dataclasses.replace(ENTRY, parts=(), package="", hub=source(),
+                                urls=(f"{base_url}/files/missing.gguf", f"{base_url}/files/{ENTRY.file_name}"))
+    path = fetch_any(entry, tmp_path, quiet)
+    assert catalog.file_sha256(path) == ENTRY.sha256
+    nothing = dataclasses.replace(entry, urls=(f"{base_url}/files/missing.gguf",))
+    with pytest.raises(FetchError, match=r"no source gave .*hub .*HF_TOKEN.*missing\.gguf.*404"):
+        fetch_any(nothing, tmp_path / "other", quiet)
