@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from llorch.gateway import admin_cli, billing_cli
+from llorch.gateway import admin_cli, billing_cli, catalog_cli
 from llorch.ledger import cli as ledger_cli
 from llorch.node import cli as node_cli
 from llorch.node.errors import NodeError
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--debug", action="store_true", help="show the traceback of a start-up failure")
     start.set_defaults(handler=gateway_start)
     admin_cli.add_commands(gateway_sub)
+    catalog_cli.add_commands(gateway_sub)
 
     node_cli.add_commands(subparsers)
     ledger_subparsers = ledger_cli.add_commands(subparsers)

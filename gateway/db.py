@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 from llorch.gateway.books import postings, receipts, reconcile, tickets
-from llorch.gateway import probes, spot_checks
+from llorch.gateway import catalog, probes, spot_checks
 from llorch.gateway.market import providers, shared, sla, tenants
 from llorch.gateway.witness import witness
 from llorch.gateway.storage import POSTGRES_TRIGGERS
@@ -82,6 +82,7 @@ MIGRATIONS = (
               _replicas),
     Migration(3, "tickets name their payer (customer, spot_check, probe); every spot-check draw and its outcome",
               _payers),
+    Migration(4, "the model catalog the operator curates, seeded with the built-in entries", catalog.seed_builtin),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -40,6 +40,10 @@ DASHBOARD_REFRESH_S = 30                          # pages reload themselves this
 LISTING_ANSWERS_CONCURRENT_MAX = 32       # listing questions answered at once; more are refused as busy
 LISTING_READ_TIMEOUT_S = 5.0              # stream open → a whole question
 LISTING_WRITE_TIMEOUT_S = 5.0             # the answer
+CATALOG_ANSWERS_CONCURRENT_MAX = 64       # /llorch/catalog/1 questions answered at once; more are refused as busy
+CATALOG_READ_TIMEOUT_S = 5.0              # stream open → a whole question
+CATALOG_WRITE_TIMEOUT_S = 30.0            # the answer (the signed catalog, up to 1 MiB)
+CATALOG_REFRESH_S = 1.0                   # how often the running gateway looks for a new catalog version
 
 # Spot-checks (gateway/spot_checks.py, docs/verification.md)
 SPOT_CHECK_QUEUE_MAX = 256                # sampled requests waiting for their re-run; more are dropped (and counted)

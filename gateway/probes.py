@@ -48,7 +48,6 @@ from llorch.ledger.signing import peer_id_of
 from llorch.ledger.sqlite import Database
 from llorch.node.errors import ProtocolError
 from llorch.node.limits import SALT_BYTES
-from llorch.node.models import catalog_pin, chat_model_ids
 from llorch.node.stream_io import now_ms
 from llorch.node.wire.attestation import Attestation
 from llorch.node.wire.frames import prompt_parts
@@ -209,7 +208,8 @@ class Prober:
 
     # (b) ----------------------------------------------------------------------------------------------------------
     async def _input_for(self, target: Attestation) -> ProbeInput | None:
-        pins = {m: pin for m in chat_model_ids() if (pin := catalog_pin(m)) is not None and target.offers(m, pin)}
+        catalog = self.market.catalog
+        pins = {m: pin for m in catalog.chat_ids() if (pin := catalog.pin(m)) is not None and target.offers(m, pin)}
         if not pins:
             return None
         model_id = self.rng.choice(sorted(pins))

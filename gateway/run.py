@@ -32,6 +32,7 @@ from llorch.gateway.probes import Prober
 from llorch.ledger.signing import load_key_file
 from llorch.node.wire.attestation import TOPIC, parse_attestation
 from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID
+from llorch.node.wire.catalog import CATALOG_PROTOCOL_ID
 from llorch.node.wire.listing import LISTING_PROTOCOL_ID
 from llorch.node.errors import AttestationRejected, ConfigError, StartupError
 from llorch.node.lifecycle import bind_failure, supervise, write_state_file
@@ -155,6 +156,8 @@ async def run_gateway(config: GatewayConfig) -> None:
         p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), DialbackProbes(key).serve)
         p2p.host.set_stream_handler(TProtocol(LISTING_PROTOCOL_ID),
                                     ListingDesk(gateway.providers, witness_book).serve_listing)
+        await gateway.catalog.load()
+        p2p.host.set_stream_handler(TProtocol(CATALOG_PROTOCOL_ID), gateway.catalog.serve_catalog)
 
         async def may_reserve(peer: ID) -> bool:
             """Only approved providers hold a relay reservation (gateway/relay.py)."""
@@ -174,6 +177,7 @@ async def run_gateway(config: GatewayConfig) -> None:
                 p2p, directory, gateway.providers, gateway.metrics, gateway.waiting.wake,
                 frozenset({p2p.peer_id, *config.relay_peers}), AttestationClock(database)), restarts)
             nursery.start_soon(supervise, "streams", gateway.streams.run, restarts)
+            nursery.start_soon(supervise, "catalog", gateway.catalog.keep_fresh, restarts)
             nursery.start_soon(supervise, "spot-checks", gateway.spot_checks.run, restarts)
             nursery.start_soon(supervise, "sla", lambda: follow_sla(gateway.market, database, config.probe_tenant),
                                restarts)

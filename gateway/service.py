@@ -25,6 +25,8 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from llorch.gateway import limits
+from llorch.gateway.catalog import CatalogBook, GatewayCatalog
+from llorch.node.models import Catalog
 from llorch.gateway.books.postings import Books, tenant_account
 from llorch.gateway.books.pricing import Charge
 from llorch.gateway.books.receipts import ReceiptBook
@@ -53,7 +55,6 @@ from llorch.ledger.receipt_proof import proof_document
 from llorch.ledger.signing import SigningKey, peer_id_of
 from llorch.node import limits as node_limits
 from llorch.node.limits import SALT_BYTES
-from llorch.node.models import catalog_kind, catalog_model_ids, catalog_pin, chat_model_ids
 from llorch.node.p2p import P2P
 from llorch.node.stream_io import now_ms
 from llorch.node.wire.frames import prompt_chars, prompt_parts
@@ -142,7 +143,8 @@ class Gateway:
         # On a database replicas share, tenants' concurrency and budget hold over all of them (market/shared.py)
         self.admission = Admission(books, SharedReservations(books.database, p2p.peer_id)
                                    if books.database.engine.name == "postgresql" else None)
-        self.market = MarketView(directory, providers, self.waiting)
+        self.catalog = GatewayCatalog(CatalogBook(books.database), key)    # ``load`` it before serving
+        self.market = MarketView(directory, providers, self.waiting, self.catalog)
         self.runner = TicketRunner(key, p2p, self.streams, TicketBook(books.database), self.market, self.admission,
                                    self.metrics)
         self.spot_checks = SpotChecker(self.runner, self.market, books.database, providers, books,
@@ -166,14 +168,17 @@ class Gateway:
                        on_text: Callable[[str, str], Awaitable[None]], request_id: str | None = None) -> Completion:
         """Serve one request, passing (text, provider peer id) to ``on_text`` as text arrives; return the verified
         completion."""
-        pin = catalog_pin(request.model)
+        catalog = self.catalog.catalog
+        pin = catalog.pin(request.model)
         if pin is None:
-            raise ModelNotFound(f"the model {request.model!r} does not exist (known: "
-                                f"{', '.join(catalog_model_ids())})", param="model")
+            retired = catalog.entries.get(request.model)
+            raise ModelNotFound(f"the model {request.model!r} " + (
+                "was retired from the catalog" if retired is not None else "does not exist") +
+                f" (known: {', '.join(catalog.live_ids())})", param="model")
         if not tenant.allows(request.model):
             raise Forbidden(f"tenant {tenant.name} may not use {request.model} (allowed: "
                             f"{', '.join(tenant.models or ())})", param="model")
-        check_model_serves(request.model, request.prompt)
+        check_model_serves(catalog, request.model, request.prompt)
         check_fits_a_request_frame(request.prompt)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         order = Order(request_id or new_request_id(), tenant.name, Payer.CUSTOMER, request.model, pin,
@@ -327,13 +332,13 @@ class Gateway:
 PROMPT_BYTES_MAX = node_limits.REQUEST_FRAME_BYTES_MAX - limits.REQUEST_FRAME_OVERHEAD_BYTES_MAX
 
 
-def check_model_serves(model_id: str, prompt: dict) -> None:
+def check_model_serves(catalog: Catalog, model_id: str, prompt: dict) -> None:
     """Refuse (400, before placement) a chat for a base model: it has no chat template and only continues text, so
     a chat prompt gets gibberish back. Raw completions (/v1/completions) serve every model."""
-    if "messages" in prompt and catalog_kind(model_id) == "base":
+    if "messages" in prompt and not catalog.lookup(model_id).serves_chat:
         raise BadRequest(f"{model_id} is a base model (not instruction-tuned): it does not follow a chat. Send a raw "
                          f"prompt to POST /v1/completions to continue text with it, or chat with "
-                         f"{' or '.join(chat_model_ids())}", param="model")
+                         f"{' or '.join(catalog.chat_ids())}", param="model")
 
 
 def check_fits_a_request_frame(prompt: dict) -> None:

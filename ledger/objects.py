@@ -81,6 +81,7 @@ class SignedObject:
     SIGNED_TYPE: ClassVar[str]
     FIELDS: ClassVar[dict[str, str]]
     SIGNER_FIELD: ClassVar[str]
+    BYTES_MAX: ClassVar[int] = limits.SIGNED_OBJECT_BYTES_MAX     # the envelope's size limit
     v: int                                  # every subclass's first field (an annotation only: no field here)
 
     def __post_init__(self) -> None:
@@ -112,7 +113,7 @@ class SignedObject:
     @classmethod
     def from_envelope(cls, data: bytes):
         """Parse envelope bytes, check every field, then verify the signature by the signer the object names."""
-        payload, payload_bytes, signature = open_envelope(data)
+        payload, payload_bytes, signature = open_envelope(data, cls.BYTES_MAX)
         obj = cls.from_payload(payload)
         verify_signature(cls.SIGNED_TYPE, getattr(obj, cls.SIGNER_FIELD), payload_bytes, signature)
         return obj

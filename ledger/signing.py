@@ -27,7 +27,8 @@ from llorch.ledger.errors import EncodingError, KeyFileError, SignatureError
 
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
-SIGNED_TYPES = ("attestation", "ticket", "receipt", "registration", "checkpoint", "auditor_grant", "observation")
+SIGNED_TYPES = ("attestation", "ticket", "receipt", "registration", "checkpoint", "auditor_grant", "observation",
+                "catalog")
 
 _B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 # libp2p peer id of an Ed25519 key: identity multihash (0x00, len 0x24) of the protobuf PublicKey
@@ -115,10 +116,10 @@ def verify_signature(signed_type: str, public_key: bytes, payload: bytes, signat
         raise SignatureError(f"{signed_type} signature does not verify under key {peer_id_of(public_key)}") from None
 
 
-def open_envelope(data: bytes) -> tuple[dict, bytes, bytes]:
+def open_envelope(data: bytes, bytes_max: int = limits.SIGNED_OBJECT_BYTES_MAX) -> tuple[dict, bytes, bytes]:
     """Parse envelope bytes into (payload map, payload bytes, signature). Does NOT verify the signature."""
-    if len(data) > limits.SIGNED_OBJECT_BYTES_MAX:
-        raise EncodingError(f"signed object is {len(data)} bytes, the limit is {limits.SIGNED_OBJECT_BYTES_MAX}")
+    if len(data) > bytes_max:
+        raise EncodingError(f"signed object is {len(data)} bytes, the limit is {bytes_max}")
     envelope = canonical.decode(data)
     if not isinstance(envelope, dict) or set(envelope) != {"p", "s"}:
         raise EncodingError("a signed envelope is a map with exactly the keys 'p' and 's'")

@@ -332,7 +332,7 @@ def models_fetch(args: argparse.Namespace) -> int:
     try:
         entry = catalog.lookup(args.model_id)
         if args.hub:
-            sources.fetch_from_hub(entry, hub_file(args.hub), log=log)
+            sources.fetch_from_hub(entry, catalog.hub_file(args.hub), log=log)
         elif args.url:
             sources.fetch_from_url(entry, args.url, log=log, progress=sources.DownloadProgress(entry.id))
         elif entry.parts:
@@ -346,15 +346,6 @@ def models_fetch(args: argparse.Namespace) -> int:
         print("interrupted: what arrived is kept; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
-
-
-def hub_file(text: str) -> sources.HubFile:
-    """``REPO@COMMIT:FILE`` as a HubFile; CatalogError naming what is wrong."""
-    repo, at, rest = text.partition("@")
-    revision, colon, filename = rest.partition(":")
-    if not (at and colon):
-        raise CatalogError(f"--hub takes REPO@COMMIT:FILE (e.g. owner/name@<40 hex>:model.Q4_K_M.gguf), not {text!r}")
-    return sources.HubFile(repo, revision, filename)
 
 
 def models_import(args: argparse.Namespace) -> int:

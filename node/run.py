@@ -10,9 +10,6 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.tools.anyio_service import background_trio_service
 
-from llorch.inference import catalog, memory, metadata
-from llorch.inference.echo import EchoEngine
-from llorch.inference.engine import Engine
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey, load_key_file, public_key_of_peer_id
 from llorch.ledger.store import LedgerStore, exclusive
@@ -29,6 +26,8 @@ from llorch.node.relay import Reach, TrustedStop, keep_reachable
 from llorch.node.wire.punch import PUNCH_PROTOCOL_ID
 from llorch.node.status import Counters, admin_app, serve_admin, status_document, write_admin_url
 from llorch.node.p2p import P2P, check_can_listen, keep_connected, running_host
+from llorch.node.catalog import keep_catalog, load_kept
+from llorch.node.model_loader import NodeModels
 from llorch.node.service import EnginePool, ProviderService
 from llorch.node.listing import Listings, keep_listing
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID
@@ -40,47 +39,23 @@ log = logging.getLogger("llorch.node")
 LISTEN_SETTING = "node.listen_addr (LLORCH_NODE_LISTEN_ADDR)"
 
 
-def load_engines(config: NodeConfig) -> tuple[EnginePool, dict[str, bytes]]:
-    """One engine per slot for the (first) offered model; the model file is checked against its pin first."""
-    entry = catalog.lookup(config.models[0])
-    if config.engine == "echo":
-        log.warning("this node runs the ECHO engine: a fake for tests and benchmarks, not a real model")
-        return EnginePool([EchoEngine(entry, config.echo_token_delay_ms / 1000)
-                           for _ in range(config.slots)]), {entry.id: bytes.fromhex(entry.sha256)}
-    check_fits(entry, catalog.verified_path(entry, config.model_cache_dir), config)
-    engines = [Engine.load(entry.id, config.model_cache_dir, threads=config.threads_per_slot,
-                           context_tokens=config.context_tokens, batch_tokens=config.batch_tokens,
-                           gpu_layers=config.gpu_layers)
-               for _ in range(config.slots)]
-    return EnginePool(engines), {entry.id: bytes.fromhex(entry.sha256)}
-
-
-def check_fits(entry: catalog.CatalogEntry, path: Path, config: NodeConfig) -> None:
-    """Refuse, in one line, a model this machine cannot hold with the configured slots and context (CPU-only nodes:
-    with ``gpu_layers`` the offloaded layers are in VRAM, which this figure does not see)."""
-    if config.gpu_layers:
-        return
-    need = memory.memory_need(path, metadata.read_metadata(path), config.context_tokens, config.slots)
-    limit = config.memory_max_bytes or memory.available_memory_bytes()
-    if need.total_bytes > limit:
-        why = "node.memory_max_bytes" if config.memory_max_bytes else "available on this machine now"
-        raise StartupError(f"{entry.id} needs about {need.explain()} for {config.slots} slot(s) of "
-                           f"{config.context_tokens} context tokens, but only {memory.gib(limit)} is {why}: lower "
-                           f"node.slots or node.context_tokens, or serve a smaller model (`llorch models list`)")
-
-
 def build_attestation(config: NodeConfig, key: SigningKey, p2p: P2P, pool: EnginePool, seq: int,
-                      issued_ms: int, reach: Reach | None = None) -> bytes:
+                      issued_ms: int, reach: Reach | None = None, offered: dict[str, bytes] | None = None) -> bytes:
+    """The signed attestation of what the node offers now: ``offered`` (model id → pin; default: every model in
+    the pool), the slots of those models and how many are free."""
     interval = config.attestation_interval_ms
-    busy = pool.total - len(pool.free)
+    offered = pool_models(pool) if offered is None else offered
+    slots = [engine for engine in pool.engines if engine.entry.id in offered]
+    free = [engine for engine in pool.free if engine.entry.id in offered]
+    busy = len(slots) - len(free)
     attestation = Attestation(
         v=VERSION, provider_key=key.public_key, seq=seq, issued_ms=issued_ms,
         expires_ms=issued_ms + interval * limits.ATTESTATION_LIFETIME_INTERVALS,
         addrs=announced_addrs(config, p2p.addrs(), p2p.peer_id, reach),
         models=[{"id": model_id, "sha256": digest, "context_tokens": config.context_tokens}
-                for model_id, digest in sorted(pool_models(pool).items())],
-        engine_build=pool.engines[0].fingerprint, slots_total=pool.total, slots_free=len(pool.free),
-        queue_depth=0, wait_ms=0 if pool.free else config.sla_ttft_ms * busy,
+                for model_id, digest in sorted(offered.items())],
+        engine_build=pool.engines[0].fingerprint, slots_total=len(slots), slots_free=len(free),
+        queue_depth=0, wait_ms=0 if free else config.sla_ttft_ms * busy,
         price_in=config.price_in_per_1m, price_out=config.price_out_per_1m, currency=config.currency,
         geo={"country": config.country, "region": config.region},
         sla={"uptime_ppm": config.sla_uptime_ppm, "ttft_ms": config.sla_ttft_ms},
@@ -92,18 +67,22 @@ def pool_models(pool: EnginePool) -> dict[str, bytes]:
     return {engine.entry.id: bytes.fromhex(engine.entry.sha256) for engine in pool.engines}
 
 
-async def publish_attestations(config: NodeConfig, key: SigningKey, p2p: P2P, pool: EnginePool,
+async def publish_attestations(config: NodeConfig, key: SigningKey, p2p: P2P, models: NodeModels,
                                counters: Counters, reach: Reach | None = None) -> None:
-    """Sign and gossip an attestation every interval, and soon after a slot is taken or freed (at most every
-    ATTESTATION_SPACING_MS_MIN, well under gossip's per-peer rate limit), so the gateway's view of free slots is
-    rarely stale. seq starts at the wall clock, so it grows across restarts."""
+    """Sign and gossip an attestation every interval, and soon after a slot is taken or freed or the models
+    change (at most every ATTESTATION_SPACING_MS_MIN, well under gossip's per-peer rate limit), so the gateway's
+    view of free slots is rarely stale. Nothing is gossiped while no model is offered. seq starts at the wall
+    clock, so it grows across restarts."""
     seq = 0
+    pool = models.pool
     while True:
         pool.changed = trio.Event()
         issued = now_ms()
         seq = max(seq + 1, issued)
         try:
-            await p2p.pubsub.publish(TOPIC, build_attestation(config, key, p2p, pool, seq, issued, reach))
+            if models.offered:
+                await p2p.pubsub.publish(TOPIC, build_attestation(config, key, p2p, pool, seq, issued, reach,
+                                                                  models.offered))
             counters.last_attestation_seq, counters.last_attestation_ms = seq, issued
         except Exception as exc:  # publishing with no peers yet, or a peer dropping mid-send: try next interval
             log.debug("attestation publish failed: %s", exc)
@@ -121,10 +100,14 @@ async def _run_node(config: NodeConfig) -> None:
     key = load_key_file(config.key_file)
     check_can_listen(config.listen_addr, LISTEN_SETTING)    # before the engines load: a taken port fails at once
     trusted = frozenset(public_key_of_peer_id(peer) for peer in config.trusted_gateways)
-    pool, offered = await trio.to_thread.run_sync(load_engines, config)
-    log.info("engine ready: %s × %d slots, build %s", ", ".join(offered), pool.total, pool.engines[0].fingerprint)
+    held = load_kept(config.kept_catalog_path, trusted)
+    models = NodeModels(config, held)
+    await trio.to_thread.run_sync(models.load_at_start)
+    pool = models.pool
+    log.info("engine ready: %s × %d slots, build %s; catalog version %d", ", ".join(models.offered) or "no model yet",
+             config.slots, pool.fingerprint, held.catalog.version)
     async with LedgerStore.open(config.ledger_path, key) as ledger:
-        service = ProviderService(key.public_key, trusted, pool, ledger, offered,
+        service = ProviderService(key.public_key, trusted, pool, ledger, models.offered,
                                   (config.price_in_per_1m, config.price_out_per_1m, config.currency))
         async with running_host(key, config.listen_addr, LISTEN_SETTING) as p2p:
             p2p.host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), service.serve_inference)
@@ -134,8 +117,8 @@ async def _run_node(config: NodeConfig) -> None:
                                         Punches(p2p, reach, frozenset(config.trusted_gateways)).serve)
             async with background_trio_service(TrustedStop(p2p.host, frozenset(config.trusted_gateways))), \
                     trio.open_nursery() as nursery:
-                status = lambda: status_document(config, p2p, pool, ledger, counters, now_ms(), reach,  # noqa: E731
-                                                 listings)
+                status = lambda: status_document(config, p2p, models, ledger, counters, now_ms(),  # noqa: E731
+                                                 reach, listings)
                 admin_url = await nursery.start(serve_admin, config.admin_port, dashboard_app(
                     admin_app(status), config, ledger, status, now_ms))
                 write_admin_url(config, admin_url)
@@ -144,8 +127,11 @@ async def _run_node(config: NodeConfig) -> None:
                     ledger, config.checkpoint_every_entries, config.checkpoint_every_ms / 1000))
                 nursery.start_soon(supervise, "listing", lambda: keep_listing(
                     p2p, config.trusted_gateways, listings))
+                nursery.start_soon(supervise, "catalog", lambda: keep_catalog(
+                    p2p, config.trusted_gateways, held, config.kept_catalog_path, config.catalog_poll_s))
+                nursery.start_soon(supervise, "models", models.keep_models)
                 nursery.start_soon(supervise, "attestations", lambda: publish_attestations(
-                    config, key, p2p, pool, counters, reach))
+                    config, key, p2p, models, counters, reach))
                 if not config.announce_addrs:        # an operator's announce_addrs are the whole truth
                     nursery.start_soon(supervise, "reachability", lambda: keep_reachable(
                         p2p, config.bootstrap, frozenset(config.trusted_gateways), reach, lambda: pool.changed.set()))

@@ -46,24 +46,39 @@ class SlotEngine(Protocol):
 
 @dataclass
 class EnginePool:
-    """The node's slots: one engine per slot, taken without waiting (a full pool means BUSY)."""
+    """The node's slots: one engine per slot, each for one model, taken without waiting (no free slot for the
+    ticket's model means BUSY). Models join while the node runs (node/model_loader.py ``add``)."""
 
     engines: Sequence[SlotEngine]
     free: list[SlotEngine] = field(default_factory=list)
-    changed: trio.Event = field(default_factory=trio.Event)    # set when a slot is taken or freed
+    changed: trio.Event = field(default_factory=trio.Event)    # set when a slot is taken or freed, or models join
 
     def __post_init__(self) -> None:
+        self.engines = list(self.engines)
         self.free = list(self.engines)
 
     @property
     def total(self) -> int:
         return len(self.engines)
 
-    def try_take(self) -> SlotEngine | None:
-        if not self.free:
-            return None
+    @property
+    def fingerprint(self) -> str | None:
+        """The engine build every slot shares (None before the first model is loaded)."""
+        return self.engines[0].fingerprint if self.engines else None
+
+    def add(self, engines: Sequence[SlotEngine]) -> None:
+        """More slots, for a model loaded while the node runs."""
+        self.engines = [*self.engines, *engines]
+        self.free.extend(engines)
         self.changed.set()
-        return self.free.pop()
+
+    def try_take(self, model_id: str) -> SlotEngine | None:
+        for engine in reversed(self.free):
+            if engine.entry.id == model_id:
+                self.free.remove(engine)
+                self.changed.set()
+                return engine
+        return None
 
     def give_back(self, engine: SlotEngine) -> None:
         assert engine in self.engines and engine not in self.free
@@ -117,9 +132,10 @@ class ProviderService:
             log.info("ticket rejected (%s): %s", exc.code, exc)
             await write_frame(stream, protocol, Error(exc.code, str(exc)))
             return
-        engine = self.pool.try_take()
+        engine = self.pool.try_take(ticket.model_id)
         if engine is None:
-            await write_frame(stream, protocol, Busy(f"all {self.pool.total} slots are busy"))
+            slots = sum(engine.entry.id == ticket.model_id for engine in self.pool.engines)
+            await write_frame(stream, protocol, Busy(f"all {slots} slots of {ticket.model_id} are busy"))
             return
         self._in_flight.add(ticket.request_id)
         try:

@@ -88,15 +88,19 @@ def reachability(config, p2p, reach, now_ms: int) -> dict:
             "punched": punched}
 
 
-async def status_document(config, p2p, pool, ledger: LedgerStore, counters: Counters, now_ms: int,
+async def status_document(config, p2p, models, ledger: LedgerStore, counters: Counters, now_ms: int,
                           reach=None, listings: Listings | None = None) -> dict:
+    """``models``: node/model_loader.py ``NodeModels`` (the pool, what is offered, what waits and why)."""
+    pool = models.pool
     connected = set(str(peer) for peer in p2p.host.get_network().connections)
     listings = listings or Listings()
     disk = shutil.disk_usage(Path(config.ledger_path).resolve().parent)
     document = {
         "peer_id": p2p.peer_id,
         "model": config.models[0],
-        "engine_build": pool.engines[0].fingerprint,
+        "models": [model_status(model_id, models) for model_id in config.models],
+        "catalog": models.held.status(),
+        "engine_build": pool.fingerprint,
         "country": config.country,
         "gateways": [{"peer_id": peer, "connected": peer in connected, **listings.document(peer, now_ms)}
                      for peer in config.trusted_gateways],
@@ -111,6 +115,13 @@ async def status_document(config, p2p, pool, ledger: LedgerStore, counters: Coun
     }
     document["warnings"] = warnings(document)
     return document
+
+
+def model_status(model_id: str, models) -> dict:
+    """One configured model: served or not (and why not), with its pin when the catalog lists it."""
+    entry = models.held.catalog.entries.get(model_id)
+    return {"id": model_id, "serving": model_id in models.offered, "sha256": entry.sha256 if entry else None,
+            "waiting": models.waiting.get(model_id)}
 
 
 async def ledger_summary(ledger: LedgerStore, now_ms: int) -> dict:

@@ -27,6 +27,11 @@ def warnings(status: dict) -> list[str]:
         if gateway.get("listing"):
             found += listing_warnings(me, status["country"], gateway["peer_id"], gateway["listing"])
     found += cosignature_warnings(status)
+    for model in status.get("models", []):
+        if not model["serving"]:
+            found.append(f"model {model['id']} is not served: {model['waiting']}")
+    for gateway, reason in status.get("catalog", {}).get("ignored", {}).items():
+        found.append(f"catalog from {gateway} not used: {reason}")
     disk = status["disk"]
     if disk["total_bytes"] and (disk["free_bytes"] < DISK_FREE_BYTES_MIN or
                                 disk["free_bytes"] * 1_000_000 < disk["total_bytes"] * DISK_FREE_PPM_MIN):

@@ -139,9 +139,10 @@ async def market_gateway(workdir, gateway_key: SigningKey, gateway_options: dict
     config = GatewayConfig(key_file=workdir / "gateway.key", db_path=workdir / "gateway.sqlite",
                            **(gateway_options or {}))
     async with open_gateway_db(config.db_path) as database, running_host(gateway_key, LOOPBACK) as p2p:
-        yield Market(Gateway(config, gateway_key, p2p, ProviderDirectory(), ReceiptBook(database),
-                             TenantBook(database), ProviderBook(database), Books(database), WitnessBook(database)),
-                     gateway_key)
+        gateway = Gateway(config, gateway_key, p2p, ProviderDirectory(), ReceiptBook(database), TenantBook(database),
+                          ProviderBook(database), Books(database), WitnessBook(database))
+        await gateway.catalog.load()
+        yield Market(gateway, gateway_key)
 
 
 @asynccontextmanager

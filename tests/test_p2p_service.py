@@ -11,6 +11,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
+from llorch.inference import catalog
 from llorch.gateway import limits as gateway_limits
 from llorch.gateway.market import node_client
 from llorch.gateway.market.node_client import AttemptFailed, StreamPool, request_inference
@@ -133,15 +134,17 @@ async def read_until_closed(stream) -> bytes:
 def test_taking_or_freeing_a_slot_signals_a_capacity_change():
     pool = EnginePool([FakeEngine(), FakeEngine()])
     assert not pool.changed.is_set()
-    engine = pool.try_take()
-    assert pool.changed.is_set() and len(pool.free) == 1
+    model = catalog.DEFAULT_MODEL_ID
+    assert pool.try_take("another-model") is None and not pool.changed.is_set()    # a slot serves one model
+    engine = pool.try_take(model)
+    assert engine is not None and pool.changed.is_set() and len(pool.free) == 1
     pool.changed = trio.Event()
     pool.give_back(engine)
     assert pool.changed.is_set() and len(pool.free) == 2
     pool.changed = trio.Event()
-    pool.try_take(), pool.try_take()
+    pool.try_take(model), pool.try_take(model)
     pool.changed = trio.Event()
-    assert pool.try_take() is None and not pool.changed.is_set()     # a refusal changes nothing
+    assert pool.try_take(model) is None and not pool.changed.is_set()     # a refusal changes nothing
 
 
 async def wait_for_idle_stream(pool: StreamPool, peer) -> None:

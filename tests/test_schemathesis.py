@@ -18,7 +18,7 @@ import sys
 import trio
 
 from llorch.gateway.api.http_api import build_app
-from llorch.node.models import catalog_model_ids
+from llorch.node.models import BUILTIN
 from llorch.node.stream_io import now_ms
 from tests.inprocess import market, serving_http
 
@@ -85,7 +85,7 @@ async def test_schemathesis_finds_no_defect_on_the_live_gateway(tmp_path):
     # A provider for every catalog model; each stops after a few tokens whatever max_tokens says (a 4096-token
     # answer takes seconds, and the coverage phase asks for the maximum often).
     providers = {f"p{n}": {"model": model_id, "slots": 2, "tokens": 8}
-                 for n, model_id in enumerate(catalog_model_ids())}
+                 for n, model_id in enumerate(BUILTIN.live_ids())}
     async with market(tmp_path, providers) as built, serving_http(built.gateway) as base_url, \
             trio.open_nursery() as nursery:
         nursery.start_soon(built.attest_forever)

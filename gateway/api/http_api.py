@@ -8,6 +8,7 @@ declares its body, responses and security for the OpenAPI document (gateway/api/
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -30,15 +31,15 @@ from llorch.gateway.api.pages import mount_pages
 from llorch.gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from llorch.gateway.api.openai_api import (STREAM_DESCRIPTION, ChatCompletion, ChatCompletionChunk, ChatRequest,
                                            CompletionRequest, ModelList, TextCompletion, TextCompletionChunk,
-                                           parse_chat_request)
-from llorch.gateway.api.openapi import (BEARER, GatewayInfo, Health, ProviderCapacity, ProviderList, ProviderRecord,
+                                           model_card, parse_chat_request)
+from llorch.gateway.api.openapi import (BEARER, CatalogView, GatewayInfo, Health, ProviderCapacity, ProviderList, ProviderRecord,
                                         ReceiptProof, RegistrationBody, Statement, errors, event_stream, openapi_document,
                                         request_body)
 from llorch.gateway.market.providers import parse_registration_body, record_json
 from llorch.gateway.market.tenants import Tenant
 from llorch.gateway.service import PROMPT_BYTES_MAX, Completion, Gateway, new_request_id
+from llorch.node.models import entry_map
 from llorch.ledger.errors import sole_exception
-from llorch.node.models import catalog_kind
 from llorch.node.stream_io import now_ms
 
 log = logging.getLogger("llorch.gateway")
@@ -260,9 +261,18 @@ def build_app(gateway: Gateway) -> FastAPI:
     async def list_models(request: Request) -> dict:
         tenant = await gateway.authenticate(request.headers.get("authorization"))
         # "kind": "instruct" (chat and completions) or "base" (POST /v1/completions only)
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "llorch",
-                                            "kind": catalog_kind(model_id)}
+        catalog = gateway.catalog.catalog
+        return {"object": "list", "data": [model_card(catalog.lookup(model_id))
                                            for model_id in gateway.offered_models() if tenant.allows(model_id)]}
+
+    @app.get("/v1/catalog", response_model=None,
+             responses={200: {"model": CatalogView, "description": "The signed catalog, newest version."}})
+    async def signed_catalog() -> dict:
+        published = gateway.catalog.published
+        return {"version": published.catalog.version, "issued_ms": published.issued_ms,
+                "gateway_id": gateway.key.peer_id,
+                "document": base64.b64encode(published.document).decode(),
+                "entries": [entry_map(entry) for _, entry in sorted(published.catalog.entries.items())]}
 
     completion_errors = errors(400, 401, 402, 403, 404, 429, 502, 503)
 

@@ -16,7 +16,7 @@ from llorch.gateway import limits
 from llorch.gateway.api.body import parse_json_object
 from llorch.gateway.errors import BadRequest
 from llorch.gateway.request import InferenceRequest
-from llorch.node.models import DEFAULT_MODEL_ID, catalog_model_ids
+from llorch.node.models import DEFAULT_MODEL_ID, CatalogEntry
 from llorch.node.wire.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
 
 
@@ -59,14 +59,11 @@ STOP_SCHEMA: dict[str, Any] = {"anyOf": [STOP_TEXT_SCHEMA, {"type": "array", "it
                "description": "Up to 4 sequences (1-64 characters each) where generation stops."}
 
 
-MODEL_ENUM: dict[str, Any] = {"enum": catalog_model_ids()}
-
-
 class SamplingFields(BaseModel):
     """What chat and text completion requests share: model, sampling, limits, streaming, the llorch extension."""
 
     model_config = STRICT
-    model: str = Field(min_length=1, max_length=128, json_schema_extra=MODEL_ENUM,
+    model: str = Field(min_length=1, max_length=128, examples=[DEFAULT_MODEL_ID],
                        description="A catalog model id (GET /v1/models lists those on offer now); another is a 404.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -245,6 +242,16 @@ class ModelCard(BaseModel):
         description="What the model is for: instruct (instruction-tuned: chat and raw completions) or base (a "
                     "pretrained model that only continues text: POST /v1/completions only; a chat request is "
                     "refused with 400).")
+    context_length: int = Field(description="The model's trained context length in tokens (a provider may serve "
+                                            "a shorter window; prompt plus max_tokens must fit the provider's).")
+    license: str
+    sha256: str = Field(description="The pinned sha256 of the model's GGUF file, which every receipt cites.")
+
+
+def model_card(entry: CatalogEntry) -> dict:
+    """A catalog entry as GET /v1/models shows it."""
+    return {"id": entry.id, "object": "model", "created": 0, "owned_by": "llorch", "kind": entry.kind,
+            "context_length": entry.context_tokens, "license": entry.license, "sha256": entry.sha256}
 
 
 class ModelList(BaseModel):

@@ -94,6 +94,17 @@ def openapi_document(app: FastAPI) -> dict:
 
 
 # /v2 and operational shapes ---------------------------------------------------------------------------------------
+class CatalogView(BaseModel):
+    """The gateway's signed catalog (docs/protocol.md §5c): ``document`` is the base64 of the signed envelope, the
+    only part to trust (check its signature with the gateway's key); ``entries`` is its content, for reading."""
+
+    version: int
+    issued_ms: int
+    gateway_id: str = Field(description="The gateway's peer id: the key that signs the document.")
+    document: str
+    entries: list[dict[str, Any]]
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     providers: int = Field(ge=0, description="Providers with a fresh attestation.")

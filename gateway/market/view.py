@@ -7,20 +7,30 @@ SLA misses, suspensions since the last read of the books). Placement (gateway/ma
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Protocol
 
 from llorch.gateway.books.pricing import demand_multiplier_bp, utilisation_ppm
 from llorch.gateway.market.admission import WaitingRoom
 from llorch.gateway.market.directory import ProviderDirectory
 from llorch.gateway.market.placement import ProviderView, Standing, after_failure, after_success
 from llorch.gateway.market.providers import ProviderBook
-from llorch.node.models import catalog_model_ids, catalog_pin
+from llorch.node.models import Catalog
 from llorch.node.stream_io import now_ms
 from llorch.node.wire.attestation import Attestation
 
 
+class Models(Protocol):
+    """Where the market reads the newest catalog (gateway/catalog.py ``GatewayCatalog``)."""
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+
 class MarketView:
-    def __init__(self, directory: ProviderDirectory, providers: ProviderBook, waiting: WaitingRoom) -> None:
+    def __init__(self, directory: ProviderDirectory, providers: ProviderBook, waiting: WaitingRoom,
+                 catalog: Models) -> None:
         self.directory = directory
+        self.models = catalog                        # the operator's catalog: which models exist, and their pins
         self.waiting = waiting
         self.providers = providers
         self.standings: dict[bytes, Standing] = {}
@@ -48,9 +58,15 @@ class MarketView:
                                       attestation.provider_key not in self.sla_missed))
         return views
 
+    @property
+    def catalog(self) -> Catalog:
+        """The newest catalog version (live entries are placed on; retired ones only verify old receipts)."""
+        return self.models.catalog
+
     def offered_models(self) -> list[str]:
         fresh = self.directory.fresh(now_ms())
-        pins = {m: catalog_pin(m) for m in catalog_model_ids()}
+        catalog = self.catalog
+        pins = {m: catalog.pin(m) for m in catalog.live_ids()}
         return [m for m, pin in pins.items() if pin is not None and any(a.offers(m, pin) for a in fresh)]
 
     def demand_multiplier(self, model_id: str, pin: bytes) -> int:
