@@ -1,6 +1,6 @@
 """`llorch gateway models add|list|retire|show`: the operator curates the catalog in the gateway's database
 (gateway/catalog.py). A running gateway (every replica) publishes the new version within CATALOG_REFRESH_S, and the
-nodes that trust it pick it up at their next question (node.catalog_poll_s)."""
+nodes that trust it pick it up at their next question (node.catalog_poll_ms)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def add_commands(gateway_subparsers) -> None:
         "models", help="curate the model catalog: add, list, retire, show",
         description="The catalog this gateway places on and publishes, signed, to its nodes (/llorch/catalog/1) "
                     "and at GET /v1/catalog. Every change makes a new version; nodes follow within "
-                    "node.catalog_poll_s.")
+                    "node.catalog_poll_ms.")
     sub = models.add_subparsers(dest="models_command", required=True)
     add = sub.add_parser("add", help="add a model (a new version of the catalog)", description=ADD_HELP)
     add.add_argument("--config", type=Path, required=True, help="gateway.toml")

@@ -4,7 +4,7 @@
 The node starts from the built-in catalog (version 0, shipped with llorch: the entries a fresh gateway starts
 with), or from the signed catalog it kept from its last run (``node.catalog_file``, checked again as it is read).
 ``keep_catalog`` (under ``supervise``) asks every trusted gateway it is connected to, over the connection it keeps
-to it, for a version newer than the one it holds: at once, then every ``node.catalog_poll_s``. A document is taken
+to it, for a version newer than the one it holds: at once, then every ``node.catalog_poll_ms``. A document is taken
 only if its signature is valid and its key is one of ``node.trusted_gateways``, and only if its version is newer;
 anything else is ignored, with the reason logged and kept for `llorch node status`. A taken catalog is written to
 ``node.catalog_file`` (atomically) and wakes the model loader (node/model_loader.py), which fetches and loads a

@@ -34,7 +34,7 @@ class NodeConfig:
     announce_addrs: tuple[str, ...] = ()     # dialable addresses to announce (a forwarded port); default: see
                                              # node/reachability.py (behind NAT: none, reached over its own link)
     models: tuple[str, ...] = (DEFAULT_MODEL_ID,)    # catalog ids; one not listed yet is served once it is
-    catalog_poll_s: float = limits.CATALOG_POLL_S_DEFAULT   # how often to ask trusted gateways for a newer catalog
+    catalog_poll_ms: int = limits.CATALOG_POLL_MS_DEFAULT   # how often to ask trusted gateways for a newer catalog
     catalog_file: Path | None = None         # the signed catalog kept between runs (default: <ledger_path>.catalog)
     model_cache_dir: Path | None = None
     engine: str = "llama.cpp"                # "echo" runs a fake engine: for tests and benchmarks only
@@ -71,8 +71,8 @@ class NodeConfig:
             raise ConfigError('node.engine must be "llama.cpp" (or "echo" for tests and benchmarks)')
         if not 1 <= len(self.models) <= limits.ATTESTATION_MODELS_MAX or len(set(self.models)) != len(self.models):
             raise ConfigError(f"node.models must name 1..{limits.ATTESTATION_MODELS_MAX} catalog models, each once")
-        if not 0.1 <= self.catalog_poll_s <= 3600:
-            raise ConfigError("node.catalog_poll_s must be in 0.1..3600 seconds")
+        if not 100 <= self.catalog_poll_ms <= 3_600_000:
+            raise ConfigError("node.catalog_poll_ms must be in 100..3600000 (ms)")
         if not self.trusted_gateways:
             raise ConfigError("node.trusted_gateways is empty: no ticket could ever be accepted")
         for addr in self.announce_addrs:

@@ -77,5 +77,5 @@ CATALOG_DOCUMENT_BYTES_MAX = 1024 * 1024       # the signed catalog's envelope
 CATALOG_REQUEST_FRAME_BYTES_MAX = 64           # {"t": "ask", "have_version": n} is about 30 bytes
 CATALOG_ANSWER_FRAME_BYTES_MAX = CATALOG_DOCUMENT_BYTES_MAX + 64
 CATALOG_TIMEOUT_S = 20.0                       # open a stream on the existing connection, ask, hear the answer
-CATALOG_POLL_S_DEFAULT = 30.0                  # how often a node asks each connected trusted gateway again
+CATALOG_POLL_MS_DEFAULT = 30_000               # how often a node asks each connected trusted gateway again
 CATALOG_RETRY_S = 5.0                          # after a gateway did not answer (or was not connected yet)

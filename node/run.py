@@ -128,7 +128,7 @@ async def _run_node(config: NodeConfig) -> None:
                 nursery.start_soon(supervise, "listing", lambda: keep_listing(
                     p2p, config.trusted_gateways, listings))
                 nursery.start_soon(supervise, "catalog", lambda: keep_catalog(
-                    p2p, config.trusted_gateways, held, config.kept_catalog_path, config.catalog_poll_s))
+                    p2p, config.trusted_gateways, held, config.kept_catalog_path, config.catalog_poll_ms / 1000))
                 nursery.start_soon(supervise, "models", models.keep_models)
                 nursery.start_soon(supervise, "attestations", lambda: publish_attestations(
                     config, key, p2p, models, counters, reach))
