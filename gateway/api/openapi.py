@@ -95,7 +95,7 @@ def openapi_document(app: FastAPI) -> dict:
 
 # /v2 and operational shapes ---------------------------------------------------------------------------------------
 class CatalogView(BaseModel):
-    """The gateway's signed catalog (docs/protocol.md §5c): ``document`` is the base64 of the signed envelope, the
+    """The gateway's signed catalog (docs/protocol.md §5d): ``document`` is the base64 of the signed envelope, the
     only part to trust (check its signature with the gateway's key); ``entries`` is its content, for reading."""
 
     version: int

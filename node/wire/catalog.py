@@ -1,4 +1,4 @@
-"""The signed catalog (docs/protocol.md §5c): the models a gateway places on, signed by it, and /llorch/catalog/1,
+"""The signed catalog (docs/protocol.md §5d): the models a gateway places on, signed by it, and /llorch/catalog/1,
 over which a node asks a gateway for it.
 
 The operator curates the catalog in the gateway's database (`llorch gateway models add|retire`); each change makes
