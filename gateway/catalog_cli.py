@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from llorch.gateway.catalog import CatalogBook
-from llorch.node.models import KINDS, SHA256_RE, CatalogEntry, CatalogError, entry_map, entry_of, hub_file
+from llorch.node.models import (KINDS, SHA256_RE, CatalogEntry, CatalogError, entry_map, entry_of, hub_file,
+                                split_pin)
 from llorch.node.stream_io import now_ms
 
 ADD_HELP = """Add a model to the catalog: either --entry FILE (one entry as JSON, in the form of the catalog file
@@ -41,6 +42,10 @@ def add_commands(gateway_subparsers) -> None:
     add.add_argument("--license", help="e.g. Apache-2.0")
     add.add_argument("--hub", help="Hugging Face source: REPO@COMMIT:FILE (a 40-hex commit, not a branch)")
     add.add_argument("--url", action="append", default=[], help="a plain http(s) source (repeat for more)")
+    add.add_argument("--shard", action="append", default=[], metavar="FILE:SHA256[:SIZE]",
+                     help="a file of a model split in several (<prefix>-00001-of-00003.gguf, ...), in order, with "
+                          "its own sha256 (repeat for each; --hub and --url then name the first file, and --sha256 "
+                          "may be left out: it is computed from the shards' hashes)")
     add.add_argument("--memory-min", type=int, help="bytes a node needs for one slot (shown to home labs)")
     add.add_argument("--notes", default="", help="where the pin comes from, what could not be checked")
     add.set_defaults(handler=lambda args: _run(args, models_add))
@@ -76,6 +81,9 @@ def entry_from_args(args: argparse.Namespace) -> CatalogEntry:
         except (OSError, ValueError) as exc:
             raise CatalogError(f"cannot read the entry {args.entry}: {exc}") from None
         return entry_of(item, str(args.entry))
+    shards = [shard_of(text) for text in args.shard]
+    if shards and args.sha256 is None:
+        args.sha256 = split_pin([shard["sha256"] for shard in shards])
     missing = [flag for flag, value in (("--id", args.id), ("--kind", args.kind), ("--sha256", args.sha256),
                                         ("--context-tokens", args.context_tokens), ("--license", args.license))
                if value is None]
@@ -91,8 +99,19 @@ def entry_from_args(args: argparse.Namespace) -> CatalogEntry:
             "file_name": file_name, "context_tokens": args.context_tokens, "license": args.license,
             "chat_format": args.chat_format, "hub": None if hub is None else {
                 "repo": hub.repo, "revision": hub.revision, "filename": hub.filename},
-            "urls": args.url, "notes": args.notes, "memory_min_bytes": args.memory_min}
+            "urls": args.url, "notes": args.notes, "memory_min_bytes": args.memory_min, "shards": shards}
+    if shards and args.size is None and all(shard["size_bytes"] for shard in shards):
+        item["size_bytes"] = sum(shard["size_bytes"] for shard in shards)
     return entry_of(item, "the new entry")
+
+
+def shard_of(text: str) -> dict:
+    """``FILE:SHA256[:SIZE]`` as a shard map."""
+    name, _, rest = text.partition(":")
+    digest, _, size = rest.partition(":")
+    if not name or not SHA256_RE.fullmatch(digest.lower()) or (size and not size.isdigit()):
+        raise CatalogError(f"--shard takes FILE:SHA256[:SIZE] (64 hex digits, a size in bytes), not {text!r}")
+    return {"file_name": name, "sha256": digest.lower(), "size_bytes": int(size) if size else None}
 
 
 async def models_add(database, args) -> int:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llorch.inference import limits, metadata
@@ -75,6 +75,26 @@ def hub_file(text: str) -> HubFile:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """One file of a GGUF split in several (llama.cpp's gguf-split: ``<prefix>-00001-of-00003.gguf``, ...)."""
+
+    file_name: str
+    sha256: str                # hex, of this file
+    size_bytes: int | None = None
+
+
+SPLIT_NAME_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,230})-(\d{5})-of-(\d{5})\.gguf")
+SPLIT_PIN_TAG = b"llorch/gguf-split/v1\x00"
+SHARDS_MAX = 256
+
+
+def split_pin(shard_sha256s: list[str] | tuple[str, ...]) -> str:
+    """The pin of a model split in several files: SHA-256 of the tag ``llorch/gguf-split/v1`` 0x00 and each file's
+    32-byte SHA-256, in order (docs/protocol.md §5d). An operator computes it from the files' published hashes."""
+    return hashlib.sha256(SPLIT_PIN_TAG + b"".join(bytes.fromhex(h) for h in shard_sha256s)).hexdigest()
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
     id: str
     sha256: str                # hex, of the whole GGUF file
@@ -91,6 +111,9 @@ class CatalogEntry:
     notes: str = ""                        # where the pin comes from, and what could not be checked
     memory_min_bytes: int | None = None    # the operator's floor for a machine serving it (one slot, its context)
     retired_ms: int | None = None          # retired by the operator then: never placed again, kept for receipts
+    shards: tuple[Shard, ...] = ()         # a split GGUF's files in order (file_name is the first's); sha256 is
+                                           # then their split_pin
+    shard_no: int = 0                      # (not catalog data) this entry stands for file N of a split model
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -100,6 +123,33 @@ class CatalogEntry:
                                f"model has none (kind {self.kind!r}, chat_format {self.chat_format!r})")
         if not self.parts and self.hub is None and not self.urls:
             raise CatalogError(f"catalog entry {self.id} has no source: parts, hub and urls are all empty")
+        if self.shards:
+            self._check_shards()
+
+    def _check_shards(self) -> None:
+        count = len(self.shards)
+        if not 2 <= count <= SHARDS_MAX or self.parts:
+            raise CatalogError(f"catalog entry {self.id}: a split model has 2..{SHARDS_MAX} shards and no registry "
+                               f"parts")
+        first = SPLIT_NAME_RE.fullmatch(self.shards[0].file_name)
+        for number, shard in enumerate(self.shards, start=1):
+            match = SPLIT_NAME_RE.fullmatch(shard.file_name)
+            if match is None or first is None or match.group(1) != first.group(1) \
+                    or (int(match.group(2)), int(match.group(3))) != (number, count):
+                raise CatalogError(f"catalog entry {self.id}: shard {number} must be named "
+                                   f"<prefix>-{number:05d}-of-{count:05d}.gguf (llama.cpp finds the others by name), "
+                                   f"not {shard.file_name!r}")
+            if not SHA256_RE.fullmatch(shard.sha256):
+                raise CatalogError(f"catalog entry {self.id}: shard {number}'s sha256 must be 64 lowercase hex digits")
+        if self.file_name != self.shards[0].file_name:
+            raise CatalogError(f"catalog entry {self.id}: file_name must be the first shard's name")
+        pin = split_pin([shard.sha256 for shard in self.shards])
+        if self.sha256 != pin:
+            raise CatalogError(f"catalog entry {self.id}: the sha256 of a split model is the split pin of its shards' "
+                               f"hashes, {pin}, not {self.sha256}")
+        sizes = [shard.size_bytes for shard in self.shards]
+        if self.size_bytes is not None and None not in sizes and self.size_bytes != sum(s or 0 for s in sizes):
+            raise CatalogError(f"catalog entry {self.id}: size_bytes must be the sum of its shards' sizes")
 
     @property
     def serves_chat(self) -> bool:
@@ -118,7 +168,8 @@ CATALOG_FORMAT = "llorch-catalog/1"
 ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "id": str, "kind": str, "sha256": str, "size_bytes": (int, type(None)), "file_name": str, "context_tokens": int,
     "license": str, "chat_format": (str, type(None)), "package": str, "parts": list, "hub": (dict, type(None)),
-    "urls": list, "notes": str, "memory_min_bytes": (int, type(None)), "retired_ms": (int, type(None))}
+    "urls": list, "notes": str, "memory_min_bytes": (int, type(None)), "retired_ms": (int, type(None)),
+    "shards": list}
 REQUIRED_FIELDS = {"id", "kind", "sha256", "file_name", "context_tokens", "license", "chat_format"}
 TEXT_CHARS_MAX = {"license": 128, "package": 256, "notes": 2000, "chat_format": 64}
 URLS_MAX = 8
@@ -169,8 +220,9 @@ def entry_of(item: object, where: str) -> CatalogEntry:
               (item.get("retired_ms") is None or 0 <= item["retired_ms"] < 2**63, "retired_ms must be a time in ms"),
               (all(len(item.get(name) or "") <= chars for name, chars in TEXT_CHARS_MAX.items()),
                f"text fields are limited to {TEXT_CHARS_MAX} characters"),
-              (len(item.get("urls", [])) <= URLS_MAX and len(item.get("parts", [])) <= PARTS_MAX,
-               f"at most {URLS_MAX} urls and {PARTS_MAX} parts"),
+              (len(item.get("urls", [])) <= URLS_MAX and len(item.get("parts", [])) <= PARTS_MAX
+               and len(item.get("shards", [])) <= SHARDS_MAX,
+               f"at most {URLS_MAX} urls, {PARTS_MAX} parts and {SHARDS_MAX} shards"),
               (all(isinstance(u, str) and u.startswith(("https://", "http://")) and len(u) <= URL_CHARS_MAX
                    for u in item.get("urls", [])), "urls must be http(s) URLs"))
     for passed, rule in checks:
@@ -179,10 +231,11 @@ def entry_of(item: object, where: str) -> CatalogEntry:
     try:
         parts = tuple(_part(part) for part in item.get("parts", []))
         hub = _hub(item["hub"]) if item.get("hub") else None
+        shards = tuple(_shard(shard) for shard in item.get("shards", []))
         return CatalogEntry(item["id"], item["sha256"], item.get("package", ""), item["file_name"], parts,
                             item["context_tokens"], item["license"], item["kind"], item["chat_format"],
                             item.get("size_bytes"), hub, tuple(item.get("urls", [])), item.get("notes", ""),
-                            item.get("memory_min_bytes"), item.get("retired_ms"))
+                            item.get("memory_min_bytes"), item.get("retired_ms"), shards)
     except (KeyError, TypeError) as exc:
         raise CatalogError(f"{where}: a part is {{package, member}} and the hub {{repo, revision, filename}}, all "
                            f"strings ({exc})") from None
@@ -195,6 +248,41 @@ def _part(item: object) -> Part:
             or not all(isinstance(v, str) and 0 < len(v) <= 256 for v in item.values()):
         raise TypeError("a part is not {package, member}")
     return Part(item["package"], item["member"])
+
+
+def _shard(item: object) -> Shard:
+    if not isinstance(item, dict) or set(item) != {"file_name", "sha256", "size_bytes"} \
+            or not isinstance(item["file_name"], str) or not isinstance(item["sha256"], str) \
+            or not (item["size_bytes"] is None or (type(item["size_bytes"]) is int
+                                                    and 0 < item["size_bytes"] <= limits.MODEL_FILE_BYTES_MAX)):
+        raise TypeError("a shard is {file_name: str, sha256: str, size_bytes: positive int or null}")
+    return Shard(item["file_name"], item["sha256"], item["size_bytes"])
+
+
+def shard_entries(entry: CatalogEntry) -> list[CatalogEntry]:
+    """Each file of a split model as an entry of its own (its name, pin, size and sources: the Hub file and the
+    URLs beside the first shard's), fetched and checked like a single-file model; ``[entry]`` if it is not split."""
+    if not entry.shards:
+        return [entry]
+    folder = entry.hub.filename.rpartition("/")[0] if entry.hub else ""
+    return [replace(entry, id=f"{entry.id}.part{number}", file_name=shard.file_name, sha256=shard.sha256,
+                    size_bytes=shard.size_bytes, shards=(), shard_no=number,
+                    hub=None if entry.hub is None else replace(
+                        entry.hub, filename=f"{folder}/{shard.file_name}" if folder else shard.file_name),
+                    urls=tuple(url.rpartition("/")[0] + "/" + shard.file_name for url in entry.urls))
+            for number, shard in enumerate(entry.shards, start=1)]
+
+
+def assembled(entry: CatalogEntry, paths: list[Path]) -> Path:
+    """A split model whose files are each checked and in place: check its kind (llama.cpp reads the first file's
+    metadata with the others beside it); the first file's path, which llama.cpp loads."""
+    check_kind(entry, paths[0])
+    return paths[0]
+
+
+def model_files(entry: CatalogEntry, cache_dir: Path | None = None) -> list[Path]:
+    """Every file of the model in the cache (one, or a split model's shards in order)."""
+    return [model_path(part, cache_dir) for part in shard_entries(entry)]
 
 
 def _hub(item: dict) -> HubFile:
@@ -212,7 +300,9 @@ def entry_map(entry: CatalogEntry) -> dict:
             "hub": None if entry.hub is None else {"repo": entry.hub.repo, "revision": entry.hub.revision,
                                                    "filename": entry.hub.filename},
             "urls": list(entry.urls), "notes": entry.notes, "memory_min_bytes": entry.memory_min_bytes,
-            "retired_ms": entry.retired_ms}
+            "retired_ms": entry.retired_ms,
+            "shards": [{"file_name": s.file_name, "sha256": s.sha256, "size_bytes": s.size_bytes}
+                       for s in entry.shards]}
 
 
 @dataclass(frozen=True)
@@ -281,6 +371,12 @@ def file_sha256(path: Path) -> str:
 def verified_path(entry: CatalogEntry, cache_dir: Path | None = None) -> Path:
     """Return the cached model file after checking its sha256 against the pin and its metadata against the
     declared kind."""
+    if entry.shards:
+        missing = [path.name for path in model_files(entry, cache_dir) if not path.is_file()]
+        if missing:
+            raise ModelFileError(f"model {entry.id} is not in the cache (missing {', '.join(missing)}): run "
+                                 f"`llorch models fetch {entry.id}`")
+        return assembled(entry, [verified_path(part, cache_dir) for part in shard_entries(entry)])
     path = model_path(entry, cache_dir)
     if not path.is_file():
         raise ModelFileError(f"model {entry.id} is not in the cache ({path}): run `llorch models fetch {entry.id}`")
@@ -292,7 +388,10 @@ def verified_path(entry: CatalogEntry, cache_dir: Path | None = None) -> Path:
 
 
 def check_kind(entry: CatalogEntry, path: Path) -> None:
-    """Raise CatalogError unless the GGUF's own metadata agrees with the kind the catalog declares."""
+    """Raise CatalogError unless the GGUF's own metadata agrees with the kind the catalog declares (a split
+    model's metadata is in its first file, read once every file is in place: ``assembled``)."""
+    if entry.shard_no:
+        return
     found = metadata.read_metadata(path)
     actual = metadata.kind_of(found)
     if actual != entry.kind:

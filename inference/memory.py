@@ -47,9 +47,11 @@ def gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
 
-def memory_need(path: Path, metadata: dict[str, str], context_tokens: int, slots: int) -> MemoryNeed:
+def memory_need(path: Path, metadata: dict[str, str], context_tokens: int, slots: int,
+                file_bytes: int | None = None) -> MemoryNeed:
     """The estimate for serving the GGUF at ``path`` (its ``metadata``) with ``slots`` contexts of
-    ``context_tokens``. Raises ModelFileError if the metadata lacks what the estimate needs."""
+    ``context_tokens``; ``file_bytes``: the model's size when it is split in several files (default: ``path``'s).
+    Raises ModelFileError if the metadata lacks what the estimate needs."""
     arch = metadata.get("general.architecture")
     try:
         layers = int(metadata[f"{arch}.block_count"])
@@ -61,7 +63,7 @@ def memory_need(path: Path, metadata: dict[str, str], context_tokens: int, slots
         raise ModelFileError(f"{path.name}: its GGUF metadata lacks what a memory estimate needs ({exc}; "
                              f"architecture {arch!r})") from None
     kv = 2 * layers * context_tokens * kv_heads * head_length * F16_BYTES
-    return MemoryNeed(path.stat().st_size, kv, COMPUTE_BYTES_PER_SLOT, slots)
+    return MemoryNeed(path.stat().st_size if file_bytes is None else file_bytes, kv, COMPUTE_BYTES_PER_SLOT, slots)
 
 
 def available_memory_bytes() -> int:

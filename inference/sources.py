@@ -28,11 +28,13 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 from llorch.inference import limits
-from llorch.inference.catalog import CatalogEntry, HubFile, check_kind, default_cache_dir, file_sha256, model_path
+from llorch.inference.catalog import (CatalogEntry, HubFile, assembled, check_kind, default_cache_dir, file_sha256,
+                                      model_path, shard_entries)
 from llorch.inference.errors import FetchError
 
 Progress = Callable[[int, int | None], None]           # (bytes done, bytes in all if known)
@@ -42,6 +44,8 @@ def fetch_any(entry: CatalogEntry, cache_dir: Path | None = None, log=print, pro
     Hub, then its URLs, in that order; FetchError naming every source's failure if none did."""
     from llorch.inference.catalog import fetch as fetch_from_registry
 
+    if entry.shards:                             # a split model: each file from its sources, in order
+        return assembled(entry, [fetch_any(part, cache_dir, log, progress) for part in shard_entries(entry)])
     if _already_there(entry, model_path(entry, cache_dir)):
         return model_path(entry, cache_dir)
     attempts: list[tuple[str, Callable[[], Path]]] = []
@@ -69,7 +73,12 @@ def download_folder(entry: CatalogEntry, cache_dir: Path | None = None) -> Path:
 
 
 def fetch_from_hub(entry: CatalogEntry, source: HubFile, cache_dir: Path | None = None, log=print) -> Path:
-    """``entry``'s file from the Hugging Face Hub (``HF_ENDPOINT``: a mirror), sha256-checked; its verified path."""
+    """``entry``'s file from the Hugging Face Hub (``HF_ENDPOINT``: a mirror), sha256-checked; its verified path.
+    For a split model ``source`` names the first file; the others are beside it."""
+    if entry.shards:
+        parts = shard_entries(replace(entry, hub=source))
+        return assembled(entry, [fetch_from_hub(part, part.hub, cache_dir, log) for part in parts
+                                 if part.hub is not None])
     target = model_path(entry, cache_dir)
     if _already_there(entry, target):
         return target
@@ -104,6 +113,7 @@ def fetch_from_hub(entry: CatalogEntry, source: HubFile, cache_dir: Path | None 
                          f"command again to resume") from None
     placed = _place(entry, downloaded, target, log, f"the Hub ({where})", partials=_hub_partials(folder))
     shutil.rmtree(folder, ignore_errors=True)            # huggingface_hub's bookkeeping of the finished download
+    _remove_if_empty(folder.parent)
     return placed
 
 
@@ -112,6 +122,9 @@ def fetch_from_url(entry: CatalogEntry, url: str, cache_dir: Path | None = None,
     """``entry``'s file from a plain HTTP(S) URL, resuming a partial download with Range; its verified path."""
     if not url.startswith(("https://", "http://")):
         raise FetchError(f"{url!r} is not an http(s) URL")
+    if entry.shards:                           # ``url`` is the first file's; the others are beside it
+        return assembled(entry, [fetch_from_url(part, part.urls[0], cache_dir, log, progress)
+                                 for part in shard_entries(replace(entry, urls=(url,)))])
     target = model_path(entry, cache_dir)
     if _already_there(entry, target):
         return target
@@ -146,7 +159,11 @@ def fetch_from_url(entry: CatalogEntry, url: str, cache_dir: Path | None = None,
 
 def import_file(entry: CatalogEntry, path: Path, cache_dir: Path | None = None, log=print) -> Path:
     """A GGUF the operator already has (``llorch models import PATH --id ID``), copied into the cache once its
-    sha256 is the entry's; the original is never changed."""
+    sha256 is the entry's; the original is never changed. For a split model ``path`` is the first file and the
+    others are beside it, named as the catalog says."""
+    if entry.shards:
+        return assembled(entry, [import_file(part, path.parent / part.file_name, cache_dir, log)
+                                 for part in shard_entries(entry)])
     if not path.is_file():
         raise FetchError(f"{path} is not a file")
     actual = file_sha256(path)

@@ -119,7 +119,8 @@ class NodeModels:
         if self.config.gpu_layers or self.config.engine == "echo":
             return
         config = self.config
-        needs = [(entry, memory.memory_need(path, metadata.read_metadata(path), config.context_tokens, config.slots))
+        needs = [(entry, memory.memory_need(path, metadata.read_metadata(path), config.context_tokens, config.slots,
+                                            sum(f.stat().st_size for f in catalog.model_files(entry, path.parent))))
                  for entry, path in adding if path is not None]
         total = sum(need.total_bytes for _, need in needs)
         limit = (config.memory_max_bytes - self.loaded_bytes if config.memory_max_bytes

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from llorch.inference import catalog
 from llorch.inference.catalog import (BUILTIN, KINDS, SHA256_RE, Catalog, CatalogEntry, entry_map, entry_of,
-                                      hub_file)
+                                      hub_file, split_pin)
 from llorch.inference.errors import CatalogError
 from llorch.inference.errors import InferenceError as ModelError     # catalog, fetch and model-file errors
 
 __all__ = ["BUILTIN", "KINDS", "SHA256_RE", "Catalog", "CatalogEntry", "CatalogError", "DEFAULT_MODEL_ID",
-           "ModelError", "entry_map", "entry_of", "fetch_model", "hub_file"]
+           "ModelError", "entry_map", "entry_of", "fetch_model", "hub_file", "split_pin"]
 
 
 def fetch_model(model_id: str, log=print) -> None:

@@ -71,10 +71,13 @@ def test_a_declared_kind_that_disagrees_with_the_file_is_refused_at_load(model_p
     assert model_path.is_file()                                   # the refusal changes nothing in the cache
 
 
-def test_models_list_shows_what_each_model_is_for(capsys):
+def test_models_list_shows_what_each_model_is_for(capsys, monkeypatch, tmp_path):
+    from argparse import Namespace
+
     from llorch.node.cli import models_list
 
-    assert models_list(None) == 0
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))          # no node.toml: the built-in catalog
+    assert models_list(Namespace(config=None)) == 0
     lines = capsys.readouterr().out.splitlines()
     header = lines[0].split("\t")
     rows = {line.split("\t")[0]: dict(zip(header, line.split("\t"))) for line in lines[1:]}

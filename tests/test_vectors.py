@@ -306,6 +306,10 @@ def test_the_catalog_vector_verifies_independently():
     assert set(payload) == {"v", "gateway_key", "version", "issued_ms", "entries"} and payload["version"] == 4
     assert payload["entries"] == vector["entries"]
     assert [e["id"] for e in payload["entries"]] == sorted(e["id"] for e in payload["entries"])
+    split = payload["entries"][0]                  # a model in two files: its pin is over the files' hashes
+    assert split["sha256"] == hashlib.sha256(b"llorch/gguf-split/v1\x00" + b"".join(
+        bytes.fromhex(shard["sha256"]) for shard in split["shards"])).hexdigest()
+    assert split["size_bytes"] == sum(shard["size_bytes"] for shard in split["shards"])
     live = [e["id"] for e in payload["entries"] if e["retired_ms"] is None]
     assert live == ["smollm2-135m-instruct-q4_1"]
     frames = {name: bytes.fromhex(value) for name, value in vector["frames"].items()}
