@@ -31,6 +31,9 @@ def add_commands(subparsers) -> None:
     init.add_argument("--slots", type=int, help="concurrent requests (default: proposed from cores and memory)")
     init.add_argument("--threads", type=int, help="threads per request (default: proposed from the cores)")
     init.add_argument("--port", type=int, default=4101, help="libp2p TCP port to listen on (default 4101)")
+    init.add_argument("--model", action="append", default=[], dest="models", metavar="ID",
+                      help="a catalog model to serve (repeat for several; default: the default model); init lists "
+                           "the gateway catalog's models and which this machine can hold")
     init.add_argument("--force", action="store_true", help="write a new node.toml over an existing one")
     init.add_argument("--non-interactive", action="store_true", help="never ask; fail if something is missing")
     init.set_defaults(handler=node_init)
@@ -207,7 +210,7 @@ def node_init(args: argparse.Namespace) -> int:
     try:
         path, key, contact = initialise(args.gateway, country.upper(), args.slots, args.threads, args.force,
                                         args.port, log=lambda message: print(message, file=sys.stderr),
-                                        progress=ProgressBar("assembling + sha256"))
+                                        progress=ProgressBar("assembling + sha256"), models=tuple(args.models))
         if contact.url is None:
             print("next: register with the gateway's operator (`llorch node register --gateway <its URL>`), "
                   "then `llorch node start`", file=sys.stderr)

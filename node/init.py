@@ -2,9 +2,11 @@
 
 It creates the node's key (mode 0600), detects the machine's cores and memory and proposes slots × threads (never
 more threads than cores: ggml's threads spin, and two busy contexts on the same cores slow each other several-fold),
-fetches the default model, learns the gateway from one argument (its libp2p multiaddr, or its https URL, which it
-asks for the gateway's identity), writes a commented ``node.toml`` into the user's config directory (XDG), and, given
-a URL, registers the node with the gateway. `llorch node start` then needs no flags: it finds that file.
+learns the gateway from one argument (its libp2p multiaddr, or its https URL, which it asks for the gateway's
+identity and its signed catalog), proposes the catalog's models this machine can hold and fetches the chosen ones
+(``--model ID``, repeatable; default: the default model), offers ``gpu_layers`` when llama.cpp was built with a GPU
+backend, writes a commented ``node.toml`` into the user's config directory (XDG), and, given a URL, registers the
+node with the gateway. `llorch node start` then needs no flags: it finds that file.
 
 Paths (XDG Base Directory): config ``$XDG_CONFIG_HOME/llorch`` (``~/.config/llorch``) holds node.toml and node.key;
 data ``$XDG_DATA_HOME/llorch`` (``~/.local/share/llorch``) holds the ledger.
@@ -12,6 +14,7 @@ data ``$XDG_DATA_HOME/llorch`` (``~/.local/share/llorch``) holds the ledger.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import urllib.error
@@ -22,13 +25,19 @@ from pathlib import Path
 
 from multiaddr import Multiaddr
 
-from llorch.inference import catalog
-from llorch.ledger.signing import SigningKey, write_key_file
+from llorch.inference import catalog, sources
+from llorch.inference.catalog import Catalog, CatalogEntry
+from llorch.ledger.errors import EncodingError, SignatureError
+from llorch.ledger.signing import SigningKey, peer_id_of, write_key_file
+from llorch.node import limits
+from llorch.node.catalog import keep
 from llorch.node.errors import ConfigError
+from llorch.node.wire.catalog import SignedCatalog
 
 GATEWAY_INFO_TIMEOUT_S = 15
 MEMORY_PER_SLOT_BYTES = 1 << 30          # a context of the default model, with room for the OS and a browser
 THREADS_PER_SLOT_MAX = 4                 # beyond this a small model gains little from more threads per request
+KV_BYTES_PER_SLOT_GUESS = 320 << 20      # KV cache and scratch of one 2048-token context of a 7-8B GQA model
 
 
 def config_dir() -> Path:
@@ -56,6 +65,11 @@ class Machine:
         except (ValueError, OSError, AttributeError):
             memory = MEMORY_PER_SLOT_BYTES
         return cls(max(1, cores), memory)
+
+    def fits(self, entry: CatalogEntry, slots: int) -> bool:
+        """Whether the model can plausibly be held with ``slots`` contexts (`node start` measures it exactly from
+        the file): the operator's ``memory_min_bytes``, else the file plus 10% plus a context's share per slot."""
+        return need_estimate(entry, slots) <= self.memory_bytes
 
     def proposal(self) -> tuple[int, int]:
         """(slots, threads per slot): slots × threads ≤ cores, one slot per GiB of memory at most."""
@@ -96,8 +110,54 @@ def gateway_contact(gateway: str) -> GatewayContact:
     return GatewayContact(peer_id, f"/{kind}/{host}/tcp/{port}/p2p/{peer_id}", base)
 
 
+def need_estimate(entry: CatalogEntry, slots: int) -> int:
+    if entry.memory_min_bytes:
+        return entry.memory_min_bytes + (slots - 1) * KV_BYTES_PER_SLOT_GUESS
+    return (entry.size_bytes or 0) * 11 // 10 + slots * KV_BYTES_PER_SLOT_GUESS
+
+
+def gateway_catalog(contact: GatewayContact) -> tuple[Catalog, bytes]:
+    """The catalog the gateway signed (GET /v1/catalog), checked against its peer id; the built-in catalog when
+    only a multiaddr was given (the node asks for the signed one over libp2p once it runs)."""
+    if contact.url is None:
+        return catalog.BUILTIN, b""
+    try:
+        with urllib.request.urlopen(contact.url + "/v1/catalog", timeout=GATEWAY_INFO_TIMEOUT_S) as response:
+            document = base64.b64decode(json.loads(response.read(limits.CATALOG_DOCUMENT_BYTES_MAX * 2))["document"])
+        signed = SignedCatalog.from_envelope(document)
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError, EncodingError, SignatureError) as exc:
+        raise ConfigError(f"cannot read the gateway's signed catalog at {contact.url}/v1/catalog: {exc}") from None
+    if peer_id_of(signed.gateway_key) != contact.peer_id:
+        raise ConfigError(f"the catalog at {contact.url}/v1/catalog is signed by {peer_id_of(signed.gateway_key)}, "
+                          f"not by the gateway {contact.peer_id}: refusing it")
+    return signed.catalog(), document
+
+
+def model_table(served: Catalog, machine: Machine, slots: int) -> list[str]:
+    """What `node init` shows: each live model, its size and whether this machine can hold it."""
+    lines = []
+    for model_id in served.live_ids():
+        entry = served.entries[model_id]
+        size = f"{entry.size_bytes / 2**30:.1f} GiB" if entry.size_bytes else "size unknown"
+        fits = "fits" if machine.fits(entry, slots) else f"needs ~{need_estimate(entry, slots) / 2**30:.1f} GiB"
+        lines.append(f"  {model_id:<40} {entry.kind:<8} {size:>14}  {fits}")
+    return lines
+
+
+def gpu_offload() -> bool:
+    """Whether this llama.cpp build can offload layers to a GPU."""
+    try:
+        import llama_cpp
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception:  # no llama.cpp at all: nothing to offer
+        return False
+
+
 def node_toml(contact: GatewayContact, machine: Machine, slots: int, threads: int, country: str, key_file: Path,
-              ledger_path: Path, listen_port: int) -> str:
+              ledger_path: Path, listen_port: int, models: tuple[str, ...] = (catalog.DEFAULT_MODEL_ID,),
+              gpu: bool = False) -> str:
+    gpu_line = ("gpu_layers = 1000                          # this llama.cpp can offload to a GPU: every layer "
+                "(0: CPU only)\n" if gpu else "")
     return f"""# llorch provider node, written by `llorch node init`. Every key: docs/operating.md.
 [node]
 key_file = "{key_file}"                   # your identity (Ed25519, mode 0600): back it up
@@ -111,8 +171,8 @@ listen_addr = "/ip4/0.0.0.0/tcp/{listen_port}"
 # cores: llama.cpp's threads spin, and two busy requests on the same cores slow each other several-fold.
 slots = {slots}
 threads_per_slot = {threads}
-models = ["{catalog.DEFAULT_MODEL_ID}"]
-
+models = {json.dumps(list(models))}   # `llorch models list --config <this file>`; see docs/operating.md
+{gpu_line}
 # What customers pay you, in minor units (micro-EUR) per 1M tokens; the gateway never pays less.
 price_in_per_1m = 100000
 price_out_per_1m = 200000
@@ -124,7 +184,8 @@ country = "{country}"
 
 
 def initialise(gateway: str, country: str, slots: int | None, threads: int | None, force: bool,
-               listen_port: int, log=print, progress=None) -> tuple[Path, SigningKey, GatewayContact]:
+               listen_port: int, log=print, progress=None,
+               models: tuple[str, ...] = ()) -> tuple[Path, SigningKey, GatewayContact]:
     """Do everything `llorch node init` does but the registration; return (config path, key, gateway)."""
     config_path = default_config_path()
     if config_path.exists() and not force:
@@ -148,8 +209,33 @@ def initialise(gateway: str, country: str, slots: int | None, threads: int | Non
         log(f"created {key_file} (mode 0600): peer id {key.peer_id}")
     log(f"this machine: {machine.cores} cores, {machine.memory_bytes / 2**30:.1f} GiB -> {slots} slot(s) × "
         f"{threads} thread(s)")
-    catalog.fetch(catalog.lookup(catalog.DEFAULT_MODEL_ID), log=log, progress=progress)
-    text = node_toml(contact, machine, slots, threads, country, key_file, data_dir() / "ledger.sqlite", listen_port)
+    served, document = gateway_catalog(contact)
+    log(f"models in the {'gateway' if document else 'built-in'} catalog (version {served.version}) for "
+        f"{slots} slot(s) on this machine:")
+    for line in model_table(served, machine, slots):
+        log(line)
+    chosen = models or (catalog.DEFAULT_MODEL_ID,)
+    for model_id in chosen:
+        entry = served.live(model_id)
+        if entry is None:
+            raise ConfigError(f"--model {model_id} is not a live model of that catalog (known: "
+                              f"{', '.join(served.live_ids())})")
+        if not machine.fits(entry, slots):
+            raise ConfigError(f"--model {model_id} needs about {need_estimate(entry, slots) / 2**30:.1f} GiB for "
+                              f"{slots} slot(s); this machine has {machine.memory_bytes / 2**30:.1f} GiB")
+    for model_id in chosen:
+        entry = served.entries[model_id]
+        if entry.parts:
+            catalog.fetch(entry, log=log, progress=progress)
+        else:
+            sources.fetch_any(entry, log=log, progress=sources.DownloadProgress(entry.id))
+    gpu = gpu_offload()
+    if gpu:
+        log("this llama.cpp can offload to a GPU: node.toml sets gpu_layers = 1000 (every layer)")
+    ledger_path = data_dir() / "ledger.sqlite"
+    if document:
+        keep(Path(str(ledger_path) + ".catalog"), document)     # node start serves from it at once
+    text = node_toml(contact, machine, slots, threads, country, key_file, ledger_path, listen_port, chosen, gpu)
     temporary = config_path.with_suffix(".toml.tmp")
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, config_path)

@@ -61,10 +61,22 @@ def test_init_with_the_gateways_url_registers_and_node_start_needs_no_flags(tmp_
     net = LocalNetwork(tmp_path / "net")
     try:
         net.start_gateway()
+        net.cli("gateway", "models", "add", "--config", "gateway.toml", "--id", "too-big-q4", "--kind", "base",
+                "--sha256", "ab" * 32, "--size", str(2**37), "--context-tokens", "8192", "--license", "MIT",
+                "--url", "https://models.example/too-big.gguf", "--memory-min", str(200 * 2**30))
+        refused = llorch(tmp_path, "node", "init", "--gateway", net.http_url, "--country", "FR", "--port", "0",
+                         "--non-interactive", "--model", "too-big-q4")
+        assert refused.returncode == 2 and "--model too-big-q4 needs about 200.0 GiB" in refused.stderr
+        assert not (tmp_path / "config" / "llorch" / "node.toml").exists()
         done = llorch(tmp_path, "node", "init", "--gateway", net.http_url, "--country", "FR", "--port", "0",
                       "--non-interactive")
         assert done.returncode == 0, done.stderr
         assert "registered" in done.stderr
+        assert "models in the gateway catalog" in done.stderr           # the gateway's signed one, with what fits
+        shown = {line.split()[0]: line for line in done.stderr.splitlines() if line.startswith("  ")}
+        assert "needs ~" in shown["too-big-q4"] and shown["smollm2-135m-instruct-q4_1"].endswith("fits")
+        kept = tmp_path / "data" / "llorch" / "ledger.sqlite.catalog"
+        assert kept.is_file()                                        # node start serves from it at once
         listed = json.loads(net.cli("gateway", "providers", "list", "--config", "gateway.toml"))
         assert [(p["status"], p["geo"]["country"]) for p in listed] == [("pending", "FR")]
         document = tomllib.loads((tmp_path / "config" / "llorch" / "node.toml").read_text())["node"]
