@@ -223,7 +223,7 @@ class Engine:
         sampling = prepared.sampling
         llm = self._llm
         llm.reset()              # canonical evaluation: never reuse a previous prompt's KV cache
-        llm.set_seed(sampling.seed)
+        llm.set_seed(sampler_seed(sampling.seed))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, emitted, tokens_out, finish, cut = "", 0, 0, "length", None
 
@@ -270,6 +270,17 @@ class Engine:
                 finish = "cancelled"
         return Generation(text[:emitted] if finish == "cancelled" else text, len(prepared.prompt_tokens),
                           tokens_out, finish)
+
+
+SAMPLER_SEED_MODULUS = 2**32 - 1
+
+
+def sampler_seed(seed: int) -> int:
+    """The seed llama.cpp's sampler gets for a ticket's ``seed`` (any uint64): ``seed mod (2^32 - 1)``. llama.cpp
+    takes 32 bits and treats 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as "pick a random seed", so passing the ticket's seed
+    as it is would make every seed ≡ 2^32 - 1 (mod 2^32) sample at random: an honest provider's re-run would differ
+    from its first run. Seeds below 2^32 - 1 map to themselves."""
+    return seed % SAMPLER_SEED_MODULUS
 
 
 def check_serves_chat(entry: catalog.CatalogEntry) -> None:
