@@ -27,10 +27,9 @@ from llorch.ledger.signing import SigningKey
 from llorch.ledger.sqlite import Database
 from llorch.node import limits as node_limits
 from llorch.node.errors import ProtocolError
-from llorch.node.stream_io import close_quietly, now_ms
+from llorch.node.stream_io import answer_once, now_ms
 from llorch.node.wire.catalog import (AskCatalog, CatalogAnswer, CatalogDocument, CatalogRefused, SignedCatalog,
                                       Unchanged)
-from llorch.node.wire.frames import OneFrame
 
 log = logging.getLogger("llorch.gateway.catalog")
 
@@ -183,27 +182,10 @@ class GatewayCatalog:
 
     async def serve_catalog(self, stream) -> None:
         """The /llorch/catalog/1 stream handler: one question in, one answer out, under timeouts; never raises."""
-        asker = stream.muxed_conn.peer_id.to_base58()
-        finished = False
-        answer: CatalogAnswer
-        try:
-            try:
-                self.limiter.acquire_nowait()
-            except trio.WouldBlock:
-                answer = CatalogRefused("busy", "too many catalog questions at once; ask again in a minute")
-            else:
-                try:
-                    reader = OneFrame(node_limits.CATALOG_REQUEST_FRAME_BYTES_MAX, "catalog")
-                    with trio.fail_after(limits.CATALOG_READ_TIMEOUT_S):
-                        answer = self.answer(await reader.read(stream))
-                finally:
-                    self.limiter.release()
-            with trio.fail_after(limits.CATALOG_WRITE_TIMEOUT_S):
-                await stream.write(answer.to_bytes())
-            finished = True
-        except (ProtocolError, trio.TooSlowError) as exc:
-            log.info("catalog question from %s dropped: %s", asker, exc or "timed out")
-        except Exception as exc:  # the peer hung up mid-question: nothing to answer
-            log.debug("catalog question from %s ended: %s", asker, exc)
-        finally:
-            await close_quietly(stream, reset=not finished)
+        async def answer(frame: bytes) -> CatalogAnswer:
+            return self.answer(frame)
+
+        await answer_once(stream, self.limiter,
+                          CatalogRefused("busy", "too many catalog questions at once; ask again in a minute"),
+                          node_limits.CATALOG_REQUEST_FRAME_BYTES_MAX, limits.CATALOG_READ_TIMEOUT_S,
+                          limits.CATALOG_WRITE_TIMEOUT_S, answer, "catalog")

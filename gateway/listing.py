@@ -21,8 +21,7 @@ from llorch.gateway.witness.witness import WitnessBook
 from llorch.ledger.signing import public_key_of_peer_id
 from llorch.node import limits as node_limits
 from llorch.node.errors import ProtocolError
-from llorch.node.stream_io import close_quietly, now_ms
-from llorch.node.wire.frames import OneFrame
+from llorch.node.stream_io import answer_once, now_ms
 from llorch.node.wire.listing import AskListing, Listing, ListingRefused
 
 log = logging.getLogger("llorch.gateway.listing")
@@ -73,45 +72,9 @@ class ListingDesk:
     async def serve_listing(self, stream) -> None:
         """The stream handler: one question in, one answer out, under timeouts; never raises."""
         asker = stream.muxed_conn.peer_id.to_base58()
-        finished = False
-        answer: Listing | ListingRefused
-        try:
-            try:
-                self.limiter.acquire_nowait()
-            except trio.WouldBlock:
-                answer = ListingRefused("busy", "too many listing questions at once; ask again in a minute")
-            else:
-                try:
-                    answer = await self.answer(await read_question(stream), asker)
-                finally:
-                    self.limiter.release()
-            with trio.fail_after(limits.LISTING_WRITE_TIMEOUT_S):
-                await stream.write(answer.to_bytes())
-            finished = True
-            if isinstance(answer, ListingRefused):
-                log.info("listing question from %s refused (%s): %s", asker, answer.code, answer.message)
-        except (ProtocolError, trio.TooSlowError) as exc:
-            log.info("listing question from %s dropped: %s", asker, exc or "timed out")
-        except Exception as exc:  # the peer hung up mid-question: nothing to answer
-            log.debug("listing question from %s ended: %s", asker, exc)
-        finally:
-            await close_quietly(stream, reset=not finished)
-
-
-async def read_question(stream) -> bytes:
-    """One whole question frame, within LISTING_READ_TIMEOUT_S and its size limit. A frame over the limit, or
-    bytes after it, is returned as it is, for ``answer`` to refuse as malformed; a peer that closes early or is too
-    slow raises ProtocolError / TooSlowError."""
-    reader = OneFrame(node_limits.LISTING_REQUEST_FRAME_BYTES_MAX, "listing")
-    received = b""
-    with trio.fail_after(limits.LISTING_READ_TIMEOUT_S):
-        while reader.frame is None:
-            data = await stream.read(node_limits.LISTING_REQUEST_FRAME_BYTES_MAX)
-            if not data:
-                raise ProtocolError("the peer closed the stream before a whole listing question")
-            received += data
-            try:
-                reader.receive_data(data)
-            except ProtocolError:
-                return received
-    return reader.frame
+        answer = await answer_once(
+            stream, self.limiter, ListingRefused("busy", "too many listing questions at once; ask again in a minute"),
+            node_limits.LISTING_REQUEST_FRAME_BYTES_MAX, limits.LISTING_READ_TIMEOUT_S, limits.LISTING_WRITE_TIMEOUT_S,
+            lambda frame: self.answer(frame, asker), "listing")
+        if isinstance(answer, ListingRefused):
+            log.info("listing question from %s refused (%s): %s", asker, answer.code, answer.message)

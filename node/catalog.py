@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from llorch.inference.catalog import BUILTIN, Catalog
@@ -28,10 +27,9 @@ from llorch.ledger.signing import peer_id_of
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
 from llorch.node.p2p import P2P
-from llorch.node.stream_io import close_quietly
+from llorch.node.stream_io import Unanswered, ask_once
 from llorch.node.wire.catalog import (CATALOG_PROTOCOL_ID, AskCatalog, CatalogDocument, CatalogRefused,
                                       SignedCatalog, Unchanged, decode_answer)
-from llorch.node.wire.frames import OneFrame
 
 log = logging.getLogger("llorch.node.catalog")
 
@@ -106,26 +104,14 @@ def keep(path: Path | None, document: bytes) -> None:
 async def ask_catalog(p2p: P2P, gateway: ID, have_version: int) -> bytes | None:
     """Ask ``gateway`` over the existing connection for a catalog newer than ``have_version``: its document, or
     None if it has no newer one; CatalogUnknown if it cannot say."""
-    if gateway not in p2p.host.get_network().connections:
-        raise CatalogUnknown(f"not connected to {gateway}")
-    stream, finished = None, False
     try:
-        with trio.fail_after(limits.CATALOG_TIMEOUT_S):
-            stream = await p2p.host.new_stream(gateway, [TProtocol(CATALOG_PROTOCOL_ID)])
-            await stream.write(AskCatalog(have_version).to_bytes())
-            frame = await OneFrame(limits.CATALOG_ANSWER_FRAME_BYTES_MAX, "catalog").read(stream)
-            finished = True
+        frame, _, _ = await ask_once(p2p.host, gateway, CATALOG_PROTOCOL_ID, AskCatalog(have_version).to_bytes(),
+                                     limits.CATALOG_ANSWER_FRAME_BYTES_MAX, limits.CATALOG_TIMEOUT_S, "catalog")
         answer = decode_answer(frame)
-    except trio.TooSlowError:
-        raise CatalogUnknown(f"{gateway} did not answer a catalog question within "
-                             f"{limits.CATALOG_TIMEOUT_S:g} s") from None
+    except Unanswered as exc:
+        raise CatalogUnknown(str(exc)) from None
     except ProtocolError as exc:
         raise CatalogUnknown(f"{gateway} answered a catalog question badly: {exc}") from None
-    except Exception as exc:  # stream and negotiation errors come in many types
-        raise CatalogUnknown(f"catalog question to {gateway} failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        if stream is not None:
-            await close_quietly(stream, reset=not finished)
     if isinstance(answer, CatalogRefused):
         raise CatalogUnknown(f"{gateway} refused the catalog question ({answer.code}): {answer.message}")
     if isinstance(answer, Unchanged):

@@ -16,14 +16,12 @@ import logging
 from dataclasses import dataclass, field
 
 import trio
-from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
 from llorch.node.p2p import P2P
-from llorch.node.stream_io import close_quietly, now_ms
-from llorch.node.wire.frames import OneFrame
+from llorch.node.stream_io import Unanswered, ask_once, now_ms
 from llorch.node.wire.listing import (LISTING_PROTOCOL_ID, AskListing, Listing, ListingRefused,
                                        decode_answer)
 
@@ -67,36 +65,15 @@ class Listings:
 
 async def ask_listing(p2p: P2P, gateway: ID, clock=now_ms) -> Observed:
     """Ask ``gateway`` for this node's listing, over the existing connection; ListingUnknown if it cannot say."""
-    if gateway not in p2p.host.get_network().connections:
-        raise ListingUnknown(f"not connected to {gateway}")
-    stream, finished = None, False
     try:
-        with trio.fail_after(limits.LISTING_TIMEOUT_S):
-            stream = await p2p.host.new_stream(gateway, [TProtocol(LISTING_PROTOCOL_ID)])
-            sent_ms = clock()
-            await stream.write(AskListing(p2p.peer_id).to_bytes())
-            reader = OneFrame(limits.LISTING_ANSWER_FRAME_BYTES_MAX, "listing")
-            while reader.frame is None:
-                data = await stream.read(limits.LISTING_ANSWER_FRAME_BYTES_MAX)
-                if not data:
-                    raise ListingUnknown(f"{gateway} closed the listing stream without answering (a gateway "
-                                          f"from before /llorch/listing/1 does not answer it)")
-                reader.receive_data(data)
-            received_ms = clock()
-            finished = True
-        answer = decode_answer(reader.frame)
-    except trio.TooSlowError:
-        raise ListingUnknown(f"{gateway} did not answer a listing question within "
-                              f"{limits.LISTING_TIMEOUT_S:g} s") from None
+        frame, sent_ms, received_ms = await ask_once(
+            p2p.host, gateway, LISTING_PROTOCOL_ID, AskListing(p2p.peer_id).to_bytes(),
+            limits.LISTING_ANSWER_FRAME_BYTES_MAX, limits.LISTING_TIMEOUT_S, "listing", clock)
+        answer = decode_answer(frame)
+    except Unanswered as exc:
+        raise ListingUnknown(str(exc)) from None
     except ProtocolError as exc:
         raise ListingUnknown(f"{gateway} answered a listing question badly: {exc}") from None
-    except ListingUnknown:
-        raise
-    except Exception as exc:  # stream and negotiation errors come in many types
-        raise ListingUnknown(f"listing question to {gateway} failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        if stream is not None:
-            await close_quietly(stream, reset=not finished)
     return observed(answer, p2p.peer_id, gateway, sent_ms, received_ms)
 
 

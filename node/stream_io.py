@@ -81,3 +81,100 @@ async def serve_stream(stream, name: str, serve) -> None:
         log.exception("%s stream failed unexpectedly", name)
     finally:
         await close_quietly(stream, reset=reset)
+
+
+class Unanswered(Exception):
+    """A one-question exchange (``ask_once``) got no answer: not connected, no answer in time, the stream closed
+    or failed, or the answer is not one frame; the message says which."""
+
+
+async def ask_once(host, peer, protocol_id: str, question: bytes, answer_bytes_max: int, timeout_s: float,
+                   what: str, clock=now_ms) -> tuple[bytes, int, int]:
+    """Send one question frame to ``peer`` on a new stream over the connection this host keeps to it (never a new
+    dial) and read one answer frame (at most ``answer_bytes_max``), all within ``timeout_s``; return (the answer
+    frame, the clock when the question went, the clock when the answer was in). ``what`` names the protocol in
+    the Unanswered it raises. /llorch/listing/1 and /llorch/catalog/1 (node → gateway) use it."""
+    from libp2p.custom_types import TProtocol
+
+    from llorch.node.wire.frames import OneFrame
+
+    if peer not in host.get_network().connections:
+        raise Unanswered(f"not connected to {peer}")
+    stream, finished = None, False
+    try:
+        with trio.fail_after(timeout_s):
+            stream = await host.new_stream(peer, [TProtocol(protocol_id)])
+            sent_ms = clock()
+            await stream.write(question)
+            reader = OneFrame(answer_bytes_max, what)
+            while reader.frame is None:
+                data = await stream.read(answer_bytes_max)
+                if not data:
+                    raise Unanswered(f"{peer} closed the {what} stream without answering (a gateway from before "
+                                     f"{protocol_id} does not answer it)")
+                reader.receive_data(data)
+            received_ms = clock()
+            finished = True
+        return reader.frame, sent_ms, received_ms
+    except trio.TooSlowError:
+        raise Unanswered(f"{peer} did not answer a {what} question within {timeout_s:g} s") from None
+    except ProtocolError as exc:
+        raise Unanswered(f"{peer} answered a {what} question badly: {exc}") from None
+    except Unanswered:
+        raise
+    except Exception as exc:  # stream and negotiation errors come in many types
+        raise Unanswered(f"{what} question to {peer} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        if stream is not None:
+            await close_quietly(stream, reset=not finished)
+
+
+async def answer_once(stream, limiter: trio.CapacityLimiter, busy, question_bytes_max: int, read_timeout_s: float,
+                      write_timeout_s: float, answer, what: str):
+    """Serve one question stream of a one-question protocol (the peer's side of ``ask_once``): read one question
+    frame within ``read_timeout_s`` (a frame over ``question_bytes_max``, or with bytes after it, is handed to
+    ``answer`` as it is, to be refused as malformed), write ``await answer(frame)`` (``busy`` when ``limiter`` has
+    no room) within ``write_timeout_s``, close. Returns what was sent, or None if nothing was; never raises."""
+    asker = stream.muxed_conn.peer_id
+    finished, sent = False, None
+    try:
+        try:
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            reply = busy
+        else:
+            try:
+                reply = await answer(await read_question(stream, question_bytes_max, read_timeout_s, what))
+            finally:
+                limiter.release()
+        with trio.fail_after(write_timeout_s):
+            await stream.write(reply.to_bytes())
+        finished, sent = True, reply
+    except (ProtocolError, trio.TooSlowError) as exc:
+        log.info("%s question from %s dropped: %s", what, asker, exc or "timed out")
+    except Exception as exc:  # the peer hung up mid-question: nothing to answer
+        log.debug("%s question from %s ended: %s", what, asker, exc)
+    finally:
+        await close_quietly(stream, reset=not finished)
+    return sent
+
+
+async def read_question(stream, bytes_max: int, timeout_s: float, what: str) -> bytes:
+    """One whole question frame, within ``timeout_s`` and ``bytes_max``. A frame over the limit, or bytes after it,
+    is returned as it is, to be refused as malformed; a peer that closes early or is too slow raises ProtocolError
+    / TooSlowError."""
+    from llorch.node.wire.frames import OneFrame
+
+    reader = OneFrame(bytes_max, what)
+    received = b""
+    with trio.fail_after(timeout_s):
+        while reader.frame is None:
+            data = await stream.read(bytes_max)
+            if not data:
+                raise ProtocolError(f"the peer closed the stream before a whole {what} question")
+            received += data
+            try:
+                reader.receive_data(data)
+            except ProtocolError:
+                return received
+    return reader.frame
