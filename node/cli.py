@@ -109,6 +109,9 @@ def add_replay(ledger_subparsers) -> None:
     replay.add_argument("--request", type=Path, required=True, help="the chat request body you sent (JSON)")
     replay.add_argument("--salt", required=True, help="the prompt salt the gateway returned (llorch.prompt_salt)")
     replay.add_argument("--seed", type=int, help="the seed used, if your request had none (llorch.seed)")
+    replay.add_argument("--catalog", type=Path,
+                        help="the gateway's signed catalog (the JSON of its GET /v1/catalog, or a node's kept "
+                             "catalog file), for a model not in the built-in catalog; retired models count")
     replay.add_argument("--json", action="store_true", help="print a machine-readable report")
     replay.set_defaults(handler=ledger_replay)
 
@@ -160,12 +163,16 @@ def ledger_fetch(args: argparse.Namespace) -> int:
 
 
 def ledger_replay(args: argparse.Namespace) -> int:
-    from llorch.node.replay import UNUSABLE, ReplayInputError, find_receipt, load_request, replay
+    from llorch.node.replay import UNUSABLE, ReplayInputError, find_receipt, load_request, read_catalog_file, replay
 
+    models = catalog.BUILTIN
     try:
         salt = bytes.fromhex(args.salt)
         receipt = find_receipt(args.ledger, args.request_id)
         body = load_request(args.request)
+        if args.catalog is not None:
+            models, signer = read_catalog_file(args.catalog)
+            print(f"catalog version {models.version} signed by {signer}", file=sys.stderr)
     except ValueError:
         print("error: --salt must be hex (llorch.prompt_salt of the response)", file=sys.stderr)
         return UNUSABLE
@@ -175,7 +182,7 @@ def ledger_replay(args: argparse.Namespace) -> int:
             return 1
         print(f"error: {exc}", file=sys.stderr)
         return UNUSABLE
-    report = replay(receipt, body, salt, args.seed)
+    report = replay(receipt, body, salt, args.seed, models=models, log=lambda line: print(line, file=sys.stderr))
     if args.json:
         print(json.dumps({"verdict": ["match", "mismatch", "unusable", "inconclusive"][report.verdict],
                           "prompt_matches": report.prompt_matches, "sampling_matches": report.sampling_matches,

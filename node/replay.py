@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from llorch.inference import catalog
+from llorch.inference import catalog, sources
 from llorch.inference.engine import Engine, Sampling, determinism_class, parse_fingerprint
 from llorch.inference.errors import InferenceError
 from llorch.ledger import canonical
@@ -108,8 +108,31 @@ def _check_request_body(body: object) -> None:
     canonical.encode(chat_request_sampling(body, 0))      # every value fits the sampling map (EncodingError if not)
 
 
+def read_catalog_file(path: Path) -> tuple[catalog.Catalog, str]:
+    """A signed catalog from a file: the envelope bytes a node keeps (node.catalog_file), or the JSON of a
+    gateway's GET /v1/catalog; its signature is checked, and the signer's peer id returned with it (a receipt's
+    model is checked against the file's sha256 whoever signed the catalog). ReplayInputError if it is neither."""
+    import base64
+
+    from llorch.ledger.errors import SignatureError
+    from llorch.ledger.signing import peer_id_of
+    from llorch.node.wire.catalog import SignedCatalog
+
+    try:
+        data = path.read_bytes()
+        if data[:1] == b"{":
+            data = base64.b64decode(json.loads(data)["document"])
+        signed = SignedCatalog.from_envelope(data)
+    except (OSError, ValueError, KeyError, TypeError, EncodingError, SignatureError) as exc:
+        raise ReplayInputError(f"{path} is not a signed catalog (a node's catalog file or GET /v1/catalog): "
+                               f"{exc}") from None
+    return signed.catalog(), peer_id_of(signed.gateway_key)
+
+
 def replay(receipt: Receipt, body: dict, salt: bytes, seed: int | None = None,
-           cache_dir: Path | None = None) -> ReplayReport:
+           cache_dir: Path | None = None, models: catalog.Catalog = catalog.BUILTIN, log=print) -> ReplayReport:
+    """Re-run the receipt's request. ``models``: where to find the receipt's model (a retired entry still counts:
+    its pin is what the receipt cites); a model not in the cache is fetched from the entry's sources first."""
     prompt = chat_request_prompt(body)
     prompt_matches = prompt_commitment(salt, prompt) == receipt.prompt_commitment
     sampling = chat_request_sampling(body, receipt.seed if seed is None else seed)
@@ -126,13 +149,14 @@ def replay(receipt: Receipt, body: dict, salt: bytes, seed: int | None = None,
         return report(MISMATCH, "the request's sampling parameters and seed do not give the receipt's sampling hash")
     if receipt.finish_reason == "cancelled":
         return report(INCONCLUSIVE, "the request was cancelled mid-stream: its output cannot be regenerated exactly")
-    entry = catalog.CATALOG.get(receipt.model_id)
+    entry = models.entries.get(receipt.model_id)
     if entry is None or bytes.fromhex(entry.sha256) != receipt.model_sha256:
-        return report(INCONCLUSIVE, f"this catalog does not pin {receipt.model_id} with the receipt's sha256")
+        return report(INCONCLUSIVE, f"this catalog (version {models.version}) does not pin {receipt.model_id} with "
+                                    f"the receipt's sha256: pass the gateway's catalog with --catalog")
     settings = parse_fingerprint(receipt.engine_build)
     try:
-        engine = Engine.load(entry.id, cache_dir, threads=2, context_tokens=int(settings.get("ctx", 0)),
-                             batch_tokens=int(settings.get("batch", 0)))
+        path = sources.fetch_any(entry, cache_dir, log=log)
+        engine = Engine(entry, path, 2, int(settings.get("ctx", 0)), int(settings.get("batch", 0)))
     except (ValueError, InferenceError) as exc:
         return report(INCONCLUSIVE, f"cannot build an engine like the receipt's ({exc})")
     if engine.fingerprint != receipt.engine_build:

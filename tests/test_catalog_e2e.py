@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
 import shutil
 import time
 import urllib.request
@@ -22,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from llorch.gateway.localnet import LocalNetwork
+from llorch.gateway.localnet import LocalNetwork, llorch_command
 from llorch.inference import catalog
 from llorch.ledger.objects import Receipt
 from tests.hub_server import HubFiles, HubServer
@@ -118,5 +120,19 @@ def test_a_model_the_operator_adds_is_fetched_from_the_hub_and_served_then_retir
             receipt = Receipt.from_envelope(base64.b64decode(proof.json()["receipt"]))
             assert receipt.model_id == NEW_ID and receipt.model_sha256.hex() == DEFAULT.sha256
             network.cli("ledger", "verify", "lab.ledger.sqlite")
+
+            # And it can be re-executed from the gateway's signed catalog, where the retired entry stays.
+            (tmp_path / "catalog.json").write_text(httpx.get(f"{network.base_url}/catalog", timeout=10).text)
+            request = tmp_path / "request.json"
+            request.write_text(json.dumps({"model": NEW_ID, "messages": MESSAGES, "max_tokens": 8, "seed": 3}))
+            salt = completion.model_extra["llorch"]["prompt_salt"]
+            replay = [*llorch_command(), "ledger", "replay", str(network.workdir / "lab.ledger.sqlite"),
+                      "--request-id", completion.id, "--request", str(request), "--salt", salt]
+            environment = {**os.environ, "LLORCH_MODEL_CACHE": str(cache)}
+            without = subprocess.run(replay, capture_output=True, text=True, timeout=300, env=environment)
+            assert without.returncode == 3 and "--catalog" in without.stderr, without.stderr
+            matched = subprocess.run([*replay, "--catalog", str(tmp_path / "catalog.json")], capture_output=True,
+                                     text=True, timeout=300, env=environment)
+            assert matched.returncode == 0 and matched.stdout.startswith("MATCH"), matched.stdout + matched.stderr
         finally:
             network.stop()
