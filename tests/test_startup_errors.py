@@ -156,3 +156,30 @@ def test_node_with_a_model_its_memory_cannot_hold(tmp_path):
     config = node_config(tmp_path, engine="llama.cpp", slots=2, memory_max_bytes=100_000_000)
     line = the_one_error_line(run(["node", "start", "--config", str(config)], tmp_path))
     assert "needs about" in line and "GiB" in line and "2 slot(s)" in line and "node.memory_max_bytes" in line, line
+
+
+def test_node_with_two_models_that_fit_alone_but_not_together(tmp_path, model_path):
+    """Two models from the node's kept signed catalog, each within node.memory_max_bytes alone: together they are
+    refused at start, one line naming what each needs."""
+    from dataclasses import replace
+
+    from llorch.inference import catalog, memory, metadata
+    from llorch.node.catalog import keep
+    from llorch.node.wire.catalog import SignedCatalog
+
+    gateway = SigningKey.generate()
+    default = catalog.lookup(catalog.DEFAULT_MODEL_ID)
+    copy = replace(default, id="smollm2-copy", file_name="smollm2-copy.gguf", parts=(), package="",
+                   urls=("https://models.example/smollm2-copy.gguf",))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for entry in (default, copy):
+        (cache / entry.file_name).symlink_to(model_path)
+    keep(tmp_path / "node.catalog", SignedCatalog.of(gateway.public_key, 7, 1, [default, copy]).seal(gateway))
+    one = memory.memory_need(model_path, metadata.read_metadata(model_path), 2048, 1).total_bytes
+    config = node_config(tmp_path, engine="llama.cpp", models=[default.id, copy.id], model_cache_dir="cache",
+                         catalog_file="node.catalog", trusted_gateways=[gateway.peer_id],
+                         memory_max_bytes=one * 3 // 2)
+    line = the_one_error_line(run(["node", "start", "--config", str(config)], tmp_path))
+    assert f"{default.id} needs about" in line and f"and {copy.id} needs about" in line, line
+    assert "node.memory_max_bytes" in line, line
