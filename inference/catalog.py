@@ -274,8 +274,8 @@ def shard_entries(entry: CatalogEntry) -> list[CatalogEntry]:
 
 
 def assembled(entry: CatalogEntry, paths: list[Path]) -> Path:
-    """A split model whose files are each checked and in place: check its kind (llama.cpp reads the first file's
-    metadata with the others beside it); the first file's path, which llama.cpp loads."""
+    """A split model whose files are each checked and in place: check its kind (from the first file's header,
+    which carries the model's metadata); the first file's path, which llama.cpp loads (finding the others)."""
     check_kind(entry, paths[0])
     return paths[0]
 

@@ -1,4 +1,4 @@
-"""What a GGUF file says it is: its key/value metadata read through llama.cpp, and the kind of model that implies.
+"""What a GGUF file says it is: its key/value metadata, read from the file's header, and the kind of model that implies.
 
 A model is either instruction-tuned (it follows a chat: ``instruct``) or a pretrained base model (it only continues
 text: ``base``). The file's metadata gives two pieces of evidence, checked in this order:
@@ -14,8 +14,9 @@ reverse); it cannot prove a model was tuned well, and a base model whose convert
 
 from __future__ import annotations
 
-import ctypes
+import mmap
 import re
+import struct
 from pathlib import Path
 
 from llorch.inference.errors import ModelFileError
@@ -45,28 +46,98 @@ def evidence(found: dict[str, str]) -> str:
     return ", ".join(parts)
 
 
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+KEY_BYTES_MAX = 1 << 16
+KV_COUNT_MAX = 1 << 20
+# value type → struct format of one scalar (GGUF spec: 8 is a string, 9 an array)
+SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+STRING, ARRAY = 8, 9
+
+
 def read_metadata(path: Path) -> dict[str, str]:
-    """Every key/value of the GGUF at ``path`` as strings, as llama.cpp reads them (arrays are left out).
-
-    Loads the vocabulary only (no weights, no context): a fraction of a second for the catalog's models."""
-    import llama_cpp  # lazily: the native library is only needed where models are loaded
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    with suppress_stdout_stderr(disable=False):     # as Llama(verbose=False) loads: the loader's notes stay quiet
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise ModelFileError(f"llama.cpp cannot read the metadata of {path}: not a GGUF file it can load")
+    """Every scalar key/value of the GGUF at ``path`` as strings (arrays are left out: the vocabulary, merges), read
+    from the file's header without loading anything: tens of milliseconds, where a llama.cpp vocabulary load takes
+    a tenth of a second or more. Integers as decimals, booleans as ``true``/``false``, floats as llama.cpp prints
+    them (``%f``). Every length is bounded by the file's size; a file that is not a GGUF raises ModelFileError."""
     try:
-        buffer = ctypes.create_string_buffer(META_VALUE_BYTES_MAX)
-        found = {}
-        for index in range(llama_cpp.llama_model_meta_count(model)):
-            llama_cpp.llama_model_meta_key_by_index(model, index, buffer, len(buffer))
-            key = buffer.value.decode("utf-8", "replace")
-            llama_cpp.llama_model_meta_val_str_by_index(model, index, buffer, len(buffer))
-            found[key] = buffer.value.decode("utf-8", "replace")
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return _Header(mapped).key_values()
+    except (OSError, struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise ModelFileError(f"cannot read the metadata of {path}: not a GGUF file ({exc})") from None
+
+
+class _Header:
+    """A cursor over a GGUF file's header (memory-mapped); every read is checked against the file's end."""
+
+    def __init__(self, data) -> None:
+        self.data, self.at, self.size = data, 0, len(data)
+
+    def take(self, count: int) -> int:
+        start = self.at
+        if count < 0 or start + count > self.size:
+            raise ValueError("the file ends inside its metadata")
+        self.at += count
+        return start
+
+    def unpack(self, fmt: str):
+        return struct.unpack_from(fmt, self.data, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self, bytes_max: int) -> str | None:
+        length = self.unpack("<Q")
+        start = self.take(length)
+        return None if length > bytes_max else bytes(self.data[start:start + length]).decode("utf-8")
+
+    def key_values(self) -> dict[str, str]:
+        start = self.take(4)
+        if bytes(self.data[start:start + 4]) != GGUF_MAGIC:
+            raise ValueError("no GGUF magic")
+        version = self.unpack("<I")
+        if version not in GGUF_VERSIONS:
+            raise ValueError(f"GGUF version {version} (this reader knows {GGUF_VERSIONS})")
+        self.unpack("<Q")                                          # the tensor count
+        count = self.unpack("<Q")
+        if count > KV_COUNT_MAX:
+            raise ValueError(f"{count} keys")
+        found: dict[str, str] = {}
+        for _ in range(count):
+            key = self.string(KEY_BYTES_MAX)
+            if key is None:
+                raise ValueError("a key longer than 64 KiB")
+            kind = self.unpack("<I")
+            if kind == STRING:
+                value = self.string(META_VALUE_BYTES_MAX)
+            elif kind == ARRAY:
+                self.skip_array()
+                value = None
+            elif kind in SCALARS:
+                value = _scalar_text(self.unpack(SCALARS[kind]))
+            else:
+                raise ValueError(f"unknown value type {kind} for key {key!r}")
+            if value is not None:
+                found[key] = value
         return found
-    finally:
-        llama_cpp.llama_model_free(model)
+
+    def skip_array(self) -> None:
+        kind, count = self.unpack("<I"), self.unpack("<Q")
+        if kind in SCALARS:
+            self.take(count * struct.calcsize(SCALARS[kind]))
+        elif kind == STRING:
+            data, at, size = self.data, self.at, self.size
+            for _ in range(count):                   # the hot loop (a vocabulary): lengths only, no decoding
+                if at + 8 > size:
+                    raise ValueError("the file ends inside its metadata")
+                at += 8 + int.from_bytes(data[at:at + 8], "little")
+            if at > size:
+                raise ValueError("the file ends inside its metadata")
+            self.at = at
+        else:
+            raise ValueError(f"an array of value type {kind}")
+
+
+def _scalar_text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:f}"
+    return str(value)

@@ -10,7 +10,7 @@ download a file (test-only: this machine cannot reach the Hub), and plain file U
     HEAD|GET /files/{name}                               the same file as a plain URL (Range unless told otherwise)
 
 ``drop_after_bytes``: the next GET sends that many bytes of its body and closes the connection (a network
-failure mid-download). Every request is recorded (method, path, Range header) in ``requests``.
+failure mid-download). ``link_bytes_per_s``: each GET's body is paced to that rate (a home link, not loopback). Every request is recorded (method, path, Range header) in ``requests``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +33,7 @@ class HubFiles:
     gated: dict[str, str] = field(default_factory=dict)                      # repo → the token that may read it
     honour_range: bool = True
     drop_after_bytes: int | None = None
+    link_bytes_per_s: int | None = None
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -119,7 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not body:
             return
         drop = self.hub.take_drop()
-        sent = 0
+        sent, began = 0, time.monotonic()
         with open(path, "rb") as handle:
             handle.seek(start)
             while chunk := handle.read(CHUNK):
@@ -131,6 +133,10 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 self.wfile.write(chunk)
                 sent += len(chunk)
+                if self.hub.link_bytes_per_s:
+                    ahead = sent / self.hub.link_bytes_per_s - (time.monotonic() - began)
+                    if ahead > 0:
+                        time.sleep(ahead)
 
 
 class HubServer:
