@@ -61,9 +61,10 @@ class NodeModels:
             paths = {entry.id: self._path(entry) for entry in entries}
         except InferenceError as exc:
             raise StartupError(str(exc)) from None
-        self._check_fits([(entry, paths[entry.id]) for entry in entries])
+        need = self._check_fits([(entry, paths[entry.id]) for entry in entries])
         for entry in entries:
             self._load(entry, paths[entry.id])
+        self.loaded_bytes += need
 
     async def keep_models(self) -> None:
         """Runs under ``supervise``: whenever the catalog changes (and every MODEL_RETRY_S while a model waits),
@@ -87,8 +88,9 @@ class NodeModels:
                 self.waiting[model_id] = f"fetching and loading (catalog version {self.held.catalog.version})"
                 try:
                     path = await trio.to_thread.run_sync(self._fetch, entry)
-                    self._check_fits([(entry, path)])
+                    need = self._check_fits([(entry, path)])
                     await trio.to_thread.run_sync(self._load, entry, path)
+                    self.loaded_bytes += need
                 except (InferenceError, StartupError) as exc:
                     self.waiting[model_id] = f"cannot serve it: {exc}"
                     log.error("%s: %s (trying again in %g s)", model_id, exc, MODEL_RETRY_S)
@@ -113,11 +115,12 @@ class NodeModels:
             return None
         return sources.fetch_any(entry, self.config.model_cache_dir, log=lambda line: log.info("%s", line))
 
-    def _check_fits(self, adding: list[tuple[CatalogEntry, Path | None]]) -> None:
+    def _check_fits(self, adding: list[tuple[CatalogEntry, Path | None]]) -> int:
         """Refuse, in one line, models this machine cannot hold beside those loaded, with the configured slots and
-        context (CPU-only nodes: with ``gpu_layers`` the offloaded layers are in VRAM, which this does not see)."""
+        context (CPU-only nodes: with ``gpu_layers`` the offloaded layers are in VRAM, which this does not see);
+        return the memory they need."""
         if self.config.gpu_layers or self.config.engine == "echo":
-            return
+            return 0
         config = self.config
         needs = [(entry, memory.memory_need(path, metadata.read_metadata(path), config.context_tokens, config.slots,
                                             sum(f.stat().st_size for f in catalog.model_files(entry, path.parent))))
@@ -131,7 +134,7 @@ class NodeModels:
             raise StartupError(f"{what} for {config.slots} slot(s) of {config.context_tokens} context tokens, but "
                                f"only {memory.gib(max(limit, 0))} is {why}: lower node.slots or "
                                f"node.context_tokens, or serve a smaller model (`llorch models list`)")
-        self.loaded_bytes += total
+        return total
 
     def _load(self, entry: CatalogEntry, path: Path | None) -> None:
         config = self.config
