@@ -261,3 +261,18 @@ def test_sigint_and_sigterm_stop_every_process_within_5_s_without_a_traceback(ne
         log = process.log_path.read_text()
         assert "Traceback" not in log, log[-3000:]
 
+
+
+def test_text_parts_and_the_developer_role_give_what_plain_strings_give(client):
+    """Many clients send content as a list of text parts, and `developer` for the system role: the real model reads
+    the same prompt as from plain strings, so the same seed writes byte-identical text."""
+    def ask(messages):
+        return client.chat.completions.create(model=MODEL, messages=messages, seed=77, max_tokens=16,
+                                              temperature=0.9).choices[0].message.content
+
+    as_parts = ask([{"role": "developer", "content": [{"type": "text", "text": "Answer in one sentence."}]},
+                    {"role": "user", "content": [{"type": "text", "text": "Name three colours"},
+                                                 {"type": "text", "text": "of the rainbow."}]}])
+    as_strings = ask([{"role": "system", "content": "Answer in one sentence."},
+                      {"role": "user", "content": "Name three colours\nof the rainbow."}])
+    assert as_parts and as_parts == as_strings

@@ -150,3 +150,36 @@ async def test_a_sign_in_form_posted_from_another_site_is_refused(live, path, fi
     same_site = await client.post("/dashboard/sign-in", data={"api_key": api_key}, follow_redirects=False,
                                   headers={"Origin": str(client.base_url).rstrip("/")})
     assert same_site.status_code == 303 and "set-cookie" in same_site.headers
+
+
+@pytest.mark.parametrize("content, message", [
+    ([{"type": "image_url", "image_url": {"url": "https://example.org/cat.png"}}],
+     "content part 0 has type 'image_url': only text parts are served"),
+    ([{"type": "text", "text": "hi"}, {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}],
+     "content part 1 has type 'input_audio'"),
+    ([{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}], 'exactly {"type": "text"'),
+    ([{"type": "text", "text": 5}], 'exactly {"type": "text"'),
+    ([], "a list of 1-64 text parts"),
+    ({"type": "text", "text": "hi"}, "a string or a list"),
+])
+async def test_a_content_part_that_is_not_text_is_refused_by_name(live, content, message):
+    """Content as a list of parts: text parts are served; any other part type is refused naming it (no model in the
+    catalog reads images, audio or files), and nothing is written."""
+    built, client = live
+    body = chat_body(messages=[{"role": "user", "content": content}])
+    error = await refused(built, client, "POST", "/v1/chat/completions", 400, message, json=body)
+    assert error["param"] == "messages.0.content"
+
+
+def test_text_parts_and_the_developer_role_are_the_prompt_a_string_would_be():
+    """The one normalization (node/wire/sampling.py), shared by the gateway and `llorch ledger replay`."""
+    from llorch.gateway.api.openai_api import ChatRequest, parse_chat_request
+    from llorch.node.wire.sampling import chat_request_prompt
+
+    parts = {"model": MODEL_ID, "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Answer briefly."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Name a colour."}, {"type": "text", "text": "One."}]}]}
+    plain = {"model": MODEL_ID, "messages": [{"role": "system", "content": "Answer briefly."},
+                                             {"role": "user", "content": "Name a colour.\nOne."}]}
+    parsed = parse_chat_request(json.dumps(parts).encode(), ChatRequest)
+    assert parsed.prompt() == chat_request_prompt(parts) == chat_request_prompt(plain)

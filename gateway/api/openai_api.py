@@ -33,10 +33,47 @@ def _json_boolean(value):
 JsonFalse = Annotated[Literal[False], BeforeValidator(_json_boolean)]
 
 
+CONTENT_PARTS_MAX = 64
+TEXT_PART_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["type", "text"], "additionalProperties": False,
+    "properties": {"type": {"const": "text"}, "text": {"type": "string", "maxLength": 200_000}}}
+CONTENT_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "string", "maxLength": 200_000},
+              {"type": "array", "items": TEXT_PART_SCHEMA, "minItems": 1, "maxItems": CONTENT_PARTS_MAX}],
+    "description": "A string, or a list of text parts ({\"type\": \"text\", \"text\": ...}), which the model "
+                   "reads joined by newlines. Other part types (image_url, input_audio, file) are refused: no model "
+                   "in the catalog takes them."}
+
+
+def _content(value):
+    """A message's content: a string, or a list of text parts; another part type is refused by name."""
+    if isinstance(value, str):
+        if len(value) > 200_000:
+            raise PydanticCustomError("string_too_long", "content is longer than 200000 characters")
+        return value
+    if not isinstance(value, list) or not 0 < len(value) <= CONTENT_PARTS_MAX:
+        raise PydanticCustomError("content_type", f"content must be a string or a list of 1-{CONTENT_PARTS_MAX} "
+                                                  f"text parts")
+    for number, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise PydanticCustomError(
+                "content_part", f"content part {number} has type {str(kind)[:32]!r}: only text parts are served "
+                                f"(no model in this catalog takes images, audio or files)")
+        if set(part) != {"type", "text"} or not isinstance(part["text"], str) or len(part["text"]) > 200_000:
+            raise PydanticCustomError("content_part", f"content part {number} must be exactly "
+                                                      f'{{"type": "text", "text": <string>}}')
+    return value
+
+
+Content = Annotated[str | list[dict[str, str]], BeforeValidator(_content), WithJsonSchema(CONTENT_SCHEMA)]
+
+
 class Message(BaseModel):
     model_config = STRICT
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=200_000)
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="developer is read as system (OpenAI's name for it on newer models).")
+    content: Content
     name: str | None = Field(default=None, max_length=64)
 
 

@@ -31,8 +31,20 @@ def chat_request_sampling(body: dict, seed: int) -> dict:
                         [stop] if isinstance(stop, str) else stop)
 
 
+PART_SEPARATOR = "\n"           # text parts of one message's content, as the model reads them
+
+
 def chat_request_prompt(body: dict) -> dict:
-    """The prompt map (what the prompt commitment hashes) of an OpenAI chat or completions request body."""
+    """The prompt map (what the prompt commitment hashes) of an OpenAI chat or completions request body: a message's
+    content given as text parts is their texts joined by newlines, and the ``developer`` role is ``system``."""
     if "messages" not in body and isinstance(body.get("prompt"), str):
         return {"text": body["prompt"]}
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in body["messages"]]}
+    return {"messages": [{"role": "system" if m["role"] == "developer" else m["role"],
+                          "content": message_text(m["content"])} for m in body["messages"]]}
+
+
+def message_text(content: str | list) -> str:
+    """A message's content as one string: itself, or its text parts joined by PART_SEPARATOR."""
+    if isinstance(content, str):
+        return content
+    return PART_SEPARATOR.join(part["text"] for part in content)
