@@ -7,6 +7,8 @@ it, and its receipts are recognisable. A node runs it only when its config says 
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 
 import trio
@@ -30,11 +32,18 @@ class EchoEngine:
         text = prompt["text"] if "text" in prompt else " ".join(m["content"] for m in prompt["messages"])
         return Prepared(tuple(range(max(1, len(text.split())))), sampling)
 
+    @staticmethod
+    def _shape(prepared: Prepared) -> str:
+        """What structured output changes in the echo: a word per schema, so two honest echo providers agree on a
+        schema'd request and one that ignores the schema (tests/cheaters.py) does not."""
+        schema = prepared.sampling.json_schema
+        return "" if schema is None else "-j" + hashlib.sha256(schema.encode()).hexdigest()[:8]
+
     async def generate(self, prepared: Prepared, emit) -> Generation:
         sent: list[str] = []
         for index in range(prepared.sampling.max_tokens):
             await trio.sleep(self.delay_s)
-            word = f"w{prepared.sampling.seed}-{index} "
+            word = f"w{prepared.sampling.seed}-{index}{self._shape(prepared)} "
             try:
                 await emit(word)
             except Exception:

@@ -40,14 +40,28 @@ class Sampling:
     top_p_ppm: int
     max_tokens: int
     stop: tuple[str, ...] = ()
+    json_schema: str | None = None     # structured output: the schema's JSON text, or "{}" for any JSON object
+
+    @classmethod
+    def of(cls, sampling: dict) -> "Sampling":
+        """From a ticket's sampling map (docs/protocol.md §3), its response_format included."""
+        response_format = sampling.get("response_format")
+        schema = None if response_format is None else response_format.get("schema", ANY_OBJECT)
+        return cls(sampling["seed"], sampling["temperature_ppm"], sampling["top_p_ppm"], sampling["max_tokens"],
+                   tuple(sampling["stop"]), schema)
+
+
+ANY_OBJECT = '{"type":"object"}'       # response_format json_object: any JSON object
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request checked against this engine's limits, with its prompt tokens. Built by ``Engine.prepare``."""
+    """A request checked against this engine's limits, with its prompt tokens (and, for structured output, the
+    grammar its tokens must follow). Built by ``Engine.prepare``."""
 
     prompt_tokens: tuple[int, ...]
     sampling: Sampling
+    grammar: object | None = None      # a llama_cpp.LlamaGrammar
 
 
 @dataclass(frozen=True)
@@ -161,7 +175,7 @@ class Engine:
             raise RequestError(
                 f"the prompt is {len(tokens)} tokens and max_tokens is {sampling.max_tokens}: together they exceed "
                 f"this engine's context of {self.context_tokens} tokens")
-        return Prepared(tuple(tokens), sampling)
+        return Prepared(tuple(tokens), sampling, grammar_of(sampling.json_schema))
 
     async def generate(self, prepared: Prepared, emit: Callable[[str], Awaitable[None]]) -> Generation:
         """Generate, passing each new piece of text to ``emit`` as it is produced; return the whole result."""
@@ -241,7 +255,7 @@ class Engine:
         try:
             generator = llm.generate(list(prepared.prompt_tokens), top_k=TOP_K, top_p=sampling.top_p_ppm / 1e6,
                                      min_p=MIN_P, temp=sampling.temperature_ppm / 1e6,
-                                     repeat_penalty=REPEAT_PENALTY)
+                                     repeat_penalty=REPEAT_PENALTY, grammar=prepared.grammar)
             for token in generator:
                 if stop_requested.is_set():
                     finish = "cancelled"
@@ -270,6 +284,21 @@ class Engine:
                 finish = "cancelled"
         return Generation(text[:emitted] if finish == "cancelled" else text, len(prepared.prompt_tokens),
                           tokens_out, finish)
+
+
+def grammar_of(json_schema: str | None):
+    """The llama.cpp grammar that constrains the output to JSON valid against ``json_schema`` (None: no grammar);
+    RequestError if llama.cpp cannot build one from it."""
+    if json_schema is None:
+        return None
+    from llama_cpp import LlamaGrammar
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    try:
+        with suppress_stdout_stderr(disable=False):
+            return LlamaGrammar.from_json_schema(json_schema, verbose=False)
+    except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
+        raise RequestError(f"llama.cpp cannot build a grammar from the response_format schema: {exc}") from None
 
 
 SAMPLER_SEED_MODULUS = 2**32 - 1

@@ -8,6 +8,7 @@ Field tables and byte layouts: docs/protocol.md.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -134,11 +135,18 @@ def _check_prices(price_in: int, price_out: int, currency: str) -> None:
 SAMPLING_FIELDS = {"seed": "uint", "temperature_ppm": "uint", "top_p_ppm": "uint", "max_tokens": "uint"}
 
 
+RESPONSE_FORMAT_SCHEMA_CHARS_MAX = 16 * 1024
+
+
 def check_sampling(sampling: dict) -> None:
-    """A ticket's sampling map: seed, temperature_ppm (0-2,000,000), top_p_ppm (1-1,000,000), max_tokens, stop."""
+    """A ticket's sampling map: seed, temperature_ppm (0-2,000,000), top_p_ppm (1-1,000,000), max_tokens, stop, and
+    when the customer asked for JSON, response_format (absent: plain text)."""
     expected = set(SAMPLING_FIELDS) | {"stop"}
-    if set(sampling) != expected:
-        raise EncodingError(f"sampling must have exactly the fields {sorted(expected)}")
+    if set(sampling) - {"response_format"} != expected:
+        raise EncodingError(f"sampling must have exactly the fields {sorted(expected)} (and may have "
+                            f"response_format)")
+    if "response_format" in sampling:
+        check_response_format(sampling["response_format"])
     for name, kind in SAMPLING_FIELDS.items():
         check_field(f"sampling.{name}", kind, sampling[name])
     if sampling["temperature_ppm"] > 2_000_000:
@@ -150,6 +158,24 @@ def check_sampling(sampling: dict) -> None:
     stop = sampling["stop"]
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop):
         raise EncodingError("sampling.stop must be a list of at most 4 non-empty str of at most 64 characters")
+
+
+def check_response_format(entry: object) -> None:
+    """sampling.response_format: {"type": "json_object"}, or {"type": "json_schema", "schema": the schema object's
+    compact JSON text (separators "," and ":", keys in the customer's order, non-ASCII as is), at most 16 KiB}
+    (docs/protocol.md §3)."""
+    if entry == {"type": "json_object"}:
+        return
+    if not isinstance(entry, dict) or set(entry) != {"type", "schema"} or entry.get("type") != "json_schema" \
+            or not isinstance(entry["schema"], str) or not 0 < len(entry["schema"]) <= RESPONSE_FORMAT_SCHEMA_CHARS_MAX:
+        raise EncodingError(f'sampling.response_format must be {{"type": "json_object"}} or {{"type": "json_schema", '
+                            f'"schema": <JSON text of at most {RESPONSE_FORMAT_SCHEMA_CHARS_MAX} characters>}}')
+    try:
+        schema = json.loads(entry["schema"])
+    except (ValueError, RecursionError):
+        raise EncodingError("sampling.response_format.schema is not JSON text") from None
+    if not isinstance(schema, dict) or json.dumps(schema, separators=(",", ":"), ensure_ascii=False) != entry["schema"]:
+        raise EncodingError("sampling.response_format.schema must be a schema object in its compact JSON form")
 
 
 @dataclass(frozen=True)

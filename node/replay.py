@@ -164,9 +164,7 @@ def replay(receipt: Receipt, body: dict, salt: bytes, seed: int | None = None,
                                     f"{engine.fingerprint}) than the receipt ({receipt_class}: "
                                     f"{receipt.engine_build}); outputs are not comparable here",
                       engine.determinism_class)
-    prepared = engine.prepare(prompt, Sampling(sampling["seed"], sampling["temperature_ppm"],
-                                                           sampling["top_p_ppm"], sampling["max_tokens"],
-                                                           tuple(sampling["stop"])))
+    prepared = engine.prepare(prompt, Sampling.of(sampling))
 
     async def ignore(text: str) -> None:
         return None

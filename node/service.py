@@ -180,9 +180,7 @@ class ProviderService:
             await write_frame(stream, protocol, Error("replayed_request",
                                                       f"request {ticket.request_id} is already in the ledger"))
             return
-        sampling = Sampling(seed=ticket.sampling["seed"], temperature_ppm=ticket.sampling["temperature_ppm"],
-                            top_p_ppm=ticket.sampling["top_p_ppm"], max_tokens=ticket.sampling["max_tokens"],
-                            stop=tuple(ticket.sampling["stop"]))
+        sampling = Sampling.of(ticket.sampling)
         try:
             prepared = engine.prepare(request.prompt, sampling)
         except RequestError as exc:

@@ -25,6 +25,14 @@ class OtherModelEngine(EchoEngine):
         return Generation("".join(sent), len(prepared.prompt_tokens), len(sent), "length")
 
 
+class SchemaIgnoringEngine(EchoEngine):
+    """Ignores the customer's response_format: generates as for plain text (a provider that skips the grammar's
+    cost, or whose engine cannot build it) while signing the ticket's sampling map."""
+
+    async def generate(self, prepared, emit) -> Generation:
+        return await super().generate(replace(prepared, sampling=replace(prepared.sampling, json_schema=None)), emit)
+
+
 class TruncatingEngine(EchoEngine):
     """Stops after half the tokens asked for and says the answer ended there ("stop"): paid less, but spends less."""
 

@@ -183,3 +183,42 @@ def test_text_parts_and_the_developer_role_are_the_prompt_a_string_would_be():
                                              {"role": "user", "content": "Name a colour.\nOne."}]}
     parsed = parse_chat_request(json.dumps(parts).encode(), ChatRequest)
     assert parsed.prompt() == chat_request_prompt(parts) == chat_request_prompt(plain)
+
+
+def schema_format(schema) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+
+
+@pytest.mark.parametrize("response_format, message", [
+    (schema_format({"type": "object", "properties": {"n": {"type": "integer", "minimum": 3}}}),
+     "schema.properties.n.minimum: the keyword 'minimum' is not enforced"),
+    (schema_format({"type": "array", "uniqueItems": True}), "'uniqueItems' is not enforced"),
+    (schema_format({"not": {"type": "string"}}), "'not' is not enforced"),
+    (schema_format({"type": "string", "format": "email"}), "the format 'email' is not enforced"),
+    (schema_format({"$ref": "https://example.org/schema.json"}), "only local references"),
+    (schema_format({"type": "decimal"}), "must be one of"),
+    (schema_format(True), "must be a JSON schema object"),
+    ({"type": "json_schema", "json_schema": {"name": "has space", "schema": {}}}, "name must be 1-64"),
+    ({"type": "json_schema", "json_schema": {"name": "a", "schema": {}, "extra": 1}}, "unknown keys ['extra']"),
+    ({"type": "xml"}, "response_format.type 'xml' is not served"),
+    ({"type": "json_object", "schema": {}}, "response_format.type 'json_object' is not served"),
+])
+async def test_a_response_format_the_grammar_cannot_enforce_is_refused_by_name(live, response_format, message):
+    """A schema keyword llama.cpp's grammar would silently ignore is refused, naming it and where it is: the
+    customer never gets output that only looks validated. Nothing is written."""
+    built, client = live
+    error = await refused(built, client, "POST", "/v1/chat/completions", 400, message,
+                          json=chat_body(response_format=response_format))
+    assert error["param"] == "response_format"
+
+
+def test_the_schema_is_committed_compactly_in_the_customers_key_order():
+    from llorch.gateway.api.openai_api import ChatRequest, parse_chat_request
+
+    schema = {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}, "required": ["b"]}
+    parsed = parse_chat_request(json.dumps(chat_body(response_format=schema_format(schema))).encode(), ChatRequest)
+    assert parsed.sampling(9)["response_format"] == {
+        "type": "json_schema", "schema": '{"type":"object","properties":{"b":{"type":"string"},"a":{"type":"integer"}},'
+                                         '"required":["b"]}'}
+    as_text = parse_chat_request(json.dumps(chat_body(response_format={"type": "text"})).encode(), ChatRequest)
+    assert "response_format" not in as_text.sampling(9)          # plain text: the map is what it always was

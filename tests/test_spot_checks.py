@@ -17,7 +17,8 @@ from llorch.gateway.cli import main
 from llorch.gateway.spot_checks import evidence_document_of, evidence_list
 from llorch.ledger.evidence import verify_evidence
 from llorch.node.stream_io import now_ms
-from tests.cheaters import HeldBackEngine, LazyEngine, OtherModelEngine, ResamplingEngine, SometimesEngine, TruncatingEngine
+from tests.cheaters import (HeldBackEngine, LazyEngine, OtherModelEngine, ResamplingEngine, SchemaIgnoringEngine,
+                            SometimesEngine, TruncatingEngine)
 from tests.inprocess import market
 
 ALL_PPM = 1_000_000
@@ -38,11 +39,12 @@ async def serve(m, count: int, tenant: str = "acme", first_seed: int = 1) -> lis
     return completions
 
 
-async def serve_until_suspended(m, cheater, requests_max: int) -> tuple[int, int, list]:
-    """Requests until ``cheater`` is suspended: (requests sent, requests it served, the completions)."""
+async def serve_until_suspended(m, cheater, requests_max: int, extra: dict | None = None) -> tuple[int, int, list]:
+    """Requests (``body`` and ``extra``) until ``cheater`` is suspended: (requests sent, requests it served, the
+    completions)."""
     completions = []
     for seed in range(1, requests_max + 1):
-        completions.append(await m.complete("acme", body(seed)))
+        completions.append(await m.complete("acme", {**body(seed), **(extra or {})}))
         await m.gateway.spot_checks.wait_idle()
         if (await m.gateway.providers.get(cheater.key.peer_id)).status == "suspended":
             served = sum(c.provider_peer_id == cheater.key.peer_id for c in completions)
@@ -108,6 +110,21 @@ async def test_a_cheater_is_caught_suspended_its_evidence_checks_out_and_its_cus
         assert all(c.provider_peer_id != cheater.key.peer_id for c in later)
         assert (await m.gateway.providers.get(cheater.key.peer_id)).status == "suspended"
     await check_operator_cli(tmp_path, cheater, listed["id"])
+
+
+async def test_a_provider_that_ignores_the_response_format_is_caught(tmp_path):
+    """The schema is in the ticket's sampling map, so a provider that generates as if there were none signs a
+    receipt for a run an honest provider does not reproduce: caught like any other cheater."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    providers = {"honest1": {}, "cheater": {"engine": SchemaIgnoringEngine}, "honest2": {}}
+    async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": ALL_PPM}) as m:
+        cheater = m.providers["cheater"]
+        sent, served, _ = await serve_until_suspended(m, cheater, 6, {"response_format": response_format})
+        assert served <= 1 and sent <= 3, (sent, served)
+        await check_exported_evidence(m, tmp_path, cheater)
+        honest = await serve(m, 2, first_seed=50)          # without a schema the honest echo is what it was
+        assert all("-j" not in c.text for c in honest)
 
 
 async def check_operator_cli(tmp_path, cheater, evidence_id: int) -> None:

@@ -187,6 +187,13 @@ def test_the_ticket_vector_is_the_receipts_ticket():
         assert receipt[field] == ticket[field], field
     assert receipt["seed"] == ticket["sampling"]["seed"]
     assert ticket["issued_ms"] < ticket["expires_ms"]
+    assert "response_format" not in ticket["sampling"]                  # plain text: no key at all
+
+    structured = vector["structured_output"]
+    committed = open_signed(bytes.fromhex(structured["ticket_envelope_hex"]), "ticket", "gateway_key")["sampling"]
+    assert committed["response_format"] == {
+        "type": "json_schema", "schema": json.dumps(structured["schema"], separators=(",", ":"), ensure_ascii=False)}
+    assert {k: v for k, v in committed.items() if k != "response_format"} == ticket["sampling"]
 
 
 def test_the_attestation_vector():

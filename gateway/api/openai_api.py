@@ -18,6 +18,7 @@ from llorch.gateway.errors import BadRequest
 from llorch.gateway.request import InferenceRequest
 from llorch.node.models import DEFAULT_MODEL_ID, CatalogEntry
 from llorch.node.wire.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
+from llorch.node.wire.structured import SchemaRefused, response_format_entry
 
 
 STRICT = ConfigDict(extra="forbid", strict=True)    # a JSON string is never a number, 1.0 never an integer
@@ -67,6 +68,32 @@ def _content(value):
 
 
 Content = Annotated[str | list[dict[str, str]], BeforeValidator(_content), WithJsonSchema(CONTENT_SCHEMA)]
+
+
+RESPONSE_FORMAT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "object", "required": ["type"], "additionalProperties": False,
+         "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False,
+         "properties": {"type": {"const": "json_schema"}, "json_schema": {
+             "type": "object", "required": ["name", "schema"], "additionalProperties": False,
+             "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                            "description": {"type": "string"}, "strict": {"type": ["boolean", "null"]},
+                            "schema": {"type": "object"}}}}},
+        {"type": "null"}],
+    "description": "Structured output, enforced by llama.cpp's grammar (the output always parses, and validates "
+                   "against the schema): json_object (any JSON object) or json_schema. A schema keyword the grammar "
+                   "does not enforce (minimum, multipleOf, uniqueItems, not, ...) is a 400 naming it. The schema "
+                   "is committed in the ticket's sampling map (docs/protocol.md §3)."}
+
+
+def _response_format(value):
+    """OpenAI's response_format, checked as the ticket will commit it (node/wire/structured.py)."""
+    try:
+        response_format_entry(value)
+    except SchemaRefused as exc:
+        raise PydanticCustomError("response_format", str(exc)) from None
+    return value
 
 
 class Message(BaseModel):
@@ -129,7 +156,8 @@ class SamplingFields(BaseModel):
 
     def sampling(self, seed: int) -> dict:
         """The ticket's integer sampling map (node/wire/sampling.py is the one place floats become ppm)."""
-        return sampling_map(seed, self.temperature, self.top_p, self.max_tokens_effective, list(self.stop or []))
+        return sampling_map(seed, self.temperature, self.top_p, self.max_tokens_effective, list(self.stop or []),
+                            getattr(self, "response_format", None))
 
     def prompt(self) -> dict:
         """The prompt as the provider receives it (and as the prompt commitment hashes it)."""
@@ -152,6 +180,8 @@ class ChatRequest(SamplingFields):
         "max_tokens": 16, "temperature": 0.7, "seed": 42, "stream": False}]})
     messages: list[Message] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_MAX)
+    response_format: Annotated[dict[str, Any] | None, BeforeValidator(_response_format),
+                               WithJsonSchema(RESPONSE_FORMAT_SCHEMA)] = None
 
     @property
     def max_tokens_effective(self) -> int:

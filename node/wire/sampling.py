@@ -7,6 +7,7 @@ so both sides hash exactly the same thing (receipt field sampling_sha256).
 from __future__ import annotations
 
 from llorch.inference.limits import MAX_TOKENS_CAP as MAX_TOKENS_MAX
+from llorch.node.wire.structured import response_format_entry
 
 MAX_TOKENS_DEFAULT = 256          # when the customer sends no max_tokens
 TEMPERATURE_DEFAULT = 1.0
@@ -14,13 +15,19 @@ TOP_P_DEFAULT = 1.0
 
 
 def sampling_map(seed: int, temperature: float | None, top_p: float | None, max_tokens: int | None,
-                 stop: list[str] | None) -> dict:
-    """The ticket's sampling map: temperature and top_p as integer parts per million, rounded half to even."""
+                 stop: list[str] | None, response_format: dict | None = None) -> dict:
+    """The ticket's sampling map: temperature and top_p as integer parts per million, rounded half to even;
+    ``response_format`` the customer's (OpenAI's form), committed as node/wire/structured.py says (SchemaRefused
+    names what cannot be enforced)."""
     temperature = TEMPERATURE_DEFAULT if temperature is None else temperature
     top_p = TOP_P_DEFAULT if top_p is None else top_p
-    return {"seed": seed, "temperature_ppm": round(temperature * 1_000_000),
-            "top_p_ppm": max(1, round(top_p * 1_000_000)),
-            "max_tokens": max_tokens or MAX_TOKENS_DEFAULT, "stop": list(stop or [])}
+    sampling = {"seed": seed, "temperature_ppm": round(temperature * 1_000_000),
+                "top_p_ppm": max(1, round(top_p * 1_000_000)),
+                "max_tokens": max_tokens or MAX_TOKENS_DEFAULT, "stop": list(stop or [])}
+    entry = response_format_entry(response_format)
+    if entry is not None:
+        sampling["response_format"] = entry
+    return sampling
 
 
 def chat_request_sampling(body: dict, seed: int) -> dict:
@@ -28,7 +35,7 @@ def chat_request_sampling(body: dict, seed: int) -> dict:
     stop = body.get("stop")
     return sampling_map(seed, body.get("temperature"), body.get("top_p"),
                         body.get("max_tokens") or body.get("max_completion_tokens"),
-                        [stop] if isinstance(stop, str) else stop)
+                        [stop] if isinstance(stop, str) else stop, body.get("response_format"))
 
 
 PART_SEPARATOR = "\n"           # text parts of one message's content, as the model reads them

@@ -1,0 +1,96 @@
+"""Structured output on the real engine (llama.cpp's grammar on the pinned SmolLM2), and the ticket's commitment to
+it (docs/protocol.md §3: sampling.response_format).
+
+The model is tiny and does not know what a schema is; the grammar alone makes every output parse and validate, for
+every seed, and the same seed gives the same JSON on two engine instances (one determinism class)."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import trio
+
+from llorch.inference import catalog
+from llorch.inference.engine import ANY_OBJECT, Engine, Sampling
+from llorch.inference.errors import RequestError
+from llorch.ledger.errors import EncodingError
+from llorch.ledger.objects import check_sampling
+from llorch.node.wire.structured import schema_text
+
+ORDER = {
+    "$defs": {"item": {"type": "object", "additionalProperties": False, "required": ["sku", "quantity"],
+                       "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"},
+                                      "quantity": {"type": "integer"}}}},
+    "type": "object", "additionalProperties": False, "required": ["customer", "items", "status"],
+    "properties": {"customer": {"type": "string", "minLength": 1, "maxLength": 16},
+                   "items": {"type": "array", "items": {"$ref": "#/$defs/item"}, "minItems": 1, "maxItems": 2},
+                   "status": {"enum": ["new", "paid", "shipped"]},
+                   "note": {"anyOf": [{"type": "string", "maxLength": 12}, {"type": "null"}]}}}
+PROMPT = {"messages": [{"role": "user", "content": "Write an order for two lamps."}]}
+
+
+@pytest.fixture(scope="module")
+def engines(model_path):
+    return [Engine(catalog.lookup(catalog.DEFAULT_MODEL_ID), model_path, 1, 1024, 512) for _ in range(2)]
+
+
+async def generate(engine: Engine, seed: int, schema: str | None, max_tokens: int = 120) -> tuple[str, str]:
+    pieces: list[str] = []
+
+    async def emit(text: str) -> None:
+        pieces.append(text)
+
+    generation = await engine.generate(engine.prepare(PROMPT, Sampling(seed, 900_000, 950_000, max_tokens, (),
+                                                                       schema)), emit)
+    assert "".join(pieces) == generation.text
+    return generation.text, generation.finish_reason
+
+
+async def test_every_seed_gives_json_that_validates_and_the_same_json_on_another_engine(engines):
+    first, second = engines
+    texts = set()
+    for seed in range(6):
+        text, finish = await generate(first, seed, schema_text(ORDER))
+        assert finish == "stop", (seed, text)
+        jsonschema.validate(json.loads(text), ORDER)
+        assert (await generate(second, seed, schema_text(ORDER))) == (text, finish)
+        texts.add(text)
+    assert len(texts) > 1                                   # the seed still matters inside the grammar
+
+
+async def test_json_object_gives_an_object_and_plain_text_is_unconstrained(engines):
+    text, finish = await generate(engines[0], 4, ANY_OBJECT, max_tokens=300)
+    assert finish == "stop" and isinstance(json.loads(text), dict)
+    plain, _ = await generate(engines[0], 4, None, max_tokens=24)
+    with pytest.raises(ValueError):
+        json.loads(plain)
+
+
+def test_a_schema_llama_cpp_cannot_build_a_grammar_from_is_refused_before_any_work(engines):
+    with pytest.raises(RequestError, match="cannot build a grammar"):
+        engines[0].prepare(PROMPT, Sampling(1, 0, 1_000_000, 8, (), '{"type":"string","pattern":"(unclosed"}'))
+
+
+SAMPLING = {"seed": 1, "temperature_ppm": 0, "top_p_ppm": 1_000_000, "max_tokens": 8, "stop": []}
+
+
+@pytest.mark.parametrize("response_format, expected", [
+    ({"type": "json_object"}, None),
+    ({"type": "json_schema", "schema": '{"type":"object"}'}, None),
+    ({"type": "json_schema", "schema": '{"type": "object"}'}, "compact JSON form"),
+    ({"type": "json_schema", "schema": '["not", "an", "object"]'}, "compact JSON form"),
+    ({"type": "json_schema", "schema": "{"}, "not JSON text"),
+    ({"type": "json_schema", "schema": "[" * 5000 + "]" * 5000}, "not JSON text"),
+    ({"type": "json_schema", "schema": '{"a":' + '"x"' * 6000 + "}"}, "at most 16384"),
+    ({"type": "json_object", "schema": "{}"}, "must be"),
+    ({"type": "text"}, "must be"),
+    ("json_object", "must be"),
+])
+def test_a_ticket_commits_to_structured_output_in_one_form(response_format, expected):
+    if expected is None:
+        check_sampling({**SAMPLING, "response_format": response_format})
+    else:
+        with pytest.raises(EncodingError, match=expected):
+            check_sampling({**SAMPLING, "response_format": response_format})
