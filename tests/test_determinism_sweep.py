@@ -25,7 +25,7 @@ FETCHABLE = [entry.id for entry in catalog.CATALOG.values() if entry.parts]
 HUB_ONLY = [entry.id for entry in catalog.CATALOG.values() if not entry.parts]
 SEEDS = (3, 1_000_003, 2**32 - 1)
 CHAT = {"messages": [{"role": "user", "content": "Tell me a short fact about rivers."}]}
-RAW = {"prompt": "Rivers carry water from the mountains to"}
+RAW = {"text": "Rivers carry water from the mountains to"}
 
 
 async def generate(engine: Engine, prompt: dict, seed: int) -> str:
