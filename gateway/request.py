@@ -8,6 +8,20 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Routing:
+    """Where the customer wants the request served (OpenRouter's ``provider`` object; docs/operating.md): providers
+    by public key. ``share_for_checks`` False (data_collection "deny"): the prompt is never re-run on a second
+    provider by a spot-check, nor kept as evidence."""
+
+    order: tuple[bytes, ...] = ()
+    only: frozenset[bytes] | None = None
+    ignore: frozenset[bytes] = frozenset()
+    allow_fallbacks: bool = True
+    sort: str | None = None                   # "price", "latency" or "throughput"
+    share_for_checks: bool = True
+
+
+@dataclass(frozen=True)
 class InferenceRequest:
     """One chat (``prompt`` has "messages") or raw completion (``prompt`` has "text") request."""
 
@@ -17,6 +31,7 @@ class InferenceRequest:
     seed: int | None = None               # None: the gateway draws one
     max_price_in_per_1m: int | None = None    # the customer's price ceilings (llorch extension)
     max_price_out_per_1m: int | None = None
+    routing: Routing = Routing()
 
     @property
     def max_tokens(self) -> int:

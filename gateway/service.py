@@ -202,22 +202,29 @@ class Gateway:
             await self.admission.release(tenant, order.request_id, job.charged)
             if not job.held_slot:
                 self.waiting.wake()     # a turn this request was handed and did not use goes to the next waiter
-        # Settled: only now is it drawn whether this request is re-run elsewhere (never waits; docs/verification.md)
-        self.spot_checks.finished(Finished(order.request_id, tenant, order.prompt, order.salt, completion.text,
-                                           completion.receipt.finish_reason))
+        # Settled: only now is it drawn whether this request is re-run elsewhere (never waits; docs/verification.md),
+        # unless the customer asked that its prompt go to no other provider (provider.data_collection "deny")
+        if request.routing.share_for_checks:
+            self.spot_checks.finished(Finished(order.request_id, tenant, order.prompt, order.salt, completion.text,
+                                               completion.receipt.finish_reason))
         return completion
 
     def requirements(self, job: _Job, **overrides: Any) -> Requirements:
         """What placement must honour for ``job``; ``overrides`` (a resumed stream's class, exclusions, the
         reservation's prices) replace fields of it."""
         request = job.request
+        routing = request.routing
+        if "exclude" in overrides:
+            overrides["exclude"] = overrides["exclude"] | routing.ignore
         need = Requirements(request.model, job.order.model_sha256, CURRENCY,
                             prompt_tokens_estimate=prompt_chars(request.prompt) // CHARS_PER_TOKEN_ESTIMATE + 1,
                             max_tokens=request.max_tokens, eu_only=job.tenant.eu_only,
                             multiplier_bp=job.order.multiplier_bp, margin_bp=job.order.margin_bp,
                             engine_build=(self.config.determinism_pin or "(no pinned class)")
                             if job.tenant.require_determinism else None,
-                            max_price_in=request.max_price_in_per_1m, max_price_out=request.max_price_out_per_1m)
+                            max_price_in=request.max_price_in_per_1m, max_price_out=request.max_price_out_per_1m,
+                            exclude=routing.ignore, only=routing.only, order=routing.order,
+                            fallbacks=routing.allow_fallbacks, sort=routing.sort)
         return replace(need, **overrides)
 
     def no_provider(self, job: _Job, views: list[ProviderView], need: Requirements) -> NoProvider:

@@ -329,3 +329,16 @@ def test_json_object_output_parses(client):
         max_tokens=200, temperature=0.5, response_format={"type": "json_object"})
     assert completion.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(completion.choices[0].message.content), dict)
+
+
+def test_openrouters_provider_object_routes_with_the_unmodified_sdk(client, network):
+    """A customer moving from OpenRouter keeps its `provider` object (extra_body in the OpenAI SDK)."""
+    peers = [network.nodes[0].started_state()["peer_id"], network.nodes[1].started_state()["peer_id"]]
+    for wanted in peers:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=MESSAGES, max_tokens=4, seed=3,
+            extra_body={"provider": {"only": [wanted], "sort": "throughput", "data_collection": "deny"}})
+        assert raw.headers["x-llorch-provider"] == wanted
+    with pytest.raises(openai.BadRequestError, match="provider.quantizations"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
+                                       extra_body={"provider": {"quantizations": ["fp8"]}})

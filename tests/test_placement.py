@@ -148,3 +148,43 @@ def test_a_provider_missing_its_registered_sla_goes_after_those_that_meet_it_eve
     # a free slot still comes first: a busy reliable provider would only answer busy
     busy_reliable = view(price_out=300, slots_free=0)
     assert rank([busy_reliable, unreliable_cheap]) == [unreliable_cheap, busy_reliable]
+
+
+# --- the customer's routing preferences (OpenRouter's provider object) ------------------------------------------
+
+def test_only_and_ignore_narrow_who_is_eligible():
+    a, b, c = view(), view(), view()
+    assert rank([a, b, c], only=frozenset({b.key, c.key}), exclude=frozenset({c.key})) == [b]
+    assert why_not(a, need(only=frozenset({b.key})), NOW) == "not in the request's provider.only"
+
+
+def test_order_puts_the_named_first_and_without_fallbacks_nobody_else():
+    cheap, middle, dear = view(price_out=100), view(price_out=200), view(price_out=300)
+    assert rank([cheap, middle, dear], order=(dear.key, middle.key)) == [dear, middle, cheap]
+    assert rank([cheap, middle, dear], order=(dear.key,), fallbacks=False) == [dear]
+    assert why_not(cheap, need(order=(dear.key,), fallbacks=False), NOW) == \
+        "not in the request's provider.order (allow_fallbacks is false)"
+
+
+def test_sort_by_price_latency_or_throughput_comes_before_the_markets_own_ranking():
+    # The market alone ranks the cheap one first; the customer's sort can ask for speed instead.
+    cheap_slow = view(price_out=100, standing=Standing(ttft_ms=900, tokens_per_s=10))
+    dear_fast = view(price_out=300, standing=Standing(ttft_ms=100, tokens_per_s=80))
+    unknown = view(price_out=200)                                     # never observed: after those observed
+    assert rank([dear_fast, unknown, cheap_slow]) == [cheap_slow, unknown, dear_fast]
+    assert rank([dear_fast, unknown, cheap_slow], sort="latency") == [dear_fast, cheap_slow, unknown]
+    assert rank([dear_fast, unknown, cheap_slow], sort="throughput") == [dear_fast, cheap_slow, unknown]
+    assert rank([dear_fast, unknown, cheap_slow], sort="price") == [cheap_slow, unknown, dear_fast]
+    busy_fast = view(price_out=300, slots_free=0, standing=Standing(ttft_ms=100, tokens_per_s=80))
+    assert rank([busy_fast, cheap_slow], sort="throughput") == [cheap_slow, busy_fast]     # a free slot first
+
+
+def test_throughput_is_measured_from_what_the_gateway_relayed():
+    from llorch.gateway.books.settlement import Metered, State
+
+    metered = Metered(State.FINISHED, frames=21, accepted_ms=1_000, first_token_ms=1_100, ended_ms=1_600)
+    assert metered.tokens_per_s == 40                      # 20 frames after the first in 500 ms
+    assert Metered(State.FINISHED, frames=1, accepted_ms=0, first_token_ms=10, ended_ms=20).tokens_per_s == 0
+    first = after_success(Standing(), 100, NOW, 40)
+    assert first.tokens_per_s == 40 and after_success(first, 100, NOW, 0).tokens_per_s == 40
+    assert after_success(first, 100, NOW, 90).tokens_per_s == 50          # moves 20% of the way

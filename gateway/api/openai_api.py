@@ -7,6 +7,7 @@ downstream sees a float.
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
@@ -15,7 +16,9 @@ from pydantic_core import PydanticCustomError
 from llorch.gateway import limits
 from llorch.gateway.api.body import parse_json_object
 from llorch.gateway.errors import BadRequest
-from llorch.gateway.request import InferenceRequest
+from llorch.gateway.request import InferenceRequest, Routing
+from llorch.ledger.errors import EncodingError
+from llorch.ledger.signing import public_key_of_peer_id
 from llorch.node.models import DEFAULT_MODEL_ID, CatalogEntry
 from llorch.node.wire.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
 from llorch.node.wire.structured import SchemaRefused, response_format_entry
@@ -78,7 +81,8 @@ RESPONSE_FORMAT_SCHEMA: dict[str, Any] = {
          "properties": {"type": {"const": "json_schema"}, "json_schema": {
              "type": "object", "required": ["name", "schema"], "additionalProperties": False,
              "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
-                            "description": {"type": "string"}, "strict": {"type": ["boolean", "null"]},
+                            "description": {"type": "string", "maxLength": 4096},
+                            "strict": {"type": ["boolean", "null"]},
                             "schema": {"type": "object"}}}}},
         {"type": "null"}],
     "description": "Structured output, enforced by llama.cpp's grammar (the output always parses, and validates "
@@ -117,6 +121,87 @@ class LlorchExtension(BaseModel):
     max_price_out_per_1m: int | None = Field(default=None, ge=0, le=10**12)
 
 
+PEER_ID_PATTERN = r"^12D3KooW[1-9A-HJ-NP-Za-km-z]{44}$"
+
+
+def _peer_id(value):
+    """A provider named in a routing preference: its libp2p peer id."""
+    if not isinstance(value, str):
+        raise PydanticCustomError("peer_id", "a provider is named by its peer id (a string)")
+    try:
+        public_key_of_peer_id(value)
+    except (EncodingError, ValueError):
+        raise PydanticCustomError("peer_id", f"{value[:64]!r} is not a provider's peer id (12D3KooW...)") from None
+    return value
+
+
+PeerId = Annotated[str, BeforeValidator(_peer_id), WithJsonSchema({"type": "string", "pattern": PEER_ID_PATTERN})]
+PRICE_DECIMALS = 6                 # a price per 1M tokens in the currency, to the micro-unit (the minor unit here)
+
+
+def _price(value):
+    """max_price.prompt / .completion: a number of currency units per 1M tokens with at most 6 decimals."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PydanticCustomError("price", "a price is a number (currency units per 1M tokens)")
+    exact = Decimal(str(value))
+    if exact < 0 or exact > 10**6 or exact != round(exact, PRICE_DECIMALS):
+        raise PydanticCustomError("price", f"a price must be 0..1000000 with at most {PRICE_DECIMALS} decimals")
+    return value
+
+
+Price = Annotated[float, BeforeValidator(_price)]
+
+
+class MaxPrice(BaseModel):
+    """OpenRouter's max_price, read in the gateway's currency (EUR) per 1M tokens."""
+
+    model_config = STRICT
+    prompt: Price | None = None
+    completion: Price | None = None
+
+
+class ProviderPreferences(BaseModel):
+    """OpenRouter's ``provider`` object (docs/operating.md maps each field to placement); providers are named by
+    peer id (GET /v2/platform/providers). Any other key is a 400 naming it."""
+
+    model_config = STRICT
+    order: list[PeerId] | None = Field(default=None, max_length=16,
+                                       description="Try these providers first, in this order.")
+    only: list[PeerId] | None = Field(default=None, max_length=64, description="Use none but these providers.")
+    ignore: list[PeerId] | None = Field(default=None, max_length=64, description="Never use these providers.")
+    allow_fallbacks: bool = Field(default=True, description="False: only the providers in `order`.")
+    sort: Literal["price", "throughput", "latency"] | None = Field(
+        default=None, description="Rank by the customer price, the measured tokens/s, or the measured time to "
+                                  "first token, before the gateway's own ranking.")
+    max_price: MaxPrice | None = Field(default=None, description="Price ceilings in EUR per 1M tokens (combined "
+                                                                 "with llorch.max_price_*_per_1m: the lower wins).")
+    require_parameters: bool = Field(default=False, description="Accepted: every provider runs the same pinned "
+                                                                "engine and honours every parameter served.")
+    data_collection: Literal["allow", "deny"] = Field(
+        default="allow", description="deny: the prompt is never re-run on a second provider by a spot-check nor "
+                                     "kept as evidence (providers never store prompts; receipts carry a salted "
+                                     "commitment only).")
+
+    def routing(self) -> Routing:
+        def keys(ids: list[str] | None) -> tuple[bytes, ...]:
+            return tuple(public_key_of_peer_id(peer) for peer in ids or ())
+
+        return Routing(order=keys(self.order), only=frozenset(keys(self.only)) if self.only is not None else None,
+                       ignore=frozenset(keys(self.ignore)), allow_fallbacks=self.allow_fallbacks, sort=self.sort,
+                       share_for_checks=self.data_collection == "allow")
+
+    def ceilings(self) -> tuple[int | None, int | None]:
+        """max_price in minor units (micro-EUR) per 1M tokens."""
+        def minor(value: float | None) -> int | None:
+            return None if value is None else int(Decimal(str(value)).scaleb(PRICE_DECIMALS))
+
+        return (minor(self.max_price.prompt), minor(self.max_price.completion)) if self.max_price else (None, None)
+
+
+def lower(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
 STOP_TEXT_SCHEMA: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": 64}
 STOP_SCHEMA: dict[str, Any] = {"anyOf": [STOP_TEXT_SCHEMA, {"type": "array", "items": STOP_TEXT_SCHEMA, "maxItems": 4},
                          {"type": "null"}],
@@ -141,6 +226,8 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     llorch: LlorchExtension | None = None
+    provider: ProviderPreferences | None = Field(
+        default=None, description="OpenRouter's provider routing object, accepted as it is (docs/operating.md).")
 
     @field_validator("stop")
     @classmethod
@@ -166,9 +253,11 @@ class SamplingFields(BaseModel):
     def to_domain(self) -> InferenceRequest:
         """The request as the gateway's domain takes it (gateway/request.py)."""
         extension = self.llorch
+        routed_in, routed_out = self.provider.ceilings() if self.provider else (None, None)
         return InferenceRequest(self.model, self.prompt(), self.sampling(0), self.seed,
-                                extension.max_price_in_per_1m if extension else None,
-                                extension.max_price_out_per_1m if extension else None)
+                                lower(extension.max_price_in_per_1m if extension else None, routed_in),
+                                lower(extension.max_price_out_per_1m if extension else None, routed_out),
+                                self.provider.routing() if self.provider else Routing())
 
 
 class ChatRequest(SamplingFields):

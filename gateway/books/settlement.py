@@ -162,6 +162,13 @@ class Metered:
             return None
         return self.first_token_ms - self.accepted_ms
 
+    @property
+    def tokens_per_s(self) -> int:
+        """Token frames per second after the first, on the gateway's clock (0 when it cannot be told)."""
+        if self.first_token_ms is None or self.frames < 2 or self.ended_ms <= self.first_token_ms:
+            return 0
+        return (self.frames - 1) * 1000 // (self.ended_ms - self.first_token_ms)
+
 
 @dataclass
 class Meter:

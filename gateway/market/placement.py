@@ -13,6 +13,12 @@ worst-case customer price of this request, then observed success
 rate (in 5% steps below the best), observed time to first token (in 250 ms steps above the best), load (free
 share of slots), least recently
 placed, provider key. Providers in back-off after a failure go last.
+
+The customer's routing preferences (OpenRouter's ``provider`` object, gateway/request.py ``Routing``) narrow and
+reorder this: ``only`` and ``ignore`` are eligibility (``why_not``); ``sort`` puts its measure first after back-off
+and free slots (price: the worst-case customer price; latency: observed time to first token; throughput: observed
+tokens per second, fastest first; a provider not yet observed counts as neither fast nor slow: after those observed);
+``order`` puts the named providers first, in that order, and without fallbacks no other provider is used.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ class Requirements:
     exclude: frozenset[bytes] = frozenset()
     multiplier_bp: int = 10_000               # demand multiplier and the tenant's margin: what the customer pays
     margin_bp: int = MARGIN_BP_DEFAULT
+    only: frozenset[bytes] | None = None      # the customer's routing (gateway/request.py Routing): only these
+    order: tuple[bytes, ...] = ()             # ... these first, in this order
+    fallbacks: bool = True                    # ... and, when False, none but those in ``order``
+    sort: str | None = None                   # ... "price", "latency" or "throughput" first
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,7 @@ class Standing:
 
     success_ppm: int = SUCCESS_PPM_INITIAL
     ttft_ms: int = 0
+    tokens_per_s: int = 0                    # observed output rate (tokens per second after the first; 0: unknown)
     failures_in_a_row: int = 0
     backoff_until_ms: int = 0
     last_placed_ms: int = 0
@@ -90,6 +101,10 @@ def why_not(view: ProviderView, need: Requirements, now_ms: int) -> str | None:
         return "not approved"
     if view.key in need.exclude:
         return "excluded"
+    if need.only is not None and view.key not in need.only:
+        return "not in the request's provider.only"
+    if not need.fallbacks and view.key not in need.order:
+        return "not in the request's provider.order (allow_fallbacks is false)"
     if a.currency != need.currency:
         return "other currency"
     price_in, price_out = customer_prices(a, need)
@@ -131,13 +146,29 @@ def rank_providers(views: Iterable[ProviderView], need: Requirements, now_ms: in
                 (best_success - s.success_now_ppm(now_ms)) // SUCCESS_STEP_PPM, (s.ttft_ms - best_ttft) // TTFT_STEP_MS,
                 -free_share_ppm, s.last_placed_ms, v.key)
 
-    return sorted(eligible, key=order)
+    def preferred(v: ProviderView):
+        """The customer's sort and order, before the market's own ranking."""
+        a, s = v.attestation, v.standing
+        named = need.order.index(v.key) if v.key in need.order else len(need.order)
+        measure: tuple = ()
+        if need.sort == "price":
+            measure = (worst_case_cost(a, need),)
+        elif need.sort == "latency":
+            measure = (s.ttft_ms == 0, s.ttft_ms)
+        elif need.sort == "throughput":
+            measure = (s.tokens_per_s == 0, -s.tokens_per_s)
+        return (named, s.backoff_until_ms > now_ms, a.slots_free == 0, *measure, *order(v))
+
+    return sorted(eligible, key=preferred if (need.sort or need.order) else order)
 
 
-def after_success(standing: Standing, ttft_ms: int, now_ms: int) -> Standing:
+def after_success(standing: Standing, ttft_ms: int, now_ms: int, tokens_per_s: int = 0) -> Standing:
+    rate = standing.tokens_per_s
+    if tokens_per_s:
+        rate = tokens_per_s if rate == 0 else _ewma(rate, tokens_per_s)
     return replace(standing, success_ppm=_ewma(standing.success_now_ppm(now_ms), 1_000_000), observed_ms=now_ms,
                    ttft_ms=ttft_ms if standing.ttft_ms == 0 else _ewma(standing.ttft_ms, ttft_ms),
-                   failures_in_a_row=0, backoff_until_ms=0)
+                   tokens_per_s=rate, failures_in_a_row=0, backoff_until_ms=0)
 
 
 def after_failure(standing: Standing, now_ms: int) -> Standing:

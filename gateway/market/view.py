@@ -99,9 +99,9 @@ class MarketView:
     def failed(self, provider_key: bytes) -> None:
         self.standings[provider_key] = after_failure(self.standings.get(provider_key, Standing()), now_ms())
 
-    def succeeded(self, provider_key: bytes, ttft_ms: int) -> None:
+    def succeeded(self, provider_key: bytes, ttft_ms: int, tokens_per_s: int = 0) -> None:
         self.standings[provider_key] = after_success(self.standings.get(provider_key, Standing()), ttft_ms,
-                                                     now_ms())
+                                                     now_ms(), tokens_per_s)
 
     def suspend(self, provider_key: bytes, at_ms: int) -> None:
         """A check caught ``provider_key`` at ``at_ms``: from now on this gateway issues it no ticket

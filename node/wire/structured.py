@@ -63,6 +63,8 @@ def response_format_entry(response_format: object) -> dict | None:
         raise SchemaRefused("response_format.json_schema.name must be 1-64 of A-Z a-z 0-9 _ -")
     if not isinstance(spec.get("strict", False), (bool, type(None))):
         raise SchemaRefused("response_format.json_schema.strict must be a boolean")
+    if not isinstance(spec.get("description", ""), str) or len(spec.get("description", "")) > 4096:
+        raise SchemaRefused("response_format.json_schema.description must be a string of at most 4096 characters")
     schema = spec.get("schema")
     if not isinstance(schema, dict):
         raise SchemaRefused("response_format.json_schema.schema must be a JSON schema object")
