@@ -342,3 +342,70 @@ def test_openrouters_provider_object_routes_with_the_unmodified_sdk(client, netw
     with pytest.raises(openai.BadRequestError, match="provider.quantizations"):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
                                        extra_body={"provider": {"quantizations": ["fp8"]}})
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 30},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_a_tool_call_round_trip_with_the_unmodified_sdk(client, network):
+    """An agent's loop: the model calls the declared function (its arguments validate against the parameters, by
+    llama.cpp's grammar), the same seed makes the same call on both providers, the tool's result goes back as a
+    `tool` message, and the model answers; streamed, the SDK assembles the same call from OpenAI-shaped deltas."""
+    import jsonschema
+
+    request = {"model": MODEL, "messages": ASK_WEATHER, "tools": [WEATHER], "tool_choice": "required", "seed": 8,
+               "max_tokens": 64, "temperature": 0.8}
+    results = []
+    for _ in range(4):
+        raw = client.chat.completions.with_raw_response.create(**request)
+        results.append((raw.parse(), raw.headers["x-llorch-provider"]))
+    assert len({provider for _, provider in results}) == 2
+    calls = {json.dumps([c.function.model_dump() for c in completion.choices[0].message.tool_calls])
+             for completion, _ in results}
+    assert len(calls) == 1                 # byte-identical on both providers (each call's id is its request's)
+    first = results[0][0].choices[0]
+    assert first.finish_reason == "tool_calls" and first.message.content is None
+    call = first.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+    streamed = client.chat.completions.create(**request, stream=True)
+    pieces: dict[int, dict] = {}
+    finish = None
+    for chunk in streamed:
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                piece = pieces.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+                piece["id"] = delta.id or piece["id"]
+                piece["name"] += (delta.function.name or "") if delta.function else ""
+                piece["arguments"] += (delta.function.arguments or "") if delta.function else ""
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls"
+    assert [(p["name"], p["arguments"]) for _, p in sorted(pieces.items())] == \
+        [(c.function.name, c.function.arguments) for c in first.message.tool_calls]
+
+    answer = client.chat.completions.create(
+        model=MODEL, seed=8, max_tokens=48, tools=[WEATHER], tool_choice="auto",
+        messages=[*ASK_WEATHER, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                  {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}])
+    reply = answer.choices[0]
+    assert reply.message.tool_calls or reply.message.content                 # an answer or another call
+
+
+def test_a_named_function_and_parallel_calls_off_bound_the_calls(client):
+    completion = client.chat.completions.create(
+        model=MODEL, messages=ASK_WEATHER, tools=[WEATHER], seed=2, max_tokens=64, parallel_tool_calls=False,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert [c.function.name for c in completion.choices[0].message.tool_calls] == ["get_weather"]
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+    bad = {**WEATHER, "function": {**WEATHER["function"], "parameters": {"type": "object", "properties": {
+        "days": {"type": "integer", "maximum": 7}}}}}
+    with pytest.raises(openai.BadRequestError, match="tools.0.function.parameters.properties.days.maximum"):
+        client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[bad])

@@ -222,3 +222,61 @@ def test_the_schema_is_committed_compactly_in_the_customers_key_order():
                                          '"required":["b"]}'}
     as_text = parse_chat_request(json.dumps(chat_body(response_format={"type": "text"})).encode(), ChatRequest)
     assert "response_format" not in as_text.sampling(9)          # plain text: the map is what it always was
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"messages": [{"role": "tool", "content": "21"}]}, "a tool message, and only a tool message, has a tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c1"}]}, "only a tool message"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "only an assistant message has tool_calls"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
+     "arguments must be JSON text of an object"),
+    ({"messages": [{"role": "assistant", "content": None}]}, "content is required"),
+    ({"tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}}, "cannot be used together"),
+    ({"tool_choice": "auto"}, "tool_choice is set but there are no tools"),
+    ({"tools": [WEATHER_TOOL, WEATHER_TOOL]}, "each function name once"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "code_interpreter"}]}, "tools.0.type"),
+])
+async def test_a_malformed_tool_request_is_refused_by_name(live, fields, message):
+    built, client = live
+    await refused(built, client, "POST", "/v1/chat/completions", 400, message, json=chat_body(**fields))
+
+
+def test_tools_render_the_same_from_the_parsed_body_and_the_raw_one():
+    """The gateway commits what it parsed; `llorch ledger replay` rebuilds from the customer's raw body: a key
+    absent and a key null must give the same prompt and sampling map."""
+    from llorch.gateway.api.openai_api import ChatRequest, parse_chat_request
+    from llorch.node.wire.sampling import chat_request_prompt, chat_request_sampling
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}
+    body = chat_body(tools=[WEATHER_TOOL], messages=[
+        {"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "rain"}]}])
+    parsed = parse_chat_request(json.dumps(body).encode(), ChatRequest)
+    assert parsed.prompt() == chat_request_prompt(body) and parsed.sampling(3) == chat_request_sampling(body, 3)
+    messages = parsed.prompt()["messages"]
+    assert messages[0]["role"] == "system" and "get_weather" in messages[0]["content"]
+    assert messages[2] == {"role": "assistant", "content": '{"tool_calls":[{"name":"get_weather","arguments":'
+                                                           '{"city":"Oslo"}}]}'}
+    assert messages[3] == {"role": "user", "content": "Result of the function call call_1: rain"}
+    none = parse_chat_request(json.dumps({**body, "tool_choice": "none"}).encode(), ChatRequest)
+    assert "response_format" not in none.sampling(3) and none.prompt()["messages"][0]["role"] == "user"
+
+
+def test_an_answer_cut_short_still_reads_as_text():
+    from llorch.node.wire.tools import reply_of
+
+    assert reply_of('{"content": "It is sun') == ("It is sun", None)
+    assert reply_of('{"content": "a \\') == ("a ", None)                     # cut inside an escape
+    assert reply_of('{"content": "a \\\\') == ("a \\", None)               # an escaped backslash
+    assert reply_of('{"tool_calls": [{"name": "f", "arguments": {"a":') == ('{"tool_calls": [{"name": "f", '
+                                                                            '"arguments": {"a":', None)
+    assert reply_of('{"tool_calls":[{"name":"f","arguments":{"a":1}}]}') == (None, [{"name": "f",
+                                                                                     "arguments": '{"a":1}'}])

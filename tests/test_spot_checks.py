@@ -112,15 +112,22 @@ async def test_a_cheater_is_caught_suspended_its_evidence_checks_out_and_its_cus
     await check_operator_cli(tmp_path, cheater, listed["id"])
 
 
-async def test_a_provider_that_ignores_the_response_format_is_caught(tmp_path):
-    """The schema is in the ticket's sampling map, so a provider that generates as if there were none signs a
-    receipt for a run an honest provider does not reproduce: caught like any other cheater."""
-    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-    response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+STRUCTURED = {
+    "response_format": {"response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}},
+    "tools": {"tools": [{"type": "function", "function": {"name": "find", "parameters": CITY}}],
+              "tool_choice": "required"}}
+
+
+@pytest.mark.parametrize("kind", sorted(STRUCTURED))
+async def test_a_provider_that_ignores_the_response_format_or_the_tools_is_caught(tmp_path, kind):
+    """The schema (a response_format's, or the one the tools make) is in the ticket's sampling map, so a provider
+    that generates as if there were none signs a receipt for a run an honest provider does not reproduce: caught
+    like any other cheater."""
     providers = {"honest1": {}, "cheater": {"engine": SchemaIgnoringEngine}, "honest2": {}}
     async with market(tmp_path, providers, CONSENTING, {"spot_check_rate_ppm": ALL_PPM}) as m:
         cheater = m.providers["cheater"]
-        sent, served, _ = await serve_until_suspended(m, cheater, 6, {"response_format": response_format})
+        sent, served, _ = await serve_until_suspended(m, cheater, 6, STRUCTURED[kind])
         assert served <= 1 and sent <= 3, (sent, served)
         await check_exported_evidence(m, tmp_path, cheater)
         honest = await serve(m, 2, first_seed=50)          # without a schema the honest echo is what it was

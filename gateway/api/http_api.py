@@ -31,7 +31,7 @@ from llorch.gateway.api.pages import mount_pages
 from llorch.gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from llorch.gateway.api.openai_api import (STREAM_DESCRIPTION, ChatCompletion, ChatCompletionChunk, ChatRequest,
                                            CompletionRequest, ModelList, TextCompletion, TextCompletionChunk,
-                                           model_card, parse_chat_request)
+                                           assistant_reply, model_card, parse_chat_request)
 from llorch.gateway.api.openapi import (BEARER, CatalogView, GatewayInfo, Health, ProviderCapacity, ProviderList, ProviderRecord,
                                         ReceiptProof, RegistrationBody, Statement, errors, event_stream, openapi_document,
                                         request_body)
@@ -56,14 +56,29 @@ def completion_body(chat, completion: Completion, created: int) -> dict:
     if isinstance(chat, CompletionRequest):
         kind, choice = "text_completion", {"index": 0, "text": completion.text}
     else:
-        kind, choice = "chat.completion", {"index": 0, "message": {"role": "assistant", "content": completion.text}}
+        message, finish_reason = assistant_reply(chat, completion.text, receipt.finish_reason, completion.request_id)
+        kind, choice = "chat.completion", {"index": 0, "message": message}
     return {
         "id": completion.request_id, "object": kind, "created": created, "model": chat.model,
         "system_fingerprint": receipt.engine_build,
-        "choices": [{**choice, "finish_reason": receipt.finish_reason, "logprobs": None}],
+        "choices": [{**choice, "finish_reason": finish_reason if kind == "chat.completion" else receipt.finish_reason,
+                     "logprobs": None}],
         "usage": usage_of(completion),
         "llorch": llorch_extension(completion),
     }
+
+
+def reply_deltas(message: dict) -> list[dict]:
+    """An assistant message as stream deltas, as OpenAI streams them: its content, or for each tool call a delta
+    with its index, id, type and name (arguments empty), then one with its arguments."""
+    if not message.get("tool_calls"):
+        return [{"content": message["content"]}] if message["content"] else []
+    deltas = []
+    for index, call in enumerate(message["tool_calls"]):
+        deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                       "function": {"name": call["function"]["name"], "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call["function"]["arguments"]}}]})
+    return deltas
 
 
 def usage_of(completion: Completion) -> dict:
@@ -124,6 +139,7 @@ class ChatStreamResponse(Response):
         self.created = int(time.time())
         self.request_id = new_request_id()     # known before the first byte: every chunk carries it
         self.chat_shape = not isinstance(chat, CompletionRequest)
+        self.held_back = isinstance(chat, ChatRequest) and chat.tools_active
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope.setdefault("state", {})["request_id"] = self.request_id
@@ -142,9 +158,14 @@ class ChatStreamResponse(Response):
                 if self.chat_shape:
                     await self._event({"role": "assistant", "content": ""}, None, send)
 
+        held: list[str] = []          # with tools, the answer is JSON: sent in OpenAI's shape once it is complete
+
         async def on_text(text: str, provider: str) -> None:
             await start(provider)
-            await self._event({"content": text}, None, send)
+            if self.held_back:
+                held.append(text)
+            else:
+                await self._event({"content": text}, None, send)
 
         try:
             completion = await self.gateway.complete(self.chat.to_domain(), self.tenant, on_text, self.request_id)
@@ -157,7 +178,13 @@ class ChatStreamResponse(Response):
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
             return
         await start(completion.provider_peer_id)
-        await self._event({}, completion.receipt.finish_reason, send, completion)
+        finish_reason = completion.receipt.finish_reason
+        if self.held_back:
+            assert isinstance(self.chat, ChatRequest)
+            message, finish_reason = assistant_reply(self.chat, "".join(held), finish_reason, self.request_id)
+            for delta in reply_deltas(message):
+                await self._event(delta, None, send)
+        await self._event({}, finish_reason, send, completion)
         if self.chat.stream_options and self.chat.stream_options.include_usage:
             await self._data(self._chunk([], completion, usage=usage_of(completion)), send)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})

@@ -6,11 +6,13 @@ downstream sees a float.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from llorch.gateway import limits
@@ -20,7 +22,9 @@ from llorch.gateway.request import InferenceRequest, Routing
 from llorch.ledger.errors import EncodingError
 from llorch.ledger.signing import public_key_of_peer_id
 from llorch.node.models import DEFAULT_MODEL_ID, CatalogEntry
-from llorch.node.wire.sampling import MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, sampling_map
+from llorch.node.wire.sampling import (MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, chat_request_sampling,
+                                       sampling_map)
+from llorch.node.wire.tools import PARALLEL_CALLS_MAX, check_tools, reply_of, tools_active
 from llorch.node.wire.structured import SchemaRefused, response_format_entry
 
 
@@ -100,12 +104,83 @@ def _response_format(value):
     return value
 
 
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionCallIn(BaseModel):
+    model_config = STRICT
+    name: ToolName
+    arguments: str = Field(max_length=100_000, description="The arguments as JSON text (an object).")
+
+    @field_validator("arguments")
+    @classmethod
+    def _an_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):
+            raise ValueError("arguments must be JSON text of an object") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be JSON text of an object")
+        return value
+
+
+class ToolCallIn(BaseModel):
+    """An earlier tool call, in an assistant message of the conversation."""
+
+    model_config = STRICT
+    id: str = Field(min_length=1, max_length=64)
+    type: Literal["function"]
+    function: FunctionCallIn
+
+
 class Message(BaseModel):
     model_config = STRICT
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="developer is read as system (OpenAI's name for it on newer models).")
-    content: Content
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="developer is read as system (OpenAI's name for it on newer models); tool carries a function's "
+                    "result (with tool_call_id).")
+    content: Content | None = None
     name: str | None = Field(default=None, max_length=64)
+    tool_calls: list[ToolCallIn] | None = Field(default=None, min_length=1, max_length=16,
+                                                description="An assistant's earlier calls.")
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=64,
+                                     description="Which call a tool message answers.")
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Message":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message, and only a tool message, has a tool_call_id")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = STRICT
+    name: ToolName
+    description: str | None = Field(default=None, max_length=1024)
+    parameters: dict[str, Any] | None = Field(default=None, description="A JSON schema of the arguments object; "
+                                              "its keywords as response_format's (a keyword the grammar would not "
+                                              "enforce is a 400 naming it).")
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+    name: ToolName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -271,6 +346,36 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_MAX)
     response_format: Annotated[dict[str, Any] | None, BeforeValidator(_response_format),
                                WithJsonSchema(RESPONSE_FORMAT_SCHEMA)] = None
+    tools: list[Tool] | None = Field(default=None, max_length=32, description=(
+        "Functions the model may call. The model answers with one JSON object that llama.cpp's grammar holds to "
+        "the declared functions and their parameters: every call's arguments validate. Non-streamed and streamed "
+        "answers carry OpenAI's tool_calls (a stream sends them when the answer is complete)."))
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = Field(default=True, description=f"False: at most one call per answer (else at most "
+                                                                f"{PARALLEL_CALLS_MAX}).")
+
+    @model_validator(mode="after")
+    def _tools(self) -> "ChatRequest":
+        try:
+            check_tools([tool.model_dump() for tool in self.tools or []],
+                        self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel)
+                        else self.tool_choice)
+            if self.response_format is not None and self.tools_active and \
+                    response_format_entry(self.response_format) is not None:
+                raise SchemaRefused("response_format and tools cannot be used together: the tools decide the "
+                                    "answer's shape")
+        except SchemaRefused as exc:
+            raise PydanticCustomError("tools", str(exc)) from None
+        return self
+
+    @property
+    def tools_active(self) -> bool:
+        return tools_active(self.model_dump())
+
+    def sampling(self, seed: int) -> dict:
+        """The ticket's sampling map, built from the body as `llorch ledger replay` builds it (node/wire/sampling.py),
+        tools included."""
+        return chat_request_sampling(self.model_dump(), seed)
 
     @property
     def max_tokens_effective(self) -> int:
@@ -348,12 +453,42 @@ class LlorchBill(BaseModel):
     currency: str = Field(pattern="^[A-Z]{3}$")
 
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text of an object that validates against the function's parameters.")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="Null when the answer is tool calls.")
+    tool_calls: list[ToolCallOut] | None = None
+
+
+def call_id(request_id: str, index: int) -> str:
+    """A tool call's id: derived from the request id, so a replayed or resumed answer names its calls the same."""
+    return "call_" + hashlib.sha256(f"{request_id}:{index}".encode()).hexdigest()[:24]
+
+
+def assistant_reply(chat: "ChatRequest", text: str, finish_reason: str, request_id: str) -> tuple[dict, str]:
+    """The assistant message and finish_reason of a completion's text: with tools, the model's JSON answer taken
+    back to OpenAI's shape (content, or tool_calls with finish_reason "tool_calls")."""
+    if not chat.tools_active:
+        return {"role": "assistant", "content": text}, finish_reason
+    content, calls = reply_of(text)
+    if calls is None:
+        return {"role": "assistant", "content": content}, finish_reason
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": call_id(request_id, n), "type": "function", "function": call}
+                           for n, call in enumerate(calls)]}, "tool_calls"
 
 
 class ChatChoice(BaseModel):
@@ -417,9 +552,22 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int = Field(ge=0)
+    id: str | None = Field(default=None, description="In the first delta of each call.")
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = Field(default=None, description="Only in the first chunk.")
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

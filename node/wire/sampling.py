@@ -7,7 +7,8 @@ so both sides hash exactly the same thing (receipt field sampling_sha256).
 from __future__ import annotations
 
 from llorch.inference.limits import MAX_TOKENS_CAP as MAX_TOKENS_MAX
-from llorch.node.wire.structured import response_format_entry
+from llorch.node.wire import tools
+from llorch.node.wire.structured import SchemaRefused, response_format_entry
 
 MAX_TOKENS_DEFAULT = 256          # when the customer sends no max_tokens
 TEMPERATURE_DEFAULT = 1.0
@@ -31,11 +32,19 @@ def sampling_map(seed: int, temperature: float | None, top_p: float | None, max_
 
 
 def chat_request_sampling(body: dict, seed: int) -> dict:
-    """The sampling map of an OpenAI chat request body (as sent by the customer) with the seed that was used."""
+    """The sampling map of an OpenAI chat request body (as sent by the customer) with the seed that was used; with
+    tools the answer's schema (node/wire/tools.py) is its response_format."""
     stop = body.get("stop")
-    return sampling_map(seed, body.get("temperature"), body.get("top_p"),
-                        body.get("max_tokens") or body.get("max_completion_tokens"),
-                        [stop] if isinstance(stop, str) else stop, body.get("response_format"))
+    sampling = sampling_map(seed, body.get("temperature"), body.get("top_p"),
+                            body.get("max_tokens") or body.get("max_completion_tokens"),
+                            [stop] if isinstance(stop, str) else stop, body.get("response_format"))
+    tool_format = tools.response_format_of(body)
+    if tool_format is not None:
+        if "response_format" in sampling:
+            raise SchemaRefused("response_format and tools cannot be used together: the tools decide the answer's "
+                                "shape")
+        sampling["response_format"] = tool_format
+    return sampling
 
 
 PART_SEPARATOR = "\n"           # text parts of one message's content, as the model reads them
@@ -43,11 +52,14 @@ PART_SEPARATOR = "\n"           # text parts of one message's content, as the mo
 
 def chat_request_prompt(body: dict) -> dict:
     """The prompt map (what the prompt commitment hashes) of an OpenAI chat or completions request body: a message's
-    content given as text parts is their texts joined by newlines, and the ``developer`` role is ``system``."""
+    content given as text parts is their texts joined by newlines, the ``developer`` role is ``system``, and tools,
+    earlier tool calls and their results are rendered as node/wire/tools.py says."""
     if "messages" not in body and isinstance(body.get("prompt"), str):
         return {"text": body["prompt"]}
-    return {"messages": [{"role": "system" if m["role"] == "developer" else m["role"],
-                          "content": message_text(m["content"])} for m in body["messages"]]}
+    messages = [tools.rendered(m, message_text(m.get("content") or "")) for m in body["messages"]]
+    if tools.tools_active(body):
+        messages.insert(0, {"role": "system", "content": tools.instruction(body)})
+    return {"messages": messages}
 
 
 def message_text(content: str | list) -> str:
