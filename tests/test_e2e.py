@@ -409,3 +409,32 @@ def test_a_named_function_and_parallel_calls_off_bound_the_calls(client):
         "days": {"type": "integer", "maximum": 7}}}}}
     with pytest.raises(openai.BadRequestError, match="tools.0.function.parameters.properties.days.maximum"):
         client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[bad])
+
+
+def test_langchain_binds_tools_and_asks_for_structured_output(network):
+    """A second client from the ecosystem agent builders use, unmodified: LangChain's ChatOpenAI with
+    ``with_structured_output`` (a strict json_schema response_format) and ``bind_tools``."""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    llm = ChatOpenAI(model=MODEL, base_url=network.base_url, api_key=network.api_key, max_retries=0, timeout=120,
+                     temperature=0.5, seed=4, max_tokens=64)
+
+    class City(BaseModel):
+        """A city and its country."""
+
+        name: str = Field(description="The city's name", max_length=30)
+        country: str = Field(description="Its country", max_length=30)
+
+    city = llm.with_structured_output(City).invoke("Name a city in France.")
+    assert isinstance(city, City) and city.name
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "sunny"
+
+    message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
+    assert [call["name"] for call in message.tool_calls][:1] == ["get_weather"]
+    assert isinstance(message.tool_calls[0]["args"].get("city"), str)
