@@ -41,6 +41,9 @@ class Sampling:
     max_tokens: int
     stop: tuple[str, ...] = ()
     json_schema: str | None = None     # structured output: the schema's JSON text, or "{}" for any JSON object
+    frequency_penalty_ppm: int = 0
+    presence_penalty_ppm: int = 0
+    repeat_penalty_ppm: int = 1_000_000
 
     @classmethod
     def of(cls, sampling: dict) -> "Sampling":
@@ -48,7 +51,8 @@ class Sampling:
         response_format = sampling.get("response_format")
         schema = None if response_format is None else response_format.get("schema", ANY_OBJECT)
         return cls(sampling["seed"], sampling["temperature_ppm"], sampling["top_p_ppm"], sampling["max_tokens"],
-                   tuple(sampling["stop"]), schema)
+                   tuple(sampling["stop"]), schema, sampling.get("frequency_penalty_ppm", 0),
+                   sampling.get("presence_penalty_ppm", 0), sampling.get("repeat_penalty_ppm", 1_000_000))
 
 
 ANY_OBJECT = '{"type":"object"}'       # response_format json_object: any JSON object
@@ -255,7 +259,9 @@ class Engine:
         try:
             generator = llm.generate(list(prepared.prompt_tokens), top_k=TOP_K, top_p=sampling.top_p_ppm / 1e6,
                                      min_p=MIN_P, temp=sampling.temperature_ppm / 1e6,
-                                     repeat_penalty=REPEAT_PENALTY, grammar=prepared.grammar)
+                                     repeat_penalty=sampling.repeat_penalty_ppm / 1e6,
+                                     frequency_penalty=sampling.frequency_penalty_ppm / 1e6,
+                                     presence_penalty=sampling.presence_penalty_ppm / 1e6, grammar=prepared.grammar)
             for token in generator:
                 if stop_requested.is_set():
                     finish = "cancelled"

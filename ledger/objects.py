@@ -136,17 +136,27 @@ SAMPLING_FIELDS = {"seed": "uint", "temperature_ppm": "uint", "top_p_ppm": "uint
 
 
 RESPONSE_FORMAT_SCHEMA_CHARS_MAX = 16 * 1024
+# Optional sampling keys, absent when at their neutral value (so a plain ticket's map is the five keys above):
+# OpenAI's frequency and presence penalties (-2..2) and llama.cpp's repeat penalty (OpenRouter's
+# repetition_penalty, (0, 2]; 1 is none), each in parts per million.
+PENALTY_RANGES = {"frequency_penalty_ppm": (-2_000_000, 2_000_000), "presence_penalty_ppm": (-2_000_000, 2_000_000),
+                  "repeat_penalty_ppm": (1, 2_000_000)}
+SAMPLING_OPTIONAL = ("response_format", *PENALTY_RANGES)
 
 
 def check_sampling(sampling: dict) -> None:
     """A ticket's sampling map: seed, temperature_ppm (0-2,000,000), top_p_ppm (1-1,000,000), max_tokens, stop, and
     when the customer asked for JSON, response_format (absent: plain text)."""
     expected = set(SAMPLING_FIELDS) | {"stop"}
-    if set(sampling) - {"response_format"} != expected:
+    if set(sampling) - set(SAMPLING_OPTIONAL) != expected:
         raise EncodingError(f"sampling must have exactly the fields {sorted(expected)} (and may have "
-                            f"response_format)")
+                            f"{', '.join(sorted(SAMPLING_OPTIONAL))})")
     if "response_format" in sampling:
         check_response_format(sampling["response_format"])
+    for name, (low, high) in PENALTY_RANGES.items():
+        value = sampling.get(name, low)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise EncodingError(f"sampling.{name} must be an integer in {low}..{high}")
     for name, kind in SAMPLING_FIELDS.items():
         check_field(f"sampling.{name}", kind, sampling[name])
     if sampling["temperature_ppm"] > 2_000_000:

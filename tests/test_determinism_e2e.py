@@ -179,6 +179,6 @@ def test_limits_are_refused_before_any_work(network):
     over_cap = httpx.post(f"{network.base_url}/chat/completions", headers=headers, json=body(max_tokens=5000))
     assert over_cap.status_code == 400 and over_cap.json()["error"]["param"] == "max_tokens"
     unsupported = httpx.post(f"{network.base_url}/chat/completions", headers=headers,
-                             json=body(frequency_penalty=0.5))
+                             json=body(frequency_penalty=2.5))
     assert unsupported.status_code == 400 and unsupported.json()["error"]["param"] == "frequency_penalty"
     assert len(ledger_entries(network)) == before          # nothing was generated, nothing billed

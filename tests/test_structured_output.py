@@ -94,3 +94,53 @@ def test_a_ticket_commits_to_structured_output_in_one_form(response_format, expe
     else:
         with pytest.raises(EncodingError, match=expected):
             check_sampling({**SAMPLING, "response_format": response_format})
+
+
+async def test_penalties_change_the_output_and_stay_deterministic(engines):
+    """frequency, presence and repeat penalties reach llama.cpp's sampler: the same seed gives the same text on
+    two engines with them, and other text than without them."""
+    first, second = engines
+
+    async def run(engine, **penalties) -> str:
+        pieces: list[str] = []
+
+        async def emit(text: str) -> None:
+            pieces.append(text)
+
+        sampling = Sampling(5, 800_000, 950_000, 48, (), None, **penalties)
+        await engine.generate(engine.prepare({"messages": [{"role": "user", "content": "Repeat: la la la la"}]},
+                                             sampling), emit)
+        return "".join(pieces)
+
+    plain = await run(first)
+    penalised = await run(first, frequency_penalty_ppm=1_500_000, presence_penalty_ppm=1_000_000,
+                          repeat_penalty_ppm=1_300_000)
+    assert penalised != plain
+    assert penalised == await run(second, frequency_penalty_ppm=1_500_000, presence_penalty_ppm=1_000_000,
+                                  repeat_penalty_ppm=1_300_000)
+
+
+@pytest.mark.parametrize("key, value, ok", [
+    ("frequency_penalty_ppm", -2_000_000, True), ("frequency_penalty_ppm", 2_000_001, False),
+    ("presence_penalty_ppm", 1.5, False), ("repeat_penalty_ppm", 0, False), ("repeat_penalty_ppm", 1_200_000, True),
+])
+def test_a_ticket_commits_to_penalties_in_ppm(key, value, ok):
+    if ok:
+        check_sampling({**SAMPLING, key: value})
+    else:
+        with pytest.raises(EncodingError, match=key):
+            check_sampling({**SAMPLING, key: value})
+
+
+def test_the_api_commits_penalties_only_when_they_are_not_neutral():
+    import json as json_module
+
+    from llorch.gateway.api.openai_api import ChatRequest, parse_chat_request
+    from llorch.node.wire.sampling import chat_request_sampling
+
+    body = {"model": catalog.DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "x"}],
+            "frequency_penalty": 0.5, "presence_penalty": 0, "repetition_penalty": 1.1}
+    parsed = parse_chat_request(json_module.dumps(body).encode(), ChatRequest)
+    assert parsed.sampling(1) == chat_request_sampling(body, 1)
+    assert parsed.sampling(1)["frequency_penalty_ppm"] == 500_000 and "presence_penalty_ppm" not in parsed.sampling(1)
+    assert parsed.sampling(1)["repeat_penalty_ppm"] == 1_100_000

@@ -298,8 +298,10 @@ class SamplingFields(BaseModel):
     stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_SCHEMA)] = None
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = Field(default=None, max_length=256)
-    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
-    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0,
+                                             description="OpenRouter's (llama.cpp's repeat penalty): 1 is none.")
     llorch: LlorchExtension | None = None
     provider: ProviderPreferences | None = Field(
         default=None, description="OpenRouter's provider routing object, accepted as it is (docs/operating.md).")
@@ -319,7 +321,8 @@ class SamplingFields(BaseModel):
     def sampling(self, seed: int) -> dict:
         """The ticket's integer sampling map (node/wire/sampling.py is the one place floats become ppm)."""
         return sampling_map(seed, self.temperature, self.top_p, self.max_tokens_effective, list(self.stop or []),
-                            getattr(self, "response_format", None))
+                            getattr(self, "response_format", None), self.frequency_penalty, self.presence_penalty,
+                            self.repetition_penalty)
 
     def prompt(self) -> dict:
         """The prompt as the provider receives it (and as the prompt commitment hashes it)."""

@@ -16,7 +16,8 @@ TOP_P_DEFAULT = 1.0
 
 
 def sampling_map(seed: int, temperature: float | None, top_p: float | None, max_tokens: int | None,
-                 stop: list[str] | None, response_format: dict | None = None) -> dict:
+                 stop: list[str] | None, response_format: dict | None = None, frequency_penalty: float | None = None,
+                 presence_penalty: float | None = None, repetition_penalty: float | None = None) -> dict:
     """The ticket's sampling map: temperature and top_p as integer parts per million, rounded half to even;
     ``response_format`` the customer's (OpenAI's form), committed as node/wire/structured.py says (SchemaRefused
     names what cannot be enforced)."""
@@ -28,6 +29,12 @@ def sampling_map(seed: int, temperature: float | None, top_p: float | None, max_
     entry = response_format_entry(response_format)
     if entry is not None:
         sampling["response_format"] = entry
+    for name, value, neutral in (("frequency_penalty_ppm", frequency_penalty, 0),
+                                 ("presence_penalty_ppm", presence_penalty, 0),
+                                 ("repeat_penalty_ppm", repetition_penalty, 1_000_000)):
+        ppm = neutral if value is None else round(value * 1_000_000)
+        if ppm != neutral:                     # at its neutral value a key is absent: the map is what it was
+            sampling[name] = ppm
     return sampling
 
 
@@ -37,7 +44,9 @@ def chat_request_sampling(body: dict, seed: int) -> dict:
     stop = body.get("stop")
     sampling = sampling_map(seed, body.get("temperature"), body.get("top_p"),
                             body.get("max_tokens") or body.get("max_completion_tokens"),
-                            [stop] if isinstance(stop, str) else stop, body.get("response_format"))
+                            [stop] if isinstance(stop, str) else stop, body.get("response_format"),
+                            body.get("frequency_penalty"), body.get("presence_penalty"),
+                            body.get("repetition_penalty"))
     tool_format = tools.response_format_of(body)
     if tool_format is not None:
         if "response_format" in sampling:
