@@ -249,3 +249,28 @@ async def test_over_libp2p_a_node_takes_only_its_trusted_gateways_catalog(tmp_pa
                     await held.changed.wait()
             nursery.cancel_scope.cancel()
         assert load_kept(kept, frozenset({GATEWAY.public_key})).catalog.live(NEW.id) == NEW
+
+
+def test_models_list_with_a_config_shows_the_catalog_the_node_serves_from(tmp_path, monkeypatch, capsys):
+    """`llorch models list --config node.toml`: the node's kept catalog when it is signed by a trusted gateway
+    (with the models the operator added), the built-in one when it is not."""
+    from argparse import Namespace
+
+    from llorch.ledger.signing import write_key_file
+    from llorch.node.cli import models_list
+
+    write_key_file(tmp_path / "node.key", SigningKey.generate())
+    keep(tmp_path / "node.catalog", signed(12, [*BUILTIN.entries.values(), NEW]))
+
+    def listed(trusted: str) -> tuple[list[str], str]:
+        (tmp_path / "node.toml").write_text(
+            f'[node]\nkey_file = "node.key"\nledger_path = "node.sqlite"\nbootstrap = []\n'
+            f'trusted_gateways = ["{trusted}"]\ncatalog_file = "node.catalog"\nmodel_cache_dir = "cache"\n')
+        assert models_list(Namespace(config=tmp_path / "node.toml")) == 0
+        out, err = capsys.readouterr()
+        return [line.split("\t")[0] for line in out.splitlines()[1:]], err
+
+    ids, said = listed(GATEWAY.peer_id)
+    assert NEW.id in ids and "catalog version 12" in said
+    ids, said = listed(SigningKey.generate().peer_id)
+    assert NEW.id not in ids and "built in" in said
