@@ -89,10 +89,13 @@ def load_request(path: Path) -> dict:
 def _check_request_body(body: object) -> None:
     if not isinstance(body, dict):
         raise TypeError("it is not a JSON object")
-    prompt = chat_request_prompt(body)
+    try:                                                  # messages, tools, response_format as the gateway reads them
+        prompt = chat_request_prompt(body)
+    except (AttributeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"its messages or tools cannot be read: {exc}") from None
     check_prompt(prompt)
     canonical.encode(prompt)                              # the prompt commitment hashes it (EncodingError if not)
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
         value = body.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or isinstance(value, float) and not math.isfinite(value)):
@@ -105,7 +108,11 @@ def _check_request_body(body: object) -> None:
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(item, str) for item in stop)):
         raise TypeError("stop must be a string or a list of strings")
-    canonical.encode(chat_request_sampling(body, 0))      # every value fits the sampling map (EncodingError if not)
+    try:
+        sampling = chat_request_sampling(body, 0)
+    except (AttributeError, ValueError, OverflowError, RecursionError) as exc:
+        raise TypeError(f"its sampling fields cannot be read: {exc}") from None
+    canonical.encode(sampling)                            # every value fits the sampling map (EncodingError if not)
 
 
 def read_catalog_file(path: Path) -> tuple[catalog.Catalog, str]:

@@ -254,15 +254,6 @@ def test_metrics_label_routes_not_raw_paths_and_cannot_be_injected(network):
     assert len(request_lines) < 20, request_lines          # bounded: one series per route and status
 
 
-def test_sigint_and_sigterm_stop_every_process_within_5_s_without_a_traceback(network):
-    signals = {"node1": signal.SIGINT, "node2": signal.SIGTERM, "gateway": signal.SIGINT}
-    for process in [*network.nodes, network.gateway]:
-        assert process.stop(signals[process.name]) == 0, f"{process.name} did not exit cleanly within 5 s"
-        log = process.log_path.read_text()
-        assert "Traceback" not in log, log[-3000:]
-
-
-
 def test_text_parts_and_the_developer_role_give_what_plain_strings_give(client):
     """Many clients send content as a list of text parts, and `developer` for the system role: the real model reads
     the same prompt as from plain strings, so the same seed writes byte-identical text."""
@@ -438,3 +429,13 @@ def test_langchain_binds_tools_and_asks_for_structured_output(network):
     message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
     assert [call["name"] for call in message.tool_calls][:1] == ["get_weather"]
     assert isinstance(message.tool_calls[0]["args"].get("city"), str)
+
+
+# Last: it stops the module's network.
+def test_sigint_and_sigterm_stop_every_process_within_5_s_without_a_traceback(network):
+    signals = {"node1": signal.SIGINT, "node2": signal.SIGTERM, "gateway": signal.SIGINT}
+    for process in [*network.nodes, network.gateway]:
+        assert process.stop(signals[process.name]) == 0, f"{process.name} did not exit cleanly within 5 s"
+        log = process.log_path.read_text()
+        assert "Traceback" not in log, log[-3000:]
+

@@ -680,6 +680,15 @@ REQUEST_BODY = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"
 @example('{"messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}')   # str * 10^6, then TypeError
 @example('{"messages": [{"role": "user", "content": "hi"}], "temperature": 1' + "0" * 400 + "}")   # too big to hash
 @example('{"messages": [{"role": "user", "content": "\\ud800"}]}')    # a lone surrogate: UnicodeEncodeError
+@example('{"messages": [null]}')                                       # 'NoneType' object has no attribute 'get'
+@example('{"messages": [{"role": "user", "content": "x"}], "tools": [1]}')
+@example('{"messages": [{"role": "user", "content": "x"}], "tools": [{"function": {"name": "f"}}], '
+         '"tool_choice": {"function": 1}}')
+@example('{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f", '
+         '"arguments": "[1"}}]}]}')                                   # arguments that are not JSON
+@example('{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}')
+@example('{"messages": [{"role": "user", "content": "x"}], "frequency_penalty": NaN}')
+@example('{"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1e400}')
 def test_replay_load_request(text):
     body = _with_file(text, 0o600, lambda path: accepted_or_refused(load_request, path, ReplayInputError))
     if body is not None:                     # accepted means replay can hash it
