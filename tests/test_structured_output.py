@@ -144,3 +144,18 @@ def test_the_api_commits_penalties_only_when_they_are_not_neutral():
     assert parsed.sampling(1) == chat_request_sampling(body, 1)
     assert parsed.sampling(1)["frequency_penalty_ppm"] == 500_000 and "presence_penalty_ppm" not in parsed.sampling(1)
     assert parsed.sampling(1)["repeat_penalty_ppm"] == 1_100_000
+
+
+def test_the_smallest_repetition_penalty_is_refused_or_kept_positive():
+    """schemathesis sent repetition_penalty 5e-324: it rounded to 0 ppm, which no ticket may carry (a 500). The API
+    refuses below one millionth, and the map never holds 0."""
+    import json as json_module
+
+    from llorch.gateway.api.openai_api import ChatRequest, parse_chat_request
+    from llorch.gateway.errors import BadRequest
+    from llorch.node.wire.sampling import sampling_map
+
+    with pytest.raises(BadRequest, match="repetition_penalty"):
+        parse_chat_request(json_module.dumps({"model": catalog.DEFAULT_MODEL_ID, "repetition_penalty": 5e-324,
+                                              "messages": [{"role": "user", "content": "x"}]}).encode(), ChatRequest)
+    check_sampling(sampling_map(1, None, None, 8, [], repetition_penalty=5e-324))

@@ -300,7 +300,7 @@ class SamplingFields(BaseModel):
     user: str | None = Field(default=None, max_length=256)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0,
+    repetition_penalty: float | None = Field(default=None, ge=0.000001, le=2.0,
                                              description="OpenRouter's (llama.cpp's repeat penalty): 1 is none.")
     llorch: LlorchExtension | None = None
     provider: ProviderPreferences | None = Field(

@@ -33,6 +33,8 @@ def sampling_map(seed: int, temperature: float | None, top_p: float | None, max_
                                  ("presence_penalty_ppm", presence_penalty, 0),
                                  ("repeat_penalty_ppm", repetition_penalty, 1_000_000)):
         ppm = neutral if value is None else round(value * 1_000_000)
+        if name == "repeat_penalty_ppm":
+            ppm = max(1, ppm)                  # as top_p: the smallest positive penalty, never 0
         if ppm != neutral:                     # at its neutral value a key is absent: the map is what it was
             sampling[name] = ppm
     return sampling
