@@ -79,6 +79,7 @@ class Completion:
     salt: bytes
     charge: Charge                   # what the tenant pays: the provider's payout plus the platform fee
     settlement: Settlement           # the billed counts (the receipt's claims bounded by the gateway's measurements)
+    logprobs: tuple[dict, ...] = ()  # with logprobs: each output token's entry (docs/protocol.md §6)
 
 
 @dataclass(frozen=True)
@@ -93,25 +94,31 @@ class Failure:
         return f"{peer_id_of(self.provider_key)[-8:]}: {self.reason}"
 
 
+OnText = Callable[[str, list[dict], str], Awaitable[None]]
+"""Where a request's output goes as it arrives: (text, the logprobs entries of its tokens, provider peer id)."""
+
+
 class _Job:
     """One customer request while it is served: its order (the same for every ticket), and the ticket runner's sink
     for its text (what the customer already has, and the charges of its settled tickets)."""
 
     def __init__(self, order: Order, tenant: Tenant, request: InferenceRequest, seed: int,
-                 on_text: Callable[[str, str], Awaitable[None]]) -> None:
+                 on_text: OnText) -> None:
         self.order = order
         self.tenant = tenant
         self.request = request
         self.seed = seed
         self.delivered = ""
+        self.delivered_logprobs: list[dict] = []
         self.charged = 0                 # what the settled tickets charged (at most one is ever non-zero)
         self.held_slot = False           # a provider admitted one of its tickets (its end woke the next waiter)
         self.price_caps = (0, 0)         # customer prices per 1M the reservation was made at (resume stays within)
         self._on_text = on_text
 
-    async def send(self, text: str, provider_peer_id: str) -> None:
+    async def send(self, text: str, logprobs: list[dict], provider_peer_id: str) -> None:
         self.delivered += text
-        await self._on_text(text, provider_peer_id)
+        self.delivered_logprobs += logprobs
+        await self._on_text(text, logprobs, provider_peer_id)
 
     def settled(self, run: TicketRun) -> None:
         if run.posted and run.settlement is not None:      # unposted: reconciliation settles it, the platform paying
@@ -165,9 +172,9 @@ class Gateway:
 
     # (1)-(8) -----------------------------------------------------------------------------------------------------
     async def complete(self, request: InferenceRequest, tenant: Tenant,
-                       on_text: Callable[[str, str], Awaitable[None]], request_id: str | None = None) -> Completion:
-        """Serve one request, passing (text, provider peer id) to ``on_text`` as text arrives; return the verified
-        completion."""
+                       on_text: OnText, request_id: str | None = None) -> Completion:
+        """Serve one request, passing (text, its tokens' logprobs entries, provider peer id) to ``on_text`` as text
+        arrives; return the verified completion."""
         catalog = self.catalog.catalog
         pin = catalog.pin(request.model)
         if pin is None:
@@ -287,7 +294,7 @@ class Gateway:
                 settlement = run.settlement
                 return Completion(job.order.request_id, job.delivered, run.receipt, peer_id_of(view.key), job.seed,
                                   job.order.salt, Charge(settlement.payout, settlement.fee, settlement.charge),
-                                  settlement)
+                                  settlement, tuple(job.delivered_logprobs))
             except AttemptFailed as exc:
                 if exc.refusal is Refusal.BAD_REQUEST:    # the request itself is unservable: no provider would differ
                     raise BadRequest(f"the provider refused the request before any work: {exc}") from None

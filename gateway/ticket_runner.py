@@ -41,14 +41,14 @@ from llorch.gateway.books.settlement import (Credit, Event, Meter, Payer, Settle
 from llorch.gateway.books.tickets import TicketBook
 from llorch.gateway.errors import ReceiptRejected
 from llorch.gateway.market.node_client import AttemptFailed, Refusal, StreamPool, InferenceCall, request_inference
-from llorch.ledger.errors import LedgerError
-from llorch.ledger.objects import VERSION, Receipt, Ticket
+from llorch.ledger.errors import EncodingError, LedgerError
+from llorch.ledger.objects import VERSION, Receipt, Ticket, check_logprobs_entry
 from llorch.ledger.signing import SigningKey, peer_id_of
 from llorch.node.errors import FrameTimeout, ProtocolError
 from llorch.node.p2p import P2P
 from llorch.node.stream_io import now_ms
 from llorch.node.wire.attestation import Attestation
-from llorch.node.wire.frames import Final, Request
+from llorch.node.wire.frames import Final, Request, Token
 
 log = logging.getLogger("llorch.gateway")
 
@@ -80,13 +80,17 @@ class Order:
 
 
 class Sink(Protocol):
-    """Where a ticket's text goes. ``delivered``: what the customer already has (a resumed stream skips it);
-    ``settled``: told of every ticket run for it once the ticket is settled, whatever its outcome."""
+    """Where a ticket's text goes. ``delivered``: what the customer already has (a resumed stream skips it), and
+    ``delivered_logprobs`` the logprobs entries of its tokens; ``settled``: told of every ticket run for it once
+    the ticket is settled, whatever its outcome."""
 
     @property
     def delivered(self) -> str: ...
 
-    async def send(self, text: str, provider_peer_id: str) -> None: ...
+    @property
+    def delivered_logprobs(self) -> list[dict]: ...
+
+    async def send(self, text: str, logprobs: list[dict], provider_peer_id: str) -> None: ...
 
     def settled(self, run: TicketRun) -> None: ...
 
@@ -95,8 +99,9 @@ class Keep:
     """The sink of a platform run: nobody waits for the text; the run keeps it (``TicketRun.text``)."""
 
     delivered = ""
+    delivered_logprobs: list[dict] = []
 
-    async def send(self, text: str, provider_peer_id: str) -> None:
+    async def send(self, text: str, logprobs: list[dict], provider_peer_id: str) -> None:
         return None
 
     def settled(self, run: TicketRun) -> None:
@@ -143,6 +148,8 @@ class TicketRun:
     meter: Meter
     received: list[str] = field(default_factory=list)
     received_chars: int = 0
+    logprobs: list[dict] = field(default_factory=list)     # the logprobs entries of this provider's token frames
+    tail: Token | None = None        # with logprobs, a frame without an entry: held-back text, so the last one
     expected: dict | None = None     # receipt_expectations of this ticket, computed while the provider works
     receipt: Receipt | None = None
     receipt_bytes: bytes | None = None
@@ -168,6 +175,24 @@ class TicketRun:
         if text[:len(overlap)] != overlap:
             raise ProtocolError("the resumed stream differs from what was already delivered")
         return text[len(overlap):]
+
+    def receive_logprobs(self, entry: dict | None, delivered: list[dict]) -> list[dict]:
+        """Take a token frame's logprobs entry (when the ticket asks for them: exactly ``sampling.logprobs``
+        alternatives); return it unless the customer already has the entry at its place (a resumed stream)."""
+        if entry is None:
+            return []
+        try:
+            check_logprobs_entry(entry, self.ticket.sampling["logprobs"])
+        except (EncodingError, KeyError) as exc:
+            raise ProtocolError(f"token frame logprobs: {exc}" if not isinstance(exc, KeyError) else
+                                "a token frame carries logprobs the ticket did not ask for") from None
+        position = len(self.logprobs)
+        self.logprobs.append(entry)
+        if position < len(delivered):
+            if delivered[position] != entry:
+                raise ProtocolError("the resumed stream's logprobs differ from what was already delivered")
+            return []
+        return [entry]
 
 
 class TicketRunner:
@@ -281,10 +306,12 @@ class TicketRunner:
         while True:
             frame = await call.next_frame()
             if isinstance(frame, Final):
+                if run.tail is not None:
+                    await self._pass_on(run, run.tail, sink, provider_peer_id)
                 if run.received_chars < len(sink.delivered):
                     raise ProtocolError("the resumed stream ended before it caught up with what was delivered")
                 run.receipt = check_receipt(frame.receipt, run.ticket, run.ticket_bytes, order.salt, order.prompt,
-                                            run.text(), expected=run.expected)
+                                            run.text(), expected=run.expected, logprobs=run.logprobs)
                 run.receipt_bytes = frame.receipt
                 run.meter.handle(Event.FINAL, now_ms())
                 return
@@ -292,14 +319,24 @@ class TicketRunner:
                 raise ProtocolError(f"the provider sent more than {frames_max} token frames for "
                                     f"{run.ticket.sampling['max_tokens']} tokens")
             run.meter.handle(Event.TOKEN, now_ms(), frame.text)
-            piece = run.receive(frame.text, sink.delivered)
-            if piece:
-                try:
-                    await sink.send(piece, provider_peer_id)
-                except trio.Cancelled:
-                    raise
-                except Exception as exc:      # the customer's connection broke under the send
-                    raise CustomerGone(str(exc)) from None
+            if run.tail is not None:
+                raise ProtocolError("a token frame without logprobs, which the ticket asks for, was not the last")
+            if frame.logprobs is None and "logprobs" in run.ticket.sampling:
+                run.tail = frame         # held-back text (docs/protocol.md §6): relayed only once it is the last
+                continue
+            await self._pass_on(run, frame, sink, provider_peer_id)
+
+    async def _pass_on(self, run: TicketRun, frame: Token, sink: Sink, provider_peer_id: str) -> None:
+        """Hand a token frame's text and logprobs entry to the sink (what the customer has not had yet)."""
+        piece = run.receive(frame.text, sink.delivered)
+        fresh = run.receive_logprobs(frame.logprobs, sink.delivered_logprobs)
+        if piece or fresh:
+            try:
+                await sink.send(piece, fresh, provider_peer_id)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:      # the customer's connection broke under the send
+                raise CustomerGone(str(exc)) from None
 
     async def _collect_cancelled_receipt(self, call: InferenceCall, order: Order, run: TicketRun,
                                          sink: Sink) -> None:
@@ -314,10 +351,11 @@ class TicketRunner:
                     if isinstance(frame, Final):
                         run.receipt = check_receipt(frame.receipt, run.ticket, run.ticket_bytes, order.salt,
                                                     order.prompt, run.text(), cancelled_by_gateway=True,
-                                                    expected=run.expected)
+                                                    expected=run.expected, logprobs=run.logprobs)
                         run.receipt_bytes = frame.receipt
                         return
                     run.receive(frame.text, sink.delivered)
+                    run.receive_logprobs(frame.logprobs, sink.delivered_logprobs)
         except (ProtocolError, ReceiptRejected, trio.TooSlowError) as exc:
             log.info("no receipt from %s for cancelled %s: %s", peer_id_of(run.provider.provider_key),
                      order.request_id, exc)

@@ -39,14 +39,27 @@ class EchoEngine:
         schema = prepared.sampling.json_schema
         return "" if schema is None else "-j" + hashlib.sha256(schema.encode()).hexdigest()[:8]
 
+    @staticmethod
+    def logprobs_entry(word: str, top: int | None) -> dict | None:
+        """With logprobs asked (``top`` not None): an entry derived from the word, so honest echo providers agree."""
+        if top is None:
+            return None
+        logprob = -(int.from_bytes(hashlib.sha256(word.encode()).digest()[:2], "big") * 1000)
+        return {"token": word.encode(), "logprob": logprob,
+                "top": [[f"alt{rank}".encode(), -rank * 1000] for rank in range(top)]}
+
     async def generate(self, prepared: Prepared, emit) -> Generation:
         sent: list[str] = []
+        entries: list[dict] = []
         for index in range(prepared.sampling.max_tokens):
             await trio.sleep(self.delay_s)
             word = f"w{prepared.sampling.seed}-{index}{self._shape(prepared)} "
+            entry = self.logprobs_entry(word, prepared.sampling.logprobs)
             try:
-                await emit(word)
+                await (emit(word) if entry is None else emit(word, entry))
             except Exception:
-                return Generation("".join(sent), len(prepared.prompt_tokens), len(sent), "cancelled")
+                return Generation("".join(sent), len(prepared.prompt_tokens), len(sent), "cancelled",
+                                  tuple(entries))
             sent.append(word)
-        return Generation("".join(sent), len(prepared.prompt_tokens), len(sent), "length")
+            entries += [entry] if entry is not None else []
+        return Generation("".join(sent), len(prepared.prompt_tokens), len(sent), "length", tuple(entries))

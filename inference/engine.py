@@ -44,6 +44,7 @@ class Sampling:
     frequency_penalty_ppm: int = 0
     presence_penalty_ppm: int = 0
     repeat_penalty_ppm: int = 1_000_000
+    logprobs: int | None = None        # with logprobs: how many most likely alternatives each token lists (0..20)
 
     @classmethod
     def of(cls, sampling: dict) -> "Sampling":
@@ -52,10 +53,12 @@ class Sampling:
         schema = None if response_format is None else response_format.get("schema", ANY_OBJECT)
         return cls(sampling["seed"], sampling["temperature_ppm"], sampling["top_p_ppm"], sampling["max_tokens"],
                    tuple(sampling["stop"]), schema, sampling.get("frequency_penalty_ppm", 0),
-                   sampling.get("presence_penalty_ppm", 0), sampling.get("repeat_penalty_ppm", 1_000_000))
+                   sampling.get("presence_penalty_ppm", 0), sampling.get("repeat_penalty_ppm", 1_000_000),
+                   sampling.get("logprobs"))
 
 
 ANY_OBJECT = '{"type":"object"}'       # response_format json_object: any JSON object
+Piece = tuple[str, "dict | None"]      # a piece of text and, with logprobs, its token's entry
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,11 @@ class Generation:
     tokens_in: int
     tokens_out: int
     finish_reason: str          # "stop" | "length" | "cancelled"
+    logprobs: tuple[dict, ...] = ()     # with logprobs: one entry per generated token (docs/protocol.md §6)
+
+
+Emit = Callable[..., Awaitable[None]]
+"""``emit(text, logprobs=None)``: one piece of text and, when the ticket asks for logprobs, its token's entry."""
 
 
 def _llama_cpp():
@@ -181,15 +189,16 @@ class Engine:
                 f"this engine's context of {self.context_tokens} tokens")
         return Prepared(tuple(tokens), sampling, grammar_of(sampling.json_schema))
 
-    async def generate(self, prepared: Prepared, emit: Callable[[str], Awaitable[None]]) -> Generation:
-        """Generate, passing each new piece of text to ``emit`` as it is produced; return the whole result."""
-        send, receive = trio.open_memory_channel[str](limits.TOKEN_QUEUE_PIECES_MAX)
+    async def generate(self, prepared: Prepared, emit: Emit) -> Generation:
+        """Generate, passing each new piece of text (and its token's logprobs entry, when asked) to ``emit`` as it is
+        produced; return the whole result."""
+        send, receive = trio.open_memory_channel[Piece](limits.TOKEN_QUEUE_PIECES_MAX)
         stop_requested = threading.Event()
 
-        def send_piece(piece: str) -> None:
+        def send_piece(piece: Piece) -> None:
             trio.from_thread.run(send.send, piece)
 
-        delivered: list[str] = []          # the pieces emit took: a cancelled result is exactly these
+        delivered: list[Piece] = []          # the pieces emit took: a cancelled result is exactly these
 
         async def pump() -> None:
             # If emit fails (the reader is gone), closing the channel makes the thread's next send fail, and the
@@ -197,7 +206,7 @@ class Engine:
             async with receive:
                 async for piece in receive:
                     try:
-                        await emit(piece)
+                        await emit(*piece) if piece[1] is not None else await emit(piece[0])
                     except Exception:
                         stop_requested.set()
                         return
@@ -223,11 +232,13 @@ class Engine:
         if generation.finish_reason == "cancelled":
             # The thread counted the piece that emit refused: the receipt must cover only what was delivered, one
             # token per piece, so its output hash matches the frames and its count never exceeds them.
-            generation = dataclasses.replace(generation, text="".join(delivered),
-                                             tokens_out=min(generation.tokens_out, len(delivered)))
+            entries = tuple(entry for _, entry in delivered if entry is not None)
+            generation = dataclasses.replace(generation, text="".join(text for text, _ in delivered),
+                                             tokens_out=min(generation.tokens_out, len(delivered)),
+                                             logprobs=entries if prepared.sampling.logprobs is not None else ())
         return generation
 
-    def _generate_blocking(self, prepared: Prepared, send_piece: Callable[[str], None],
+    def _generate_blocking(self, prepared: Prepared, send_piece: Callable[[Piece], None],
                            stop_requested: threading.Event) -> Generation:
         if not self._busy.acquire(blocking=False):
             raise AssertionError("Engine.generate called while another generation runs on this context")
@@ -236,7 +247,7 @@ class Engine:
         finally:
             self._busy.release()
 
-    def _generate_locked(self, prepared: Prepared, send_piece: Callable[[str], None],
+    def _generate_locked(self, prepared: Prepared, send_piece: Callable[[Piece], None],
                          stop_requested: threading.Event) -> Generation:
         sampling = prepared.sampling
         llm = self._llm
@@ -244,16 +255,19 @@ class Engine:
         llm.set_seed(sampler_seed(sampling.seed))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, emitted, tokens_out, finish, cut = "", 0, 0, "length", None
+        entries: list[dict] = []
 
-        def send(upto: int) -> bool:
+        def send(upto: int, entry: dict | None = None) -> bool:
             """Send text[emitted:upto] (possibly empty): exactly one piece per generated token, so the gateway can
             bound the billed output tokens by the token frames it relayed."""
             nonlocal emitted
             try:
-                send_piece(text[emitted:upto])
+                send_piece((text[emitted:upto], entry))
             except BaseException:  # receiver gone or cancelled: stop generating; this token was not delivered
                 return False
             emitted = max(emitted, upto)
+            if entry is not None:
+                entries.append(entry)
             return True
 
         try:
@@ -274,7 +288,8 @@ class Engine:
                 if cut is not None:
                     text, finish = text[:cut], "stop"
                 upto = len(text) if cut is not None else len(text) - _held_back(text, sampling.stop)
-                if not send(upto):
+                entry = None if sampling.logprobs is None else self._logprobs_entry(token, sampling.logprobs)
+                if not send(upto, entry):
                     finish = "cancelled"
                     break
                 tokens_out += 1
@@ -289,7 +304,37 @@ class Engine:
             if len(text) > emitted and not send(len(text)):     # held-back text: one last piece, no new token
                 finish = "cancelled"
         return Generation(text[:emitted] if finish == "cancelled" else text, len(prepared.prompt_tokens),
-                          tokens_out, finish)
+                          tokens_out, finish, tuple(entries))
+
+    def _logprobs_entry(self, token: int, top: int) -> dict:
+        """The logprobs entry of a token just sampled: its log-probability under the model's distribution at that
+        step (the logits llama.cpp sampled from, before temperature, top-k/p, penalties or a grammar), and the
+        ``top`` most likely tokens (ties by token id), each in millionths rounded half to even, at least
+        limits.LOGPROB_MICRO_MIN. Computed in float64 from the float32 logits, so engines of one determinism class
+        agree."""
+        import numpy
+
+        llama_cpp = _llama_cpp()
+        vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        logits = numpy.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1),
+                                          shape=(vocab_size,)).astype(numpy.float64)
+        peak = logits.max()
+        logprobs = logits - (peak + numpy.log(numpy.exp(logits - peak).sum()))
+        best: list[int] = []
+        if top:
+            floor = numpy.partition(logprobs, vocab_size - top)[vocab_size - top]     # the top-th largest
+            near = numpy.flatnonzero(logprobs >= floor)                               # with its ties
+            best = [int(near[i]) for i in numpy.lexsort((near, -logprobs[near]))[:top]]
+
+        def micro(value: float) -> int:
+            return max(limits.LOGPROB_MICRO_MIN, min(0, round(float(value) * 1_000_000))) if numpy.isfinite(value) \
+                else limits.LOGPROB_MICRO_MIN
+
+        def token_bytes(token_id: int) -> bytes:
+            return self._llm.detokenize([int(token_id)])[:limits.LOGPROB_TOKEN_BYTES_MAX]
+
+        return {"token": token_bytes(token), "logprob": micro(logprobs[token]),
+                "top": [[token_bytes(other), micro(logprobs[other])] for other in best]}
 
 
 def grammar_of(json_schema: str | None):

@@ -24,3 +24,8 @@ DOWNLOAD_READ_TIMEOUT_S = 60.0
 MODEL_FILE_BYTES_MAX = 256 * 2**30
 # Entries one catalog file may hold.
 CATALOG_ENTRIES_MAX = 1024
+
+# A logprobs entry (docs/protocol.md §6): log-probabilities in millionths, at least -9999 (OpenAI's floor); a token's
+# bytes at most 256. The ledger checks the same bounds (ledger/objects.py check_logprobs_entry).
+LOGPROB_MICRO_MIN = -9_999_000_000
+LOGPROB_TOKEN_BYTES_MAX = 256

@@ -182,13 +182,15 @@ def ledger_check_evidence(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     runs: list[dict[str, Any]] = [
         {"provider": peer_id_of(r.provider_key), "request_id": r.request_id, "tokens_in": r.tokens_in,
-         "tokens_out": r.tokens_out, "finish_reason": r.finish_reason, "output_sha256": r.output_sha256.hex()}
+         "tokens_out": r.tokens_out, "finish_reason": r.finish_reason, "output_sha256": r.output_sha256.hex(),
+         **({"logprobs_sha256": r.logprobs_sha256.hex()} if r.logprobs_sha256 is not None else {})}
         for r in checked.receipts]
     verdict = (f"the odd one out is {peer_id_of(checked.suspect)}: its signed result differs from the one the "
                f"other {len(runs) - 1} agree on" if checked.suspect else
                "no suspect is named: one of these providers signed a false result, not decided which")
     lines = [f"  {run['provider']}: {run['tokens_in']} + {run['tokens_out']} tokens, {run['finish_reason']}, "
-             f"output {run['output_sha256'][:16]}" for run in runs]
+             f"output {run['output_sha256'][:16]}"
+             + (f", logprobs {run['logprobs_sha256'][:16]}" if "logprobs_sha256" in run else "") for run in runs]
     _emit(args, {"ok": True, "engine_build": checked.engine_build, "runs": runs,
                  "suspect": peer_id_of(checked.suspect) if checked.suspect else None,
                  "distinct_results": len({result_of(r) for r in checked.receipts}),

@@ -10,7 +10,8 @@ numbered as in docs/verification.md §5:
                           prompt and salt;
   (4) EV04 providers      every run is by a different provider;
   (5) EV05 outputs        every output text given hashes to its receipt's ``output_sha256``;
-  (6) EV06 disagreement   the results (output hash, input and output token counts, finish reason) are not all equal:
+  (6) EV06 disagreement   the results (output hash, input and output token counts, finish reason, and the logprobs
+                          hash when the request asked for logprobs) are not all equal:
                           within a determinism class identical inputs give identical results, so at least one of
                           these signed receipts is false;
   (7) EV07 suspect        the named suspect (if any) is the odd one out: its result differs from every other run's,
@@ -57,7 +58,7 @@ class CheckedEvidence:
 
 def result_of(receipt: Receipt) -> tuple:
     """What must be identical between two honest runs of identical inputs in one determinism class."""
-    return receipt.output_sha256, receipt.tokens_in, receipt.tokens_out, receipt.finish_reason
+    return receipt.output_sha256, receipt.tokens_in, receipt.tokens_out, receipt.finish_reason, receipt.logprobs_sha256
 
 
 def odd_one_out(results: list[tuple]) -> int | None:

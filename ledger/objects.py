@@ -7,7 +7,6 @@ Field tables and byte layouts: docs/protocol.md.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -81,6 +80,7 @@ class SignedObject:
 
     SIGNED_TYPE: ClassVar[str]
     FIELDS: ClassVar[dict[str, str]]
+    OPTIONAL_FIELDS: ClassVar[dict[str, str]] = {}    # absent from the payload when None (the dataclass default)
     SIGNER_FIELD: ClassVar[str]
     BYTES_MAX: ClassVar[int] = limits.SIGNED_OBJECT_BYTES_MAX     # the envelope's size limit
     v: int                                  # every subclass's first field (an annotation only: no field here)
@@ -88,6 +88,9 @@ class SignedObject:
     def __post_init__(self) -> None:
         for name, kind in self.FIELDS.items():
             check_field(name, kind, getattr(self, name))
+        for name, kind in self.OPTIONAL_FIELDS.items():
+            if getattr(self, name) is not None:
+                check_field(name, kind, getattr(self, name))
         if self.v != VERSION:
             raise EncodingError(f"{self.SIGNED_TYPE} version {self.v} is not supported (this build speaks {VERSION})")
         self._validate()
@@ -96,7 +99,8 @@ class SignedObject:
         """Cross-field invariants; subclasses override."""
 
     def to_payload(self) -> dict:
-        return {name: getattr(self, name) for name in self.FIELDS}
+        optional = {name: value for name in self.OPTIONAL_FIELDS if (value := getattr(self, name)) is not None}
+        return {**{name: getattr(self, name) for name in self.FIELDS}, **optional}
 
     def seal(self, key: SigningKey) -> bytes:
         if key.public_key != getattr(self, self.SIGNER_FIELD):
@@ -106,7 +110,7 @@ class SignedObject:
     @classmethod
     def from_payload(cls, payload: dict):
         missing = set(cls.FIELDS) - set(payload)
-        extra = set(payload) - set(cls.FIELDS)
+        extra = set(payload) - set(cls.FIELDS) - set(cls.OPTIONAL_FIELDS)
         if missing or extra:
             raise EncodingError(f"{cls.SIGNED_TYPE} fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
         return cls(**payload)
@@ -141,7 +145,8 @@ RESPONSE_FORMAT_SCHEMA_CHARS_MAX = 16 * 1024
 # repetition_penalty, (0, 2]; 1 is none), each in parts per million.
 PENALTY_RANGES = {"frequency_penalty_ppm": (-2_000_000, 2_000_000), "presence_penalty_ppm": (-2_000_000, 2_000_000),
                   "repeat_penalty_ppm": (1, 2_000_000)}
-SAMPLING_OPTIONAL = ("response_format", *PENALTY_RANGES)
+LOGPROBS_TOP_MAX = 20
+SAMPLING_OPTIONAL = ("response_format", *PENALTY_RANGES, "logprobs")
 
 
 def check_sampling(sampling: dict) -> None:
@@ -157,6 +162,9 @@ def check_sampling(sampling: dict) -> None:
         value = sampling.get(name, low)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise EncodingError(f"sampling.{name} must be an integer in {low}..{high}")
+    top = sampling.get("logprobs", 0)
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= LOGPROBS_TOP_MAX:
+        raise EncodingError(f"sampling.logprobs must be an integer in 0..{LOGPROBS_TOP_MAX}")
     for name, kind in SAMPLING_FIELDS.items():
         check_field(f"sampling.{name}", kind, sampling[name])
     if sampling["temperature_ppm"] > 2_000_000:
@@ -168,6 +176,41 @@ def check_sampling(sampling: dict) -> None:
     stop = sampling["stop"]
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop):
         raise EncodingError("sampling.stop must be a list of at most 4 non-empty str of at most 64 characters")
+
+
+LOGPROB_MICRO_MIN = -9_999_000_000         # a log-probability of -9999 (OpenAI's floor for "never"), in millionths
+LOGPROB_TOKEN_BYTES_MAX = 256
+
+
+def check_logprobs_entry(entry: object, top: int | None = None) -> None:
+    """A token frame's ``logprobs``: {"token": bin (the token's bytes), "logprob": int (its log-probability in
+    millionths, LOGPROB_MICRO_MIN..0), "top": [[bin, int], ...] (the ``top`` most likely tokens, most likely first;
+    ``top`` None: any number up to LOGPROBS_TOP_MAX)} (docs/protocol.md §6)."""
+    if not isinstance(entry, dict) or set(entry) != {"token", "logprob", "top"}:
+        raise EncodingError('logprobs must be a map {"token": bin, "logprob": int, "top": [[bin, int], ...]}')
+    pairs = entry["top"]
+    if not isinstance(pairs, list) or len(pairs) > LOGPROBS_TOP_MAX or top is not None and len(pairs) != top:
+        raise EncodingError(f"logprobs.top must list exactly the ticket's sampling.logprobs alternatives (at most "
+                            f"{LOGPROBS_TOP_MAX})")
+    for token, logprob in [(entry["token"], entry["logprob"]), *[_pair(pair) for pair in pairs]]:
+        if not isinstance(token, bytes) or len(token) > LOGPROB_TOKEN_BYTES_MAX:
+            raise EncodingError(f"a logprobs token must be bin of at most {LOGPROB_TOKEN_BYTES_MAX} bytes")
+        if isinstance(logprob, bool) or not isinstance(logprob, int) or not LOGPROB_MICRO_MIN <= logprob <= 0:
+            raise EncodingError(f"a log-probability must be an integer in {LOGPROB_MICRO_MIN}..0 (millionths)")
+    if any(_pair(a)[1] < _pair(b)[1] for a, b in zip(pairs, pairs[1:])):
+        raise EncodingError("logprobs.top must be ordered most likely first")
+
+
+def _pair(pair: object) -> tuple:
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise EncodingError("each logprobs.top item must be a pair [bin, int]")
+    return pair[0], pair[1]
+
+
+def logprobs_sha256(entries: list[dict]) -> bytes:
+    """The receipt's ``logprobs_sha256``: SHA-256 of the canonical encoding of the list of the token frames'
+    logprobs entries, in order."""
+    return sha256(canonical.encode(list(entries)))
 
 
 def check_response_format(entry: object) -> None:
@@ -236,6 +279,8 @@ class Receipt(SignedObject):
         "finished_ms": "uint", "price_in": "uint", "price_out": "uint", "currency": "str", "amount": "uint",
         "prompt_commitment": "hash", "output_sha256": "hash", "finish_reason": "str",
     }
+    # present exactly when the ticket's sampling asks for logprobs: the hash of the token frames' logprobs entries
+    OPTIONAL_FIELDS: ClassVar[dict[str, str]] = {"logprobs_sha256": "hash"}
 
     v: int
     origin: str
@@ -263,6 +308,7 @@ class Receipt(SignedObject):
     prompt_commitment: bytes
     output_sha256: bytes
     finish_reason: str
+    logprobs_sha256: bytes | None = None
 
     def _validate(self) -> None:
         _check_request_id(self.request_id)
@@ -282,4 +328,5 @@ def with_chain(receipt_fields: dict, index: int, prev_hash: bytes) -> dict:
 
 
 def receipt_fields_of(receipt: Receipt) -> dict:
-    return {field.name: getattr(receipt, field.name) for field in dataclasses.fields(receipt)}
+    """The receipt's fields as its payload has them (an absent optional field is absent here too)."""
+    return receipt.to_payload()

@@ -24,7 +24,7 @@ from llorch.inference.engine import Engine, Sampling, determinism_class, parse_f
 from llorch.inference.errors import InferenceError
 from llorch.ledger import canonical
 from llorch.ledger.errors import BundleError, EncodingError, LedgerError
-from llorch.ledger.objects import Receipt, prompt_commitment, sampling_sha256
+from llorch.ledger.objects import Receipt, logprobs_sha256, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256
 from llorch.ledger.material import load_material
 from llorch.node.errors import ProtocolError
@@ -173,11 +173,16 @@ def replay(receipt: Receipt, body: dict, salt: bytes, seed: int | None = None,
                       engine.determinism_class)
     prepared = engine.prepare(prompt, Sampling.of(sampling))
 
-    async def ignore(text: str) -> None:
+    async def ignore(text: str, logprobs: dict | None = None) -> None:
         return None
 
     generation = trio.run(engine.generate, prepared, ignore)
     output_matches = sha256(generation.text.encode("utf-8")) == receipt.output_sha256
+    if output_matches and receipt.logprobs_sha256 is not None \
+            and logprobs_sha256(list(generation.logprobs)) != receipt.logprobs_sha256:
+        return report(MISMATCH, "same determinism class and the same output, but the regenerated logprobs differ "
+                                "from the receipt's logprobs hash: the provider did not return the model's "
+                                "log-probabilities", engine.determinism_class, False)
     if output_matches:
         return report(MATCH, f"prompt, sampling and output all match ({generation.tokens_out} tokens regenerated)",
                       engine.determinism_class, True)

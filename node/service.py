@@ -21,7 +21,7 @@ from llorch.inference.catalog import CatalogEntry
 from llorch.inference.engine import Generation, Prepared, Sampling
 from llorch.inference.errors import InferenceError, RequestError
 from llorch.ledger.errors import EncodingError, LedgerError, SignatureError, sole_exception
-from llorch.ledger.objects import Ticket, amount_minor, prompt_commitment, sampling_sha256
+from llorch.ledger.objects import Ticket, amount_minor, logprobs_sha256, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256
 from llorch.ledger.store import LedgerStore
 from llorch.node import limits
@@ -192,13 +192,13 @@ class ProviderService:
 
         cancelled = trio.Event()
 
-        async def emit(text: str) -> None:
+        async def emit(text: str, logprobs: dict | None = None) -> None:
             nonlocal first_token_ms
             if cancelled.is_set():
                 raise ProtocolError("the gateway cancelled the request")    # the engine stops within a token
             if first_token_ms is None:
                 first_token_ms = now_ms()
-            await write_frame(stream, protocol, Token(protocol.tokens_seen, text))
+            await write_frame(stream, protocol, Token(protocol.tokens_seen, text, logprobs))
 
         async def watch_for_cancel() -> None:
             # A cancel frame, or the stream going away, stops the generation; anything else is a protocol error,
@@ -249,6 +249,8 @@ class ProviderService:
             "output_sha256": sha256(generation.text.encode("utf-8")),
             "finish_reason": generation.finish_reason,
         }
+        if "logprobs" in ticket.sampling:
+            fields["logprobs_sha256"] = logprobs_sha256(list(generation.logprobs))
         try:
             with trio.CancelScope(shield=True):   # a started append always finishes: no half-recorded request
                 return await self.ledger.append(fields)

@@ -125,3 +125,28 @@ class LazyEngine(EchoEngine):
                                                    max_tokens=min(self.TOKENS_MAX, prepared.sampling.max_tokens)))
         generation = await super().generate(short, emit)
         return replace(generation, finish_reason="stop")
+
+
+class LogprobFakingEngine(EchoEngine):
+    """Streams the honest text but makes up its logprobs (every token certain: 0), and signs what it streamed: the
+    cheap answer to "how sure was the model?" that only a re-run can tell from the real one."""
+
+    @staticmethod
+    def logprobs_entry(word: str, top: int | None) -> dict | None:
+        return None if top is None else {"token": word.encode(), "logprob": 0,
+                                         "top": [[word.encode(), 0]] * top}
+
+
+class LogprobOmittingEngine(EchoEngine):
+    """Ignores the ticket's logprobs: streams plain token frames (what an engine without logprobs support does)."""
+
+    async def generate(self, prepared, emit) -> Generation:
+        return await super().generate(replace(prepared, sampling=replace(prepared.sampling, logprobs=None)), emit)
+
+
+class LogprobRewritingEngine(EchoEngine):
+    """Streams honest logprobs, but its receipt commits to others: the receipt does not match the stream."""
+
+    async def generate(self, prepared, emit) -> Generation:
+        generation = await super().generate(prepared, emit)
+        return replace(generation, logprobs=tuple({**entry, "logprob": 0} for entry in generation.logprobs))

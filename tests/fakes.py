@@ -39,11 +39,11 @@ class StallingEngine(EchoEngine):
     async def generate(self, prepared, emit):
         sent = 0
 
-        async def stalling_emit(text: str) -> None:
+        async def stalling_emit(text: str, *logprobs) -> None:
             nonlocal sent
             if sent == self.tokens:
                 await trio.sleep(self.stall_s)
             sent += 1
-            await emit(text)
+            await emit(text, *logprobs)
 
         return await super().generate(prepared, stalling_emit)

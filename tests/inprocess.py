@@ -127,7 +127,7 @@ class Market:
         tenant = await self.gateway.tenants.get(tenant_name)
         chat = parse_chat_request(json.dumps({"model": MODEL_ID, **body}).encode(), ChatRequest)
 
-        async def ignore(text: str, provider: str) -> None:
+        async def ignore(text: str, logprobs: list, provider: str) -> None:
             return None
 
         return await self.gateway.complete(chat.to_domain(), tenant, on_text or ignore, request_id)
@@ -224,7 +224,7 @@ def cancel_after(pieces: int):
     scope = trio.CancelScope()
     seen = []
 
-    async def on_text(text: str, provider: str) -> None:
+    async def on_text(text: str, logprobs: list, provider: str) -> None:
         seen.append(text)
         if len(seen) >= pieces:
             scope.cancel()

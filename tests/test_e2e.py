@@ -432,6 +432,39 @@ def test_langchain_binds_tools_and_asks_for_structured_output(network):
 
 
 # Last: it stops the module's network.
+def test_logprobs_are_identical_on_both_providers_streamed_or_not_and_replay(client, network, tmp_path):
+    """logprobs with top_logprobs from the real model through the unmodified SDK: each provider (pinned with the
+    provider object) gives the same entries for the same seed, the stream carries exactly the non-streamed entries,
+    the tokens spell the text, and the receipt commits to them: replay regenerates them (MATCH)."""
+    peers = [network.nodes[0].started_state()["peer_id"], network.nodes[1].started_state()["peer_id"]]
+    request = {"model": MODEL, "messages": MESSAGES, "seed": 11, "max_tokens": 12, "temperature": 0.8,
+               "logprobs": True, "top_logprobs": 3}
+    answers = [client.chat.completions.create(**request, extra_body={"provider": {"only": [peer]}}) for peer in peers]
+    contents = [[item.model_dump() for item in answer.choices[0].logprobs.content] for answer in answers]
+    assert contents[0] == contents[1] and len(contents[0]) == answers[0].usage.completion_tokens
+    first = answers[0].choices[0]
+    assert "".join(item["token"] for item in contents[0]) == first.message.content
+    assert all(len(item["top_logprobs"]) == 3 and item["logprob"] <= 0 for item in contents[0])
+    assert all(item["top_logprobs"][0]["logprob"] >= item["logprob"] for item in contents[0])
+    streamed = []
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            streamed += [item.model_dump() for item in (choice.logprobs.content if choice.logprobs else None) or []]
+    assert streamed == contents[0]
+    text = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=5, seed=2, logprobs=2)
+    assert len(text.choices[0].logprobs.tokens) == text.usage.completion_tokens
+    assert "".join(text.choices[0].logprobs.tokens) == text.choices[0].text
+
+    ledger = next(network.workdir / f"{name}.ledger.sqlite" for name in ("node1", "node2")
+                  if answers[0].id in ledger_receipts(network, name))
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    replayed = subprocess.run([sys.executable, "-m", "llorch.gateway", "ledger", "replay", str(ledger),
+                               "--request-id", answers[0].id, "--request", str(tmp_path / "request.json"),
+                               "--salt", answers[0].model_extra["llorch"]["prompt_salt"]],
+                              capture_output=True, text=True, timeout=300)
+    assert replayed.returncode == 0 and replayed.stdout.startswith("MATCH"), replayed.stdout + replayed.stderr
+
+
 def test_sigint_and_sigterm_stop_every_process_within_5_s_without_a_traceback(network):
     signals = {"node1": signal.SIGINT, "node2": signal.SIGTERM, "gateway": signal.SIGINT}
     for process in [*network.nodes, network.gateway]:

@@ -97,7 +97,7 @@ async def test_a_failing_disk_during_settlement_and_during_reconcile_post_half_w
     from tests.inprocess import market
 
     async with market(tmp_path, {"a": {}}) as m:
-        async def break_the_disk(text: str | None = None, provider: str | None = None) -> None:
+        async def break_the_disk(*_piece) -> None:
             await m.database.execute("PRAGMA query_only = 1")
 
         await m.complete("acme", {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 3},

@@ -349,10 +349,46 @@ def test_our_code_reproduces_the_connected_vectors():
     finally:
         make_vectors.write = original
     assert sorted(written) == ["attestation_vector.json", "bill_vector.json", "catalog_vector.json",
-                               "checkpoint_vector.json", "listing_vectors.json", "punch_vectors.json", "receipt_vector.json",
+                               "checkpoint_vector.json", "listing_vectors.json", "logprobs_vector.json", "punch_vectors.json", "receipt_vector.json",
                                "ticket_vector.json"]
     for name, text in written.items():
         assert text == (FIXTURES / name).read_text(), f"{name} differs from what make_vectors.py writes"
     from llorch.ledger.receipt_proof import verify_receipt_document
     checked = verify_receipt_document(load("bill_vector.json")["document"], now_s=1_795_700_000)
     assert checked.tree_size == 3
+
+
+def test_the_logprobs_vector():
+    """protocol.md §3, §4, §6: the ticket's sampling asks for logprobs, each token frame carries one entry in the
+    documented shape, and the receipt's logprobs_sha256 is SHA-256 of the canonical list of those entries; a
+    receipt for a ticket without logprobs has no such field (receipt_vector.json)."""
+    from llorch.ledger.objects import Receipt
+    from llorch.node.wire.frames import decode_frame
+
+    vector = json.loads((Path(__file__).parent / "fixtures" / "logprobs_vector.json").read_text())
+    ticket_bytes = bytes.fromhex(vector["ticket_envelope_hex"])
+    ticket = open_signed(ticket_bytes, "ticket", "gateway_key")
+    top = ticket["sampling"]["logprobs"]
+    assert top == 2
+    entries = []
+    for hex_frame in vector["token_frames_hex"]:
+        body = unframe(bytes.fromhex(hex_frame))
+        frame = msgpack.unpackb(body, raw=False)
+        assert msgpack.packb(canonical(frame), use_bin_type=True) == body
+        assert frame["t"] == "token" and set(frame) == {"t", "index", "text", "logprobs"}
+        entry = frame["logprobs"]
+        assert set(entry) == {"token", "logprob", "top"} and len(entry["top"]) == top
+        assert isinstance(entry["token"], bytes) and -9_999_000_000 <= entry["logprob"] <= 0
+        assert [pair[1] for pair in entry["top"]] == sorted((pair[1] for pair in entry["top"]), reverse=True)
+        entries.append(entry)
+        assert decode_frame(body).logprobs == entry                    # our code reads what the document says
+    receipt = open_signed(bytes.fromhex(vector["receipt_envelope_hex"]), "receipt", "provider_key")
+    expected = hashlib.sha256(msgpack.packb(canonical(entries), use_bin_type=True)).digest()
+    assert receipt["logprobs_sha256"] == expected == bytes.fromhex(vector["logprobs_sha256_hex"])
+    assert receipt["tokens_out"] == len(entries)
+    assert receipt["ticket_sha256"] == hashlib.sha256(ticket_bytes).digest()
+    assert receipt["sampling_sha256"] == hashlib.sha256(
+        msgpack.packb(canonical(ticket["sampling"]), use_bin_type=True)).digest()
+    assert Receipt.from_envelope(bytes.fromhex(vector["receipt_envelope_hex"])).logprobs_sha256 == expected
+    plain = msgpack.unpackb(msgpack.unpackb(bytes.fromhex(VECTOR["receipt_envelope_hex"]), raw=False)["p"], raw=False)
+    assert "logprobs_sha256" not in plain

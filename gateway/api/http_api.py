@@ -31,7 +31,8 @@ from llorch.gateway.api.pages import mount_pages
 from llorch.gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from llorch.gateway.api.openai_api import (STREAM_DESCRIPTION, ChatCompletion, ChatCompletionChunk, ChatRequest,
                                            CompletionRequest, ModelList, TextCompletion, TextCompletionChunk,
-                                           assistant_reply, model_card, parse_chat_request)
+                                           assistant_reply, chat_logprobs, completion_logprobs, model_card,
+                                           parse_chat_request)
 from llorch.gateway.api.openapi import (BEARER, CatalogView, GatewayInfo, Health, ProviderCapacity, ProviderList, ProviderRecord,
                                         ReceiptProof, RegistrationBody, Statement, errors, event_stream, openapi_document,
                                         request_body)
@@ -53,16 +54,19 @@ def error_response(error: GatewayError) -> JSONResponse:
 
 def completion_body(chat, completion: Completion, created: int) -> dict:
     receipt = completion.receipt
+    asked = receipt.logprobs_sha256 is not None          # the ticket asked for logprobs
     if isinstance(chat, CompletionRequest):
         kind, choice = "text_completion", {"index": 0, "text": completion.text}
+        logprobs = completion_logprobs(list(completion.logprobs)) if asked else None
     else:
         message, finish_reason = assistant_reply(chat, completion.text, receipt.finish_reason, completion.request_id)
         kind, choice = "chat.completion", {"index": 0, "message": message}
+        logprobs = chat_logprobs(list(completion.logprobs)) if asked else None
     return {
         "id": completion.request_id, "object": kind, "created": created, "model": chat.model,
         "system_fingerprint": receipt.engine_build,
         "choices": [{**choice, "finish_reason": finish_reason if kind == "chat.completion" else receipt.finish_reason,
-                     "logprobs": None}],
+                     "logprobs": logprobs}],
         "usage": usage_of(completion),
         "llorch": llorch_extension(completion),
     }
@@ -140,6 +144,7 @@ class ChatStreamResponse(Response):
         self.request_id = new_request_id()     # known before the first byte: every chunk carries it
         self.chat_shape = not isinstance(chat, CompletionRequest)
         self.held_back = isinstance(chat, ChatRequest) and chat.tools_active
+        self.text_offset = 0                   # completions with logprobs: where the next token starts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope.setdefault("state", {})["request_id"] = self.request_id
@@ -160,12 +165,12 @@ class ChatStreamResponse(Response):
 
         held: list[str] = []          # with tools, the answer is JSON: sent in OpenAI's shape once it is complete
 
-        async def on_text(text: str, provider: str) -> None:
+        async def on_text(text: str, logprobs: list[dict], provider: str) -> None:
             await start(provider)
             if self.held_back:
                 held.append(text)
             else:
-                await self._event({"content": text}, None, send)
+                await self._event({"content": text}, None, send, logprobs=logprobs)
 
         try:
             completion = await self.gateway.complete(self.chat.to_domain(), self.tenant, on_text, self.request_id)
@@ -201,9 +206,14 @@ class ChatStreamResponse(Response):
         return chunk
 
     async def _event(self, delta: dict, finish_reason: str | None, send: Send,
-                     completion: Completion | None = None) -> None:
+                     completion: Completion | None = None, logprobs: list[dict] | None = None) -> None:
+        """One chunk; ``logprobs``: the entries of the tokens whose text it carries (with logprobs asked)."""
         content = {"delta": delta} if self.chat_shape else {"text": delta.get("content", "")}
-        choice = {"index": 0, **content, "finish_reason": finish_reason, "logprobs": None}
+        shaped = None
+        if logprobs:
+            shaped = chat_logprobs(logprobs) if self.chat_shape else completion_logprobs(logprobs, self.text_offset)
+            self.text_offset += sum(len(token) for token in shaped.get("tokens", ()))
+        choice = {"index": 0, **content, "finish_reason": finish_reason, "logprobs": shaped}
         await self._data(self._chunk([choice], completion), send)
 
     async def _data(self, payload: dict, send: Send) -> None:
@@ -321,7 +331,7 @@ def build_app(gateway: Gateway) -> FastAPI:
         if chat.stream:
             return ChatStreamResponse(gateway, chat, tenant)
 
-        async def ignore(text: str, provider: str) -> None:
+        async def ignore(text: str, logprobs: list[dict], provider: str) -> None:
             return None
 
         request_id = new_request_id()

@@ -23,11 +23,13 @@ from llorch.ledger.errors import EncodingError
 from llorch.ledger.signing import public_key_of_peer_id
 from llorch.node.models import DEFAULT_MODEL_ID, CatalogEntry
 from llorch.node.wire.sampling import (MAX_TOKENS_DEFAULT, MAX_TOKENS_MAX, chat_request_prompt, chat_request_sampling,
-                                       sampling_map)
+                                       logprobs_top, sampling_map)
 from llorch.node.wire.tools import PARALLEL_CALLS_MAX, check_tools, reply_of, tools_active
 from llorch.node.wire.structured import SchemaRefused, response_format_entry
 
 
+LOGPROBS_TOP_MAX = 20                # chat top_logprobs (OpenAI's limit; sampling.logprobs, docs/protocol.md §3)
+COMPLETION_LOGPROBS_MAX = 5          # completions logprobs (OpenAI's limit)
 STRICT = ConfigDict(extra="forbid", strict=True)    # a JSON string is never a number, 1.0 never an integer
 
 
@@ -322,7 +324,7 @@ class SamplingFields(BaseModel):
         """The ticket's integer sampling map (node/wire/sampling.py is the one place floats become ppm)."""
         return sampling_map(seed, self.temperature, self.top_p, self.max_tokens_effective, list(self.stop or []),
                             getattr(self, "response_format", None), self.frequency_penalty, self.presence_penalty,
-                            self.repetition_penalty)
+                            self.repetition_penalty, logprobs_top(self.model_dump(by_alias=True)))
 
     def prompt(self) -> dict:
         """The prompt as the provider receives it (and as the prompt commitment hashes it)."""
@@ -356,6 +358,12 @@ class ChatRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = Field(default=True, description=f"False: at most one call per answer (else at most "
                                                                 f"{PARALLEL_CALLS_MAX}).")
+    logprobs: bool = Field(default=False, description=(
+        "Each output token's log-probability (the model's, before sampling settings or a grammar), in "
+        "choices[].logprobs.content; committed in the ticket and the receipt, so identical on every provider of a "
+        "determinism class. Not with tools."))
+    top_logprobs: int | None = Field(default=None, ge=0, le=LOGPROBS_TOP_MAX, description=(
+        "With logprobs: how many most likely tokens to list at each position (ties by token id)."))
 
     @model_validator(mode="after")
     def _tools(self) -> "ChatRequest":
@@ -369,6 +377,11 @@ class ChatRequest(SamplingFields):
                                     "answer's shape")
         except SchemaRefused as exc:
             raise PydanticCustomError("tools", str(exc)) from None
+        if self.top_logprobs is not None and not self.logprobs:
+            raise PydanticCustomError("logprobs", "top_logprobs needs logprobs: true")
+        if self.logprobs and self.tools_active:
+            raise PydanticCustomError("logprobs", "logprobs and tools cannot be used together: a tool call's "
+                                                  "arguments are not the model's text")
         return self
 
     @property
@@ -395,7 +408,9 @@ class CompletionRequest(SamplingFields):
     prompt_text: str = Field(alias="prompt", min_length=1, max_length=200_000)
     echo: JsonFalse = False
     best_of: int = Field(default=1, ge=1, le=1)
-    logprobs: None = None
+    logprobs: int | None = Field(default=None, ge=0, le=COMPLETION_LOGPROBS_MAX, description=(
+        "Each output token's log-probability and this many most likely alternatives (OpenAI's legacy shape: "
+        "choices[].logprobs.tokens, token_logprobs, top_logprobs, text_offset)."))
     suffix: None = None
 
     def prompt(self) -> dict:
@@ -494,18 +509,66 @@ def assistant_reply(chat: "ChatRequest", text: str, finish_reason: str, request_
                            for n, call in enumerate(calls)]}, "tool_calls"
 
 
+class TokenLogprob(BaseModel):
+    token: str = Field(description="The token's text (its bytes as UTF-8, an incomplete character replaced).")
+    logprob: float = Field(le=0, description="Natural log of its probability, to 6 decimals; -9999 for never.")
+    bytes: list[int] = Field(description="The token's bytes.")
+
+
+class TokenLogprobs(TokenLogprob):
+    top_logprobs: list[TokenLogprob] = Field(description="The most likely tokens at this position, most likely "
+                                                         "first (top_logprobs of them).")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobs]
+    refusal: None = None
+
+
+class TextLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int] = Field(description="Where each token starts in the text, in characters.")
+
+
+def _token_logprob(token: bytes, micro: int) -> dict:
+    return {"token": token.decode("utf-8", "replace"), "logprob": micro / 1_000_000, "bytes": list(token)}
+
+
+def chat_logprobs(entries: list[dict]) -> dict:
+    """Token frames' logprobs entries (docs/protocol.md §6) in a chat choice's shape."""
+    return {"content": [{**_token_logprob(entry["token"], entry["logprob"]),
+                         "top_logprobs": [_token_logprob(token, micro) for token, micro in entry["top"]]}
+                        for entry in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[dict], text_offset: int = 0) -> dict:
+    """Token frames' logprobs entries in a text completion's (legacy) shape; ``text_offset``: where the first
+    token starts in the completion's text."""
+    tokens = [entry["token"].decode("utf-8", "replace") for entry in entries]
+    offsets = []
+    for token in tokens:
+        offsets.append(text_offset)
+        text_offset += len(token)
+    return {"tokens": tokens, "token_logprobs": [entry["logprob"] / 1_000_000 for entry in entries],
+            "top_logprobs": [{token.decode("utf-8", "replace"): micro / 1_000_000 for token, micro in entry["top"]}
+                             for entry in entries],
+            "text_offset": offsets}
+
+
 class ChatChoice(BaseModel):
     index: Literal[0]
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None
+    logprobs: ChatLogprobs | None = Field(description="With logprobs: true.")
 
 
 class TextChoice(BaseModel):
     index: Literal[0]
     text: str
     finish_reason: FinishReason
-    logprobs: None
+    logprobs: TextLogprobs | None = Field(description="With logprobs (an integer).")
 
 
 class CompletionShared(BaseModel):
@@ -577,7 +640,7 @@ class ChatChunkChoice(BaseModel):
     index: Literal[0]
     delta: Delta
     finish_reason: FinishReason | None
-    logprobs: None
+    logprobs: ChatLogprobs | None = Field(description="With logprobs: the entries of this chunk's tokens.")
 
 
 class ChunkShared(BaseModel):
@@ -599,7 +662,7 @@ class TextChunkChoice(BaseModel):
     index: Literal[0]
     text: str
     finish_reason: FinishReason | None
-    logprobs: None
+    logprobs: TextLogprobs | None = Field(description="With logprobs: the entries of this chunk's tokens.")
 
 
 class TextCompletionChunk(ChunkShared):

@@ -8,31 +8,38 @@ from __future__ import annotations
 
 from llorch.gateway.errors import ReceiptRejected
 from llorch.ledger.errors import EncodingError, SignatureError
-from llorch.ledger.objects import Receipt, Ticket, prompt_commitment, sampling_sha256
+from llorch.ledger.objects import Receipt, Ticket, logprobs_sha256, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256
 from llorch.ledger.sqlite import Database
 
 
 def check_receipt(receipt_bytes: bytes, ticket: Ticket, ticket_bytes: bytes, salt: bytes, prompt: dict,
-                  relayed_text: str, cancelled_by_gateway: bool = False, expected: dict | None = None) -> Receipt:
+                  relayed_text: str, cancelled_by_gateway: bool = False, expected: dict | None = None,
+                  logprobs: list[dict] | None = None) -> Receipt:
     """Return the receipt if it is signed by the ticket's provider and matches the ticket and the text the provider
     sent. Its counts and times are claims: gateway/books/settlement.py bounds them by the gateway's measurements.
     ``cancelled_by_gateway``: the gateway sent a cancel frame, so the receipt may say "cancelled" (or finish
     normally, when the provider was done before the cancel arrived); otherwise it must not say "cancelled".
     ``expected``: ``receipt_expectations`` of the same ticket, salt and prompt, when the caller computed them
-    ahead (while the provider was generating)."""
+    ahead (while the provider was generating). ``logprobs``: the entries of the token frames relayed, when the
+    ticket asks for logprobs: the receipt must commit to exactly them, one per output token."""
     try:
         receipt = Receipt.from_envelope(receipt_bytes)
     except (EncodingError, SignatureError) as exc:
         raise ReceiptRejected(f"receipt is invalid: {exc}") from None
+    asked = "logprobs" in ticket.sampling
     expected = {**(expected or receipt_expectations(ticket, ticket_bytes, salt, prompt)),
-                "output_sha256": sha256(relayed_text.encode("utf-8"))}
+                "output_sha256": sha256(relayed_text.encode("utf-8")),
+                "logprobs_sha256": logprobs_sha256(logprobs or []) if asked else None}
     for name, value in expected.items():
         if getattr(receipt, name) != value:
             raise ReceiptRejected(f"receipt {name} does not match the ticket or the relayed output")
     if receipt.tokens_out > ticket.sampling["max_tokens"]:
         raise ReceiptRejected(f"receipt bills {receipt.tokens_out} output tokens, the ticket allowed "
                               f"{ticket.sampling['max_tokens']}")
+    if asked and receipt.tokens_out != len(logprobs or []):
+        raise ReceiptRejected(f"receipt bills {receipt.tokens_out} output tokens, the provider sent logprobs for "
+                              f"{len(logprobs or [])}")
     if receipt.amount != receipt.expected_amount():
         raise ReceiptRejected(f"receipt amount {receipt.amount} is not tokens × prices ({receipt.expected_amount()})")
     if receipt.finish_reason == "cancelled" and not cancelled_by_gateway:

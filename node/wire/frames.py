@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from llorch.ledger import canonical
 from llorch.ledger.errors import EncodingError
+from llorch.ledger.objects import check_logprobs_entry
 from llorch.node import limits
 from llorch.node.errors import ProtocolError
 
@@ -53,16 +54,24 @@ class Busy:
 
 @dataclass(frozen=True)
 class Token:
-    """server → client: the next piece of output text; ``index`` counts token frames from 0."""
+    """server → client: the next piece of output text; ``index`` counts token frames from 0. ``logprobs``: when the
+    ticket asks for them, the generated token's log-probability and its most likely alternatives (absent on the one
+    frame of held-back text that carries no token)."""
 
     TYPE: ClassVar[str] = "token"
     index: int
     text: str
+    logprobs: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
             raise ProtocolError("token.index must be an unsigned integer")
         _check_text("token.text", self.text, limits.TOKEN_TEXT_CHARS_MAX)
+        if self.logprobs is not None:
+            try:
+                check_logprobs_entry(self.logprobs)
+            except EncodingError as exc:
+                raise ProtocolError(f"token.{exc}") from None
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,10 @@ def prompt_parts(prompt: dict) -> int:
 
 
 def encode_frame(frame: FrameLike) -> bytes:
-    body = canonical.encode({"t": frame.TYPE, **{f.name: getattr(frame, f.name) for f in fields(frame)}})
+    """A field whose default is None is optional: absent from the frame when it is None."""
+    body = canonical.encode({"t": frame.TYPE, **{f.name: value for f in fields(frame)
+                                                 if (value := getattr(frame, f.name)) is not None
+                                                 or f.default is not None}})
     return encode_uvarint(len(body)) + body
 
 
@@ -161,8 +173,12 @@ def decode_frame(body: bytes, types: dict[str, type] = FRAME_TYPES):
     if cls is None:
         raise ProtocolError("unknown frame type")
     expected = {f.name for f in fields(cls)}
-    if set(value) != expected:
-        raise ProtocolError(f"{name} frame must have exactly the fields {sorted(expected)}")
+    optional = {f.name for f in fields(cls) if f.default is None}
+    if not expected - optional <= set(value) <= expected:
+        raise ProtocolError(f"{name} frame must have exactly the fields {sorted(expected - optional)}"
+                            + (f" (and may have {sorted(optional)})" if optional else ""))
+    if any(value.get(field) is None for field in optional & set(value)):
+        raise ProtocolError(f"{name} frame: an optional field is absent, never nil")
     return cls(**value)
 
 

@@ -17,10 +17,11 @@ TOP_P_DEFAULT = 1.0
 
 def sampling_map(seed: int, temperature: float | None, top_p: float | None, max_tokens: int | None,
                  stop: list[str] | None, response_format: dict | None = None, frequency_penalty: float | None = None,
-                 presence_penalty: float | None = None, repetition_penalty: float | None = None) -> dict:
+                 presence_penalty: float | None = None, repetition_penalty: float | None = None,
+                 logprobs: int | None = None) -> dict:
     """The ticket's sampling map: temperature and top_p as integer parts per million, rounded half to even;
     ``response_format`` the customer's (OpenAI's form), committed as node/wire/structured.py says (SchemaRefused
-    names what cannot be enforced)."""
+    names what cannot be enforced); ``logprobs`` (None: none asked) how many alternatives each token lists."""
     temperature = TEMPERATURE_DEFAULT if temperature is None else temperature
     top_p = TOP_P_DEFAULT if top_p is None else top_p
     sampling = {"seed": seed, "temperature_ppm": round(temperature * 1_000_000),
@@ -37,7 +38,18 @@ def sampling_map(seed: int, temperature: float | None, top_p: float | None, max_
             ppm = max(1, ppm)                  # as top_p: the smallest positive penalty, never 0
         if ppm != neutral:                     # at its neutral value a key is absent: the map is what it was
             sampling[name] = ppm
+    if logprobs is not None:
+        sampling["logprobs"] = logprobs
     return sampling
+
+
+def logprobs_top(body: dict) -> int | None:
+    """How many alternatives per token a request body asks for, or None when it asks for no logprobs: a chat's
+    ``logprobs: true`` with ``top_logprobs`` (default 0), a completion's ``logprobs`` (an integer, 0..5)."""
+    if "messages" in body:
+        return (body.get("top_logprobs") or 0) if body.get("logprobs") is True else None
+    value = body.get("logprobs")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def chat_request_sampling(body: dict, seed: int) -> dict:
@@ -48,7 +60,7 @@ def chat_request_sampling(body: dict, seed: int) -> dict:
                             body.get("max_tokens") or body.get("max_completion_tokens"),
                             [stop] if isinstance(stop, str) else stop, body.get("response_format"),
                             body.get("frequency_penalty"), body.get("presence_penalty"),
-                            body.get("repetition_penalty"))
+                            body.get("repetition_penalty"), logprobs_top(body))
     tool_format = tools.response_format_of(body)
     if tool_format is not None:
         if "response_format" in sampling:
