@@ -33,8 +33,8 @@ from llorch.gateway.books.receipts import ReceiptBook
 from llorch.gateway.books.settlement import Payer, Settlement
 from llorch.gateway.books.tickets import TicketBook
 from llorch.gateway.config import GatewayConfig, margin_bp
-from llorch.gateway.errors import (AllBusy, BadRequest, Forbidden, ModelNotFound, NoProvider, ProviderFailed,
-                                  RateLimited)
+from llorch.gateway.errors import (AllBusy, BadRequest, Forbidden, GatewayError, ModelNotFound, NoProvider,
+                                  ProviderFailed, RateLimited)
 from llorch.gateway.market.admission import Admission, QueueFull, QueueTimeout, WaitingRoom
 from llorch.gateway.market.directory import ProviderDirectory
 from llorch.gateway.market.node_client import AttemptFailed, Refusal, StreamPool
@@ -215,6 +215,36 @@ class Gateway:
             self.spot_checks.finished(Finished(order.request_id, tenant, order.prompt, order.salt, completion.text,
                                                completion.receipt.finish_reason))
         return completion
+
+    async def complete_choices(self, request: InferenceRequest, tenant: Tenant, choices: int,
+                               on_text: Callable[[int], OnText], request_id: str) -> list[Completion | GatewayError]:
+        """OpenAI's ``n``: ``choices`` completions of one request, served side by side, each its own request through
+        ``complete`` (its own ticket, receipt and bill): choice i has the seed ``seed + i`` (mod 2^64; one seed is
+        drawn when the request has none) and the request id ``request_id`` (i = 0) or ``request_id-i``;
+        ``on_text(i)`` takes its text. A choice that fails is its error at its place: the others stand, each billed
+        for itself. When every choice fails, the first one's error is raised."""
+        if choices == 1:
+            return [await self.complete(request, tenant, on_text(0), request_id)]
+        base = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        results: list[Completion | GatewayError | None] = [None] * choices
+
+        async def serve(index: int) -> None:
+            one = replace(request, seed=(base + index) % 2**64)
+            try:
+                results[index] = await self.complete(one, tenant, on_text(index),
+                                                     request_id if index == 0 else f"{request_id}-{index}")
+            except GatewayError as error:
+                results[index] = error
+
+        async with trio.open_nursery() as nursery:
+            for index in range(choices):
+                nursery.start_soon(serve, index)
+        done = [result for result in results if result is not None]
+        if not any(isinstance(result, Completion) for result in done):
+            first = done[0]
+            assert isinstance(first, GatewayError)
+            raise first
+        return done
 
     def requirements(self, job: _Job, **overrides: Any) -> Requirements:
         """What placement must honour for ``job``; ``overrides`` (a resumed stream's class, exclusions, the

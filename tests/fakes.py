@@ -47,3 +47,14 @@ class StallingEngine(EchoEngine):
             await emit(text, *logprobs)
 
         return await super().generate(prepared, stalling_emit)
+
+
+class OddSeedFailingEngine(EchoEngine):
+    """The echo engine whose generation fails (engine_failed, before any token) for an odd seed: plays a choice of
+    an n > 1 request that no provider can serve while its siblings are served (test-only)."""
+
+    async def generate(self, prepared, emit):
+        from llorch.inference.errors import EngineError
+        if prepared.sampling.seed % 2:
+            raise EngineError(f"this test engine fails every odd seed ({prepared.sampling.seed})")
+        return await super().generate(prepared, emit)

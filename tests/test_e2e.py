@@ -465,6 +465,23 @@ def test_logprobs_are_identical_on_both_providers_streamed_or_not_and_replay(cli
     assert replayed.returncode == 0 and replayed.stdout.startswith("MATCH"), replayed.stdout + replayed.stderr
 
 
+def test_n_choices_with_the_unmodified_sdk_are_separately_receipted_requests(client, network):
+    """n = 2 on the real model: two choices, each the text a single request with its seed (seed, seed + 1) gives,
+    each with its own receipt in a provider's ledger."""
+    answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=60, max_tokens=8, temperature=0.9,
+                                            n=2)
+    assert [choice.index for choice in answer.choices] == [0, 1]
+    bills = answer.model_extra["llorch"]["choices"]
+    assert [bill["seed"] for bill in bills] == [60, 61]
+    for choice, seed in zip(answer.choices, (60, 61)):
+        single = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=seed, max_tokens=8,
+                                                temperature=0.9)
+        assert choice.message.content == single.choices[0].message.content
+    receipts = {**ledger_receipts(network, "node1"), **ledger_receipts(network, "node2")}
+    assert all(bill["request_id"] in receipts for bill in bills)
+    assert answer.usage.completion_tokens == sum(receipts[bill["request_id"]].tokens_out for bill in bills)
+
+
 def test_sigint_and_sigterm_stop_every_process_within_5_s_without_a_traceback(network):
     signals = {"node1": signal.SIGINT, "node2": signal.SIGTERM, "gateway": signal.SIGINT}
     for process in [*network.nodes, network.gateway]:

@@ -52,24 +52,44 @@ def error_response(error: GatewayError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-def completion_body(chat, completion: Completion, created: int) -> dict:
+def completion_body(chat, results: list[Completion | GatewayError], created: int) -> dict:
+    """The response to a request whose choices (``n``, in order) ended with these results: each completion is a
+    choice at its index; a failed choice is named in ``llorch.failed_choices`` (the others were served and billed);
+    usage is the sum of the choices' billed counts."""
+    served = [(index, result) for index, result in enumerate(results) if isinstance(result, Completion)]
+    first = served[0][1]
+    body = {"id": first.request_id, "object": "text_completion" if isinstance(chat, CompletionRequest) else
+            "chat.completion", "created": created, "model": chat.model,
+            "system_fingerprint": first.receipt.engine_build,
+            "choices": [completion_choice(chat, index, completion) for index, completion in served],
+            "usage": usage_of(*(completion for _, completion in served)),
+            "llorch": bills_of(results)}
+    return body
+
+
+def completion_choice(chat, index: int, completion: Completion) -> dict:
+    """One choice of a non-streamed answer, in OpenAI's shape (text, or an assistant message with tool calls)."""
     receipt = completion.receipt
     asked = receipt.logprobs_sha256 is not None          # the ticket asked for logprobs
+    entries = list(completion.logprobs)
     if isinstance(chat, CompletionRequest):
-        kind, choice = "text_completion", {"index": 0, "text": completion.text}
-        logprobs = completion_logprobs(list(completion.logprobs)) if asked else None
-    else:
-        message, finish_reason = assistant_reply(chat, completion.text, receipt.finish_reason, completion.request_id)
-        kind, choice = "chat.completion", {"index": 0, "message": message}
-        logprobs = chat_logprobs(list(completion.logprobs)) if asked else None
-    return {
-        "id": completion.request_id, "object": kind, "created": created, "model": chat.model,
-        "system_fingerprint": receipt.engine_build,
-        "choices": [{**choice, "finish_reason": finish_reason if kind == "chat.completion" else receipt.finish_reason,
-                     "logprobs": logprobs}],
-        "usage": usage_of(completion),
-        "llorch": llorch_extension(completion),
-    }
+        return {"index": index, "text": completion.text, "finish_reason": receipt.finish_reason,
+                "logprobs": completion_logprobs(entries) if asked else None}
+    message, finish_reason = assistant_reply(chat, completion.text, receipt.finish_reason, completion.request_id)
+    return {"index": index, "message": message, "finish_reason": finish_reason,
+            "logprobs": chat_logprobs(entries) if asked else None}
+
+
+def bills_of(results: list[Completion | GatewayError]) -> dict:
+    """The ``llorch`` object: the first served choice's bill, and with several choices each choice's bill (None for
+    a failed one) and the errors of the failed ones."""
+    served = [result for result in results if isinstance(result, Completion)]
+    bill = llorch_extension(served[0])
+    if len(results) > 1:
+        bill["choices"] = [llorch_extension(result) if isinstance(result, Completion) else None for result in results]
+        bill["failed_choices"] = [{"index": index, **result.body()["error"]} for index, result in enumerate(results)
+                                  if isinstance(result, GatewayError)]
+    return bill
 
 
 def reply_deltas(message: dict) -> list[dict]:
@@ -85,11 +105,12 @@ def reply_deltas(message: dict) -> list[dict]:
     return deltas
 
 
-def usage_of(completion: Completion) -> dict:
-    """The billed counts: the provider's claims bounded by the gateway's own measurements."""
-    billed = completion.settlement
-    return {"prompt_tokens": billed.tokens_in, "completion_tokens": billed.tokens_out,
-            "total_tokens": billed.tokens_in + billed.tokens_out}
+def usage_of(*completions: Completion) -> dict:
+    """The billed counts (the providers' claims bounded by the gateway's own measurements), summed over the
+    choices: each choice's prompt is billed with its own ticket."""
+    tokens_in = sum(completion.settlement.tokens_in for completion in completions)
+    tokens_out = sum(completion.settlement.tokens_out for completion in completions)
+    return {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "total_tokens": tokens_in + tokens_out}
 
 
 def llorch_extension(completion: Completion) -> dict:
@@ -131,8 +152,10 @@ async def unless_the_client_hangs_up(receive: Receive, work):
 class ChatStreamResponse(Response):
     """An SSE response that starts only when the first token arrives, so errors before it keep their status code.
 
-    Runs the request and a watcher for the client's disconnect side by side; a disconnect cancels the request,
-    which closes the provider stream, which stops the provider's engine.
+    Runs the request (its ``n`` choices side by side, their chunks interleaved, each with its index) and a watcher
+    for the client's disconnect; a disconnect cancels the request, which closes the provider streams, which stops
+    the providers' engines. A choice that fails after the stream started is reported in one error event after the
+    other choices finished (they were served and billed).
     """
 
     def __init__(self, gateway: Gateway, chat: ChatRequest, tenant: Tenant) -> None:
@@ -144,60 +167,78 @@ class ChatStreamResponse(Response):
         self.request_id = new_request_id()     # known before the first byte: every chunk carries it
         self.chat_shape = not isinstance(chat, CompletionRequest)
         self.held_back = isinstance(chat, ChatRequest) and chat.tools_active
-        self.text_offset = 0                   # completions with logprobs: where the next token starts
+        self.text_offsets = [0] * chat.n       # completions with logprobs: where each choice's next token starts
+        self.started = False
+        self.sending = trio.Lock()             # the choices' chunks go out whole, one at a time
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope.setdefault("state", {})["request_id"] = self.request_id
         await unless_the_client_hangs_up(receive, lambda: self._run(send))
 
+    async def _start(self, provider: str, send: Send) -> None:
+        if self.started:
+            return
+        self.started = True
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                                (b"x-llorch-provider", provider.encode())]})
+
     async def _run(self, send: Send) -> None:
-        started = False
+        held: list[list[str]] = [[] for _ in range(self.chat.n)]   # with tools: each answer sent once complete
+        opened = [False] * self.chat.n
 
-        async def start(provider: str) -> None:
-            nonlocal started
-            if not started:
-                started = True
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-                                        (b"x-llorch-provider", provider.encode())]})
-                if self.chat_shape:
-                    await self._event({"role": "assistant", "content": ""}, None, send)
-
-        held: list[str] = []          # with tools, the answer is JSON: sent in OpenAI's shape once it is complete
-
-        async def on_text(text: str, logprobs: list[dict], provider: str) -> None:
-            await start(provider)
-            if self.held_back:
-                held.append(text)
-            else:
-                await self._event({"content": text}, None, send, logprobs=logprobs)
+        def on_text(index: int):
+            async def text(piece: str, logprobs: list[dict], provider: str) -> None:
+                async with self.sending:
+                    await self._start(provider, send)
+                    if self.chat_shape and not opened[index]:
+                        opened[index] = True
+                        await self._event(index, {"role": "assistant", "content": ""}, None, send)
+                    if self.held_back:
+                        held[index].append(piece)
+                    else:
+                        await self._event(index, {"content": piece}, None, send, logprobs=logprobs)
+            return text
 
         try:
-            completion = await self.gateway.complete(self.chat.to_domain(), self.tenant, on_text, self.request_id)
+            results = await self.gateway.complete_choices(self.chat.to_domain(), self.tenant, self.chat.n, on_text,
+                                                          self.request_id)
         except GatewayError as error:
-            if not started:
+            if not self.started:
                 response = error_response(error)
                 await response({"type": "http"}, _no_receive, send)
                 return
             await self._data(error.body(), send)
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
             return
-        await start(completion.provider_peer_id)
-        finish_reason = completion.receipt.finish_reason
-        if self.held_back:
-            assert isinstance(self.chat, ChatRequest)
-            message, finish_reason = assistant_reply(self.chat, "".join(held), finish_reason, self.request_id)
-            for delta in reply_deltas(message):
-                await self._event(delta, None, send)
-        await self._event({}, finish_reason, send, completion)
+        served = [(index, result) for index, result in enumerate(results) if isinstance(result, Completion)]
+        await self._start(served[0][1].provider_peer_id, send)
+        for index, completion in served:
+            if self.chat_shape and not opened[index]:          # an answer with no text at all
+                await self._event(index, {"role": "assistant", "content": ""}, None, send)
+            finish_reason = completion.receipt.finish_reason
+            if self.held_back:
+                assert isinstance(self.chat, ChatRequest)
+                message, finish_reason = assistant_reply(self.chat, "".join(held[index]), finish_reason,
+                                                         completion.request_id)
+                for delta in reply_deltas(message):
+                    await self._event(index, delta, None, send)
+            await self._event(index, {}, finish_reason, send, completion)
         if self.chat.stream_options and self.chat.stream_options.include_usage:
-            await self._data(self._chunk([], completion, usage=usage_of(completion)), send)
+            await self._data(self._chunk([], usage=usage_of(*(completion for _, completion in served))), send)
+        failed = [(index, result) for index, result in enumerate(results) if isinstance(result, GatewayError)]
+        if failed:
+            index, failure = failed[0]
+            body = failure.body()
+            body["error"]["message"] = (f"choice {index} of {self.chat.n} failed (the others were served and "
+                                        f"billed): {body['error']['message']}")
+            await self._data(body, send)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
     def _chunk(self, choices: list, completion: Completion | None = None, usage: dict | None = None) -> dict:
-        chunk: dict[str, object] = {"id": self.request_id, "object": "chat.completion.chunk" if self.chat_shape else "text_completion",
-                 "created": self.created,
-                 "model": self.chat.model, "choices": choices}
+        chunk: dict[str, object] = {"id": self.request_id, "object": "chat.completion.chunk" if self.chat_shape
+                                    else "text_completion", "created": self.created, "model": self.chat.model,
+                                    "choices": choices}
         if completion is not None:
             chunk["system_fingerprint"] = completion.receipt.engine_build
             chunk["llorch"] = llorch_extension(completion)
@@ -205,15 +246,19 @@ class ChatStreamResponse(Response):
             chunk["usage"] = usage
         return chunk
 
-    async def _event(self, delta: dict, finish_reason: str | None, send: Send,
+    async def _event(self, index: int, delta: dict, finish_reason: str | None, send: Send,
                      completion: Completion | None = None, logprobs: list[dict] | None = None) -> None:
-        """One chunk; ``logprobs``: the entries of the tokens whose text it carries (with logprobs asked)."""
+        """One chunk of choice ``index``; ``logprobs``: the entries of the tokens whose text it carries (with
+        logprobs asked); ``completion``: the choice's end (its last chunk carries its bill)."""
         content = {"delta": delta} if self.chat_shape else {"text": delta.get("content", "")}
         shaped = None
         if logprobs:
-            shaped = chat_logprobs(logprobs) if self.chat_shape else completion_logprobs(logprobs, self.text_offset)
-            self.text_offset += sum(len(token) for token in shaped.get("tokens", ()))
-        choice = {"index": 0, **content, "finish_reason": finish_reason, "logprobs": shaped}
+            if self.chat_shape:
+                shaped = chat_logprobs(logprobs)
+            else:
+                shaped = completion_logprobs(logprobs, self.text_offsets[index])
+                self.text_offsets[index] += sum(len(token) for token in shaped["tokens"])
+        choice = {"index": index, **content, "finish_reason": finish_reason, "logprobs": shaped}
         await self._data(self._chunk([choice], completion), send)
 
     async def _data(self, payload: dict, send: Send) -> None:
@@ -336,13 +381,13 @@ def build_app(gateway: Gateway) -> FastAPI:
 
         request_id = new_request_id()
         request.state.request_id = request_id
-        completion = await unless_the_client_hangs_up(request.receive,
-                                                      lambda: gateway.complete(chat.to_domain(), tenant, ignore,
-                                                                               request_id))
-        if completion is HUNG_UP:
+        results = await unless_the_client_hangs_up(
+            request.receive, lambda: gateway.complete_choices(chat.to_domain(), tenant, chat.n, lambda _: ignore,
+                                                              request_id))
+        if results is HUNG_UP:
             return Response(status_code=CLIENT_CLOSED_REQUEST)       # nobody reads it
-        return JSONResponse(completion_body(chat, completion, int(time.time())),
-                            headers={"x-llorch-provider": completion.provider_peer_id})
+        body = completion_body(chat, results, int(time.time()))
+        return JSONResponse(body, headers={"x-llorch-provider": body["llorch"]["provider"]})
 
     @app.post("/v2/platform/providers/register", response_model=None,
               openapi_extra=request_body(RegistrationBody, f"At most {REGISTRATION_BODY_BYTES_MAX} bytes."),

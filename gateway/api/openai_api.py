@@ -30,6 +30,7 @@ from llorch.node.wire.structured import SchemaRefused, response_format_entry
 
 LOGPROBS_TOP_MAX = 20                # chat top_logprobs (OpenAI's limit; sampling.logprobs, docs/protocol.md §3)
 COMPLETION_LOGPROBS_MAX = 5          # completions logprobs (OpenAI's limit)
+CHOICES_MAX = 8                      # n: choices per request, each its own ticket
 STRICT = ConfigDict(extra="forbid", strict=True)    # a JSON string is never a number, 1.0 never an integer
 
 
@@ -298,7 +299,11 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_SCHEMA)] = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=CHOICES_MAX, description=(
+        f"How many choices (at most {CHOICES_MAX}): each is its own request, served side by side with its own "
+        f"ticket, receipt and bill, choice i with the seed seed + i (so it differs, and repeats); each counts "
+        f"against the tenant's rate and concurrency limits. Usage is the sum; llorch.choices has each bill. A "
+        f"choice that fails leaves the others served and billed, and is named in llorch.failed_choices."))
     user: str | None = Field(default=None, max_length=256)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -471,6 +476,19 @@ class LlorchBill(BaseModel):
     currency: str = Field(pattern="^[A-Z]{3}$")
 
 
+class FailedChoice(ErrorDetail):
+    index: int = Field(ge=0)
+
+
+class LlorchBills(LlorchBill):
+    """The first served choice's bill; with n > 1 also each choice's."""
+
+    choices: list[LlorchBill | None] | None = Field(default=None, description="With n > 1: each choice's bill, by "
+                                                                              "index (null: it failed).")
+    failed_choices: list[FailedChoice] | None = Field(default=None, description="With n > 1: the choices that "
+                                                                                "failed and why.")
+
+
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
@@ -558,14 +576,14 @@ def completion_logprobs(entries: list[dict], text_offset: int = 0) -> dict:
 
 
 class ChatChoice(BaseModel):
-    index: Literal[0]
+    index: int = Field(ge=0, lt=CHOICES_MAX)
     message: AssistantMessage
     finish_reason: FinishReason
     logprobs: ChatLogprobs | None = Field(description="With logprobs: true.")
 
 
 class TextChoice(BaseModel):
-    index: Literal[0]
+    index: int = Field(ge=0, lt=CHOICES_MAX)
     text: str
     finish_reason: FinishReason
     logprobs: TextLogprobs | None = Field(description="With logprobs (an integer).")
@@ -577,17 +595,17 @@ class CompletionShared(BaseModel):
     model: str
     system_fingerprint: str = Field(description="The engine build (determinism class) that produced the text.")
     usage: Usage
-    llorch: LlorchBill
+    llorch: LlorchBills
 
 
 class ChatCompletion(CompletionShared):
     object: Literal["chat.completion"]
-    choices: list[ChatChoice] = Field(min_length=1, max_length=1)
+    choices: list[ChatChoice] = Field(min_length=1, max_length=CHOICES_MAX)
 
 
 class TextCompletion(CompletionShared):
     object: Literal["text_completion"]
-    choices: list[TextChoice] = Field(min_length=1, max_length=1)
+    choices: list[TextChoice] = Field(min_length=1, max_length=CHOICES_MAX)
 
 
 class ModelCard(BaseModel):
@@ -637,7 +655,7 @@ class Delta(BaseModel):
 
 
 class ChatChunkChoice(BaseModel):
-    index: Literal[0]
+    index: int = Field(ge=0, lt=CHOICES_MAX)
     delta: Delta
     finish_reason: FinishReason | None
     logprobs: ChatLogprobs | None = Field(description="With logprobs: the entries of this chunk's tokens.")
@@ -648,7 +666,7 @@ class ChunkShared(BaseModel):
     created: int
     model: str
     system_fingerprint: str | None = Field(default=None, description="In the last chunk.")
-    llorch: LlorchBill | None = Field(default=None, description="In the last chunk.")
+    llorch: LlorchBill | None = Field(default=None, description="In the last chunk of each choice: its bill.")
     usage: Usage | None = Field(default=None, description="With stream_options.include_usage: in a chunk of its "
                                                           "own, with no choices, after the last one.")
 
@@ -659,7 +677,7 @@ class ChatCompletionChunk(ChunkShared):
 
 
 class TextChunkChoice(BaseModel):
-    index: Literal[0]
+    index: int = Field(ge=0, lt=CHOICES_MAX)
     text: str
     finish_reason: FinishReason | None
     logprobs: TextLogprobs | None = Field(description="With logprobs: the entries of this chunk's tokens.")
