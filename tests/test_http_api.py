@@ -276,7 +276,9 @@ def test_an_answer_cut_short_still_reads_as_text():
     assert reply_of('{"content": "It is sun') == ("It is sun", None)
     assert reply_of('{"content": "a \\') == ("a ", None)                     # cut inside an escape
     assert reply_of('{"content": "a \\\\') == ("a \\", None)               # an escaped backslash
-    assert reply_of('{"tool_calls": [{"name": "f", "arguments": {"a":') == ('{"tool_calls": [{"name": "f", '
-                                                                            '"arguments": {"a":', None)
+    # cut inside a call's arguments: the call, its arguments as far as they were written (finish_reason "length")
+    assert reply_of('{"tool_calls": [{"name": "f", "arguments": {"a":') == (None, [{"name": "f", "arguments": '{"a":'}])
+    assert reply_of('{"tool_calls": [{"name": "f') == ('{"tool_calls": [{"name": "f', None)    # no whole name yet
+    assert reply_of("not an answer") == ("not an answer", None)
     assert reply_of('{"tool_calls":[{"name":"f","arguments":{"a":1}}]}') == (None, [{"name": "f",
                                                                                      "arguments": '{"a":1}'}])

@@ -11,6 +11,7 @@ import json
 import jsonschema
 import pytest
 import trio
+from hypothesis import given, strategies as st
 
 from llorch.inference import catalog
 from llorch.inference.engine import ANY_OBJECT, Engine, Sampling
@@ -159,3 +160,49 @@ def test_the_smallest_repetition_penalty_is_refused_or_kept_positive():
         parse_chat_request(json_module.dumps({"model": catalog.DEFAULT_MODEL_ID, "repetition_penalty": 5e-324,
                                               "messages": [{"role": "user", "content": "x"}]}).encode(), ChatRequest)
     check_sampling(sampling_map(1, None, None, 8, [], repetition_penalty=5e-324))
+
+
+ANSWERS = [
+    '{"tool_calls":[{"name":"get_weather","arguments":{"city":"Paris","unit":"celsius"}}]}',
+    '{ "tool_calls" : [ { "name" : "f" , "arguments" : { "q" : "a \\" } { [" , "n" : [1, {"x": []}] } } ,'
+    ' {"name": "g", "arguments": {}} ] }',
+    '{"content": "It is 21 \\u00b0C and \\ud83d\\ude00 sunny, \\"clear\\"\\nbye"}',
+    '{"content": "cut \\u00',
+    '{"tool_calls": [{"name": "f", "arguments": {"a": "b',
+]
+
+
+@given(st.sampled_from(ANSWERS), st.lists(st.integers(min_value=1, max_value=7), max_size=40))
+def test_an_answer_streams_in_any_pieces_as_it_reads_whole(answer, cuts):
+    """However the model's answer is cut into token pieces, the deltas the gateway streams (content pieces, each
+    call's name once, its arguments' pieces) assemble into exactly the non-streamed reply; nothing is said twice,
+    and an escape or a surrogate pair cut between pieces is said only when whole."""
+    from llorch.gateway.api.http_api import answer_deltas
+    from llorch.node.wire.tools import AnswerStream, reply_of
+
+    stream, position, deltas = AnswerStream(), 0, []
+    for cut in cuts + [len(answer)]:
+        deltas += answer_deltas(stream.feed(answer[position:position + cut]), "chatcmpl-x")
+        position += cut
+        if position >= len(answer):
+            break
+    content, calls = "", {}
+    for delta in deltas:
+        content += delta.get("content", "")
+        for call in delta.get("tool_calls", []):
+            entry = calls.setdefault(call["index"], {"name": "", "arguments": ""})
+            entry["name"] += call["function"].get("name") or ""
+            entry["arguments"] += call["function"].get("arguments") or ""
+    whole_content, whole_calls = reply_of(answer)
+    if whole_calls is not None:
+        assert [calls[i] for i in sorted(calls)] == whole_calls and not content
+    else:
+        assert content == whole_content and not calls
+        assert all("\ud800" > ch or ch > "\udfff" for ch in content)       # no lone surrogate
+
+
+def test_the_arguments_are_what_the_model_wrote_and_parse():
+    from llorch.node.wire.tools import reply_of
+
+    _, calls = reply_of(ANSWERS[1])
+    assert [json.loads(call["arguments"]) for call in calls] == [{"q": 'a " } { [', "n": [1, {"x": []}]}, {}]

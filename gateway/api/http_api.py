@@ -31,13 +31,14 @@ from llorch.gateway.api.pages import mount_pages
 from llorch.gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from llorch.gateway.api.openai_api import (STREAM_DESCRIPTION, ChatCompletion, ChatCompletionChunk, ChatRequest,
                                            CompletionRequest, ModelList, TextCompletion, TextCompletionChunk,
-                                           assistant_reply, chat_logprobs, completion_logprobs, model_card,
+                                           assistant_reply, call_id, chat_logprobs, completion_logprobs, model_card,
                                            parse_chat_request)
 from llorch.gateway.api.openapi import (BEARER, CatalogView, GatewayInfo, Health, ProviderCapacity, ProviderList, ProviderRecord,
                                         ReceiptProof, RegistrationBody, Statement, errors, event_stream, openapi_document,
                                         request_body)
 from llorch.gateway.market.providers import parse_registration_body, record_json
 from llorch.gateway.market.tenants import Tenant
+from llorch.node.wire.tools import AnswerStream
 from llorch.gateway.service import PROMPT_BYTES_MAX, Completion, Gateway, new_request_id
 from llorch.node.models import entry_map
 from llorch.ledger.errors import sole_exception
@@ -92,16 +93,18 @@ def bills_of(results: list[Completion | GatewayError]) -> dict:
     return bill
 
 
-def reply_deltas(message: dict) -> list[dict]:
-    """An assistant message as stream deltas, as OpenAI streams them: its content, or for each tool call a delta
-    with its index, id, type and name (arguments empty), then one with its arguments."""
-    if not message.get("tool_calls"):
-        return [{"content": message["content"]}] if message["content"] else []
-    deltas = []
-    for index, call in enumerate(message["tool_calls"]):
-        deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                       "function": {"name": call["function"]["name"], "arguments": ""}}]})
-        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call["function"]["arguments"]}}]})
+def answer_deltas(events: list[tuple], request_id: str) -> list[dict]:
+    """What node/wire/tools.py's AnswerStream read, as OpenAI streams it: content pieces; for each tool call a
+    delta with its index, id, type and name (arguments empty), then pieces of its arguments."""
+    deltas: list[dict] = []
+    for event in events:
+        if event[0] == "content":
+            deltas.append({"content": event[1]})
+        elif event[0] == "call":
+            deltas.append({"tool_calls": [{"index": event[1], "id": call_id(request_id, event[1]), "type": "function",
+                                           "function": {"name": event[2], "arguments": ""}}]})
+        else:
+            deltas.append({"tool_calls": [{"index": event[1], "function": {"arguments": event[2]}}]})
     return deltas
 
 
@@ -166,7 +169,7 @@ class ChatStreamResponse(Response):
         self.created = int(time.time())
         self.request_id = new_request_id()     # known before the first byte: every chunk carries it
         self.chat_shape = not isinstance(chat, CompletionRequest)
-        self.held_back = isinstance(chat, ChatRequest) and chat.tools_active
+        self.tools = isinstance(chat, ChatRequest) and chat.tools_active
         self.text_offsets = [0] * chat.n       # completions with logprobs: where each choice's next token starts
         self.started = False
         self.sending = trio.Lock()             # the choices' chunks go out whole, one at a time
@@ -174,6 +177,11 @@ class ChatStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope.setdefault("state", {})["request_id"] = self.request_id
         await unless_the_client_hangs_up(receive, lambda: self._run(send))
+
+    def _request_id_of(self, index: int) -> str:
+        """Choice ``index``'s request id (gateway/service.py ``complete_choices``): its tool calls' ids derive
+        from it."""
+        return self.request_id if index == 0 else f"{self.request_id}-{index}"
 
     async def _start(self, provider: str, send: Send) -> None:
         if self.started:
@@ -184,7 +192,8 @@ class ChatStreamResponse(Response):
                                 (b"x-llorch-provider", provider.encode())]})
 
     async def _run(self, send: Send) -> None:
-        held: list[list[str]] = [[] for _ in range(self.chat.n)]   # with tools: each answer sent once complete
+        # with tools, each choice's answer is JSON, read as it arrives and said in OpenAI's shape
+        answers = [AnswerStream() for _ in range(self.chat.n)]
         opened = [False] * self.chat.n
 
         def on_text(index: int):
@@ -194,8 +203,9 @@ class ChatStreamResponse(Response):
                     if self.chat_shape and not opened[index]:
                         opened[index] = True
                         await self._event(index, {"role": "assistant", "content": ""}, None, send)
-                    if self.held_back:
-                        held[index].append(piece)
+                    if self.tools:
+                        for delta in answer_deltas(answers[index].feed(piece), self._request_id_of(index)):
+                            await self._event(index, delta, None, send)
                     else:
                         await self._event(index, {"content": piece}, None, send, logprobs=logprobs)
             return text
@@ -217,12 +227,12 @@ class ChatStreamResponse(Response):
             if self.chat_shape and not opened[index]:          # an answer with no text at all
                 await self._event(index, {"role": "assistant", "content": ""}, None, send)
             finish_reason = completion.receipt.finish_reason
-            if self.held_back:
-                assert isinstance(self.chat, ChatRequest)
-                message, finish_reason = assistant_reply(self.chat, "".join(held[index]), finish_reason,
-                                                         completion.request_id)
-                for delta in reply_deltas(message):
-                    await self._event(index, delta, None, send)
+            if self.tools:
+                answer = answers[index]
+                if answer.calls:
+                    finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+                elif answer.content is None and answer.text:      # not an answer object: its text as it is
+                    await self._event(index, {"content": answer.text}, None, send)
             await self._event(index, {}, finish_reason, send, completion)
         if self.chat.stream_options and self.chat.stream_options.include_usage:
             await self._data(self._chunk([], usage=usage_of(*(completion for _, completion in served))), send)

@@ -359,7 +359,8 @@ class ChatRequest(SamplingFields):
     tools: list[Tool] | None = Field(default=None, max_length=32, description=(
         "Functions the model may call. The model answers with one JSON object that llama.cpp's grammar holds to "
         "the declared functions and their parameters: every call's arguments validate. Non-streamed and streamed "
-        "answers carry OpenAI's tool_calls (a stream sends them when the answer is complete)."))
+        "answers carry OpenAI's tool_calls; a stream says each call's name, then its arguments' pieces, and an "
+        "answer's content, as the model writes them."))
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = Field(default=True, description=f"False: at most one call per answer (else at most "
                                                                 f"{PARALLEL_CALLS_MAX}).")
@@ -516,7 +517,8 @@ def call_id(request_id: str, index: int) -> str:
 
 def assistant_reply(chat: "ChatRequest", text: str, finish_reason: str, request_id: str) -> tuple[dict, str]:
     """The assistant message and finish_reason of a completion's text: with tools, the model's JSON answer taken
-    back to OpenAI's shape (content, or tool_calls with finish_reason "tool_calls")."""
+    back to OpenAI's shape (content, or tool_calls with finish_reason "tool_calls", or "length" when max_tokens
+    cut the arguments short)."""
     if not chat.tools_active:
         return {"role": "assistant", "content": text}, finish_reason
     content, calls = reply_of(text)
@@ -524,7 +526,7 @@ def assistant_reply(chat: "ChatRequest", text: str, finish_reason: str, request_
         return {"role": "assistant", "content": content}, finish_reason
     return {"role": "assistant", "content": None,
             "tool_calls": [{"id": call_id(request_id, n), "type": "function", "function": call}
-                           for n, call in enumerate(calls)]}, "tool_calls"
+                           for n, call in enumerate(calls)]}, "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 class TokenLogprob(BaseModel):

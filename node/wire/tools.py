@@ -115,31 +115,176 @@ def response_format_of(body: dict) -> dict | None:
     return {"type": "json_schema", "schema": schema_text(answer_schema(body))}
 
 
-def reply_of(text: str) -> tuple[str | None, list[dict] | None]:
-    """The model's answer as (content, calls): calls as [{"name", "arguments": JSON text}]. Text that is not the
-    answer object (cut short by max_tokens) is content as it is."""
+class AnswerStream:
+    """Reads the model's answer (the JSON the answer schema holds it to) as its text arrives and says, at once,
+    what OpenAI's stream says: pieces of ``content``, each call's start (index and name) and pieces of its
+    ``arguments``, which are the arguments' JSON text exactly as the model writes it. ``feed`` returns the events
+    of a piece: ("content", text), ("call", index, name), ("arguments", index, text). Only what is certain is
+    said: a content escape cut between pieces waits for its end, a call waits for its whole name. The state after
+    the last piece is the reply (``reply``), so a streamed answer and a non-streamed one are the same by
+    construction, also when max_tokens cuts the answer short."""
+
+    def __init__(self) -> None:
+        self.content: str | None = None         # the decoded "content" so far, once its string began
+        self.calls: list[dict] = []             # {"name": str | None, "arguments": str, "complete": bool}
+        self.complete = False                   # the answer object closed
+        self.text = ""
+        self._stack: list[list] = []            # ["{", key, expecting_key] or ["[", index]
+        self._string: str | None = None         # inside a string: its raw text so far (escapes undecoded)
+        self._string_role = ""                  # "key", "content", "name" or "" (another value)
+        self._escape = ""                       # an escape of the content string not yet complete
+        self._surrogate = ""                    # a decoded high surrogate waiting for its low half
+        self._arguments: dict | None = None     # the call whose arguments are being copied
+        self._raw_depth = 0
+        self._raw_string = False
+        self._raw_escape = False
+
+    def feed(self, piece: str) -> list[tuple]:
+        self.text += piece
+        events: list[tuple] = []
+        for char in piece:
+            self._take(char, events)
+        return events
+
+    def _take(self, char: str, events: list[tuple]) -> None:
+        if self._arguments is not None:
+            self._copy_argument(char, events)
+        elif self._string is not None:
+            self._in_string(char, events)
+        elif char == '"':
+            self._string, self._string_role = "", self._role_of_string()
+        elif char in "{[":
+            if self._value_path() == ("tool_calls", "arguments") and char == "{":
+                self._arguments = self.calls[-1]
+                self._raw_depth, self._raw_string, self._raw_escape = 0, False, False
+                self._copy_argument(char, events)
+                return
+            if char == "{" and len(self._stack) == 2 and self._stack[0][1] == "tool_calls":
+                self.calls.append({"name": None, "arguments": "", "complete": False})
+            self._stack.append(["{", None, True] if char == "{" else ["[", 0])
+        elif char in "}]":
+            if self._stack:
+                self._stack.pop()
+            if not self._stack:
+                self.complete = True
+        elif char == "," and self._stack:
+            top = self._stack[-1]
+            if top[0] == "[":
+                top[1] += 1
+            else:
+                top[1], top[2] = None, True
+        elif char == ":" and self._stack and self._stack[-1][0] == "{":
+            self._stack[-1][2] = False
+
+    def _role_of_string(self) -> str:
+        if self._stack and self._stack[-1][0] == "{" and self._stack[-1][2]:
+            return "key"
+        path = self._value_path()
+        if path == ("content",):
+            self.content = self.content or ""
+            return "content"
+        return "name" if path == ("tool_calls", "name") else ""
+
+    def _value_path(self) -> tuple:
+        """The keys leading to the value about to start (list indexes left out)."""
+        return tuple(entry[1] for entry in self._stack if entry[0] == "{")
+
+    def _in_string(self, char: str, events: list[tuple]) -> None:
+        assert self._string is not None
+        if self._string_role == "content":
+            self._content_char(char, events)
+            return
+        if char != '"' or (len(self._string) - len(self._string.rstrip("\\"))) % 2:     # an escaped quote
+            self._string += char
+            return
+        value = _json_string(self._string)
+        role, self._string = self._string_role, None
+        if role == "key" and self._stack:
+            self._stack[-1][1] = value
+        elif role == "name" and self.calls:
+            self.calls[-1]["name"] = value
+            events.append(("call", len(self.calls) - 1, value))
+
+    def _content_char(self, char: str, events: list[tuple]) -> None:
+        if not self._escape and char == '"':
+            self._string = None
+            if self._surrogate:
+                self._say_content(self._surrogate, events)
+                self._surrogate = ""
+            return
+        if self._escape or char == "\\":
+            self._escape += char
+            decoded = _json_string(self._escape) if _escape_complete(self._escape) else None
+            if decoded is None:
+                return
+            self._escape = ""
+            char = decoded
+        if "\ud800" <= char <= "\udbff":                  # a high surrogate: wait for its low half
+            self._surrogate = char
+            return
+        if self._surrogate:
+            char = (self._surrogate + char).encode("utf-16", "surrogatepass").decode("utf-16") \
+                if "\udc00" <= char <= "\udfff" else self._surrogate + char
+            self._surrogate = ""
+        self._say_content(char, events)
+
+    def _say_content(self, text: str, events: list[tuple]) -> None:
+        self.content = (self.content or "") + text
+        if events and events[-1][0] == "content":
+            events[-1] = ("content", events[-1][1] + text)
+        else:
+            events.append(("content", text))
+
+    def _copy_argument(self, char: str, events: list[tuple]) -> None:
+        call = self._arguments
+        assert call is not None
+        call["arguments"] += char
+        index = len(self.calls) - 1
+        if events and events[-1][0] == "arguments" and events[-1][1] == index:
+            events[-1] = ("arguments", index, events[-1][2] + char)
+        else:
+            events.append(("arguments", index, char))
+        if self._raw_string:
+            if self._raw_escape:
+                self._raw_escape = False
+            elif char == "\\":
+                self._raw_escape = True
+            elif char == '"':
+                self._raw_string = False
+        elif char == '"':
+            self._raw_string = True
+        elif char in "{[":
+            self._raw_depth += 1
+        elif char in "}]":
+            self._raw_depth -= 1
+            if self._raw_depth == 0:
+                call["complete"] = True
+                self._arguments = None
+
+    def reply(self) -> tuple[str | None, list[dict] | None]:
+        """(content, calls) of the answer so far: calls as [{"name", "arguments": JSON text as written}]."""
+        if self.calls and all(call["name"] is not None for call in self.calls):
+            return None, [{"name": call["name"], "arguments": call["arguments"]} for call in self.calls]
+        if self.content is not None:
+            return self.content, None
+        return self.text, None                 # not an answer object at all: the text as it is
+
+
+def _escape_complete(escape: str) -> bool:
+    return len(escape) >= 2 and (escape[1] != "u" or len(escape) == 6)
+
+
+def _json_string(raw: str) -> str:
     try:
-        answer = json.loads(text)
+        return json.loads('"' + raw + '"')
     except ValueError:
-        return _cut_content(text), None
-    if isinstance(answer, dict) and isinstance(answer.get("tool_calls"), list):
-        return None, [{"name": call["name"], "arguments": json.dumps(call["arguments"], separators=(",", ":"),
-                                                                     ensure_ascii=False)}
-                      for call in answer["tool_calls"]]
-    if isinstance(answer, dict) and isinstance(answer.get("content"), str):
-        return answer["content"], None
-    return text, None
+        return raw
 
 
-def _cut_content(text: str) -> str:
-    """An answer cut short inside {"content": "...": the text written so far (else the text as it is)."""
-    start = re.match(r'\s*\{\s*"content"\s*:\s*"', text)
-    if start is None:
-        return text
-    body = text[start.end():]
-    for candidate in (body, body[:-1]):          # the second drops an escape cut after its backslash
-        try:
-            return json.loads('"' + candidate + '"')
-        except ValueError:
-            continue
-    return text
+def reply_of(text: str) -> tuple[str | None, list[dict] | None]:
+    """The model's answer as (content, calls): calls as [{"name", "arguments": the arguments' JSON text as the model
+    wrote it}]. An answer cut short (max_tokens) gives what was written so far: the content, or the calls with the
+    last one's arguments cut; text that is not an answer object at all is content as it is."""
+    stream = AnswerStream()
+    stream.feed(text)
+    return stream.reply()
