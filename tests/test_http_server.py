@@ -26,6 +26,14 @@ async def app(scope, receive, send):
     if scope["path"] == "/wait":
         HUNG_UP.append((await receive())["type"])
         return
+    if scope["path"] == "/flood":                # answers without end, as fast as the client reads
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        try:
+            while True:
+                await send({"type": "http.response.body", "body": b"x" * (1 << 20), "more_body": True})
+        except Exception as exc:
+            FLOOD_ENDED.append(type(exc).__name__)
+            raise
     if scope["path"] == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         for piece in (b"one ", b"two ", b"three"):
@@ -40,6 +48,7 @@ async def app(scope, receive, send):
 
 
 HUNG_UP: list[str] = []
+FLOOD_ENDED: list[str] = []
 
 
 @pytest.fixture
@@ -102,12 +111,85 @@ async def test_a_malformed_or_oversized_head_is_refused_and_the_connection_close
 
 async def test_a_client_trickling_its_head_or_stalling_its_body_is_cut_off(server, monkeypatch):
     monkeypatch.setattr(http_server, "REQUEST_WAIT_S", 0.5)
-    monkeypatch.setattr(http_server, "BODY_TIMEOUT_S", 0.5)
-    for opening in (b"", b"GET / HTTP/1.1\r\nHost: h\r\n",                           # silent; half a head
-                    b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc"):   # 3 of 10 body bytes
+    for opening in (b"", b"GET / HTTP/1.1\r\nHost: h\r\n"):                           # silent; half a head
         started = trio.current_time()
         assert await exchange(server, opening, timeout_s=5) == b""                      # closed, nothing answered
         assert trio.current_time() - started < 3
+    monkeypatch.setattr(http_server, "BODY_DEADLINE_S", 0.5)
+    started = trio.current_time()                                                       # 3 of 10 body bytes
+    answer = await exchange(server, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc", timeout_s=5)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower()
+    assert trio.current_time() - started < 3
+
+
+async def test_a_body_trickled_in_under_every_piece_timeout_still_meets_one_deadline(server, monkeypatch):
+    """Before: the body's timeout was per piece, so a byte every so often kept a connection (and its slot) forever."""
+    monkeypatch.setattr(http_server, "BODY_DEADLINE_S", 1.0)
+    stream = await trio.open_tcp_stream("127.0.0.1", server)
+    async with stream:
+        await stream.send_all(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\n")
+        started, answer = trio.current_time(), b""
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                async def trickle() -> None:
+                    for _ in range(1000):
+                        await trio.sleep(0.1)
+                        try:
+                            await stream.send_all(b"a")
+                        except trio.BrokenResourceError:
+                            return
+                nursery.start_soon(trickle)
+                while b"\r\n\r\n" not in answer:
+                    answer += await stream.receive_some(65536)
+                nursery.cancel_scope.cancel()
+        assert answer.startswith(b"HTTP/1.1 408 ") and trio.current_time() - started < 2.5
+
+
+async def test_content_length_with_transfer_encoding_is_refused_and_closed(server):
+    """RFC 9112 §6.3: both framing headers may be request smuggling; before, the body was read as chunked and the
+    connection kept open for the next request."""
+    answer = await exchange(server, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+                                    b"GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"connection: close" in answer.lower()
+    assert b"smuggled" not in answer and answer.count(b"HTTP/1.1 ") == 1
+
+
+async def test_a_malformed_chunked_body_is_a_400_not_a_500(server, caplog):
+    answer = await exchange(server, b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    b"zz\r\nabc\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:60]
+    assert "malformed HTTP request" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+    assert "Traceback" not in caplog.text and "failed" not in caplog.text
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(server, monkeypatch):
+    """Before: send_all had no timeout, so a client that stopped reading pinned the answer (and, on the gateway, a
+    provider's stream) for as long as it kept the connection open."""
+    monkeypatch.setattr(http_server, "SEND_TIMEOUT_S", 0.5)
+    FLOOD_ENDED.clear()
+    stream = await trio.open_tcp_stream("127.0.0.1", server)
+    async with stream:
+        await stream.send_all(b"GET /flood HTTP/1.1\r\nHost: h\r\n\r\n")
+        with trio.fail_after(10):
+            while not FLOOD_ENDED:
+                await trio.sleep(0.05)
+    assert FLOOD_ENDED == ["_Closed"]
+
+
+async def test_connections_beyond_the_limit_wait_a_bounded_time_then_get_503(nursery, monkeypatch):
+    monkeypatch.setattr(http_server, "CONNECTIONS_MAX", 1)
+    monkeypatch.setattr(http_server, "CONNECTION_WAIT_S", 0.3)
+    bound = await nursery.start(http_server.serve_http, app, "127.0.0.1", 0)
+    port = int(bound[0].rsplit(":", 1)[1])
+    holder = await trio.open_tcp_stream("127.0.0.1", port)       # holds the one slot (an idle connection)
+    async with holder:
+        await trio.sleep(0.1)
+        started = trio.current_time()
+        answer = await exchange(port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", timeout_s=4)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer.lower()
+        assert "busy" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+        assert trio.current_time() - started < 2
 
 
 async def test_a_client_hanging_up_is_told_to_the_app_at_once(server):

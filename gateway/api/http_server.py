@@ -8,10 +8,13 @@ app, responses with Content-Length or chunked (server-sent events), ``Expect: 10
 queue, a placed one is cancelled and billed for what was relayed). No TLS (a load balancer or proxy terminates it)
 and no HTTP/2.
 
-Every read is bounded: the request line and headers by HEADERS_BYTES_MAX, the wait for them (a new or idle
-keep-alive connection, or a client trickling its headers) by REQUEST_WAIT_S, and each piece of a body by BODY_TIMEOUT_S;
-connections beyond CONNECTIONS_MAX wait their turn. A malformed request is answered 400 and the connection
-closed; an app that fails before it answered is a 500.
+Every read and write is bounded: the request line and headers by HEADERS_BYTES_MAX, the wait for them (a new or
+idle keep-alive connection, or a client trickling its headers) by REQUEST_WAIT_S, the whole body by one deadline,
+BODY_DEADLINE_S from the head (408 past it, however the body trickles in), each write by SEND_TIMEOUT_S (a client
+that stops reading is cut off: the app's send fails, as if it had hung up). Connections beyond CONNECTIONS_MAX wait
+at most CONNECTION_WAIT_S for a slot, then are answered 503 with Retry-After. A malformed request (a bad head, a
+malformed chunked body, both Content-Length and Transfer-Encoding: RFC 9112 §6.3) is answered 400 and the
+connection closed, whatever the app was doing with it; an app that fails before it answered is a 500.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ log = logging.getLogger("llorch.gateway.http")
 HEADERS_BYTES_MAX = 16 * 1024        # request line and headers together
 REQUEST_WAIT_S = 5.0                 # a connection without a whole request head this long after it opened (or after
                                      # its last answer) is closed
-BODY_TIMEOUT_S = 30.0                # the longest wait for the next piece of a request body
-CONNECTIONS_MAX = 1_024              # client connections served at once; more wait their turn
+BODY_DEADLINE_S = 60.0               # the whole request body must have arrived this long after its head
+SEND_TIMEOUT_S = 30.0                # the longest a write to the client may block (it stopped reading)
+CONNECTIONS_MAX = 1_024              # client connections served at once; more wait their turn...
+CONNECTION_WAIT_S = 5.0              # ... this long at most, then are answered 503
 READ_BYTES = 64 * 1024
 SERVER = b"llorch"
 
@@ -44,11 +49,19 @@ async def serve_http(app: App, host: str, port: int, task_status=trio.TASK_STATU
     limiter = trio.CapacityLimiter(CONNECTIONS_MAX)
 
     async def handle(stream: trio.SocketStream) -> None:
-        async with limiter:
-            try:
-                await Connection(app, stream, (host, bound_port)).serve()
-            except Exception:            # a bug here ends this connection, never the server (and the gateway)
-                log.exception("an HTTP connection failed")
+        acquired = False
+        with trio.move_on_after(CONNECTION_WAIT_S):
+            await limiter.acquire()
+            acquired = True
+        if not acquired:
+            await Connection(app, stream, (host, bound_port)).refuse_busy()
+            return
+        try:
+            await Connection(app, stream, (host, bound_port)).serve()
+        except Exception:            # a bug here ends this connection, never the server (and the gateway)
+            log.exception("an HTTP connection failed")
+        finally:
+            limiter.release()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handle, listeners)
@@ -57,6 +70,15 @@ async def serve_http(app: App, host: str, port: int, task_status=trio.TASK_STATU
 
 class _Closed(Exception):
     """The client closed the connection, or broke the protocol: stop serving it."""
+
+
+class _Refused(Exception):
+    """The server answers this request itself (its body broke the protocol or its deadline), whatever the app does:
+    ``status`` and ``message``, then the connection is closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
 
 
 class Connection:
@@ -85,6 +107,9 @@ class Connection:
                 if len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers) > \
                         HEADERS_BYTES_MAX:          # h11 caps a head only while it is incomplete: one read held it
                     raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+                names = {name.lower() for name, _ in event.headers}
+                if b"content-length" in names and b"transfer-encoding" in names:      # RFC 9112 §6.3: smuggling
+                    raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", 400)
                 await self._run(event)
                 if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
                     return                   # not reusable: the app left the body unread, or an error closed it
@@ -117,17 +142,38 @@ class Connection:
 
     async def _refuse(self, exc: h11.RemoteProtocolError) -> None:
         """A request h11 cannot parse: 400 (or 431 for oversized headers) if nothing was answered yet."""
+        status = exc.error_status_hint
+        await self._answer_and_close(status, f"malformed HTTP request: {status} ({exc})", "invalid_request_error")
+
+    async def _answer_and_close(self, status: int, message: str, kind: str,
+                                headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """Answer ``status`` with OpenAI's error shape and ``Connection: close``, if nothing was answered yet."""
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        status = exc.error_status_hint
-        body = error_body(f"malformed HTTP request: {status}", "invalid_request_error")
+        body = error_body(message, kind)
         try:
-            await self.stream.send_all(self.h11.send(h11.Response(status_code=status, headers=[
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"), (b"server", SERVER)])) + self.h11.send(h11.Data(data=body)) +
-                self.h11.send(h11.EndOfMessage()))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            with trio.fail_after(SEND_TIMEOUT_S):
+                await self.stream.send_all(self.h11.send(h11.Response(status_code=status, headers=[
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"), (b"server", SERVER), *(headers or [])])) +
+                    self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage()))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, h11.LocalProtocolError):
             pass
+
+    async def refuse_busy(self) -> None:
+        """A connection that found no slot in time: read its request head (bounded), answer 503, close."""
+        try:
+            with trio.move_on_after(REQUEST_WAIT_S):
+                event = await self._next_event()
+                if isinstance(event, h11.Request):
+                    await self._answer_and_close(503, f"the gateway is busy: more than {CONNECTIONS_MAX} "
+                                                      f"connections; retry shortly", "server_error",
+                                                 [(b"retry-after", b"1")])
+        except h11.RemoteProtocolError as exc:
+            await self._refuse(exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
 
     async def _run(self, request: h11.Request) -> None:
         target = request.target
@@ -143,12 +189,16 @@ class Connection:
         except _Closed:
             raise
         except Exception:
+            if exchange.refused is not None:     # the app failed on the error its receive raised
+                raise _Closed() from None
             if self.eof.is_set():            # the client went away under it: nothing to answer, nothing wrong
                 raise _Closed() from None
             log.exception("the HTTP app failed on %s %s", scope["method"], scope["path"])
             if not exchange.started:
                 await exchange.send_plain(500, error_body("internal error", "server_error"))
             raise _Closed() from None
+        if exchange.refused is not None:
+            raise _Closed()
         if not exchange.started:
             await exchange.send_plain(500, error_body("no response", "server_error"))
         elif self.h11.our_state is h11.SEND_BODY:     # the app returned mid-body: the client cannot trust it
@@ -164,15 +214,21 @@ class _Exchange:
         self.started = False
         self.head = b""                      # the response head, until the body's first piece goes with it
         self.body_done = False
+        self.body_deadline = trio.current_time() + BODY_DEADLINE_S
+        self.refused: _Refused | None = None     # the server answered this request itself
 
     async def receive(self) -> dict:
         if not self.body_done:
             if self.h11.they_are_waiting_for_100_continue:
                 await self._send_bytes(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
-            with trio.move_on_after(BODY_TIMEOUT_S) as waited:
-                event = await self.connection._next_event()
+            try:
+                with trio.move_on_at(self.body_deadline) as waited:
+                    event = await self.connection._next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._refuse(400, f"malformed HTTP request: 400 ({exc})", "invalid_request_error")
             if waited.cancelled_caught:
-                raise _Closed()
+                await self._refuse(408, f"the request body did not arrive within {BODY_DEADLINE_S:g} s",
+                                   "invalid_request_error")
             if isinstance(event, h11.Data):
                 return {"type": "http.request", "body": bytes(event.data), "more_body": True}
             if isinstance(event, h11.EndOfMessage):
@@ -191,7 +247,16 @@ class _Exchange:
             if len(connection.h11.trailing_data[0]) > HEADERS_BYTES_MAX:
                 raise _Closed()
 
+    async def _refuse(self, status: int, message: str, kind: str) -> None:
+        """Answer the request here (the app's own answer is dropped), then make the app's receive fail."""
+        self.refused = _Refused(status, message)
+        if not self.started:
+            await self.connection._answer_and_close(status, message, kind)
+        raise _Closed()
+
     async def send(self, message: dict) -> None:
+        if self.refused is not None:             # the server answered already: the connection is closing
+            raise _Closed()
         kind = message["type"]
         if kind == "http.response.start":
             if self.started:
@@ -220,9 +285,10 @@ class _Exchange:
 
     async def _send_bytes(self, data: bytes) -> None:
         try:
-            await self.connection.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.connection.eof.set()
+            with trio.fail_after(SEND_TIMEOUT_S):
+                await self.connection.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            self.connection.eof.set()            # gone, or not reading: either way nobody takes the answer
             raise _Closed() from None
 
 
