@@ -187,7 +187,7 @@ def test_every_response_has_a_request_id(network):
     ({"model": "gpt-17", "messages": MESSAGES}, 404, "model_not_found"),
     ({"model": MODEL}, 400, "invalid_request"),
     ({"model": MODEL, "messages": MESSAGES, "temperature": 5}, 400, "invalid_request"),
-    ({"model": MODEL, "messages": MESSAGES, "n": 2}, 400, "invalid_request"),
+    ({"model": MODEL, "messages": MESSAGES, "n": 9}, 400, "invalid_request"),
     ({"model": MODEL, "messages": MESSAGES, "max_tokens": 0}, 400, "invalid_request"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_request"),
     ({"model": MODEL, "messages": MESSAGES, "logit_bias": {"1": 5}}, 400, "invalid_request"),

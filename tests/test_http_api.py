@@ -282,3 +282,16 @@ def test_an_answer_cut_short_still_reads_as_text():
     assert reply_of("not an answer") == ("not an answer", None)
     assert reply_of('{"tool_calls":[{"name":"f","arguments":{"a":1}}]}') == (None, [{"name": "f",
                                                                                      "arguments": '{"a":1}'}])
+
+
+async def test_healthz_is_ready_only_with_a_fresh_approved_provider_and_livez_says_up(live):
+    """Before: /healthz answered 200 with 0 providers, so a load balancer sent customers to an empty replica."""
+    built, client = live
+    ready = await client.get("/healthz")
+    assert ready.status_code == 200 and ready.json()["providers"] == 1 and ready.json()["status"] == "ok"
+    built.gateway.directory.exclude(built.providers["p1"].key.public_key)     # its only provider gone
+    empty = await client.get("/healthz")
+    assert empty.status_code == 503 and empty.json()["providers"] == 0 and empty.headers["retry-after"] == "1"
+    assert "no approved provider" in empty.json()["reason"]
+    alive = await client.get("/livez")
+    assert alive.status_code == 200 and alive.json() == {"status": "alive"}

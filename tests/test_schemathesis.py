@@ -61,7 +61,7 @@ def test_the_document_names_every_body_every_error_shape_and_the_key():
     and accept the 400), or an authenticated route documented as open (ignored_auth checks only those marked)."""
     openapi = document()
     found = operations(openapi)
-    open_routes = {"GET /healthz", "GET /metrics", "POST /v2/platform/providers/register", "GET /v2/platform/gateway",
+    open_routes = {"GET /healthz", "GET /livez", "GET /metrics", "POST /v2/platform/providers/register", "GET /v2/platform/gateway",
                    "GET /v1/catalog"}
     assert set(found) == open_routes | {
         "GET /v1/models", "POST /v1/chat/completions", "POST /v1/completions", "GET /v2/platform/providers",

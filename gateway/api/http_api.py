@@ -1,5 +1,5 @@
 """The HTTP surface: the OpenAI-compatible routes (GET /v1/models, POST /v1/chat/completions and /v1/completions, JSON
-or SSE), llorch's own /v2 routes, /healthz and /metrics.
+or SSE), llorch's own /v2 routes, /healthz (ready), /livez (up) and /metrics.
 
 Handlers are thin: read and parse the body (gateway/api/body.py, openai_api.py), call Gateway.complete
 (gateway/service.py), shape the answer. Every error is OpenAI's error shape with a specific message. Each route
@@ -33,9 +33,9 @@ from llorch.gateway.api.openai_api import (STREAM_DESCRIPTION, ChatCompletion, C
                                            CompletionRequest, ModelList, TextCompletion, TextCompletionChunk,
                                            assistant_reply, call_id, chat_logprobs, completion_logprobs, model_card,
                                            parse_chat_request)
-from llorch.gateway.api.openapi import (BEARER, CatalogView, GatewayInfo, Health, ProviderCapacity, ProviderList, ProviderRecord,
-                                        ReceiptProof, RegistrationBody, Statement, errors, event_stream, openapi_document,
-                                        request_body)
+from llorch.gateway.api.openapi import (BEARER, CatalogView, GatewayInfo, Health, Liveness, ProviderCapacity,
+                                        ProviderList, ProviderRecord, ReceiptProof, RegistrationBody, Statement, errors,
+                                        event_stream, openapi_document, request_body)
 from llorch.gateway.market.providers import parse_registration_body, record_json
 from llorch.gateway.market.tenants import Tenant
 from llorch.node.wire.tools import AnswerStream
@@ -328,10 +328,24 @@ def build_app(gateway: Gateway) -> FastAPI:
         param = ".".join(str(part) for part in first["loc"][1:]) or None
         return error_response(BadRequest(f"invalid {param or 'request'}: {first['msg']}", param=param))
 
-    @app.get("/healthz", response_model=None, responses={200: {"model": Health, "description": "Alive."}})
-    async def healthz() -> dict:
-        return {"status": "ok", "providers": len(gateway.directory.fresh(now_ms())),
-                "models": gateway.offered_models()}
+    @app.get("/healthz", response_model=None, responses={
+        200: {"model": Health, "description": "Ready: at least one approved provider has a fresh attestation."},
+        503: {"model": Health, "description": "Up, but no approved provider is fresh here (every request would "
+                                              "be a 503): a load balancer sends customers elsewhere."}})
+    async def healthz() -> JSONResponse:
+        """Readiness, for a load balancer's health check (GET /livez says only that the process is up)."""
+        providers = len(gateway.directory.fresh(now_ms()))
+        if providers:
+            return JSONResponse({"status": "ok", "providers": providers, "models": gateway.offered_models()})
+        return JSONResponse({"status": "unready", "providers": 0, "models": [],
+                             "reason": "no approved provider has a fresh attestation here (nodes reconnect within "
+                                       "seconds of a restart; check `llorch gateway providers list`)"},
+                            status_code=503, headers={"retry-after": "1"})
+
+    @app.get("/livez", response_model=None, responses={200: {"model": Liveness, "description": "Up."}})
+    async def livez() -> dict:
+        """Liveness: the process answers HTTP (restart it only when this fails)."""
+        return {"status": "alive"}
 
     @app.get("/v2/platform/gateway", response_model=None,
              responses={200: {"model": GatewayInfo, "description": "The gateway's libp2p identity."}})

@@ -106,9 +106,14 @@ class CatalogView(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
-    providers: int = Field(ge=0, description="Providers with a fresh attestation.")
+    status: Literal["ok", "unready"]
+    providers: int = Field(ge=0, description="Approved providers with a fresh attestation.")
     models: list[str] = Field(description="Catalog models some fresh provider offers.")
+    reason: str | None = Field(default=None, description="Why not ready (with 503).")
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"]
 
 
 class GatewayInfo(BaseModel):
