@@ -64,6 +64,10 @@ async def _replicas(database: Database) -> None:
     await database.executescript(witness.LEASE_SCHEMA + shared.SCHEMA)
 
 
+async def _reread_for_replicas(database: Database) -> None:
+    await database.transaction([("DELETE FROM reconcile_cursor", [()])])
+
+
 async def _payers(database: Database) -> None:
     """Tickets name who pays them (gateway/books/settlement.py ``Payer``); the platform's older runs are found by
     their legs. Spot-check draws get a row each, so what became of every draw can be counted."""
@@ -83,6 +87,8 @@ MIGRATIONS = (
     Migration(3, "tickets name their payer (customer, spot_check, probe); every spot-check draw and its outcome",
               _payers),
     Migration(4, "the model catalog the operator curates, seeded with the built-in entries", catalog.seed_builtin),
+    Migration(5, "reconciliation reads every witnessed entry again, once: earlier builds skipped the receipts of "
+                 "other replicas' tickets while moving the shared cursor past them", _reread_for_replicas),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -179,6 +179,30 @@ def test_the_same_requests_give_the_same_statement_on_two_replicas_as_on_one_gat
     assert statement_of(replicas, "gateway2.toml", "same") == statements[1]      # either replica reads the books
 
 
+def test_reconcile_from_either_replicas_config_matches_every_ticket_of_both(replicas):
+    """Before: run with one replica's config, reconcile skipped the receipts of tickets the other replica signed
+    (and moved the shared cursor past them), so every request the other replica served was "ticket_without_receipt".
+    Requests go to both replicas; once each provider's ledger is witnessed past them, reconcile (grace 0) from
+    either config finds every accepted ticket's receipt."""
+    key = replicas.cli("gateway", "tenants", "add", "reconciled", "--config", "gateway.toml").strip()
+    for seed in range(6):
+        assert chat(urls(replicas)[seed % 2], key, 100 + seed).status_code == 200
+    issued = sql(replicas, "SELECT MAX(issued_ms) FROM tickets")[0][0]
+    deadline = time.monotonic() + QUORUM_WAIT_S
+    while sql(replicas, "SELECT COUNT(*) FROM witnessed WHERE checked_ms > %s", (issued + 2_000,))[0][0] < 2:
+        assert time.monotonic() < deadline, "the providers' ledgers were not witnessed past the requests"
+        time.sleep(0.5)
+    signers = {Ticket.from_envelope(bytes(row[0])).gateway_key for row in sql(
+        replicas, "SELECT ticket FROM tickets WHERE state = 'settled' AND accepted_ms IS NOT NULL")}
+    assert len(signers) == 2                                   # both replicas signed tickets
+    for config in ("gateway2.toml", "gateway.toml"):
+        run = subprocess.run([sys.executable, "-m", "llorch.gateway", "billing", "reconcile", "--grace-s", "0",
+                              "--config", config], cwd=replicas.workdir, capture_output=True, text=True, timeout=120)
+        report = json.loads(run.stdout)
+        assert [f for f in report["findings"] if f["kind"] == "ticket_without_receipt"] == [], report
+        assert report["ok"] and report["matched"] > 0, report
+
+
 def test_a_replica_killed_mid_stream_the_retry_is_served_once_and_the_survivor_takes_the_leases(replicas):
     key = replicas.cli("gateway", "tenants", "add", "late", "--config", "gateway.toml").strip()
     first, second = replicas.gateway.state()["base_url"], replicas.replicas[0].state()["base_url"]

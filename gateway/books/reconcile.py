@@ -29,7 +29,7 @@ from llorch.gateway.books.settlement import Metered, Payer, State, Terms, settle
 from llorch.gateway.books.tickets import TicketBook, metered_of_row
 from llorch.ledger.errors import LedgerError
 from llorch.ledger.objects import Receipt, Ticket
-from llorch.ledger.signing import peer_id_of, sha256
+from llorch.ledger.signing import peer_id_of, public_key_of_peer_id, sha256
 from llorch.ledger.sqlite import Database
 
 GRACE_MS = 120_000          # a witness round this long after a ticket must find its receipt
@@ -106,10 +106,13 @@ class _TicketRow:
 
 async def reconcile(database: Database, gateway_key: bytes, period: str | None, now_ms: int,
                     grace_ms: int = GRACE_MS, post: bool = False) -> Report:
-    """Examine what the witness added since the last run, settle lost tickets when ``post``, and report."""
+    """Examine what the witness added since the last run, settle lost tickets when ``post``, and report. Run from
+    any replica's config, it reconciles the whole deployment: ``gateway_key`` and every replica's key that has
+    shared this database (the books, the tickets and the cursors are the deployment's, not one replica's)."""
     cursors = dict(await database.fetchall("SELECT provider_key, next_idx FROM reconcile_cursor"))
+    ours = {gateway_key} | await replica_keys(database)
     for provider_key, in await database.fetchall("SELECT provider_key FROM witnessed"):
-        await _examine_new_entries(database, gateway_key, provider_key, cursors.get(provider_key, 0), now_ms)
+        await _examine_new_entries(database, ours, provider_key, cursors.get(provider_key, 0), now_ms)
     report = Report(period)
     if post:
         report.posted = await _post_lost_tickets(database, now_ms, grace_ms)
@@ -117,7 +120,18 @@ async def reconcile(database: Database, gateway_key: bytes, period: str | None, 
     return await _report(database, report, period)
 
 
-async def _examine_new_entries(database: Database, gateway_key: bytes, provider_key: bytes, start: int,
+async def replica_keys(database: Database) -> set[bytes]:
+    """The public keys of every replica that has run on this database (gateway/market/shared.py heartbeats)."""
+    keys = set()
+    for peer_id, in await database.fetchall("SELECT peer_id FROM gateway_replicas"):
+        try:
+            keys.add(public_key_of_peer_id(peer_id))
+        except (ValueError, LedgerError):
+            continue
+    return keys
+
+
+async def _examine_new_entries(database: Database, ours: set[bytes], provider_key: bytes, start: int,
                                now_ms: int) -> None:
     rows = await database.fetchall("SELECT idx, entry FROM provider_entries WHERE provider_key = ? AND idx >= ? "
                                    "ORDER BY idx", (provider_key, start))
@@ -131,14 +145,13 @@ async def _examine_new_entries(database: Database, gateway_key: bytes, provider_
         except LedgerError as exc:      # the witness verified every entry; a bad one here means a damaged database
             findings.append(Finding("mismatch", "?", provider_id, f"unreadable entry: {exc}"))
             continue
-        if receipt.gateway_key != gateway_key:
-            continue
         row = await database.fetchone(f"SELECT {TICKET_ROW} FROM tickets WHERE ticket_sha256 = ?",
                                       (receipt.ticket_sha256,))
-        if row is None:
-            findings.append(Finding("receipt_without_ticket", receipt.request_id, provider_id,
-                                    "this gateway never issued the ticket this receipt answers"))
-            continue
+        if row is None:                  # a ticket in these books was signed by this deployment, whichever replica
+            if receipt.gateway_key in ours:
+                findings.append(Finding("receipt_without_ticket", receipt.request_id, provider_id,
+                                        "this gateway never issued the ticket this receipt answers"))
+            continue                     # another market's receipt in the same ledger: not ours to reconcile
         seen.append((receipt.ticket_sha256,))
         finding = check_entry(_TicketRow.parse(row), receipt, sha256(entry))
         if finding is not None:
@@ -146,6 +159,9 @@ async def _examine_new_entries(database: Database, gateway_key: bytes, provider_
     periods = await _periods(database, findings, now_ms)
     await database.transaction([
         ("UPDATE tickets SET receipt_seen = 1 WHERE ticket_sha256 = ?", seen),
+        ("UPDATE reconcile_findings SET resolved_ms = ? WHERE kind = 'ticket_without_receipt' AND resolved_ms IS "
+         "NULL AND request_id IN (SELECT request_id FROM tickets WHERE ticket_sha256 = ?)",     # it came late
+         [(now_ms, sha) for sha, in seen]),
         ("INSERT INTO reconcile_findings (kind, request_id, provider_id, period, detail, found_ms) "
          "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", [(f.kind, f.request_id, f.provider_id, periods[f.request_id], f.detail, now_ms)
                                        for f in findings]),
