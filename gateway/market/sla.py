@@ -129,7 +129,7 @@ async def sla_report(database, month: str, now_ms: int, probe_tenant: str) -> li
             "SELECT COUNT(*) FROM attested_buckets WHERE provider_key = ? AND bucket >= ? AND bucket < ?",
             (key, start // SLA_BUCKET_MS, -(-end // SLA_BUCKET_MS))))[0]
         sent, answered = await database.fetchone(
-            "SELECT COUNT(*), COALESCE(SUM(outcome = 'finished'), 0) FROM tickets WHERE provider_key = ? "
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN outcome = 'finished' THEN 1 ELSE 0 END), 0) FROM tickets WHERE provider_key = ? "
             "AND tenant = ? AND issued_ms >= ? AND issued_ms < ? AND state = 'settled'",
             (key, probe_tenant, start, end))
         rows = await database.fetchall(
