@@ -67,6 +67,19 @@ class NoProvider(GatewayError):
     status, type, code = 503, "service_unavailable", "no_provider"
 
 
+class DatabaseUnavailable(GatewayError):
+    """Raised when the gateway's database failed under a request (a PostgreSQL restart or failover dropped the
+    connection, the disk is read-only): nothing of the request was written, or what was is settled by `llorch
+    billing reconcile --post` as any interrupted ticket. Retry: the next statement reconnects."""
+
+    status, type, code = 503, "service_unavailable", "database_unavailable"
+    retry_after_s = 1
+
+    @classmethod
+    def of(cls, exc: Exception) -> "DatabaseUnavailable":
+        return cls(f"the gateway's database is unavailable for a moment ({exc}); retry")
+
+
 class AllBusy(NoProvider):
     """Raised when every eligible provider answered busy: the request may wait in the admission queue for a slot
     (only if it cannot, or its deadline passes, does the customer see an error: 429)."""

@@ -33,8 +33,8 @@ from llorch.gateway.books.receipts import ReceiptBook
 from llorch.gateway.books.settlement import Payer, Settlement
 from llorch.gateway.books.tickets import TicketBook
 from llorch.gateway.config import GatewayConfig, margin_bp
-from llorch.gateway.errors import (AllBusy, BadRequest, Forbidden, GatewayError, ModelNotFound, NoProvider,
-                                  ProviderFailed, RateLimited)
+from llorch.gateway.errors import (AllBusy, BadRequest, DatabaseUnavailable, Forbidden, GatewayError, ModelNotFound,
+                                  NoProvider, ProviderFailed, RateLimited)
 from llorch.gateway.market.admission import Admission, QueueFull, QueueTimeout, WaitingRoom
 from llorch.gateway.market.directory import ProviderDirectory
 from llorch.gateway.market.node_client import AttemptFailed, Refusal, StreamPool
@@ -50,6 +50,7 @@ from llorch.gateway.spot_checks import Finished, SpotChecker
 from llorch.gateway.ticket_runner import CustomerGone, Order, StreamBroke, TicketRun, TicketRunner, new_request_id
 from llorch.gateway.witness.witness import WitnessBook
 from llorch.ledger import canonical
+from llorch.ledger.errors import StoreError
 from llorch.ledger.objects import Receipt
 from llorch.ledger.receipt_proof import proof_document
 from llorch.ledger.signing import SigningKey, peer_id_of
@@ -235,6 +236,8 @@ class Gateway:
                                                      request_id if index == 0 else f"{request_id}-{index}")
             except GatewayError as error:
                 results[index] = error
+            except StoreError as exc:          # the database failed under this choice: retryable, like the others
+                results[index] = DatabaseUnavailable.of(exc)
 
         async with trio.open_nursery() as nursery:
             for index in range(choices):

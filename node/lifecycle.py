@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from llorch.ledger.errors import sole_exception
+from llorch.ledger.errors import StoreError, sole_exception
 
 log = logging.getLogger("llorch")
 
@@ -132,8 +132,12 @@ async def supervise(name: str, loop: Callable[[], Awaitable[None]],
             await loop()
             log.error("background loop %s returned; restarting it in %g s", name, backoff)
         except Exception as exc:      # trio.Cancelled is not an Exception: shutdown still unwinds through here
-            log.error("background loop %s failed (%s: %s); restarting it in %g s", name,
-                      type(sole_exception(exc)).__name__, sole_exception(exc), backoff, exc_info=exc)
+            cause = sole_exception(exc)
+            if isinstance(cause, StoreError):     # the database went away for a moment: no bug, no traceback
+                log.warning("background loop %s stopped: %s; restarting it in %g s", name, cause, backoff)
+            else:
+                log.error("background loop %s failed (%s: %s); restarting it in %g s", name, type(cause).__name__,
+                          cause, backoff, exc_info=exc)
         if on_restart is not None:
             on_restart(name)
         if trio.current_time() - started > backoff_s_max:

@@ -93,3 +93,28 @@ def test_every_operator_command_runs_its_sql_on_postgresql(served, capsys, monke
             where = f"llorch {' '.join(path)} {' '.join(argv)}: {returned}\n{stderr[-1500:]}"
             assert "Traceback" not in stderr and "does not exist" not in stderr, where
             assert code is None and returned in (0, 1) or returned == code, where
+
+
+def test_a_dropped_postgresql_connection_is_never_a_500(served):
+    """Before: a request whose statement met a dropped connection (a PostgreSQL restart) answered 500 "internal
+    error". Now every answer while the gateway's connection is dropped again and again is a 200 (the statement that
+    met the loss was a background loop's) or a 503 database_unavailable with Retry-After; none is a 500."""
+    import psycopg
+
+    net, _ = served
+    key = net.cli("gateway", "tenants", "add", "blip", "--config", "gateway.toml").strip()
+    statuses = []
+    for seed in range(8):
+        with psycopg.connect(net.database, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                          "AND pid <> pg_backend_pid()")
+        response = httpx.post(f"{net.base_url}/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                              json={"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}],
+                                    "max_tokens": 2, "seed": seed}, timeout=60)
+        statuses.append(response.status_code)
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            assert response.json()["error"]["code"] == "database_unavailable", response.text
+        else:
+            assert response.status_code == 200, response.text
+    assert "Traceback" not in (net.workdir / "gateway.log").read_text()

@@ -295,3 +295,24 @@ async def test_healthz_is_ready_only_with_a_fresh_approved_provider_and_livez_sa
     assert "no approved provider" in empty.json()["reason"]
     alive = await client.get("/livez")
     assert alive.status_code == 200 and alive.json() == {"status": "alive"}
+
+
+async def test_a_database_that_fails_under_a_request_is_a_503_with_retry_after_and_changes_nothing(live):
+    """Before: a database error under a request (a PostgreSQL restart dropping the connection, a disk gone
+    read-only) answered 500 {"message": "internal error", "code": null}, with no Retry-After and no documented code.
+    Now a 503 ``database_unavailable`` the client retries; the request wrote nothing."""
+    built, client = live
+    before = await table_counts(built)
+    await built.database.execute("PRAGMA query_only = 1")          # every write fails from here
+    try:
+        for stream in (False, True):
+            response = await client.post("/v1/chat/completions", json=chat_body(stream=stream))
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "1"
+            error = response.json()["error"]
+            assert error["code"] == "database_unavailable" and error["type"] == "service_unavailable"
+            assert "retry" in error["message"]
+    finally:
+        await built.database.execute("PRAGMA query_only = 0")
+    assert await table_counts(built) == before
+    assert (await client.post("/v1/chat/completions", json=chat_body())).status_code == 200

@@ -28,7 +28,8 @@ from llorch.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, UNMATCH
 from llorch.gateway import limits
 from llorch.gateway.api.body import parse_json, read_body_capped
 from llorch.gateway.api.pages import mount_pages
-from llorch.gateway.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
+from llorch.gateway.errors import BadRequest, DatabaseUnavailable, GatewayError, MethodNotAllowed, NotFound
+from llorch.ledger.errors import StoreError
 from llorch.gateway.api.openai_api import (STREAM_DESCRIPTION, ChatCompletion, ChatCompletionChunk, ChatRequest,
                                            CompletionRequest, ModelList, TextCompletion, TextCompletionChunk,
                                            assistant_reply, call_id, chat_logprobs, completion_logprobs, model_card,
@@ -211,8 +212,11 @@ class ChatStreamResponse(Response):
             return text
 
         try:
-            results = await self.gateway.complete_choices(self.chat.to_domain(), self.tenant, self.chat.n, on_text,
-                                                          self.request_id)
+            try:
+                results = await self.gateway.complete_choices(self.chat.to_domain(), self.tenant, self.chat.n,
+                                                              on_text, self.request_id)
+            except StoreError as exc:
+                raise DatabaseUnavailable.of(exc) from None
         except GatewayError as error:
             if not self.started:
                 response = error_response(error)
@@ -308,6 +312,10 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, error: GatewayError) -> JSONResponse:
         return error_response(error)
+
+    @app.exception_handler(StoreError)
+    async def _database_error(request: Request, error: StoreError) -> JSONResponse:
+        return error_response(DatabaseUnavailable.of(error))
 
     @app.exception_handler(StarletteHTTPException)
     async def _routing_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -477,6 +485,8 @@ def build_app(gateway: Gateway) -> FastAPI:
             response = await serve_completion(Request(scope, receive), app.completion_routes[scope["path"]][0])
         except GatewayError as error:
             response = error_response(error)
+        except StoreError as exc:
+            response = error_response(DatabaseUnavailable.of(exc))
         await response(scope, receive, send)
 
     routes = {route.path: route for route in app.routes if isinstance(route, APIRoute)}
