@@ -127,16 +127,24 @@ def model_status(model_id: str, models) -> dict:
 async def ledger_summary(ledger: LedgerStore, now_ms: int) -> dict:
     latest = ledger.latest_checkpoint
     summary: dict[str, object] = {"entries": ledger.size, "checkpoint_size": latest[0].size if latest else None,
-                                  "last_cosignature": None}
+                                  "last_cosignature": None, "uncosigned_ms": None}
     cosigned = await ledger.cosigned()
+    covered = 0
     if cosigned:
         note = parse_note(cosigned[-1])
         size = parse_checkpoint_text(note.text).size
         witnesses = [s for s in note.signatures if s.name.startswith("llorch-witness/")]
         if witnesses:
+            covered = size
             stamp = int.from_bytes(witnesses[-1].signature[:8], "big")
             summary["last_cosignature"] = {"witness": witnesses[-1].name, "size": size,
                                            "age_ms": now_ms - stamp * 1000}
+    if covered < ledger.size:        # how long the oldest receipt no cosignature covers has waited for one
+        try:
+            (first,) = await ledger.entries(covered, covered + 1)
+            summary["uncosigned_ms"] = max(0, now_ms - Receipt.from_envelope(first).finished_ms)
+        except (LedgerError, ValueError):
+            summary["uncosigned_ms"] = None
     return summary
 
 

@@ -79,24 +79,26 @@ def listing_warnings(me: str, claimed_country: str, gateway: str, listing: dict)
 
 
 def cosignature_warnings(status: dict) -> list[str]:
-    """A ledger with receipts that no gateway has cosigned lately, and a cosignature stamped in the node's future:
-    said precisely where a gateway's answer explains it, guessed where none does."""
+    """Receipts that no cosignature has covered for a long time, and a cosignature stamped in the node's future: said
+    precisely where a gateway's answer explains it, guessed where none does. An idle ledger whose head is cosigned
+    is fine however old that cosignature is: a witness cosigns again only when there is something new to cover."""
     found = []
     connected = [g for g in status["gateways"] if g["connected"]]
     answered = [g for g in connected if g.get("listing")]
     ledger = status["ledger"]
     cosigned = ledger["last_cosignature"]
-    if ledger["entries"] and connected and (cosigned is None or cosigned["age_ms"] > COSIGNATURE_STALE_MS):
+    waited = ledger.get("uncosigned_ms")
+    if ledger["entries"] and connected and waited is not None and waited > COSIGNATURE_STALE_MS:
         clean = [g for g in answered if g["listing"]["status"] == "approved" and
                  g["listing"]["fork_detected_ms"] is None]
         if clean:
-            found.append(f"gateway {clean[0]['peer_id']} approved you but has not cosigned your ledger for over 10 "
-                         f"minutes: its witness does not reach your ledger. Check how you are reached (above) and the "
-                         f"node's log for ledger streams")
+            found.append(f"gateway {clean[0]['peer_id']} approved you but has not cosigned your newest receipts "
+                         f"for over 10 minutes: its witness does not reach your ledger. Check how you are reached "
+                         f"(above) and the node's log for ledger streams")
         elif not answered:
-            found.append("the gateway has not cosigned your ledger for over 10 minutes: it witnesses only providers "
-                         "it has approved and not excluded for a fork. Ask its operator whether you are approved (a "
-                         "new registration waits for approval; a geo claim also waits for certification)")
+            found.append("the gateway has not cosigned your newest receipts for over 10 minutes: it witnesses only "
+                         "providers it has approved and not excluded for a fork. Ask its operator whether you are "
+                         "approved (a new registration waits for approval; a geo claim also waits for certification)")
     if not answered and cosigned is not None and cosigned["age_ms"] < -CLOCK_SKEW_MS_MAX:
         found.append(f"clock skew: the gateway's last cosignature is stamped {-cosigned['age_ms'] // 1000} s in "
                      f"your future; set your clock by NTP (tickets and attestations are refused when clocks differ)")

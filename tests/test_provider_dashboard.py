@@ -17,13 +17,22 @@ APPROVED = {"status": "approved", "country": "DE", "geo_certified": True, "fork_
             "fork_reason": None, "clock_offset_ms": 120, "round_trip_ms": 40, "age_ms": 3_000}
 
 
+STALE = COSIGNATURE_STALE_MS + 1
+
+
 def status(connected=True, entries=3, cosigned_age_ms: int | None = 1_000, listing: dict | None = None,
-           free_bytes: int = 100 * GIB, total_bytes: int = 200 * GIB, country: str = "DE") -> dict:
+           free_bytes: int = 100 * GIB, total_bytes: int = 200 * GIB, country: str = "DE",
+           uncosigned_ms: int | None = None) -> dict:
+    """``uncosigned_ms``: how long the oldest receipt no cosignature covers has waited (None: the head is
+    cosigned); with no cosignature at all and receipts, it defaults to stale."""
+    if cosigned_age_ms is None and entries and uncosigned_ms is None:
+        uncosigned_ms = STALE
     return {"peer_id": ME, "country": country,
             "gateways": [{"peer_id": GATEWAY, "connected": connected, "listing": listing,
                           "listing_error": None if listing else "not connected"}],
             "ledger": {"entries": entries, "checkpoint_size": entries, "last_cosignature": None if cosigned_age_ms is
-                       None else {"witness": "llorch-witness/x", "size": entries, "age_ms": cosigned_age_ms}},
+                       None else {"witness": "llorch-witness/x", "size": entries, "age_ms": cosigned_age_ms},
+                       "uncosigned_ms": uncosigned_ms},
             "disk": {"free_bytes": free_bytes, "total_bytes": total_bytes}}
 
 
@@ -83,11 +92,23 @@ def test_clock_skew_is_measured_against_the_gateways_clock():
 
 def test_without_an_answer_the_warnings_are_inferred_as_before():
     assert "not connected to gateway 12D3KooWgateway" in one(warnings(status(connected=False)))
-    for stale in (status(cosigned_age_ms=None), status(cosigned_age_ms=COSIGNATURE_STALE_MS + 1)):
+    for stale in (status(cosigned_age_ms=None), status(cosigned_age_ms=STALE, uncosigned_ms=STALE)):
         assert "whether you are approved" in one(warnings(stale))
     assert "clock skew" in one(warnings(status(cosigned_age_ms=-60_000)))
     approved_but_stale = one(warnings(status(cosigned_age_ms=None, listing=listing())))
     assert f"gateway {GATEWAY} approved you but has not cosigned" in approved_but_stale
+
+
+def test_an_idle_node_whose_head_is_cosigned_has_no_cosignature_alarm():
+    """Before: after 10 idle minutes the dashboard and `llorch node status` said the gateway "has not cosigned your
+    ledger for over 10 minutes" while its head was fully cosigned (a witness cosigns again only when there is
+    something new). What counts is how long the newest receipts have waited for a cosignature."""
+    hours = 3 * 3_600_000
+    assert warnings(status(cosigned_age_ms=hours, listing=listing())) == []
+    assert warnings(status(cosigned_age_ms=hours)) == []
+    waited = one(warnings(status(cosigned_age_ms=hours, uncosigned_ms=STALE, listing=listing())))
+    assert f"gateway {GATEWAY} approved you but has not cosigned your newest receipts" in waited
+    assert warnings(status(cosigned_age_ms=hours, uncosigned_ms=60_000, listing=listing())) == []   # just served
 
 
 def test_disk_nearly_full():
