@@ -43,6 +43,7 @@ def test_node_status_reports_connection_reachability_ledger_and_today(tmp_path, 
         assert status["warnings"] == [], status["warnings"]
         assert status["slots"]["total"] >= 1 and status["last_attestation"]["age_ms"] < 10_000
         assert status["ledger"]["entries"] == 2 and cosigned and cosigned["size"] == 2
+        assert status["ledger"]["uncosigned_ms"] is None                 # the head is cosigned
         assert status["today"]["requests"] == 2 and status["today"]["tokens_out"] > 0
         assert all(addr.startswith("/ip4/127.0.0.1/") for addr in status["reachability"]["announced"])
         assert status["reachability"]["how"] == "direct"     # on one machine, its listen address is dialable
