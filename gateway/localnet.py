@@ -116,6 +116,28 @@ class LocalNetwork:
         self.replicas.append(process)
         return self._wait_state(process)
 
+    def restart_gateway(self, name: str = "gateway", signum: int = signal.SIGKILL) -> dict:
+        """Stop a gateway (SIGKILL by default: a crash) and start it again on the same key, database and ports (the
+        nodes' bootstrap addresses and the customers' URL stay right). Returns its new state once it is up."""
+        process = self.gateway if name == "gateway" else next(p for p in self.replicas if p.name == name)
+        assert process is not None
+        state = process.started_state()
+        http_port = int(state["base_url"].removesuffix("/v1").rsplit(":", 1)[1])
+        p2p_port = int(state["multiaddrs"][0].split("/tcp/")[1].split("/")[0])
+        process.stop(signum)
+        config = self.workdir / f"{name}.toml"
+        lines = [line for line in config.read_text().splitlines()
+                 if not line.startswith(("http_port =", "p2p_listen_addr ="))]
+        at = lines.index("[gateway]") + 1
+        lines[at:at] = [f"http_port = {http_port}", f'p2p_listen_addr = "/ip4/127.0.0.1/tcp/{p2p_port}"']
+        config.write_text("\n".join(lines) + "\n")
+        restarted = self._spawn(name, ["gateway", "start", "--config", str(config)], f"{name}.state.json")
+        if name == "gateway":
+            self.gateway = restarted
+        else:
+            self.replicas = [restarted if p.name == name else p for p in self.replicas]
+        return self._wait_state(restarted)
+
     def _gateway_config(self, name: str, http_port: int, determinism_pin: str, extra: str) -> Path:
         self.key(name)
         config = self.workdir / f"{name}.toml"

@@ -31,7 +31,10 @@ ATTESTATION_MODELS_MAX = 16
 
 # Host.
 DIAL_TIMEOUT_S = 10.0
-BOOTSTRAP_RETRY_S = 2.0
+BOOTSTRAP_CHECK_S = 0.25                 # how soon a lost gateway connection is noticed
+REDIAL_S_MIN, REDIAL_S_MAX = 0.25, 2.0   # a lost gateway is redialled at once, then at most this far apart (±25%)
+REDIAL_SUMMARY_S = 60.0                  # while a gateway is away: one log line per this
+ANNOUNCE_AFTER_CONNECT_S = (0.0, 0.5, 1.0)   # attestations nudged out at a (re)connection, these pauses apart
 SHUTDOWN_GRACE_S = 3.0
 
 # /llorch/ledger/1.

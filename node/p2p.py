@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import trio
 from libp2p import new_host
@@ -21,7 +22,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID, Transport as NoiseTransport
@@ -178,17 +179,62 @@ async def connect_relayed(p2p: P2P, peer: ID, addrs: list[str]) -> bool:
     return peer in p2p.host.get_network().connections
 
 
-async def keep_connected(p2p: P2P, bootstrap: tuple[str, ...]) -> None:
-    """Dial every bootstrap multiaddr and redial whenever the connection is gone. Runs until cancelled."""
+async def keep_connected(p2p: P2P, bootstrap: tuple[str, ...],
+                         on_connected: Callable[[], None] | None = None) -> None:
+    """Keep a connection to every bootstrap peer (the gateways a node trusts) through their restarts, one task per
+    gateway: a lost connection is seen within BOOTSTRAP_CHECK_S and redialled at once, then on a jittered back-off
+    from REDIAL_S_MIN doubling to REDIAL_S_MAX, every time past py-libp2p's negative dial cache (which refuses, for
+    60 s, a peer whose dial failed once: a gateway restarting would otherwise be unreachable for a minute after it
+    came back). ``on_connected()`` is called at each (re)connection and twice more in the next seconds, so the
+    gateway hears an attestation as soon as gossip can carry one. Quiet while a gateway is away: a line on loss, a
+    line on return (how long it was away), and a summary every REDIAL_SUMMARY_S. Runs until cancelled."""
     infos = [info_from_p2p_addr(Multiaddr(addr)) for addr in bootstrap]
-    while True:
+    async with trio.open_nursery() as nursery:
         for info in infos:
-            if info.peer_id in p2p.host.get_network().connections:
-                continue
-            try:
-                with trio.fail_after(limits.DIAL_TIMEOUT_S):
-                    await p2p.host.connect(info)
-                log.info("connected to bootstrap peer %s", info.peer_id)
-            except Exception as exc:  # libp2p raises many types on a failed dial; all mean "try again later"
-                log.warning("bootstrap dial to %s failed: %s", info.peer_id, exc)
-        await trio.sleep(limits.BOOTSTRAP_RETRY_S)
+            nursery.start_soon(_keep_one, p2p, info, on_connected)
+
+
+async def _keep_one(p2p: P2P, info: PeerInfo, on_connected: Callable[[], None] | None) -> None:
+    network = p2p.host.get_network()
+    peer = info.peer_id
+    lost_at: float | None = trio.current_time()
+    first, attempts, backoff, summarised, error = True, 0, limits.REDIAL_S_MIN, trio.current_time(), ""
+    while True:
+        if peer in network.connections:
+            if lost_at is not None:
+                away = trio.current_time() - lost_at
+                log.info("connected to gateway %s" + ("" if first else f" again after {away:.1f} s "
+                                                                        f"({attempts} dials)"), peer)
+                first, lost_at, attempts, backoff, error = False, None, 0, limits.REDIAL_S_MIN, ""
+                await _announce(on_connected)
+            await trio.sleep(limits.BOOTSTRAP_CHECK_S)
+            continue
+        if lost_at is None:
+            lost_at = summarised = trio.current_time()
+            log.warning("lost the connection to gateway %s; redialling", peer)
+        unblock = getattr(network, "unblock_peer", None)
+        if unblock is not None:              # a trusted gateway is always worth a dial: past the negative cache
+            unblock(peer)
+        attempts += 1
+        try:
+            with trio.fail_after(limits.DIAL_TIMEOUT_S):
+                await p2p.host.connect(info)
+            continue                         # connected: said at the top of the loop
+        except Exception as exc:  # libp2p raises many types on a failed dial; all mean "try again shortly"
+            error = f"{type(exc).__name__}: {exc}"
+            log.debug("dial to gateway %s failed: %s", peer, error)
+        if trio.current_time() - summarised >= limits.REDIAL_SUMMARY_S:
+            summarised = trio.current_time()
+            log.warning("gateway %s unreachable for %.0f s (%d dials; the last: %s)", peer,
+                        summarised - lost_at, attempts, error[:200])
+        await trio.sleep(backoff * random.uniform(0.75, 1.25))
+        backoff = min(backoff * 2, limits.REDIAL_S_MAX)
+
+
+async def _announce(on_connected: Callable[[], None] | None) -> None:
+    """Tell the caller a connection is (re)made, now and twice more while gossip's subscriptions are exchanged."""
+    if on_connected is None:
+        return
+    for pause in limits.ANNOUNCE_AFTER_CONNECT_S:
+        await trio.sleep(pause)
+        on_connected()

@@ -122,7 +122,8 @@ async def _run_node(config: NodeConfig) -> None:
                 admin_url = await nursery.start(serve_admin, config.admin_port, dashboard_app(
                     admin_app(status), config, ledger, status, now_ms))
                 write_admin_url(config, admin_url)
-                nursery.start_soon(supervise, "bootstrap", lambda: keep_connected(p2p, config.bootstrap))
+                nursery.start_soon(supervise, "bootstrap", lambda: keep_connected(
+                    p2p, config.bootstrap, lambda: pool.changed.set()))       # an attestation at once
                 nursery.start_soon(supervise, "checkpoints", lambda: sign_checkpoints(
                     ledger, config.checkpoint_every_entries, config.checkpoint_every_ms / 1000))
                 nursery.start_soon(supervise, "listing", lambda: keep_listing(
