@@ -59,13 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def gateway_start(args: argparse.Namespace) -> int:
     from llorch.gateway.config import load_gateway_config
+    from llorch.gateway.api.http_server import Drain
     from llorch.gateway.run import run_gateway
     from llorch.ledger.errors import LedgerError
 
     configure_logging()
     try:
         config = load_gateway_config(args.config)
-        return run_until_signal(lambda: run_gateway(config))
+        drain = Drain()
+        return run_until_signal(lambda: run_gateway(config, drain), drain)
     except (NodeError, LedgerError) as exc:       # a port, a file, a key: one line, exit 2
         return report_startup_failure(exc, args.debug)
 

@@ -61,7 +61,9 @@ def attestation_validator(directory: ProviderDirectory, metrics: Metrics, relays
             return True
         except AttestationRejected as exc:
             metrics.attestation_dropped(exc.reason)
-            log.warning("dropped attestation from %s (%s): %s", peer_id, exc.reason, exc)
+            # gossip hands a (re)connected peer recent messages again: an older seq is routine, said only at debug
+            (log.debug if exc.reason == "replay" else log.warning)(
+                "dropped attestation from %s (%s): %s", peer_id, exc.reason, exc)
             return False
         except Exception:
             metrics.attestation_dropped("malformed")
@@ -114,7 +116,8 @@ def http_bind_error(host: str, port: int, reason: str) -> StartupError:
                         f"(or gateway.http_host) to another port")
 
 
-async def serve_http(app, host: str, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_http(app, host: str, port: int, task_status=trio.TASK_STATUS_IGNORED,
+                     drain: http_server.Drain | None = None) -> None:
     """gateway/api/http_server.py's ``serve_http``, with a failure to bind (before it is up) translated into
     StartupError."""
     up = False
@@ -126,14 +129,15 @@ async def serve_http(app, host: str, port: int, task_status=trio.TASK_STATUS_IGN
             task_status.started(value)
 
     try:
-        await http_server.serve_http(app, host, port, task_status=Status())
+        await http_server.serve_http(app, host, port, task_status=Status(), drain=drain)
     except OSError as exc:
         if up:
             raise
         raise http_bind_error(host, port, exc.strerror or str(exc)) from None
 
 
-async def run_gateway(config: GatewayConfig) -> None:
+async def run_gateway(config: GatewayConfig, drain: http_server.Drain | None = None) -> None:
+    """The gateway until cancelled; ``drain``: its graceful stop (the CLI runs it at the first SIGTERM)."""
     key = load_key_file(config.key_file)
     # Ports first, before the database and the libp2p host: a taken port is one line at once.
     reason = bind_failure(config.http_host, config.http_port)
@@ -147,6 +151,7 @@ async def run_gateway(config: GatewayConfig) -> None:
         directory.excluded |= await witness_book.forked()
         gateway = Gateway(config, key, p2p, directory, ReceiptBook(database), TenantBook(database),
                           ProviderBook(database), Books(database), witness_book)
+        gateway.drain = drain
         if config.api_key_sha256 and await gateway.tenants.get(config.tenant) is not None:
             raise ConfigError(f"gateway.tenant names the bootstrap key's tenant {config.tenant!r}, but a real tenant "
                               f"has that name: the two would share one account. Set gateway.tenant to another name")
@@ -192,7 +197,7 @@ async def run_gateway(config: GatewayConfig) -> None:
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve_http(
-                build_app(gateway), config.http_host, config.http_port, task_status=task_status))
+                build_app(gateway), config.http_host, config.http_port, task_status=task_status, drain=drain))
             base_url = f"{bound[0]}/v1" if bound else f"http://{config.http_host}:{config.http_port}/v1"
             addrs = [f"{addr}/p2p/{p2p.peer_id}" if "/p2p/" not in addr else addr for addr in p2p.addrs()]
             write_state_file(config.state_file, {"peer_id": p2p.peer_id, "multiaddrs": addrs, "base_url": base_url})

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, replace
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 import trio
 
@@ -95,6 +95,12 @@ class Failure:
         return f"{peer_id_of(self.provider_key)[-8:]}: {self.reason}"
 
 
+class Draining(Protocol):
+    """The HTTP server's graceful stop as the gateway sees it (gateway/api/http_server.py ``Drain``)."""
+
+    draining: bool
+
+
 OnText = Callable[[str, list[dict], str], Awaitable[None]]
 """Where a request's output goes as it arrives: (text, the logprobs entries of its tokens, provider peer id)."""
 
@@ -145,6 +151,7 @@ class Gateway:
         self.witness_book = witness_book
         self.database = books.database
         self.metrics = Metrics()
+        self.drain: Draining | None = None      # its HTTP server's graceful stop, once wired (gateway/run.py)
         self.waiting = WaitingRoom(limits.ADMISSION_QUEUE_MAX)
         self.streams = StreamPool(p2p)       # its ``run`` is one of the gateway's supervised loops
         self.auth = Authenticator(tenants, config.api_key_sha256, config.tenant)

@@ -31,10 +31,15 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # libp2p logs on its own non-propagating loggers; keep them quiet unless something is wrong.
+    # libp2p logs on its own non-propagating loggers; keep them quiet unless something is wrong, and without its
+    # tracebacks (its internals failing a peer's connection while this process shuts down are not our bugs: the
+    # message says what happened).
+    library = logging.StreamHandler(sys.stderr)
+    library.setFormatter(handler.formatter)
+    library.addFilter(_without_traceback)
     for name in ("libp2p", "multiaddr", "hypercorn.error", "hypercorn.access"):
         logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
+        logger.handlers[:] = [library]
         logger.setLevel(logging.WARNING)
         logger.propagate = False
     for name in list(logging.root.manager.loggerDict):  # some libp2p modules pin their own logger to INFO
@@ -42,14 +47,34 @@ def configure_logging(level: str = "INFO") -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_until_signal(main: Callable[[], Awaitable[None]]) -> int:
-    """Run ``main`` in trio until it returns or SIGINT/SIGTERM arrives; return the process exit code."""
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def run_until_signal(main: Callable[[], Awaitable[None]], drain: Callable[[], Awaitable[None]] | None = None) -> int:
+    """Run ``main`` in trio until it returns or SIGINT/SIGTERM arrives; return the process exit code. With
+    ``drain``, the first signal runs it (a graceful stop: the gateway lets the requests being served finish) and
+    then stops; a second signal stops at once."""
 
     async def supervisor() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
+                async def drain_then_stop() -> None:
+                    assert drain is not None
+                    await drain()
+                    nursery.cancel_scope.cancel()
+
                 async def watch() -> None:
+                    draining = False
                     async for signum in signals:
+                        if drain is not None and not draining:
+                            draining = True
+                            log.info("received %s: draining (new connections refused, requests being served "
+                                     "finish), then shutting down; a second signal stops at once",
+                                     signal.Signals(signum).name)
+                            nursery.start_soon(drain_then_stop)
+                            continue
                         log.info("received %s: shutting down", signal.Signals(signum).name)
                         nursery.cancel_scope.cancel()
                         return

@@ -5,6 +5,7 @@ chunked answers, Expect: 100-continue, a client that hangs up while its request 
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import trio
@@ -34,6 +35,8 @@ async def app(scope, receive, send):
         except Exception as exc:
             FLOOD_ENDED.append(type(exc).__name__)
             raise
+    if scope["path"] == "/slow":
+        await trio.sleep(0.5)
     if scope["path"] == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         for piece in (b"one ", b"two ", b"three"):
@@ -209,3 +212,35 @@ async def test_an_app_failing_is_a_500_and_the_server_goes_on(server, caplog):
     assert answer.startswith(b"HTTP/1.1 500 ") and b"internal error" in answer
     assert "a bug in a handler" in caplog.text
     assert b'"path": "/ok"' in await exchange(server, b"GET /ok HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+
+
+async def test_a_drain_finishes_what_is_served_refuses_new_connections_and_closes_idle_ones(nursery):
+    """A deployment's SIGTERM: the request being served gets its answer (with Connection: close), an idle
+    keep-alive connection is closed, a new connection is refused; the drain ends when the served request did."""
+    drain = http_server.Drain()
+    bound = await nursery.start(partial(http_server.serve_http, app, "127.0.0.1", 0, drain=drain))
+    port = int(bound[0].rsplit(":", 1)[1])
+    idle = await trio.open_tcp_stream("127.0.0.1", port)
+    await idle.send_all(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+    with trio.fail_after(5):
+        assert (await idle.receive_some(65536)).startswith(b"HTTP/1.1 200 ")        # now idle, kept alive
+    slow = await trio.open_tcp_stream("127.0.0.1", port)
+    await slow.send_all(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+    await trio.sleep(0.1)
+    started = trio.current_time()
+    async with trio.open_nursery() as inner:
+        inner.start_soon(drain)
+        await trio.sleep(0.05)
+        with trio.fail_after(5):
+            assert await idle.receive_some(65536) == b""                                 # closed by the drain
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", port)                               # refused
+        answer = b""
+        with trio.fail_after(5):
+            while True:
+                chunk = await slow.receive_some(65536)
+                if not chunk:
+                    break
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"connection: close" in answer.lower()
+    assert drain.requests == 0 and trio.current_time() - started < 2

@@ -203,6 +203,64 @@ def test_reconcile_from_either_replicas_config_matches_every_ticket_of_both(repl
         assert report["ok"] and report["matched"] > 0, report
 
 
+def test_a_rolling_restart_of_both_replicas_fails_no_request(replicas):
+    """Restart one replica, then the other (SIGTERM, as a deployment does), while a client sends requests without
+    pause; the test plays the load balancer: a request refused before it was served (connection refused, or a 503
+    from a replica that is draining or has no provider yet) is sent to the other replica. No request fails, and each
+    replica is placing again within 5 s of coming up. Before: SIGTERM cut the requests in flight, and a restarted
+    replica had no provider for about a minute."""
+    key = replicas.cli("gateway", "tenants", "add", "rolling", "--config", "gateway.toml").strip()
+    targets = [process.started_state()["base_url"] for process in (replicas.gateway, *replicas.replicas)]
+    failures, served, stop = [], [0], threading.Event()
+
+    def customer() -> None:
+        seed = 0
+        while not stop.is_set():
+            seed += 1
+            for attempt in range(6):                  # the load balancer: the other replica, then back
+                target = targets[(seed + attempt) % 2]
+                try:
+                    response = chat(target, key, seed, timeout=30)
+                except httpx.ConnectError:
+                    time.sleep(0.05)
+                    continue
+                except httpx.HTTPError as exc:        # cut mid-request: a failed request
+                    failures.append(f"{target}: {type(exc).__name__}: {exc}")
+                    break
+                if response.status_code == 503:
+                    time.sleep(0.05)
+                    continue
+                if response.status_code == 200:
+                    served[0] += 1
+                else:
+                    failures.append(f"{target}: {response.status_code} {response.text[:200]}")
+                break
+            else:
+                failures.append(f"seed {seed}: no replica answered in 6 tries")
+
+    thread = threading.Thread(target=customer)
+    thread.start()
+    try:
+        back = []
+        for name in ("gateway2", "gateway"):
+            time.sleep(1.0)
+            replicas.restart_gateway(name, signal.SIGTERM)
+            started = time.monotonic()
+            base = targets[0] if name == "gateway" else targets[1]
+            while httpx.get(base.removesuffix("/v1") + "/healthz", timeout=5).status_code != 200:
+                assert time.monotonic() - started < 30, f"{name} never became ready"
+                time.sleep(0.05)
+            back.append(time.monotonic() - started)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join(60)
+    print(f"\nrolling restart: {served[0]} requests served, {len(failures)} failed; each replica ready "
+          f"{[round(b, 2) for b in back]} s after it came up")
+    assert failures == [] and served[0] > 10, failures
+    assert max(back) <= 5.0, back
+
+
 def test_a_replica_killed_mid_stream_the_retry_is_served_once_and_the_survivor_takes_the_leases(replicas):
     key = replicas.cli("gateway", "tenants", "add", "late", "--config", "gateway.toml").strip()
     first, second = replicas.gateway.state()["base_url"], replicas.replicas[0].state()["base_url"]

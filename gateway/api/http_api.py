@@ -343,6 +343,10 @@ def build_app(gateway: Gateway) -> FastAPI:
     async def healthz() -> JSONResponse:
         """Readiness, for a load balancer's health check (GET /livez says only that the process is up)."""
         providers = len(gateway.directory.fresh(now_ms()))
+        if gateway.drain is not None and gateway.drain.draining:
+            return JSONResponse({"status": "draining", "providers": providers, "models": [],
+                                 "reason": "this replica is stopping: it finishes what it serves and takes nothing "
+                                           "new"}, status_code=503, headers={"retry-after": "1"})
         if providers:
             return JSONResponse({"status": "ok", "providers": providers, "models": gateway.offered_models()})
         return JSONResponse({"status": "unready", "providers": 0, "models": [],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from typing import Awaitable, Callable
 from urllib.parse import unquote
 
@@ -36,17 +37,46 @@ BODY_DEADLINE_S = 60.0               # the whole request body must have arrived 
 SEND_TIMEOUT_S = 30.0                # the longest a write to the client may block (it stopped reading)
 CONNECTIONS_MAX = 1_024              # client connections served at once; more wait their turn...
 CONNECTION_WAIT_S = 5.0              # ... this long at most, then are answered 503
+DRAIN_S = 10.0                       # a graceful stop gives the requests being served this long to finish
 READ_BYTES = 64 * 1024
 SERVER = b"llorch"
 
 App = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
 
-async def serve_http(app: App, host: str, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``app`` on host:port until cancelled; report ``[base URL]`` once listening (OSError if it cannot)."""
+class Drain:
+    """A graceful stop (a deployment's SIGTERM): ``await drain()`` stops accepting connections, closes idle
+    keep-alive ones, answers what is being served with ``Connection: close``, and waits, at most DRAIN_S, for the
+    requests being served to finish. Meanwhile a load balancer sees new connections refused (and the gateway's
+    /healthz says "draining", 503) and sends customers to another replica: nobody's request is cut."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.requests = 0                            # being served now
+        self._accepting: trio.CancelScope | None = None
+        self._idle: set[trio.CancelScope] = set()    # connections waiting for their next request
+
+    async def __call__(self) -> None:
+        self.draining = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for scope in list(self._idle):
+            scope.cancel()
+        with trio.move_on_after(DRAIN_S):
+            while self.requests:
+                await trio.sleep(0.02)
+        if self.requests:
+            log.warning("%d requests still running after %g s of draining: they are cut", self.requests, DRAIN_S)
+
+
+async def serve_http(app: App, host: str, port: int, task_status=trio.TASK_STATUS_IGNORED,
+                     drain: Drain | None = None) -> None:
+    """Serve ``app`` on host:port until cancelled (or drained: ``drain``); report ``[base URL]`` once listening
+    (OSError if it cannot)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound_port = listeners[0].socket.getsockname()[1]
     limiter = trio.CapacityLimiter(CONNECTIONS_MAX)
+    drain = drain if drain is not None else Drain()
 
     async def handle(stream: trio.SocketStream) -> None:
         acquired = False
@@ -57,15 +87,19 @@ async def serve_http(app: App, host: str, port: int, task_status=trio.TASK_STATU
             await Connection(app, stream, (host, bound_port)).refuse_busy()
             return
         try:
-            await Connection(app, stream, (host, bound_port)).serve()
+            await Connection(app, stream, (host, bound_port), drain).serve()
         except Exception:            # a bug here ends this connection, never the server (and the gateway)
             log.exception("an HTTP connection failed")
         finally:
             limiter.release()
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handle, listeners)
-        task_status.started([f"http://{host}:{bound_port}"])
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as accepting:
+            drain._accepting = accepting.cancel_scope
+            await accepting.start(partial(trio.serve_listeners, handle, listeners, handler_nursery=connections))
+            task_status.started([f"http://{host}:{bound_port}"])
+        for listener in listeners:             # drained: new connections are refused from here
+            await listener.aclose()
 
 
 class _Closed(Exception):
@@ -84,8 +118,10 @@ class _Refused(Exception):
 class Connection:
     """One client connection: its requests one after another (keep-alive)."""
 
-    def __init__(self, app: App, stream: trio.SocketStream, server: tuple[str, int]) -> None:
+    def __init__(self, app: App, stream: trio.SocketStream, server: tuple[str, int],
+                 drain: Drain | None = None) -> None:
         self.app, self.stream, self.server = app, stream, server
+        self.drain = drain if drain is not None else Drain()
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=HEADERS_BYTES_MAX)
         try:
             peer = stream.socket.getpeername()
@@ -97,8 +133,14 @@ class Connection:
     async def serve(self) -> None:
         try:
             while True:
+                if self.drain.draining and not self.h11.trailing_data[0]:
+                    return                   # idle while the server drains: closed, the client reconnects elsewhere
                 with trio.move_on_after(REQUEST_WAIT_S) as waited:
-                    event = await self._next_event()
+                    self.drain._idle.add(waited)
+                    try:
+                        event = await self._next_event()
+                    finally:
+                        self.drain._idle.discard(waited)
                 if waited.cancelled_caught:
                     return
                 if isinstance(event, h11.ConnectionClosed):
@@ -110,7 +152,13 @@ class Connection:
                 names = {name.lower() for name, _ in event.headers}
                 if b"content-length" in names and b"transfer-encoding" in names:      # RFC 9112 §6.3: smuggling
                     raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", 400)
-                await self._run(event)
+                self.drain.requests += 1
+                try:
+                    await self._run(event)
+                finally:
+                    self.drain.requests -= 1
+                if self.drain.draining:
+                    return                   # answered with Connection: close (_Exchange.send)
                 if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
                     return                   # not reusable: the app left the body unread, or an error closed it
                 self.h11.start_next_cycle()
@@ -265,6 +313,8 @@ class _Exchange:
             headers = [(name, value) for name, value in message.get("headers", [])]
             if not any(name.lower() == b"server" for name, _ in headers):
                 headers.append((b"server", SERVER))
+            if self.connection.drain.draining:       # no next request on this connection: it closes after this
+                headers.append((b"connection", b"close"))
             # Sent with the first piece of the body (one write, one segment): every app sends one straight after.
             self.head = self.h11.send(h11.Response(status_code=message["status"], headers=headers))
         elif kind == "http.response.body":

@@ -106,7 +106,7 @@ class CatalogView(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "unready"]
+    status: Literal["ok", "unready", "draining"]
     providers: int = Field(ge=0, description="Approved providers with a fresh attestation.")
     models: list[str] = Field(description="Catalog models some fresh provider offers.")
     reason: str | None = Field(default=None, description="Why not ready (with 503).")
