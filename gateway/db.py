@@ -64,6 +64,10 @@ async def _replicas(database: Database) -> None:
     await database.executescript(witness.LEASE_SCHEMA + shared.SCHEMA)
 
 
+async def _witness_catchup(database: Database) -> None:
+    await database.executescript(witness.CATCHUP_SCHEMA)
+
+
 async def _reread_for_replicas(database: Database) -> None:
     await database.transaction([("DELETE FROM reconcile_cursor", [()])])
 
@@ -89,6 +93,8 @@ MIGRATIONS = (
     Migration(4, "the model catalog the operator curates, seeded with the built-in entries", catalog.seed_builtin),
     Migration(5, "reconciliation reads every witnessed entry again, once: earlier builds skipped the receipts of "
                  "other replicas' tickets while moving the shared cursor past them", _reread_for_replicas),
+    Migration(6, "a witness far behind catches up in pages: its progress and the entries it verified so far, "
+                 "staged until the checkpoint they lead to is cosigned", _witness_catchup),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

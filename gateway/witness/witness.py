@@ -34,7 +34,9 @@ from llorch.node.stream_io import now_ms
 
 log = logging.getLogger("llorch.witness")
 
-ENTRIES_PER_ROUND_MAX = 100_000
+ENTRIES_PER_PAGE = 10_000       # entries fetched, verified and stored together (memory: about 10 MB a page)
+PAGES_PER_ROUND = 10            # a catch-up verifies at most this many pages in one round, then resumes next round
+PROVIDERS_AT_ONCE = 4           # witness rounds run side by side (each mostly waits on its provider)
 
 
 class ForkDetected(Exception):
@@ -98,10 +100,24 @@ def extend(state: WitnessedState, checkpoint: Checkpoint, note: bytes, entries: 
     Every new complete subtree (level, index, hash) is appended to ``nodes`` when given."""
     if len(entries) != checkpoint.size - state.size:
         raise BadView(f"expected {checkpoint.size - state.size} entries, got {len(entries)}")
-    compact, head = state.compact.copy(), state.head_hash
+    head, compact = continue_with(state.size, state.head_hash, state.compact, entries, provider_key, nodes,
+                                  earlier_request_ids)
+    if compact.root() != checkpoint.root:
+        raise ForkDetected(f"the entries up to {checkpoint.size} do not give the signed root",
+                           [note.decode(), f"(entries give root {compact.root().hex()})"])
+    return WitnessedState(checkpoint.size, checkpoint.root, head, compact, note)
+
+
+def continue_with(size: int, head: bytes, compact: merkle.CompactRange, entries: list[bytes], provider_key: bytes,
+                  nodes: list | None = None, earlier_request_ids: Container[str] = frozenset()
+                  ) -> tuple[bytes, merkle.CompactRange]:
+    """Check that ``entries`` continue a ledger of ``size`` entries whose last entry hashes to ``head`` (each as the
+    auditor checks it); return the new head hash and the compact range extended by them (``compact`` unchanged).
+    BadView names the first entry that does not."""
+    compact = compact.copy()
     in_batch: set[str] = set()
     for offset, entry in enumerate(entries):
-        index = state.size + offset
+        index = size + offset
         facts = inspect_entry(entry)
         if facts.malformed is not None:
             raise BadView(f"entry {index} is invalid: {facts.malformed}")
@@ -113,10 +129,19 @@ def extend(state: WitnessedState, checkpoint: Checkpoint, note: bytes, entries: 
         compact.append(facts.leaf, None if nodes is None else
                        lambda level, at, hash_: nodes.append((level, at, hash_)))
         head = facts.entry_sha256
-    if compact.root() != checkpoint.root:
-        raise ForkDetected(f"the entries up to {checkpoint.size} do not give the signed root",
-                           [note.decode(), f"(entries give root {compact.root().hex()})"])
-    return WitnessedState(checkpoint.size, checkpoint.root, head, compact, note)
+    return head, compact
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """A witness far behind, part way: the provider-signed checkpoint it is catching up to, and the entries verified
+    so far (staged in ``catchup_entries``, not yet covered by a cosigned checkpoint)."""
+
+    target: Checkpoint
+    note: bytes
+    size: int
+    head_hash: bytes
+    compact: merkle.CompactRange
 
 
 class _Either:
@@ -141,6 +166,31 @@ def request_ids_of(entries: list[bytes]) -> list[str]:
             ids.append(payload["request_id"])
     return ids
 
+
+CATCHUP_SCHEMA = """
+CREATE TABLE IF NOT EXISTS witness_catchup (
+    provider_key BLOB PRIMARY KEY,
+    target_note  BLOB NOT NULL,               -- the provider-signed checkpoint being caught up to
+    size         INTEGER NOT NULL,            -- entries verified so far (staged below)
+    head_hash    BLOB NOT NULL,
+    compact      BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS catchup_entries (
+    provider_key BLOB NOT NULL,
+    idx          INTEGER NOT NULL,
+    request_id   TEXT NOT NULL,
+    entry        BLOB NOT NULL,
+    PRIMARY KEY (provider_key, idx)
+);
+CREATE INDEX IF NOT EXISTS catchup_entries_request ON catchup_entries (provider_key, request_id);
+CREATE TABLE IF NOT EXISTS catchup_tree (
+    provider_key BLOB NOT NULL,
+    level        INTEGER NOT NULL,
+    idx          INTEGER NOT NULL,
+    hash         BLOB NOT NULL,
+    PRIMARY KEY (provider_key, level, idx)
+) WITHOUT ROWID;
+"""
 
 LEASE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS witness_leases (
@@ -231,6 +281,58 @@ class WitnessBook:
              [(provider_key, new.size, new.root, new.head_hash, compact, new.note, now_ms())]),
             *([self.cosigned_statement(witness, provider_key, new.size, new.root)] if witness else [])])
 
+    async def catchup(self, provider_key: bytes) -> CatchUp | None:
+        """The catch-up under way for this provider, if any."""
+        row = await self._database.fetchone("SELECT target_note, size, head_hash, compact FROM witness_catchup "
+                                            "WHERE provider_key = ?", (provider_key,))
+        if row is None:
+            return None
+        note, size, head, compact_bytes = row
+        target = open_checkpoint(note, ledger_origin(provider_key), provider_key)     # checked when it was kept
+        nodes = [(level, hash_) for level, hash_ in canonical.decode(compact_bytes)]
+        return CatchUp(target, note, size, head, merkle.CompactRange(size, nodes))
+
+    async def stage_page(self, provider_key: bytes, old_size: int, progress: CatchUp, entries: list[bytes],
+                         request_ids: list[str], nodes: list) -> None:
+        """Keep one verified page of a catch-up and the progress past it, in one transaction (a restart resumes
+        after the last page kept)."""
+        compact = canonical.encode([[level, hash_] for level, hash_ in progress.compact.nodes])
+        await self._database.transaction([
+            ("INSERT INTO catchup_entries (provider_key, idx, request_id, entry) VALUES (?, ?, ?, ?)",
+             [(provider_key, old_size + offset, request_id, entry)
+              for offset, (request_id, entry) in enumerate(zip(request_ids, entries))]),
+            ("INSERT INTO catchup_tree (provider_key, level, idx, hash) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+             [(provider_key, level, at, hash_) for level, at, hash_ in nodes]),
+            ("INSERT INTO witness_catchup (provider_key, target_note, size, head_hash, compact) VALUES (?, ?, ?, ?, ?) "
+             "ON CONFLICT (provider_key) DO UPDATE SET target_note = excluded.target_note, size = excluded.size, "
+             "head_hash = excluded.head_hash, compact = excluded.compact",
+             [(provider_key, progress.note, progress.size, progress.head_hash, compact)])])
+
+    async def finish_catchup(self, provider_key: bytes, new: WitnessedState, witness: str) -> None:
+        """The catch-up reached its target and the root matched: its staged entries and subtrees become witnessed,
+        with the new state and this witness's cosignature, in one transaction."""
+        compact = canonical.encode([[level, hash_] for level, hash_ in new.compact.nodes])
+        await self._database.transaction([
+            ("INSERT INTO provider_entries (provider_key, idx, request_id, entry) SELECT provider_key, idx, "
+             "request_id, entry FROM catchup_entries WHERE provider_key = ?", [(provider_key,)]),
+            ("INSERT INTO provider_tree (provider_key, level, idx, hash) SELECT provider_key, level, idx, hash "
+             "FROM catchup_tree WHERE provider_key = ? ON CONFLICT DO NOTHING", [(provider_key,)]),
+            ("INSERT INTO witnessed (provider_key, size, root, head_hash, compact, note, checked_ms) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (provider_key) DO UPDATE SET size = excluded.size, "
+             "root = excluded.root, head_hash = excluded.head_hash, compact = excluded.compact, "
+             "note = excluded.note, checked_ms = excluded.checked_ms",
+             [(provider_key, new.size, new.root, new.head_hash, compact, new.note, now_ms())]),
+            self.cosigned_statement(witness, provider_key, new.size, new.root),
+            *self.drop_catchup_statements(provider_key)])
+
+    @staticmethod
+    def drop_catchup_statements(provider_key: bytes) -> list[tuple]:
+        return [(f"DELETE FROM {table} WHERE provider_key = ?", [(provider_key,)])
+                for table in ("catchup_entries", "catchup_tree", "witness_catchup")]
+
+    async def drop_catchup(self, provider_key: bytes) -> None:
+        await self._database.transaction(self.drop_catchup_statements(provider_key))
+
     @staticmethod
     def cosigned_statement(witness: str, provider_key: bytes, size: int, root: bytes) -> tuple:
         return ("INSERT INTO replica_cosigned (witness, provider_key, size, root) VALUES (?, ?, ?, ?) "
@@ -246,14 +348,15 @@ class WitnessBook:
             "SELECT size, root FROM replica_cosigned WHERE witness = ? AND provider_key = ?", (witness, provider_key))
 
     async def known_request_ids(self, provider_key: bytes, request_ids: list[str]) -> set[str]:
-        """Which of ``request_ids`` this provider's witnessed ledger already holds."""
+        """Which of ``request_ids`` this provider's witnessed ledger already holds (or a catch-up staged)."""
         known: set[str] = set()
         unique = sorted(set(request_ids))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start:start + 500]
-            known.update(row[0] for row in await self._database.fetchall(
-                f"SELECT request_id FROM provider_entries WHERE provider_key = ? AND request_id IN "
-                f"({','.join('?' * len(chunk))})", (provider_key, *chunk)))
+        for table in ("provider_entries", "catchup_entries"):
+            for start in range(0, len(unique), 500):
+                chunk = unique[start:start + 500]
+                known.update(row[0] for row in await self._database.fetchall(
+                    f"SELECT request_id FROM {table} WHERE provider_key = ? AND request_id IN "
+                    f"({','.join('?' * len(chunk))})", (provider_key, *chunk)))
         return known
 
     async def touch(self, provider_key: bytes, state: WitnessedState, note: bytes) -> None:
@@ -313,7 +416,8 @@ class WitnessBook:
             ("DELETE FROM forks WHERE provider_key = ?", [(provider_key,)]),
             ("DELETE FROM witnessed WHERE provider_key = ?", [(provider_key,)]),
             ("DELETE FROM provider_entries WHERE provider_key = ?", [(provider_key,)]),
-            ("DELETE FROM provider_tree WHERE provider_key = ?", [(provider_key,)])])
+            ("DELETE FROM provider_tree WHERE provider_key = ?", [(provider_key,)]),
+            *self.drop_catchup_statements(provider_key)])
 
     async def fork_history(self, provider_key: bytes | None = None) -> list[dict]:
         """Every fork ever recorded (current ones with readmitted_ms None), oldest first."""
@@ -404,11 +508,12 @@ class Witness:
         state = await self.book.state(provider_key)
         reply = await request_ledger(self.p2p, provider_key, addrs, GetCheckpoint())
         checkpoint = check_checkpoint(state, reply.note, provider_key)
+        progress = await self.book.catchup(provider_key)
+        if progress is not None or checkpoint.size - state.size > ENTRIES_PER_PAGE:
+            return await self._catch_up(provider_key, addrs, state, progress, checkpoint, reply.note)
         if checkpoint.size == state.size:
             await self.book.touch(provider_key, state, reply.note)
             return state
-        if checkpoint.size - state.size > ENTRIES_PER_ROUND_MAX:
-            raise BadView(f"{checkpoint.size - state.size} new entries: more than one round takes")
         if state.size:
             proof = await request_ledger(self.p2p, provider_key, addrs, GetConsistency(state.size, checkpoint.size))
             check_consistency(state, checkpoint, reply.note, proof.hashes)
@@ -423,6 +528,54 @@ class Witness:
         cosigned = cosign(reply.note, self.name, self.key, now_ms() // 1000)       # the note ``extend`` checked
         new_state = WitnessedState(new_state.size, new_state.root, new_state.head_hash, new_state.compact, cosigned)
         await self.book.advance(provider_key, state, new_state, entries, request_ids, nodes, self.name)
+        await self._hand_back(provider_key, addrs, cosigned)
+        return new_state
+
+    async def _catch_up(self, provider_key: bytes, addrs: list[str], state: WitnessedState,
+                        progress: CatchUp | None, checkpoint: Checkpoint, note: bytes) -> WitnessedState:
+        """More new entries than a page: verify up to PAGES_PER_ROUND pages toward a fixed target (the checkpoint
+        the catch-up started on), staging each page with the progress past it, so memory holds one page and a
+        restart resumes. At the target, the root must match: then everything staged becomes witnessed and the
+        target is cosigned. Returns the witnessed state (unchanged until the target is reached)."""
+        if progress is None:
+            if state.size:
+                proof = await request_ledger(self.p2p, provider_key, addrs, GetConsistency(state.size,
+                                                                                           checkpoint.size))
+                check_consistency(state, checkpoint, note, proof.hashes)
+            progress = CatchUp(checkpoint, note, state.size, state.head_hash, state.compact.copy())
+            log.info("witness of %s is %d entries behind: catching up in pages of %d", peer_id_of(provider_key),
+                     checkpoint.size - state.size, ENTRIES_PER_PAGE)
+        target = progress.target
+        for _ in range(PAGES_PER_ROUND):
+            if progress.size == target.size:
+                break
+            end = min(target.size, progress.size + ENTRIES_PER_PAGE)
+            entries = await self._fetch_entries(provider_key, addrs, progress.size, end)
+            request_ids = await trio.to_thread.run_sync(request_ids_of, entries)
+            earlier = await self.book.known_request_ids(provider_key, request_ids)
+            nodes: list = []
+            try:
+                head, compact = await trio.to_thread.run_sync(continue_with, progress.size, progress.head_hash,
+                                                              progress.compact, entries, provider_key, nodes,
+                                                              earlier)
+            except BadView:
+                await self.book.drop_catchup(provider_key)     # next round starts over on what it shows then
+                raise
+            old_size = progress.size
+            progress = CatchUp(target, progress.note, end, head, compact)
+            await self.book.stage_page(provider_key, old_size, progress, entries, request_ids, nodes)
+        if progress.size < target.size:
+            log.info("witness of %s: %d of %d entries verified; continuing next round", peer_id_of(provider_key),
+                     progress.size, target.size)
+            return state
+        if progress.compact.root() != target.root:
+            await self.book.drop_catchup(provider_key)
+            raise ForkDetected(f"the entries up to {target.size} do not give the signed root",
+                               [progress.note.decode(), f"(entries give root {progress.compact.root().hex()})"])
+        cosigned = cosign(progress.note, self.name, self.key, now_ms() // 1000)
+        new_state = WitnessedState(target.size, target.root, progress.head_hash, progress.compact, cosigned)
+        await self.book.finish_catchup(provider_key, new_state, self.name)
+        log.info("witness of %s caught up: %d entries cosigned", peer_id_of(provider_key), target.size)
         await self._hand_back(provider_key, addrs, cosigned)
         return new_state
 
@@ -468,14 +621,22 @@ class Witness:
         return entries[:end - start]
 
 
-async def witness_forever(witness: Witness, providers, interval_s: float) -> None:
-    """Every ``interval_s``, witness each provider ``await providers()`` returns as (key, addrs). A fault while
+async def witness_forever(witness, providers, interval_s: float) -> None:
+    """Every ``interval_s``, witness each provider ``await providers()`` returns as (key, addrs), PROVIDERS_AT_ONCE
+    at a time (a round mostly waits on its provider; one slow provider delays nobody else's). A fault while
     witnessing one provider is logged and skips that provider for the round; it never ends the loop."""
-    while True:
-        for provider_key, addrs in await providers():
+    limiter = trio.CapacityLimiter(PROVIDERS_AT_ONCE)
+
+    async def one(provider_key: bytes, addrs: list[str]) -> None:
+        async with limiter:
             with trio.move_on_after(max(interval_s, 30.0)):
                 try:
                     await witness.witness(provider_key, addrs)
                 except Exception as exc:   # a bad address, a damaged row: this provider, this round only
                     log.error("witnessing %s failed: %s: %s", peer_id_of(provider_key), type(exc).__name__, exc)
+
+    while True:
+        async with trio.open_nursery() as nursery:
+            for provider_key, addrs in await providers():
+                nursery.start_soon(one, provider_key, addrs)
         await trio.sleep(interval_s)
