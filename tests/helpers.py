@@ -36,10 +36,11 @@ def receipt_fields(provider: SigningKey, request_id: str, tokens_in: int = 17, t
     return fields
 
 
-def write_ledger_file(path, key: SigningKey, entries: int, checkpoint_every: int = 64) -> list[str]:
+def write_ledger_file(path, key: SigningKey, entries: int, checkpoint_every: int = 64, tree: bool = False) -> list[str]:
     """A valid ledger SQLite file of ``entries`` signed receipts with a signed checkpoint every ``checkpoint_every``
     entries, written directly (one transaction, no node): fast enough for 100,000 entries. The derived ``tree``
-    table is left empty (the auditor and export never read it). Returns the request ids in ledger order."""
+    table is left empty (the auditor and export never read it) unless ``tree`` (a node opening the file needs it).
+    Returns the request ids in ledger order."""
     import sqlite3
 
     from llorch.ledger import merkle
@@ -60,7 +61,8 @@ def write_ledger_file(path, key: SigningKey, entries: int, checkpoint_every: int
                                     index, previous)
                 entry = Receipt(**fields).seal(key)
                 previous = sha256(entry)
-                compact.append(merkle.leaf_hash(entry))
+                compact.append(merkle.leaf_hash(entry), None if not tree else lambda level, at, hash_:
+                               connection.execute("INSERT INTO tree VALUES (?, ?, ?)", (level, at, hash_)))
                 connection.execute("INSERT INTO entries VALUES (?, ?, ?, ?)", (index, request_id, entry, previous))
                 request_ids.append(request_id)
                 if compact.size % checkpoint_every == 0 or index == entries - 1:
