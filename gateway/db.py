@@ -64,6 +64,11 @@ async def _replicas(database: Database) -> None:
     await database.executescript(witness.LEASE_SCHEMA + shared.SCHEMA)
 
 
+async def _open_tickets_index(database: Database) -> None:
+    await database.executescript("CREATE INDEX IF NOT EXISTS tickets_open ON tickets (provider_key, issued_ms) "
+                                 "WHERE state = 'issued';")
+
+
 async def _witness_catchup(database: Database) -> None:
     await database.executescript(witness.CATCHUP_SCHEMA)
 
@@ -95,6 +100,8 @@ MIGRATIONS = (
                  "other replicas' tickets while moving the shared cursor past them", _reread_for_replicas),
     Migration(6, "a witness far behind catches up in pages: its progress and the entries it verified so far, "
                  "staged until the checkpoint they lead to is cosigned", _witness_catchup),
+    Migration(7, "an index of open tickets per provider: replicas count each other's every 200 ms",
+              _open_tickets_index),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -23,7 +23,7 @@ DROP_REASONS = ("oversized", "malformed", "bad_address", "too_long_valid", "bad_
                 "from_future", "expired", "replay")
 PLACEMENT_FAILURES = ("eu_only", "determinism", "none_eligible", "busy", "failed", "resume")
 SPOT_CHECK_OUTCOMES = ("drawn", "clean", "caught", "undecided", "dropped", "expired")   # spot_checks.CheckOutcome
-LOOPS = ("attestations", "probes", "replica", "sla", "spot-checks", "streams", "witness")
+LOOPS = ("attestations", "catalog", "placement", "probes", "replica", "sla", "spot-checks", "streams", "witness")
 
 
 def _bounded(value: str, allowed: tuple[str, ...]) -> str:

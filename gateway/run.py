@@ -136,6 +136,21 @@ async def serve_http(app, host: str, port: int, task_status=trio.TASK_STATUS_IGN
         raise http_bind_error(host, port, exc.strerror or str(exc)) from None
 
 
+OTHERS_TICKETS_EVERY_S = 0.2      # replicas: how often each counts the others' open tickets per provider
+
+
+async def count_others_tickets(gateway: Gateway) -> None:
+    """Replicas: every OTHERS_TICKETS_EVERY_S, count every replica's open tickets per provider in the shared books and
+    tell placement the others' share (all minus this replica's), so it asks no provider whose every slot is taken
+    by any replica. Runs under ``supervise``."""
+    while True:
+        ours = gateway.market.in_flight()
+        counts = await gateway.tickets.open_per_provider(now_ms() - limits.TICKET_LIFETIME_MS)
+        gateway.market.others_now({key: count - ours.get(key, 0) for key, count in counts.items()
+                                   if count > ours.get(key, 0)})
+        await trio.sleep(OTHERS_TICKETS_EVERY_S)
+
+
 async def run_gateway(config: GatewayConfig, drain: http_server.Drain | None = None) -> None:
     """The gateway until cancelled; ``drain``: its graceful stop (the CLI runs it at the first SIGTERM)."""
     key = load_key_file(config.key_file)
@@ -194,6 +209,7 @@ async def run_gateway(config: GatewayConfig, drain: http_server.Drain | None = N
             if shared is not None:
                 await shared.start(now_ms())
                 nursery.start_soon(supervise, "replica", lambda: shared.heartbeat_forever(now_ms), restarts)
+                nursery.start_soon(supervise, "placement", lambda: count_others_tickets(gateway), restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
                 witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
             bound = await nursery.start(lambda task_status: serve_http(

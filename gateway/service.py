@@ -160,8 +160,8 @@ class Gateway:
                                    if books.database.engine.name == "postgresql" else None)
         self.catalog = GatewayCatalog(CatalogBook(books.database), key)    # ``load`` it before serving
         self.market = MarketView(directory, providers, self.waiting, self.catalog)
-        self.runner = TicketRunner(key, p2p, self.streams, TicketBook(books.database), self.market, self.admission,
-                                   self.metrics)
+        self.tickets = TicketBook(books.database)
+        self.runner = TicketRunner(key, p2p, self.streams, self.tickets, self.market, self.admission, self.metrics)
         self.spot_checks = SpotChecker(self.runner, self.market, books.database, providers, books,
                                        config.spot_check_rate_ppm, self.metrics.spot_check)   # ``run``: supervised
 
@@ -323,9 +323,10 @@ class Gateway:
         while candidates and len(tried) < limits.PLACEMENT_ATTEMPTS_MAX:
             view = candidates[0]
             tried.add(view.key)
-            if self.market.full_with_ours(view.attestation):
+            if self.market.full_with_ours(view.attestation) or await self._full_in_the_books(view):
                 # Full with this gateway's own requests: busy without asking (no ticket written, no stream opened).
-                failures.append(Failure(view.key, Refusal.BUSY, "busy (every slot serves this gateway)"))
+                failures.append(Failure(view.key, Refusal.BUSY, "busy (every slot serves this gateway's or another "
+                                                                "replica's tickets)"))
                 candidates = [c for c in candidates[1:] if c.key not in tried]
                 continue
             try:
@@ -369,6 +370,14 @@ class Gateway:
                           f"retry shortly")
         self.metrics.placement_failure("failed")
         raise ProviderFailed(f"no provider could serve the request ({summary})")
+
+    async def _full_in_the_books(self, view: ProviderView) -> bool:
+        """Replicas: every slot of the provider holds an open ticket of some replica, as the shared books say right
+        now (one indexed count; cheaper than a ticket written for a certain busy refusal and its round trip)."""
+        if self.admission.shared is None:
+            return False
+        since = now_ms() - limits.TICKET_LIFETIME_MS
+        return await self.tickets.open_for(view.key, since) >= view.attestation.slots_total
 
     async def receipt_proof(self, tenant: Tenant, request_id: str) -> dict | None:
         """The proof document of a receipt billed to ``tenant`` (None if there is none for this tenant)."""

@@ -48,7 +48,11 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def _without_traceback(record: logging.LogRecord) -> bool:
+    """A library's record on one line: no traceback attached, none pasted into its message (libp2p does both)."""
     record.exc_info, record.exc_text, record.stack_info = None, None, None
+    message = record.getMessage()
+    if "\n" in message:
+        record.msg, record.args = message.split("\n", 1)[0], None
     return True
 
 

@@ -203,6 +203,35 @@ def test_reconcile_from_either_replicas_config_matches_every_ticket_of_both(repl
         assert report["ok"] and report["matched"] > 0, report
 
 
+def test_replicas_rarely_place_on_each_others_busy_slots(replicas):
+    """Customers on both replicas keep every slot of the market busy. Before: each replica knew only its own tickets
+    in flight, so it kept placing on slots the other replica's tickets held; each such busy refusal cost a ticket
+    written and a round trip (101 served requests made 183 refused tickets, measured from outside). Now each replica
+    also counts the others' open tickets (the shared books, refreshed every 200 ms) and asks no provider whose every
+    slot is taken."""
+    key = replicas.cli("gateway", "tenants", "add", "crowd", "--config", "gateway.toml").strip()
+    targets = [process.started_state()["base_url"] for process in (replicas.gateway, *replicas.replicas)]
+    served, stop = [0], threading.Event()
+
+    def customer(n: int) -> None:
+        seed = 1000 * n
+        while not stop.is_set():
+            seed += 1
+            response = chat(targets[n % 2], key, seed, timeout=60)
+            served[0] += response.status_code == 200
+
+    threads = [threading.Thread(target=customer, args=(n,)) for n in range(12)]   # 8 slots in the market
+    for thread in threads:
+        thread.start()
+    time.sleep(6)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    refused = sql(replicas, "SELECT COUNT(*) FROM tickets WHERE tenant = 'crowd' AND accepted_ms IS NULL")[0][0]
+    print(f"\n{served[0]} served, {refused} tickets refused busy")
+    assert served[0] > 20 and refused <= served[0] // 5, (served[0], refused)
+
+
 def test_a_rolling_restart_of_both_replicas_fails_no_request(replicas):
     """Restart one replica, then the other (SIGTERM, as a deployment does), while a client sends requests without
     pause; the test plays the load balancer: a request refused before it was served (connection refused, or a 503

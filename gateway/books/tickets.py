@@ -87,6 +87,19 @@ class TicketBook:
     def __init__(self, database: Database) -> None:
         self._database = database
 
+    async def open_per_provider(self, since_ms: int) -> dict[bytes, int]:
+        """Tickets issued since ``since_ms`` and not settled yet (in flight, on any replica), per provider."""
+        return dict(await self._database.fetchall(
+            "SELECT provider_key, COUNT(*) FROM tickets WHERE state = 'issued' AND issued_ms >= ? "
+            "GROUP BY provider_key", (since_ms,)))
+
+    async def open_for(self, provider_key: bytes, since_ms: int) -> int:
+        """One provider's tickets issued since ``since_ms`` and not settled yet, on any replica."""
+        row = await self._database.fetchone(
+            "SELECT COUNT(*) FROM tickets WHERE provider_key = ? AND state = 'issued' AND issued_ms >= ?",
+            (provider_key, since_ms))
+        return row[0] if row else 0
+
     async def issue(self, ticket: Ticket, ticket_bytes: bytes, terms: Terms) -> None:
         """Write the ticket durably, before it is sent."""
         await self._database.transaction([(

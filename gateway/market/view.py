@@ -38,6 +38,7 @@ class MarketView:
         self._suspended_ms: dict[bytes, int] = {}   # provider → when this gateway suspended it (its clock)
         self._suspension_written: set[bytes] = set()  # ...and the database has said so since
         self._in_flight: dict[bytes, int] = {}    # this gateway's tickets per provider, from issue to settlement
+        self._others: dict[bytes, int] = {}       # other replicas' open tickets per provider (``others_now``)
 
     # what placement reads --------------------------------------------------------------------------------------
     async def provider_views(self) -> list[ProviderView]:
@@ -76,8 +77,22 @@ class MarketView:
                                                     sum(a.slots_free for a in offering)))
 
     def full_with_ours(self, provider: Attestation) -> bool:
-        """Every slot of ``provider`` serves one of this gateway's tickets: busy without asking."""
-        return self._in_flight.get(provider.provider_key, 0) >= provider.slots_total
+        """Every slot of ``provider`` serves one of this gateway's tickets, or of the other replicas' (as last
+        counted): busy without asking, so no ticket is written and no round trip spent on a certain refusal."""
+        key = provider.provider_key
+        return self._in_flight.get(key, 0) + self._others.get(key, 0) >= provider.slots_total
+
+    def in_flight(self) -> dict[bytes, int]:
+        """This gateway's tickets in flight per provider (a copy)."""
+        return dict(self._in_flight)
+
+    def others_now(self, others: dict[bytes, int]) -> None:
+        """The other replicas' open tickets per provider, counted in the shared books (gateway/run.py's "placement"
+        loop). A count that went down may have freed a slot a waiting request can take: the queue is woken."""
+        freed = any(others.get(key, 0) < count for key, count in self._others.items())
+        self._others = others
+        if freed:
+            self.waiting.wake()
 
     def sla_missed_now(self, provider_keys: frozenset[bytes]) -> None:
         """The providers whose figures this month miss their registered SLA (run.py's "sla" loop)."""
