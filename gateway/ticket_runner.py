@@ -343,6 +343,9 @@ class TicketRunner:
         """The customer went away: send a cancel frame and read the provider's receipt for what it generated
         (frames still in flight are drained, not billed). Bounded in time and frames; a provider that does not
         answer in time is settled without a receipt."""
+        if run.tail is not None:          # held-back text kept for the final frame: part of what the provider sent
+            run.receive(run.tail.text, sink.delivered)
+            run.tail = None
         try:
             with trio.fail_after(limits.CANCEL_DRAIN_TIMEOUT_S):
                 await call.cancel()

@@ -150,3 +150,26 @@ class LogprobRewritingEngine(EchoEngine):
     async def generate(self, prepared, emit) -> Generation:
         generation = await super().generate(prepared, emit)
         return replace(generation, logprobs=tuple({**entry, "logprob": 0} for entry in generation.logprobs))
+
+
+class HeldBackLogprobEngine(EchoEngine):
+    """Honest, test-only: with logprobs, ends like llama.cpp when the last token starts a stop sequence: that
+    token's frame has its entry and no text, the held-back text follows in one more frame without an entry, and the
+    receipt is written a moment later (``FINAL_AFTER_S``), so a customer can hang up between the two."""
+
+    FINAL_AFTER_S = 0.3
+
+    async def generate(self, prepared, emit) -> Generation:
+        import trio
+
+        sent, entries = [], []
+        for index in range(prepared.sampling.max_tokens):
+            word = f"w{prepared.sampling.seed}-{index} "
+            entry = self.logprobs_entry(word, prepared.sampling.logprobs)
+            last = index == prepared.sampling.max_tokens - 1
+            await emit("" if last else word, entry)
+            sent.append(word)
+            entries.append(entry)
+        await emit(sent[-1])                    # the held-back text: no new token, no entry
+        await trio.sleep(self.FINAL_AFTER_S)
+        return Generation("".join(sent), len(prepared.prompt_tokens), len(sent), "length", tuple(entries))

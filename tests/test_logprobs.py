@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import trio
 
 from llorch.gateway.api.http_api import chat_logprobs, completion_logprobs
 from llorch.inference import limits as inference_limits
@@ -16,7 +17,8 @@ from llorch.ledger.objects import Receipt, check_logprobs_entry, logprobs_sha256
 from llorch.node.errors import ProtocolError
 from llorch.node.stream_io import now_ms
 from llorch.node.wire.frames import Token, decode_frame, encode_frame
-from tests.cheaters import LogprobFakingEngine, LogprobOmittingEngine, LogprobRewritingEngine
+from tests.cheaters import (HeldBackLogprobEngine, LogprobFakingEngine, LogprobOmittingEngine,
+                            LogprobRewritingEngine)
 from tests.helpers import MODEL_ID
 from tests.inprocess import market, serving_http
 from tests.test_spot_checks import ALL_PPM, CONSENTING, check_exported_evidence
@@ -168,3 +170,29 @@ async def test_logprobs_requests_the_gateway_cannot_serve_are_400s(live, fields,
 
 def test_a_receipt_without_logprobs_has_exactly_its_old_fields():
     assert "logprobs_sha256" not in Receipt.FIELDS and Receipt.OPTIONAL_FIELDS == {"logprobs_sha256": "hash"}
+
+
+async def test_a_customer_gone_between_the_held_back_text_and_the_final_frame_still_gets_the_receipt_kept(tmp_path):
+    """With logprobs the frame of held-back text waits for the final frame before it is relayed; a customer who hangs
+    up in between must not make the gateway check the receipt against text missing that frame (it would reject an
+    honest receipt and leave the provider unpaid)."""
+
+    async with market(tmp_path, {"held": {"engine": HeldBackLogprobEngine}}) as m:
+        seen: list[str] = []
+        scope = trio.CancelScope()
+
+        async def hang_up_later() -> None:
+            await trio.sleep(HeldBackLogprobEngine.FINAL_AFTER_S / 2)     # the held-back frame has arrived by now
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            async def on_text(text: str, logprobs: list, provider: str) -> None:
+                seen.append(text)
+                if len(seen) == 4:                     # every visible piece of 5 tokens (the last is held back)
+                    nursery.start_soon(hang_up_later)
+
+            with scope:
+                await m.complete("acme", body(1, logprobs=True, max_tokens=5), on_text)
+        assert scope.cancelled_caught and "".join(seen) == "w1-0 w1-1 w1-2 w1-3 ", seen   # not the held-back text
+        rows = await m.rows("SELECT COUNT(*) FROM receipts")
+        assert rows == [(1,)]                          # the honest receipt was accepted and kept
