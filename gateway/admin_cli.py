@@ -4,9 +4,10 @@ database (the running gateway sees every change at its next request)."""
 from __future__ import annotations
 
 import argparse
-import time
 import json
+import re
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -20,7 +21,8 @@ from llorch.gateway.spot_checks import check_outcomes, evidence_document_of, evi
 from llorch.gateway.market.tenants import TIERS, TenantBook, TenantError, format_amount, parse_amount
 from llorch.gateway.witness.witness import WitnessBook
 from llorch.ledger.errors import EncodingError, LedgerError
-from llorch.ledger.signing import public_key_of_peer_id
+from llorch.ledger.signing import load_key_file, public_key_of_peer_id
+from llorch.node.wire.invitation import INVITATION_DAYS_MAX, INVITATION_VALIDITY_MS_MAX
 from llorch.node.errors import NodeError
 from llorch.node.stream_io import now_ms
 
@@ -99,6 +101,33 @@ def add_commands(gateway_subparsers) -> None:
     readmit.add_argument("--config", type=Path, required=True)
     readmit.set_defaults(handler=lambda args: _run(args, providers_readmit))
 
+    invite = providers_sub.add_parser(
+        "invite", help="make a single-use join token: a home lab that runs `llorch node init --token TOKEN` joins "
+                       "approved, with no step of yours",
+        description="Prints a signed, single-use join token (one line). The home lab runs `llorch node init --token "
+                    "TOKEN`: its node registers pre-approved, and with --certify-geo its geo claim is certified when "
+                    "it claims that country (a claim of another country is refused). The token names this gateway's "
+                    "public URL (gateway.public_url) and key; anyone holding it can join once, so send it privately. "
+                    "`providers invites` lists tokens and who used them; `providers revoke-invite ID` ends an unused "
+                    "one.")
+    invite.add_argument("--config", type=Path, required=True)
+    invite.add_argument("--certify-geo", metavar="CC", help="certify the node's geo claim if it is this ISO 3166-1 "
+                                                             "alpha-2 country (you vouch for where it is)")
+    invite.add_argument("--expires", default="7d", help="how long the token can be used: 30m, 12h, 7d (default 7d, "
+                                                        "at most 90d)")
+    invite.add_argument("--note", default="", help="who it is for (shown in `providers invites`)")
+    invite.add_argument("--url", help="the gateway URL the node registers at (default: gateway.public_url, else "
+                                      "http://<http_host>:<http_port>)")
+    invite.set_defaults(handler=lambda args: _run(args, providers_invite))
+    invites = providers_sub.add_parser("invites", help="list the join tokens made (open, used by whom, expired, "
+                                                       "revoked)")
+    invites.add_argument("--config", type=Path, required=True)
+    invites.set_defaults(handler=lambda args: _run(args, providers_invites))
+    revoke_invite = providers_sub.add_parser("revoke-invite", help="end an unused join token")
+    revoke_invite.add_argument("id", help="its invite_id (from `providers invites`)")
+    revoke_invite.add_argument("--config", type=Path, required=True)
+    revoke_invite.set_defaults(handler=lambda args: _run(args, providers_revoke_invite))
+
     token = gateway_subparsers.add_parser(
         "operator-token", help="make the operator console's sign-in token (prints it once; the old one stops working)",
         description="The operator console (/operator on the gateway's HTTP address) signs in with this token, never "
@@ -154,6 +183,7 @@ def _tenant_options(parser, creating: bool) -> None:
 def _run(args: argparse.Namespace, command, *extra, migrate: bool = True) -> int:
     try:
         config = load_gateway_config(args.config)
+        args.gateway_config = config
         args.bootstrap_tenant = config.tenant if config.api_key_sha256 else None
         args.probe_tenant = config.probe_tenant
         return trio.run(_with_db, config.store(), command, args, migrate, *extra)
@@ -283,6 +313,55 @@ async def providers_readmit(database, args) -> int:
         raise ProviderError(f"{args.peer!r} is not a peer id") from None
     await WitnessBook(database).readmit(key, args.note.strip(), now_ms())
     print(f"provider {args.peer} readmitted; the fork evidence stays in `llorch gateway providers forks`")
+    return 0
+
+
+DURATION = re.compile(r"([1-9][0-9]{0,5})([mhd])")
+DURATION_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    match = DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ProviderError(f"--expires {text!r}: give a number and m, h or d (30m, 12h, 7d)")
+    milliseconds = int(match[1]) * DURATION_MS[match[2]]
+    if milliseconds > INVITATION_VALIDITY_MS_MAX:
+        raise ProviderError(f"--expires {text}: a join token lasts at most {INVITATION_DAYS_MAX} days")
+    return milliseconds
+
+
+async def providers_invite(database, args) -> int:
+    config = args.gateway_config
+    country = (args.certify_geo or "").strip().upper() or None
+    if country is not None and not re.fullmatch(r"[A-Z]{2}", country):
+        raise ProviderError(f"--certify-geo {args.certify_geo!r} is not a two-letter ISO 3166-1 code (e.g. DE)")
+    lasts_ms = parse_duration_ms(args.expires)
+    url = (args.url or config.base_url()).rstrip("/")
+    issued = now_ms()
+    try:
+        token = await ProviderBook(database).make_invite(load_key_file(config.key_file), url, country, issued,
+                                                         issued + lasts_ms, args.note[:200])
+    except EncodingError as exc:
+        raise ProviderError(f"cannot make that token: {exc}") from None
+    print(token)
+    until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime((issued + lasts_ms) / 1000))
+    print(f"join token made: single use, until {until}" + (f", certifies a machine in {country}" if country else "")
+          + f", registers at {url}.\nThe home lab runs:  llorch node init --token <the token above>", file=sys.stderr)
+    return 0
+
+
+async def providers_invites(database, args) -> int:
+    now = now_ms()
+    print(json.dumps([invite.json(now) for invite in await ProviderBook(database).invites()], indent=2))
+    return 0
+
+
+async def providers_revoke_invite(database, args) -> int:
+    invite = await ProviderBook(database).revoke_invite(args.id, now_ms())
+    print(json.dumps(invite.json(now_ms()), indent=2))
+    if invite.state(now_ms()) != "revoked":
+        print(f"error: invitation {args.id} is {invite.state(now_ms())}: nothing to revoke", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ class GatewayConfig:
     p2p_listen_addr: str = "/ip4/127.0.0.1/tcp/0"
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    public_url: str = ""                      # where nodes and customers reach the HTTP API (https://gw.example.org);
+                                              # "" = http://<http_host>:<http_port>. Join tokens name it.
     state_file: Path | None = None            # written once up: peer id, multiaddrs, base_url (JSON)
     relay_peers: tuple[str, ...] = ()         # other gateways' peer ids whose relayed provider addresses we accept
     witness_interval_ms: int = 5_000          # how often the gateway witnesses each provider's ledger
@@ -60,7 +63,19 @@ class GatewayConfig:
                 raise ConfigError(f"gateway.relay_peers holds {peer[:60]!r}, not a peer id (12D3KooW...)")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError("gateway.http_port must be in 0..65535")
+        url = urllib.parse.urlsplit(self.public_url)
+        if self.public_url and (url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/")
+                                or url.query or url.fragment or len(self.public_url) > 200):
+            raise ConfigError(f"gateway.public_url {self.public_url[:80]!r} must be http(s)://host[:port], as nodes "
+                              "and customers reach this gateway (no path)")
         self.store()                          # a database URL of another kind is refused at load
+
+    def base_url(self) -> str:
+        """The URL nodes and customers use: ``public_url``, else the HTTP listener's address."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.http_host in ("0.0.0.0", "") else self.http_host
+        return f"http://[{host}]:{self.http_port}" if ":" in host else f"http://{host}:{self.http_port}"
 
     def store(self):
         """The engine of the gateway's database (gateway/storage.py)."""

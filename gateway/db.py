@@ -69,6 +69,10 @@ async def _open_tickets_index(database: Database) -> None:
                                  "WHERE state = 'issued';")
 
 
+async def _invites(database: Database) -> None:
+    await database.executescript(providers.INVITES_SCHEMA)
+
+
 async def _witness_catchup(database: Database) -> None:
     await database.executescript(witness.CATCHUP_SCHEMA)
 
@@ -102,6 +106,7 @@ MIGRATIONS = (
                  "staged until the checkpoint they lead to is cosigned", _witness_catchup),
     Migration(7, "an index of open tickets per provider: replicas count each other's every 200 ms",
               _open_tickets_index),
+    Migration(8, "invitations: the join tokens the operator made, and which provider spent each", _invites),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -5,6 +5,7 @@
     ├── BadRequest                 400  malformed body or unsupported parameter (``param`` names it)
     ├── PaymentRequired            402  the tenant's budget cannot cover the request's worst case
     ├── Forbidden                  403  the tenant may not use this model
+    ├── InvitationRefused          403  a join token this gateway did not make, or used, revoked or expired
     ├── ModelNotFound              404  model not in the catalog
     ├── NotFound                   404  no such provider, receipt or route
     ├── MethodNotAllowed           405  the route exists, not with this method
@@ -101,6 +102,13 @@ class Forbidden(GatewayError):
     """Raised when the tenant may not use what it asked for (e.g. a model outside its allowed list)."""
 
     status, type, code = 403, "permission_error", "model_not_allowed"
+
+
+class InvitationRefused(GatewayError):
+    """Raised when a registration carries a join token this gateway will not honour: another gateway's, or one
+    used, revoked or expired, or one certifying another country than the registration claims."""
+
+    status, type, code = 403, "permission_error", "invitation_refused"
 
 
 class PaymentRequired(GatewayError):

@@ -20,14 +20,31 @@ def add_commands(subparsers) -> None:
     node = subparsers.add_parser("node", help="run a provider node")
     node_sub = node.add_subparsers(dest="node_command", required=True)
     init = node_sub.add_parser(
-        "init", help="set this machine up as a provider: key, model, node.toml (no hand-written TOML)",
+        "init", help="set this machine up as a provider: key, model, node.toml (no hand-written TOML), registration",
         description="Creates the key (0600), detects cores and memory and proposes slots x threads, fetches the "
-                    "default model, writes a commented node.toml in $XDG_CONFIG_HOME/llorch (~/.config/llorch) and, "
-                    "given the gateway's URL, registers with it. Then run `llorch node start`.")
-    init.add_argument("--gateway", required=True,
+                    "model, measures its time to first token here and proposes an SLA from it, writes a commented "
+                    "node.toml in $XDG_CONFIG_HOME/llorch (~/.config/llorch) and, given the gateway's URL or a join "
+                    "token, checks the gateway's libp2p port is reachable and registers (with a token: approved at "
+                    "once). Every value it registers is asked (a terminal or a pipe: an empty line or the end of "
+                    "the input takes the proposal shown in brackets) or given as a flag; --non-interactive takes "
+                    "the proposals. Then run `llorch node start`.")
+    init.add_argument("--token", help="a join token from the gateway's operator (`llorch gateway providers invite`): "
+                                      "names the gateway and registers this node approved")
+    init.add_argument("--gateway",
                       help="the gateway: its https URL (https://gateway.example) or libp2p multiaddr "
-                           "(/ip4/203.0.113.1/tcp/4001/p2p/12D3KooW...)")
-    init.add_argument("--country", help="ISO 3166-1 alpha-2 code of where this machine is (asked if not given)")
+                           "(/ip4/203.0.113.1/tcp/4001/p2p/12D3KooW...); not needed with --token")
+    init.add_argument("--country", help="ISO 3166-1 alpha-2 code of where this machine is (asked if not given; a "
+                                        "token that certifies a country proposes it)")
+    init.add_argument("--region", help="a free-form region shown to customers (proposed from the country)")
+    init.add_argument("--price-in", metavar="EUR", help="what customers pay you per 1M input tokens, in EUR "
+                                                        "(proposed: 0.10)")
+    init.add_argument("--price-out", metavar="EUR", help="per 1M output tokens, in EUR (proposed: 0.20)")
+    init.add_argument("--sla-ttft-ms", metavar="MS", help="the time to first token you promise (proposed from a "
+                                                          "measured run of the model here)")
+    init.add_argument("--sla-uptime", metavar="PERCENT", help="the share of the time you promise to serve (proposed: "
+                                                              "95)")
+    init.add_argument("--dashboard-port", metavar="PORT", help="the dashboard's port on 127.0.0.1, kept across "
+                                                               "restarts (proposed: 8471, or a free one)")
     init.add_argument("--slots", type=int, help="concurrent requests (default: proposed from cores and memory)")
     init.add_argument("--threads", type=int, help="threads per request (default: proposed from the cores)")
     init.add_argument("--port", type=int, default=4101, help="libp2p TCP port to listen on (default 4101)")
@@ -35,7 +52,8 @@ def add_commands(subparsers) -> None:
                       help="a catalog model to serve (repeat for several; default: the default model); init lists "
                            "the gateway catalog's models and which this machine can hold")
     init.add_argument("--force", action="store_true", help="write a new node.toml over an existing one")
-    init.add_argument("--non-interactive", action="store_true", help="never ask; fail if something is missing")
+    init.add_argument("--non-interactive", action="store_true", help="never ask: take the proposals; fail if "
+                                                                     "something has none (the country)")
     init.set_defaults(handler=node_init)
     start = node_sub.add_parser("start", help="join the network and serve inference until Ctrl-C")
     start.add_argument("--config", type=Path, help="node.toml ([node] table; env LLORCH_NODE_*); default: the one "
@@ -46,6 +64,7 @@ def add_commands(subparsers) -> None:
     register.add_argument("--config", type=Path, help="default: the node.toml `llorch node init` wrote")
     register.add_argument("--gateway", required=True, help="the gateway's HTTP URL, e.g. http://127.0.0.1:8000")
     register.add_argument("--endpoint", help="multiaddr to announce (default: the node's listen_addr)")
+    register.add_argument("--token", help="a join token of that gateway's operator: registered approved")
     register.set_defaults(handler=node_register)
     info = node_sub.add_parser("info", help="print the node's identity, model and engine build")
     info.add_argument("--config", type=Path, help="default: the node.toml `llorch node init` wrote")
@@ -206,34 +225,103 @@ def load_node_config(path: Path | None) -> NodeConfig:
 
 def node_init(args: argparse.Namespace) -> int:
     from llorch.node.init import initialise
-    from llorch.node.register import register
+    from llorch.node.register import register, refusal_text
 
-    country = args.country
-    if country is None and not args.non_interactive and sys.stdin.isatty():
-        country = input("Country this machine is in (ISO 3166-1 alpha-2, e.g. DE): ").strip().upper()
-    if not country or len(country) != 2 or not country.isalpha() or not country.isascii():
-        print("error: --country must be a two-letter ISO 3166-1 code (e.g. DE)", file=sys.stderr)
-        return 2
+    say = lambda message: print(message, file=sys.stderr)   # noqa: E731 - the answers go to stdout
     try:
-        path, key, contact = initialise(args.gateway, country.upper(), args.slots, args.threads, args.force,
-                                        args.port, log=lambda message: print(message, file=sys.stderr),
-                                        progress=ProgressBar("assembling + sha256"), models=tuple(args.models))
+        invitation = _join_token(args.token)
+        gateway = args.gateway or (invitation.gateway_url if invitation else None)
+        if gateway is None:
+            raise ConfigError("give --gateway (the gateway's URL or multiaddr) or --token (a join token)")
+        ask = _asker(args, say)
+        path, key, contact = initialise(gateway, lambda machine, entry, threads: _offer(args, ask, invitation, entry,
+                                                                                       threads, say),
+                                        args.slots, args.threads, args.force, args.port, log=say,
+                                        progress=ProgressBar("assembling + sha256"), models=tuple(args.models),
+                                        invitation=invitation)
         if contact.url is None:
-            print("next: register with the gateway's operator (`llorch node register --gateway <its URL>`), "
-                  "then `llorch node start`", file=sys.stderr)
+            say("next: register with the gateway (`llorch node register --gateway <its URL>`), then `llorch node "
+                "start`")
         else:
-            status, answer = register(load_node_config(path), key, contact.url, f"/p2p/{key.peer_id}")
+            status, answer = register(load_node_config(path), key, contact.url, f"/p2p/{key.peer_id}", args.token)
             if status not in (200, 201):
-                print(f"error: the gateway refused the registration ({status}): "
-                      f"{answer.get('error', {}).get('message', answer)}", file=sys.stderr)
+                say(f"error: the gateway refused the registration ({status}): {refusal_text(answer)}")
                 return 1
-            print(f"registered with {contact.url} ({answer.get('status')}): ask its operator to approve "
-                  f"{key.peer_id}", file=sys.stderr)
+            say(registered_text(contact.url, answer, key.peer_id))
     except (NodeError, LedgerError, InferenceError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(path)
     return 0
+
+
+def registered_text(url: str, answer: dict, peer_id: str) -> str:
+    """What a registration's answer means for the person who ran `node init` / `node register`."""
+    if answer.get("status") == "approved":
+        certified = f", its geo claim ({answer.get('geo', {}).get('country')}) certified" if \
+            answer.get("geo_certified") else ""
+        return f"registered with {url}: approved{certified}. Start serving with `llorch node start`."
+    if answer.get("status") == "suspended":
+        return f"registered with {url}, which has suspended {peer_id}: ask its operator why"
+    return (f"registered with {url}: pending the operator's approval. Ask them to run\n"
+            f"  llorch gateway providers approve {peer_id} --config <their gateway.toml>\n"
+            f"(or get a join token from them and run `llorch node init --force --token TOKEN`). `llorch node start` "
+            f"may run meanwhile: it is placed on once approved.")
+
+
+def _join_token(token: str | None):
+    from llorch.ledger.errors import EncodingError, SignatureError
+    from llorch.node.stream_io import now_ms
+    from llorch.node.wire.invitation import parse_token
+
+    if token is None:
+        return None
+    try:
+        invitation = parse_token(token)
+    except (EncodingError, SignatureError) as exc:
+        raise ConfigError(f"--token is not a valid join token: {exc}") from None
+    if invitation.expires_ms <= now_ms():
+        raise ConfigError("--token has expired: ask the gateway's operator for a new one")
+    return invitation
+
+
+def _asker(args: argparse.Namespace, say):
+    from llorch.node.init import asker
+
+    return asker(sys.stdin, not args.non_interactive and sys.stdin is not None,
+                 lambda question: print(question, end="", file=sys.stderr, flush=True))
+
+
+def _offer(args: argparse.Namespace, ask, invitation, entry, threads: int, say):
+    """What the node registers: flags, else answers, else proposals (the SLA's from a run measured here)."""
+    from llorch.node.init import (Offer, eur, free_local_port, measure_ttft_ms, parse_country, parse_int,
+                                  parse_percent, parse_price, proposed_ttft_ms, region_of)
+
+    proposed_country = invitation.certify_geo if invitation else None
+    country = parse_country(args.country or ask("--country", "Country this machine is in (ISO 3166-1 alpha-2, "
+                                                               "e.g. DE)", proposed_country))
+    region = (args.region or ask("--region", "Region shown to customers", region_of(country))).strip()[:64]
+    if not region:
+        raise ConfigError("--region must not be empty")
+    price_in = parse_price(args.price_in or ask("--price-in", "Price per 1M input tokens, EUR", "0.10"), "--price-in")
+    price_out = parse_price(args.price_out or ask("--price-out", "Price per 1M output tokens, EUR", "0.20"),
+                            "--price-out")
+    if args.sla_ttft_ms:
+        ttft = parse_int(args.sla_ttft_ms, "--sla-ttft-ms", 1, 3_600_000)
+    else:
+        timings = measure_ttft_ms(entry, threads, log=say)
+        proposal = proposed_ttft_ms(timings)
+        say(f"time to first token here: {', '.join(f'{t} ms' for t in timings)}; proposed SLA: {proposal} ms (twice "
+            f"the slowest run, plus 250 ms for the network)")
+        ttft = parse_int(ask("--sla-ttft-ms", "Time to first token you promise, ms", str(proposal)),
+                         "--sla-ttft-ms", 1, 3_600_000)
+    uptime = parse_percent(args.sla_uptime or ask("--sla-uptime", "Share of the time you promise to serve, percent",
+                                                  "95"), "--sla-uptime")
+    port = parse_int(args.dashboard_port or ask("--dashboard-port", "Dashboard port on 127.0.0.1",
+                                                str(free_local_port())), "--dashboard-port", 1, 65535)
+    say(f"registering: {country} ({region}), {eur(price_in)} / {eur(price_out)} per 1M tokens in / out, time to first "
+        f"token {ttft} ms, uptime {uptime / 10_000:g}%; dashboard http://127.0.0.1:{port}/")
+    return Offer(country, region, price_in, price_out, ttft, uptime, port)
 
 
 def node_start(args: argparse.Namespace) -> int:
@@ -249,16 +337,19 @@ def node_start(args: argparse.Namespace) -> int:
 
 def node_register(args: argparse.Namespace) -> int:
     from llorch.ledger.signing import load_key_file
-    from llorch.node.register import register
+    from llorch.node.register import register, refusal_text
 
     try:
         config = load_node_config(args.config)
         key = load_key_file(config.key_file)
-        status, answer = register(config, key, args.gateway, args.endpoint or config.listen_addr)
+        _join_token(args.token)
+        status, answer = register(config, key, args.gateway, args.endpoint or config.listen_addr, args.token)
     except (NodeError, LedgerError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(answer, indent=2))
+    print(registered_text(args.gateway, answer, key.peer_id) if status in (200, 201) else
+          f"error: the gateway refused the registration ({status}): {refusal_text(answer)}", file=sys.stderr)
     return 0 if status in (200, 201) else 1
 
 

@@ -1,5 +1,6 @@
 """`llorch node register`: sign this node's registration and POST it to a gateway (the seed's
-`/v2/platform/providers/register`). The operator then approves it (and certifies its geo claim)."""
+`/v2/platform/providers/register`). The operator then approves it (and certifies its geo claim), unless it carries
+a join token the operator made (`llorch gateway providers invite`): then it is approved at once."""
 
 from __future__ import annotations
 
@@ -28,13 +29,23 @@ def build_registration(config: NodeConfig, key: SigningKey, endpoint: str) -> by
     return registration.seal(key)
 
 
-def register(config: NodeConfig, key: SigningKey, gateway_url: str, endpoint: str) -> tuple[int, dict]:
-    """POST the registration; return (HTTP status, JSON answer)."""
-    body = json.dumps({"registration": base64.b64encode(build_registration(config, key, endpoint)).decode()})
+def register(config: NodeConfig, key: SigningKey, gateway_url: str, endpoint: str,
+             token: str | None = None) -> tuple[int, dict]:
+    """POST the registration (with a join token when given: approved at once); return (HTTP status, JSON answer)."""
+    document = {"registration": base64.b64encode(build_registration(config, key, endpoint)).decode()}
+    body = json.dumps({**document, "invitation": token.strip()} if token else document)
     request = urllib.request.Request(gateway_url.rstrip("/") + "/v2/platform/providers/register",
                                      data=body.encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=REGISTER_TIMEOUT_S) as response:
             return response.status, json.loads(response.read(1 << 20))
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read(1 << 20) or b"{}")
+        try:
+            return exc.code, json.loads(exc.read(1 << 20) or b"{}")
+        except ValueError:                        # a proxy's HTML page, say
+            return exc.code, {}
+
+
+def refusal_text(answer: dict) -> str:
+    error = answer.get("error") if isinstance(answer, dict) else None
+    return str(error.get("message")) if isinstance(error, dict) else str(answer)[:300]

@@ -110,3 +110,70 @@ def test_gpu_layers_on_a_build_without_a_gpu_backend_is_one_line_at_start(tmp_pa
         refused = llorch(tmp_path, *command)
         assert refused.returncode == 2, (command, refused.stderr[-2000:])
         assert "GGML_CUDA" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+
+
+def test_init_takes_its_answers_from_a_pipe_and_registers_nothing_it_did_not_ask(tmp_path, model_path):
+    """`echo DE | llorch node init ...` used to fail ("--country must be a two-letter code") though no --country
+    was given, and init registered an SLA (1000 ms, 99%) and a region it never asked about or measured."""
+    piped = subprocess.run(llorch_command() + ["node", "init", "--gateway", GATEWAY_MULTIADDR], cwd=tmp_path,
+                           env=environment(tmp_path), input="DE\n", capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    document = tomllib.loads((tmp_path / "config" / "llorch" / "node.toml").read_text())["node"]
+    proposed = int(piped.stderr.split("proposed SLA: ")[1].split(" ms")[0])       # from a run measured here
+    measured = [int(t) for t in piped.stderr.split("time to first token here: ")[1].split(";")[0]
+                .replace(" ms", "").split(", ")]
+    assert len(measured) == 3 and proposed == -(-(2 * max(measured) + 250) // 100) * 100
+    assert (document["country"], document["region"], document["sla_ttft_ms"], document["sla_uptime_ppm"]) == \
+        ("DE", "eu-central", proposed, 950_000)
+    assert (document["price_in_per_1m"], document["price_out_per_1m"]) == (100_000, 200_000)
+    assert 0 < document["admin_port"] < 65536
+    assert "0.10 EUR / 0.20 EUR per 1M tokens" in piped.stderr           # what a person reads is in EUR
+
+    answers = "fr\nParis lab\n0.5\n1.25\n1500\n90\n8599\n"                  # every question answered
+    again = subprocess.run(llorch_command() + ["node", "init", "--gateway", GATEWAY_MULTIADDR, "--force"],
+                           cwd=tmp_path, env=environment(tmp_path), input=answers, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    document = tomllib.loads((tmp_path / "config" / "llorch" / "node.toml").read_text())["node"]
+    assert (document["country"], document["region"], document["price_in_per_1m"], document["price_out_per_1m"],
+            document["sla_ttft_ms"], document["sla_uptime_ppm"], document["admin_port"]) == \
+        ("FR", "Paris lab", 500_000, 1_250_000, 1500, 900_000, 8599)
+    wrong = subprocess.run(llorch_command() + ["node", "init", "--gateway", GATEWAY_MULTIADDR, "--force",
+                                               "--sla-ttft-ms", "100"],
+                           cwd=tmp_path, env=environment(tmp_path), input="DE\n\n0.1234567\n", capture_output=True,
+                           text=True, timeout=300)
+    assert wrong.returncode == 2 and "--price-in '0.1234567' must be 0..1000000 EUR with at most 6 decimals" in \
+        wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_init_says_what_to_open_when_the_gateways_libp2p_port_is_closed(tmp_path):
+    import http.server
+    import socket
+    import threading
+
+    with socket.socket() as closed:                     # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"peer_id": GATEWAY_MULTIADDR.rsplit("/", 1)[1], "p2p_port": port}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = llorch(tmp_path, "node", "init", "--gateway", f"http://127.0.0.1:{server.server_address[1]}",
+                      "--country", "DE", "--non-interactive")
+    finally:
+        server.shutdown()
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"cannot reach the gateway's libp2p port: TCP 127.0.0.1:{port}" in done.stderr
+    assert f"let TCP port {port} through" in done.stderr and "nothing was registered" in done.stderr
+    assert not (tmp_path / "config" / "llorch" / "node.toml").exists()

@@ -428,14 +428,16 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.post("/v2/platform/providers/register", response_model=None,
               openapi_extra=request_body(RegistrationBody, f"At most {REGISTRATION_BODY_BYTES_MAX} bytes."),
               responses={200: {"model": ProviderRecord, "description": "A newer registration of a known provider."},
-                         201: {"model": ProviderRecord, "description": "A new provider, pending approval."},
-                         **errors(400)})
+                         201: {"model": ProviderRecord, "description": "A new provider: pending approval, or "
+                                                                        "approved with a join token."},
+                         **errors(400, 403, 429)})
     async def register_provider(request: Request) -> JSONResponse:
         document = parse_json(await read_body_capped(request, REGISTRATION_BODY_BYTES_MAX))
-        registration, envelope = parse_registration_body(document, now_ms())
+        registration, envelope, invitation = parse_registration_body(document, now_ms(), gateway.key.public_key)
         source = request.client.host if request.client else None
-        record = await gateway.providers.register(registration, envelope, now_ms(), source)
-        return JSONResponse(record_json(record), status_code=201 if record.status == "pending" else 200)
+        new = await gateway.providers.get(registration.provider_id) is None
+        record = await gateway.providers.register(registration, envelope, now_ms(), source, invitation)
+        return JSONResponse(record_json(record), status_code=201 if new or record.status == "pending" else 200)
 
     @app.get("/v2/platform/providers", response_model=None, openapi_extra=BEARER,
              responses={200: {"model": ProviderList, "description": "Every registration."}, **errors(401)})

@@ -130,6 +130,8 @@ class RegistrationBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     registration: str = Field(description="Base64 of the signed registration envelope (docs/protocol.md).",
                               json_schema_extra={"contentEncoding": "base64"})
+    invitation: str | None = Field(None, description="A join token of this gateway's operator (`llorch gateway "
+                                   "providers invite`): the provider is approved at once (docs/protocol.md §9).")
 
 
 class Pricing(BaseModel):

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 from dataclasses import dataclass, replace
 
 import trio
 
 from llorch.gateway import limits
-from llorch.gateway.errors import BadRequest, RateLimited
+from llorch.gateway.errors import BadRequest, InvitationRefused, RateLimited
 from llorch.ledger.errors import EncodingError, SignatureError
-from llorch.ledger.signing import public_key_of_peer_id
-from llorch.ledger.sqlite import Database
+from llorch.ledger.objects import VERSION
+from llorch.ledger.signing import SigningKey, public_key_of_peer_id
+from llorch.ledger.sqlite import Database, IntegrityError
+from llorch.node.wire.invitation import Invitation, parse_token, token_of
 from llorch.node.wire.registration import Registration
 
 REGISTRATION_CLOCK_SKEW_MS = 5 * 60_000
@@ -31,6 +34,23 @@ CREATE TABLE IF NOT EXISTS providers (
     registered_ms  INTEGER NOT NULL,
     issued_ms      INTEGER NOT NULL,
     source         TEXT
+);
+"""
+# Invitations (node/wire/invitation.py): one row per join token the operator made; a token is spent by inserting
+# its id into invite_uses, in the transaction that stores the registration, so it is accepted once (the primary key).
+INVITES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS invites (
+    invite_id     BLOB PRIMARY KEY,
+    certify_geo   TEXT,
+    issued_ms     INTEGER NOT NULL,
+    expires_ms    INTEGER NOT NULL,
+    note          TEXT NOT NULL,
+    revoked_ms    INTEGER
+);
+CREATE TABLE IF NOT EXISTS invite_uses (
+    invite_id     BLOB PRIMARY KEY,
+    provider_id   TEXT NOT NULL,
+    used_ms       INTEGER NOT NULL
 );
 """
 # Columns added since the first version (databases from before get them with ALTER TABLE, see gateway/db.py).
@@ -54,10 +74,38 @@ class ProviderRecord:
         return self.status == "approved"
 
 
-def parse_registration_body(body: dict, now_ms: int) -> tuple[Registration, bytes]:
-    """Parse `{"registration": base64}`; verify the signature; raise BadRequest naming what is wrong."""
-    if not isinstance(body, dict) or set(body) != {"registration"} or not isinstance(body["registration"], str):
-        raise BadRequest('body must be {"registration": "<base64 of the signed registration>"}', "registration")
+@dataclass(frozen=True)
+class InviteRecord:
+    invite_id: bytes
+    certify_geo: str | None
+    issued_ms: int
+    expires_ms: int
+    note: str
+    revoked_ms: int | None
+    used_by: str | None
+    used_ms: int | None
+
+    def state(self, now_ms: int) -> str:
+        if self.used_by is not None:
+            return "used"
+        if self.revoked_ms is not None:
+            return "revoked"
+        return "expired" if now_ms >= self.expires_ms else "open"
+
+    def json(self, now_ms: int) -> dict:
+        return {"invite_id": self.invite_id.hex(), "state": self.state(now_ms), "certify_geo": self.certify_geo,
+                "issued_ms": self.issued_ms, "expires_ms": self.expires_ms, "note": self.note,
+                "revoked_ms": self.revoked_ms, "used_by": self.used_by, "used_ms": self.used_ms}
+
+
+def parse_registration_body(body: dict, now_ms: int,
+                            gateway_key: bytes | None = None) -> tuple[Registration, bytes, Invitation | None]:
+    """Parse `{"registration": base64, "invitation"?: join token}`; verify the signatures (an invitation must be
+    this gateway's own, ``gateway_key``); raise BadRequest naming what is wrong."""
+    if not isinstance(body, dict) or "registration" not in body or not set(body) <= {"registration", "invitation"} \
+            or not isinstance(body["registration"], str):
+        raise BadRequest('body must be {"registration": "<base64 of the signed registration>"} (and may have '
+                         '"invitation": "<join token>")', "registration")
     try:
         envelope = base64.b64decode(body["registration"], validate=True)
     except ValueError:                 # binascii.Error, or a character outside ASCII
@@ -70,7 +118,23 @@ def parse_registration_body(body: dict, now_ms: int) -> tuple[Registration, byte
         raise BadRequest(f"registration is malformed: {exc}", "registration") from None
     if abs(registration.issued_ms - now_ms) > REGISTRATION_CLOCK_SKEW_MS:
         raise BadRequest("registration issued_ms is more than 5 minutes from the gateway's clock", "issued_ms")
-    return registration, envelope
+    return registration, envelope, _invitation(body.get("invitation"), gateway_key)
+
+
+def _invitation(token, gateway_key: bytes | None) -> Invitation | None:
+    if token is None:
+        return None
+    if not isinstance(token, str):
+        raise BadRequest("invitation must be a join token (a string starting llorch-join-)", "invitation")
+    try:
+        invitation = parse_token(token)
+    except SignatureError as exc:
+        raise BadRequest(f"the join token's signature is invalid: {exc}", "invitation") from None
+    except EncodingError as exc:
+        raise BadRequest(f"the join token is malformed: {exc}", "invitation") from None
+    if invitation.gateway_key != gateway_key:
+        raise InvitationRefused(f"this join token was made by the gateway {invitation.gateway_peer_id}, not this one")
+    return invitation
 
 
 class ProviderBook:
@@ -85,18 +149,33 @@ class ProviderBook:
         self._sorted: list[ProviderRecord] | None = None
 
     async def register(self, registration: Registration, envelope: bytes, now_ms: int,
-                       source: str | None = None) -> ProviderRecord:
+                       source: str | None = None, invitation: Invitation | None = None) -> ProviderRecord:
         """Store a new registration (status pending) or a newer one of a known provider. A changed geo claim loses
         its certification; an older registration than the stored one is refused (replay). Registrations awaiting
-        review are capped, overall and per ``source`` (the client's address): keys cost nothing to make."""
+        review are capped, overall and per ``source`` (the client's address): keys cost nothing to make.
+
+        With an ``invitation`` (its signature already checked as this gateway's), a new or pending provider is
+        approved at once, and its geo claim certified when the invitation certifies that country; the invitation
+        is spent in the same transaction (a second use is refused, whoever tries it). An approved provider does
+        not spend it."""
         known = await self.get(registration.provider_id)
         if known is not None and registration.issued_ms <= known.registration.issued_ms:
             raise BadRequest("a newer registration of this provider is already stored (replayed?)", "issued_ms")
-        if known is None:
+        invited = invitation is not None and (known is None or known.status == "pending")
+        if invitation is not None and known is not None and known.status == "suspended":
+            raise InvitationRefused(f"provider {known.provider_id} is suspended here: only the operator readmits it")
+        if invited:
+            assert invitation is not None
+            await self._check_invitation(invitation, registration, now_ms)
+        elif known is None:
             await self._check_pending_room(source)
-        certified = bool(known and known.geo_certified and known.registration.geo == registration.geo)
-        status = known.status if known else "pending"
-        await self._database.transaction([(
+        certified = bool(known and known.geo_certified and known.registration.geo == registration.geo) or \
+            bool(invited and invitation and invitation.certify_geo)
+        status = "approved" if invited else known.status if known else "pending"
+        spend = [("INSERT INTO invite_uses (invite_id, provider_id, used_ms) VALUES (?, ?, ?)",
+                  [(invitation.invite_id, registration.provider_id, now_ms)])] if invited and invitation else []
+        try:
+            await self._database.transaction([*spend, (
             "INSERT INTO providers (provider_id, provider_key, registration, status, geo_certified, "
             "registered_ms, issued_ms, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (provider_id) DO UPDATE "
             "SET provider_key = excluded.provider_key, registration = excluded.registration, "
@@ -104,9 +183,64 @@ class ProviderBook:
             "registered_ms = excluded.registered_ms, issued_ms = excluded.issued_ms, source = excluded.source",
             [(registration.provider_id, registration.provider_key, envelope, status, int(certified), now_ms,
               registration.issued_ms, source)])])
+        except IntegrityError:
+            raise InvitationRefused("this join token was used already: ask the operator for a new one") from None
         record = ProviderRecord(registration.provider_id, registration.provider_key, registration, status, certified)
         self._keep(record)
         return record
+
+    async def _check_invitation(self, invitation: Invitation, registration: Registration, now_ms: int) -> None:
+        invite = await self.invite(invitation.invite_id)
+        if invite is None:
+            raise InvitationRefused("this join token is not one this gateway's operator made (or its record is "
+                                    "gone)")
+        state = invite.state(now_ms)
+        if state != "open":
+            raise InvitationRefused(f"this join token was {state} already: ask the operator for a new one" if
+                                    state == "used" else f"this join token is {state}: ask the operator for a new one")
+        if invite.certify_geo is not None and invite.certify_geo != registration.geo["country"]:
+            raise InvitationRefused(f"this join token certifies a machine in {invite.certify_geo}; the registration "
+                                    f"says {registration.geo['country']} (run node init with --country "
+                                    f"{invite.certify_geo}, or ask for a token without --certify-geo)")
+
+    async def make_invite(self, key: SigningKey, gateway_url: str, certify_geo: str | None, issued_ms: int,
+                          expires_ms: int, note: str) -> str:
+        """A new join token, recorded (open) in the database; returned once, like an API key."""
+        invitation = Invitation(v=VERSION, gateway_key=key.public_key, invite_id=secrets.token_bytes(16),
+                                gateway_url=gateway_url, issued_ms=issued_ms, expires_ms=expires_ms,
+                                certify_geo=certify_geo)
+        await self._database.transaction([(
+            "INSERT INTO invites (invite_id, certify_geo, issued_ms, expires_ms, note) VALUES (?, ?, ?, ?, ?)",
+            [(invitation.invite_id, certify_geo, issued_ms, expires_ms, note)])])
+        return token_of(invitation.seal(key))
+
+    async def invite(self, invite_id: bytes) -> InviteRecord | None:
+        rows = await self._invites("WHERE i.invite_id = ?", (invite_id,))
+        return rows[0] if rows else None
+
+    async def invites(self) -> list[InviteRecord]:
+        return await self._invites("ORDER BY i.issued_ms, i.invite_id", ())
+
+    async def _invites(self, where: str, params: tuple) -> list[InviteRecord]:
+        rows = await self._database.fetchall(
+            "SELECT i.invite_id, i.certify_geo, i.issued_ms, i.expires_ms, i.note, i.revoked_ms, u.provider_id, "
+            f"u.used_ms FROM invites i LEFT JOIN invite_uses u ON u.invite_id = i.invite_id {where}", params)
+        return [InviteRecord(bytes(row[0]), *row[1:]) for row in rows]
+
+    async def revoke_invite(self, invite_hex: str, now_ms: int) -> InviteRecord:
+        try:
+            invite_id = bytes.fromhex(invite_hex)
+        except ValueError:
+            raise ProviderError(f"{invite_hex!r} is not an invitation id (32 hex digits)") from None
+        invite = await self.invite(invite_id)
+        if invite is None:
+            raise ProviderError(f"there is no invitation {invite_hex} (`llorch gateway providers invites` lists them)")
+        if invite.state(now_ms) == "open":
+            await self._database.transaction([("UPDATE invites SET revoked_ms = ? WHERE invite_id = ?",
+                                               [(now_ms, invite_id)])])
+        found = await self.invite(invite_id)
+        assert found is not None
+        return found
 
     async def _check_pending_room(self, source: str | None) -> None:
         row = await self._database.fetchone(
