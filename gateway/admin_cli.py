@@ -101,6 +101,22 @@ def add_commands(gateway_subparsers) -> None:
     readmit.add_argument("--config", type=Path, required=True)
     readmit.set_defaults(handler=lambda args: _run(args, providers_readmit))
 
+    init = gateway_subparsers.add_parser(
+        "init", help="write a commented gateway.toml and the gateway's key (asks only for the public host name)",
+        description="Creates the gateway's key (0600) and a commented gateway.toml (default ~/.config/llorch/"
+                    "gateway.toml) whose HTTP API and libp2p port listen on every interface, with public_url "
+                    "http://HOST:8000; the host name is asked (a terminal or a pipe) unless --host gives it. Both "
+                    "ports must be reachable at that host: nodes dial the libp2p port at the host of the URL.")
+    init.add_argument("--host", help="the public host name (or IP address) customers and nodes reach it at")
+    init.add_argument("--config", type=Path, help="where to write gateway.toml (default: ~/.config/llorch/gateway.toml)")
+    init.add_argument("--http-port", type=int, default=8000, help="HTTP API port (default 8000)")
+    init.add_argument("--p2p-port", type=int, default=4001, help="libp2p TCP port (default 4001)")
+    init.add_argument("--public-url", help="the URL customers and nodes use, when a TLS proxy fronts the API "
+                                           "(default http://HOST:HTTP_PORT)")
+    init.add_argument("--force", action="store_true", help="write a new gateway.toml over an existing one")
+    init.add_argument("--non-interactive", action="store_true", help="never ask: fail without --host")
+    init.set_defaults(handler=gateway_init)
+
     invite = providers_sub.add_parser(
         "invite", help="make a single-use join token: a home lab that runs `llorch node init --token TOKEN` joins "
                        "approved, with no step of yours",
@@ -145,6 +161,23 @@ def add_commands(gateway_subparsers) -> None:
         parser.add_argument("--config", type=Path, required=True, help="gateway.toml (its database setting)")
         parser.set_defaults(handler=lambda args, action=action: _run(args, db_status if action == "status"
                                                                       else db_upgrade, migrate=False))
+
+
+def gateway_init(args: argparse.Namespace) -> int:
+    from llorch.gateway.init import initialise
+    from llorch.node.config import asker
+
+    say = lambda message: print(message, file=sys.stderr)    # noqa: E731 - the path goes to stdout
+    ask = asker(sys.stdin, not args.non_interactive,
+                lambda question: print(question, end="", file=sys.stderr, flush=True))
+    try:
+        path = initialise(ask, args.config, args.host, args.http_port, args.p2p_port, args.public_url, args.force,
+                          log=say)
+    except (NodeError, LedgerError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
 
 
 def operator_token(args: argparse.Namespace) -> int:

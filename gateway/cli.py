@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -145,7 +146,11 @@ def _ignore_signals() -> None:
 def _banner(network) -> str:
     from llorch.gateway.localnet import llorch_command
 
-    base_url = network.base_url
+    base_url, http_url, llorch = network.base_url, network.http_url, " ".join(llorch_command())
+    config = network.workdir / "gateway.toml"
+    operator_token = network.cli("gateway", "operator-token", "--config", str(config)).strip()
+    dashboards = "\n".join(f"  provider   {node.started_state()['admin_url'].rstrip('/')}/   ({node.name}'s dashboard: "
+                           f"its receipts, earnings, listing)" for node in network.nodes)
     return f"""
 llorch local network is up: 1 gateway, {len(network.nodes)} provider node(s) on 127.0.0.1
   model      smollm2-135m-instruct-q4_1
@@ -157,11 +162,25 @@ Try it:
     -H "Authorization: Bearer {network.api_key}" -H "Content-Type: application/json" \\
     -d '{{"model": "smollm2-135m-instruct-q4_1", "seed": 42, "messages": [{{"role": "user", "content": "Say hello."}}]}}'
 
-Audit a provider's ledger:  {' '.join(llorch_command())} ledger verify {network.workdir / 'node1.ledger.sqlite'}
+Web pages:
+  customer   {http_url}/dashboard   (sign in with the api key above: usage, spend, receipts to download)
+  operator   {http_url}/operator    (sign in with the token {operator_token}
+             made just now; `{llorch} gateway operator-token --config {config}` makes a new one)
+{dashboards}
+
+Audit a provider's ledger:  {llorch} ledger verify {network.workdir / 'node1.ledger.sqlite'}
+Invite another home lab:    {llorch} gateway providers invite --config {config} --url {http_url}
 Press Ctrl-C to stop.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        code = args.handler(args)
+        sys.stdout.flush()               # here, where a reader that left is caught, not at exit
+        return code
+    except BrokenPipeError:          # `llorch ... | head`: the reader is gone; nothing to say, nobody to say it to
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,13 @@ from llorch.ledger.signing import SigningKey, load_key_file, write_key_file
 
 READY_TIMEOUT_S = 120.0
 STARTUP_FAILED = 2          # the exit code of `llorch ... start` when it cannot start (node/lifecycle.py)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (a node's dashboard keeps it across restarts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class StartFailed(RuntimeError):
@@ -174,7 +182,9 @@ class LocalNetwork:
             f"price_in_per_1m = {price_in}\n"
             f"price_out_per_1m = {price_out}\n"
             f'country = "{country}"\n'
-            f'state_file = "{name}.state.json"\n' + extra)
+            f'state_file = "{name}.state.json"\n'
+            + ("" if "admin_port" in extra else f"admin_port = {free_port()}\n")   # kept across restarts
+            + extra)
         process = self._spawn(name, ["node", "start", "--config", str(config)], f"{name}.state.json")
         self.nodes.append(process)
         state = self._wait_state(process)

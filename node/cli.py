@@ -286,7 +286,7 @@ def _join_token(token: str | None):
 
 
 def _asker(args: argparse.Namespace, say):
-    from llorch.node.init import asker
+    from llorch.node.config import asker
 
     return asker(sys.stdin, not args.non_interactive and sys.stdin is not None,
                  lambda question: print(question, end="", file=sys.stderr, flush=True))
@@ -294,7 +294,8 @@ def _asker(args: argparse.Namespace, say):
 
 def _offer(args: argparse.Namespace, ask, invitation, entry, threads: int, say):
     """What the node registers: flags, else answers, else proposals (the SLA's from a run measured here)."""
-    from llorch.node.init import (Offer, eur, free_local_port, measure_ttft_ms, parse_country, parse_int,
+    from llorch.ledger.money import readable as eur
+    from llorch.node.init import (Offer, free_local_port, measure_ttft_ms, parse_country, parse_int,
                                   parse_percent, parse_price, proposed_ttft_ms, region_of)
 
     proposed_country = invitation.certify_geo if invitation else None
@@ -379,11 +380,12 @@ def node_status(args: argparse.Namespace) -> int:
     from llorch.node.status import admin_url_of, fetch_status, render
 
     try:
-        status = fetch_status(admin_url_of(load_node_config(args.config)))
+        admin_url = admin_url_of(load_node_config(args.config))
+        status = fetch_status(admin_url)
     except NodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(status, indent=2) if args.json else render(status))
+    print(json.dumps(status, indent=2) if args.json else render(status, admin_url))
     return 0
 
 

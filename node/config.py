@@ -13,6 +13,7 @@ import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TextIO
 
 from llorch.inference.catalog import DEFAULT_MODEL_ID
 from llorch.ledger import limits as ledger_limits
@@ -20,6 +21,35 @@ from llorch.node import limits
 from multiaddr import Multiaddr
 
 from llorch.node.errors import ConfigError
+
+
+def config_dir() -> Path:
+    """Where `llorch node init` and `llorch gateway init` write their configs and keys (XDG Base Directory)."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "llorch"
+
+
+def data_dir() -> Path:
+    """Where ledgers and the gateway's SQLite database go."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "llorch"
+
+
+Ask = Callable[[str, str, "str | None"], str]       # (flag, question, proposal or None) → the answer's text
+
+
+def asker(lines: TextIO, interactive: bool, prompt: Callable[[str], None]) -> Ask:
+    """The init commands' questions, answered from ``lines`` (a terminal or a pipe: `echo DE | llorch node init
+    ...`); an empty line or the end of the input takes the proposal. Not interactive: the proposal, or an error
+    naming the flag that gives the answer."""
+    def ask(flag: str, question: str, proposal: str | None) -> str:
+        if interactive:
+            prompt(f"{question}" + (f" [{proposal}]" if proposal else "") + ": ")
+            answer = lines.readline().strip()
+            if answer:
+                return answer
+        if proposal is None:
+            raise ConfigError(f"{flag} is needed: {question[0].lower() + question[1:]} (no answer was given)")
+        return proposal
+    return ask
 
 
 @dataclass(frozen=True)

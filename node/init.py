@@ -25,7 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable
 
 import trio
 from multiaddr import Multiaddr
@@ -34,9 +34,11 @@ from llorch.inference import catalog, sources
 from llorch.inference import limits as limits_inference
 from llorch.inference.catalog import Catalog, CatalogEntry
 from llorch.ledger.errors import EncodingError, SignatureError
+from llorch.ledger.money import readable
 from llorch.ledger.signing import SigningKey, peer_id_of, write_key_file
 from llorch.node import limits
 from llorch.node.catalog import keep
+from llorch.node.config import config_dir, data_dir
 from llorch.node.errors import ConfigError
 from llorch.node.wire.attestation import EU_COUNTRIES
 from llorch.node.wire.catalog import SignedCatalog
@@ -52,14 +54,6 @@ REACH_TIMEOUT_S = 5
 TTFT_RUNS = 3                            # measured runs for the SLA proposal (after one warm-up)
 TTFT_NETWORK_MS = 250                    # the proposal's allowance for the network between gateway and node
 TTFT_PROMPT = "Say hello in one short sentence."
-
-
-def config_dir() -> Path:
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "llorch"
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "llorch"
 
 
 def default_config_path() -> Path:
@@ -180,24 +174,6 @@ class Offer:
     dashboard_port: int
 
 
-Ask = Callable[[str, str, "str | None"], str]       # (flag, question, proposal or None) → the answer's text
-
-
-def asker(lines: TextIO, interactive: bool, log: Callable[[str], None]) -> Ask:
-    """Questions answered from ``lines`` (a terminal or a pipe: `echo DE | llorch node init ...`); an empty line
-    or the end of the input takes the proposal. Not interactive: the proposal, or an error naming the flag."""
-    def ask(flag: str, question: str, proposal: str | None) -> str:
-        if interactive:
-            log(f"{question}" + (f" [{proposal}]" if proposal else "") + ": ")
-            answer = lines.readline().strip()
-            if answer:
-                return answer
-        if proposal is None:
-            raise ConfigError(f"{flag} is needed: {question.lower()} (no answer was given)")
-        return proposal
-    return ask
-
-
 def region_of(country: str) -> str:
     """A proposal for the registration's informational region."""
     if country in EU_COUNTRIES:
@@ -226,13 +202,6 @@ def parse_price(text: str, flag: str) -> int:
     if not amount.is_finite() or not 0 <= amount <= 1_000_000 or amount != amount.quantize(Decimal("0.000001")):
         raise ConfigError(f"{flag} {text.strip()[:30]!r} must be 0..1000000 EUR with at most 6 decimals")
     return int(amount.scaleb(6))
-
-
-def eur(minor: int) -> str:
-    """Minor units (micro-EUR) as a person reads them: EUR with the decimals that matter (at least 2)."""
-    text = f"{Decimal(minor).scaleb(-6):.6f}".rstrip("0")
-    whole, _, decimals = text.partition(".")
-    return f"{whole}.{decimals.ljust(2, '0')} EUR"
 
 
 def parse_percent(text: str, flag: str) -> int:
@@ -339,8 +308,8 @@ slots = {slots}
 threads_per_slot = {threads}
 models = {json.dumps(list(models))}   # `llorch models list --config <this file>`; see docs/operating.md
 {gpu_line}
-# What customers pay you per 1M tokens, in minor units (1 = 0.000001 EUR): {eur(offer.price_in_per_1m)} in,
-# {eur(offer.price_out_per_1m)} out. The gateway never pays less.
+# What customers pay you per 1M tokens, in minor units (1 = 0.000001 EUR): {readable(offer.price_in_per_1m)} in,
+# {readable(offer.price_out_per_1m)} out. The gateway never pays less.
 price_in_per_1m = {offer.price_in_per_1m}
 price_out_per_1m = {offer.price_out_per_1m}
 currency = "EUR"

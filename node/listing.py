@@ -96,7 +96,11 @@ async def keep_listing(p2p: P2P, gateways: tuple[str, ...], listings: Listings, 
         for peer in peers:
             name = peer.to_base58()
             try:
-                seen = listings.latest[name] = await ask_listing(p2p, peer, clock)
+                seen = await ask_listing(p2p, peer, clock)
+                change = listing_change(listings.latest.get(name), seen.listing)
+                if change:
+                    log.info("gateway %s: %s", name, change)
+                listings.latest[name] = seen
                 listings.failures.pop(name, None)
                 if not settled(seen.listing):
                     wait_s = min(wait_s, limits.LISTING_UNSETTLED_RECHECK_S)
@@ -106,6 +110,24 @@ async def keep_listing(p2p: P2P, gateways: tuple[str, ...], listings: Listings, 
                     log.info("listing: %s", exc)
                 listings.failures[name] = str(exc)
         await trio.sleep(wait_s)
+
+
+def listing_change(before: Observed | None, now: Listing) -> str | None:
+    """One line for the log when a gateway's decision about this node changed (approved, suspended, geo certified,
+    excluded or readmitted), or on the first answer; None when nothing changed."""
+    old = None if before is None else before.listing
+    if old is not None and (old.status, old.geo_certified, old.fork_detected_ms) == \
+            (now.status, now.geo_certified, now.fork_detected_ms):
+        return None
+    if now.fork_detected_ms is not None:
+        return f"EXCLUDED for fork evidence ({now.fork_reason}): no work until the operator readmits this node"
+    geo = "" if now.country is None else \
+        f"; geo claim {now.country} {'certified' if now.geo_certified else 'not certified (EU-only customers wait)'}"
+    return {"unregistered": "not registered there: run `llorch node register --gateway <its URL>`",
+            "pending": "registered, waiting for the operator's approval (no work until then)",
+            "approved": "approved: placed on" + (" again" if old is not None and old.fork_detected_ms else ""),
+            "suspended": "SUSPENDED by the operator: no work until they readmit this node",
+            }.get(now.status, now.status) + geo
 
 
 def settled(listing: Listing) -> bool:

@@ -21,6 +21,7 @@ from llorch.inference.catalog import CatalogEntry
 from llorch.inference.engine import Generation, Prepared, Sampling
 from llorch.inference.errors import InferenceError, RequestError
 from llorch.ledger.errors import EncodingError, LedgerError, SignatureError, sole_exception
+from llorch.ledger.money import readable
 from llorch.ledger.objects import Ticket, amount_minor, logprobs_sha256, prompt_commitment, sampling_sha256
 from llorch.ledger.signing import sha256
 from llorch.ledger.store import LedgerStore
@@ -228,9 +229,11 @@ class ProviderService:
         receipt = await self._record(ticket, request, engine, generation, accepted_ms,
                                      first_token_ms or finished_ms, finished_ms)
         self.served += 1
-        if generation.finish_reason == "cancelled":
-            log.info("request %s cancelled by the gateway after %d tokens", ticket.request_id,
-                     generation.tokens_out)
+        log.info("served %s (%s): %d tokens in, %d out in %.1f s, earned %s%s", ticket.request_id, ticket.model_id,
+                 generation.tokens_in, generation.tokens_out, (finished_ms - accepted_ms) / 1000,
+                 readable(amount_minor(generation.tokens_in, generation.tokens_out, ticket.price_in,
+                                       ticket.price_out), ticket.currency),
+                 "; cancelled by the gateway" if generation.finish_reason == "cancelled" else "")
         await write_frame(stream, protocol, Final(receipt))
 
     async def _record(self, ticket: Ticket, request: Request, engine: SlotEngine, generation, accepted_ms: int,

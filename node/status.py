@@ -33,6 +33,7 @@ import trio
 from libp2p.peer.id import ID
 
 from llorch.ledger.errors import LedgerError
+from llorch.ledger.money import readable
 from llorch.ledger.note import parse_checkpoint_text, parse_note
 from llorch.ledger.objects import Receipt
 from llorch.ledger.signing import open_envelope
@@ -109,7 +110,7 @@ async def status_document(config, p2p, models, ledger: LedgerStore, counters: Co
         "last_attestation": {"seq": counters.last_attestation_seq,
                              "age_ms": now_ms - counters.last_attestation_ms if counters.last_attestation_ms else None},
         "ledger": await ledger_summary(ledger, now_ms),
-        "today": await served_today(ledger, now_ms),
+        "today": {**await served_today(ledger, now_ms), "currency": config.currency},
         "uptime_ms": now_ms - counters.started_ms,
         "disk": {"free_bytes": disk.free, "total_bytes": disk.total},
     }
@@ -227,11 +228,13 @@ def fetch_status(admin_url: str) -> dict:
                           f"running with this config?") from None
 
 
-def render(status: dict) -> str:
+def render(status: dict, admin_url: str | None = None) -> str:
     def age(ms):
         return "never" if ms is None else f"{ms / 1000:.0f} s ago"
 
     lines = [f"node {status['peer_id']}  model {status['model']}  up {status['uptime_ms'] / 3_600_000:.1f} h"]
+    if admin_url:
+        lines.append(f"dashboard: {admin_url.rstrip('/')}/ (this machine only)")
     for gateway in status["gateways"]:
         lines.append(f"gateway {gateway['peer_id']}: {'connected' if gateway['connected'] else 'NOT CONNECTED'}; "
                      f"{listing_line(gateway)}")
@@ -248,12 +251,14 @@ def render(status: dict) -> str:
                  f"{age(status['last_attestation']['age_ms'])}")
     ledger = status["ledger"]
     cosign = ledger["last_cosignature"]
-    lines.append(f"ledger: {ledger['entries']} receipts; checkpoint at {ledger['checkpoint_size']}; " + (
+    checkpoint = "no checkpoint yet" if ledger["checkpoint_size"] is None else \
+        f"checkpoint at {ledger['checkpoint_size']}"
+    lines.append(f"ledger: {ledger['entries']} receipts; {checkpoint}; " + (
         f"last cosigned at {cosign['size']} by {cosign['witness']} {age(cosign['age_ms'])}" if cosign else
         "not cosigned yet"))
     today = status["today"]
     lines.append(f"today (UTC): {today['requests']} requests, {today['tokens_in']} + {today['tokens_out']} tokens, "
-                 f"{today['earned_minor']} minor units earned")
+                 f"{readable(today['earned_minor'], today.get('currency', 'EUR'))} earned")
     disk = status["disk"]
     lines.append(f"disk beside the ledger: {disk['free_bytes'] >> 20} MiB free of {disk['total_bytes'] >> 20} MiB")
     if status["warnings"]:

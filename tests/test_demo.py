@@ -3,12 +3,15 @@ so, so a user can try failover. Before, one node's death stopped the whole netwo
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
 import subprocess
 import threading
 import time
+import urllib.parse
+import urllib.request
 
 import openai
 import pytest
@@ -54,6 +57,24 @@ def test_the_demo_survives_a_nodes_death_and_says_so(tmp_path, model_path):
     try:
         output.wait_for("Press Ctrl-C to stop", 240, demo)
         api_key = next(line.split()[-1] for line in output.text.splitlines() if line.strip().startswith("api key"))
+        # The banner names every page: customer dashboard, operator console with a working token, each provider's.
+        pages = {line.split()[0]: line.split()[1] for line in output.text.split("Web pages:")[1].splitlines()
+                 if line.strip() and line.startswith("  ") and line.split()[1].startswith("http")}
+        assert pages["customer"] == f"http://127.0.0.1:{port}/dashboard"
+        assert pages["operator"] == f"http://127.0.0.1:{port}/operator"
+        providers = [line.split()[1] for line in output.text.splitlines() if line.startswith("  provider   http")]
+        assert len(providers) == 2
+        for url in providers:
+            with urllib.request.urlopen(url, timeout=10) as page:
+                assert page.status == 200 and b"<html" in page.read().lower()
+        token = output.text.split("sign in with the token ")[1].split()[0]
+        console = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        console.request("POST", "/operator/sign-in", urllib.parse.urlencode({"token": token}),
+                        {"Content-Type": "application/x-www-form-urlencoded", "Origin": f"http://127.0.0.1:{port}"})
+        signed_in = console.getresponse()
+        assert (signed_in.status, signed_in.getheader("Location")) == (303, "/operator")    # the token works
+        assert "llorch_operator" in (signed_in.getheader("Set-Cookie") or "")
+        console.close()
         node2 = int((tmp_path / "demo" / "node2.ledger.sqlite.lock").read_text().split()[0])
         os.kill(node2, signal.SIGKILL)
         output.wait_for("node2 exited", 30, demo)

@@ -4,12 +4,13 @@ from the node's local admin endpoint (bound to 127.0.0.1 only)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import openai
 import pytest
 
-from llorch.gateway.localnet import LocalNetwork
+from llorch.gateway.localnet import LocalNetwork, llorch_command
 from tests.helpers import MODEL_ID
 
 pytestmark = pytest.mark.e2e
@@ -50,5 +51,19 @@ def test_node_status_reports_connection_reachability_ledger_and_today(tmp_path, 
         text = net.cli("node", "status", "--config", "lab.toml")
         assert "connected" in text and "today (UTC): 2 requests" in text and "NOT CONNECTED" not in text
         assert "connected; approved, geo DE certified, not excluded, clock" in text and "to act on" not in text
+        assert f"dashboard: {state['admin_url'].rstrip('/')}/" in text                  # where to look
+        earned = f"{status['today']['earned_minor'] / 1e6:.6f}".rstrip("0")
+        assert f" tokens, {earned.ljust(len(earned.split('.')[0]) + 3, '0')} EUR earned" in text, text
+        assert "minor units" not in text                                  # a person reads the currency
+        # The node's log: a line when the operator's decision changed, one per served request, quiet otherwise.
+        log = (net.workdir / "lab.log").read_text()
+        served = [line for line in log.splitlines() if " served chatcmpl-" in line]
+        assert len(served) == 2 and all(" EUR" in line and "tokens in" in line for line in served), log[-3000:]
+        assert "approved: placed on; geo claim DE certified" in log, log[-3000:]
+        # `node status --json | head`: a reader that leaves early is no error and no traceback.
+        reader_gone = subprocess.Popen(llorch_command() + ["node", "status", "--config", "lab.toml", "--json"],
+                                       cwd=net.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        reader_gone.stdout.close()
+        assert reader_gone.wait(60) == 0 and b"Traceback" not in reader_gone.stderr.read()
     finally:
         net.stop()
