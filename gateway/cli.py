@@ -1,11 +1,13 @@
 """The `llorch` command: every subcommand of every role, in one parser.
 
     llorch demo                          a local network (gateway + one node) on 127.0.0.1, until Ctrl-C
+    llorch gateway init [--host H]       write a commented gateway.toml and key
     llorch gateway start --config F      run the gateway
     llorch gateway tenants add|list|update|revoke ...      tenants, API keys, budgets, limits
     llorch gateway providers list|approve|certify|suspend|forks|evidence|readmit   providers, evidence
+    llorch gateway providers invite      a single-use join token: `node init --token` joins approved
     llorch gateway operator-token --config F       the operator console's sign-in token
-    llorch node init --gateway G         set up a provider (key, model, node.toml) and register
+    llorch node init --token T           set up a provider (key, model, node.toml) and register
     llorch node start [--config F]       run a provider node          (node info, node status, grant-auditor)
     llorch keys new PATH                 create a key file (0600)
     llorch ledger verify PATH            audit a ledger offline      (ledger export, replay, fetch, check-evidence)

@@ -349,7 +349,8 @@ def test_our_code_reproduces_the_connected_vectors():
     finally:
         make_vectors.write = original
     assert sorted(written) == ["attestation_vector.json", "bill_vector.json", "catalog_vector.json",
-                               "checkpoint_vector.json", "listing_vectors.json", "logprobs_vector.json", "punch_vectors.json", "receipt_vector.json",
+                               "checkpoint_vector.json", "invitation_vector.json", "listing_vectors.json",
+                               "logprobs_vector.json", "punch_vectors.json", "receipt_vector.json",
                                "ticket_vector.json"]
     for name, text in written.items():
         assert text == (FIXTURES / name).read_text(), f"{name} differs from what make_vectors.py writes"
@@ -392,3 +393,23 @@ def test_the_logprobs_vector():
     assert Receipt.from_envelope(bytes.fromhex(vector["receipt_envelope_hex"])).logprobs_sha256 == expected
     plain = msgpack.unpackb(msgpack.unpackb(bytes.fromhex(VECTOR["receipt_envelope_hex"]), raw=False)["p"], raw=False)
     assert "logprobs_sha256" not in plain
+
+
+def test_the_invitation_vector_verifies_independently():
+    """docs/protocol.md §5e: the token is the prefix and the unpadded base64url of a canonical envelope, signed by
+    the gateway under the invitation domain tag, with exactly the documented fields."""
+    import base64
+
+    vector = load("invitation_vector.json")
+    assert vector["token"].startswith("llorch-join-") and "=" not in vector["token"]
+    body = vector["token"].removeprefix("llorch-join-")
+    envelope_bytes = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    assert envelope_bytes.hex() == vector["invitation_envelope_hex"]
+    envelope = msgpack.unpackb(envelope_bytes, raw=False)
+    payload = msgpack.unpackb(envelope["p"], raw=False)
+    assert msgpack.packb(canonical(payload), use_bin_type=True) == envelope["p"]
+    gateway_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(vector["gateway_seed_hex"])).public_key()
+    gateway_key.verify(envelope["s"], b"llorch/invitation/v1\x00" + envelope["p"])
+    assert set(payload) == {"v", "gateway_key", "invite_id", "gateway_url", "issued_ms", "expires_ms", "certify_geo"}
+    assert len(payload["invite_id"]) == 16 and payload["certify_geo"] == "DE"
+    assert payload["expires_ms"] - payload["issued_ms"] == 7 * 86_400_000
