@@ -265,7 +265,7 @@ def registered_text(url: str, answer: dict, peer_id: str) -> str:
         return f"registered with {url}, which has suspended {peer_id}: ask its operator why"
     return (f"registered with {url}: pending the operator's approval. Ask them to run\n"
             f"  llorch gateway providers approve {peer_id} --config <their gateway.toml>\n"
-            f"(or get a join token from them and run `llorch node init --force --token TOKEN`). `llorch node start` "
+            f"or for a join token (then `llorch node register --gateway {url} --token TOKEN`). `llorch node start` "
             f"may run meanwhile: it is placed on once approved.")
 
 

@@ -50,11 +50,12 @@ def listing_warnings(me: str, claimed_country: str, gateway: str, listing: dict)
     elif listing["status"] == "pending":
         found.append(f"not approved by gateway {gateway} (pending): its operator has not approved your registration "
                      f"yet; until then no requests are placed on you and your ledger is not witnessed. Ask its "
-                     f"operator to run `{PROVIDERS} approve {me}`")
+                     f"operator to run `{PROVIDERS} approve {me} --config <their gateway.toml>`, or for a join token "
+                     f"(then `llorch node register --gateway <its URL> --token TOKEN`)")
     elif listing["status"] == "suspended":
         found.append(f"not approved by gateway {gateway} (suspended): its operator suspended you, so no requests are "
                      f"placed on you and your ledger is not witnessed. Ask its operator why, and to approve you again "
-                     f"(`{PROVIDERS} approve {me}`)")
+                     f"(`{PROVIDERS} approve {me} --config <their gateway.toml>`)")
     if listing["fork_detected_ms"] is not None:
         since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(listing["fork_detected_ms"] // 1000))
         found.append(f"fork evidence: gateway {gateway} has excluded you since {since} ({listing['fork_reason']}): "

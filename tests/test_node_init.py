@@ -23,6 +23,11 @@ def llorch(tmp_path, *args, timeout=120):
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def providers_of(net: LocalNetwork) -> list[tuple[str, str]]:
+    return [(p["status"], p["geo"]["country"]) for p in json.loads(net.cli("gateway", "providers", "list",
+                                                                            "--config", "gateway.toml"))]
+
+
 def test_init_with_a_multiaddr_writes_a_working_commented_config(tmp_path, model_path):
     done = llorch(tmp_path, "node", "init", "--gateway", GATEWAY_MULTIADDR, "--country", "de", "--non-interactive")
     assert done.returncode == 0, done.stderr
@@ -78,13 +83,17 @@ def test_init_with_the_gateways_url_registers_and_node_start_needs_no_flags(tmp_
         kept = tmp_path / "data" / "llorch" / "ledger.sqlite.catalog"
         assert kept.is_file()                                        # node start serves from it at once
         listed = json.loads(net.cli("gateway", "providers", "list", "--config", "gateway.toml"))
-        assert [(p["status"], p["geo"]["country"]) for p in listed] == [("pending", "FR")]
+        assert providers_of(net) == [("pending", "FR")]
         document = tomllib.loads((tmp_path / "config" / "llorch" / "node.toml").read_text())["node"]
         gateway_peer = net.gateway.state()["peer_id"]
         assert document["trusted_gateways"] == [gateway_peer]
         assert document["bootstrap"][0].startswith("/ip4/127.0.0.1/tcp/")
         assert document["bootstrap"][0].endswith(f"/p2p/{gateway_peer}")
-        net.cli("gateway", "providers", "approve", listed[0]["provider_id"], "--config", "gateway.toml")
+        printed = next(line.split() for line in done.stderr.splitlines()   # the command it tells you to pass on
+                       if line.strip().startswith("llorch gateway providers approve"))
+        assert printed[4:] == [listed[0]["provider_id"], "--config", "<their", "gateway.toml>"]
+        net.cli(*printed[1:5], "--config", "gateway.toml")                # what the operator runs, as printed
+        assert providers_of(net) == [("approved", "FR")]
         node = subprocess.Popen(llorch_command() + ["node", "start"], cwd=tmp_path, env=environment(tmp_path),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
