@@ -15,6 +15,7 @@ from llorch.ledger.evidence import CHECKS as EVIDENCE_CHECKS, load_evidence, res
 from llorch.ledger.export import export_ledger
 from llorch.ledger.signing import SigningKey, write_key_file
 from llorch.ledger.material import load_material
+from llorch.ledger.money import readable
 from llorch.ledger.verify import CHECKS, load_trusted_keys, verify
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
@@ -159,8 +160,8 @@ def ledger_verify_receipt(args: argparse.Namespace) -> int:
     cosigned += "".join(f"\n  cosigned by {c.name}: " + (("trusted" if c.public_key in trusted else
                                                           "valid, not a key in --witness-keys") if trusted is not None
                                                          else "valid") for c in checked.cosignatures)
-    print(f"OK: receipt {receipt.request_id} ({receipt.tokens_in} + {receipt.tokens_out} tokens, {receipt.amount} "
-          f"{receipt.currency} minor units to the provider) is entry {receipt.index} of {receipt.origin}, under its "
+    print(f"OK: receipt {receipt.request_id} ({receipt.tokens_in} + {receipt.tokens_out} tokens, "
+          f"{readable(receipt.amount, receipt.currency)} to the provider) is entry {receipt.index} of {receipt.origin}, under its "
           f"signed checkpoint of {checked.tree_size} entries{cosigned}")
     return EXIT_OK
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llorch.ledger.money import readable
+
 PRICE_UNIT_TOKENS = 1_000_000
 
 
@@ -61,8 +63,9 @@ class TenantQuota:
         if self.budget_minor is not None:
             available = self.budget_minor - self.spent_minor - sum(self.reserved.values())
             if worst_case_minor > available:
-                raise QuotaExceeded("budget", f"this request may cost up to {worst_case_minor} minor units; "
-                                              f"{max(available, 0)} of the budget of {self.budget_minor} remain")
+                raise QuotaExceeded("budget", f"this request may cost up to {readable(worst_case_minor)}; "
+                                              f"{readable(max(available, 0))} of the budget of "
+                                              f"{readable(self.budget_minor)} remain")
         if self.bucket is not None:
             self.bucket.take(now_ms)
         self.in_flight += 1

@@ -22,6 +22,7 @@ import trio
 from llorch.gateway.books.postings import tenant_account
 from llorch.gateway.market.quota import QuotaExceeded
 from llorch.ledger.errors import StoreError
+from llorch.ledger.money import readable
 from llorch.ledger.sqlite import Database, IntegrityError
 
 log = logging.getLogger("llorch.gateway.replicas")
@@ -83,8 +84,9 @@ class SharedReservations:
         if count >= limit:
             raise QuotaExceeded("concurrency", f"{count} requests already in flight over every gateway replica; the "
                                                f"limit is {limit}")
-        raise QuotaExceeded("budget", f"this request may cost up to {amount} minor units; "
-                                      f"{max(budget - spent - reserved, 0)} of the budget of {budget} remain")
+        raise QuotaExceeded("budget", f"this request may cost up to {readable(amount)}; "
+                                      f"{readable(max(budget - spent - reserved, 0))} of the budget of "
+                                      f"{readable(budget)} remain")
 
     async def _reserve(self, live: tuple, limit: int, budget: int, account: str, request_id: str, amount: int,
                        now_ms: int) -> bool:
