@@ -79,7 +79,7 @@ def page_context(config, status: dict, history: History, now_ms: int) -> dict:
     first_day = now_ms - now_ms % DAY_MS - (DAYS_SHOWN - 1) * DAY_MS
     first_hour = now_ms - now_ms % HOUR_MS - (HOURS_SHOWN - 1) * HOUR_MS
     hour_label = lambda start: time.strftime("%H:00", time.gmtime(start // 1000))      # noqa: E731
-    day_label = lambda start: time.strftime("%m-%d", time.gmtime(start // 1000))       # noqa: E731
+    day_label = lambda start: time.strftime("%d %b", time.gmtime(start // 1000))       # noqa: E731
     return {
         "status": status, "now_ms": now_ms, "refresh_s": REFRESH_S, "config": config,
         "determinism_class": determinism_class(status["models"][0]["sha256"], status["engine_build"])

@@ -5,6 +5,7 @@ are printed (pytest -s, or the captured output of a failure)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -73,12 +74,20 @@ def browser(downloads):
 
 @pytest.fixture(scope="module")
 def screenshots(tmp_path_factory):
-    """``shoot(driver, name)`` saves a full-window PNG under this module's artifacts and prints its path."""
+    """``shoot(driver, name)`` saves a full-window PNG under this module's artifacts and prints its path;
+    ``shoot(driver, name, whole=True)``: the whole page, as tall as it is, at the viewport's width."""
     folder = tmp_path_factory.mktemp("screenshots")
 
-    def shoot(driver, name: str) -> Path:
+    def shoot(driver, name: str, whole: bool = False) -> Path:
         path = folder / f"{name}.png"
-        assert driver.save_screenshot(str(path)), f"no screenshot of {name}"
+        if whole:
+            width, height = driver.execute_script(
+                "return [window.innerWidth, document.documentElement.scrollHeight]")
+            shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"captureBeyondViewport": True, "clip": {
+                "x": 0, "y": 0, "width": width, "height": height, "scale": 1}})
+            path.write_bytes(base64.b64decode(shot["data"]))
+        else:
+            assert driver.save_screenshot(str(path)), f"no screenshot of {name}"
         print(f"screenshot of {name}: {path}")
         return path
 
@@ -125,3 +134,79 @@ def text_of(driver, element_id: str) -> str:
     from selenium.webdriver.common.by import By
 
     return driver.find_element(By.ID, element_id).text
+
+
+# -- layout at a given width ----------------------------------------------------------------------------------------
+WIDTHS = ((420, 900), (1400, 1000))      # the narrowest supported window (a phone held upright) and a desktop's
+TEXT_PX_MIN = 10                         # the smallest text a page may render, charts' labels included
+
+
+def set_viewport(driver, width: int, height: int) -> None:
+    """Make the page's viewport exactly ``width`` × ``height`` CSS pixels (window.innerWidth == width), whatever
+    the window's frame takes: DevTools' device-metrics override, as a phone would report it, scale 1."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+
+
+def reset_viewport(driver) -> None:
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+# Returns what a person would see wrong with the page's layout: the page scrolling sideways, an element sticking out
+# of its card (a <section>) unless it is inside a box of its own that scrolls or clips (overflow-x), and text
+# rendered smaller than the minimum: its computed font size times the scale of the SVG it sits in (a chart drawn
+# with a viewBox shrinks its text with its width).
+LAYOUT_SCRIPT = """
+const minimum = arguments[0];
+const report = {scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
+                spilled: [], small: []};
+const name = (e) => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') +
+    (typeof e.className === 'string' && e.className ? '.' + e.className.trim().replace(/\\s+/g, '.') : '');
+const scrolls = (e) => ['auto', 'scroll', 'hidden', 'clip'].includes(getComputedStyle(e).overflowX);
+for (const section of document.querySelectorAll('main section')) {
+  const right = section.getBoundingClientRect().right + 0.5;
+  const walk = (e) => {
+    for (const child of e.children) {
+      const box = child.getBoundingClientRect();
+      if (box.width > 0 && box.right > right) {
+        report.spilled.push(`${name(child)} in section#${section.id}: ` +
+                            `right ${box.right.toFixed(0)} > ${right.toFixed(0)}`);
+      }
+      if (!scrolls(child)) walk(child);
+    }
+  };
+  walk(section);
+}
+for (const e of document.body.querySelectorAll('*')) {
+  const text = [...e.childNodes].filter((n) => n.nodeType === Node.TEXT_NODE).map((n) => n.textContent).join('').trim();
+  if (!text || e.closest('title, style, script') || e.getClientRects().length === 0) continue;
+  let px = parseFloat(getComputedStyle(e).fontSize);
+  if (e instanceof SVGGraphicsElement) {
+    const m = e.getScreenCTM();
+    px *= Math.min(Math.hypot(m.a, m.b), Math.hypot(m.c, m.d));
+  }
+  if (px < minimum - 0.01) report.small.push(`${name(e)} "${text.slice(0, 30)}": ${px.toFixed(1)} px`);
+}
+return report;
+"""
+
+
+def layout_problems(driver) -> list[str]:
+    """What is wrong with the loaded page's layout at the current viewport (see LAYOUT_SCRIPT); [] when nothing."""
+    report = driver.execute_script(LAYOUT_SCRIPT, TEXT_PX_MIN)
+    problems = [f"the page scrolls sideways: scrollWidth {report['scrollWidth']} > innerWidth {report['innerWidth']}"] \
+        if report["scrollWidth"] > report["innerWidth"] else []
+    problems += [f"sticks out of its card: {spill}" for spill in report["spilled"]]
+    problems += [f"text under {TEXT_PX_MIN} px: {small}" for small in report["small"]]
+    return problems
+
+
+def chart_ticks(driver, chart_id: str) -> tuple[list[str], list[str]]:
+    """(the y axis's value labels, the x axis's labels) of the server-drawn chart in the element ``chart_id``."""
+    from selenium.webdriver.common.by import By
+
+    def texts(kind: str) -> list[str]:
+        return [e.get_attribute("textContent").strip()
+                for e in driver.find_elements(By.CSS_SELECTOR, f"#{chart_id} .chart text.{kind}")]
+
+    return texts("y-tick"), texts("x-tick")

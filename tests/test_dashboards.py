@@ -1,14 +1,17 @@
 """The dashboards in headless Chromium against one live local network that has served real llama.cpp requests:
 the customer page, the operator console and the provider dashboard, each checked against the books, the CLI, the
-API and the provider's ledger, with a screenshot and its load time. The network is shared by the module (one
-gateway, one llama.cpp node that serves every request until the operator suspends it, and one echo node awaiting
-approval); browser tests skip, saying why, without Chromium."""
+API and the provider's ledger, with a screenshot and its load time, and every page at a phone's width and a
+desktop's. The network is shared by the module (one gateway, one llama.cpp node that serves every request until the
+operator suspends it, and one echo node awaiting approval); two tenants and the bootstrap key's tenant, whose only
+request the customer hung up on. Browser tests skip, saying why, without Chromium."""
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
+from decimal import Decimal
 
 import httpx
 import openai
@@ -17,13 +20,15 @@ import pytest
 from llorch.gateway.localnet import LocalNetwork
 from llorch.gateway.market.tenants import format_amount
 from llorch.ledger.objects import Receipt
-from tests.browser import (bar_values, browser, click_and_wait, downloads, screenshots,  # noqa: F401 (fixtures)
-                           sign_in, text_of, timed_get)
+from tests.browser import (WIDTHS, bar_values, browser, chart_ticks, click_and_wait,  # noqa: F401 (fixtures)
+                           downloads, layout_problems, reset_viewport, screenshots, set_viewport, sign_in, text_of,
+                           timed_get)
 from tests.helpers import MODEL_ID
 
 pytestmark = pytest.mark.e2e
 
 HOSTILE = "<script>document.title='owned'</script>"     # a provider-controlled string (its region)
+BOOTSTRAP = "bootstrap"                                  # the bootstrap key's tenant (gateway.tenant's default)
 LOAD_TIMES_MS: dict[str, float] = {}
 
 
@@ -44,11 +49,37 @@ def market(tmp_path_factory, model_path):
                 reply = client.chat.completions.create(model=MODEL_ID, seed=seed, max_tokens=6,
                                                        messages=[{"role": "user", "content": f"Hi {seed}"}])
                 net.request_ids[name].append(reply.model_extra["llorch"]["request_id"])
+        net.request_ids[BOOTSTRAP] = [hang_up(net, net.api_key)]
         yield net
     finally:
         net.stop()
         if LOAD_TIMES_MS:
             print("page load times (ms): " + ", ".join(f"{page} {ms:.0f}" for page, ms in LOAD_TIMES_MS.items()))
+
+
+def hang_up(net, api_key: str, received_max: int = 2) -> str:
+    """Stream a long answer and go away after ``received_max`` pieces of it; return the request id once the
+    gateway has billed it (the customer pays for what was relayed before it left). The key's first request."""
+    request_id, received = None, 0
+    with httpx.stream("POST", f"{net.base_url}/chat/completions", timeout=120,
+                      headers={"authorization": f"Bearer {api_key}"},
+                      json={"model": MODEL_ID, "seed": 3, "max_tokens": 400, "stream": True,
+                            "messages": [{"role": "user", "content": "Tell me a long story."}]}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                request_id = chunk["id"]
+                received += bool(chunk["choices"] and chunk["choices"][0]["delta"].get("content"))
+                if received == received_max:
+                    break
+    assert request_id is not None
+    deadline = time.monotonic() + 30
+    while not httpx.get(net.http_url + "/v2/billing/usage",                   # the API: SQLite or PostgreSQL
+                        headers={"authorization": f"Bearer {api_key}"}).json()["totals_minor"]:
+        assert time.monotonic() < deadline, f"the request hung up on ({request_id}) was never billed"
+        time.sleep(0.2)
+    return request_id
 
 
 def ledger_receipts(market, node: str) -> dict[str, Receipt]:
@@ -95,9 +126,14 @@ def test_customer_page_shows_the_numbers_of_the_books_the_cli_and_the_api(market
     receipts = ledger_receipts(market, "lab")                         # the provider's signed ledger
     for row in rows:
         request_id = row.get_attribute("data-request-id")
-        cells = row.find_elements(By.TAG_NAME, "td")
-        assert (int(cells[4].text), int(cells[5].text)) == (receipts[request_id].tokens_in,
-                                                              receipts[request_id].tokens_out)
+        tokens = [int(row.find_element(By.CSS_SELECTOR, f"td.{cell}").text) for cell in ("tokens-in", "tokens-out")]
+        assert tokens == [receipts[request_id].tokens_in, receipts[request_id].tokens_out]
+    assert all(row.get_attribute("data-outcome") == "complete" for row in rows)
+    peer = market.gateway.state()["peer_id"]                          # what a receipt's proof must be witnessed by
+    assert text_of(browser, "gateway-peer-id") == peer
+    command = browser.find_element(By.ID, "verify-command")
+    assert command.text == f"llorch ledger verify-receipt FILE --witness {peer}"
+    assert browser.execute_script("return getComputedStyle(arguments[0]).userSelect", command) == "all"   # one click
     screenshots(browser, "customer-page")
     first = market.request_ids["alice"][0]
     browser.find_element(By.CSS_SELECTOR, f"tr[data-request-id='{first}'] a.proof").click()
@@ -108,6 +144,22 @@ def test_customer_page_shows_the_numbers_of_the_books_the_cli_and_the_api(market
     api = httpx.get(market.http_url + f"/v2/receipts/{first}",
                     headers={"authorization": f"Bearer {market.keys['alice']}"}).json()
     assert json.loads(saved.read_text()) == api and api["request_id"] == first      # the same proof document
+
+
+def test_a_request_the_customer_hung_up_on_is_marked_cancelled_on_its_receipt(market, browser):
+    """The bootstrap key's tenant streamed an answer and went away: it paid for what was relayed, and its receipts
+    say the request was cancelled, not complete."""
+    from selenium.webdriver.common.by import By
+
+    browser.delete_all_cookies()
+    sign_in(browser, market.http_url + "/dashboard/sign-in", "api_key", market.api_key)
+    assert text_of(browser, "tenant") == BOOTSTRAP
+    cancelled, = market.request_ids[BOOTSTRAP]
+    row = browser.find_element(By.CSS_SELECTOR, f"tr.receipt[data-request-id='{cancelled}']")
+    assert row.get_attribute("data-outcome") == "cancelled"
+    assert "cancelled" in row.find_element(By.CSS_SELECTOR, "td.outcome").text
+    assert ledger_receipts(market, "lab")[cancelled].finish_reason == "cancelled"      # the provider's word too
+    assert minor(row) == minor(browser.find_element(By.ID, "spent")) > 0   # charged what was relayed before
 
 
 def test_a_tenant_never_sees_another_tenants_receipts(market, browser):
@@ -172,7 +224,10 @@ def test_operator_console_shows_the_numbers_of_the_books_and_the_cli(market, bro
     listed = {t["name"]: t for t in json.loads(market.cli("gateway", "tenants", "list", "--config", "gateway.toml"))}
     rows = {row.get_attribute("data-tenant"): int(row.get_attribute("data-spent-minor"))
             for row in browser.find_elements(By.CSS_SELECTOR, "tr.tenant")}
-    assert set(rows) == set(listed) and all(format_amount(rows[name]) == listed[name]["spent"] for name in rows)
+    assert set(rows) == set(listed) | {BOOTSTRAP}                    # the bootstrap key's tenant is one of them
+    assert all(format_amount(rows[name]) == listed[name]["spent"] for name in listed)
+    bootstrap = json.loads(market.cli("billing", "statement", "--tenant", BOOTSTRAP, "--config", "gateway.toml"))
+    assert rows[BOOTSTRAP] == bootstrap["totals_minor"]["EUR"] > 0
     period = time.strftime("%Y-%m", time.gmtime())
     platform = json.loads(market.cli("billing", "statement", "--platform", "--period", period,
                                      "--config", "gateway.toml"))
@@ -184,8 +239,10 @@ def test_operator_console_shows_the_numbers_of_the_books_and_the_cli(market, bro
     assert bar_values(browser, "revenue-per-day")[-1] == revenue == payouts + fees["EUR"]
     assert bar_values(browser, "payouts-per-day")[-1] == payouts
     assert bar_values(browser, "fees-per-day")[-1] == fees["EUR"]
-    receipts = ledger_receipts(market, "lab")                        # the payouts are what the receipts claim
-    assert payouts == sum(receipts[r].amount for name in ("alice", "bob") for r in market.request_ids[name])
+    receipts = ledger_receipts(market, "lab")                        # the payouts are what the receipts claim,
+    hung_up = rows[BOOTSTRAP] - sum(line["amount_minor"] for line in platform["lines"] if line["tenant"] == BOOTSTRAP)
+    assert payouts == sum(receipts[r].amount for name in ("alice", "bob") for r in market.request_ids[name]) + hung_up
+    assert 0 < hung_up <= receipts[market.request_ids[BOOTSTRAP][0]].amount   # but for what was not relayed
     assert provider_status(browser, market.peers["pending"]) == "pending"
     assert provider_status(browser, market.peers["lab"]) == "approved"
     assert text_of(browser, "finding-count") == "0" and text_of(browser, "fork-count") == "0"
@@ -341,3 +398,81 @@ def test_provider_dashboard_answers_only_on_loopback(market):
     rebound = httpx.get(url + "/", headers={"host": f"attacker.example:{port}"}, timeout=10)     # DNS rebinding
     assert rebound.status_code == 421 and "llorch" not in rebound.text.replace("127.0.0.1", "")
     assert httpx.get(url + "/status", headers={"host": "attacker.example"}, timeout=10).status_code == 421
+
+
+# -- every page at a phone's width and a desktop's ------------------------------------------------------------------
+MONEY_TICK = re.compile(r"-?\d{1,3}(,\d{3})*\.\d{2,6} EUR")       # a person's amount: EUR with 2-6 decimals
+COUNT_TICK = re.compile(r"-?\d{1,3}(,\d{3})*")
+DAY_TICK = re.compile(r"\d{2} [A-Z][a-z]{2}")                     # "14 Mar"
+HOUR_TICK = re.compile(r"\d{2}:00")
+CHARTS = {  # page → chart element id → (the y axis's values, the x axis's labels)
+    "customer": {"spend-per-day": (MONEY_TICK, DAY_TICK), "requests-per-day": (COUNT_TICK, DAY_TICK),
+                 "tokens-per-day": (COUNT_TICK, DAY_TICK)},
+    "operator": {"revenue-per-day": (MONEY_TICK, DAY_TICK), "payouts-per-day": (MONEY_TICK, DAY_TICK),
+                 "fees-per-day": (MONEY_TICK, DAY_TICK)},
+    "provider": {"requests-per-hour": (COUNT_TICK, HOUR_TICK), "tokens-per-hour": (COUNT_TICK, HOUR_TICK),
+                 "earned-per-day": (MONEY_TICK, DAY_TICK)},
+}
+
+
+def pages(market) -> dict[str, str]:
+    """Every kind of page, by name → its URL (the customer and the operator signed in)."""
+    return {"customer sign-in": market.http_url + "/dashboard/sign-in",
+            "operator sign-in": market.http_url + "/operator/sign-in",
+            "refused": market.http_url + "/dashboard/receipts/no-such-request",
+            "customer": market.http_url + "/dashboard",
+            "operator": market.http_url + "/operator",
+            "confirm": market.http_url + f"/operator/providers/{market.peers['lab']}/suspend",
+            "provider": admin_url(market, "lab") + "/"}
+
+
+@pytest.fixture
+def signed_in(market, browser, operator_token):
+    """A browser signed in to the operator console and, as ``signed_in(key)``, to the customer page; its viewport
+    back to the window's after the test."""
+    browser.delete_all_cookies()
+    sign_in(browser, market.http_url + "/operator/sign-in", "token", operator_token)
+    yield lambda key: sign_in(browser, market.http_url + "/dashboard/sign-in", "api_key", key)
+    reset_viewport(browser)
+
+
+@pytest.mark.parametrize("width, height", WIDTHS)
+def test_every_page_fits_the_window_with_readable_text(market, browser, signed_in, screenshots, width, height):
+    """No page scrolls sideways at a phone's width (a wide table scrolls inside its card), no text (a chart's
+    labels included) renders under 10 px, and amounts are read in the currency, never in micro-units."""
+    urls = pages(market)
+    for customer, key, shown in ((BOOTSTRAP, market.api_key, list(urls)),     # with a receipt hung up on
+                                 ("alice", market.keys["alice"], ["customer"])):
+        reset_viewport(browser)
+        signed_in(key)
+        set_viewport(browser, width, height)
+        for page, url in ((page, urls[page]) for page in shown):
+            browser.get(url)
+            assert browser.execute_script("return window.innerWidth") == width
+            assert layout_problems(browser) == [], f"{page} page ({customer}) at {width} px"
+            source = browser.page_source.lower()
+            assert "micro-" not in source and "minor units" not in source, f"{page} page ({customer})"
+            if customer == BOOTSTRAP:
+                screenshots(browser, f"{page.replace(' ', '-')}-{width}px", whole=True)
+
+
+def test_every_chart_has_values_on_its_y_axis_and_dates_along_its_x_axis(market, browser, signed_in):
+    """A few values up the y axis, in the chart's unit (EUR with 2-6 decimals for money), the top one above the
+    largest bar; several dates (or hours) along the x axis, each the label of a bar under it, the last one today."""
+    from selenium.webdriver.common.by import By
+
+    signed_in(market.keys["alice"])
+    urls = pages(market)
+    for page, charts in CHARTS.items():
+        browser.get(urls[page])
+        for chart, (y_format, x_format) in charts.items():
+            y_ticks, x_ticks = chart_ticks(browser, chart)
+            assert len(y_ticks) >= 2 and all(y_format.fullmatch(tick) for tick in y_ticks), (page, chart, y_ticks)
+            values = [Decimal(tick.removesuffix(" EUR").replace(",", "")) for tick in y_ticks]
+            assert values == sorted(values) and 0 in values, (chart, y_ticks)                # bottom to top
+            per_unit = 1_000_000 if y_format is MONEY_TICK else 1
+            assert max(values) * per_unit >= max(bar_values(browser, chart)), (chart, y_ticks)
+            labels = [bar.get_attribute("data-label")
+                      for bar in browser.find_elements(By.CSS_SELECTOR, f"#{chart} rect.bar")]
+            assert len(x_ticks) >= 3 and all(x_format.fullmatch(tick) for tick in x_ticks), (page, chart, x_ticks)
+            assert [label for label in labels if label in x_ticks] == x_ticks and x_ticks[-1] == labels[-1]

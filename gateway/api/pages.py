@@ -13,6 +13,7 @@ same postings. Sessions and CSRF: gateway/api/sessions.py. Not part of the OpenA
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
@@ -29,9 +30,9 @@ from llorch.gateway.spot_checks import evidence_document_of, evidence_list
 from llorch.gateway.books.usage import DAY_MS, latest_billed, market_days, tenant_days
 from llorch.gateway.errors import BadRequest, Forbidden, GatewayError
 from llorch.gateway.market.providers import ProviderError
-from llorch.gateway.market.tenants import key_hash
+from llorch.gateway.market.tenants import Tenant, key_hash
 from llorch.gateway.service import Gateway
-from llorch.ledger.signing import public_key_of_peer_id
+from llorch.ledger.signing import peer_id_of, public_key_of_peer_id
 from llorch.node.stream_io import now_ms
 from llorch.node.web.charts import buckets
 from llorch.node.web.render import environment
@@ -166,6 +167,7 @@ class Pages:
             left=None if tenant.budget_minor is None else tenant.budget_minor - spent,
             statement=await books.statement("tenant", tenant.name, period), charts=charts,
             billed=await latest_billed(database, tenant.name, limits.DASHBOARD_RECEIPTS_SHOWN_MAX),
+            gateway_peer_id=peer_id_of(self.gateway.key.public_key),    # the witness verify-receipt asks for
             csrf=self.sessions.csrf_token(session), now_ms=now, quote=quote,
             render_ms=lambda: round((time.perf_counter() - started) * 1000))
 
@@ -225,12 +227,22 @@ class Pages:
                      for record in await gateway.providers.all()]
         return self.html(
             "operator.html", refresh_s=limits.DASHBOARD_REFRESH_S, providers=providers,
-            tenants=await gateway.tenants.list(), charts=charts, now_ms=now,
+            tenants=await self.all_tenants(), bootstrap_tenant=gateway.bootstrap_tenant.name, charts=charts,
+            now_ms=now,
             platform=await gateway.books.statement("platform", None, period_of(now)),
             findings=(await open_findings(gateway.database)).findings,
             forks=await gateway.witness_book.fork_history(), evidence=await evidence_list(gateway.database),
             csrf=self.sessions.csrf_token(session), quote=quote,
             render_ms=lambda: round((time.perf_counter() - started) * 1000))
+
+    async def all_tenants(self) -> list[Tenant]:
+        """The tenants table, and first the bootstrap key's tenant (gateway.tenant), which is not in it: while the
+        gateway has a bootstrap key, or while that tenant's account has a balance, its spending from the books."""
+        gateway = self.gateway
+        bootstrap = gateway.bootstrap_tenant
+        spent = await gateway.books.tenant_spent(bootstrap.name)
+        shown = [replace(bootstrap, spent_minor=spent)] if gateway.config.api_key_sha256 or spent else []
+        return shown + await gateway.tenants.list()
 
     async def evidence_download(self, request: Request, evidence_id: str) -> Response:
         """One spot-check evidence document, as `llorch gateway providers evidence ID --out F` writes it. It holds
@@ -311,8 +323,7 @@ def fresh_or_none(gateway: Gateway, provider_key: bytes, now: int):
 
 
 def day_label(start_ms: int) -> str:
-    return time.strftime("%m-%d", time.gmtime(start_ms // 1000))
-
+    return time.strftime("%d %b", time.gmtime(start_ms // 1000))         # "14 Mar"; C locale: English months
 
 
 def per_day_charts(days: dict, first_day: int, count: int, picks: dict) -> dict:

@@ -41,6 +41,7 @@ class BilledRequest:
     tokens_out: int
     amount_minor: int                    # what the tenant was charged: payout + fee
     currency: str
+    cancelled: bool                      # the customer hung up before the answer ended (the ticket's outcome)
 
 
 # Parameters: DAY_MS, DAY_MS, the account three times, the first day (ms). Reads the debit and credit indexes.
@@ -77,10 +78,21 @@ async def market_days(database: Database, since_ms: int) -> dict[int, Market]:
     return {day: Market(revenue, payouts, fees) for day, revenue, payouts, fees in rows}
 
 
+# Parameters: the tenant's account, the count. A request is cancelled when the ticket its legs settle ended with
+# the customer gone (gateway/books/settlement.py CUSTOMER_GONE); legs from before tickets were named count as not.
+LATEST_BILLED_SQL = (
+    "SELECT p.request_id, MAX(p.posted_ms), MAX(p.model_id), MAX(p.provider_id), MAX(p.tokens_in), "
+    "MAX(p.tokens_out), SUM(p.amount), MAX(p.currency), "
+    "MAX(CASE WHEN t.outcome = 'customer_gone' THEN 1 ELSE 0 END) "
+    "FROM postings p LEFT JOIN tickets t ON t.ticket_sha256 = p.ticket_sha256 "
+    "WHERE p.debit = ? AND p.leg IN ('payout', 'fee') GROUP BY p.request_id "
+    "ORDER BY MAX(p.posted_ms) DESC, p.request_id LIMIT ?")
+
+
 async def latest_billed(database: Database, tenant: str, count_max: int) -> list[BilledRequest]:
     """The tenant's latest billed requests, newest first: only its own (the legs it was debited)."""
-    rows = await database.fetchall(
-        "SELECT request_id, MAX(posted_ms), MAX(model_id), MAX(provider_id), MAX(tokens_in), MAX(tokens_out), "
-        "SUM(amount), MAX(currency) FROM postings WHERE debit = ? AND leg IN ('payout', 'fee') GROUP BY request_id "
-        "ORDER BY MAX(posted_ms) DESC, request_id LIMIT ?", (tenant_account(tenant), count_max))
-    return [BilledRequest(*row) for row in rows]
+    rows = await database.fetchall(LATEST_BILLED_SQL, (tenant_account(tenant), count_max))
+    return [BilledRequest(request_id, posted_ms, model_id, provider_id, tokens_in, tokens_out, amount, currency,
+                          bool(cancelled))
+            for request_id, posted_ms, model_id, provider_id, tokens_in, tokens_out, amount, currency, cancelled
+            in rows]

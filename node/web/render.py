@@ -4,15 +4,14 @@ or peer's string is text, never markup), templates read from the package, and th
 from __future__ import annotations
 
 import time
-from decimal import Decimal
 from pathlib import Path
 
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from llorch.node.web.amounts import money
 from llorch.node.web.charts import bar_chart
 
 TEMPLATES = Path(__file__).parent / "templates"
-MINOR_PER_MAJOR = 1_000_000        # money is integer micro-units of the currency everywhere in llorch
 
 
 def environment(*template_dirs: Path) -> Environment:
@@ -26,13 +25,6 @@ def environment(*template_dirs: Path) -> Environment:
     env.filters["ppm_percent"] = lambda ppm: f"{ppm / 10_000:.1f}%"
     env.globals["bar_chart"] = bar_chart
     return env
-
-
-def money(minor: int | None, currency: str = "EUR") -> str:
-    """Integer minor units (micro-units) as an exact decimal amount: 1234567 → "1.234567 EUR"."""
-    if minor is None:
-        return "unlimited"
-    return f"{Decimal(minor) / MINOR_PER_MAJOR:.6f} {currency}"
 
 
 def age(ms: int | None) -> str:
