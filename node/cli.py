@@ -86,6 +86,21 @@ def add_commands(subparsers) -> None:
     grant.add_argument("--days", type=int, default=30, help="how long the grant is in force (1-366, default 30)")
     grant.add_argument("--out", type=Path, required=True, help="grant file to write")
     grant.set_defaults(handler=node_grant_auditor)
+    service = node_sub.add_parser(
+        "install-service", help="write a systemd unit that runs this node (this install, its node.toml) at boot",
+        description="Writes llorch-node.service: `<this llorch> node start --config <node.toml>`, restarted on a "
+                    "failure but not on exit 2 (a config it cannot use), stopped with SIGTERM. A system unit "
+                    "(/etc/systemd/system, root) runs as the owner of node.toml; --user writes one of your own "
+                    "(~/.config/systemd/user). Run it as the user who ran `llorch node init`; it prints what to run "
+                    "next.")
+    service.add_argument("--user", action="store_true", help="a user unit, run by your own systemd --user manager")
+    service.add_argument("--config", type=Path, help="default: the node.toml `llorch node init` wrote")
+    output = service.add_mutually_exclusive_group()
+    output.add_argument("--out", type=Path, help="the unit file to write (default: /etc/systemd/system/"
+                                                 "llorch-node.service, or ~/.config/systemd/user/ with --user)")
+    output.add_argument("--print", action="store_true", dest="print_unit", help="write the unit to stdout instead "
+                                                                                "(`... --print | sudo tee FILE`)")
+    service.set_defaults(handler=node_install_service)
 
     models = subparsers.add_parser("models", help="the pinned model catalog")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -414,6 +429,29 @@ def node_grant_auditor(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {args.auditor} may read this node's ledger entries for {args.days} days")
+    return 0
+
+
+def node_install_service(args: argparse.Namespace) -> int:
+    import os
+
+    from llorch.node import install_service
+
+    try:
+        config_path = install_service.config_path_of(args.config, os.environ)
+        load_node_config(config_path)       # a node.toml that does not load fails here, not in a restart loop
+        command = install_service.entry_command(sys.argv[0], sys.executable)
+        unit = install_service.plan(config_path, args.user, command, os.environ)
+        path = args.out or install_service.default_unit_path(args.user)
+        if not args.print_unit:
+            install_service.write_unit(unit, path, args.user)
+    except (NodeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_unit:
+        print(unit.text(), end="")
+    print(install_service.next_steps(unit, path, written=not args.print_unit),
+          file=sys.stderr if args.print_unit else sys.stdout)
     return 0
 
 
