@@ -1,8 +1,10 @@
 """From "I have a spare box" to a node under systemd, with no checkout (docs/operating.md, "Install").
 
 One wheel of this checkout is built as the docs say (`pip wheel --no-deps`) and installed the two ways the docs give:
-plain `pip install` into a new virtualenv, and pipx (or uv) where one is installed. Each install then runs `node init`
-and `node install-service` from a directory outside the checkout, so what runs is the installed package. The unit
+plain `pip install` into a new virtualenv, and pipx (or uv) where one is installed. Each install then joins a running
+gateway with a join token (`node init --token`, no operator step), serves a customer's request with `node start`, and
+writes its unit with `node install-service`, from a directory outside the checkout, so what runs is the installed
+package. The unit
 `node install-service` writes is checked line by line and by `systemd-analyze verify` where systemd is installed.
 
 pip resolves the dependencies for real; llama-cpp-python comes from pip's wheel cache (./dev built it), and
@@ -11,17 +13,19 @@ CMAKE_ARGS="-DGGML_NATIVE=OFF" is set so a cache miss still builds a portable ll
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from llorch.gateway.localnet import llorch_command
+from llorch.gateway.localnet import LocalNetwork, free_port, llorch_command
 from llorch.node import cli as node_cli
 from llorch.node import install_service, limits
 from llorch.node.errors import ConfigError
@@ -78,6 +82,38 @@ def init_node(llorch: list[str], environment: dict[str, str], cwd: Path) -> Path
     return path
 
 
+def join_and_serve(llorch: list[str], environment: dict[str, str], cwd: Path, workdir: Path) -> Path:
+    """What the issue asks of every install path: a gateway's operator makes a join token, the installed `node init
+    --token` registers approved (no operator step), the installed `node start` joins, and a customer's request is
+    served by it. Returns the node.toml."""
+    net = LocalNetwork(workdir)
+    node = None
+    try:
+        net.start_gateway()
+        token = net.cli("gateway", "providers", "invite", "--config", "gateway.toml", "--url", net.http_url).strip()
+        done = subprocess.run([*llorch, "node", "init", "--token", token, "--port", "0", "--sla-ttft-ms", "2000",
+                               "--dashboard-port", str(free_port())], env=environment, cwd=cwd, input="DE\n",
+                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        assert done.returncode == 0 and "approved" in done.stderr, done.stderr[-3000:]
+        peer = next(line.split()[-1] for line in done.stderr.splitlines() if "peer id" in line)
+        node = subprocess.Popen([*llorch, "node", "start"], env=environment, cwd=cwd, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        net.wait_for_providers(1, timeout_s=90)
+        request = urllib.request.Request(
+            net.http_url + "/v1/chat/completions",
+            json.dumps({"model": "smollm2-135m-instruct-q4_1", "seed": 1, "max_tokens": 4,
+                        "messages": [{"role": "user", "content": "Say hello."}]}).encode(),
+            {"Content-Type": "application/json", "Authorization": f"Bearer {net.api_key}"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["llorch"]["provider"] == peer      # earned by the installed node
+        return Path(done.stdout.strip())
+    finally:
+        if node is not None:
+            node.terminate()
+            assert node.wait(30) == 0, node.stderr.read()[-2000:] if node.stderr else ""
+        net.stop()
+
+
 def printed_unit(llorch: list[str], config: Path, environment: dict[str, str], cwd: Path) -> str:
     done = run([*llorch, "node", "install-service", "--print", "--config", str(config)], environment, cwd)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -111,7 +147,7 @@ def test_a_wheel_installs_with_plain_pip_into_a_new_venv_and_runs_without_the_ch
     assert helped.returncode == 0 and "node" in helped.stdout, helped.stderr
     helped = run([*llorch, "node", "init", "--help"], environment, tmp_path)
     assert helped.returncode == 0 and "--token" in helped.stdout, helped.stderr
-    config = init_node(llorch, environment, tmp_path)
+    config = join_and_serve(llorch, environment, tmp_path, tmp_path / "market")
     unit = printed_unit(llorch, config, environment, tmp_path)
     assert f"ExecStart={venv}/bin/llorch node start --config {config}" in unit_lines(unit), unit
 
@@ -138,7 +174,7 @@ def test_pipx_or_uv_installs_the_wheel_as_a_command(wheel, tmp_path, model_path,
     llorch = [str(bin_dir / "llorch")]
     helped = run([*llorch, "node", "install-service", "--help"], environment, tmp_path)
     assert helped.returncode == 0 and "--user" in helped.stdout, helped.stderr
-    config = init_node(llorch, environment, tmp_path)
+    config = join_and_serve(llorch, environment, tmp_path, tmp_path / "market")
     unit = printed_unit(llorch, config, environment, tmp_path)
     assert f"ExecStart={bin_dir}/llorch node start --config {config}" in unit_lines(unit), unit
 
