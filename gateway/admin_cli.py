@@ -401,9 +401,9 @@ async def providers_revoke_invite(database, args) -> int:
 async def providers_action(database, args, action: str) -> int:
     book = ProviderBook(database)
     if action == "list":
-        print(json.dumps([record_json(r) for r in await book.all()], indent=2))
+        print(json.dumps([record_json(r) for r in await book.all()], indent=2, ensure_ascii=False))
         return 0
     record = await (book.certify_geo(args.peer) if action == "certify" else
                     book.set_status(args.peer, {"approve": "approved", "suspend": "suspended"}[action]))
-    print(json.dumps(record_json(record), indent=2))
+    print(json.dumps(record_json(record), indent=2, ensure_ascii=False))
     return 0

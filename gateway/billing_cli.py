@@ -58,6 +58,8 @@ def add_commands(subparsers) -> None:
     fix.add_argument("--to", dest="credit", required=True, help="account credited")
     fix.add_argument("--amount", type=int, required=True, help="minor units (micro-EUR)")
     fix.set_defaults(handler=billing_correct)
+    from llorch.gateway import payouts_cli
+    payouts_cli.add_commands(billing_sub)
 
 
 def _period(text: str) -> str:

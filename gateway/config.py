@@ -38,6 +38,11 @@ class GatewayConfig:
     probe_interval_ms: int = 600_000          # mean time between two probes (known-answer requests); 0: none
     probe_tenant: str = "platform-probes"     # the platform tenant whose pseudonyms probes carry
     database: str = ""                        # "" (SQLite at db_path), sqlite:///<path> or postgresql://… (storage.py)
+    payout_debtor_name: str = ""              # the platform's own account, which payout runs pay providers from
+    payout_debtor_iban: str = ""              # (the SEPA file's debtor)
+    payout_debtor_bic: str = ""
+    payout_min: str = "10.00"                 # EUR: smaller balances are carried to the next run
+    payout_day: int = 5                       # the day of the month runs are made (what providers are told)
 
     def __post_init__(self) -> None:
         if not TENANT_NAME.match(self.tenant):
@@ -68,6 +73,8 @@ class GatewayConfig:
                                 or url.query or url.fragment or len(self.public_url) > 200):
             raise ConfigError(f"gateway.public_url {self.public_url[:80]!r} must be http(s)://host[:port], as nodes "
                               "and customers reach this gateway (no path)")
+        if not 1 <= self.payout_day <= 28:
+            raise ConfigError("gateway.payout_day must be 1..28 (the day of the month payout runs are made)")
         self.store()                          # a database URL of another kind is refused at load
 
     def base_url(self) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
-from llorch.gateway.books import postings, receipts, reconcile, tickets
+from llorch.gateway.books import payouts, postings, receipts, reconcile, tickets
 from llorch.gateway import catalog, probes, spot_checks
 from llorch.gateway.market import providers, shared, sla, tenants
 from llorch.gateway.witness import witness
@@ -69,6 +69,10 @@ async def _open_tickets_index(database: Database) -> None:
                                  "WHERE state = 'issued';")
 
 
+async def _payouts(database: Database) -> None:
+    await database.executescript(payouts.SCHEMA)
+
+
 async def _invites(database: Database) -> None:
     await database.executescript(providers.INVITES_SCHEMA)
 
@@ -107,6 +111,8 @@ MIGRATIONS = (
     Migration(7, "an index of open tickets per provider: replicas count each other's every 200 ms",
               _open_tickets_index),
     Migration(8, "invitations: the join tokens the operator made, and which provider spent each", _invites),
+    Migration(9, "payout runs: each run, its signed statements and files, and indexes of postings by account and id",
+              _payouts),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -26,6 +26,18 @@ READY_TIMEOUT_S = 120.0
 STARTUP_FAILED = 2          # the exit code of `llorch ... start` when it cannot start (node/lifecycle.py)
 
 
+# Example payout accounts (documentation IBANs that pass the checksum), so `llorch billing payouts run` works on a
+# fresh demo: the platform's account the transfers are paid from, and one per node.
+DEMO_DEBTOR = ('payout_debtor_name = "llorch demo platform"\npayout_debtor_iban = "DE89370400440532013000"\n'
+               'payout_debtor_bic = "COBADEFFXXX"\n')
+DEMO_PAYOUT_IBANS = ("DE12500105170648489890", "DE77100100100123456789", "DE22200411110123456789")
+
+
+def demo_payout_account(number: int) -> str:
+    return (f'payout_holder = "Demo Home Lab {number + 1}"\n'
+            f'payout_iban = "{DEMO_PAYOUT_IBANS[number % len(DEMO_PAYOUT_IBANS)]}"\n')
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (a node's dashboard keeps it across restarts)."""
     with socket.socket() as probe:
@@ -159,7 +171,7 @@ class LocalNetwork:
             f"probe_interval_ms = {self.probe_interval_ms}\n"
             f'determinism_pin = "{determinism_pin}"\n'
             f'state_file = "{name}.state.json"\n' + (f'database = "{self.database}"\n' if self.database else "")
-            + extra)
+            + DEMO_DEBTOR + extra)
         return config
 
     def start_node(self, name: str, price_in: int = 100_000, price_out: int = 200_000, country: str = "DE",
@@ -184,6 +196,7 @@ class LocalNetwork:
             f'country = "{country}"\n'
             f'state_file = "{name}.state.json"\n'
             + ("" if "admin_port" in extra else f"admin_port = {free_port()}\n")   # kept across restarts
+            + ("" if "payout_iban" in extra else demo_payout_account(len(self.nodes)))
             + extra)
         process = self._spawn(name, ["node", "start", "--config", str(config)], f"{name}.state.json")
         self.nodes.append(process)

@@ -82,7 +82,54 @@ def add_commands(subparsers):
     evidence.add_argument("file", type=Path)
     evidence.add_argument("--json", action="store_true", help="print a machine-readable report")
     evidence.set_defaults(handler=ledger_check_evidence)
+    payout = ledger_sub.add_parser(
+        "check-payout", help="check a payout statement against your own ledger, offline",
+        description="STATEMENT is a signed payout statement (docs/billing.md, \"The payout statement\"), as a "
+                    "gateway's payout run writes it (statements/<peer id>.statement). Checks its signature and "
+                    "sums, every line against the receipt at its index in LEDGER (same request, your key, a ticket "
+                    "of the gateway, credited exactly the receipt's amount), the ledger's root at the checkpoint the "
+                    "statement names, and that no receipt for the gateway finished well inside the month without a "
+                    "line. Exit 0 if it holds, 1 naming each problem, 2 if STATEMENT or LEDGER cannot be read.")
+    payout.add_argument("statement", type=Path)
+    payout.add_argument("--ledger", type=Path, required=True, help="your ledger (ledger.sqlite) or a bundle of it")
+    payout.add_argument("--gateway", help="the gateway's peer id you expect to have signed it")
+    payout.add_argument("--month-edge-minutes", type=int, default=60,
+                        help="a receipt that finished this close to the month's start or end may be paid in either "
+                             "month's statement, so it is not reported missing (default 60)")
+    payout.add_argument("--json", action="store_true", help="print a machine-readable report")
+    payout.set_defaults(handler=ledger_check_payout)
     return ledger_sub
+
+
+def ledger_check_payout(args: argparse.Namespace) -> int:
+    from llorch.ledger.payout import STATEMENT_BYTES_MAX, check_payout, parse_statement, summary
+    from llorch.ledger.signing import peer_id_of
+
+    try:                                     # unreadable input: exit 2
+        with open(args.statement, "rb") as handle:
+            data = handle.read(STATEMENT_BYTES_MAX + 1)
+        statement = parse_statement(data)
+        material = load_material(args.ledger)
+    except (OSError, LedgerError) as exc:
+        _emit(args, {"ok": False, "error": str(exc)}, f"error: cannot use {args.statement} with {args.ledger}: {exc}")
+        return EXIT_UNUSABLE
+    if args.gateway and peer_id_of(statement.gateway_key) != args.gateway:
+        _emit(args, {"ok": False, "problems": [f"signed by {peer_id_of(statement.gateway_key)}, not {args.gateway}"]},
+              f"FAIL the statement is signed by {peer_id_of(statement.gateway_key)}, not by {args.gateway}")
+        return EXIT_FAILED
+    try:
+        checked = check_payout(statement, material.entries, max(0, args.month_edge_minutes) * 60_000)
+    except (LedgerError, OSError) as exc:
+        _emit(args, {"ok": False, "error": str(exc)}, f"error: cannot read {args.ledger}: {exc}")
+        return EXIT_UNUSABLE
+    document = {"ok": checked.ok, "run_id": statement.run_id, "month": statement.month,
+                "gateway": peer_id_of(statement.gateway_key), "provider": statement.provider_id,
+                "totals_minor": statement.totals, "lines": len(statement.lines), "receipts_read": checked.receipts_read,
+                "problems": checked.problems}
+    text = summary(checked)
+    _emit(args, document, ("OK: " + text) if checked.ok else
+          "FAIL: " + text + "\n" + "\n".join(f"  - {problem}" for problem in checked.problems))
+    return EXIT_OK if checked.ok else EXIT_FAILED
 
 
 def keys_new(args: argparse.Namespace) -> int:

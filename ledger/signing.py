@@ -28,7 +28,7 @@ from llorch.ledger.errors import EncodingError, KeyFileError, SignatureError
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 SIGNED_TYPES = ("attestation", "ticket", "receipt", "registration", "checkpoint", "auditor_grant", "observation",
-                "catalog", "invitation")
+                "catalog", "invitation", "payout_statement")
 
 _B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 # libp2p peer id of an Ed25519 key: identity multihash (0x00, len 0x24) of the protobuf PublicKey

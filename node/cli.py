@@ -45,6 +45,10 @@ def add_commands(subparsers) -> None:
                                                               "95)")
     init.add_argument("--dashboard-port", metavar="PORT", help="the dashboard's port on 127.0.0.1, kept across "
                                                                "restarts (proposed: 8471, or a free one)")
+    init.add_argument("--payout-iban", metavar="IBAN", help="the IBAN payout runs pay your earnings to (asked; empty: "
+                                                             "later, in node.toml)")
+    init.add_argument("--payout-holder", metavar="NAME", help="that account's holder (asked when an IBAN is given)")
+    init.add_argument("--payout-bic", metavar="BIC", help="its BIC, where your bank needs one (outside the EEA)")
     init.add_argument("--slots", type=int, help="concurrent requests (default: proposed from cores and memory)")
     init.add_argument("--threads", type=int, help="threads per request (default: proposed from the cores)")
     init.add_argument("--port", type=int, default=4101, help="libp2p TCP port to listen on (default 4101)")
@@ -310,6 +314,7 @@ def _asker(args: argparse.Namespace, say):
 def _offer(args: argparse.Namespace, ask, invitation, entry, threads: int, say):
     """What the node registers: flags, else answers, else proposals (the SLA's from a run measured here)."""
     from llorch.ledger.money import readable as eur
+    from llorch.node.wire.registration import mask_iban
     from llorch.node.init import (Offer, free_local_port, measure_ttft_ms, parse_country, parse_int,
                                   parse_percent, parse_price, proposed_ttft_ms, region_of)
 
@@ -335,9 +340,16 @@ def _offer(args: argparse.Namespace, ask, invitation, entry, threads: int, say):
                                                   "95"), "--sla-uptime")
     port = parse_int(args.dashboard_port or ask("--dashboard-port", "Dashboard port on 127.0.0.1",
                                                 str(free_local_port())), "--dashboard-port", 1, 65535)
+    iban = (args.payout_iban or ask("--payout-iban", "IBAN for your payouts (empty: add it later in node.toml)",
+                                    "")).replace(" ", "").upper()
+    holder = bic = ""
+    if iban:
+        holder = (args.payout_holder or ask("--payout-holder", "Account holder of that IBAN", None)).strip()
+        bic = (args.payout_bic or ask("--payout-bic", "Its BIC (empty: not needed inside the EEA)", "")).strip()
     say(f"registering: {country} ({region}), {eur(price_in)} / {eur(price_out)} per 1M tokens in / out, time to first "
-        f"token {ttft} ms, uptime {uptime / 10_000:g}%; dashboard http://127.0.0.1:{port}/")
-    return Offer(country, region, price_in, price_out, ttft, uptime, port)
+        f"token {ttft} ms, uptime {uptime / 10_000:g}%; dashboard http://127.0.0.1:{port}/; payouts to "
+        + (mask_iban(iban) if iban else "no account yet (your earnings wait in your balance)"))
+    return Offer(country, region, price_in, price_out, ttft, uptime, port, holder, iban, bic.replace(" ", "").upper())
 
 
 def node_start(args: argparse.Namespace) -> int:

@@ -85,6 +85,9 @@ class NodeConfig:
     vram_gb: int = 0
     sla_uptime_ppm: int = 990_000
     sla_ttft_ms: int = 1_000
+    payout_holder: str = ""                  # where payout runs pay you (registered, signed): the account holder,
+    payout_iban: str = ""                    # its IBAN (SEPA) and, where your bank needs one, its BIC; "" = none
+    payout_bic: str = ""                     # yet: your earnings wait in your balance until you add one
     state_file: Path | None = None           # written once the node is up: peer id and listen addrs (JSON)
     admin_port: int = 0                      # `llorch node status` endpoint on 127.0.0.1 (0: any free port)
     checkpoint_every_entries: int = ledger_limits.CHECKPOINT_EVERY_ENTRIES_DEFAULT   # sign a checkpoint after
@@ -111,6 +114,8 @@ class NodeConfig:
             raise ConfigError("node.memory_max_bytes must be 0 (what the machine has available) or a byte count")
         if not 0 <= self.gpu_layers <= 1000:
             raise ConfigError("node.gpu_layers must be in 0..1000 (0: CPU only)")
+        if bool(self.payout_iban) != bool(self.payout_holder):
+            raise ConfigError("node.payout_iban and node.payout_holder go together (both, or neither)")
         if not 0 <= self.admin_port <= 65535:
             raise ConfigError("node.admin_port must be in 0..65535 (0: any free port)")
 

@@ -172,6 +172,9 @@ class Offer:
     sla_ttft_ms: int
     sla_uptime_ppm: int
     dashboard_port: int
+    payout_holder: str = ""       # where payout runs pay (registered with the gateway, which checks the IBAN)
+    payout_iban: str = ""
+    payout_bic: str = ""
 
 
 def region_of(country: str) -> str:
@@ -321,7 +324,18 @@ region = "{offer.region}"
 # What you promise (registered with the gateway, which measures you against it: `llorch gateway providers sla`).
 sla_ttft_ms = {offer.sla_ttft_ms}                  # time to first token; `node init` proposed it from a measured run
 sla_uptime_ppm = {offer.sla_uptime_ppm}          # share of the time you serve, parts per million ({offer.sla_uptime_ppm / 10_000:g}%)
-"""
+
+# Where the gateway's monthly payout runs pay your earnings (SEPA credit transfer); registered with your key. Change
+# it here and run `llorch node register --gateway <its URL>`: the next run pays the new account. Until one is set,
+# your earnings wait in your balance.
+{payout_lines(offer)}"""
+
+
+def payout_lines(offer: Offer) -> str:
+    if not offer.payout_iban:
+        return '# payout_holder = "Your Name"\n# payout_iban = "DE89 3704 0044 0532 0130 00"\n# payout_bic = ""\n'
+    return (f"payout_holder = {json.dumps(offer.payout_holder)}\npayout_iban = {json.dumps(offer.payout_iban)}\n"
+            f"payout_bic = {json.dumps(offer.payout_bic)}\n")
 
 
 def initialise(gateway: str, offer_of: Callable[[Machine, CatalogEntry, int], Offer], slots: int | None,

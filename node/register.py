@@ -25,7 +25,10 @@ def build_registration(config: NodeConfig, key: SigningKey, endpoint: str) -> by
                  "output_per_1m": config.price_out_per_1m},
         capacity={"slots": config.slots, "gpus": config.gpus, "vram_gb": config.vram_gb},
         sla={"uptime_ppm": config.sla_uptime_ppm, "ttft_ms": config.sla_ttft_ms},
-        geo={"country": config.country, "region": config.region}, issued_ms=now_ms())
+        geo={"country": config.country, "region": config.region}, issued_ms=now_ms(),
+        payout={"holder": config.payout_holder, "iban": config.payout_iban.replace(" ", "").upper(),
+                "bic": config.payout_bic.replace(" ", "").upper() or None, "currency": config.currency}
+        if config.payout_iban else None)
     return registration.seal(key)
 
 

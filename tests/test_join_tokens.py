@@ -46,14 +46,15 @@ def node_init(home, *args: str, stdin: str = ""):
                           cwd=home, env=environment(home), input=stdin, capture_output=True, text=True, timeout=300)
 
 
-def post_registration(net: LocalNetwork, country: str, token: str | None) -> tuple[int, dict, str]:
+def post_registration(net: LocalNetwork, country: str, token: str | None,
+                      payout: dict | None = None) -> tuple[int, dict, str]:
     """A registration of a fresh key, POSTed as `node register` does; (status, answer, its peer id)."""
     key = SigningKey.generate()
     registration = Registration(
         v=VERSION, provider_key=key.public_key, provider_id=key.peer_id, endpoint=f"/p2p/{key.peer_id}",
         pricing={"currency": "EUR", "input_per_1m": 100_000, "output_per_1m": 200_000},
         capacity={"slots": 1, "gpus": 0, "vram_gb": 0}, sla={"uptime_ppm": 950_000, "ttft_ms": 2_000},
-        geo={"country": country, "region": "eu-west"}, issued_ms=now_ms())
+        geo={"country": country, "region": "eu-west"}, issued_ms=now_ms(), payout=payout)
     body = {"registration": base64.b64encode(registration.seal(key)).decode(), **({"invitation": token} if token
                                                                                   else {})}
     request = urllib.request.Request(net.http_url + "/v2/platform/providers/register", json.dumps(body).encode(),
@@ -162,3 +163,19 @@ def test_invite_refuses_bad_options_in_one_line(net):
                                                     *args], cwd=net.workdir, capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
+
+
+def test_a_damaged_iban_is_refused_at_registration_naming_it_and_a_good_one_is_shown_masked(net, tmp_path):
+    damaged = {"holder": "Alice Example", "iban": "DE89370400440532013001", "bic": None, "currency": "EUR"}
+    status, answer, peer = post_registration(net, "DE", None, damaged)
+    assert status == 400 and answer["error"]["param"] == "payout.iban", answer
+    assert "DE89 3704 0044 0532 0130 01: checksum does not match" in answer["error"]["message"]
+    assert peer not in providers(net)
+    good = {**damaged, "iban": "DE89370400440532013000"}
+    status, answer, peer = post_registration(net, "DE", None, good)
+    assert status == 201 and answer["payout"]["iban"] == "DE89 •••• •••• •••• •••• 3000", answer
+    listed = net.cli("gateway", "providers", "list", "--config", "gateway.toml")
+    assert "DE89370400440532013000" not in listed and "DE89 •••• •••• •••• •••• 3000" in listed, listed     # masked everywhere
+    done = node_init(tmp_path, "--gateway", net.http_url, "--country", "DE", "--non-interactive",
+                     "--payout-iban", "DE89 3704 0044 0532 0130 01", "--payout-holder", "Alice Example")
+    assert done.returncode == 1 and "payout.iban" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -381,3 +381,31 @@ def correction(request_id: str, posted: Sequence[PostedLeg], debit: str, credit_
         raise ValueError(f"a correction of {request_id} moves money between {sorted(accounts)}")
     count = sum(leg.name.startswith("correction:") for leg in posted)
     return Leg(f"correction:{count + 1}", debit, credit_account, amount)
+
+
+# --- payouts: what a payout run moves out of a provider's balance (gateway/books/payouts.py records it) ---------------
+PAYOUTS_ACCOUNT = "platform:payouts-outgoing"   # paid to providers' bank accounts, until the bank confirms
+PAYOUT_LEG, PAYOUT_RETURNED_LEG = "payout-run", "payout-returned"
+CENTS_MINOR = 10_000                            # a bank moves whole cents: 10^4 minor units (micro-EUR)
+
+
+def payable(balance: int, minimum: int, has_account: bool) -> int:
+    """What a payout run pays a provider whose unpaid balance is ``balance``: the whole cents of it when they reach
+    ``minimum`` and the provider has a payout account; nothing otherwise. The rest (a fraction of a cent, or all of
+    it) is carried to the next run."""
+    if not has_account or balance <= 0:
+        return 0
+    cents = balance - balance % CENTS_MINOR
+    return cents if cents >= max(minimum, CENTS_MINOR) else 0
+
+
+def payout_leg(provider_id: str, amount: int) -> Leg:
+    """The leg a run posts: the provider's balance moves to the platform's outgoing payouts."""
+    if amount <= 0 or amount % CENTS_MINOR:
+        raise SettlementError(f"a payout is a positive whole number of cents, not {amount} minor units")
+    return Leg(PAYOUT_LEG, provider_account(provider_id), PAYOUTS_ACCOUNT, amount)
+
+
+def payout_returned_leg(provider_id: str, amount: int) -> Leg:
+    """The leg of a transfer the bank returned (``mark-failed``): the amount goes back to the provider's balance."""
+    return Leg(PAYOUT_RETURNED_LEG, PAYOUTS_ACCOUNT, provider_account(provider_id), amount)

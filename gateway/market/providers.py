@@ -118,7 +118,22 @@ def parse_registration_body(body: dict, now_ms: int,
         raise BadRequest(f"registration is malformed: {exc}", "registration") from None
     if abs(registration.issued_ms - now_ms) > REGISTRATION_CLOCK_SKEW_MS:
         raise BadRequest("registration issued_ms is more than 5 minutes from the gateway's clock", "issued_ms")
+    _check_payout_account(registration)
     return registration, envelope, _invitation(body.get("invitation"), gateway_key)
+
+
+def _check_payout_account(registration: Registration) -> None:
+    """A payout account is checked where it is given: a damaged IBAN is refused now, naming it, not at the first
+    payout run."""
+    if registration.payout is None:
+        return
+    from llorch.gateway.rails import IbanError, check_account     # schwifty's registry: loaded only when needed
+
+    payout = registration.payout
+    try:
+        check_account(payout["holder"], payout["iban"], payout["bic"], payout["currency"])
+    except IbanError as exc:
+        raise BadRequest(f"payout.{exc.field}: {exc}", f"payout.{exc.field}") from None
 
 
 def _invitation(token, gateway_key: bytes | None) -> Invitation | None:
@@ -325,7 +340,8 @@ class ProviderBook:
 
 
 def record_json(record: ProviderRecord) -> dict:
-    return {**record.registration.public_view(), "status": record.status, "geo_certified": record.geo_certified}
+    return {**record.registration.public_view(), "status": record.status, "geo_certified": record.geo_certified,
+            "payout": record.registration.payout_view()}
 
 
 def dumps(document) -> str:

@@ -36,6 +36,7 @@ class Registration(SignedObject):
         "v": "uint", "provider_key": "key", "provider_id": "str", "endpoint": "str", "pricing": "map",
         "capacity": "map", "sla": "map", "geo": "map", "issued_ms": "uint",
     }
+    OPTIONAL_FIELDS: ClassVar[dict[str, str]] = {"payout": "map"}
 
     v: int
     provider_key: bytes
@@ -46,6 +47,7 @@ class Registration(SignedObject):
     sla: dict
     geo: dict
     issued_ms: int
+    payout: dict | None = None     # where payout runs pay this provider: {holder, iban, bic (or nil), currency}
 
     def _validate(self) -> None:
         if self.provider_id != peer_id_of(self.provider_key):
@@ -74,8 +76,32 @@ class Registration(SignedObject):
                 or not COUNTRY.fullmatch(self.geo["country"]):
             raise EncodingError("geo must be {country: ISO 3166-1 alpha-2, region}")
         check_field("geo.region", "str", self.geo["region"])
+        if self.payout is not None:
+            if set(self.payout) != {"holder", "iban", "bic", "currency"}:
+                raise EncodingError("payout must be {holder, iban, bic, currency}")
+            for name in ("holder", "iban", "currency"):
+                check_field(f"payout.{name}", "str", self.payout[name])
+            if self.payout["bic"] is not None:
+                check_field("payout.bic", "str", self.payout["bic"])
+            if not CURRENCY_PATTERN.fullmatch(self.payout["currency"]):
+                raise EncodingError("payout.currency must be an ISO 4217 code")
 
     def public_view(self) -> dict:
         """The registration as the seed's JSON shape."""
         return {"provider_id": self.provider_id, "endpoint": self.endpoint, "pricing": self.pricing,
                 "capacity": self.capacity, "sla": self.sla, "geo": self.geo, "issued_ms": self.issued_ms}
+
+    def payout_view(self) -> dict | None:
+        """The payout account as shown everywhere but a run's file: the IBAN masked to its country, check digits
+        and last four characters."""
+        if self.payout is None:
+            return None
+        return {"holder": self.payout["holder"], "iban": mask_iban(self.payout["iban"]), "bic": self.payout["bic"],
+                "currency": self.payout["currency"]}
+
+
+def mask_iban(iban: str) -> str:
+    """An IBAN as logs, pages and commands show it: country, check digits and the last 4 characters
+    ("DE89 •••• •••• •••• •••• 3000"); only a payout run's file holds it whole."""
+    iban = iban.replace(" ", "")
+    return " ".join([iban[:4], *["••••"] * -(-(len(iban) - 8) // 4), iban[-4:]])
