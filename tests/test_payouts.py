@@ -182,3 +182,26 @@ def test_a_provider_whose_receipts_are_not_witnessed_yet_waits(tmp_path):
                                           end + 3_600_000)
             assert plan.items == [] and "not witnessed yet" in plan.waiting[provider.peer_id]
     trio.run(scenario)
+
+
+def test_the_vector_statement_checks_against_the_vector_ledger_and_a_changed_line_fails():
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from llorch.ledger.payout import check_payout, parse_statement
+
+    fixtures = Path(__file__).parent / "fixtures"
+    statement = parse_statement(bytes.fromhex(json.loads((fixtures / "payout_statement_vector.json").read_text())
+                                              ["statement_envelope_hex"]))
+    entries = [bytes.fromhex(e) for e in json.loads((fixtures / "checkpoint_vector.json").read_text())["entries_hex"]]
+    assert check_payout(statement, entries, 0).ok
+    lines = [list(line) for line in statement.lines]
+    lines[1][2] -= 1
+    changed = dataclasses.replace(statement, lines=lines, totals={**statement.totals,
+                                                                  "earned": statement.totals["earned"] - 1,
+                                                                  "carried_forward": statement.totals[
+                                                                      "carried_forward"] - 1})
+    problems = check_payout(changed, entries, 0).problems
+    assert len(problems) == 1 and "less than the receipt's" in problems[0]
+    assert any("only 2 entries" in p for p in check_payout(statement, entries[:2], 0).problems)

@@ -350,8 +350,8 @@ def test_our_code_reproduces_the_connected_vectors():
         make_vectors.write = original
     assert sorted(written) == ["attestation_vector.json", "bill_vector.json", "catalog_vector.json",
                                "checkpoint_vector.json", "invitation_vector.json", "listing_vectors.json",
-                               "logprobs_vector.json", "punch_vectors.json", "receipt_vector.json",
-                               "ticket_vector.json"]
+                               "logprobs_vector.json", "payout_statement_vector.json", "punch_vectors.json",
+                               "receipt_vector.json", "ticket_vector.json"]
     for name, text in written.items():
         assert text == (FIXTURES / name).read_text(), f"{name} differs from what make_vectors.py writes"
     from llorch.ledger.receipt_proof import verify_receipt_document
@@ -413,3 +413,24 @@ def test_the_invitation_vector_verifies_independently():
     assert set(payload) == {"v", "gateway_key", "invite_id", "gateway_url", "issued_ms", "expires_ms", "certify_geo"}
     assert len(payload["invite_id"]) == 16 and payload["certify_geo"] == "DE"
     assert payload["expires_ms"] - payload["issued_ms"] == 7 * 86_400_000
+
+
+def test_the_payout_statement_vector_checks_against_the_checkpoint_vectors_ledger():
+    """docs/billing.md, "The payout statement": the envelope is canonical and signed by the gateway under the
+    payout_statement domain tag; each line names the receipt at its index of the ledger of checkpoint_vector.json
+    and credits exactly its amount; the sums hold; the checkpoint is that ledger's root at its size."""
+    vector = load("payout_statement_vector.json")
+    envelope = msgpack.unpackb(bytes.fromhex(vector["statement_envelope_hex"]), raw=False)
+    payload = msgpack.unpackb(envelope["p"], raw=False)
+    assert msgpack.packb(canonical(payload), use_bin_type=True) == envelope["p"]
+    gateway_key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(vector["gateway_seed_hex"])).public_key()
+    gateway_key.verify(envelope["s"], b"llorch/payout_statement/v1\x00" + envelope["p"])
+    ledger = load("checkpoint_vector.json")
+    entries = [bytes.fromhex(e) for e in ledger["entries_hex"]]
+    receipts = [msgpack.unpackb(msgpack.unpackb(e, raw=False)["p"], raw=False) for e in entries]
+    assert payload["lines"] == [[r["index"], r["request_id"], r["amount"]] for r in receipts]
+    assert payload["checkpoint_size"] == len(entries) and payload["checkpoint_root"].hex() == ledger["root_hex"]
+    totals = payload["totals"]
+    assert totals["earned"] == sum(r["amount"] for r in receipts) and totals["corrected"] == 0
+    assert totals["carried_forward"] == totals["brought_forward"] + totals["earned"] - totals["corrected"] - \
+        totals["paid"] and totals["paid"] % 10_000 == 0 and payload["account"].endswith("3000")
