@@ -7,6 +7,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from llorch.ledger.money import parse_cents
 from llorch.node.config import load_config
 from llorch.node.errors import ConfigError
 
@@ -73,6 +74,10 @@ class GatewayConfig:
                                 or url.query or url.fragment or len(self.public_url) > 200):
             raise ConfigError(f"gateway.public_url {self.public_url[:80]!r} must be http(s)://host[:port], as nodes "
                               "and customers reach this gateway (no path)")
+        try:
+            parse_cents(self.payout_min)
+        except ValueError as exc:
+            raise ConfigError(f"gateway.payout_min {exc} (EUR)") from None
         if not 1 <= self.payout_day <= 28:
             raise ConfigError("gateway.payout_day must be 1..28 (the day of the month payout runs are made)")
         self.store()                          # a database URL of another kind is refused at load
@@ -83,6 +88,10 @@ class GatewayConfig:
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.http_host in ("0.0.0.0", "") else self.http_host
         return f"http://[{host}]:{self.http_port}" if ":" in host else f"http://{host}:{self.http_port}"
+
+    @property
+    def payout_min_minor(self) -> int:
+        return parse_cents(self.payout_min)
 
     def store(self):
         """The engine of the gateway's database (gateway/storage.py)."""

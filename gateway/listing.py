@@ -2,8 +2,9 @@
 docs/protocol.md §5b).
 
 A provider asks over the connection it keeps to the gateway; the answer is read from the operator's decisions
-(``ProviderBook``: registered, approved, suspended, geo certified) and the witness's exclusions (``WitnessBook``:
-fork evidence), with the gateway's clock. The gateway answers only about the peer the connection's Noise handshake
+(``ProviderBook``: registered, approved, suspended, geo certified), the witness's exclusions (``WitnessBook``:
+fork evidence) and the books (its unpaid balance and payout statements: gateway/books/payouts.py), with the
+gateway's clock. The gateway answers only about the peer the connection's Noise handshake
 authenticated: a question about any other provider id is refused (``not_yourself``) without looking it up, so a
 peer learns nothing about another provider. Answering reads and never writes; questions are bounded in size, time
 and number at once.
@@ -12,6 +13,7 @@ and number at once.
 from __future__ import annotations
 
 import logging
+from typing import Awaitable, Callable
 
 import trio
 
@@ -36,23 +38,29 @@ def cut(text: str, chars_max: int) -> str:
 class ListingDesk:
     """Answers /llorch/listing/1. ``clock()`` is the gateway's time in ms (the answer's ``gateway_ms``)."""
 
-    def __init__(self, providers: ProviderBook, witness_book: WitnessBook, clock=now_ms) -> None:
+    def __init__(self, providers: ProviderBook, witness_book: WitnessBook, clock=now_ms,
+                 payouts: Callable[[str, str | None, int], Awaitable[dict]] | None = None) -> None:
         self.providers = providers
         self.witness_book = witness_book
         self.clock = clock
+        self.payouts = payouts          # (provider id, masked account, now) → its payouts view (books/payouts.py)
         self.limiter = trio.CapacityLimiter(limits.LISTING_ANSWERS_CONCURRENT_MAX)
 
     async def listing_of(self, provider_id: str) -> Listing:
         """Where ``provider_id`` (a well-formed peer id) stands now."""
         record = await self.providers.get(provider_id)
         fork = await self.witness_book.exclusion(public_key_of_peer_id(provider_id))
+        now = self.clock()
+        account = record.registration.payout_view() if record else None
+        payouts = await self.payouts(provider_id, account["iban"] if account else None, now) \
+            if self.payouts is not None and record is not None else None
         return Listing(
             provider_id=provider_id, status=record.status if record else "unregistered",
             country=record.registration.geo["country"] if record else None,
             geo_certified=bool(record and record.geo_certified),
             fork_detected_ms=fork[0] if fork else None,
             fork_reason=cut(fork[1], node_limits.LISTING_FORK_REASON_CHARS_MAX) if fork else None,
-            gateway_ms=self.clock())
+            gateway_ms=now, payouts=payouts)
 
     async def answer(self, frame: bytes, asker: str) -> Listing | ListingRefused:
         """The answer to one question frame from the peer ``asker`` (its authenticated peer id)."""

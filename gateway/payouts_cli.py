@@ -16,7 +16,6 @@ import os
 import shutil
 import sys
 import time
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import trio
@@ -29,7 +28,7 @@ from llorch.gateway.db import open_gateway_db
 from llorch.gateway.market.providers import ProviderBook
 from llorch.gateway import rails
 from llorch.ledger.errors import LedgerError
-from llorch.ledger.money import readable
+from llorch.ledger.money import parse_cents, readable
 from llorch.ledger.signing import load_key_file
 from llorch.node.errors import NodeError
 from llorch.node.stream_io import now_ms
@@ -91,12 +90,9 @@ async def _with_db(config: GatewayConfig, command, args) -> int:
 
 def parse_eur(text: str, what: str) -> int:
     try:
-        amount = Decimal(text.strip())
-    except InvalidOperation:
-        raise PayoutError(f"{what} {text!r} is not an amount in EUR (e.g. 10.00)") from None
-    if not amount.is_finite() or not 0 <= amount <= 10**9 or amount != amount.quantize(Decimal("0.01")):
-        raise PayoutError(f"{what} {text!r} must be 0..1000000000 EUR in whole cents")
-    return int(amount.scaleb(6))
+        return parse_cents(text)
+    except ValueError as exc:
+        raise PayoutError(f"{what} {exc}") from None
 
 
 async def accounts_of(database) -> dict[str, Account]:

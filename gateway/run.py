@@ -23,6 +23,7 @@ from llorch.gateway.market.view import MarketView
 from llorch.ledger.sqlite import Database
 from llorch.gateway.market.sla import AttestationClock, missed_sla
 from llorch.gateway.relay import DialbackProbes, ProviderRelay
+from llorch.gateway.books import payouts
 from llorch.gateway.listing import ListingDesk
 from llorch.gateway.books.receipts import ReceiptBook
 from llorch.gateway.market.tenants import TenantBook
@@ -174,8 +175,11 @@ async def run_gateway(config: GatewayConfig, drain: http_server.Drain | None = N
                   if database.engine.name == "postgresql" else None)        # replicas share out the witnessing
         witness = Witness(p2p, key, witness_book, directory.exclude, leases)
         p2p.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL_ID), DialbackProbes(key).serve)
+        async def payouts_of(provider_id: str, account: str | None, now: int) -> dict:
+            return await payouts.provider_view(database, provider_id, config.payout_min_minor, config.payout_day,
+                                               account, now)
         p2p.host.set_stream_handler(TProtocol(LISTING_PROTOCOL_ID),
-                                    ListingDesk(gateway.providers, witness_book).serve_listing)
+                                    ListingDesk(gateway.providers, witness_book, payouts=payouts_of).serve_listing)
         await gateway.catalog.load()
         p2p.host.set_stream_handler(TProtocol(CATALOG_PROTOCOL_ID), gateway.catalog.serve_catalog)
 

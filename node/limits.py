@@ -61,7 +61,7 @@ RELAY_DIAL_TIMEOUT_S = 15.0               # an auditor's dial through a relay: r
 
 # /llorch/listing/1 (node/wire/listing.py, node/listing.py).
 LISTING_REQUEST_FRAME_BYTES_MAX = 128    # {"t": "ask", "provider_id": ...} is about 70 bytes
-LISTING_ANSWER_FRAME_BYTES_MAX = 1024    # the listing map (with a fork reason) or a refusal
+LISTING_ANSWER_FRAME_BYTES_MAX = 4096    # the listing map (with a fork reason and 12 payout statements) or a refusal
 LISTING_FORK_REASON_CHARS_MAX = 256      # the witness's reason, cut to this by the gateway
 LISTING_TIMEOUT_S = 10.0                 # open a stream on the existing connection, ask, hear the answer
 LISTING_RECHECK_S = 60.0                 # how often a node asks each connected gateway again, once settled

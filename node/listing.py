@@ -59,7 +59,8 @@ class Listings:
             "status": seen.listing.status, "country": seen.listing.country,
             "geo_certified": seen.listing.geo_certified, "fork_detected_ms": seen.listing.fork_detected_ms,
             "fork_reason": seen.listing.fork_reason, "clock_offset_ms": seen.clock_offset_ms,
-            "round_trip_ms": seen.round_trip_ms, "age_ms": now_ms_ - seen.received_ms}
+            "round_trip_ms": seen.round_trip_ms, "age_ms": now_ms_ - seen.received_ms,
+            "payouts": seen.listing.payouts}
         return {"listing": view, "listing_error": self.failures.get(gateway)}
 
 

@@ -238,6 +238,8 @@ def render(status: dict, admin_url: str | None = None) -> str:
     for gateway in status["gateways"]:
         lines.append(f"gateway {gateway['peer_id']}: {'connected' if gateway['connected'] else 'NOT CONNECTED'}; "
                      f"{listing_line(gateway)}")
+        if gateway["listing"] and gateway["listing"].get("payouts"):
+            lines.append("  " + payouts_line(gateway["listing"]["payouts"], status["today"].get("currency", "EUR")))
     reach = status["reachability"]
     lines.append(f"reached: {reach['how']}: {reach['description']}")
     for addr in reach["announced"]:
@@ -265,6 +267,16 @@ def render(status: dict, admin_url: str | None = None) -> str:
         lines.append("to act on:")
         lines += [f"  - {warning}" for warning in status["warnings"]]
     return "\n".join(lines)
+
+
+def payouts_line(payouts: dict, currency: str) -> str:
+    """What a gateway says about paying this node: unpaid balance, minimum, next run, account, last statements."""
+    next_run = time.strftime("%Y-%m-%d", time.gmtime(payouts["next_run_ms"] // 1000))
+    account = f"to {payouts['account']}" if payouts["account"] else "NO PAYOUT ACCOUNT (set payout_iban in node.toml " \
+        "and run `llorch node register`)"
+    shown = "; ".join(f"{s['run_id']} {s['state']} {readable(s['paid'], currency)}" for s in payouts["statements"][:3])
+    return (f"payouts: {readable(payouts['balance'], currency)} unpaid; next run {next_run} pays balances of at least "
+            f"{readable(payouts['minimum'], currency)} {account}" + (f"; statements: {shown}" if shown else ""))
 
 
 def listing_line(gateway: dict) -> str:

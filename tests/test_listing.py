@@ -132,6 +132,19 @@ def test_unsorted_keys_are_refused_by_the_strict_parser():
         AskListing.from_bytes(unsorted)
 
 
+STATEMENT = {"run_id": "2026-11-1", "month": "2026-11", "paid": 120_000, "carried": 3_456, "state": "sent"}
+PAYOUTS = {"balance": -5, "minimum": 10_000_000, "next_run_ms": GATEWAY_MS, "account": "DE89 •••• 3000",
+           "statements": [STATEMENT]}
+
+
+def test_a_listing_carries_the_providers_payouts_when_the_gateway_has_them():
+    """docs/protocol.md §5b: ``payouts`` is optional (absent, the frame is as before) and round-trips exactly."""
+    plain = decode_answer(frame(answer_fields()))
+    assert plain.payouts is None and b"payouts" not in plain.to_bytes()
+    told = decode_answer(frame(answer_fields(payouts=PAYOUTS)))
+    assert told.payouts == PAYOUTS and decode_answer(told.to_bytes()) == told
+
+
 def answer_fields(**changes) -> dict:
     fields = {"t": "listing", "provider_id": SigningKey.generate().peer_id, "status": "pending", "country": "DE",
               "geo_certified": False, "fork_detected_ms": None, "fork_reason": None, "gateway_ms": GATEWAY_MS}
@@ -151,6 +164,12 @@ def answer_fields(**changes) -> dict:
     ({"gateway_ms": "now"}, "integer time"),
     ({"extra": 1}, "exactly the keys"),
     ({"t": "listings"}, "t='listing'"),
+    ({"payouts": {"balance": 1}}, "payouts must be a map of exactly"),
+    ({"payouts": {**PAYOUTS, "balance": "1.50"}}, "payouts.balance must be an integer"),
+    ({"payouts": {**PAYOUTS, "minimum": -1}}, "payouts.minimum must be an integer"),
+    ({"payouts": {**PAYOUTS, "statements": [{**STATEMENT, "state": "lost"}]}}, "state is one of"),
+    ({"payouts": {**PAYOUTS, "statements": [STATEMENT] * 13}}, "at most 12"),
+    ({"payouts": {**PAYOUTS, "account": ""}}, "payouts.account must be a non-empty"),
 ])
 def test_the_node_refuses_a_malformed_answer(changes, expected):
     with pytest.raises(ProtocolError, match=expected):

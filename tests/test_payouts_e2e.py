@@ -49,11 +49,17 @@ def market(tmp_path_factory, model_path):
     while witnessed(net, state["peer_id"]) < 3:
         assert time.monotonic() < deadline, "the witness did not catch up"
         time.sleep(0.3)
-    net.stop()                                        # the books and the ledger stay; nothing moves under the runs
     with sqlite3.connect(net.workdir / "gateway.sqlite") as books, \
             sqlite3.connect(net.workdir / "before-payouts.sqlite") as copy:
         books.backup(copy)                            # the books before any run, for the kill test
-    yield net, state["peer_id"]
+    try:
+        yield net, state["peer_id"]                   # no more requests: nothing moves under the runs
+    finally:
+        net.stop()
+
+
+def status_admin_url(net: LocalNetwork) -> str:
+    return (net.workdir / "lab.ledger.sqlite.admin-url").read_text().strip()
 
 
 def witnessed(net: LocalNetwork, peer: str) -> int:
@@ -123,6 +129,27 @@ def test_a_run_pays_from_the_books_and_the_provider_checks_its_statement_against
     unreadable = llorch(net, "ledger", "check-payout", str(xml_file), "--ledger", str(ledger))
     assert unreadable.returncode == 2 and "Traceback" not in unreadable.stderr
 
+    # The provider sees it: its node asks the gateway at start (and every minute), `node status` and its dashboard
+    # show the unpaid balance, the minimum, the next run and the statement.
+    net.restart_node("lab")
+    deadline = time.monotonic() + 60
+    while True:
+        status = json.loads(llorch(net, "node", "status", "--config", "lab.toml", "--json").stdout or "{}")
+        listing = (status.get("gateways") or [{}])[0].get("listing") or {}
+        if (listing.get("payouts") or {}).get("statements") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    payouts = listing["payouts"]
+    assert payouts["statements"] == [{"run_id": run_id, "month": this_month(), "paid": item["paid_minor"],
+                                      "carried": item["carried_minor"], "state": "sent"}]
+    assert (payouts["balance"], payouts["minimum"]) == (item["carried_minor"], 10_000_000)
+    assert time.gmtime(payouts["next_run_ms"] // 1000).tm_mday == 5 and payouts["account"].endswith("9890")
+    text = llorch(net, "node", "status", "--config", "lab.toml").stdout
+    assert f"payouts: {item['carried']} unpaid" in text and "at least 10.00 EUR" in text and run_id in text, text
+    with urllib.request.urlopen(status_admin_url(net) + "/", timeout=10) as page:
+        html = page.read().decode()
+    assert f'<th class="mono">{run_id}</th>' in html and 'id="unpaid"' in html
+
     # The same month again pays nothing; the bank's answers.
     again = llorch(net, "billing", "payouts", "run", "--config", "gateway.toml", "--month", this_month(), "--min",
                    "0", "--out", str(out))
@@ -141,6 +168,26 @@ def test_a_run_pays_from_the_books_and_the_provider_checks_its_statement_against
     assert paid.returncode == 0 and json.loads(paid.stdout)["state"] == "paid"
     runs = json.loads(llorch(net, "billing", "payouts", "list", "--config", "gateway.toml").stdout)
     assert [(r["state"], r["failed_minor"]) for r in runs] == [("sent", item["paid_minor"]), ("paid", 0)]
+    console = operator_console(net)                                   # the operator console shows the runs
+    for run in runs:
+        assert f'data-run="{run["run_id"]}" data-total="{run["total_minor"]}"' in console
+
+
+def operator_console(net: LocalNetwork) -> str:
+    import http.client
+    import urllib.parse
+    token = llorch(net, "gateway", "operator-token", "--config", "gateway.toml").stdout.strip()
+    port = int(net.http_url.rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("POST", "/operator/sign-in", urllib.parse.urlencode({"token": token}),
+                       {"Content-Type": "application/x-www-form-urlencoded", "Origin": net.http_url})
+    signed_in = connection.getresponse()
+    signed_in.read()
+    cookie = (signed_in.getheader("Set-Cookie") or "").split(";")[0]
+    connection.request("GET", "/operator", headers={"Cookie": cookie})
+    page = connection.getresponse()
+    assert page.status == 200, page.status
+    return page.read().decode()
 
 
 def _resigned(statement: PayoutStatement, key, lines: list, path: Path) -> Path:

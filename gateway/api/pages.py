@@ -24,6 +24,7 @@ from llorch.gateway import limits
 from llorch.gateway.api.body import read_body_capped
 from llorch.gateway.api.sessions import (Session, SessionBook, check_operator_token, operator_token_current,
                                          session_key)
+from llorch.gateway.books import payouts
 from llorch.gateway.books.postings import period_of
 from llorch.gateway.books.reconcile import open_findings
 from llorch.gateway.spot_checks import evidence_document_of, evidence_list
@@ -232,6 +233,7 @@ class Pages:
             platform=await gateway.books.statement("platform", None, period_of(now)),
             findings=(await open_findings(gateway.database)).findings,
             forks=await gateway.witness_book.fork_history(), evidence=await evidence_list(gateway.database),
+            payout_runs=list(reversed(await payouts.runs(gateway.database))),
             csrf=self.sessions.csrf_token(session), quote=quote,
             render_ms=lambda: round((time.perf_counter() - started) * 1000))
 

@@ -302,3 +302,29 @@ async def _require_run(database: Database, run_id: str) -> dict:
     return dict(zip(("run_id", "month", "created_ms", "through_id", "min_minor", "rail", "total_minor", "state",
                      "paid_ms"), row))
 
+
+
+STATEMENTS_SHOWN = 12           # a provider's newest statements in its listing answer (a year of monthly runs)
+
+
+def next_run_ms(payout_day: int, now_ms: int) -> int:
+    """00:00 UTC of the next ``payout_day`` of a month after ``now_ms``: when the operator's next run is due."""
+    import calendar
+    import time
+    year, month, day = time.gmtime(now_ms // 1000)[:3]
+    if day >= payout_day:
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return calendar.timegm((year, month, payout_day, 0, 0, 0)) * 1000
+
+
+async def provider_view(database: Database, provider_id: str, minimum: int, payout_day: int, account: str | None,
+                        now_ms: int) -> dict:
+    """What a provider is told about its payouts (the listing answer, its dashboard, `llorch node status`): its
+    unpaid balance in the books now, the minimum a run pays, when the next run is due, the masked account, and its
+    newest statements with their state."""
+    balance = await Books(database).balance(provider_account(provider_id))
+    statements = (await provider_statements(database, provider_id))[:STATEMENTS_SHOWN]
+    return {"balance": balance, "minimum": minimum, "next_run_ms": next_run_ms(payout_day, now_ms),
+            "account": account, "statements": [{"run_id": s["run_id"], "month": s["month"], "paid": s["amount_minor"],
+                                                "carried": s["carried_minor"], "state": s["state"]}
+                                               for s in statements]}

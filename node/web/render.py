@@ -22,6 +22,7 @@ def environment(*template_dirs: Path) -> Environment:
     env.filters["money"] = money
     env.filters["age"] = age
     env.filters["utc"] = utc
+    env.filters["utc_day"] = lambda ms: "-" if ms is None else time.strftime("%Y-%m-%d", time.gmtime(ms // 1000))
     env.filters["ppm_percent"] = lambda ppm: f"{ppm / 10_000:.1f}%"
     env.globals["bar_chart"] = bar_chart
     return env

@@ -93,6 +93,7 @@ class Listing:
     fork_detected_ms: int | None
     fork_reason: str | None
     gateway_ms: int
+    payouts: dict | None = None      # PAYOUT_KEYS: the provider's unpaid balance, minimum, next run, statements
 
     def __post_init__(self) -> None:
         _peer_id(self.provider_id, "provider_id")
@@ -110,16 +111,53 @@ class Listing:
             _time_ms(self.fork_detected_ms, "fork_detected_ms")
             _text(self.fork_reason, "fork_reason", limits.LISTING_FORK_REASON_CHARS_MAX)
         _time_ms(self.gateway_ms, "gateway_ms")
+        if self.payouts is not None:
+            _check_payouts(self.payouts)
 
     @property
     def excluded(self) -> bool:
         return self.fork_detected_ms is not None
 
     def to_bytes(self) -> bytes:
-        return _frame({"t": "listing", "provider_id": self.provider_id, "status": self.status,
-                       "country": self.country, "geo_certified": self.geo_certified,
-                       "fork_detected_ms": self.fork_detected_ms, "fork_reason": self.fork_reason,
-                       "gateway_ms": self.gateway_ms})
+        fields = {"t": "listing", "provider_id": self.provider_id, "status": self.status, "country": self.country,
+                  "geo_certified": self.geo_certified, "fork_detected_ms": self.fork_detected_ms,
+                  "fork_reason": self.fork_reason, "gateway_ms": self.gateway_ms}
+        return _frame(fields if self.payouts is None else {**fields, "payouts": self.payouts})
+
+
+PAYOUT_KEYS = {"balance", "minimum", "next_run_ms", "account", "statements"}
+STATEMENT_KEYS = {"run_id", "month", "paid", "carried", "state"}
+PAYOUT_STATES = ("stated", "sent", "paid", "failed")
+STATEMENTS_MAX = 12
+MONEY_MAX = 10**18
+
+
+def _money(value: object, name: str, signed: bool = False) -> None:
+    if type(value) is not int or not (-MONEY_MAX if signed else 0) <= value <= MONEY_MAX:
+        raise ProtocolError(f"{name} must be an integer amount in minor units, got {str(value)[:32]!r}")
+
+
+def _check_payouts(payouts: object) -> None:
+    """The optional ``payouts`` map of a listing (docs/protocol.md §5b)."""
+    if not isinstance(payouts, dict) or set(payouts) != PAYOUT_KEYS:
+        raise ProtocolError(f"payouts must be a map of exactly {', '.join(sorted(PAYOUT_KEYS))}")
+    _money(payouts["balance"], "payouts.balance", signed=True)
+    _money(payouts["minimum"], "payouts.minimum")
+    _time_ms(payouts["next_run_ms"], "payouts.next_run_ms")
+    if payouts["account"] is not None:
+        _text(payouts["account"], "payouts.account", 64)
+    statements = payouts["statements"]
+    if not isinstance(statements, list) or len(statements) > STATEMENTS_MAX:
+        raise ProtocolError(f"payouts.statements must be a list of at most {STATEMENTS_MAX}")
+    for item in statements:
+        if not isinstance(item, dict) or set(item) != STATEMENT_KEYS:
+            raise ProtocolError(f"a payouts statement is a map of exactly {', '.join(sorted(STATEMENT_KEYS))}")
+        _text(item["run_id"], "run_id", 35)
+        _text(item["month"], "month", 7)
+        _money(item["paid"], "paid")
+        _money(item["carried"], "carried", signed=True)
+        if item["state"] not in PAYOUT_STATES:
+            raise ProtocolError(f"a payouts statement's state is one of {', '.join(PAYOUT_STATES)}")
 
 
 @dataclass(frozen=True)
@@ -148,8 +186,8 @@ def decode_answer(frame: bytes) -> Listing | ListingRefused:
     if fields.get("t") == "refused":
         _keys(fields, "refused", {"t", "code", "message"})
         return ListingRefused(fields["code"], fields["message"])
-    _keys(fields, "listing", LISTING_KEYS)
-    return Listing(**{key: fields[key] for key in LISTING_KEYS - {"t"}})
+    _keys(fields, "listing", LISTING_KEYS | ({"payouts"} if "payouts" in fields else set()))
+    return Listing(**{key: fields[key] for key in LISTING_KEYS - {"t"}}, payouts=fields.get("payouts"))
 
 
 _frame = encode_small_frame
