@@ -150,6 +150,7 @@ def _banner(network) -> str:
 
     base_url, http_url, llorch = network.base_url, network.http_url, " ".join(llorch_command())
     config = network.workdir / "gateway.toml"
+    month = time.strftime("%Y-%m", time.gmtime())
     operator_token = network.cli("gateway", "operator-token", "--config", str(config)).strip()
     dashboards = "\n".join(f"  provider   {node.started_state()['admin_url'].rstrip('/')}/   ({node.name}'s dashboard: "
                            f"its receipts, earnings, listing)" for node in network.nodes)
@@ -172,6 +173,8 @@ Web pages:
 
 Audit a provider's ledger:  {llorch} ledger verify {network.workdir / 'node1.ledger.sqlite'}
 Invite another home lab:    {llorch} gateway providers invite --config {config} --url {http_url}
+Pay the providers:          {llorch} billing payouts run --config {config} --month {month} --min 0 \\
+                              --out {network.workdir / "payouts"}
 Press Ctrl-C to stop.
 """
 

@@ -192,7 +192,7 @@ def _write_files(directory: Path, files: dict[str, bytes]) -> None:
 def _items_json(plan: payouts.Plan) -> list[dict]:
     return [{"provider_id": item.provider_id, "paid": readable(item.amount), "carried": readable(item.carried),
              "paid_minor": item.amount, "carried_minor": item.carried, "account": item.account.masked
-             if item.account else None, "receipts": len(item.statement.lines)} for item in plan.items]
+             if item.account else None, "receipts": item.receipts} for item in plan.items]
 
 
 def _plan_text(plan: payouts.Plan) -> str:

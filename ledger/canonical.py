@@ -30,8 +30,10 @@ def encode(value: Value) -> bytes:
         raise EncodingError("a str holds a lone surrogate (\\ud800 in JSON, say): it has no UTF-8 encoding") from None
 
 
-def decode(data: bytes) -> Any:
-    """Parse canonical bytes; raise EncodingError if they are malformed, oversized or not canonical."""
+def decode(data: bytes, bytes_max: int = 0) -> Any:
+    """Parse canonical bytes; raise EncodingError if they are malformed, oversized or not canonical. ``bytes_max``:
+    a document allowed to be larger than the usual limits (a payout statement's lines) may hold bins and arrays
+    as large as its size allows, never more (an array item takes at least one byte)."""
     if not isinstance(data, (bytes, bytearray)):
         raise EncodingError(f"expected bytes, got {type(data).__name__}")
     try:
@@ -41,8 +43,8 @@ def decode(data: bytes) -> Any:
             use_list=True,
             strict_map_key=False,  # we check key types ourselves, with a clearer message
             max_str_len=limits.CANONICAL_STR_BYTES_MAX,
-            max_bin_len=limits.CANONICAL_BIN_BYTES_MAX,
-            max_array_len=limits.CANONICAL_ARRAY_LEN_MAX,
+            max_bin_len=max(limits.CANONICAL_BIN_BYTES_MAX, bytes_max),
+            max_array_len=max(limits.CANONICAL_ARRAY_LEN_MAX, bytes_max),
             max_map_len=limits.CANONICAL_MAP_LEN_MAX,
             max_ext_len=0,
         )
@@ -90,6 +92,21 @@ def _check_canonical_shape(value: Any) -> None:
             raise EncodingError("floats are not allowed")
 
 
+_PLAIN_TYPES = frozenset({str, bytes, bool, type(None)})
+
+
+def _plain(items: list | tuple) -> bool:
+    """Whether every item is already canonical as it is: a str, bytes, bool, None or a 64-bit int."""
+    for item in items:
+        kind = type(item)
+        if kind is int:
+            if not -(2**63) <= item < 2**64:
+                return False
+        elif kind not in _PLAIN_TYPES:
+            return False
+    return True
+
+
 def _canonicalise(value: Any, depth: int) -> Any:
     if depth > limits.CANONICAL_DEPTH_MAX:
         raise EncodingError(f"nesting deeper than {limits.CANONICAL_DEPTH_MAX}")
@@ -104,6 +121,8 @@ def _canonicalise(value: Any, depth: int) -> Any:
     if isinstance(value, bytearray):
         return bytes(value)
     if isinstance(value, (list, tuple)):
+        if _plain(value):                     # scalars only (a statement's line): nothing to change, no recursion
+            return list(value)
         return [_canonicalise(item, depth + 1) for item in value]
     if isinstance(value, dict):
         for key in value:

@@ -120,13 +120,14 @@ def open_envelope(data: bytes, bytes_max: int = limits.SIGNED_OBJECT_BYTES_MAX) 
     """Parse envelope bytes into (payload map, payload bytes, signature). Does NOT verify the signature."""
     if len(data) > bytes_max:
         raise EncodingError(f"signed object is {len(data)} bytes, the limit is {bytes_max}")
-    envelope = canonical.decode(data)
+    large = bytes_max if bytes_max > limits.SIGNED_OBJECT_BYTES_MAX else 0
+    envelope = canonical.decode(data, large)
     if not isinstance(envelope, dict) or set(envelope) != {"p", "s"}:
         raise EncodingError("a signed envelope is a map with exactly the keys 'p' and 's'")
     payload_bytes, signature = envelope["p"], envelope["s"]
     if not isinstance(payload_bytes, bytes) or not isinstance(signature, bytes):
         raise EncodingError("envelope fields 'p' and 's' must be bin")
-    payload = canonical.decode(payload_bytes)
+    payload = canonical.decode(payload_bytes, large)
     if not isinstance(payload, dict):
         raise EncodingError("a signed payload must be a map")
     return payload, payload_bytes, signature

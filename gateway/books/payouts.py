@@ -85,12 +85,19 @@ class Account:
 
 @dataclass
 class Item:
+    """One provider's part of a run. Only the signed statement's bytes are kept (a run over a thousand providers
+    holds a thousand of them until it is recorded); ``statement`` reads them back."""
+
     provider_id: str
-    statement: PayoutStatement
     envelope: bytes
+    receipts: int
     amount: int
     carried: int
     account: Account | None
+
+    @property
+    def statement(self) -> PayoutStatement:
+        return PayoutStatement.from_envelope(self.envelope)
 
 
 @dataclass
@@ -176,7 +183,7 @@ async def _item(database: Database, key: SigningKey, plan: Plan, provider_id: st
         checkpoint_size=size, checkpoint_root=root or bytes(32), lines=lines,
         corrections=[[request_id, amount] for request_id, amount in corrected], totals=totals,
         account=account.masked if account and amount else None)
-    return Item(provider_id, statement, statement.seal(key), amount, totals["carried_forward"], account)
+    return Item(provider_id, statement.seal(key), len(lines), amount, totals["carried_forward"], account)
 
 
 async def _signed_sum(database: Database, account: str, where: str, params: tuple) -> int:
