@@ -83,6 +83,14 @@ def test_the_demo_survives_a_nodes_death_and_says_so(tmp_path, model_path):
         answer = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=4, seed=3)
         assert answer.choices[0].message.content is not None
+        # The demo's nodes have example payout accounts: a payout run works on it as the banner says.
+        paid = subprocess.run(llorch_command() + ["billing", "payouts", "run", "--config",
+                                                  str(tmp_path / "demo" / "gateway.toml"), "--month",
+                                                  time.strftime("%Y-%m", time.gmtime()), "--min", "0", "--out",
+                                                  str(tmp_path / "payouts")], capture_output=True, text=True,
+                              timeout=120)
+        assert paid.returncode == 0 and "Pay the providers:" in output.text, paid.stderr
+        assert "provider(s) paid" in paid.stderr, paid.stderr
         demo.send_signal(signal.SIGINT)
         assert demo.wait(60) == 0, output.text[-3000:]
     finally:
