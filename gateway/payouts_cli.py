@@ -53,6 +53,8 @@ def add_commands(billing_sub) -> None:
     run.add_argument("--execution-date", help="the date the bank executes the transfers, YYYY-MM-DD "
                                               "(default: tomorrow)")
     run.add_argument("--dry-run", action="store_true", help="show what would be paid; write and record nothing")
+    run.add_argument("--settled-s", type=int, help="cover only postings at least this old (default: 0 on SQLite; 60 on "
+                                                   "PostgreSQL, where replicas' commits may land out of id order)")
     run.set_defaults(handler=lambda args: _run(args, payouts_run))
     listing = sub.add_parser("list", help="every run: month, total, state")
     listing.add_argument("--config", type=Path, required=True)
@@ -129,7 +131,7 @@ async def payouts_run(database, config: GatewayConfig, args) -> int:
     await _complete_written_runs(database, out, args.month)
     now = now_ms()
     plan = await payouts.plan_run(database, key, args.month, minimum, await accounts_of(database),
-                                  sorted(await replica_keys(database)), now)
+                                  sorted(await replica_keys(database)), now, args.settled_s)
     for provider, reason in sorted(plan.waiting.items()):
         print(f"waiting: {provider}: {reason}", file=sys.stderr)
     print(_plan_text(plan), file=sys.stderr)

@@ -7,6 +7,7 @@ here. Nodes run the echo engine (test-only): this is about the SQL."""
 from __future__ import annotations
 
 import argparse
+import time
 
 import httpx
 import pytest
@@ -52,6 +53,7 @@ def test_every_operator_command_runs_its_sql_on_postgresql(served, capsys, monke
     monkeypatch.chdir(net.workdir)                    # gateway.toml names its key and files relative to it
     peer = load_key_file(net.workdir / "a.key").peer_id
     config = ["--config", "gateway.toml"]
+    month = time.strftime("%Y-%m", time.gmtime())
     commands: dict[tuple[str, ...], tuple[list[str], int]] = {     # path → (arguments, exit code)
         ("gateway", "tenants", "add"): (["other", *config], 0),
         ("gateway", "tenants", "update"): (["other", "--tier", "startup", "--budget", "12.50", "--max-concurrent", "3",
@@ -80,6 +82,16 @@ def test_every_operator_command_runs_its_sql_on_postgresql(served, capsys, monke
         ("billing", "statement"): (["--tenant", "buyer", "--format", "csv", *config], 0),
         ("billing", "correct"): (["--request-id", request_id, "--from", "platform:fees", "--to", "tenant:buyer",
                                   "--amount", "1", *config], 0),
+        ("gateway", "init"): (["--host", "gw.example.org", "--config", str(net.workdir / "init" / "gateway.toml")], 0),
+        ("gateway", "providers", "invite"): (["--certify-geo", "DE", "--url", "https://gw.example.org", *config], 0),
+        ("gateway", "providers", "invites"): (config, 0),
+        ("gateway", "providers", "revoke-invite"): (["00" * 16, *config], 2),            # no such invitation
+        ("billing", "payouts", "run"): (["--month", month, "--min", "0", "--out", str(net.workdir / "payouts"),
+                                         "--settled-s", "0", *config], 0),
+        ("billing", "payouts", "list"): (config, 0),
+        ("billing", "payouts", "show"): ([f"{month}-1", *config], 0),
+        ("billing", "payouts", "mark-paid"): ([f"{month}-1", *config], 0),
+        ("billing", "payouts", "mark-failed"): ([f"{month}-1", peer, *config], 2),     # nothing was sent to it
     }
     parser = build_parser()
     expected = {path for path in leaf_commands(parser) if path[0] in ("gateway", "billing")} - {("gateway", "start")}

@@ -718,12 +718,14 @@ def registration_bodies(draw):
 def test_parse_registration_request(body):
     parsed = accepted_or_refused(lambda b: parse_registration_request(b, NOW_MS), body, BadRequest)
     if parsed is not None:
-        registration, envelope = parsed
+        registration, envelope, invitation = parsed
+        assert invitation is None                      # no body here carries a join token this gateway made
         assert Registration.from_envelope(envelope) == registration
 
 
 def test_valid_registration_request_parses():
-    registration, envelope = parse_registration_request(REGISTRATION_BODY, NOW_MS)
+    registration, envelope, invitation = parse_registration_request(REGISTRATION_BODY, NOW_MS)
+    assert invitation is None
     assert envelope == REGISTRATION_BYTES and registration.provider_id == SIGNER_PEER
 
 

@@ -120,12 +120,14 @@ class Plan:
 
 
 async def plan_run(database: Database, key: SigningKey, month: str, min_minor: int, accounts: Mapping[str, Account],
-                   ticket_keys: Sequence[bytes], now_ms: int) -> Plan:
-    """What a run of ``month`` would pay, with each provider's signed statement; writes nothing."""
+                   ticket_keys: Sequence[bytes], now_ms: int, settled_s: int | None = None) -> Plan:
+    """What a run of ``month`` would pay, with each provider's signed statement; writes nothing. ``settled_s``: how
+    old a posting must be to be covered (default ``SETTLED_S`` of the database's engine)."""
     start, end = month_bounds_ms(month)
     if now_ms < start:
         raise PayoutError(f"{month} has not begun")
-    cutoff = min(now_ms - SETTLED_S.get(database.engine.name, 60) * 1000, end - 1)
+    settled = SETTLED_S.get(database.engine.name, 60) if settled_s is None else settled_s
+    cutoff = min(now_ms - settled * 1000, end - 1)
     row = await database.fetchone("SELECT COALESCE(MAX(id), 0) FROM postings WHERE posted_ms <= ?", (cutoff,))
     assert row is not None
     through = row[0]
