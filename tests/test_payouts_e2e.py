@@ -212,7 +212,7 @@ def test_a_run_killed_at_any_moment_happened_whole_or_not_at_all(market, tmp_pat
         source.backup(copy)
     os.chmod(workdir / "gateway.key", 0o600)
     out = workdir / "out"
-    for delay in (0.2, 0.5, 0.8, 1.1, 1.4, 1.8, 2.4):
+    for delay in (0.3, 0.9, 1.6, 2.4):                               # before, during and after the commit
         run = subprocess.Popen(llorch_command() + ["billing", "payouts", "run", "--config", "gateway.toml", "--month",
                                                    this_month(), "--min", "0", "--out", str(out)],
                                cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
