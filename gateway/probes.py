@@ -236,10 +236,10 @@ class Prober:
         return ProbeInput(row[0], target.engine_build, model_id, pin, self.parse(body), salt, seed)
 
     # (c) ----------------------------------------------------------------------------------------------------------
-    def _order(self, probe_input: ProbeInput) -> Callable[[Attestation], Order]:
+    async def _order(self, probe_input: ProbeInput) -> Callable[[Attestation], Order]:
         prompt = probe_input.prompt
         prompt_bound = prompt_tokens_upper_bound(len(str(prompt).encode()), prompt_parts(prompt))
-        multiplier_bp = self.market.demand_multiplier(probe_input.model_id, probe_input.model_sha256)
+        multiplier_bp = await self.market.demand_multiplier(probe_input.model_id, probe_input.model_sha256)
 
         def order_of(provider: Attestation) -> Order:
             return Order(new_request_id(), self.tenant, Payer.PROBE, probe_input.model_id, probe_input.model_sha256,
@@ -252,7 +252,7 @@ class Prober:
         self.statistics.sent += 1
         try:
             with trio.fail_after(limits.SPOT_CHECK_TIMEOUT_S):
-                run = await self.runner.run(self._order(probe_input)(provider), provider, Keep())
+                run = await self.runner.run((await self._order(probe_input))(provider), provider, Keep())
         except (AttemptFailed, StreamBroke, ProtocolError, ReceiptRejected, trio.TooSlowError) as exc:
             self.statistics.failed += 1
             log.info("probe %d on %s was not answered: %s", probe_input.id, peer_id_of(provider.provider_key), exc)
@@ -276,7 +276,7 @@ class Prober:
                             exclude=frozenset(exclude))
         self.statistics.sent += 1
         try:
-            run, receipt = await run_on_another(self.runner, self.market, self._order(probe_input), need,
+            run, receipt = await run_on_another(self.runner, self.market, await self._order(probe_input), need,
                                                 deadline)
         except NoRun as exc:
             self.statistics.failed += 1

@@ -38,7 +38,7 @@ from llorch.gateway.errors import (AllBusy, BadRequest, DatabaseUnavailable, For
 from llorch.gateway.market.admission import Admission, QueueFull, QueueTimeout, WaitingRoom
 from llorch.gateway.market.directory import ProviderDirectory
 from llorch.gateway.market.node_client import AttemptFailed, Refusal, StreamPool
-from llorch.gateway.market.placement import ProviderView, Requirements, customer_prices, rank_providers, why_not
+from llorch.gateway.market.placement import ProviderView, Requirements, why_not
 from llorch.gateway.market.providers import ProviderBook
 from llorch.gateway.market.quota import prompt_tokens_upper_bound, worst_case_minor
 from llorch.gateway.market.shared import SharedReservations
@@ -175,8 +175,8 @@ class Gateway:
     async def provider_views(self) -> list[ProviderView]:
         return await self.market.provider_views()
 
-    def offered_models(self) -> list[str]:
-        return self.market.offered_models()
+    async def offered_models(self) -> list[str]:
+        return await self.market.offered_models()
 
     # (1)-(8) -----------------------------------------------------------------------------------------------------
     async def complete(self, request: InferenceRequest, tenant: Tenant,
@@ -199,15 +199,14 @@ class Gateway:
         order = Order(request_id or new_request_id(), tenant.name, Payer.CUSTOMER, request.model, pin,
                       request.sampling(seed), secrets.token_bytes(SALT_BYTES), request.prompt,
                       prompt_tokens_upper_bound(len(str(request.prompt).encode()), prompt_parts(request.prompt)),
-                      self.market.demand_multiplier(request.model, pin), margin_bp(self.config, tenant.tier))
+                      await self.market.demand_multiplier(request.model, pin), margin_bp(self.config, tenant.tier))
         job = _Job(order, tenant, request, seed, on_text)
-        views = await self.market.provider_views()
         need = self.requirements(job)
-        candidates = rank_providers(views, need, now_ms())
-        if not candidates:
-            raise self.no_provider(job, views, need)
-        job.price_caps = (max(customer_prices(c.attestation, need)[0] for c in candidates),
-                          max(customer_prices(c.attestation, need)[1] for c in candidates))
+        ranking = await self.market.rank(need, limits.PLACEMENT_ATTEMPTS_MAX)
+        candidates = ranking.candidates
+        if ranking.price_caps is None:
+            raise self.no_provider(job, await self.market.provider_views(), need)
+        job.price_caps = ranking.price_caps
         job.order = order = replace(order, reserved_minor=worst_case_minor(order.prompt_tokens_max, need.max_tokens,
                                                                            *job.price_caps))
         await self.admission.admit(tenant, order.request_id, order.reserved_minor)
@@ -311,7 +310,7 @@ class Gateway:
                 finally:
                     self.metrics.queue_depth(len(self.waiting.queue))
                 again = True
-                candidates = rank_providers(await self.market.provider_views(), need, now_ms())
+                candidates = (await self.market.rank(need, limits.PLACEMENT_ATTEMPTS_MAX)).candidates
 
     async def _serve(self, job: _Job, candidates: list[ProviderView]) -> Completion:
         """Try candidates in order, one ticket each. Before any text was delivered, any failure moves on to the next
@@ -355,7 +354,7 @@ class Gateway:
             if job.delivered:
                 need = self.requirements(job, engine_build=resume_class, exclude=frozenset(tried),
                                          max_price_in=job.price_caps[0], max_price_out=job.price_caps[1])
-                candidates = rank_providers(await self.market.provider_views(), need, now_ms())
+                candidates = (await self.market.rank(need, limits.PLACEMENT_ATTEMPTS_MAX)).candidates
             else:
                 candidates = [c for c in candidates[1:] if c.key not in tried]
         summary = "; ".join(str(failure) for failure in failures)

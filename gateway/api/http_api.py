@@ -348,7 +348,7 @@ def build_app(gateway: Gateway) -> FastAPI:
                                  "reason": "this replica is stopping: it finishes what it serves and takes nothing "
                                            "new"}, status_code=503, headers={"retry-after": "1"})
         if providers:
-            return JSONResponse({"status": "ok", "providers": providers, "models": gateway.offered_models()})
+            return JSONResponse({"status": "ok", "providers": providers, "models": await gateway.offered_models()})
         return JSONResponse({"status": "unready", "providers": 0, "models": [],
                              "reason": "no approved provider has a fresh attestation here (nodes reconnect within "
                                        "seconds of a restart; check `llorch gateway providers list`)"},
@@ -381,7 +381,7 @@ def build_app(gateway: Gateway) -> FastAPI:
         # "kind": "instruct" (chat and completions) or "base" (POST /v1/completions only)
         catalog = gateway.catalog.catalog
         return {"object": "list", "data": [model_card(catalog.lookup(model_id))
-                                           for model_id in gateway.offered_models() if tenant.allows(model_id)]}
+                                           for model_id in await gateway.offered_models() if tenant.allows(model_id)]}
 
     @app.get("/v1/catalog", response_model=None,
              responses={200: {"model": CatalogView, "description": "The signed catalog, newest version."}})

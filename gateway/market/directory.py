@@ -7,6 +7,7 @@ increases (a replayed or reordered attestation is dropped with a logged reason).
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from llorch.node.wire.attestation import Attestation
 from llorch.node.errors import AttestationRejected
@@ -24,10 +25,22 @@ class ProviderDirectory:
     def __init__(self) -> None:
         self._latest: dict[bytes, Attestation] = {}
         self._pending: dict[bytes, Attestation] = {}
-        self.excluded: set[bytes] = set()        # providers caught forking their ledger: never placed on
+        self._excluded: set[bytes] = set()       # providers caught forking their ledger: never placed on
+        self.changed: Callable[[bytes], None] = lambda provider_key: None   # told each key whose entry changed
+
+    @property
+    def excluded(self) -> frozenset[bytes]:
+        return frozenset(self._excluded)
+
+    @excluded.setter
+    def excluded(self, keys: set[bytes] | frozenset[bytes]) -> None:
+        changed = self._excluded ^ set(keys)
+        self._excluded = set(keys)
+        for key in changed:
+            self.changed(key)
 
     def exclude(self, provider_key: bytes) -> None:
-        self.excluded.add(provider_key)
+        self.excluded = self._excluded | {provider_key}
 
     def check_newer(self, attestation: Attestation) -> None:
         """Raise AttestationRejected ("replay") unless ``attestation`` is newer than the one kept for its key."""
@@ -46,8 +59,10 @@ class ProviderDirectory:
             if known is None and len(self._latest) >= limits.ATTESTATIONS_KEPT_MAX:
                 self._forget_expired_or_oldest()
             self._latest[key] = attestation
+            self.changed(key)
             return
-        self._latest.pop(key, None)              # suspended or never approved: back to the pending pool
+        if self._latest.pop(key, None) is not None:   # suspended or never approved: back to the pending pool
+            self.changed(key)
         self._pending.pop(key, None)
         if len(self._pending) >= limits.PENDING_ATTESTATIONS_MAX:
             del self._pending[next(iter(self._pending))]          # the oldest pending entry
@@ -55,7 +70,11 @@ class ProviderDirectory:
 
     def fresh(self, now_ms: int) -> list[Attestation]:
         """Unexpired attestations of approved providers that are not excluded."""
-        return [a for a in self._latest.values() if a.expires_ms > now_ms and a.provider_key not in self.excluded]
+        return [a for a in self._latest.values() if a.expires_ms > now_ms and a.provider_key not in self._excluded]
+
+    def placeable(self, provider_key: bytes) -> Attestation | None:
+        """The kept attestation of an approved provider that is not excluded (expired or not)."""
+        return None if provider_key in self._excluded else self._latest.get(provider_key)
 
     def get(self, provider_key: bytes) -> Attestation | None:
         return self._latest.get(provider_key) or self._pending.get(provider_key)
@@ -66,3 +85,4 @@ class ProviderDirectory:
     def _forget_expired_or_oldest(self) -> None:
         oldest = min(self._latest.values(), key=lambda a: a.expires_ms)
         del self._latest[oldest.provider_key]
+        self.changed(oldest.provider_key)

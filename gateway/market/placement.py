@@ -128,23 +128,35 @@ def customer_prices(a: Attestation, need: Requirements) -> tuple[int, int]:
 
 
 def worst_case_cost(a: Attestation, need: Requirements) -> int:
-    price_in, price_out = customer_prices(a, need)
-    return need.prompt_tokens_estimate * price_in + need.max_tokens * price_out
+    return cost_at((a.price_in, a.price_out), need)
+
+
+def cost_at(prices: tuple[int, int], need: Requirements) -> int:
+    """The worst-case customer price of the request at attested prices (per 1M input, output tokens)."""
+    return (need.prompt_tokens_estimate * customer_price(prices[0], need.multiplier_bp, need.margin_bp) +
+            need.max_tokens * customer_price(prices[1], need.multiplier_bp, need.margin_bp))
+
+
+def rank_key(v: ProviderView, need: Requirements, now_ms: int, best_success: int, best_ttft: int) -> tuple:
+    """The market's own order of an eligible provider, given the best success rate and TTFT among the eligible.
+    Observations are compared in coarse steps from the best one, so noise (a few ms of TTFT around a step's edge)
+    does not pin all traffic to one of two equivalent providers; within a step, load and turns decide.
+    gateway/market/index.py keeps providers in this order as it changes."""
+    a, s = v.attestation, v.standing
+    free_share_ppm = a.slots_free * 1_000_000 // a.slots_total
+    return (s.backoff_until_ms > now_ms, a.slots_free == 0, not v.sla_met, worst_case_cost(a, need),
+            (best_success - s.success_now_ppm(now_ms)) // SUCCESS_STEP_PPM, (s.ttft_ms - best_ttft) // TTFT_STEP_MS,
+            -free_share_ppm, s.last_placed_ms, v.key)
 
 
 def rank_providers(views: Iterable[ProviderView], need: Requirements, now_ms: int) -> list[ProviderView]:
+    """Every eligible provider, best first: the full sort (gateway/market/index.py gives its first few without one)."""
     eligible = [v for v in views if why_not(v, need, now_ms) is None]
     best_success = max((v.standing.success_now_ppm(now_ms) for v in eligible), default=0)
     best_ttft = min((v.standing.ttft_ms for v in eligible), default=0)
 
     def order(v: ProviderView):
-        a, s = v.attestation, v.standing
-        free_share_ppm = a.slots_free * 1_000_000 // a.slots_total
-        # Observations are compared in coarse steps from the best one, so noise (a few ms of TTFT around a step's
-        # edge) does not pin all traffic to one of two equivalent providers; within a step, load and turns decide.
-        return (s.backoff_until_ms > now_ms, a.slots_free == 0, not v.sla_met, worst_case_cost(a, need),
-                (best_success - s.success_now_ppm(now_ms)) // SUCCESS_STEP_PPM, (s.ttft_ms - best_ttft) // TTFT_STEP_MS,
-                -free_share_ppm, s.last_placed_ms, v.key)
+        return rank_key(v, need, now_ms, best_success, best_ttft)
 
     def preferred(v: ProviderView):
         """The customer's sort and order, before the market's own ranking."""

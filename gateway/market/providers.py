@@ -162,6 +162,7 @@ class ProviderBook:
         self._version: int | None = None
         self._records: dict[str, ProviderRecord] = {}
         self._sorted: list[ProviderRecord] | None = None
+        self._approved: tuple[object, frozenset[bytes]] = (None, frozenset())
 
     async def register(self, registration: Registration, envelope: bytes, now_ms: int,
                        source: str | None = None, invitation: Invitation | None = None) -> ProviderRecord:
@@ -299,8 +300,12 @@ class ProviderBook:
         self._records[record.provider_id] = record
         self._sorted = None
 
-    async def approved_keys(self) -> set[bytes]:
-        return {record.provider_key for record in await self.all() if record.approved}
+    async def approved_keys(self) -> frozenset[bytes]:
+        """The approved providers' keys (asked for each attestation: computed once per read of the book)."""
+        book = await self.all()
+        if self._approved[0] is not book:
+            self._approved = (book, frozenset(record.provider_key for record in book if record.approved))
+        return self._approved[1]
 
     async def set_status(self, provider_id: str, status: str, together: list | None = None) -> ProviderRecord:
         """Set a provider's status; ``together``: statements written in the same transaction (a suspension's

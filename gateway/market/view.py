@@ -2,6 +2,11 @@
 decisions (approved, certified geo), and what this gateway observed of them (standing, its own tickets in flight,
 SLA misses, suspensions since the last read of the books). Placement (gateway/market/placement.py) ranks the
 ``ProviderView``s built here; the ticket runner (gateway/ticket_runner.py) tells it what each ticket showed.
+
+Every change to a provider's view files it again in the placement index (gateway/market/index.py), so ``rank``
+reads a few entries however many providers there are: the directory tells of attestations and exclusions, the
+ticket runner of placements and outcomes, the SLA loop of misses, and each ``rank`` compares the operator's
+decisions (the provider book, re-read only when the database changed) with what the index was told last.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from typing import Protocol
 from llorch.gateway.books.pricing import demand_multiplier_bp, utilisation_ppm
 from llorch.gateway.market.admission import WaitingRoom
 from llorch.gateway.market.directory import ProviderDirectory
-from llorch.gateway.market.placement import ProviderView, Standing, after_failure, after_success
-from llorch.gateway.market.providers import ProviderBook
+from llorch.gateway.market.index import PlacementIndex, Ranking
+from llorch.gateway.market.placement import ProviderView, Requirements, Standing, after_failure, after_success
+from llorch.gateway.market.providers import ProviderBook, ProviderRecord
 from llorch.node.models import Catalog
 from llorch.node.stream_io import now_ms
 from llorch.node.wire.attestation import Attestation
@@ -39,42 +45,73 @@ class MarketView:
         self._suspension_written: set[bytes] = set()  # ...and the database has said so since
         self._in_flight: dict[bytes, int] = {}    # this gateway's tickets per provider, from issue to settlement
         self._others: dict[bytes, int] = {}       # other replicas' open tickets per provider (``others_now``)
+        self.index = PlacementIndex()
+        self._records: dict[bytes, ProviderRecord] = {}   # the provider book as the index was last told it
+        self._records_seen: object = None
+        directory.changed = self._refile
 
     # what placement reads --------------------------------------------------------------------------------------
+    async def rank(self, need: Requirements, count: int) -> Ranking:
+        """The first ``count`` providers placement would try for ``need`` (gateway/market/index.py)."""
+        await self._sync_records()
+        return self.index.rank(need, now_ms(), count)
+
     async def provider_views(self) -> list[ProviderView]:
-        records = {record.provider_key: record for record in await self.providers.all()}
+        """Every fresh provider's view (for pages, probes and the reasons nobody is eligible: it reads them all)."""
+        await self._sync_records()
+        return [view for a in self.directory.fresh(now_ms()) if (view := self._view(a.provider_key)) is not None]
+
+    async def _sync_records(self) -> None:
+        """Tell the index what changed in the operator's decisions since it was last told (approvals, suspensions,
+        certifications: one comparison per provider, only when the provider book was read again)."""
+        book = await self.providers.all()
+        if book is not self._records_seen:
+            records = {record.provider_key: record for record in book}
+            changed = {key for key in records.keys() | self._records.keys()
+                       if records.get(key) != self._records.get(key)}
+            self._records, self._records_seen = records, book
+            for key in changed:
+                self._refile(key)
         for key in list(self._suspended_ms):
-            record = records.get(key)
+            record = self._records.get(key)
             if record is not None and not record.approved:
                 self._suspension_written.add(key)
             elif record is not None and key in self._suspension_written:      # the operator readmitted it
                 self.lift(key)
-        views = []
-        for attestation in self.directory.fresh(now_ms()):
-            record = records.get(attestation.provider_key)
-            certified = record.registration.geo["country"] if record and record.geo_certified else None
-            approved = bool(record and record.approved) and attestation.provider_key not in self._suspended_ms
-            views.append(ProviderView(attestation, approved, certified,
-                                      self.standings.get(attestation.provider_key, Standing()),
-                                      attestation.provider_key not in self.sla_missed))
-        return views
+
+    def _view(self, provider_key: bytes) -> ProviderView | None:
+        attestation = self.directory.placeable(provider_key)
+        if attestation is None:
+            return None
+        record = self._records.get(provider_key)
+        certified = record.registration.geo["country"] if record and record.geo_certified else None
+        approved = bool(record and record.approved) and provider_key not in self._suspended_ms
+        return ProviderView(attestation, approved, certified, self.standings.get(provider_key, Standing()),
+                            provider_key not in self.sla_missed)
+
+    def _refile(self, provider_key: bytes) -> None:
+        view = self._view(provider_key)
+        if view is None:
+            self.index.drop(provider_key)
+        else:
+            self.index.put(view, now_ms())
 
     @property
     def catalog(self) -> Catalog:
         """The newest catalog version (live entries are placed on; retired ones only verify old receipts)."""
         return self.models.catalog
 
-    def offered_models(self) -> list[str]:
-        fresh = self.directory.fresh(now_ms())
+    async def offered_models(self) -> list[str]:
+        """The live catalog's models some placeable provider offers."""
+        await self._sync_records()
         catalog = self.catalog
         pins = {m: catalog.pin(m) for m in catalog.live_ids()}
-        return [m for m, pin in pins.items() if pin is not None and any(a.offers(m, pin) for a in fresh)]
+        return [m for m, pin in pins.items() if pin is not None and self.index.slots(m, pin, now_ms())[0] > 0]
 
-    def demand_multiplier(self, model_id: str, pin: bytes) -> int:
-        """The demand multiplier from the utilisation of every fresh provider offering the model."""
-        offering = [a for a in self.directory.fresh(now_ms()) if a.offers(model_id, pin)]
-        return demand_multiplier_bp(utilisation_ppm(sum(a.slots_total for a in offering),
-                                                    sum(a.slots_free for a in offering)))
+    async def demand_multiplier(self, model_id: str, pin: bytes) -> int:
+        """The demand multiplier from the utilisation of every placeable provider offering the model."""
+        await self._sync_records()
+        return demand_multiplier_bp(utilisation_ppm(*self.index.slots(model_id, pin, now_ms())))
 
     def full_with_ours(self, provider: Attestation) -> bool:
         """Every slot of ``provider`` serves one of this gateway's tickets, or of the other replicas' (as last
@@ -96,13 +133,16 @@ class MarketView:
 
     def sla_missed_now(self, provider_keys: frozenset[bytes]) -> None:
         """The providers whose figures this month miss their registered SLA (run.py's "sla" loop)."""
-        self.sla_missed = provider_keys
+        changed, self.sla_missed = self.sla_missed ^ provider_keys, provider_keys
+        for key in changed:
+            self._refile(key)
 
     # what the ticket runner tells it ----------------------------------------------------------------------------
     def ticket_started(self, provider_key: bytes) -> None:
         self._in_flight[provider_key] = self._in_flight.get(provider_key, 0) + 1
         standing = self.standings.get(provider_key, Standing())
         self.standings[provider_key] = replace(standing, last_placed_ms=now_ms())
+        self._refile(provider_key)
 
     def ticket_ended(self, provider_key: bytes, held_slot: bool) -> None:
         """A ticket settled; if the provider had admitted it (``held_slot``), a slot is free: the next waiter in
@@ -113,21 +153,25 @@ class MarketView:
 
     def failed(self, provider_key: bytes) -> None:
         self.standings[provider_key] = after_failure(self.standings.get(provider_key, Standing()), now_ms())
+        self._refile(provider_key)
 
     def succeeded(self, provider_key: bytes, ttft_ms: int, tokens_per_s: int = 0) -> None:
         self.standings[provider_key] = after_success(self.standings.get(provider_key, Standing()), ttft_ms,
                                                      now_ms(), tokens_per_s)
+        self._refile(provider_key)
 
     def suspend(self, provider_key: bytes, at_ms: int) -> None:
         """A check caught ``provider_key`` at ``at_ms``: from now on this gateway issues it no ticket
         (``suspended``), and its tickets still in flight are credited when they settle (``credit_due``). Once the
         database has said "suspended", its saying "approved" again means the operator readmitted it."""
         self._suspended_ms[provider_key] = max(at_ms, self._suspended_ms.get(provider_key, 0))
+        self._refile(provider_key)
 
     def lift(self, provider_key: bytes) -> None:
         """Forget a suspension: the operator readmitted the provider, or writing the suspension failed."""
         self._suspended_ms.pop(provider_key, None)
         self._suspension_written.discard(provider_key)
+        self._refile(provider_key)
 
     def suspended(self, provider_key: bytes) -> bool:
         return provider_key in self._suspended_ms
