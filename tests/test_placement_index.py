@@ -95,7 +95,7 @@ def agree(index: PlacementIndex, views: list[ProviderView], need: Requirements, 
     assert ranking.price_caps == expected
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_the_index_chooses_as_the_full_sort_does_while_the_market_changes(data):
     views = data.draw(markets())

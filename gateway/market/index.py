@@ -301,15 +301,20 @@ class PlacementIndex:
                     aside[key] = found.take_out(key)
             bests = self._bests(found, need, now_ms)
             caps = self._caps_of(bests, need)
+            costs = {pair: cost_at(pair, need) for pair in bests.prices}
+            hot = sorted((rank_key(v, need, now_ms, bests.success_ppm, bests.ttft_ms,
+                                   costs.get((v.attestation.price_in, v.attestation.price_out))), v.key)
+                         for v in bests.hot)
             taken: list[ProviderView] = []
             while len(taken) < count:
-                best = self._best(found, need, now_ms, bests)
-                if best is None:
+                cold = self._best_cold(found, bests, costs)
+                if hot and (cold is None or hot[0][0] < cold[0]):
+                    taken.append(self._views[hot.pop(0)[1]])
+                elif cold is not None:
+                    taken.append(self._views[cold[1]])
+                    aside[cold[1]] = found.take_out(cold[1])
+                else:
                     break
-                taken.append(best)
-                aside[best.key] = found.take_out(best.key)
-                if best in bests.hot:
-                    bests.hot.remove(best)
             return Ranking(taken, caps)
         finally:
             for key, filed in aside.items():
@@ -332,18 +337,16 @@ class PlacementIndex:
         return (customer_price(max(p for p, _ in pairs), need.multiplier_bp, need.margin_bp),
                 customer_price(max(p for _, p in pairs), need.multiplier_bp, need.margin_bp))
 
-    def _best(self, found: _Class, need: Requirements, now_ms: int, bests: _Bests) -> ProviderView | None:
-        best_key: tuple | None = None
-        best: ProviderView | None = None
-        for view in bests.hot:
-            key = rank_key(view, need, now_ms, bests.success_ppm, bests.ttft_ms)
-            if best_key is None or key < best_key:
-                best_key, best = key, view
+    @staticmethod
+    def _best_cold(found: _Class, bests: _Bests, costs: dict[tuple[int, int], int]) -> tuple[tuple, bytes] | None:
+        """The best cold provider's rank key and provider key: in the best tier holding any, at the cheapest price
+        pair, the least (-free share, last placed, key) within the first TTFT step present."""
         for tier in TIERS:
-            costs = sorted((cost_at(pair, need), pair) for pair in bests.prices
+            pairs = sorted((costs[pair], pair) for pair in bests.prices
                            if pair in found.prices and tier in found.prices[pair].tiers)
-            for cost, pair in costs:
-                if cost > costs[0][0]:
+            best: tuple | None = None
+            for cost, pair in pairs:
+                if cost > pairs[0][0]:
                     break
                 tree = found.prices[pair].tiers[tier]
                 step = (tree.by_ttft[0][0] - bests.ttft_ms) // TTFT_STEP_MS
@@ -351,11 +354,11 @@ class PlacementIndex:
                 rest = tree.least(low, low + TTFT_STEP_MS)
                 assert rest is not None                 # the range holds the tree's first entry
                 key = (False, tier[0], tier[1], cost, 0, step, *rest)
-                if best_key is None or key < best_key:
-                    best_key, best = key, self._views[rest[2]]
-            if costs:
-                break
-        return best
+                if best is None or key < best:
+                    best = key
+            if best is not None:
+                return best, best[-1]
+        return None
 
 
 def _within(pair: tuple[int, int], need: Requirements) -> bool:

@@ -137,14 +137,16 @@ def cost_at(prices: tuple[int, int], need: Requirements) -> int:
             need.max_tokens * customer_price(prices[1], need.multiplier_bp, need.margin_bp))
 
 
-def rank_key(v: ProviderView, need: Requirements, now_ms: int, best_success: int, best_ttft: int) -> tuple:
+def rank_key(v: ProviderView, need: Requirements, now_ms: int, best_success: int, best_ttft: int,
+             cost: int | None = None) -> tuple:
     """The market's own order of an eligible provider, given the best success rate and TTFT among the eligible.
     Observations are compared in coarse steps from the best one, so noise (a few ms of TTFT around a step's edge)
     does not pin all traffic to one of two equivalent providers; within a step, load and turns decide.
-    gateway/market/index.py keeps providers in this order as it changes."""
+    gateway/market/index.py keeps providers in this order as it changes. ``cost``: its worst-case cost, if known."""
     a, s = v.attestation, v.standing
     free_share_ppm = a.slots_free * 1_000_000 // a.slots_total
-    return (s.backoff_until_ms > now_ms, a.slots_free == 0, not v.sla_met, worst_case_cost(a, need),
+    return (s.backoff_until_ms > now_ms, a.slots_free == 0, not v.sla_met,
+            worst_case_cost(a, need) if cost is None else cost,
             (best_success - s.success_now_ppm(now_ms)) // SUCCESS_STEP_PPM, (s.ttft_ms - best_ttft) // TTFT_STEP_MS,
             -free_share_ppm, s.last_placed_ms, v.key)
 
