@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import trio
 from libp2p.custom_types import TProtocol
@@ -31,7 +32,7 @@ from llorch.gateway.witness.witness import Witness, WitnessBook, WitnessLeases, 
 from llorch.gateway.service import Gateway
 from llorch.gateway.probes import Prober
 from llorch.ledger.signing import load_key_file
-from llorch.node.wire.attestation import TOPIC, parse_attestation
+from llorch.node.wire.attestation import TOPIC, Attestation, parse_attestation
 from llorch.node.wire.dialback import DIALBACK_PROTOCOL_ID
 from llorch.node.wire.catalog import CATALOG_PROTOCOL_ID
 from llorch.node.wire.listing import LISTING_PROTOCOL_ID
@@ -51,14 +52,43 @@ def _sender_key(message) -> bytes | None:
         return None
 
 
-def attestation_validator(directory: ProviderDirectory, metrics: Metrics, relays: frozenset[str] = frozenset()):
+class CheckedAttestations:
+    """Attestations the topic validator parsed and checked, by their bytes, so the subscription's reader takes each
+    without parsing and verifying it again (bounded: the oldest are forgotten first; one forgotten is parsed again).
+    Only a message that passed the validator reaches the reader, so bytes found here were checked against that
+    message's sender."""
+
+    def __init__(self, size: int = limits.CHECKED_ATTESTATIONS_MAX) -> None:
+        self._kept: OrderedDict[bytes, Attestation] = OrderedDict()
+        self._size = size
+
+    def keep(self, data: bytes, attestation: Attestation) -> None:
+        self._kept[data] = attestation
+        while len(self._kept) > self._size:
+            self._kept.popitem(last=False)
+
+    def take(self, data: bytes, sender_key: bytes | None, now: int, relays: frozenset[str]) -> Attestation:
+        """The attestation of ``data``: as checked (if it has not expired while it waited), or parsed now."""
+        attestation = self._kept.pop(data, None)
+        if attestation is None:
+            return parse_attestation(data, sender_key, now, relays)
+        if attestation.expires_ms <= now:
+            raise AttestationRejected(f"attestation expired {now - attestation.expires_ms} ms ago", "expired")
+        return attestation
+
+
+def attestation_validator(directory: ProviderDirectory, metrics: Metrics, relays: frozenset[str] = frozenset(),
+                          checked: CheckedAttestations | None = None):
     """The GossipSub topic validator: a message that fails any rule of docs/protocol.md §5 (including a replayed or
-    reordered seq) is neither kept nor forwarded to other peers; the reason is logged and counted. Never raises."""
+    reordered seq) is neither kept nor forwarded to other peers; the reason is logged and counted. Never raises.
+    What passes is kept in ``checked`` for the subscription's reader."""
 
     def validate(peer_id, message) -> bool:
         try:
             attestation = parse_attestation(message.data, _sender_key(message), now_ms(), relays)
             directory.check_newer(attestation)
+            if checked is not None:
+                checked.keep(message.data, attestation)
             return True
         except AttestationRejected as exc:
             metrics.attestation_dropped(exc.reason)
@@ -80,12 +110,13 @@ async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers:
     """Drain the attestation subscription into the directory (a full subscription channel would drop messages).
     ``relays``: the peer ids whose relayed provider addresses are accepted (docs/protocol.md §5); ``clock``
     records when approved providers attested, for their uptime (gateway/market/sla.py)."""
-    p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics, relays), False)
+    checked = CheckedAttestations()
+    p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics, relays, checked), False)
     subscription = await p2p.pubsub.subscribe(TOPIC)
     while True:
         message = await subscription.get()
         try:
-            attestation = parse_attestation(message.data, _sender_key(message), now_ms(), relays)
+            attestation = checked.take(message.data, _sender_key(message), now_ms(), relays)
             known = directory.get(attestation.provider_key)
             approved = attestation.provider_key in await providers.approved_keys()
             directory.observe(attestation, approved)

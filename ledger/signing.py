@@ -47,8 +47,10 @@ def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+@functools.lru_cache(maxsize=65_536)
 def peer_id_of(public_key: bytes) -> str:
-    """The libp2p peer id (base58btc, "12D3KooW...") of a raw Ed25519 public key."""
+    """The libp2p peer id (base58btc, "12D3KooW...") of a raw Ed25519 public key (the last 65,536 are kept: a
+    gateway names each provider's peer id at every attestation)."""
     if len(public_key) != PUBLIC_KEY_BYTES:
         raise EncodingError(f"an Ed25519 public key is {PUBLIC_KEY_BYTES} bytes, got {len(public_key)}")
     return _b58encode(_PEER_ID_PREFIX + public_key)

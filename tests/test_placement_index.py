@@ -110,7 +110,8 @@ def test_the_index_chooses_as_the_full_sort_does_while_the_market_changes(data):
         if views:
             number = data.draw(st.integers(0, len(views) - 1))
             view = views[number]
-            change = data.draw(st.sampled_from(["placed", "failed", "succeeded", "attested", "suspended", "sla"]))
+            change = data.draw(st.sampled_from(["placed", "failed", "succeeded", "attested", "renewed", "suspended",
+                                                "sla"]))
             if change == "placed":
                 view = replace(view, standing=replace(view.standing, last_placed_ms=now))
             elif change == "failed":
@@ -119,6 +120,10 @@ def test_the_index_chooses_as_the_full_sort_does_while_the_market_changes(data):
                 view = replace(view, standing=after_success(view.standing, data.draw(st.integers(0, 3000)), now))
             elif change == "attested":
                 view = replace(view, attestation=make_attestation(number, data.draw))
+            elif change == "renewed":                 # a heartbeat: the same offer, later expiry
+                a = view.attestation
+                view = replace(view, attestation=replace(a, seq=a.seq + 1, issued_ms=now,
+                                                         expires_ms=max(a.expires_ms, now + 1) + 5_000))
             elif change == "suspended":
                 view = replace(view, approved=not view.approved)
             else:

@@ -195,6 +195,7 @@ class PlacementIndex:
     def __init__(self) -> None:
         self._views: dict[bytes, ProviderView] = {}
         self._generation: dict[bytes, int] = {}
+        self._filed: dict[bytes, _Filed] = {}
         self._classes: dict[ClassKey, _Class] = {}
         self._models: dict[tuple[str, bytes], list[int]] = {}    # (model, sha256) → [slots, free slots]
         self._expiring: list[tuple[int, bytes, int]] = []        # (expires_ms, key, generation)
@@ -205,36 +206,52 @@ class PlacementIndex:
 
     # keeping it --------------------------------------------------------------------------------------------------
     def put(self, view: ProviderView, now_ms: int) -> None:
-        """File ``view`` (replacing what was filed for its provider); an unplaceable one is only removed."""
-        self.drop(view.key)
+        """File ``view`` (replacing what was filed for its provider); an unplaceable one is only removed. A view
+        filed exactly where the last one was (a heartbeat attestation: new seq and expiry, nothing else) only
+        replaces it."""
         a = view.attestation
         if not view.approved or a.slots_total == 0 or a.expires_ms <= now_ms:
+            self.drop(view.key)
             return
         key = view.key
-        generation = self._generation.get(key, 0) + 1
-        self._generation[key] = generation
-        self._views[key] = view
         cold_at = cold_at_ms(view)
         ttft = view.standing.ttft_ms
-        hot = now_ms < cold_at or ttft >= TTFT_SPAN_MS
+        filed = _Filed(now_ms < cold_at or ttft >= TTFT_SPAN_MS, (a.price_in, a.price_out),
+                       (a.slots_free == 0, not view.sla_met), ttft, _rest(view))
+        class_keys = self._class_keys(view)
+        old = self._views.get(key)
+        if (old is not None and self._filed[key] == filed and self._class_keys(old) == class_keys and
+                (old.attestation.slots_total, old.attestation.slots_free) == (a.slots_total, a.slots_free)):
+            self._views[key] = view
+        else:
+            self.drop(key)
+            self._views[key] = view
+            self._filed[key] = filed
+            for class_key in class_keys:
+                found = self._classes.get(class_key)
+                if found is None:
+                    found = self._classes[class_key] = _Class()
+                found.put_in(key, filed)
+            for model in a.models:
+                slots = self._models.setdefault((model["id"], model["sha256"]), [0, 0])
+                slots[0] += a.slots_total
+                slots[1] += a.slots_free
+        generation = self._generation.get(key, 0) + 1
+        self._generation[key] = generation
         if now_ms < cold_at:
             heapq.heappush(self._cooling, (cold_at, key, generation))
         heapq.heappush(self._expiring, (a.expires_ms, key, generation))
-        filed = _Filed(hot, (a.price_in, a.price_out), (a.slots_free == 0, not view.sla_met), ttft, _rest(view))
-        for class_key in self._class_keys(view):
-            found = self._classes.get(class_key)
-            if found is None:
-                found = self._classes[class_key] = _Class()
-            found.put_in(key, filed)
-        for model in a.models:
-            slots = self._models.setdefault((model["id"], model["sha256"]), [0, 0])
-            slots[0] += a.slots_total
-            slots[1] += a.slots_free
+        if len(self._expiring) > 4 * len(self._views) + 1024:        # stale entries: keep the heaps small
+            self._expiring = [(v.attestation.expires_ms, k, self._generation[k]) for k, v in self._views.items()]
+            heapq.heapify(self._expiring)
+            self._cooling = [entry for entry in self._cooling if self._generation.get(entry[1]) == entry[2]]
+            heapq.heapify(self._cooling)
 
     def drop(self, key: bytes) -> None:
         view = self._views.pop(key, None)
         if view is None:
             return
+        del self._filed[key]
         self._generation[key] += 1                # its heap entries are stale now
         for class_key in self._class_keys(view):
             found = self._classes[class_key]

@@ -7,6 +7,7 @@ sender is the signer → clock skew → expiry → seq strictly increasing (chec
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -66,7 +67,7 @@ def check_multiaddr(addr: str, own_peer_id: str) -> None:
 CIRCUIT_SHAPE = ["tcp", "p2p", "p2p-circuit", "p2p"]      # after the first (ip4, ip6, dns, dns4, dns6) component
 
 
-def _check_circuit(addr: str, items: list[tuple[str, str | None]], own_peer_id: str) -> None:
+def _check_circuit(addr: str, items: tuple[tuple[str, str | None], ...], own_peer_id: str) -> None:
     names = [name for name, _ in items]
     if names.count("p2p-circuit") != 1:
         raise RuleBroken("bad_address", f"addr {addr[:80]!r}: a relayed address has one circuit, not nested ones")
@@ -87,9 +88,12 @@ def _check_circuit(addr: str, items: list[tuple[str, str | None]], own_peer_id: 
         raise RuleBroken("bad_address", f"addr {addr[:80]!r}: a provider cannot be relayed through itself")
 
 
-def _items(addr: str) -> list[tuple[str, str | None]]:
+@functools.lru_cache(maxsize=limits.ADDRS_PARSED_KEPT)
+def _items(addr: str) -> tuple[tuple[str, str | None], ...]:
+    """The (protocol, value) parts of a multiaddr. Kept for the addresses seen last: a provider announces the same
+    ones every few seconds (a string that fails is parsed again each time: errors are not kept)."""
     try:
-        return [(protocol.name, value) for protocol, value in Multiaddr(addr).items()]
+        return tuple((protocol.name, value) for protocol, value in Multiaddr(addr).items())
     except Exception as exc:  # py-multiaddr raises several types for a bad string; all mean "not a multiaddr"
         raise RuleBroken("bad_address", f"addr {addr[:80]!r} is not a multiaddr: {exc}") from None
 
