@@ -30,7 +30,8 @@ class GatewayConfig:
                                               # "" = http://<http_host>:<http_port>. Join tokens name it.
     state_file: Path | None = None            # written once up: peer id, multiaddrs, base_url (JSON)
     relay_peers: tuple[str, ...] = ()         # other gateways' peer ids whose relayed provider addresses we accept
-    witness_interval_ms: int = 5_000          # how often the gateway witnesses each provider's ledger
+    witness_interval_ms: int = 5_000          # how often the gateway witnesses each provider's ledger (small market)
+    witness_period_ms: int = 300_000          # ...and at least this often, however many providers (stated period)
     queue_timeout_ms: int = 30_000            # how long a request waits for a slot when every provider is busy
     margin_bp_hobby: int = 4_000              # platform margin on the customer price, per tier, in basis points
     margin_bp_startup: int = 4_000            # (20%-60%: 2000-6000)
@@ -56,6 +57,10 @@ class GatewayConfig:
                 raise ConfigError(f"gateway.margin_bp_{tier} must be 2000..6000 (20%-60%), got {margin}")
         if not 0 <= self.spot_check_rate_ppm <= 1_000_000:
             raise ConfigError("gateway.spot_check_rate_ppm must be 0..1000000 (20000: 2% of requests re-run)")
+        if not 100 <= self.witness_interval_ms <= self.witness_period_ms <= 86_400_000:
+            raise ConfigError("gateway.witness_interval_ms and witness_period_ms must be 100 <= interval <= period <= "
+                              "86400000 (5000 and 300000: each provider every 5 s, or every 5 minutes at the most in "
+                              "a large market)")
         if not 0 <= self.probe_interval_ms <= 86_400_000 or 0 < self.probe_interval_ms < 1_000:
             raise ConfigError("gateway.probe_interval_ms must be 0 (no probes) or 1000..86400000 (600000: one probe "
                               "every 10 minutes on average)")

@@ -67,7 +67,10 @@ margin_bp_enterprise = 4000
 # Trust: the share of finished requests re-run on another provider (20000 ppm: 2%), and known-answer probes.
 spot_check_rate_ppm = 20000
 probe_interval_ms = 600000
+# Each provider's ledger is witnessed every witness_interval_ms; with many providers the rounds are spread out,
+# but every provider is witnessed within witness_period_ms.
 witness_interval_ms = 5000
+witness_period_ms = 300000
 
 # Requests wait this long for a slot when every provider is busy, then get 429 queue_timeout.
 queue_timeout_ms = 30000

@@ -246,7 +246,8 @@ async def run_gateway(config: GatewayConfig, drain: http_server.Drain | None = N
                 nursery.start_soon(supervise, "replica", lambda: shared.heartbeat_forever(now_ms), restarts)
                 nursery.start_soon(supervise, "placement", lambda: count_others_tickets(gateway), restarts)
             nursery.start_soon(supervise, "witness", lambda: witness_forever(
-                witness, providers_to_witness, config.witness_interval_ms / 1000), restarts)
+                witness, providers_to_witness, config.witness_interval_ms / 1000, config.witness_period_ms / 1000),
+                restarts)
             bound = await nursery.start(lambda task_status: serve_http(
                 build_app(gateway), config.http_host, config.http_port, task_status=task_status, drain=drain))
             base_url = f"{bound[0]}/v1" if bound else f"http://{config.http_host}:{config.http_port}/v1"

@@ -12,8 +12,10 @@ kept as evidence and the provider is excluded from placement.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Container
 
@@ -36,7 +38,10 @@ log = logging.getLogger("llorch.witness")
 
 ENTRIES_PER_PAGE = 10_000       # entries fetched, verified and stored together (memory: about 10 MB a page)
 PAGES_PER_ROUND = 10            # a catch-up verifies at most this many pages in one round, then resumes next round
-PROVIDERS_AT_ONCE = 4           # witness rounds run side by side (each mostly waits on its provider)
+PROVIDERS_AT_ONCE = 4           # witness rounds run side by side (each mostly waits on its provider), at least
+WITNESS_AT_ONCE_MAX = 64        # ... and at most, however many providers there are
+WITNESS_PERIOD_S = 300.0        # every provider is witnessed at least this often (while the gateway keeps up)
+WITNESS_ROUNDS_PER_S = 20.0     # a large market's rounds are spread to about this many a second, within the period
 
 
 class ForkDetected(Exception):
@@ -621,22 +626,122 @@ class Witness:
         return entries[:end - start]
 
 
-async def witness_forever(witness, providers, interval_s: float) -> None:
-    """Every ``interval_s``, witness each provider ``await providers()`` returns as (key, addrs), PROVIDERS_AT_ONCE
-    at a time (a round mostly waits on its provider; one slow provider delays nobody else's). A fault while
-    witnessing one provider is logged and skips that provider for the round; it never ends the loop."""
-    limiter = trio.CapacityLimiter(PROVIDERS_AT_ONCE)
+class WitnessSchedule:
+    """When each provider is next due, and how the witness keeps up. A provider is due ``spacing()`` after its last
+    round began (a new one at once): ``interval_s`` in a small market; in a large one the rounds are spread so that
+    there are about WITNESS_ROUNDS_PER_S a second (each costs CPU: bench/market_scale.py measures it), but never
+    further apart than 80% of ``period_s``, the stated period: every listed provider is witnessed at least once per
+    period while the gateway keeps up. Due rounds run most overdue first, ``at_once()`` side by side: twice what
+    that rate needs at the mean round's wall time (a round mostly waits on its provider), WITNESS_AT_ONCE_MAX at
+    most."""
 
-    async def one(provider_key: bytes, addrs: list[str]) -> None:
-        async with limiter:
+    def __init__(self, interval_s: float, period_s: float, at_once: int = PROVIDERS_AT_ONCE) -> None:
+        self.interval_s, self.period_s, self.least_at_once = interval_s, max(period_s, interval_s), at_once
+        self.addrs: dict[bytes, list[str]] = {}
+        self.began: dict[bytes, float] = {}           # provider → when its last round began (trio's clock)
+        self.listed_at: dict[bytes, float] = {}       # provider → when it was first listed
+        self._due: list[tuple[float, bytes]] = []
+        self._queued: set[bytes] = set()
+        self.round_s = 0.0                            # mean wall time of a round (EWMA)
+        self.rounds = 0
+
+    def relist(self, providers: list[tuple[bytes, list[str]]], now: float) -> None:
+        """The providers to witness now (new ones are due at once; those no longer listed are forgotten)."""
+        self.addrs = {key: addrs for key, addrs in providers}
+        for key in [key for key in self.began if key not in self.addrs]:
+            del self.began[key]
+        for key in [key for key in self.listed_at if key not in self.addrs]:
+            del self.listed_at[key]
+        for key in self.addrs:
+            self.listed_at.setdefault(key, now)
+            if key not in self._queued:
+                self._queued.add(key)
+                began = self.began.get(key)
+                heapq.heappush(self._due, (now if began is None else began + self.spacing(), key))
+
+    def next_due(self) -> tuple[float, bytes] | None:
+        while self._due and self._due[0][1] not in self.addrs:
+            self._queued.discard(heapq.heappop(self._due)[1])
+        return self._due[0] if self._due else None
+
+    def take(self, now: float) -> bytes:
+        _, key = heapq.heappop(self._due)
+        self._queued.discard(key)
+        self.began[key] = now
+        return key
+
+    def done(self, key: bytes, began: float, now: float) -> None:
+        self.round_s = (now - began) if self.rounds == 0 else 0.9 * self.round_s + 0.1 * (now - began)
+        self.rounds += 1
+        if key in self.addrs and key not in self._queued:
+            self._queued.add(key)
+            heapq.heappush(self._due, (began + self.spacing(), key))
+
+    def spacing(self) -> float:
+        """How long after a provider's round began it is due again."""
+        return max(self.interval_s, min(0.8 * self.period_s, len(self.addrs) / WITNESS_ROUNDS_PER_S))
+
+    def at_once(self) -> int:
+        needed = math.ceil(2 * len(self.addrs) / self.spacing() * self.round_s)   # twice: a backlog clears too
+        return max(self.least_at_once, min(WITNESS_AT_ONCE_MAX, needed))
+
+    def behind(self, now: float) -> list[bytes]:
+        """Listed providers not witnessed (begun) within the period."""
+        return [key for key in self.addrs if now - self.began.get(key, self.listed_at[key]) > self.period_s]
+
+
+async def witness_forever(witness, providers, interval_s: float, period_s: float = WITNESS_PERIOD_S,
+                          schedule: WitnessSchedule | None = None) -> None:
+    """Witness each provider ``await providers()`` returns as (key, addrs) as ``WitnessSchedule`` says: every
+    ``interval_s`` at most, every ``period_s`` at least while the gateway keeps up, several side by side (a round
+    mostly waits on its provider; one slow provider delays nobody else's). The list is read again every interval.
+    A fault while witnessing one provider is logged and skips that provider for the round; it never ends the loop.
+    Falling behind the period is said once a minute at most."""
+    schedule = schedule or WitnessSchedule(interval_s, period_s)
+    limiter = trio.CapacityLimiter(schedule.least_at_once)
+    wake = trio.Event()
+    said_ms = [0.0]
+
+    async def one(provider_key: bytes, addrs: list[str], began: float) -> None:
+        try:
             with trio.move_on_after(max(interval_s, 30.0)):
                 try:
                     await witness.witness(provider_key, addrs)
                 except Exception as exc:   # a bad address, a damaged row: this provider, this round only
                     log.error("witnessing %s failed: %s: %s", peer_id_of(provider_key), type(exc).__name__, exc)
+        finally:
+            schedule.done(provider_key, began, trio.current_time())
+            limiter.release_on_behalf_of(provider_key)
+            wake.set()
 
-    while True:
-        async with trio.open_nursery() as nursery:
-            for provider_key, addrs in await providers():
-                nursery.start_soon(one, provider_key, addrs)
-        await trio.sleep(interval_s)
+    async def lister() -> None:
+        while True:
+            schedule.relist(await providers(), trio.current_time())
+            wake.set()
+            now = trio.current_time()
+            behind = schedule.behind(now)
+            if behind and now - said_ms[0] >= 60:
+                said_ms[0] = now
+                log.warning("witness behind: %d of %d providers not witnessed within %.0f s (rounds take %.2f s, "
+                            "%d at once)", len(behind), len(schedule.addrs), schedule.period_s, schedule.round_s,
+                            limiter.total_tokens)
+            await trio.sleep(interval_s)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lister)
+        while True:
+            limiter.total_tokens = schedule.at_once()
+            due = schedule.next_due()
+            now = trio.current_time()
+            if due is None or due[0] > now:
+                wake = trio.Event()
+                with trio.move_on_after(1.0 if due is None else due[0] - now):
+                    await wake.wait()
+                continue
+            await limiter.acquire_on_behalf_of(due[1])
+            now = trio.current_time()
+            if schedule.next_due() != due:           # the list changed while waiting for room
+                limiter.release_on_behalf_of(due[1])
+                continue
+            key = schedule.take(now)
+            nursery.start_soon(one, key, schedule.addrs[key], now)
