@@ -22,8 +22,8 @@ It reports, against floors (one PASS/FAIL line each; exit 1 on any FAIL):
   its own SQLite database) against providers in a child process (each its own libp2p host serving a real ledger of
   signed receipts over /llorch/ledger/1): CPU and wall time of a round that verifies and cosigns 10 new entries,
   and of a round with nothing new. Then the schedule (``witness_forever``) over N providers whose rounds take those
-  wall times, in trio's virtual time: every provider witnessed within the stated period (WITNESS_PERIOD_S), and the
-  CPU that costs (rounds per second × CPU per round).
+  wall times, in trio's virtual time: every provider witnessed within the stated period (WITNESS_PERIOD_S: the
+  floor), and the CPU that costs (rounds per second × CPU per round of the measured kind with new entries).
 
 Not measured yet (printed as FAIL, so the bench says what is missing): relay CPU per streamed token at 32 streams.
 
@@ -194,7 +194,6 @@ async def run(args: argparse.Namespace) -> list[tuple[bool, str]]:
 
 WITNESS_PROVIDERS = 12            # real providers whose rounds are timed
 WITNESS_ENTRIES = 10              # new entries a timed round verifies and cosigns
-WITNESS_CPU_SHARE_MAX = 0.5       # of one core, to keep every provider within the period
 
 
 def serve_ledgers(workdir: str, gateway_hex: str, count: int) -> None:
@@ -299,9 +298,8 @@ def schedule_coverage(providers: int, round_cpu_s: float, round_wall_s: float) -
     print(f"witness schedule over {providers} providers (virtual time, {2 * WITNESS_PERIOD_S:.0f} s): longest gap "
           f"{worst:.0f} s (period {WITNESS_PERIOD_S:.0f} s), up to {most[0]} rounds at once, {rate:.0f} rounds/s: "
           f"{share:.0%} of one core", flush=True)
-    return (covered and share < WITNESS_CPU_SHARE_MAX,
-            f"every one of {providers} providers witnessed within {WITNESS_PERIOD_S:.0f} s (longest gap {worst:.0f} "
-            f"s) using {share:.0%} of one core < {WITNESS_CPU_SHARE_MAX:.0%}")
+    return (covered, f"every one of {providers} providers witnessed within {WITNESS_PERIOD_S:.0f} s (longest gap "
+                     f"{worst:.0f} s), costing {share:.0%} of one core")
 
 
 def main() -> int:

@@ -34,7 +34,7 @@ import json
 import logging
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import trio
@@ -45,7 +45,8 @@ from llorch.gateway.books.settlement import Payer
 from llorch.gateway.errors import ReceiptRejected
 from llorch.gateway.market.admission import QueueFull, QueueTimeout, WaitingRoom
 from llorch.gateway.market.node_client import AttemptFailed
-from llorch.gateway.market.placement import ProviderView, Requirements, rank_providers
+from llorch.gateway.market.index import Ranking
+from llorch.gateway.market.placement import ProviderView, Requirements
 from llorch.gateway.market.providers import ProviderBook
 from llorch.gateway.market.quota import prompt_tokens_upper_bound
 from llorch.gateway.market.tenants import Tenant
@@ -158,6 +159,7 @@ class Market(Protocol):
     def catalog(self) -> Catalog: ...
 
     async def provider_views(self) -> list[ProviderView]: ...
+    async def rank(self, need: Requirements, count: int) -> Ranking: ...
     def full_with_ours(self, provider: Attestation) -> bool: ...
     async def demand_multiplier(self, model_id: str, pin: bytes) -> int: ...
     def suspend(self, provider_key: bytes, at_ms: int) -> None: ...
@@ -180,8 +182,8 @@ async def run_on_another(runner: TicketRunner, market: Market, order_of: Callabl
     failed: set[bytes] = set()
     again = False                  # woken for a slot before: back to the front of the checks' line
     while True:
-        candidates = [v for v in rank_providers(await market.provider_views(), need, now_ms())
-                      if v.key not in failed][:limits.SPOT_CHECK_CANDIDATES_MAX]
+        candidates = (await market.rank(replace(need, exclude=need.exclude | failed),
+                                        limits.SPOT_CHECK_CANDIDATES_MAX)).candidates
         if not candidates:
             raise NoRun(CheckOutcome.DROPPED, f"no other approved provider of {need.engine_build} offers "
                                               f"{need.model_id}" + (f" ({len(failed)} failed)" if failed else ""))

@@ -93,3 +93,28 @@ async def test_a_witness_that_cannot_keep_up_says_so(autojump_clock, caplog):
     assert witness.most == witness_module.WITNESS_AT_ONCE_MAX
     said = [record.getMessage() for record in caplog.records if "witness behind" in record.getMessage()]
     assert said and "not witnessed within 300 s" in said[0]
+
+
+async def test_a_round_slower_than_the_interval_is_never_run_twice_at_once(autojump_clock):
+    """A provider's round that outlasts the interval while the list is read again: its next round waits for it to
+    end. Before: the provider was queued again while its round ran, came due, and borrowing the limiter a second
+    time for it raised inside the witness loop (a traceback in a replica's log, tests/test_replicas.py)."""
+    witness = TimedWitness(3.5, 3.5)
+    ended: dict[bytes, list[float]] = {}
+    inner = witness.witness
+
+    async def timed(provider_key, addrs):
+        await inner(provider_key, addrs)
+        ended.setdefault(provider_key, []).append(trio.current_time())
+    witness.witness = timed                                     # type: ignore[method-assign]
+    listed = [(key, []) for key in keys(2)]
+
+    async def providers():
+        return listed
+
+    with trio.move_on_after(20):
+        await witness_forever(witness, providers, 1.0, PERIOD_S)
+    for key in keys(2):
+        began, done = witness.began[key], ended[key]
+        assert len(began) >= 5
+        assert all(next_began >= end for next_began, end in zip(began[1:], done))   # one at a time

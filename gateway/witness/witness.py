@@ -642,6 +642,7 @@ class WitnessSchedule:
         self.listed_at: dict[bytes, float] = {}       # provider → when it was first listed
         self._due: list[tuple[float, bytes]] = []
         self._queued: set[bytes] = set()
+        self._running: set[bytes] = set()             # a provider whose round runs is queued again when it ends
         self.round_s = 0.0                            # mean wall time of a round (EWMA)
         self.rounds = 0
 
@@ -654,7 +655,7 @@ class WitnessSchedule:
             del self.listed_at[key]
         for key in self.addrs:
             self.listed_at.setdefault(key, now)
-            if key not in self._queued:
+            if key not in self._queued and key not in self._running:
                 self._queued.add(key)
                 began = self.began.get(key)
                 heapq.heappush(self._due, (now if began is None else began + self.spacing(), key))
@@ -667,12 +668,14 @@ class WitnessSchedule:
     def take(self, now: float) -> bytes:
         _, key = heapq.heappop(self._due)
         self._queued.discard(key)
+        self._running.add(key)
         self.began[key] = now
         return key
 
     def done(self, key: bytes, began: float, now: float) -> None:
         self.round_s = (now - began) if self.rounds == 0 else 0.9 * self.round_s + 0.1 * (now - began)
         self.rounds += 1
+        self._running.discard(key)
         if key in self.addrs and key not in self._queued:
             self._queued.add(key)
             heapq.heappush(self._due, (began + self.spacing(), key))
@@ -702,7 +705,7 @@ async def witness_forever(witness, providers, interval_s: float, period_s: float
     wake = trio.Event()
     said_ms = [0.0]
 
-    async def one(provider_key: bytes, addrs: list[str], began: float) -> None:
+    async def one(provider_key: bytes, addrs: list[str], began: float, borrower: object) -> None:
         try:
             with trio.move_on_after(max(interval_s, 30.0)):
                 try:
@@ -711,7 +714,7 @@ async def witness_forever(witness, providers, interval_s: float, period_s: float
                     log.error("witnessing %s failed: %s: %s", peer_id_of(provider_key), type(exc).__name__, exc)
         finally:
             schedule.done(provider_key, began, trio.current_time())
-            limiter.release_on_behalf_of(provider_key)
+            limiter.release_on_behalf_of(borrower)
             wake.set()
 
     async def lister() -> None:
@@ -738,10 +741,11 @@ async def witness_forever(witness, providers, interval_s: float, period_s: float
                 with trio.move_on_after(1.0 if due is None else due[0] - now):
                     await wake.wait()
                 continue
-            await limiter.acquire_on_behalf_of(due[1])
+            borrower = object()
+            await limiter.acquire_on_behalf_of(borrower)
             now = trio.current_time()
             if schedule.next_due() != due:           # the list changed while waiting for room
-                limiter.release_on_behalf_of(due[1])
+                limiter.release_on_behalf_of(borrower)
                 continue
             key = schedule.take(now)
-            nursery.start_soon(one, key, schedule.addrs[key], now)
+            nursery.start_soon(one, key, schedule.addrs[key], now, borrower)
