@@ -116,3 +116,41 @@ def test_a_reread_of_the_provider_book_checks_only_changed_registrations(tmp_pat
             assert records[keys[6].peer_id].registration.issued_ms == NOW + 1
             assert len(parsed) == 21                                      # the changed one, and only it
     trio.run(main)
+
+
+async def test_attestations_are_checked_in_batches_off_the_event_loop_each_with_its_own_verdict(monkeypatch):
+    """Ten validations at once (py-libp2p's limit) take one or two worker-thread hops, not ten; a forged one among
+    them is refused with its reason and the others pass; each answer is its own."""
+    import trio
+
+    from llorch.gateway.run import AttestationChecks
+
+    hops = []
+    real = trio.to_thread.run_sync
+
+    async def counted(function, *args, **kwargs):
+        hops.append(len(args[0]))
+        return await real(function, *args, **kwargs)
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    keys = [SigningKey.generate() for _ in range(10)]
+    datas = [sealed_attestation(key) for key in keys]
+    forged = bytearray(datas[4])
+    forged[-1] ^= 1
+    datas[4] = bytes(forged)
+    checks = AttestationChecks(NONE)
+    verdicts: dict[int, object] = {}
+
+    async def one(number):
+        try:
+            verdicts[number] = (await checks.check(datas[number], keys[number].public_key, NOW)).provider_key
+        except AttestationRejected as exc:
+            verdicts[number] = exc.reason
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(checks.run)
+        async with trio.open_nursery() as validators:
+            for number in range(10):
+                validators.start_soon(one, number)
+        nursery.cancel_scope.cancel()
+    assert verdicts == {number: "bad_signature" if number == 4 else keys[number].public_key for number in range(10)}
+    assert sum(hops) == 10 and len(hops) <= 2, hops
