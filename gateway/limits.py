@@ -16,7 +16,6 @@ CANCEL_DRAIN_TIMEOUT_S = 5.0              # customer gone → cancel sent → th
 RELAY_FRAMES_MAX = 8_192                  # token frames one provider may send for one ticket (max_tokens + slack)
 ATTESTATIONS_KEPT_MAX = 20_000            # approved providers remembered by the directory (2.7 KiB each, indexed)
 CHECKED_ATTESTATIONS_MAX = 4_096          # attestations checked by the gossip validator, awaiting its reader
-ATTESTATION_BATCH_MAX = 64                # attestations parsed and verified in one worker-thread hop
 PENDING_ATTESTATIONS_MAX = 256            # attestations of keys nobody approved (never placed on, never dialled)
 REGISTRATIONS_PENDING_MAX = 1_000        # registrations awaiting the operator's review, from everyone
 REGISTRATIONS_PENDING_PER_SOURCE_MAX = 4  # ... from one client IP address

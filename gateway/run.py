@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import trio
 from libp2p.custom_types import TProtocol
@@ -78,71 +77,15 @@ class CheckedAttestations:
         return attestation
 
 
-@dataclass
-class _Check:
-    data: bytes
-    sender_key: bytes | None
-    now: int
-    done: trio.Event = field(default_factory=trio.Event)
-    outcome: Attestation | Exception | None = None
-
-
-class AttestationChecks:
-    """Attestations from gossip parsed and checked (fields, addresses and the Ed25519 signature: a pure function of
-    the bytes) in batches on a worker thread, beside the event loop: the signature check releases the GIL, so it
-    runs on another core, and one thread hop serves a batch. ``run`` is the batching task; ``check`` waits for one."""
-
-    def __init__(self, relays: frozenset[str], batch_max: int = limits.ATTESTATION_BATCH_MAX) -> None:
-        self.relays = relays
-        self.batch_max = batch_max
-        self._waiting: list[_Check] = []
-        self._arrived = trio.Event()
-
-    async def check(self, data: bytes, sender_key: bytes | None, now: int) -> Attestation:
-        """The attestation of ``data``, or AttestationRejected (or the error a bug raised) as ``parse_attestation``."""
-        check = _Check(data, sender_key, now)
-        self._waiting.append(check)
-        self._arrived.set()
-        await check.done.wait()
-        if isinstance(check.outcome, Exception):
-            raise check.outcome
-        assert check.outcome is not None
-        return check.outcome
-
-    async def run(self) -> None:
-        while True:
-            await self._arrived.wait()
-            self._arrived = trio.Event()
-            while self._waiting:
-                batch, self._waiting = self._waiting[:self.batch_max], self._waiting[self.batch_max:]
-                outcomes = await trio.to_thread.run_sync(_parse_all, [(c.data, c.sender_key, c.now) for c in batch],
-                                                         self.relays)
-                for check, outcome in zip(batch, outcomes):
-                    check.outcome = outcome
-                    check.done.set()
-
-
-def _parse_all(items: list[tuple[bytes, bytes | None, int]], relays: frozenset[str]) -> list[Attestation | Exception]:
-    """On a worker thread: each item parsed, or the exception that refused it."""
-    outcomes: list[Attestation | Exception] = []
-    for data, sender_key, now in items:
-        try:
-            outcomes.append(parse_attestation(data, sender_key, now, relays))
-        except Exception as exc:     # AttestationRejected, or a bug: the validator says which
-            outcomes.append(exc)
-    return outcomes
-
-
-def attestation_validator(directory: ProviderDirectory, metrics: Metrics, checks: AttestationChecks,
+def attestation_validator(directory: ProviderDirectory, metrics: Metrics, relays: frozenset[str] = frozenset(),
                           checked: CheckedAttestations | None = None):
-    """The GossipSub topic validator (asynchronous: ``checks`` parses and verifies in batches off the event loop): a
-    message that fails any rule of docs/protocol.md §5 (including a replayed or reordered seq) is neither kept nor
-    forwarded to other peers; the reason is logged and counted. Never raises. What passes is kept in ``checked``
-    for the subscription's reader."""
+    """The GossipSub topic validator: a message that fails any rule of docs/protocol.md §5 (including a replayed or
+    reordered seq) is neither kept nor forwarded to other peers; the reason is logged and counted. Never raises.
+    What passes is kept in ``checked`` for the subscription's reader."""
 
-    async def validate(peer_id, message) -> bool:
+    def validate(peer_id, message) -> bool:
         try:
-            attestation = await checks.check(message.data, _sender_key(message), now_ms())
+            attestation = parse_attestation(message.data, _sender_key(message), now_ms(), relays)
             directory.check_newer(attestation)
             if checked is not None:
                 checked.keep(message.data, attestation)
@@ -167,15 +110,8 @@ async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers:
     """Drain the attestation subscription into the directory (a full subscription channel would drop messages).
     ``relays``: the peer ids whose relayed provider addresses are accepted (docs/protocol.md §5); ``clock``
     records when approved providers attested, for their uptime (gateway/market/sla.py)."""
-    checked, checks = CheckedAttestations(), AttestationChecks(relays)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(checks.run)
-        p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics, checks, checked), True)
-        await _follow(p2p, directory, providers, metrics, on_free_slots, relays, clock, checked)
-
-
-async def _follow(p2p: P2P, directory: ProviderDirectory, providers: ProviderBook, metrics: Metrics, on_free_slots,
-                  relays: frozenset[str], clock: AttestationClock | None, checked: CheckedAttestations) -> None:
+    checked = CheckedAttestations()
+    p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics, relays, checked), False)
     subscription = await p2p.pubsub.subscribe(TOPIC)
     while True:
         message = await subscription.get()
