@@ -19,6 +19,7 @@ import trio
 
 from llorch.gateway import limits
 from llorch.gateway.market.providers import ProviderBook
+from llorch.gateway.storage import log_fault
 from llorch.gateway.witness.witness import WitnessBook
 from llorch.ledger.signing import public_key_of_peer_id
 from llorch.node import limits as node_limits
@@ -73,8 +74,8 @@ class ListingDesk:
                                                    f"about {asker}, the peer id of your connection")
         try:
             return await self.listing_of(asker)
-        except Exception:  # the database is closing or busy: the node asks again later
-            log.exception("cannot look up the listing of %s", asker)
+        except Exception:  # the database is closing or dropped its connection: the node asks again later
+            log_fault(log, "cannot look up the listing of %s", asker)
             return ListingRefused("unavailable", "the gateway cannot read its records now; ask again later")
 
     async def serve_listing(self, stream) -> None:

@@ -40,6 +40,7 @@ from llorch.gateway.market.node_client import AttemptFailed
 from llorch.gateway.market.placement import Requirements
 from llorch.gateway.market.quota import prompt_tokens_upper_bound
 from llorch.gateway.request import InferenceRequest
+from llorch.gateway.storage import log_fault
 from llorch.gateway.spot_checks import Market, NoRun, run_on_another
 from llorch.gateway.ticket_runner import Keep, Order, StreamBroke, TicketRunner, new_request_id
 from llorch.ledger.evidence import Run, odd_one_out, result_of
@@ -186,9 +187,9 @@ class Prober:
             try:
                 with trio.move_on_after(self.deadline_s + 2 * limits.SPOT_CHECK_TIMEOUT_S):   # a bound on a bug
                     await self.probe(target)
-            except Exception as exc:     # a bug or a database fault in one probe: the next one still runs
+            except Exception:     # a bug or a database fault in one probe: the next one still runs
                 self.statistics.failed += 1
-                log.exception("probe of %s failed: %s", peer_id_of(target.provider_key), exc)
+                log_fault(log, "probe of %s failed", peer_id_of(target.provider_key))
 
     async def probe(self, target: Attestation) -> ProbeVerdict | None:
         """One probe of ``target``; None if it offers no chat model or did not answer. The second and third runs

@@ -24,6 +24,7 @@ from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 
 from llorch.gateway import limits
+from llorch.gateway.storage import log_fault
 from llorch.ledger.objects import VERSION
 from llorch.ledger.signing import SigningKey
 from llorch.node.errors import ProtocolError
@@ -54,7 +55,7 @@ class ProviderRelay(CircuitV2Protocol):
         try:
             approved = await self.may_reserve(remote)
         except Exception:  # the database is closing or busy: refuse this one, the node retries
-            log.exception("cannot tell whether %s may reserve; refused", remote)
+            log_fault(log, "cannot tell whether %s may reserve; refused", remote)
             approved = False
         if not approved:
             return await self._refuse(stream, remote, "not an approved provider")

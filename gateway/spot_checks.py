@@ -50,6 +50,7 @@ from llorch.gateway.market.placement import ProviderView, Requirements
 from llorch.gateway.market.providers import ProviderBook
 from llorch.gateway.market.quota import prompt_tokens_upper_bound
 from llorch.gateway.market.tenants import Tenant
+from llorch.gateway.storage import log_fault
 from llorch.gateway.ticket_runner import Keep, Order, StreamBroke, TicketRunner, new_request_id
 from llorch.ledger.evidence import Run, evidence_document, odd_one_out, result_of
 from llorch.ledger.objects import Receipt, Ticket
@@ -285,9 +286,9 @@ class SpotChecker:
                     await self._outcome(request.request_id, None, CheckOutcome.EXPIRED, "the check overran its bound")
                 if verdict is not None:
                     self.verdicts = (self.verdicts + [verdict])[-limits.SPOT_CHECK_QUEUE_MAX:]
-            except Exception as exc:     # a bug or a database fault in one check: the next one still runs
+            except Exception:     # a bug or a database fault in one check: the next one still runs
                 self.statistics.failed += 1
-                log.exception("spot-check of %s failed: %s", request.request_id, exc)
+                log_fault(log, "spot-check of %s failed", request.request_id)
             finally:
                 self._pending -= 1
                 if self._pending == 0:

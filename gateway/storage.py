@@ -19,7 +19,9 @@ project dropped for the cancellation hazards it brought to SQLite).
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlsplit
@@ -158,3 +160,14 @@ class PostgresEngine(Engine):
 
     def error(self, exc: BaseException) -> StoreError:
         return StoreError(f"PostgreSQL error on {self.where}: {str(exc).strip()}")
+
+
+def log_fault(log: logging.Logger, message: str, *args: object) -> None:
+    """In an ``except`` block of a loop that goes on: a database fault (``StoreError``: a dropped connection, a
+    database closing) is expected and the next round retries, so it is one warning line; anything else is a bug and
+    keeps its traceback."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, StoreError):
+        log.warning(message + ": %s", *args, exc)
+    else:
+        log.exception(message, *args)

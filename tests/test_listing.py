@@ -7,6 +7,7 @@ loopback."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 
 import pytest
@@ -22,6 +23,7 @@ from llorch.gateway.market.providers import ProviderBook
 from llorch.gateway.listing import ListingDesk
 from llorch.gateway.witness.witness import WitnessBook
 from llorch.ledger import canonical
+from llorch.ledger.errors import StoreError
 from llorch.ledger.signing import SigningKey
 from llorch.node.config import NodeConfig
 from llorch.node.errors import ProtocolError
@@ -120,6 +122,36 @@ async def test_a_malformed_question_gets_a_clear_refusal_and_changes_nothing(gat
     assert isinstance(answer, ListingRefused) and answer.code == "malformed", answer
     assert expected in answer.message, answer.message
     assert tables(gateway.path) == before
+
+
+async def test_a_database_fault_while_answering_is_a_refusal_and_one_log_line_without_a_traceback(gateway, caplog):
+    """Before: a listing question that met a dropped PostgreSQL connection logged the StoreError's whole traceback
+    (a CI run of tests/test_cli_on_postgres.py failed on it). A database fault is expected and the node asks again:
+    the answer is ``unavailable`` and the log has one warning line naming the fault; a bug keeps its traceback."""
+    asker = SigningKey.generate()
+    await gateway.register(asker)
+
+    async def dropped(provider_id):
+        raise StoreError("PostgreSQL error on postgresql://db/x: terminating connection due to administrator command")
+
+    gateway.providers.get = dropped
+    with caplog.at_level(logging.WARNING, logger=gateway_listing.log.name):
+        answer = await ask(gateway, asker)
+    assert isinstance(answer, ListingRefused) and answer.code == "unavailable", answer
+    [record] = [r for r in caplog.records if r.name == gateway_listing.log.name]
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert "terminating connection" in record.getMessage() and asker.peer_id in record.getMessage()
+
+    async def bug(provider_id):
+        raise KeyError("a bug")
+
+    caplog.clear()
+    gateway.providers.get = bug
+    with caplog.at_level(logging.WARNING, logger=gateway_listing.log.name):
+        answer = await ask(gateway, asker)
+    assert isinstance(answer, ListingRefused) and answer.code == "unavailable", answer
+    [record] = [r for r in caplog.records if r.name == gateway_listing.log.name]
+    assert record.levelno == logging.ERROR and record.exc_info is not None
 
 
 def test_unsorted_keys_are_refused_by_the_strict_parser():
