@@ -47,7 +47,8 @@ from llorch.gateway.market.view import MarketView
 from llorch.gateway.metrics import Metrics
 from llorch.gateway.request import InferenceRequest
 from llorch.gateway.spot_checks import Finished, SpotChecker
-from llorch.gateway.ticket_runner import CustomerGone, Order, StreamBroke, TicketRun, TicketRunner, new_request_id
+from llorch.gateway.ticket_runner import (CustomerGone, Order, Piece, StreamBroke, TicketRun, TicketRunner,
+                                         new_request_id)
 from llorch.gateway.witness.witness import WitnessBook
 from llorch.ledger import canonical
 from llorch.ledger.errors import StoreError
@@ -101,8 +102,9 @@ class Draining(Protocol):
     draining: bool
 
 
-OnText = Callable[[str, list[dict], str], Awaitable[None]]
-"""Where a request's output goes as it arrives: (text, the logprobs entries of its tokens, provider peer id)."""
+OnText = Callable[[list[Piece], str], Awaitable[None]]
+"""Where a request's output goes as it arrives: (the pieces of one tokens frame, provider peer id); a piece is one
+token's text and its logprobs entries (ticket_runner.Piece)."""
 
 
 class _Job:
@@ -122,10 +124,11 @@ class _Job:
         self.price_caps = (0, 0)         # customer prices per 1M the reservation was made at (resume stays within)
         self._on_text = on_text
 
-    async def send(self, text: str, logprobs: list[dict], provider_peer_id: str) -> None:
-        self.delivered += text
-        self.delivered_logprobs += logprobs
-        await self._on_text(text, logprobs, provider_peer_id)
+    async def send(self, pieces: list[Piece], provider_peer_id: str) -> None:
+        self.delivered += "".join(text for text, _ in pieces)
+        for _, logprobs in pieces:
+            self.delivered_logprobs += logprobs
+        await self._on_text(pieces, provider_peer_id)
 
     def settled(self, run: TicketRun) -> None:
         if run.posted and run.settlement is not None:      # unposted: reconciliation settles it, the platform paying
@@ -181,8 +184,8 @@ class Gateway:
     # (1)-(8) -----------------------------------------------------------------------------------------------------
     async def complete(self, request: InferenceRequest, tenant: Tenant,
                        on_text: OnText, request_id: str | None = None) -> Completion:
-        """Serve one request, passing (text, its tokens' logprobs entries, provider peer id) to ``on_text`` as text
-        arrives; return the verified completion."""
+        """Serve one request, passing (the pieces of each tokens frame, provider peer id) to ``on_text`` as they
+        arrive; return the verified completion."""
         catalog = self.catalog.catalog
         pin = catalog.pin(request.model)
         if pin is None:

@@ -48,7 +48,7 @@ from llorch.node.errors import FrameTimeout, ProtocolError
 from llorch.node.p2p import P2P
 from llorch.node.stream_io import now_ms
 from llorch.node.wire.attestation import Attestation
-from llorch.node.wire.frames import Final, Request, Token
+from llorch.node.wire.frames import Final, Request, Tokens
 
 log = logging.getLogger("llorch.gateway")
 
@@ -79,10 +79,15 @@ class Order:
     reserved_minor: int = 0          # the reservation: no ticket of this order may charge more (customer payer)
 
 
+Piece = tuple[str, list[dict]]
+"""One token's text the customer has not had yet, with its logprobs entry (none without logprobs, or when the customer
+already has it): the unit of the customer's stream, one SSE chunk."""
+
+
 class Sink(Protocol):
     """Where a ticket's text goes. ``delivered``: what the customer already has (a resumed stream skips it), and
-    ``delivered_logprobs`` the logprobs entries of its tokens; ``settled``: told of every ticket run for it once
-    the ticket is settled, whatever its outcome."""
+    ``delivered_logprobs`` the logprobs entries of its tokens; ``send`` takes the pieces of one tokens frame at
+    once; ``settled``: told of every ticket run for it once the ticket is settled, whatever its outcome."""
 
     @property
     def delivered(self) -> str: ...
@@ -90,7 +95,7 @@ class Sink(Protocol):
     @property
     def delivered_logprobs(self) -> list[dict]: ...
 
-    async def send(self, text: str, logprobs: list[dict], provider_peer_id: str) -> None: ...
+    async def send(self, pieces: list[Piece], provider_peer_id: str) -> None: ...
 
     def settled(self, run: TicketRun) -> None: ...
 
@@ -101,7 +106,7 @@ class Keep:
     delivered = ""
     delivered_logprobs: list[dict] = []
 
-    async def send(self, text: str, logprobs: list[dict], provider_peer_id: str) -> None:
+    async def send(self, pieces: list[Piece], provider_peer_id: str) -> None:
         return None
 
     def settled(self, run: TicketRun) -> None:
@@ -149,7 +154,7 @@ class TicketRun:
     received: list[str] = field(default_factory=list)
     received_chars: int = 0
     logprobs: list[dict] = field(default_factory=list)     # the logprobs entries of this provider's token frames
-    tail: Token | None = None        # with logprobs, a frame without an entry: held-back text, so the last one
+    tail: Tokens | None = None       # with logprobs, a frame without entries: held-back text, so the last one
     expected: dict | None = None     # receipt_expectations of this ticket, computed while the provider works
     receipt: Receipt | None = None
     receipt_bytes: bytes | None = None
@@ -298,10 +303,10 @@ class TicketRunner:
         return StreamBroke(reason) if sink.delivered else AttemptFailed(reason, Refusal.FAILED)
 
     async def _relay(self, call: InferenceCall, order: Order, run: TicketRun, sink: Sink) -> None:
-        """Relay token frames (metering each), then check the final frame's receipt."""
+        """Relay tokens frames (metering each text), then check the final frame's receipt."""
         # While the provider generates (the gateway would only wait): what its receipt must say, but for the output.
         run.expected = receipt_expectations(run.ticket, run.ticket_bytes, order.salt, order.prompt)
-        frames_max = min(limits.RELAY_FRAMES_MAX, run.ticket.sampling["max_tokens"] + 1)
+        tokens_max = min(limits.RELAY_TOKENS_MAX, run.ticket.sampling["max_tokens"] + 1)
         provider_peer_id = peer_id_of(run.provider.provider_key)
         while True:
             frame = await call.next_frame()
@@ -315,28 +320,42 @@ class TicketRunner:
                 run.receipt_bytes = frame.receipt
                 run.meter.handle(Event.FINAL, now_ms())
                 return
-            if run.meter.frames >= frames_max:
-                raise ProtocolError(f"the provider sent more than {frames_max} token frames for "
-                                    f"{run.ticket.sampling['max_tokens']} tokens")
-            run.meter.handle(Event.TOKEN, now_ms(), frame.text)
+            if run.meter.frames + len(frame.texts) > tokens_max:
+                raise ProtocolError(f"the provider sent more than {tokens_max} tokens for "
+                                    f"{run.ticket.sampling['max_tokens']}")
+            run.meter.handle(Event.TOKEN, now_ms(), frame.texts)
             if run.tail is not None:
-                raise ProtocolError("a token frame without logprobs, which the ticket asks for, was not the last")
+                raise ProtocolError("a tokens frame without logprobs, which the ticket asks for, was not the last")
             if frame.logprobs is None and "logprobs" in run.ticket.sampling:
+                if len(frame.texts) != 1:
+                    raise ProtocolError("a tokens frame without logprobs, which the ticket asks for, carries more "
+                                        "than the one held-back text")
                 run.tail = frame         # held-back text (docs/protocol.md §6): relayed only once it is the last
                 continue
             await self._pass_on(run, frame, sink, provider_peer_id)
 
-    async def _pass_on(self, run: TicketRun, frame: Token, sink: Sink, provider_peer_id: str) -> None:
-        """Hand a token frame's text and logprobs entry to the sink (what the customer has not had yet)."""
-        piece = run.receive(frame.text, sink.delivered)
-        fresh = run.receive_logprobs(frame.logprobs, sink.delivered_logprobs)
-        if piece or fresh:
+    async def _pass_on(self, run: TicketRun, frame: Tokens, sink: Sink, provider_peer_id: str) -> None:
+        """Hand a tokens frame's texts and logprobs entries to the sink (what the customer has not had yet), all
+        at once."""
+        pieces = self._receive(run, frame, sink)
+        if pieces:
             try:
-                await sink.send(piece, fresh, provider_peer_id)
+                await sink.send(pieces, provider_peer_id)
             except trio.Cancelled:
                 raise
             except Exception as exc:      # the customer's connection broke under the send
                 raise CustomerGone(str(exc)) from None
+
+    @staticmethod
+    def _receive(run: TicketRun, frame: Tokens, sink: Sink) -> list[Piece]:
+        entries = frame.logprobs if frame.logprobs is not None else [None] * len(frame.texts)
+        pieces = []
+        for text, entry in zip(frame.texts, entries):
+            piece = run.receive(text, sink.delivered)
+            fresh = run.receive_logprobs(entry, sink.delivered_logprobs)
+            if piece or fresh:
+                pieces.append((piece, fresh))
+        return pieces
 
     async def _collect_cancelled_receipt(self, call: InferenceCall, order: Order, run: TicketRun,
                                          sink: Sink) -> None:
@@ -344,12 +363,12 @@ class TicketRunner:
         (frames still in flight are drained, not billed). Bounded in time and frames; a provider that does not
         answer in time is settled without a receipt."""
         if run.tail is not None:          # held-back text kept for the final frame: part of what the provider sent
-            run.receive(run.tail.text, sink.delivered)
+            self._receive(run, run.tail, sink)
             run.tail = None
         try:
             with trio.fail_after(limits.CANCEL_DRAIN_TIMEOUT_S):
                 await call.cancel()
-                for _ in range(limits.RELAY_FRAMES_MAX):
+                for _ in range(limits.RELAY_TOKENS_MAX):
                     frame = await call.next_frame(limits.CANCEL_DRAIN_TIMEOUT_S)
                     if isinstance(frame, Final):
                         run.receipt = check_receipt(frame.receipt, run.ticket, run.ticket_bytes, order.salt,
@@ -357,8 +376,7 @@ class TicketRunner:
                                                     expected=run.expected, logprobs=run.logprobs)
                         run.receipt_bytes = frame.receipt
                         return
-                    run.receive(frame.text, sink.delivered)
-                    run.receive_logprobs(frame.logprobs, sink.delivered_logprobs)
+                    self._receive(run, frame, sink)
         except (ProtocolError, ReceiptRejected, trio.TooSlowError) as exc:
             log.info("no receipt from %s for cancelled %s: %s", peer_id_of(run.provider.provider_key),
                      order.request_id, exc)

@@ -1,11 +1,15 @@
 """Every size, count and duration the node package enforces, with its unit in its name."""
 
-# /llorch/infer/1 frames.
+# /llorch/infer/2 frames.
 REQUEST_FRAME_BYTES_MAX = 256 * 1024      # ticket + salt + prompt
 FRAME_BYTES_MAX = 64 * 1024               # every other frame
 RECEIVE_BUFFER_BYTES_MAX = REQUEST_FRAME_BYTES_MAX + 16
 STREAM_READ_BYTES = 64 * 1024             # one read() from a libp2p stream
 TOKEN_TEXT_CHARS_MAX = 4096
+TOKENS_PER_FRAME_MAX = 256                # texts in one tokens frame
+TOKEN_FRAMES_AHEAD_MAX = 16               # tokens frames a provider may send beyond the gateway's last more.taken
+TOKEN_FRAMES_PER_MORE = 8                 # the gateway says more.taken after taking this many tokens frames
+TOKENS_PENDING_MAX = 4096                 # tokens a provider holds for the gateway before its engine waits
 ERROR_MESSAGE_CHARS_MAX = 1024
 SALT_BYTES = 16
 
@@ -13,6 +17,7 @@ SALT_BYTES = 16
 REQUEST_READ_TIMEOUT_S = 10.0             # from stream open to a complete request frame
 FRAME_WRITE_TIMEOUT_S = 10.0              # one frame to the gateway
 GENERATION_TIMEOUT_S = 600.0              # whole generation
+TOKENS_DRAIN_TIMEOUT_S = 60.0             # after the generation: for the gateway to take the last tokens frames
 
 # Tickets.
 TICKET_CLOCK_SKEW_MS = 30_000

@@ -1,8 +1,9 @@
-"""The provider's side of one request: ``serve_inference`` handles one /llorch/infer/1 stream, hop by hop.
+"""The provider's side of one request: ``serve_inference`` handles one /llorch/infer/2 stream, hop by hop.
 
   (5) read the request frame; check the ticket (signed by a trusted gateway, addressed to us, unexpired,
       request_id unseen, model offered); take a free engine slot or answer BUSY at once;
-  (6) generate with the ticket's seed, streaming token frames;
+  (6) generate with the ticket's seed, streaming tokens frames (``TokenSender``: several tokens share a frame only
+      when the gateway is behind);
   (7) build the receipt, append it durably to the ledger, and only then send the final frame carrying it.
 
 Any failure is answered with an error frame when the stream still works, and never crashes the host.
@@ -11,6 +12,7 @@ Any failure is answered with an error frame when the stream still works, and nev
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +22,7 @@ import trio
 from llorch.inference.catalog import CatalogEntry
 from llorch.inference.engine import Generation, Prepared, Sampling
 from llorch.inference.errors import InferenceError, RequestError
+from llorch.ledger import canonical
 from llorch.ledger.errors import EncodingError, LedgerError, SignatureError, sole_exception
 from llorch.ledger.money import readable
 from llorch.ledger.objects import Ticket, amount_minor, logprobs_sha256, prompt_commitment, sampling_sha256
@@ -27,7 +30,7 @@ from llorch.ledger.signing import sha256
 from llorch.ledger.store import LedgerStore
 from llorch.node import limits
 from llorch.node.errors import FrameTimeout, ProtocolError, TicketRejected
-from llorch.node.wire.frames import Accepted, Busy, Cancel, Error, Final, Request, Token
+from llorch.node.wire.frames import Accepted, Busy, Cancel, Error, Final, More, Request, Tokens
 from llorch.node.wire.infer_protocol import InferProtocol, Role
 from llorch.node.stream_io import now_ms, read_frame, serve_stream, write_frame
 
@@ -88,7 +91,7 @@ class EnginePool:
 
 
 class ProviderService:
-    """Serves /llorch/infer/1 for one node: tickets in, tokens and signed receipts out."""
+    """Serves /llorch/infer/2 for one node: tickets in, tokens and signed receipts out."""
 
     def __init__(self, provider_key: bytes, trusted_gateway_keys: frozenset[bytes], pool: EnginePool,
                  ledger: LedgerStore, offered: dict[str, bytes],
@@ -103,7 +106,7 @@ class ProviderService:
         self.served = 0
 
     async def serve_inference(self, stream) -> None:
-        """Stream handler for /llorch/infer/1. Never raises: an exception here would take the host down."""
+        """Stream handler for /llorch/infer/2. Never raises: an exception here would take the host down."""
         await serve_stream(stream, "infer", lambda s: self._serve(s, InferProtocol(Role.SERVER)))
 
     async def _serve(self, stream, protocol: InferProtocol) -> None:
@@ -120,7 +123,7 @@ class ProviderService:
                     log.debug("infer stream ended between requests after %d: %s", served, exc)
                     return
                 raise
-            if isinstance(request, Cancel):             # crossed the final frame of the request before: ignored
+            if isinstance(request, (Cancel, More)):     # crossed the final frame of the request before: ignored
                 continue
             assert isinstance(request, Request)
             await self._serve_one(stream, protocol, request)
@@ -192,27 +195,32 @@ class ProviderService:
         first_token_ms: int | None = None
 
         cancelled = trio.Event()
+        sender = TokenSender(stream, protocol, cancelled)
 
         async def emit(text: str, logprobs: dict | None = None) -> None:
             nonlocal first_token_ms
-            if cancelled.is_set():
-                raise ProtocolError("the gateway cancelled the request")    # the engine stops within a token
             if first_token_ms is None:
                 first_token_ms = now_ms()
-            await write_frame(stream, protocol, Token(protocol.tokens_seen, text, logprobs))
+            await sender.add(text, logprobs)
 
-        async def watch_for_cancel() -> None:
-            # A cancel frame, or the stream going away, stops the generation; anything else is a protocol error,
-            # which stops it too.
+        async def read_the_gateway() -> None:
+            # ``more`` frames open flow control; a cancel frame, or the stream going away, stops the generation (the
+            # tokens already taken are still sent); anything else is a protocol error, which stops it too.
             try:
-                await read_frame(stream, protocol, limits.GENERATION_TIMEOUT_S)
+                while True:
+                    frame = await read_frame(stream, protocol, limits.GENERATION_TIMEOUT_S)
+                    if isinstance(frame, More):
+                        sender.wake()
+                    else:
+                        cancelled.set()
             except ProtocolError:
-                pass
-            cancelled.set()
+                cancelled.set()
 
         failure: BaseException | None = None
+        drained = False
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_for_cancel)
+            nursery.start_soon(read_the_gateway)
+            nursery.start_soon(sender.run)
             try:
                 with trio.fail_after(limits.GENERATION_TIMEOUT_S):
                     generation = await engine.generate(prepared, emit)
@@ -220,11 +228,16 @@ class ProviderService:
                 failure = sole_exception(exc)
                 if not isinstance(failure, (InferenceError, trio.TooSlowError)):
                     raise
+            if failure is None:
+                drained = await sender.drain()     # every token the receipt counts goes out before the final frame
             nursery.cancel_scope.cancel()
         if failure is not None:
             log.error("generation failed for %s: %s", ticket.request_id, failure)
             await write_frame(stream, protocol, Error("engine_failed", f"generation failed: {failure}"))
             return
+        if not drained:
+            raise ProtocolError(f"the gateway took no tokens frame for {limits.TOKENS_DRAIN_TIMEOUT_S:g} s: no "
+                                f"receipt for {ticket.request_id}")
         finished_ms = now_ms()
         receipt = await self._record(ticket, request, engine, generation, accepted_ms,
                                      first_token_ms or finished_ms, finished_ms)
@@ -259,3 +272,85 @@ class ProviderService:
                 return await self.ledger.append(fields)
         except LedgerError as exc:
             raise ProtocolError(f"could not record the receipt, not sending it: {exc}") from None
+
+
+class TokenSender:
+    """(6) The engine's tokens on their way to the gateway. ``add`` takes one token's text (and logprobs entry)
+    without waiting for the network; ``run`` sends what it holds, as many as fit in one tokens frame, whenever flow
+    control lets it (docs/protocol.md §6). So a token goes alone while the gateway keeps up, and tokens share a frame
+    exactly when the gateway (or its customer) is behind. Past TOKENS_PENDING_MAX held tokens the engine waits.
+
+    A token the engine was told was taken is sent even after a cancel: the receipt counts it, and an honest
+    receipt never counts more tokens than the texts it sent."""
+
+    FRAME_OVERHEAD_BYTES = 64            # the frame's map, keys, index and list headers, generously
+
+    def __init__(self, stream, protocol: InferProtocol, cancelled: trio.Event) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self.cancelled = cancelled
+        self.held: deque[tuple[str, dict | None]] = deque()
+        self.closing = False
+        self.done = trio.Event()
+        self.broken: ProtocolError | None = None      # the stream failed under a write
+        self._wake = trio.Event()
+        self._room = trio.Event()
+
+    def wake(self) -> None:
+        """Something changed: a token was added, the gateway took frames, or it is time to finish."""
+        self._wake.set()
+
+    async def add(self, text: str, logprobs: dict | None) -> None:
+        """Hold one token for sending; raise ProtocolError once the gateway cancelled (the engine stops)."""
+        while len(self.held) >= limits.TOKENS_PENDING_MAX and not self.cancelled.is_set():
+            self._room = trio.Event()
+            await self._room.wait()
+        if self.cancelled.is_set():
+            raise ProtocolError("the gateway cancelled the request")
+        self.held.append((text, logprobs))
+        self._wake.set()
+
+    async def drain(self) -> bool:
+        """Wait until every held token was sent, or the stream broke (the final frame's write then fails too).
+        False when the gateway took nothing for TOKENS_DRAIN_TIMEOUT_S: it is gone, and no receipt is made."""
+        self.closing = True
+        self._wake.set()
+        with trio.move_on_after(limits.TOKENS_DRAIN_TIMEOUT_S):
+            await self.done.wait()
+        return self.done.is_set()
+
+    async def run(self) -> None:
+        try:
+            while self.broken is None:
+                if self.held and self.protocol.may_send_tokens:
+                    await write_frame(self.stream, self.protocol, self._next_frame())
+                    self._room.set()
+                    continue
+                if self.closing and not self.held:
+                    break
+                self._wake = trio.Event()
+                await self._wake.wait()
+        except ProtocolError as exc:            # the stream broke: the engine stops at its next token
+            self.broken = exc
+            self.cancelled.set()
+            self._room.set()
+        self.done.set()
+
+    def _next_frame(self) -> Tokens:
+        """The held tokens that fit one frame, in order. With logprobs asked, the held-back text that carries no
+        entry (always the last) goes in a frame of its own."""
+        with_entry = self.held[0][1] is not None
+        texts: list[str] = []
+        entries: list[dict] = []
+        room = limits.FRAME_BYTES_MAX - self.FRAME_OVERHEAD_BYTES
+        while self.held and len(texts) < limits.TOKENS_PER_FRAME_MAX and (self.held[0][1] is not None) == with_entry:
+            text, entry = self.held[0]
+            size = len(text.encode("utf-8")) + 5 + (len(canonical.encode(entry)) if entry is not None else 0)
+            if texts and size > room:
+                break
+            room -= size
+            self.held.popleft()
+            texts.append(text)
+            if entry is not None:
+                entries.append(entry)
+        return Tokens(self.protocol.tokens_seen, texts, entries if with_entry else None)

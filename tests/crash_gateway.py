@@ -84,9 +84,9 @@ def crash_at(step: str) -> None:
     event = {"accepted": Event.ACCEPTED, "relaying": Event.TOKEN, "final": Event.FINAL}[step]
     handle = Meter.handle
 
-    def handle_then_die(self, name, now_ms, text=""):
-        state = handle(self, name, now_ms, text)
-        if name is event and (event is not Event.TOKEN or self.frames == 2):
+    def handle_then_die(self, name, now_ms, texts=None):
+        state = handle(self, name, now_ms, texts)
+        if name is event and (event is not Event.TOKEN or self.frames >= 2):
             die()
         return state
 

@@ -127,7 +127,7 @@ class Market:
         tenant = await self.gateway.tenants.get(tenant_name)
         chat = parse_chat_request(json.dumps({"model": MODEL_ID, **body}).encode(), ChatRequest)
 
-        async def ignore(text: str, logprobs: list, provider: str) -> None:
+        async def ignore(pieces: list, provider: str) -> None:
             return None
 
         return await self.gateway.complete(chat.to_domain(), tenant, on_text or ignore, request_id)
@@ -219,13 +219,14 @@ def provider_prices(cls, node_config: NodeConfig) -> dict:
 
 
 def cancel_after(pieces: int):
-    """An on_text callback that plays a customer who hangs up after ``pieces`` pieces of text (it cancels the
-    surrounding scope, as the HTTP layer does on http.disconnect). Returns (callback, cancel scope)."""
+    """An on_text callback that plays a customer who hangs up once it has ``pieces`` pieces of text (it cancels the
+    surrounding scope, as the HTTP layer does on http.disconnect). Returns (callback, cancel scope, the pieces
+    seen)."""
     scope = trio.CancelScope()
     seen = []
 
-    async def on_text(text: str, logprobs: list, provider: str) -> None:
-        seen.append(text)
+    async def on_text(frame_pieces: list, provider: str) -> None:
+        seen.extend(text for text, _ in frame_pieces)
         if len(seen) >= pieces:
             scope.cancel()
             await trio.sleep(0)        # the disconnect is noticed at the next checkpoint

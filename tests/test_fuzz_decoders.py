@@ -26,7 +26,7 @@ headers, str for bin, unsorted or duplicated keys, floats). ``LLORCH_FUZZ_EXAMPL
     ledger.receipt_proof.verify_receipt_document         verify-receipt's file    ReceiptProofError
     ledger.verify.load_trusted_keys                      auditor's file           StoreError
     node.wire.frames.decode_uvarint                      peer                     ProtocolError
-    node.wire.frames.decode_frame: request accepted busy token final cancel error   peer   ProtocolError
+    node.wire.frames.decode_frame: request accepted busy tokens more final cancel error   peer   ProtocolError
     node.wire.ledger_protocol (decode_frame): get_checkpoint get_entries get_consistency get_inclusion
         put_cosigned checkpoint entries proof ack error  peer                     ProtocolError
     node.wire.infer_protocol.InferProtocol (byte stream, both roles)      peer    ProtocolError
@@ -85,8 +85,8 @@ from llorch.node.errors import AttestationRejected, ProtocolError
 from llorch.node.replay import ReplayInputError, load_request
 from llorch.node.wire import ledger_protocol as lp
 from llorch.node.wire.attestation import Attestation, check_multiaddr, parse_attestation
-from llorch.node.wire.frames import (FRAME_TYPES, Accepted, Busy, Cancel, Error, Final, Request, Token, decode_frame,
-                                     decode_uvarint, encode_frame, encode_uvarint)
+from llorch.node.wire.frames import (FRAME_TYPES, Accepted, Busy, Cancel, Error, Final, More, Request, Tokens,
+                                     decode_frame, decode_uvarint, encode_frame, encode_uvarint)
 from llorch.node.wire.infer_protocol import InferProtocol, Role
 from llorch.node.wire.ledger_protocol import LedgerProtocol, witness_name
 from llorch.node.wire import listing
@@ -170,7 +170,8 @@ REGISTRATION_PAYLOAD = dict(
 REGISTRATION_BYTES = Registration(**REGISTRATION_PAYLOAD).seal(SIGNER)
 
 INFER_FRAMES = [Request(TICKET_BYTES, SALT, PROMPT), Request(TICKET_BYTES, SALT, {"text": "once upon"}), Accepted(),
-                Busy("all 4 slots are busy"), Token(0, "hel"), Token(7, ""), Final(RECEIPT_BYTES), Cancel(),
+                Busy("all 4 slots are busy"), Tokens(0, ["hel"]), Tokens(7, ["", "lo", " wor"]), More(3),
+                Final(RECEIPT_BYTES), Cancel(),
                 Error("bad_ticket", "ticket is invalid")]
 LEDGER_REQUEST_FRAMES = [lp.GetCheckpoint(), lp.GetEntries(0, 3), lp.GetConsistency(1, 3), lp.GetInclusion(2, 3),
                          lp.PutCosigned(COSIGNED)]
@@ -606,7 +607,8 @@ def _drive(protocol, stream: bytes, chunk_sizes: list[int]) -> list:
     return frames
 
 
-SERVER_STREAM = b"".join(encode_frame(f) for f in (Accepted(), Token(0, "hel"), Token(1, "lo"), Final(RECEIPT_BYTES)))
+SERVER_STREAM = b"".join(encode_frame(f) for f in (Accepted(), Tokens(0, ["hel"]), Tokens(1, ["lo", " w"]),
+                                                   Final(RECEIPT_BYTES)))
 CLIENT_STREAM = encode_frame(INFER_FRAMES[0]) + encode_frame(Cancel())
 chunks = st.lists(st.integers(1, 400), max_size=6)
 
@@ -624,7 +626,7 @@ def test_infer_protocol_client_reads_any_stream(stream, chunk_sizes):
     client.send(INFER_FRAMES[0])
     frames = _drive(client, stream, chunk_sizes)
     if stream == SERVER_STREAM:
-        assert [type(f) for f in frames] == [Accepted, Token, Token, Final]
+        assert [type(f) for f in frames] == [Accepted, Tokens, Tokens, Final]
 
 
 @FUZZ

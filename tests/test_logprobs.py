@@ -1,5 +1,5 @@
 """logprobs / top_logprobs (chat) and logprobs (completions): committed in the ticket (sampling.logprobs), carried
-in token frames, committed in the receipt (logprobs_sha256) and so covered by spot-checks like the text. Each
+in tokens frames, committed in the receipt (logprobs_sha256) and so covered by spot-checks like the text. Each
 defect a provider could commit is played by a test-only engine (tests/cheaters.py) on the in-process market; the
 real engine's logprobs are checked in tests/test_e2e.py."""
 
@@ -16,7 +16,7 @@ from llorch.ledger.errors import EncodingError
 from llorch.ledger.objects import Receipt, check_logprobs_entry, logprobs_sha256
 from llorch.node.errors import ProtocolError
 from llorch.node.stream_io import now_ms
-from llorch.node.wire.frames import Token, decode_frame, encode_frame
+from llorch.node.wire.frames import Tokens, decode_frame, decode_uvarint, encode_frame
 from tests.cheaters import (HeldBackLogprobEngine, LogprobFakingEngine, LogprobOmittingEngine,
                             LogprobRewritingEngine)
 from tests.helpers import MODEL_ID
@@ -26,10 +26,12 @@ from tests.test_spot_checks import ALL_PPM, CONSENTING, check_exported_evidence
 ENTRY = {"token": b" blue", "logprob": -120_000, "top": [[b" blue", -120_000], [b" red", -2_500_000]]}
 
 
-def test_a_token_frame_carries_logprobs_only_in_their_documented_shape():
-    frame = Token(3, " blue", ENTRY)
-    assert decode_frame(encode_frame(frame)[1:]) == frame
-    plain = Token(4, "x")
+def test_a_tokens_frame_carries_logprobs_only_in_their_documented_shape():
+    frame = Tokens(3, [" blue", " sky"], [ENTRY, {**ENTRY, "token": b" sky"}])
+    encoded = encode_frame(frame)
+    _, prefix = decode_uvarint(encoded)
+    assert decode_frame(encoded[prefix:]) == frame
+    plain = Tokens(4, ["x"])
     assert b"logprobs" not in encode_frame(plain) and decode_frame(encode_frame(plain)[1:]) == plain
     for bad in ({**ENTRY, "logprob": 5},                                   # a probability above 1
                 {**ENTRY, "top": [[b" red", -2_500_000], [b" blue", -120_000]]},   # not most likely first
@@ -38,7 +40,9 @@ def test_a_token_frame_carries_logprobs_only_in_their_documented_shape():
                 {**ENTRY, "extra": 1},
                 {**ENTRY, "top": [[b"a", -1]] * 21}):                       # more than 20 alternatives
         with pytest.raises(ProtocolError):
-            Token(0, "", bad)
+            Tokens(0, [""], [bad])
+    with pytest.raises(ProtocolError, match="one entry per text"):
+        Tokens(0, ["a", "b"], [ENTRY])
     with pytest.raises(EncodingError, match="exactly the ticket's sampling.logprobs"):
         check_logprobs_entry(ENTRY, 3)
     assert objects.LOGPROB_MICRO_MIN == inference_limits.LOGPROB_MICRO_MIN
@@ -46,13 +50,13 @@ def test_a_token_frame_carries_logprobs_only_in_their_documented_shape():
 
 
 def test_a_nil_optional_field_is_not_a_frame():
-    body = bytearray(encode_frame(Token(0, "a"))[1:])
-    # {"index": 0, "t": "token", "text": "a"} with "logprobs": nil added in key order is not canonical-free of nil
+    body = bytearray(encode_frame(Tokens(0, ["a"]))[1:])
+    # {"index": 0, "t": "tokens", "texts": ["a"]} with "logprobs": nil added in key order is not canonical-free of nil
     import msgpack
-    tampered = msgpack.packb({"index": 0, "logprobs": None, "t": "token", "text": "a"})
+    tampered = msgpack.packb({"index": 0, "logprobs": None, "t": "tokens", "texts": ["a"]})
     with pytest.raises(ProtocolError, match="absent, never nil"):
         decode_frame(tampered)
-    assert decode_frame(bytes(body)) == Token(0, "a")
+    assert decode_frame(bytes(body)) == Tokens(0, ["a"])
 
 
 def test_sampling_logprobs_is_bounded():
@@ -186,9 +190,10 @@ async def test_a_customer_gone_between_the_held_back_text_and_the_final_frame_st
             scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            async def on_text(text: str, logprobs: list, provider: str) -> None:
-                seen.append(text)
-                if len(seen) == 4:                     # every visible piece of 5 tokens (the last is held back)
+            async def on_text(pieces: list, provider: str) -> None:
+                hung_up = len(seen) >= 4
+                seen.extend(text for text, _ in pieces)
+                if len(seen) >= 4 and not hung_up:     # every visible piece of 5 tokens (the last is held back)
                     nursery.start_soon(hang_up_later)
 
             with scope:

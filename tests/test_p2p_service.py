@@ -19,7 +19,7 @@ from llorch.gateway.books.receipts import check_receipt
 from llorch.ledger.signing import SigningKey
 from llorch.ledger.store import LedgerStore
 from llorch.ledger.verify import read_sqlite_entries
-from llorch.node.wire.frames import Cancel, Final, Request, Token, encode_frame
+from llorch.node.wire.frames import Cancel, Final, More, Request, encode_frame
 from llorch.node.p2p import running_host
 from llorch.node.run import build_attestation
 from llorch.node.service import EnginePool, ProviderService
@@ -62,7 +62,7 @@ async def serve_one(gateway_p2p, gateway_key, attestation, max_tokens=5, seed=3,
             frame = await call.next_frame()
             if isinstance(frame, Final):
                 return ticket, ticket_bytes, tokens, frame.receipt
-            tokens.append(frame.text)
+            tokens.extend(frame.texts)
 
 
 async def test_request_is_served_and_the_receipt_is_durable_before_it_is_sent(tmp_path):
@@ -272,9 +272,11 @@ async def test_a_cancel_that_crosses_the_final_frame_is_ignored_and_the_stream_s
             frames = []
             while not isinstance(frame := await read_frame(stream, protocol, 5), Final):
                 frames.append(frame)
-            assert [f.index for f in frames[1:]] == list(range(5))       # indexes start at 0 for each request
-            outputs.append("".join(f.text for f in frames[1:]))
-            await stream.write(encode_frame(Cancel()))                    # too late: the request is done
+            texts = [text for f in frames[1:] for text in f.texts]
+            assert frames[1].index == 0 and len(texts) == 5             # indexes start at 0 for each request
+            outputs.append("".join(texts))
+            await stream.write(encode_frame(More(len(frames) - 1)))      # too late: the request is done
+            await stream.write(encode_frame(Cancel()))
         assert outputs[0] != outputs[1]
         await stream.close()
         await trio.sleep(0.2)

@@ -52,7 +52,7 @@ def relayed(frames: int, outcome: str = "final") -> Metered:
     meter = Meter(0)
     meter.handle(Event.ACCEPTED, 10)
     for n in range(frames):
-        meter.handle(Event.TOKEN, 20 + n, "x")
+        meter.handle(Event.TOKEN, 20 + n, ["x"])
     meter.handle(Event(outcome), 100)
     return meter.metered()
 
@@ -63,17 +63,17 @@ def test_every_transition_in_the_table_and_nothing_else():
         for event in events:
             meter = Meter(0, state=state)
             if (state, event) in TRANSITIONS:
-                assert meter.handle(event, 1, "x") is TRANSITIONS[(state, event)]
+                assert meter.handle(event, 1, ["x"]) is TRANSITIONS[(state, event)]
             else:
                 with pytest.raises(SettlementError, match=event.value):
-                    meter.handle(event, 1, "x")
+                    meter.handle(event, 1, ["x"])
 
 
 def test_the_meter_keeps_the_gateways_clock():
     meter = Meter(0)
     meter.handle(Event.ACCEPTED, 1_000)
-    meter.handle(Event.TOKEN, 1_250, "héllo")
-    meter.handle(Event.TOKEN, 1_300, "")
+    meter.handle(Event.TOKEN, 1_250, ["héllo"])
+    meter.handle(Event.TOKEN, 1_300, [""])
     meter.handle(Event.FINAL, 1_400)
     metered = meter.metered()
     assert (metered.frames, metered.text_bytes, metered.ttft_ms, metered.ended_ms) == (2, 6, 250, 1_400)
@@ -159,7 +159,7 @@ class MoneyMachine(RuleBasedStateMachine):
     @rule(count=st.integers(1, 10))
     def frames(self, count):
         for _ in range(min(count, self.request["max_tokens"] + 1 - self.meter.frames)):
-            self.meter.handle(Event.TOKEN, 2, "t")
+            self.meter.handle(Event.TOKEN, 2, ["t"])
         self.request["delivered"] = max(self.request["delivered"], self.meter.frames)
 
     @precondition(lambda self: self.request is not None and self.meter.state in (State.ACCEPTED, State.RELAYING))

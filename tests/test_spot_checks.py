@@ -364,7 +364,7 @@ async def test_a_request_in_flight_when_its_provider_is_caught_is_credited_as_it
         streaming = trio.Event()
         results: dict = {}
 
-        async def on_text(text: str, logprobs: list, provider: str) -> None:
+        async def on_text(pieces: list, provider: str) -> None:
             streaming.set()
 
         async def long_request() -> None:
@@ -405,7 +405,7 @@ async def keep_busy(m, provider_name: str, started: trio.Event, max_tokens: int 
     from llorch.gateway.ticket_runner import Keep
 
     class Signal(Keep):
-        async def send(self, text: str, logprobs: list, provider_peer_id: str) -> None:
+        async def send(self, pieces: list, provider_peer_id: str) -> None:
             started.set()
 
     await m.gateway.runner.run(occupying_order(m, provider_name, max_tokens), m.providers[provider_name].attestation,

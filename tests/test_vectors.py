@@ -360,8 +360,8 @@ def test_our_code_reproduces_the_connected_vectors():
 
 
 def test_the_logprobs_vector():
-    """protocol.md §3, §4, §6: the ticket's sampling asks for logprobs, each token frame carries one entry in the
-    documented shape, and the receipt's logprobs_sha256 is SHA-256 of the canonical list of those entries; a
+    """protocol.md §3, §4, §6: the ticket's sampling asks for logprobs, each tokens frame carries one entry per
+    text in the documented shape, and the receipt's logprobs_sha256 is SHA-256 of the canonical list of those entries; a
     receipt for a ticket without logprobs has no such field (receipt_vector.json)."""
     from llorch.ledger.objects import Receipt
     from llorch.node.wire.frames import decode_frame
@@ -372,17 +372,18 @@ def test_the_logprobs_vector():
     top = ticket["sampling"]["logprobs"]
     assert top == 2
     entries = []
-    for hex_frame in vector["token_frames_hex"]:
+    for hex_frame in vector["tokens_frames_hex"]:
         body = unframe(bytes.fromhex(hex_frame))
         frame = msgpack.unpackb(body, raw=False)
         assert msgpack.packb(canonical(frame), use_bin_type=True) == body
-        assert frame["t"] == "token" and set(frame) == {"t", "index", "text", "logprobs"}
-        entry = frame["logprobs"]
-        assert set(entry) == {"token", "logprob", "top"} and len(entry["top"]) == top
-        assert isinstance(entry["token"], bytes) and -9_999_000_000 <= entry["logprob"] <= 0
-        assert [pair[1] for pair in entry["top"]] == sorted((pair[1] for pair in entry["top"]), reverse=True)
-        entries.append(entry)
-        assert decode_frame(body).logprobs == entry                    # our code reads what the document says
+        assert frame["t"] == "tokens" and set(frame) == {"t", "index", "texts", "logprobs"}
+        assert frame["index"] == len(entries) and len(frame["logprobs"]) == len(frame["texts"])
+        for entry in frame["logprobs"]:
+            assert set(entry) == {"token", "logprob", "top"} and len(entry["top"]) == top
+            assert isinstance(entry["token"], bytes) and -9_999_000_000 <= entry["logprob"] <= 0
+            assert [pair[1] for pair in entry["top"]] == sorted((pair[1] for pair in entry["top"]), reverse=True)
+        entries += frame["logprobs"]
+        assert decode_frame(body).logprobs == frame["logprobs"]        # our code reads what the document says
     receipt = open_signed(bytes.fromhex(vector["receipt_envelope_hex"]), "receipt", "provider_key")
     expected = hashlib.sha256(msgpack.packb(canonical(entries), use_bin_type=True)).digest()
     assert receipt["logprobs_sha256"] == expected == bytes.fromhex(vector["logprobs_sha256_hex"])

@@ -41,6 +41,7 @@ from llorch.gateway.market.providers import parse_registration_body, record_json
 from llorch.gateway.market.tenants import Tenant
 from llorch.node.wire.tools import AnswerStream
 from llorch.gateway.service import PROMPT_BYTES_MAX, Completion, Gateway, new_request_id
+from llorch.gateway.ticket_runner import Piece
 from llorch.node.models import entry_map
 from llorch.ledger.errors import sole_exception
 from llorch.node.stream_io import now_ms
@@ -198,17 +199,22 @@ class ChatStreamResponse(Response):
         opened = [False] * self.chat.n
 
         def on_text(index: int):
-            async def text(piece: str, logprobs: list[dict], provider: str) -> None:
+            async def text(pieces: list[Piece], provider: str) -> None:
+                # One chunk per token, as OpenAI streams them; a frame's chunks leave in one write.
+                lines = []
+                if self.chat_shape and not opened[index]:
+                    opened[index] = True
+                    lines.append(self._event_line(index, {"role": "assistant", "content": ""}, None))
+                for piece, logprobs in pieces:
+                    if self.tools:
+                        lines += [self._event_line(index, delta, None)
+                                  for delta in answer_deltas(answers[index].feed(piece), self._request_id_of(index))]
+                    else:
+                        lines.append(self._event_line(index, {"content": piece}, None, logprobs=logprobs))
                 async with self.sending:
                     await self._start(provider, send)
-                    if self.chat_shape and not opened[index]:
-                        opened[index] = True
-                        await self._event(index, {"role": "assistant", "content": ""}, None, send)
-                    if self.tools:
-                        for delta in answer_deltas(answers[index].feed(piece), self._request_id_of(index)):
-                            await self._event(index, delta, None, send)
-                    else:
-                        await self._event(index, {"content": piece}, None, send, logprobs=logprobs)
+                    if lines:
+                        await send({"type": "http.response.body", "body": b"".join(lines), "more_body": True})
             return text
 
         try:
@@ -261,9 +267,14 @@ class ChatStreamResponse(Response):
         return chunk
 
     async def _event(self, index: int, delta: dict, finish_reason: str | None, send: Send,
-                     completion: Completion | None = None, logprobs: list[dict] | None = None) -> None:
-        """One chunk of choice ``index``; ``logprobs``: the entries of the tokens whose text it carries (with
-        logprobs asked); ``completion``: the choice's end (its last chunk carries its bill)."""
+                     completion: Completion | None = None) -> None:
+        await send({"type": "http.response.body", "body": self._event_line(index, delta, finish_reason, completion),
+                    "more_body": True})
+
+    def _event_line(self, index: int, delta: dict, finish_reason: str | None, completion: Completion | None = None,
+                    logprobs: list[dict] | None = None) -> bytes:
+        """One chunk of choice ``index`` as its SSE line; ``logprobs``: the entries of the tokens whose text it
+        carries (with logprobs asked); ``completion``: the choice's end (its last chunk carries its bill)."""
         content = {"delta": delta} if self.chat_shape else {"text": delta.get("content", "")}
         shaped = None
         if logprobs:
@@ -273,11 +284,14 @@ class ChatStreamResponse(Response):
                 shaped = completion_logprobs(logprobs, self.text_offsets[index])
                 self.text_offsets[index] += sum(len(token) for token in shaped["tokens"])
         choice = {"index": index, **content, "finish_reason": finish_reason, "logprobs": shaped}
-        await self._data(self._chunk([choice], completion), send)
+        return sse_line(self._chunk([choice], completion))
 
     async def _data(self, payload: dict, send: Send) -> None:
-        line = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-        await send({"type": "http.response.body", "body": line, "more_body": True})
+        await send({"type": "http.response.body", "body": sse_line(payload), "more_body": True})
+
+
+def sse_line(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
 async def _no_receive() -> dict:
@@ -412,7 +426,7 @@ def build_app(gateway: Gateway) -> FastAPI:
         if chat.stream:
             return ChatStreamResponse(gateway, chat, tenant)
 
-        async def ignore(text: str, logprobs: list[dict], provider: str) -> None:
+        async def ignore(pieces: list[Piece], provider: str) -> None:
             return None
 
         request_id = new_request_id()

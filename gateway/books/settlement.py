@@ -6,8 +6,8 @@ The same pure ``settle`` serves the live path and ``llorch billing reconcile``.
     state        event            next state        recorded
     ISSUED       accepted         ACCEPTED          accepted_ms (the ticket was written durably before it was sent)
     ISSUED       refused          PROVIDER_FAILED   ended_ms    (busy, refused ticket, unreachable: nothing served)
-    ACCEPTED     token            RELAYING          first_token_ms, frames + 1, text bytes
-    RELAYING     token            RELAYING          frames + 1, text bytes
+    ACCEPTED     tokens           RELAYING          first_token_ms, frames + its texts, text bytes
+    RELAYING     tokens           RELAYING          frames + its texts, text bytes
     ACCEPTED     final            FINISHED          ended_ms
     RELAYING     final            FINISHED          ended_ms
     ISSUED       customer_gone    CUSTOMER_GONE     ended_ms
@@ -22,7 +22,7 @@ The same pure ``settle`` serves the live path and ``llorch billing reconcile``.
 What each outcome bills (``settle``), for the ticket's payer (``Payer``: the customer, or the platform for a
 spot-check re-run or a probe):
   FINISHED        the receipt, bounded by the gateway's own measurements: input tokens ≤ the gateway's count of the
-                  prompt (an upper bound), output tokens ≤ token frames relayed. A claim beyond a bound is billed
+                  prompt (an upper bound), output tokens ≤ token texts relayed (one per token). A claim beyond a bound is billed
                   at the bound and recorded as a finding against the provider.
   CUSTOMER_GONE   the same, so the customer pays for what was relayed before the disconnect and the provider is
                   paid for it; output the provider generated after the disconnect is not billed (no finding).
@@ -150,7 +150,7 @@ class Metered:
     """What the gateway itself observed of one ticket, on its own clock."""
 
     outcome: State
-    frames: int = 0                  # token frames relayed to the customer (before any disconnect)
+    frames: int = 0                  # token texts relayed to the customer (before any disconnect): one per token
     text_bytes: int = 0
     accepted_ms: int | None = None
     first_token_ms: int | None = None
@@ -164,7 +164,7 @@ class Metered:
 
     @property
     def tokens_per_s(self) -> int:
-        """Token frames per second after the first, on the gateway's clock (0 when it cannot be told)."""
+        """Tokens per second after the first, on the gateway's clock (0 when it cannot be told)."""
         if self.first_token_ms is None or self.frames < 2 or self.ended_ms <= self.first_token_ms:
             return 0
         return (self.frames - 1) * 1000 // (self.ended_ms - self.first_token_ms)
@@ -183,15 +183,17 @@ class Meter:
     ended_ms: int | None = None
     outcome: State | None = None
 
-    def handle(self, event: Event, now_ms: int, text: str = "") -> State:
+    def handle(self, event: Event, now_ms: int, texts: list[str] | None = None) -> State:
+        """``texts``: with a tokens event, the frame's texts, one per token."""
         after = TRANSITIONS.get((self.state, event))
         if after is None:
             raise SettlementError(f"event {event.value!r} is not allowed in state {self.state.value}")
         if event is Event.ACCEPTED:
             self.accepted_ms = now_ms
         elif event is Event.TOKEN:
-            self.frames += 1
-            self.text_bytes += len(text.encode("utf-8"))
+            assert isinstance(texts, list), "a tokens event carries the frame's list of texts"
+            self.frames += len(texts)
+            self.text_bytes += sum(len(text.encode("utf-8")) for text in texts)
             if self.first_token_ms is None:
                 self.first_token_ms = now_ms
         elif event is Event.SETTLED:
@@ -266,7 +268,7 @@ def settle(ticket: Ticket, terms: Terms, receipt: Receipt | None, metered: Meter
         tokens_out = min(receipt.tokens_out, metered.frames)
         if receipt.tokens_out > metered.frames and outcome is State.FINISHED:
             findings.append(Finding("tokens_out_over_frames", f"receipt claims {receipt.tokens_out} output tokens; "
-                                                              f"the gateway relayed {metered.frames} token frames"))
+                                                              f"the gateway relayed {metered.frames} tokens"))
     payout = amount_minor(tokens_in, tokens_out, ticket.price_in, ticket.price_out)
     if outcome is State.GATEWAY_LOST or terms.payer.platform:
         settlement = Settlement(outcome, tokens_in, tokens_out, payout, 0, 0, True, terms.margin_bp,

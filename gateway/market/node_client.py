@@ -1,6 +1,6 @@
-"""The gateway's side of /llorch/infer/1 (``request_inference``): take a stream to the provider (one opened ahead of
+"""The gateway's side of /llorch/infer/2 (``request_inference``): take a stream to the provider (one opened ahead of
 need by the ``StreamPool`` when there is one, else a new one), send the request, wait for admission, then hand out
-token frames and the final frame one by one.
+tokens frames (saying ``more`` as it takes them: flow control) and the final frame one by one.
 
 Drives node.infer_protocol.InferProtocol in the CLIENT role; all bytes go through node.stream_io.
 ``AttemptFailed`` means "this provider did not start serving: try the next one".
@@ -21,7 +21,7 @@ from libp2p.peer.id import ID
 from llorch.gateway import limits
 from llorch.node.wire.attestation import Attestation
 from llorch.node.errors import FrameTimeout, ProtocolError
-from llorch.node.wire.frames import Accepted, Busy, Cancel, Error, Final, Request, Token
+from llorch.node.wire.frames import Accepted, Busy, Cancel, Error, Final, More, Request, Tokens
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID, InferProtocol, Role
 from llorch.node.p2p import P2P, dial_only_announced
 from llorch.node.stream_io import close_quietly, read_frame, write_frame
@@ -62,13 +62,17 @@ class InferenceCall:
         self._stream = stream
         self._protocol = protocol
 
-    async def next_frame(self, timeout_s: float | None = None) -> Token | Final:
-        """The next token or final frame (waiting at most ``timeout_s``, by default TOKEN_TIMEOUT_S). Raises
-        FrameTimeout when none arrives in time, ProtocolError on a broken stream or an error frame."""
+    async def next_frame(self, timeout_s: float | None = None) -> Tokens | Final:
+        """The next tokens or final frame (waiting at most ``timeout_s``, by default TOKEN_TIMEOUT_S). Raises
+        FrameTimeout when none arrives in time, ProtocolError on a broken stream or an error frame. Taking a tokens
+        frame may say ``more`` to the provider: it sends only so far ahead of what the gateway took, and holds its
+        tokens for one frame meanwhile (docs/protocol.md §6)."""
         frame = await read_frame(self._stream, self._protocol, timeout_s or limits.TOKEN_TIMEOUT_S)
         if isinstance(frame, Error):
             raise ProtocolError(f"provider error {frame.code}: {frame.message}")
-        assert isinstance(frame, (Token, Final))
+        assert isinstance(frame, (Tokens, Final))
+        if isinstance(frame, Tokens) and self._protocol.owes_more:
+            await write_frame(self._stream, self._protocol, More(self._protocol.token_frames))
         return frame
 
     async def cancel(self) -> None:

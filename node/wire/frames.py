@@ -1,4 +1,4 @@
-"""Frames of /llorch/infer/1 and their byte encoding: unsigned-varint length, then a canonical msgpack map.
+"""Frames of /llorch/infer/2 and their byte encoding: unsigned-varint length, then a canonical msgpack map.
 
 Every frame map has a "t" key naming its type; the other keys are fixed per type (docs/protocol.md, "Frames").
 Frames are frozen dataclasses validated when built; ``decode_frame`` parses strictly.
@@ -53,25 +53,46 @@ class Busy:
 
 
 @dataclass(frozen=True)
-class Token:
-    """server → client: the next piece of output text; ``index`` counts token frames from 0. ``logprobs``: when the
-    ticket asks for them, the generated token's log-probability and its most likely alternatives (absent on the one
-    frame of held-back text that carries no token)."""
+class Tokens:
+    """server → client: the next tokens' text, one text per generated token (docs/protocol.md §6). ``index`` is the
+    number of tokens this request sent before this frame. ``logprobs``: when the ticket asks for them, one entry per
+    text (the token's log-probability and its most likely alternatives); absent on the one frame of held-back text
+    that carries no token. A provider puts several tokens in one frame only when the gateway is behind (flow
+    control: ``More``)."""
 
-    TYPE: ClassVar[str] = "token"
+    TYPE: ClassVar[str] = "tokens"
     index: int
-    text: str
-    logprobs: dict | None = None
+    texts: list[str]
+    logprobs: list[dict] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
-            raise ProtocolError("token.index must be an unsigned integer")
-        _check_text("token.text", self.text, limits.TOKEN_TEXT_CHARS_MAX)
+            raise ProtocolError("tokens.index must be an unsigned integer")
+        if not isinstance(self.texts, list) or not 1 <= len(self.texts) <= limits.TOKENS_PER_FRAME_MAX:
+            raise ProtocolError(f"tokens.texts must be a list of 1-{limits.TOKENS_PER_FRAME_MAX} texts")
+        for text in self.texts:
+            _check_text("tokens.texts[]", text, limits.TOKEN_TEXT_CHARS_MAX)
         if self.logprobs is not None:
+            if not isinstance(self.logprobs, list) or len(self.logprobs) != len(self.texts):
+                raise ProtocolError("tokens.logprobs must be a list of one entry per text")
             try:
-                check_logprobs_entry(self.logprobs)
+                for entry in self.logprobs:
+                    check_logprobs_entry(entry)
             except EncodingError as exc:
-                raise ProtocolError(f"token.{exc}") from None
+                raise ProtocolError(f"tokens.logprobs[].{exc}") from None
+
+
+@dataclass(frozen=True)
+class More:
+    """client → server, while streaming: flow control. ``taken`` is how many tokens frames of this request the
+    gateway has taken off the stream; the provider keeps at most TOKEN_FRAMES_AHEAD_MAX frames beyond it."""
+
+    TYPE: ClassVar[str] = "more"
+    taken: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.taken, bool) or not isinstance(self.taken, int) or self.taken < 0:
+            raise ProtocolError("more.taken must be an unsigned integer")
 
 
 @dataclass(frozen=True)
@@ -107,8 +128,9 @@ class Error:
         _check_text("error.message", self.message, limits.ERROR_MESSAGE_CHARS_MAX)
 
 
-Frame = Request | Accepted | Busy | Token | Final | Cancel | Error
-FRAME_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (Request, Accepted, Busy, Token, Final, Cancel, Error)}
+Frame = Request | Accepted | Busy | Tokens | More | Final | Cancel | Error
+FRAME_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (Request, Accepted, Busy, Tokens, More, Final, Cancel,
+                                                          Error)}
 
 
 class FrameLike(Protocol):
