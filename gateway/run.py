@@ -16,6 +16,7 @@ from llorch.gateway.api import http_server
 from llorch.gateway.api.http_api import build_app
 from llorch.gateway.api.openai_api import request_of
 from llorch.gateway.metrics import Metrics
+from llorch.gateway.attestation_checks import AttestationChecks
 from llorch.gateway import limits
 from llorch.gateway.books.postings import Books
 from llorch.gateway.db import open_gateway_db
@@ -77,15 +78,16 @@ class CheckedAttestations:
         return attestation
 
 
-def attestation_validator(directory: ProviderDirectory, metrics: Metrics, relays: frozenset[str] = frozenset(),
+def attestation_validator(directory: ProviderDirectory, metrics: Metrics, checks: AttestationChecks,
                           checked: CheckedAttestations | None = None):
-    """The GossipSub topic validator: a message that fails any rule of docs/protocol.md §5 (including a replayed or
-    reordered seq) is neither kept nor forwarded to other peers; the reason is logged and counted. Never raises.
+    """The GossipSub topic validator (asynchronous: ``checks`` parses and verifies, in batches off the event loop
+    while attestations come in numbers): a message that fails any rule of docs/protocol.md §5 (including a replayed
+    or reordered seq) is neither kept nor forwarded to other peers; the reason is logged and counted. Never raises.
     What passes is kept in ``checked`` for the subscription's reader."""
 
-    def validate(peer_id, message) -> bool:
+    async def validate(peer_id, message) -> bool:
         try:
-            attestation = parse_attestation(message.data, _sender_key(message), now_ms(), relays)
+            attestation = await checks.check(message.data, _sender_key(message), now_ms())
             directory.check_newer(attestation)
             if checked is not None:
                 checked.keep(message.data, attestation)
@@ -110,8 +112,15 @@ async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers:
     """Drain the attestation subscription into the directory (a full subscription channel would drop messages).
     ``relays``: the peer ids whose relayed provider addresses are accepted (docs/protocol.md §5); ``clock``
     records when approved providers attested, for their uptime (gateway/market/sla.py)."""
-    checked = CheckedAttestations()
-    p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics, relays, checked), False)
+    checked, checks = CheckedAttestations(), AttestationChecks(relays)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(checks.run)
+        p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics, checks, checked), True)
+        await _follow(p2p, directory, providers, metrics, on_free_slots, relays, clock, checked)
+
+
+async def _follow(p2p: P2P, directory: ProviderDirectory, providers: ProviderBook, metrics: Metrics, on_free_slots,
+                  relays: frozenset[str], clock: AttestationClock | None, checked: CheckedAttestations) -> None:
     subscription = await p2p.pubsub.subscribe(TOPIC)
     while True:
         message = await subscription.get()

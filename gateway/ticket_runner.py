@@ -5,10 +5,10 @@ resumption), a spot-check re-run and a probe all go through ``TicketRunner.run``
   (4) issue: sign a ticket for the provider (its prices under the demand multiplier, never below what it attested;
       the tenant's pseudonym at that provider) and write it with the gateway's own terms (payer, customer prices,
       reservation, prompt bound) durably, before it is sent;
-  (5) send it over /llorch/infer/1 (gateway/market/node_client.py) and wait for admission;
-  (6) relay: meter every token frame on the gateway's clock (``Meter``) and hand its text to the ticket's ``Sink``
-      (the customer's stream; a platform run only keeps it). At most max_tokens + 1 token frames: one per token and
-      one more for held-back text (docs/protocol.md §6). A resumed stream regenerates what was delivered: each
+  (5) send it over /llorch/infer/2 (gateway/market/node_client.py) and wait for admission;
+  (6) relay: meter every tokens frame's texts on the gateway's clock (``Meter``) and hand them to the ticket's
+      ``Sink`` (the customer's stream; a platform run only keeps it). At most max_tokens + 1 texts: one per token and
+      one more for held-back text (docs/protocol.md §6; several share a frame when the gateway is behind). A resumed stream regenerates what was delivered: each
       piece is compared with it in O(piece) and only the rest goes on;
   (7) check the final frame's receipt against the ticket and the text this provider sent;
   (8) settle exactly once, shielded from cancellation: ``settle`` computes every leg for the ticket's payer, one
@@ -153,7 +153,7 @@ class TicketRun:
     meter: Meter
     received: list[str] = field(default_factory=list)
     received_chars: int = 0
-    logprobs: list[dict] = field(default_factory=list)     # the logprobs entries of this provider's token frames
+    logprobs: list[dict] = field(default_factory=list)     # the logprobs entries of this provider's tokens
     tail: Tokens | None = None       # with logprobs, a frame without entries: held-back text, so the last one
     expected: dict | None = None     # receipt_expectations of this ticket, computed while the provider works
     receipt: Receipt | None = None
@@ -182,15 +182,15 @@ class TicketRun:
         return text[len(overlap):]
 
     def receive_logprobs(self, entry: dict | None, delivered: list[dict]) -> list[dict]:
-        """Take a token frame's logprobs entry (when the ticket asks for them: exactly ``sampling.logprobs``
+        """Take a token's logprobs entry (when the ticket asks for them: exactly ``sampling.logprobs``
         alternatives); return it unless the customer already has the entry at its place (a resumed stream)."""
         if entry is None:
             return []
         try:
             check_logprobs_entry(entry, self.ticket.sampling["logprobs"])
         except (EncodingError, KeyError) as exc:
-            raise ProtocolError(f"token frame logprobs: {exc}" if not isinstance(exc, KeyError) else
-                                "a token frame carries logprobs the ticket did not ask for") from None
+            raise ProtocolError(f"tokens frame logprobs: {exc}" if not isinstance(exc, KeyError) else
+                                "a tokens frame carries logprobs the ticket did not ask for") from None
         position = len(self.logprobs)
         self.logprobs.append(entry)
         if position < len(delivered):

@@ -259,7 +259,7 @@ class Engine:
 
         def send(upto: int, entry: dict | None = None) -> bool:
             """Send text[emitted:upto] (possibly empty): exactly one piece per generated token, so the gateway can
-            bound the billed output tokens by the token frames it relayed."""
+            bound the billed output tokens by the token texts it relayed."""
             nonlocal emitted
             try:
                 send_piece((text[emitted:upto], entry))

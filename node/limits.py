@@ -42,6 +42,7 @@ REDIAL_S_MIN, REDIAL_S_MAX = 0.25, 2.0   # a lost gateway is redialled at once, 
 REDIAL_SUMMARY_S = 60.0                  # while a gateway is away: one log line per this
 ANNOUNCE_AFTER_CONNECT_S = (0.0, 0.5, 1.0)   # attestations nudged out at a (re)connection, these pauses apart
 SHUTDOWN_GRACE_S = 3.0
+LIBP2P_WRITE_TIMEOUT_S = 30.0            # one Yamux frame onto a connection (a dead peer's: closed then)
 
 # /llorch/ledger/1.
 LEDGER_REQUEST_FRAME_BYTES_MAX = 32 * 1024      # requests are small (a cosigned note is the largest)

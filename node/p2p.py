@@ -26,6 +26,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID, Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
@@ -35,6 +36,32 @@ from llorch.node.errors import StartupError
 from llorch.node.lifecycle import bind_failure
 
 log = logging.getLogger("llorch.p2p")
+
+
+async def _write_frame_whole(self, data: bytes) -> None:
+    """py-libp2p's ``Yamux._write_frame`` with the write shielded from cancellation (installed below).
+
+    A Yamux frame goes out as one Noise message: the cipher's nonce advances when it is encrypted, then its bytes are
+    sent. py-libp2p lets the writing task be cancelled in between, and a frame half-sent (or encrypted and not sent)
+    breaks every later message on the connection: the peer fails to authenticate the next one and drops the whole
+    connection, with every stream on it. Any task that touches a stream can be that writer: reading a stream sends
+    the window update its reading earned, so cancelling a reader (a provider stops reading the gateway's ``more``
+    frames when its request ends) could cut a window update in half; bench/market_scale.py's relay at 32 streams
+    lost the gateway's connection in about one run of two before this. A write that cannot finish in
+    LIBP2P_WRITE_TIMEOUT_S has a dead peer: the connection is closed then, never left torn."""
+    async with self._write_lock:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(limits.LIBP2P_WRITE_TIMEOUT_S) as bound:
+                await self.secured_conn.write(data)
+            if bound.cancelled_caught:
+                with trio.move_on_after(limits.SHUTDOWN_GRACE_S):
+                    await self.secured_conn.close()
+                raise trio.BrokenResourceError(f"a Yamux frame could not be written in "
+                                               f"{limits.LIBP2P_WRITE_TIMEOUT_S:g} s: the connection is closed")
+    await trio.lowlevel.checkpoint()
+
+
+Yamux._write_frame = _write_frame_whole        # type: ignore[method-assign]
 
 
 def key_pair_of(key: SigningKey) -> KeyPair:

@@ -3,10 +3,12 @@ for the subscription's reader (gateway/run.py ``CheckedAttestations``). What it 
 that expired while it waited is refused like one that arrived expired, and bytes nobody checked are parsed (and
 refused when bad) as before."""
 
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import pytest
 
+from llorch.gateway.attestation_checks import AttestationChecks
 from llorch.gateway.run import CheckedAttestations
 from llorch.ledger.signing import SigningKey
 from llorch.node.errors import AttestationRejected
@@ -116,3 +118,82 @@ def test_a_reread_of_the_provider_book_checks_only_changed_registrations(tmp_pat
             assert records[keys[6].peer_id].registration.issued_ms == NOW + 1
             assert len(parsed) == 21                                      # the changed one, and only it
     trio.run(main)
+
+
+async def checked_at_once(checks, datas, keys) -> dict:
+    """Validations at once, as py-libp2p runs them (up to ten); each one's verdict: the key it carries, or its
+    reason. ``checks.run`` runs beside."""
+    import trio
+
+    verdicts: dict[int, object] = {}
+
+    async def one(number):
+        try:
+            verdicts[number] = (await checks.check(datas[number], keys[number].public_key, NOW)).provider_key
+        except AttestationRejected as exc:
+            verdicts[number] = exc.reason
+
+    async with trio.open_nursery() as validators:
+        for number in range(len(datas)):
+            validators.start_soon(one, number)
+    return verdicts
+
+
+@asynccontextmanager
+async def running(checks):
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(checks.run)
+        yield checks
+        nursery.cancel_scope.cancel()
+
+
+def ten_with_a_forgery():
+    keys = [SigningKey.generate() for _ in range(10)]
+    datas = [sealed_attestation(key) for key in keys]
+    forged = bytearray(datas[4])
+    forged[-1] ^= 1
+    datas[4] = bytes(forged)
+    expected = {number: "bad_signature" if number == 4 else keys[number].public_key for number in range(10)}
+    return keys, datas, expected
+
+
+async def test_attestations_arriving_together_are_checked_in_a_worker_process_each_with_its_own_verdict():
+    """Ten validations at once take one or two trips to the worker process, not ten checks on the event loop; a
+    forged one among them is refused with its reason and the others pass; each answer is its own."""
+    keys, datas, expected = ten_with_a_forgery()
+    async with running(AttestationChecks(NONE)) as checks:
+        assert await checked_at_once(checks, datas, keys) == expected
+        assert 1 <= checks.batches_in_worker <= 2 and checks.checked_inline < 4
+        assert len(checks.worker_pids()) == 1
+    assert checks.worker_pids() == []                                    # stopped with the gateway
+
+
+async def test_a_trickle_of_attestations_is_checked_inline_and_starts_no_process():
+    keys, datas, expected = ten_with_a_forgery()
+    verdicts = {}
+    async with running(AttestationChecks(NONE)) as checks:
+        for number in range(10):
+            verdicts.update({number: value for value in (await checked_at_once(checks, [datas[number]],
+                                                                                  [keys[number]])).values()})
+    assert verdicts == expected
+    assert checks.batches_in_worker == 0 and checks.checked_inline == 10
+
+
+async def test_a_worker_that_dies_is_replaced_and_its_batch_checked_inline():
+    import os
+    import signal
+
+    async with running(AttestationChecks(NONE)) as checks:
+        keys, datas, expected = ten_with_a_forgery()
+        assert await checked_at_once(checks, datas, keys) == expected
+        [pid] = checks.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        inline_before = checks.checked_inline
+        keys, datas, expected = ten_with_a_forgery()
+        assert await checked_at_once(checks, datas, keys) == expected       # the dead worker's batch: inline
+        assert checks.checked_inline > inline_before
+        keys, datas, expected = ten_with_a_forgery()
+        assert await checked_at_once(checks, datas, keys) == expected       # a new worker
+        assert checks.worker_pids() and checks.worker_pids() != [pid]

@@ -72,6 +72,8 @@ class Market:
         if request_id is None:
             return
         legs = await Books(self.database).posted_legs(request_id)
+        if any(leg.name == CREDIT_LEG_PREFIX + "payout" for leg in legs):
+            return                      # a request is credited once (a second credit of it posts nothing)
         payout = next(leg for leg in legs if leg.name == "payout")
         await self.database.transaction(Books.leg_statements(
             request_id, None, [Leg(CREDIT_LEG_PREFIX + "payout", provider_account(provider.peer_id),

@@ -21,7 +21,7 @@ def check_receipt(receipt_bytes: bytes, ticket: Ticket, ticket_bytes: bytes, sal
     ``cancelled_by_gateway``: the gateway sent a cancel frame, so the receipt may say "cancelled" (or finish
     normally, when the provider was done before the cancel arrived); otherwise it must not say "cancelled".
     ``expected``: ``receipt_expectations`` of the same ticket, salt and prompt, when the caller computed them
-    ahead (while the provider was generating). ``logprobs``: the entries of the token frames relayed, when the
+    ahead (while the provider was generating). ``logprobs``: the logprobs entries of the tokens relayed, when the
     ticket asks for logprobs: the receipt must commit to exactly them, one per output token."""
     try:
         receipt = Receipt.from_envelope(receipt_bytes)

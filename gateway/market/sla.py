@@ -4,9 +4,9 @@
   uptime_ppm        the share of the month's 5-minute buckets (from the first one the gateway saw it in, until now
                     or the month's end) in which an attestation of the provider reached the gateway, times the share
                     of the month's probes to it that it answered (1 when none was sent);
-  ttft_ms_p50/p95   first token frame − accepted frame, over its finished tickets of the month (customers', re-runs'
+  ttft_ms_p50/p95   first tokens frame − accepted frame, over its finished tickets of the month (customers', re-runs'
                     and probes' alike);
-  tokens_per_s_p50  token frames after the first per second from the first to the end, over those tickets;
+  tokens_per_s_p50  tokens after the first per second from the first to the end, over those tickets;
   met               True / False against the registration's ``sla`` (uptime_ppm, and ttft_ms against the p95), None
                     while there are too few observations to say (SLA_BUCKETS_MIN buckets, SLA_REQUESTS_MIN tickets).
 

@@ -36,7 +36,7 @@ class Request:
 
 @dataclass(frozen=True)
 class Accepted:
-    """server → client: the request has a slot; token frames follow."""
+    """server → client: the request has a slot; tokens frames follow."""
 
     TYPE: ClassVar[str] = "accepted"
 
