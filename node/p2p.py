@@ -61,6 +61,7 @@ async def _write_frame_whole(self, data: bytes) -> None:
     await trio.lowlevel.checkpoint()
 
 
+_write_frame_as_shipped = Yamux._write_frame
 Yamux._write_frame = _write_frame_whole        # type: ignore[method-assign]
 
 

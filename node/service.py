@@ -12,6 +12,7 @@ Any failure is answered with an error frame when the stream still works, and nev
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -112,24 +113,26 @@ class ProviderService:
     async def _serve(self, stream, protocol: InferProtocol) -> None:
         """Serve the requests of one stream, one after another, until the gateway closes it or it stays idle for
         REQUEST_READ_TIMEOUT_S. A stream that ends quietly between requests (or before its first: a gateway's
-        stream opened ahead and not needed) is no error."""
+        stream opened ahead and not needed) is no error. One task reads the stream for its whole life
+        (``GatewayReader``): a reader is never cancelled between requests, which could cut py-libp2p's window
+        update in a read (node/p2p.py) and lose the bytes that read had taken."""
         served = 0
-        while True:
-            before = protocol.bytes_received
-            try:
-                request = await read_frame(stream, protocol, limits.REQUEST_READ_TIMEOUT_S)
-            except ProtocolError as exc:
-                if protocol.bytes_received == before and (served or not isinstance(exc, FrameTimeout)):
-                    log.debug("infer stream ended between requests after %d: %s", served, exc)
-                    return
-                raise
-            if isinstance(request, (Cancel, More)):     # crossed the final frame of the request before: ignored
-                continue
-            assert isinstance(request, Request)
-            await self._serve_one(stream, protocol, request)
-            served += 1
+        reader = GatewayReader(stream, protocol)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader.run)
+            async for request in reader.requests:
+                await self._serve_one(stream, protocol, request, reader)
+                served += 1
+                reader.idle()
+            nursery.cancel_scope.cancel()
+        exc = reader.error
+        if exc is not None:
+            if reader.quiet_end and (served or not isinstance(exc, FrameTimeout)):
+                log.debug("infer stream ended between requests after %d: %s", served, exc)
+                return
+            raise exc
 
-    async def _serve_one(self, stream, protocol: InferProtocol, request: Request) -> None:
+    async def _serve_one(self, stream, protocol: InferProtocol, request: Request, reader: GatewayReader) -> None:
         try:
             ticket = self.check_ticket(request.ticket, now_ms())
         except TicketRejected as exc:
@@ -143,7 +146,7 @@ class ProviderService:
             return
         self._in_flight.add(ticket.request_id)
         try:
-            await self._generate(stream, protocol, request, ticket, engine)
+            await self._generate(stream, protocol, request, ticket, engine, reader)
         finally:
             self._in_flight.discard(ticket.request_id)
             self.pool.give_back(engine)
@@ -179,7 +182,7 @@ class ProviderService:
         return ticket
 
     async def _generate(self, stream, protocol: InferProtocol, request: Request, ticket: Ticket,
-                        engine: SlotEngine) -> None:
+                        engine: SlotEngine, reader: GatewayReader) -> None:
         if await self.ledger.contains(ticket.request_id):
             await write_frame(stream, protocol, Error("replayed_request",
                                                       f"request {ticket.request_id} is already in the ledger"))
@@ -190,12 +193,12 @@ class ProviderService:
         except RequestError as exc:
             await write_frame(stream, protocol, Error("bad_request", str(exc)))
             return
+        cancelled = trio.Event()
+        sender = TokenSender(stream, protocol, cancelled)
+        reader.generating(sender)          # its more frames wake the sender; a cancel, or the stream ending, stops us
         await write_frame(stream, protocol, Accepted())
         accepted_ms = now_ms()
         first_token_ms: int | None = None
-
-        cancelled = trio.Event()
-        sender = TokenSender(stream, protocol, cancelled)
 
         async def emit(text: str, logprobs: dict | None = None) -> None:
             nonlocal first_token_ms
@@ -203,23 +206,9 @@ class ProviderService:
                 first_token_ms = now_ms()
             await sender.add(text, logprobs)
 
-        async def read_the_gateway() -> None:
-            # ``more`` frames open flow control; a cancel frame, or the stream going away, stops the generation (the
-            # tokens already taken are still sent); anything else is a protocol error, which stops it too.
-            try:
-                while True:
-                    frame = await read_frame(stream, protocol, limits.GENERATION_TIMEOUT_S)
-                    if isinstance(frame, More):
-                        sender.wake()
-                    else:
-                        cancelled.set()
-            except ProtocolError:
-                cancelled.set()
-
         failure: BaseException | None = None
         drained = False
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_the_gateway)
             nursery.start_soon(sender.run)
             try:
                 with trio.fail_after(limits.GENERATION_TIMEOUT_S):
@@ -272,6 +261,64 @@ class ProviderService:
                 return await self.ledger.append(fields)
         except LedgerError as exc:
             raise ProtocolError(f"could not record the receipt, not sending it: {exc}") from None
+
+
+class GatewayReader:
+    """The one task that reads a stream from the gateway, for the stream's whole life: ``request`` frames go to
+    ``requests`` (the serve loop), a ``more`` frame wakes the running request's sender, a ``cancel`` stops its
+    generation (a cancel or more that crossed the final frame finds none running: ignored). The stream ending, a
+    timeout or a bad frame ends ``requests`` with ``error`` (and stops a running generation): between requests the
+    stream may stay idle REQUEST_READ_TIMEOUT_S; during one, the generation's own timeout bounds it."""
+
+    def __init__(self, stream, protocol: InferProtocol) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self._requests_in, self.requests = trio.open_memory_channel[Request](1)
+        self.running: TokenSender | None = None
+        self.error: ProtocolError | None = None
+        self.quiet_end = False                 # the error came between requests, before any byte of the next
+        self._idle_bytes = 0
+        self._deadline = trio.current_time() + limits.REQUEST_READ_TIMEOUT_S
+        self._scope: trio.CancelScope | None = None      # the read in progress
+
+    def generating(self, sender: TokenSender) -> None:
+        self.running = sender
+
+    def idle(self) -> None:
+        """The request ended: the next must come within REQUEST_READ_TIMEOUT_S."""
+        self.running = None
+        self._idle_bytes = self.protocol.bytes_received
+        self._set_deadline(trio.current_time() + limits.REQUEST_READ_TIMEOUT_S)
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._scope is not None:
+            self._scope.deadline = deadline
+
+    async def run(self) -> None:
+        async with self._requests_in:
+            try:
+                while True:
+                    frame = await self._next()
+                    if isinstance(frame, Request):
+                        self._set_deadline(math.inf)            # the generation's own timeout bounds it
+                        self._requests_in.send_nowait(frame)     # the state machine allows one at a time
+                    elif self.running is None:                 # crossed the final frame: ignored
+                        self._idle_bytes = self.protocol.bytes_received
+                    elif isinstance(frame, More):
+                        self.running.wake()
+                    else:                                       # cancel
+                        self.running.cancelled.set()
+            except ProtocolError as exc:
+                self.error = exc
+                self.quiet_end = self.running is None and self.protocol.bytes_received == self._idle_bytes
+                if self.running is not None:
+                    self.running.cancelled.set()
+
+    async def _next(self):
+        with trio.CancelScope(deadline=self._deadline) as self._scope:
+            return await read_frame(self.stream, self.protocol, math.inf)
+        raise FrameTimeout(f"no request within {limits.REQUEST_READ_TIMEOUT_S:g} s")
 
 
 class TokenSender:

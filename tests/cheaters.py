@@ -77,10 +77,10 @@ class ProbeAwareProvider(ProviderService):
 
     probe_tenant: str = ""
 
-    async def _generate(self, stream, protocol, request, ticket, engine):
+    async def _generate(self, stream, protocol, request, ticket, engine, reader):
         type(self).seen.append((ticket, request))
         engine.honest = ticket.tenant == self.probe_tenant
-        return await super()._generate(stream, protocol, request, ticket, engine)
+        return await super()._generate(stream, protocol, request, ticket, engine, reader)
 
 
 ProbeAwareProvider.seen = []

@@ -22,7 +22,7 @@ from llorch.ledger.verify import read_sqlite_entries
 from llorch.node.wire.frames import Cancel, Final, More, Request, encode_frame
 from llorch.node.p2p import running_host
 from llorch.node.run import build_attestation
-from llorch.node.service import EnginePool, ProviderService
+from llorch.node.service import EnginePool, GatewayReader, ProviderService
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID, InferProtocol, Role
 from llorch.node.config import NodeConfig
 from llorch.node.stream_io import now_ms, read_frame, write_frame
@@ -242,8 +242,12 @@ async def test_a_provider_that_closes_the_stream_after_each_request_is_still_ser
 
     class OneRequestPerStream(ProviderService):
         async def _serve(self, stream, protocol) -> None:
-            request = await read_frame(stream, protocol, 10)
-            await self._serve_one(stream, protocol, request)
+            reader = GatewayReader(stream, protocol)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader.run)
+                request = await reader.requests.receive()
+                await self._serve_one(stream, protocol, request, reader)
+                nursery.cancel_scope.cancel()
 
     async with provider_and_gateway(tmp_path, slots=2, service_class=OneRequestPerStream) as \
             (gateway_key, provider_key, gateway_p2p, _, attestation, _):
