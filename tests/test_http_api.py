@@ -10,6 +10,7 @@ import json
 
 import httpx
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from llorch.node.stream_io import now_ms
 from tests.helpers import MODEL_ID
@@ -316,3 +317,18 @@ async def test_a_database_that_fails_under_a_request_is_a_503_with_retry_after_a
         await built.database.execute("PRAGMA query_only = 0")
     assert await table_counts(built) == before
     assert (await client.post("/v1/chat/completions", json=chat_body())).status_code == 200
+
+
+@settings(max_examples=300, deadline=None)
+@given(piece=st.text(), index=st.integers(0, 3), chat=st.booleans())
+def test_a_content_chunk_from_its_template_is_the_chunk_byte_for_byte(piece, index, chat):
+    """The relay writes a token's chunk from a template made once per choice (only the text is encoded per token):
+    what the customer reads is exactly the chunk built whole, for any text (quotes, controls, surrogates, emoji)."""
+    from llorch.gateway.api.http_api import ChatStreamResponse
+    from llorch.gateway.api.openai_api import ChatRequest, CompletionRequest
+
+    request = (ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=4) if chat
+               else CompletionRequest(model="m", prompt="hi", n=4))
+    response = ChatStreamResponse(None, request, None)   # type: ignore[arg-type]
+    assert response._content_line(index, piece) == response._event_line(index, {"content": piece}, None)
+    assert response._content_line(index, piece + "x") == response._event_line(index, {"content": piece + "x"}, None)
