@@ -9,8 +9,9 @@ batch (about 10 µs an attestation), the other core the checks. A worker *thread
 parsing holds the GIL (only the signature check releases it), and the hand-offs nearly doubled the process's CPU
 (measured with bench/market_scale.py).
 
-While checks come one or two at a time (a small market, the tests, the demo) they are done inline, as before, and no
-worker process is started. A worker that dies is replaced; the batch it held is checked inline.
+While checks come at fewer than 200 a second (a market of up to about 1,000 providers, the tests, the demo) they are
+done inline, as before, and no worker process is started. A worker that dies is replaced; the batch it held is
+checked inline.
 """
 
 from __future__ import annotations
@@ -59,13 +60,15 @@ class _Check:
 
 class AttestationChecks:
     """``check`` waits for one attestation's verdict; ``run`` (a supervised long-lived task) does the checks: inline
-    while fewer than ATTESTATION_BATCH_MIN wait at once, else up to ATTESTATION_BATCH_MAX at a time in the worker."""
+    until ATTESTATION_WORKER_RATE_MIN arrive within a second, then in the worker, up to ATTESTATION_BATCH_MAX at a
+    time (what arrived while the previous batch was out)."""
 
-    def __init__(self, relays: frozenset[str], batch_min: int = limits.ATTESTATION_BATCH_MIN,
+    def __init__(self, relays: frozenset[str], rate_min: float = limits.ATTESTATION_WORKER_RATE_MIN,
                  batch_max: int = limits.ATTESTATION_BATCH_MAX) -> None:
         self.relays = relays
-        self.batch_min = batch_min
+        self.rate_min = rate_min
         self.batch_max = batch_max
+        self._second = (0.0, 0)          # (when the current second began, checks asked for in it)
         self.batches_in_worker = 0
         self.checked_inline = 0
         self._waiting: list[_Check] = []
@@ -93,11 +96,14 @@ class AttestationChecks:
         try:
             while True:
                 await self._arrived.wait()
+                if self._pool is not None:           # let the validations arriving with this one join its batch
+                    await trio.sleep(limits.ATTESTATION_BATCH_WAIT_S)
                 self._arrived = trio.Event()
                 while self._waiting:
                     batch, self._waiting = self._waiting[:self.batch_max], self._waiting[self.batch_max:]
                     items = [(check.data, check.sender_key, check.now) for check in batch]
-                    outcomes = await self._in_worker(items) if len(batch) >= self.batch_min else None
+                    # once the worker runs, every batch goes there: checks arriving meanwhile make the next one
+                    outcomes = await self._in_worker(items) if self._busy(len(batch)) else None
                     if outcomes is None:
                         outcomes = check_batch(items, self.relays)
                         self.checked_inline += len(items)
@@ -108,6 +114,18 @@ class AttestationChecks:
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
+
+    def _busy(self, arrived: int) -> bool:
+        """Whether checks go to the worker: it runs, or this second's checks reached ``rate_min``."""
+        began, count = self._second
+        now = trio.current_time()
+        self._second = (began, count + arrived) if now - began < 1.0 else (now, arrived)
+        return self._pool is not None or self._second[1] >= self.rate_min
+
+    async def warm(self) -> None:
+        """Start the worker process now and wait until it answers (it imports what checking needs: about a second
+        of CPU), instead of at the first batch."""
+        await self._in_worker([])
 
     async def _in_worker(self, items: list[tuple[bytes, bytes | None, int]]) -> list[Outcome] | None:
         """The batch's verdicts from the worker process (started on first need), or None if it failed (it is

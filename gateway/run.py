@@ -127,7 +127,7 @@ async def _follow(p2p: P2P, directory: ProviderDirectory, providers: ProviderBoo
         try:
             attestation = checked.take(message.data, _sender_key(message), now_ms(), relays)
             known = directory.get(attestation.provider_key)
-            approved = attestation.provider_key in await providers.approved_keys()
+            approved = attestation.provider_key in await providers.approved_keys(limits.GOSSIP_APPROVALS_RECHECK_S)
             directory.observe(attestation, approved)
             if approved and attestation.slots_free:
                 on_free_slots(attestation.slots_free)        # wake that many queued requests to try again

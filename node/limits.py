@@ -29,6 +29,7 @@ ATTESTATION_INTERVAL_MS_DEFAULT = 5_000
 ATTESTATION_LIFETIME_INTERVALS = 3        # expires_at = issued_at + 3 intervals
 ATTESTATION_SPACING_MS_MIN = 250          # no two attestations closer than this (capacity changes trigger one)
 ATTESTATION_CLOCK_SKEW_MS = 30_000
+GOSSIP_VALIDATIONS_AT_ONCE_MAX = 64       # messages a host validates at once (py-libp2p: 10), so a gateway's checks batch
 ATTESTATION_ADDRS_MAX = 8
 ADDRS_PARSED_KEPT = 32_768                # multiaddr strings whose parse is kept (a gateway sees each provider's every few s)
 ATTESTATION_INTERVAL_MS_MAX = 60_000      # node.attestation_interval_ms may not be longer

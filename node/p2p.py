@@ -139,7 +139,8 @@ async def running_host(key: SigningKey, listen_addr: str,
                                                       low_watermark=0))
     gossipsub = GossipSub(protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, GOSSIPSUB_V10], degree=6, degree_low=4,
                           degree_high=12, heartbeat_initial_delay=0.1, heartbeat_interval=1)
-    pubsub = Pubsub(host, gossipsub, msg_id_constructor=message_id)
+    pubsub = Pubsub(host, gossipsub, msg_id_constructor=message_id,
+                    max_concurrent_validator_count=limits.GOSSIP_VALIDATIONS_AT_ONCE_MAX)
     try:
         async with host.run(listen_addrs=[Multiaddr(listen_addr)]):
             if not host.get_addrs():              # lost a race for the port since the check: libp2p logged why
