@@ -90,7 +90,7 @@ def time_period(ms: int) -> str:
     return time.strftime("%Y-%m", time.gmtime(ms // 1000))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(months=st.lists(month_events, min_size=1, max_size=3), minimum=st.sampled_from([0, 10_000_000, 25_000_000]))
 def test_payout_runs_never_pay_more_than_earned_and_never_twice(tmp_path_factory, months, minimum):
     trio.run(_runs, tmp_path_factory.mktemp("payouts"), months, minimum)
