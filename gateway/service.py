@@ -365,11 +365,12 @@ class Gateway:
             self.metrics.placement_failure("resume")
             raise ProviderFailed(f"the provider failed mid-stream and no other provider of its determinism class "
                                  f"could resume it ({summary})")
-        if failures and all(failure.refusal in (Refusal.BUSY, Refusal.SUSPENDED) for failure in failures):
+        if any(failure.refusal is Refusal.BUSY for failure in failures):
+            # A busy provider frees its slot soon: wait for it (those that failed are backed off meanwhile), not 502
             self.metrics.placement_failure("busy")
             where = "certified EU provider" if job.tenant.eu_only else "eligible provider"
-            raise AllBusy(f"no {where} has capacity for {job.request.model} right now: every one is busy; "
-                          f"retry shortly")
+            raise AllBusy(f"no {where} has capacity for {job.request.model} right now: every one is busy or "
+                          f"failed ({summary}); retry shortly")
         self.metrics.placement_failure("failed")
         raise ProviderFailed(f"no provider could serve the request ({summary})")
 

@@ -112,3 +112,35 @@ async def test_a_customer_who_hangs_up_its_http_connection_while_queued_is_never
         await trio.sleep(0.5)                                              # the slot is free again by now
         assert await m.rows("SELECT request_id FROM tickets WHERE tenant = 'caller'") == []
         assert await m.rows("SELECT * FROM postings WHERE tenant = 'caller'") == []
+
+
+class FailingEngine:
+    """Test-only: every generation fails before its first token (engine_failed), like a provider that broke."""
+
+    @staticmethod
+    def make():
+        from llorch.inference.echo import EchoEngine
+        from llorch.inference.errors import EngineError
+
+        class Failing(EchoEngine):
+            async def generate(self, prepared, emit):
+                raise EngineError("this test engine always fails")
+        return Failing
+
+
+async def test_one_provider_failing_while_the_other_is_busy_waits_for_the_busy_one_instead_of_502(tmp_path):
+    """Before: with B's only slot taken and A failing (a provider that died: behind NAT, a killed node is tried
+    until its attestation expires), the customer got 502 "no provider could serve the request" though B would be
+    free a moment later (a CI run of tests/test_behind_nat.py found it). Now a request that found a busy provider
+    waits in the admission queue for it, and is served."""
+    async with market(tmp_path, {"busy": {"delay_s": 0.05}, "broken": {"engine": FailingEngine.make()}},
+                      tenants={"acme": {"max_concurrent": 8}}) as m:
+        served: list = []
+        async with trio.open_nursery() as nursery:
+            async def occupy() -> None:
+                served.append(await m.complete("acme", {**BODY, "max_tokens": 20, "seed": 1}))
+            nursery.start_soon(occupy)                 # holds busy's only slot for about a second
+            await trio.sleep(0.2)
+            served.append(await m.complete("acme", {**BODY, "seed": 2}))
+        busy = m.providers["busy"].key.peer_id
+        assert [completion.provider_peer_id for completion in served] == [busy, busy]
