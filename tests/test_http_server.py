@@ -244,3 +244,30 @@ async def test_a_drain_finishes_what_is_served_refuses_new_connections_and_close
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 200 ") and b"connection: close" in answer.lower()
     assert drain.requests == 0 and trio.current_time() - started < 2
+
+
+async def test_a_connection_opened_before_the_drain_gets_its_request_answered(nursery):
+    """A client that connected just before the SIGTERM and sends its request just after is served (with Connection:
+    close), not hung up on: it saw its connection accepted, so it cannot know to go elsewhere. Before: the drain
+    closed it as if it were an idle keep-alive connection, and the client read "Server disconnected without sending
+    a response" (a CI run of test_replicas' rolling restart hit it). A connection that never sends a request holds
+    the drain up at most DRAIN_FRESH_S."""
+    drain = http_server.Drain()
+    bound = await nursery.start(partial(http_server.serve_http, app, "127.0.0.1", 0, drain=drain))
+    port = int(bound[0].rsplit(":", 1)[1])
+    fresh = await trio.open_tcp_stream("127.0.0.1", port)
+    silent = await trio.open_tcp_stream("127.0.0.1", port)          # connects, never asks
+    await trio.sleep(0.1)                                             # both accepted by the server
+    started = trio.current_time()
+    async with trio.open_nursery() as inner:
+        inner.start_soon(drain)
+        await trio.sleep(0.05)
+        await fresh.send_all(b"GET /late HTTP/1.1\r\nHost: h\r\n\r\n")
+        answer = b""
+        with trio.fail_after(5):
+            while chunk := await fresh.receive_some(65536):
+                answer += chunk
+            assert await silent.receive_some(65536) == b""            # closed once its grace ran out
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"connection: close" in answer.lower(), answer
+    assert b'"path": "/late"' in answer
+    assert trio.current_time() - started < http_server.DRAIN_FRESH_S + 1

@@ -38,6 +38,8 @@ SEND_TIMEOUT_S = 30.0                # the longest a write to the client may blo
 CONNECTIONS_MAX = 1_024              # client connections served at once; more wait their turn...
 CONNECTION_WAIT_S = 5.0              # ... this long at most, then are answered 503
 DRAIN_S = 10.0                       # a graceful stop gives the requests being served this long to finish
+DRAIN_FRESH_S = 1.0                  # ... and a connection accepted before it, its request not yet sent, this long
+                                     # to send it (then it is served too)
 READ_BYTES = 64 * 1024
 SERVER = b"llorch"
 
@@ -47,14 +49,18 @@ App = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[
 class Drain:
     """A graceful stop (a deployment's SIGTERM): ``await drain()`` stops accepting connections, closes idle
     keep-alive ones, answers what is being served with ``Connection: close``, and waits, at most DRAIN_S, for the
-    requests being served to finish. Meanwhile a load balancer sees new connections refused (and the gateway's
-    /healthz says "draining", 503) and sends customers to another replica: nobody's request is cut."""
+    requests being served to finish. A connection accepted before the drain that has not sent its request yet is
+    not idle: its client saw it accepted and is sending; it gets DRAIN_FRESH_S to do so and is served (Go's
+    http.Server.Shutdown does the same for its new connections). Meanwhile a load balancer sees new connections
+    refused (and the gateway's /healthz says "draining", 503) and sends customers to another replica: nobody's
+    request is cut."""
 
     def __init__(self) -> None:
         self.draining = False
         self.requests = 0                            # being served now
         self._accepting: trio.CancelScope | None = None
-        self._idle: set[trio.CancelScope] = set()    # connections waiting for their next request
+        self._idle: set[trio.CancelScope] = set()    # keep-alive connections waiting for their next request
+        self._fresh: set[trio.CancelScope] = set()   # connections waiting for their first request
 
     async def __call__(self) -> None:
         self.draining = True
@@ -62,9 +68,13 @@ class Drain:
             self._accepting.cancel()
         for scope in list(self._idle):
             scope.cancel()
+        for scope in list(self._fresh):
+            scope.deadline = min(scope.deadline, trio.current_time() + DRAIN_FRESH_S)
         with trio.move_on_after(DRAIN_S):
-            while self.requests:
-                await trio.sleep(0.02)
+            while True:
+                await trio.sleep(0.02)               # first: a connection accepted a moment ago starts serving
+                if not self.requests and not self._fresh:
+                    break
         if self.requests:
             log.warning("%d requests still running after %g s of draining: they are cut", self.requests, DRAIN_S)
 
@@ -131,16 +141,21 @@ class Connection:
         self.eof = trio.Event()              # the client closed its side (or the connection broke)
 
     async def serve(self) -> None:
+        fresh = True                         # no request on this connection yet
         try:
             while True:
-                if self.drain.draining and not self.h11.trailing_data[0]:
+                if self.drain.draining and not fresh and not self.h11.trailing_data[0]:
                     return                   # idle while the server drains: closed, the client reconnects elsewhere
                 with trio.move_on_after(REQUEST_WAIT_S) as waited:
-                    self.drain._idle.add(waited)
+                    if self.drain.draining:              # accepted just before the drain: a short grace
+                        waited.deadline = min(waited.deadline, trio.current_time() + DRAIN_FRESH_S)
+                    waiting = self.drain._fresh if fresh else self.drain._idle
+                    waiting.add(waited)
                     try:
                         event = await self._next_event()
                     finally:
-                        self.drain._idle.discard(waited)
+                        waiting.discard(waited)
+                fresh = False
                 if waited.cancelled_caught:
                     return
                 if isinstance(event, h11.ConnectionClosed):
