@@ -2,7 +2,7 @@
 
 Checking one attestation (canonical msgpack, every field, the addresses, the Ed25519 signature) is a pure function of
 its bytes, the sender's key, the time and the accepted relays, and costs about 0.3 ms of CPU: 2,000 a second (10,000
-providers attesting every 5 s) would take 60% of the event loop's core. ``AttestationChecks`` takes the checks the
+busy providers whose slots change every few seconds) would take 60% of the event loop's core. ``AttestationChecks`` takes the checks the
 GossipSub topic validator asks for (py-libp2p runs up to 10 asynchronous validations at once) and, while they come
 in numbers, checks them in batches in a worker process: the event loop pays one thread hop and the pickling of a
 batch (about 10 µs an attestation), the other core the checks. A worker *thread* saved the event loop little:

@@ -176,9 +176,10 @@ class LocalNetwork:
 
     def start_node(self, name: str, price_in: int = 100_000, price_out: int = 200_000, country: str = "DE",
                    threads: int = 1, extra: str = "", approve: bool = True, certify: bool = True,
-                   also_trusted: tuple[str, ...] = ()) -> dict:
+                   also_trusted: tuple[str, ...] = (), attestation_interval_ms: int | None = 1000) -> dict:
         """Start a provider node, register it with the gateway, and (as the operator) approve it and certify its
-        geo claim unless told otherwise."""
+        geo claim unless told otherwise. Its heartbeat is 1 s unless told otherwise (None: the default, 30 s), so
+        a node that stops answering without closing its connection (SIGSTOP) is out of placement within 3 s."""
         assert self.gateway is not None, "start the gateway first"
         gateways = [process.started_state() for process in (self.gateway, *self.replicas)]
         self.key(name)
@@ -190,8 +191,8 @@ class LocalNetwork:
             f"bootstrap = {json.dumps([addr for state in gateways for addr in state['multiaddrs']])}\n"
             f"trusted_gateways = {json.dumps([state['peer_id'] for state in gateways] + list(also_trusted))}\n"
             f"threads_per_slot = {threads}\n"
-            f"attestation_interval_ms = 1000\n"
-            f"price_in_per_1m = {price_in}\n"
+            + ("" if attestation_interval_ms is None else f"attestation_interval_ms = {attestation_interval_ms}\n")
+            + f"price_in_per_1m = {price_in}\n"
             f"price_out_per_1m = {price_out}\n"
             f'country = "{country}"\n'
             f'state_file = "{name}.state.json"\n'

@@ -6,8 +6,10 @@ import logging
 from collections import OrderedDict
 
 import trio
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from multiaddr import Multiaddr
 from libp2p.tools.anyio_service import background_trio_service
 
 from llorch.gateway.config import GatewayConfig
@@ -106,17 +108,59 @@ def attestation_validator(directory: ProviderDirectory, metrics: Metrics, checks
     return validate
 
 
+class Departures(INotifee):
+    """Told by the gateway's libp2p network of every closed connection: when the last one to a peer closes, a
+    provider of that key is taken out of placement (``ProviderDirectory.departed``) until it attests again. A node
+    killed, powered off cleanly or cut off is out at once instead of when its attestation expires (three slow
+    heartbeats); a live node redials its gateways at once and re-announces within a second (node/p2p.py
+    ``keep_connected``). A peer that vanishes without its connection closing (power cut, cable pulled) stays until
+    its attestation expires, and the requests placed on it meanwhile fail over."""
+
+    def __init__(self, directory: ProviderDirectory) -> None:
+        self.directory = directory
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        peer = conn.muxed_conn.peer_id
+        if peer in network.connections:             # another connection to it is still open (or it came back)
+            return
+        provider_key = peer_key_of(peer)
+        if provider_key is not None and self.directory.placeable(provider_key) is not None:
+            log.info("provider %s disconnected: not placed on until it attests again", peer)
+            self.directory.departed(provider_key)
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+
 async def follow_attestations(p2p: P2P, directory: ProviderDirectory, providers: ProviderBook,
                               metrics: Metrics, on_free_slots=lambda count: None,
                               relays: frozenset[str] = frozenset(), clock: AttestationClock | None = None) -> None:
-    """Drain the attestation subscription into the directory (a full subscription channel would drop messages).
-    ``relays``: the peer ids whose relayed provider addresses are accepted (docs/protocol.md §5); ``clock``
-    records when approved providers attested, for their uptime (gateway/market/sla.py)."""
+    """Drain the attestation subscription into the directory (a full subscription channel would drop messages),
+    and take out of it providers whose connection closed (``Departures``). ``relays``: the peer ids whose relayed
+    provider addresses are accepted (docs/protocol.md §5); ``clock`` records when approved providers attested, for
+    their uptime (gateway/market/sla.py)."""
     checked, checks = CheckedAttestations(), AttestationChecks(relays)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(checks.run)
-        p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics, checks, checked), True)
-        await _follow(p2p, directory, providers, metrics, on_free_slots, relays, clock, checked)
+    departures, network = Departures(directory), p2p.host.get_network()
+    network.register_notifee(departures)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(checks.run)
+            p2p.pubsub.set_topic_validator(TOPIC, attestation_validator(directory, metrics, checks, checked), True)
+            await _follow(p2p, directory, providers, metrics, on_free_slots, relays, clock, checked)
+    finally:
+        network.remove_notifee(departures)
 
 
 async def _follow(p2p: P2P, directory: ProviderDirectory, providers: ProviderBook, metrics: Metrics, on_free_slots,

@@ -25,7 +25,8 @@ TICKET_LIFETIME_MS_MAX = 10 * 60_000
 
 # Attestations (gossip).
 ATTESTATION_BYTES_MAX = 8 * 1024
-ATTESTATION_INTERVAL_MS_DEFAULT = 5_000
+ATTESTATION_INTERVAL_MS_DEFAULT = 30_000  # the heartbeat: a change of slots or models attests at once; a gateway
+                                          # takes a provider whose connection closed out of placement at once
 ATTESTATION_LIFETIME_INTERVALS = 3        # expires_at = issued_at + 3 intervals
 ATTESTATION_SPACING_MS_MIN = 250          # no two attestations closer than this (capacity changes trigger one)
 ATTESTATION_CLOCK_SKEW_MS = 30_000

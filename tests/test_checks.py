@@ -80,6 +80,24 @@ def test_directory_requires_increasing_seq():
     assert directory.fresh(NOW + 10_000) == []
 
 
+def test_a_departed_provider_is_out_until_a_newer_attestation_and_a_replay_does_not_bring_it_back():
+    key, other = SigningKey.generate(), SigningKey.generate()
+    directory = ProviderDirectory()
+    told: list[bytes] = []
+    directory.changed = told.append
+    directory.observe(parse_attestation(sealed_attestation(key, seq=5), key.public_key, NOW))
+    directory.departed(other.public_key)                 # a peer the directory does not know: nothing happens
+    directory.departed(key.public_key)
+    directory.departed(key.public_key)                   # told once
+    assert directory.fresh(NOW) == [] and directory.placeable(key.public_key) is None
+    assert told == [key.public_key, key.public_key]      # observed, departed
+    with pytest.raises(AttestationRejected, match="replay"):   # its last attestation again: still out
+        directory.observe(parse_attestation(sealed_attestation(key, seq=5), key.public_key, NOW))
+    assert directory.fresh(NOW) == []
+    directory.observe(parse_attestation(sealed_attestation(key, seq=6), key.public_key, NOW))
+    assert [a.seq for a in directory.fresh(NOW)] == [6] and directory.placeable(key.public_key) is not None
+
+
 def test_a_flood_of_unapproved_keys_never_pushes_out_an_approved_provider():
     from llorch.gateway import limits as gateway_limits
     honest = SigningKey.generate()
@@ -186,3 +204,16 @@ def test_receipt_signed_by_someone_else_is_rejected(keys):
     receipt = receipt_for(impostor, ticket, ticket_bytes, "hello")
     with pytest.raises(ReceiptRejected, match="provider_key"):
         check_receipt(receipt, ticket, ticket_bytes, SALT, PROMPT, "hello")
+
+
+def test_an_attestation_waiting_in_the_pending_pool_counts_once_its_provider_is_approved():
+    """With a 30 s heartbeat, the attestation a node sent before the operator approved it must not wait for the
+    next one: approval takes it from the pending pool (gateway/market/view.py calls ``approved``)."""
+    key = SigningKey.generate()
+    directory = ProviderDirectory()
+    directory.observe(parse_attestation(sealed_attestation(key, seq=5), key.public_key, NOW), approved=False)
+    assert directory.fresh(NOW) == [] and directory.pending() == 1
+    directory.approved(key.public_key)
+    assert [a.seq for a in directory.fresh(NOW)] == [5] and directory.pending() == 0
+    directory.approved(key.public_key)                   # nothing pending any more: no change
+    assert [a.seq for a in directory.fresh(NOW)] == [5]

@@ -373,7 +373,7 @@ def build_app(gateway: Gateway) -> FastAPI:
                                               "be a 503): a load balancer sends customers elsewhere."}})
     async def healthz() -> JSONResponse:
         """Readiness, for a load balancer's health check (GET /livez says only that the process is up)."""
-        providers = len(gateway.directory.fresh(now_ms()))
+        providers = await gateway.market.ready_providers()
         if gateway.drain is not None and gateway.drain.draining:
             return JSONResponse({"status": "draining", "providers": providers, "models": [],
                                  "reason": "this replica is stopping: it finishes what it serves and takes nothing "

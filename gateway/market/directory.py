@@ -1,7 +1,9 @@
 """The gateway's view of the market: the latest valid attestation of every provider, fed by gossip.
 
 Attestations arrive on ``llorch/attestations/1``; ``observe`` keeps one per provider and enforces that seq strictly
-increases (a replayed or reordered attestation is dropped with a logged reason).
+increases (a replayed or reordered attestation is dropped with a logged reason). ``departed`` takes a provider out
+of placement before its attestation expires: the gateway's last libp2p connection to it closed (gateway/run.py
+``Departures``); its next attestation brings it back.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class ProviderDirectory:
         self._latest: dict[bytes, Attestation] = {}
         self._pending: dict[bytes, Attestation] = {}
         self._excluded: set[bytes] = set()       # providers caught forking their ledger: never placed on
+        self._departed: set[bytes] = set()       # kept attestations whose provider's connection closed since
         self.changed: Callable[[bytes], None] = lambda provider_key: None   # told each key whose entry changed
 
     @property
@@ -54,12 +57,10 @@ class ProviderDirectory:
         self.check_newer(attestation)
         key = attestation.provider_key
         known = self.get(key)
+        self._departed.discard(key)
         if approved:
             self._pending.pop(key, None)
-            if known is None and len(self._latest) >= limits.ATTESTATIONS_KEPT_MAX:
-                self._forget_expired_or_oldest()
-            self._latest[key] = attestation
-            self.changed(key)
+            self._keep_approved(attestation, known is None)
             return
         if self._latest.pop(key, None) is not None:   # suspended or never approved: back to the pending pool
             self.changed(key)
@@ -68,13 +69,36 @@ class ProviderDirectory:
             del self._pending[next(iter(self._pending))]          # the oldest pending entry
         self._pending[key] = attestation
 
+    def approved(self, provider_key: bytes) -> None:
+        """The operator approved (or readmitted) ``provider_key``: its attestation waiting in the pending pool counts
+        from now, without waiting for its next one (a heartbeat may be 30 s away)."""
+        attestation = self._pending.pop(provider_key, None)
+        if attestation is not None:
+            self._keep_approved(attestation, provider_key not in self._latest)
+
+    def _keep_approved(self, attestation: Attestation, new: bool) -> None:
+        if new and len(self._latest) >= limits.ATTESTATIONS_KEPT_MAX:
+            self._forget_expired_or_oldest()
+        self._latest[attestation.provider_key] = attestation
+        self.changed(attestation.provider_key)
+
+    def departed(self, provider_key: bytes) -> None:
+        """The gateway's last connection to ``provider_key`` closed: its kept attestation no longer counts (the
+        provider is not placed on, witnessed or counted ready) until a newer one arrives."""
+        if provider_key in self._latest and provider_key not in self._departed:
+            self._departed.add(provider_key)
+            self.changed(provider_key)
+
     def fresh(self, now_ms: int) -> list[Attestation]:
-        """Unexpired attestations of approved providers that are not excluded."""
-        return [a for a in self._latest.values() if a.expires_ms > now_ms and a.provider_key not in self._excluded]
+        """Unexpired attestations of approved providers that are neither excluded nor departed."""
+        return [a for a in self._latest.values() if a.expires_ms > now_ms and a.provider_key not in self._excluded
+                and a.provider_key not in self._departed]
 
     def placeable(self, provider_key: bytes) -> Attestation | None:
-        """The kept attestation of an approved provider that is not excluded (expired or not)."""
-        return None if provider_key in self._excluded else self._latest.get(provider_key)
+        """The kept attestation of an approved provider that is neither excluded nor departed (expired or not)."""
+        if provider_key in self._excluded or provider_key in self._departed:
+            return None
+        return self._latest.get(provider_key)
 
     def get(self, provider_key: bytes) -> Attestation | None:
         return self._latest.get(provider_key) or self._pending.get(provider_key)
@@ -85,4 +109,5 @@ class ProviderDirectory:
     def _forget_expired_or_oldest(self) -> None:
         oldest = min(self._latest.values(), key=lambda a: a.expires_ms)
         del self._latest[oldest.provider_key]
+        self._departed.discard(oldest.provider_key)
         self.changed(oldest.provider_key)

@@ -56,6 +56,11 @@ class MarketView:
         await self._sync_records()
         return self.index.rank(need, now_ms(), count)
 
+    async def ready_providers(self) -> int:
+        """How many approved providers have a fresh attestation here (for /healthz)."""
+        await self._sync_records()
+        return len(self.directory.fresh(now_ms()))
+
     async def provider_views(self) -> list[ProviderView]:
         """Every fresh provider's view (for pages, probes and the reasons nobody is eligible: it reads them all)."""
         await self._sync_records()
@@ -71,6 +76,9 @@ class MarketView:
                        if records.get(key) != self._records.get(key)}
             self._records, self._records_seen = records, book
             for key in changed:
+                record = records.get(key)
+                if record is not None and record.approved:
+                    self.directory.approved(key)          # its pending attestation counts now (refiled if so)
                 self._refile(key)
         for key in list(self._suspended_ms):
             record = self._records.get(key)
