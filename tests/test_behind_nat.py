@@ -274,8 +274,9 @@ def kill_and_restart(internet: SmallInternet, network: LocalNetwork, name: str, 
                      silent: bool = False) -> float:
     """SIGKILL node ``name``, call ``between()``, restart the node in its LAN and wait until it has a new connection
     to the gateway through its router; return the monotonic time of the restart. ``silent``: the node is frozen
-    (SIGSTOP) during ``between()`` and killed after it, so its connection stays open meanwhile, as a machine's that
-    lost power does (a killed node's connection closes, and the gateway takes it out of placement at once)."""
+    (SIGSTOP) for ``between()`` and killed after it (if ``between`` did not), so its connection stays open meanwhile,
+    as a machine's that hung (a killed node's connection closes, and the gateway takes it out of placement at
+    once)."""
     home = next(home for home in HOMES if home.host == name)
     before = internet.established_peers("public", gateway_port(network))
     process = next(process for process in network.nodes if process.name == name)
@@ -347,21 +348,31 @@ def test_node_a_killed_and_restarted_behind_its_nat_is_placed_on_again_within_15
 
 def test_node_a_tried_while_down_is_placed_on_again_within_15_s_of_its_restart(internet, client, network):
     a_peer = peer_ids(network)["a"]
+    a_key = public_key_of_peer_id(a_peer)
+    a_process = next(process for process in network.nodes if process.name == "a")
     log = network.workdir / "gateway.log"
 
+    def tickets_to_a(since_ms: int) -> int:
+        with sqlite3.connect(network.workdir / "gateway.sqlite", timeout=10) as db:
+            return db.execute("SELECT COUNT(*) FROM tickets WHERE provider_key = ? AND issued_ms >= ?",
+                              (a_key, since_ms)).fetchone()[0]
+
     def until_the_gateway_has_tried_a() -> None:
-        # A is frozen (its connection open, as a machine that lost power): two customers at once, so while B's one
-        # slot takes one of them the other is placed on A while its last attestation is valid (3 s), whatever A's
-        # standing from the test before (one at a time, a B ranked ahead of A took every request until A's
-        # attestation expired, and the gateway never tried A). A does not answer: the customer waits for the
-        # stream's open timeout (10 s) and is served by B.
+        # A is frozen (SIGSTOP: its connection stays open, as a machine's that hung), so the gateway still places on
+        # it. Two customers at once: B's one slot takes one of them, so the other is placed on A while its last
+        # attestation is valid (3 s), whatever A's standing from the test before (one at a time, a B ranked ahead
+        # of A took every request until A's attestation expired, and the gateway never tried A). Once a ticket to
+        # A is written, A is killed: its connection closes, that attempt fails, and B serves the customer.
+        frozen_ms = int(time.time() * 1000)
         with ThreadPoolExecutor(2) as pool:
-            for seed in range(500, 500 + REQUESTS_MAX, 2):
-                for served in pool.map(lambda s: chat(internet, client, s), (seed, seed + 1)):
-                    assert served.provider != a_peer                     # every customer is served, by B
-                if f"provider {a_peer} did not take" in log.read_text():
-                    return
-        raise AssertionError(f"the gateway never tried node A in {REQUESTS_MAX} requests while it was down")
+            customers = [pool.submit(chat, internet, client, seed) for seed in (500, 501)]
+            deadline = time.monotonic() + 10
+            while not tickets_to_a(frozen_ms) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            a_process.stop(signal.SIGKILL)
+            for customer in customers:
+                assert customer.result().provider != a_peer                # every customer is served, by B
+        assert f"provider {a_peer} did not take" in log.read_text(), "the gateway never tried node A while it was down"
 
     started = kill_and_restart(internet, network, "a", between=until_the_gateway_has_tried_a, silent=True)
     placed_s = seconds_until_placed_on(internet, client, network, "a", started)
