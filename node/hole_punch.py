@@ -22,8 +22,10 @@ itself every 2 s. Here:
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
+from dataclasses import dataclass
 
 import trio
 from libp2p.custom_types import TProtocol
@@ -39,6 +41,8 @@ from llorch.node.wire.dialback import Observation
 from llorch.node.wire.punch import PUNCH_PROTOCOL_ID, SYNC, FrameReader, Offer, sync_bytes
 
 log = logging.getLogger("llorch.punch")
+
+DIAL_ENDED_CHARS_MAX = 80                 # of one dial's failure in a punch's message
 
 
 class PunchFailed(Exception):
@@ -112,30 +116,59 @@ def _source(p2p: P2P, kind: str = "ip4") -> tuple[str, int]:
     raise PunchFailed(f"this host listens on no {kind} TCP port to punch from")
 
 
-async def _dial(p2p: P2P, peer: ID, ip: str, ports: tuple[int, ...], as_responder: bool) -> str | None:
-    """Dial ``ip`` at each of ``ports`` from our listen port, in up to PUNCH_ROUNDS rounds; the direct address
-    connected, or None. ``as_responder``: the punch's initiator upgrades its dials as the libp2p responder, so that
-    the one TCP connection a simultaneous open makes has one Noise initiator (the other side)."""
+def _dial_ended(exc: BaseException) -> str:
+    """How one dial failed, in a few words: the socket error's name if there is one under py-libp2p's wrapping
+    (``ECONNREFUSED``: the far router answered our SYN with a reset), else the exception's type and message."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return errno.errorcode.get(seen.errno, str(seen.errno))
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(exc).__name__}: {exc}"[:DIAL_ENDED_CHARS_MAX]
+
+
+@dataclass
+class Dials:
+    """What a punch's dials came to: the direct address connected (None if none) and how each dial of each round
+    ended, for the message that says why a punch failed."""
+
+    addr: str | None
+    rounds: list[list[str]]
+
+    def summary(self) -> str:
+        return "; ".join(f"round {n}: {', '.join(ends)}" for n, ends in enumerate(self.rounds, 1))
+
+
+async def _dial(p2p: P2P, peer: ID, ip: str, ports: tuple[int, ...], as_responder: bool) -> Dials:
+    """Dial ``ip`` at each of ``ports`` from our listen port, in up to PUNCH_ROUNDS rounds, until a direct
+    connection to ``peer`` exists. ``as_responder``: the punch's initiator upgrades its dials as the libp2p
+    responder, so that the one TCP connection a simultaneous open makes has one Noise initiator (the other side)."""
     network = p2p.host.get_network()
     dial = network.dial_addr_as_responder if as_responder else network.dial_addr
     kind = "ip6" if ":" in ip else "ip4"
     source = _source(p2p, kind)
+    rounds: list[list[str]] = []
 
-    async def one(port: int) -> None:
+    async def one(port: int, ends: list[str]) -> None:
+        ended = f"{port}: no answer within {limits.PUNCH_DIAL_TIMEOUT_S:g} s"
         with trio.move_on_after(limits.PUNCH_DIAL_TIMEOUT_S):
             try:
                 await dial(Multiaddr(f"/{kind}/{ip}/tcp/{port}"), peer, source)
+                ended = f"{port}: connected"
             except Exception as exc:  # refused, reset, handshake lost the race: the next round tries again
+                ended = f"{port}: {_dial_ended(exc)}"
                 log.debug("punch dial to %s:%s failed: %s: %s", ip, port, type(exc).__name__, exc)
+        ends.append(ended)
 
     for _ in range(limits.PUNCH_ROUNDS):
+        rounds.append([])
         async with trio.open_nursery() as nursery:
             for port in ports:
-                nursery.start_soon(one, port)
+                nursery.start_soon(one, port, rounds[-1])
         if (addr := direct_addr_to(p2p, peer)) is not None:
-            return addr
+            return Dials(addr, rounds)
         await trio.sleep(0.2)
-    return direct_addr_to(p2p, peer)
+    return Dials(direct_addr_to(p2p, peer), rounds)
 
 
 class Punches:
@@ -199,22 +232,24 @@ class Punches:
         with trio.CancelScope() as scope:
             self._dialling[peer] = scope
             try:
-                addr = await _dial(self.p2p, peer, ip, ports, as_responder=False)
+                dials = await _dial(self.p2p, peer, ip, ports, as_responder=False)
             finally:
                 if self._dialling.get(peer) is scope:
                     del self._dialling[peer]
         if scope.cancelled_caught:
             log.info("hole punch with %s: its newer punch replaced this one's dials", peer)
-        elif addr is None:
-            log.info("hole punch with %s at %s%s did not connect; it stays relayed", peer, ip, list(ports))
+        elif dials.addr is None:
+            log.info("hole punch with %s at %s%s did not connect; it stays relayed (%s)", peer, ip, list(ports),
+                     dials.summary())
         else:
-            self.reach.punched[peer.to_base58()] = (addr, int(time.time() * 1000))
-            log.info("hole punch with %s connected directly: %s", peer, addr)
+            self.reach.punched[peer.to_base58()] = (dials.addr, int(time.time() * 1000))
+            log.info("hole punch with %s connected directly: %s", peer, dials.addr)
 
 
 async def punch(p2p: P2P, peer: ID) -> str:
     """The initiator: over our relayed connection to ``peer``, swap signed observations through its relay, then
-    dial. Returns the direct address; PunchFailed says why not (the relayed connection is left as it was). On
+    dial, in up to PUNCH_ATTEMPTS attempts (each a fresh exchange, so a fresh moment for both SYNs: the timing is a
+    race). Returns the direct address; PunchFailed says why not (the relayed connection is left as it was). On
     success the relayed connection is closed, so new streams use the direct one."""
     direct = direct_addr_to(p2p, peer)
     if direct is not None:
@@ -225,7 +260,21 @@ async def punch(p2p: P2P, peer: ID) -> str:
     relay = relay_of(relayed[0].get_transport_addresses())
     assert relay is not None                        # ``relayed`` holds only connections through a relay
     _source(p2p)
-    ports = listen_ports(p2p)
+    tries: list[str] = []
+    for attempt in range(1, limits.PUNCH_ATTEMPTS + 1):
+        ip, ports, dials = await _punch_once(p2p, peer, relay)
+        if dials.addr is not None:
+            for conn in relayed:
+                await conn.close()
+            return dials.addr
+        tries.append(f"attempt {attempt}: {dials.summary()}")
+    raise PunchFailed(f"no direct connection to {ip} at {list(ports)} (the routers' way with unsolicited packets, "
+                      f"or the timing); the relayed connection stays ({'; '.join(tries)})")
+
+
+async def _punch_once(p2p: P2P, peer: ID, relay: str) -> tuple[str, tuple[int, ...], Dials]:
+    """One exchange of offers and the sync over a new punch stream, then the dials: the peer's observed IP, its
+    ports and what the dials came to. PunchFailed if the exchange fails (a node that does not punch, or refuses)."""
     stream, finished = None, False
     try:
         with trio.fail_after(limits.PUNCH_TIMEOUT_S):
@@ -233,7 +282,7 @@ async def punch(p2p: P2P, peer: ID) -> str:
             stream = await p2p.host.new_stream(peer, [TProtocol(PUNCH_PROTOCOL_ID)])
             reader = FrameReader(stream)
             sent = trio.current_time()
-            await stream.write(Offer(mine, ports).to_bytes())
+            await stream.write(Offer(mine, listen_ports(p2p)).to_bytes())
             offer, theirs = _check_offer(await reader.next(), relay, peer)
             round_trip = trio.current_time() - sent
             await stream.write(sync_bytes())
@@ -250,10 +299,4 @@ async def punch(p2p: P2P, peer: ID) -> str:
         if stream is not None:
             await close_quietly(stream, reset=not finished)
     await trio.sleep(min(round_trip / 2, 1.0))     # the sync reaches the responder, which dials at once
-    addr = await _dial(p2p, peer, theirs.ip, offer.ports, as_responder=True)
-    if addr is None:
-        raise PunchFailed(f"no direct connection to {theirs.ip} at {list(offer.ports)} (the routers' way with "
-                          f"unsolicited packets, or the timing); the relayed connection stays")
-    for conn in relayed:
-        await conn.close()
-    return addr
+    return theirs.ip, offer.ports, await _dial(p2p, peer, theirs.ip, offer.ports, as_responder=True)

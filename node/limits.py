@@ -60,6 +60,7 @@ OBSERVATION_REFRESH_MS = 480_000          # a node asks its gateway for a new on
 PUNCH_TIMEOUT_S = 10.0                    # a hole punch's exchange over the relayed connection, then its dials
 PUNCH_DIAL_TIMEOUT_S = 2.0                # one simultaneous-open dial
 PUNCH_ROUNDS = 3                          # dial rounds in one hole punch (the timing is a race; retry it)
+PUNCH_ATTEMPTS = 2                        # exchanges (each with its rounds) before a punch gives up and stays relayed
 PUNCHES_AT_ONCE_MAX = 4                   # hole punches a node answers at the same time (one per peer)
 DIALBACK_TIMEOUT_S = 15.0                 # open, ask and hear the answer (the gateway tries each port for 3 s)
 REACHABILITY_RECHECK_S = 300.0            # how often a node asks again whether it is directly reachable

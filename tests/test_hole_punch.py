@@ -196,3 +196,53 @@ async def test_a_punch_asked_again_while_the_last_ones_dials_still_run_is_answer
         with trio.fail_after(10):
             assert await punch(auditor_p2p, node_id)                 # and asks again at once
         assert set(world.reach.punched) == {auditor.peer_id}
+
+
+async def test_a_punch_whose_first_exchange_loses_the_race_connects_on_a_fresh_exchange(tmp_path, monkeypatch):
+    """The SYNs of one exchange did not cross (a loaded machine sent one late; here neither side dials at all in the
+    first exchange): the initiator gave up and stayed relayed after one exchange. Now it runs a fresh exchange, a
+    fresh moment for both SYNs, up to PUNCH_ATTEMPTS times."""
+    auditor = SigningKey.generate()
+    real_dial, calls = hole_punch._dial, []
+
+    async def first_exchange_dials_nothing(p2p, peer, ip, ports, as_responder):
+        calls.append(as_responder)
+        if calls.count(as_responder) == 1:
+            return hole_punch.Dials(None, [[f"{port}: no answer within 2 s" for port in ports]])
+        return await real_dial(p2p, peer, ip, ports, as_responder)
+
+    monkeypatch.setattr(hole_punch, "_dial", first_exchange_dials_nothing)
+    async with market(tmp_path) as world, running_host(auditor, LOOPBACK) as auditor_p2p:
+        node_id = world.node_p2p.host.get_id()
+        assert await connect_relayed(auditor_p2p, node_id, [world.circuit()])
+        with trio.fail_after(20):
+            assert await punch(auditor_p2p, node_id) == direct_addr_to(auditor_p2p, node_id)
+        assert sorted(calls) == [False, False, True, True]      # two exchanges, each side dialled in both
+        assert set(world.reach.punched) == {auditor.peer_id}
+
+
+async def test_a_failed_punch_says_how_each_dial_of_each_exchange_ended(tmp_path, monkeypatch):
+    """Every dial refused (the far router answers each SYN with a reset; here: a port nobody listens on): the error
+    names each exchange, each round and the socket's error, so a failed punch in the field (or in CI) says which
+    way it failed instead of only that it did."""
+    auditor = SigningKey.generate()
+    real_dial = hole_punch._dial
+    with trio.socket.socket() as closed:
+        await closed.bind(("127.0.0.1", 0))
+        nobody = closed.getsockname()[1]
+
+    async def to_nobody(p2p, peer, ip, ports, as_responder):
+        return await real_dial(p2p, peer, ip, (nobody,), as_responder)
+
+    monkeypatch.setattr(hole_punch, "_dial", to_nobody)
+    async with market(tmp_path) as world, running_host(auditor, LOOPBACK) as auditor_p2p:
+        node_id = world.node_p2p.host.get_id()
+        assert await connect_relayed(auditor_p2p, node_id, [world.circuit()])
+        with trio.fail_after(30), pytest.raises(PunchFailed) as failed:
+            await punch(auditor_p2p, node_id)
+        message = str(failed.value)
+        assert "the relayed connection stays" in message, message
+        for attempt in range(1, limits.PUNCH_ATTEMPTS + 1):
+            assert f"attempt {attempt}: round 1: {nobody}: ECONNREFUSED" in message, message
+        assert message.count("ECONNREFUSED") == limits.PUNCH_ATTEMPTS * limits.PUNCH_ROUNDS, message
+        assert direct_addr_to(auditor_p2p, node_id) is None
