@@ -4,17 +4,22 @@ Runs both in one process tree, interleaved round by round so machine noise hits 
 time to first token (TTFT) for each, and their ratios. The in-process engine and the node use the same model file,
 thread count, seed and sampling, so they generate the same tokens.
 
-Cores: one llama.cpp thread by default, so on a 2-core machine the engine has a core to itself on both paths and the
-network path's Python (gateway and node relaying frames) runs on the other; with 2 threads the relaying would steal
-time from a spinning ggml thread and measure the contention, not the path. Floor (the issue's): tokens/s through
-the network at least 0.97 x in-process, for 256-token outputs.
+Cores: one llama.cpp thread by default, and the cores split in two as if the provider's machine were apart from the
+gateway's and the customer's: the node (engine and relay) and the in-process engine run on the provider's share (the
+last core), the gateway and this script's HTTP client on the rest (``--no-pin``: the OS places everything). Unpinned
+on 2 cores, the OS sometimes put the node's engine thread beside the relaying gateway for a whole round, and the
+ratio fell near 0.88-0.91 or near 0.99-1.01 from run to run whatever the code; pinned, both paths get the same core
+and the ratio measures the path (the node's own relaying included). With 2 threads the relaying would steal time
+from a spinning ggml thread and measure the contention, not the path. Floor (the issue's): tokens/s through the
+network at least 0.97 x in-process, for 256-token outputs.
 
-    .venv/bin/python bench/e2e_overhead.py [--rounds 5] [--max-tokens 256] [--threads 1]
+    .venv/bin/python bench/e2e_overhead.py [--rounds 5] [--max-tokens 256] [--threads 1] [--no-pin]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -30,6 +35,24 @@ MODEL = catalog.DEFAULT_MODEL_ID
 MESSAGES = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 SEED, TEMPERATURE_PPM, TOP_P_PPM = 7, 800_000, 950_000
 FLOOR_RATIO = 0.97
+
+
+def pin(pid: int, cores: set[int]) -> None:
+    """Every thread of process ``pid`` and of its child processes onto ``cores`` (threads started later inherit it
+    from the thread that starts them)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), cores)
+        children = f"/proc/{pid}/task/{task}/children"
+        for child in open(children).read().split() if os.path.exists(children) else []:
+            pin(int(child), cores)
+
+
+def core_split(threads: int) -> tuple[set[int], set[int]] | None:
+    """(the provider's cores, the gateway's and the customer's), or None where there are too few to split."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < threads + 1:
+        return None
+    return set(cores[-threads:]), set(cores[:-threads])
 
 
 def in_process(engine: Engine, max_tokens: int) -> tuple[float, float, int]:
@@ -72,7 +95,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-pin", action="store_true", help="let the OS place every process on any core")
     args = parser.parse_args()
+    split = None if args.no_pin else core_split(args.threads)
 
     path = catalog.fetch(catalog.lookup(MODEL), log=lambda message: None)
     engine = Engine.load(MODEL, path.parent, threads=args.threads)
@@ -83,12 +108,20 @@ def main() -> None:
             network.start_node("node1", threads=args.threads)
             network.wait_for_providers(1)
             client = openai.OpenAI(base_url=network.base_url, api_key=network.api_key, max_retries=0, timeout=300)
-            in_process(engine, 8)                      # warm-up both paths
-            through_network(client, 8)
+            if split is not None:
+                provider, rest = split
+                pin(network.nodes[0].popen.pid, provider)
+                assert network.gateway is not None
+                pin(network.gateway.popen.pid, rest)
             local, remote = [], []
-            for _ in range(args.rounds):
-                local.append(in_process(engine, args.max_tokens))
-                remote.append(through_network(client, args.max_tokens))
+            for round in range(args.rounds + 1):       # round 0 warms both paths up
+                if split is not None:
+                    pin(os.getpid(), split[0])         # the in-process engine: the provider's share
+                local.append(in_process(engine, args.max_tokens if round else 8))
+                if split is not None:
+                    pin(os.getpid(), split[1])         # the customer's client: the gateway's share
+                remote.append(through_network(client, args.max_tokens if round else 8))
+            local, remote = local[1:], remote[1:]
         finally:
             network.stop()
 
@@ -96,6 +129,9 @@ def main() -> None:
     local_tps, remote_tps = statistics.median(r[0] for r in local), statistics.median(r[0] for r in remote)
     local_ttft, remote_ttft = statistics.median(r[1] for r in local), statistics.median(r[1] for r in remote)
     print(f"request: {local[0][2]} output tokens, seed {SEED}, {args.threads} threads, median of {args.rounds} rounds")
+    print("cores: " + ("any, as the OS places them (--no-pin)" if args.no_pin else
+                       f"too few to split ({len(os.sched_getaffinity(0))}), as the OS places them" if split is None else
+                       f"node and in-process engine on {sorted(split[0])}, gateway and client on {sorted(split[1])}"))
     print(f"in-process engine        : {local_tps:7.1f} tokens/s   TTFT {local_ttft * 1000:7.1f} ms")
     print(f"gateway → libp2p → node  : {remote_tps:7.1f} tokens/s   TTFT {remote_ttft * 1000:7.1f} ms")
     print(f"throughput ratio (network / in-process): {remote_tps / local_tps:.3f}")

@@ -113,8 +113,10 @@ class Departures(INotifee):
     provider of that key is taken out of placement (``ProviderDirectory.departed``) until it attests again. A node
     killed, powered off cleanly or cut off is out at once instead of when its attestation expires (three slow
     heartbeats); a live node redials its gateways at once and re-announces within a second (node/p2p.py
-    ``keep_connected``). A peer that vanishes without its connection closing (power cut, cable pulled) stays until
-    its attestation expires, and the requests placed on it meanwhile fail over."""
+    ``keep_connected``). A peer that vanishes without its connection closing (power cut, cable pulled) is found out
+    by the first request placed on it: ``Liveness`` (gateway/market/node_client.py) closes the connections of a
+    provider that does not answer a ping, and this takes it out; with no request, it stays until its attestation
+    expires."""
 
     def __init__(self, directory: ProviderDirectory) -> None:
         self.directory = directory

@@ -8,6 +8,7 @@ restarts."""
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import time
@@ -115,3 +116,82 @@ def test_a_killed_node_is_out_of_placement_at_once_and_back_when_restarted(net):
     assert out <= OUT_WITHIN_S, out
     assert served == 8 and tried_dead == 0, (served, tried_dead)
     assert back <= BACK_WITHIN_S, back
+
+
+FROZEN_COST_S_MAX = 12.0    # a customer placed on a frozen node is served by another within this
+
+
+def test_a_frozen_node_costs_one_customer_seconds_and_is_out_of_placement_until_it_wakes(net):
+    """A node that hangs with its connection open (a frozen machine, or a power cut or a dropped home uplink: no FIN
+    reaches the gateway; here SIGSTOP). The gateway pings a provider that has been silent on a request for a moment;
+    one that does not answer the ping has its connection closed: the request moves to another provider, the node
+    is out of placement (as when its connection closes by itself), and once it wakes it finds its connection gone,
+    redials and is placed on again. Before: the customer placed on it waited 30 s for its accepted frame (60 s
+    for a token, had it frozen mid-stream), and the node stayed placeable for its attestation's life (90 s), so
+    each request placed on it meanwhile paid the same."""
+    frozen = next(p for p in net.nodes if p.name == "b")
+    b_peer = frozen.started_state()["peer_id"]
+    frozen_at_ms = int(time.time() * 1000)
+    frozen.popen.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        first = httpx.post(f"{net.base_url}/chat/completions", timeout=60,
+                           headers={"Authorization": f"Bearer {net.api_key}"},
+                           json={"model": MODEL_ID, "messages": [{"role": "user", "content": "anyone?"}],
+                                 "max_tokens": 2, "provider": {"order": [b_peer]}})
+        cost = time.monotonic() - started
+        out = seconds_until(net, 1, 10)
+        served = 0
+        for seed in range(6):
+            answer = httpx.post(f"{net.base_url}/chat/completions", timeout=60,
+                                headers={"Authorization": f"Bearer {net.api_key}"},
+                                json={"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}],
+                                      "max_tokens": 2, "seed": seed, "provider": {"order": [b_peer]}})
+            served += answer.status_code == 200 and answer.headers["x-llorch-provider"] != b_peer
+        with sqlite3.connect(net.workdir / "gateway.sqlite") as db:
+            tried_frozen = db.execute("SELECT COUNT(*) FROM tickets WHERE provider_key = ? AND issued_ms > ?",
+                                      (public_key_of_peer_id(b_peer), frozen_at_ms)).fetchone()[0]
+    finally:
+        frozen.popen.send_signal(signal.SIGCONT)
+    back = seconds_until(net, 2, 30)
+    print(f"\nfrozen node: the customer placed on it served elsewhere after {cost:.2f} s, the node out of /healthz "
+          f"{out:.2f} s later; woken, placed on again after {back:.2f} s")
+    assert first.status_code == 200 and first.headers["x-llorch-provider"] != b_peer, first.text
+    assert cost <= FROZEN_COST_S_MAX, cost
+    assert served == 6 and tried_frozen == 1, (served, tried_frozen)
+    assert back <= BACK_WITHIN_S, back
+
+
+def test_a_node_frozen_mid_stream_is_resumed_on_another_within_seconds(net):
+    """The same, with the node frozen while it streams (a slow echo node, 100 ms a token): the silence is noticed,
+    the ping goes unanswered, and the stream resumes on another provider of its determinism class; the customer
+    gets every token once. Before: the gateway waited TOKEN_TIMEOUT_S (60 s) for the next token first."""
+    net.start_node("c", extra='engine = "echo"\necho_token_delay_ms = 100\n', attestation_interval_ms=None)
+    slow = next(p for p in net.nodes if p.name == "c")
+    c_peer = slow.started_state()["peer_id"]
+    seconds_until(net, 3, 30)
+    words: list[str] = []
+    frozen_at = None
+    try:
+        with httpx.stream("POST", f"{net.base_url}/chat/completions", timeout=90,
+                          headers={"Authorization": f"Bearer {net.api_key}"},
+                          json={"model": MODEL_ID, "messages": [{"role": "user", "content": "go on"}],
+                                "max_tokens": 40, "seed": 5, "stream": True,
+                                "provider": {"order": [c_peer]}}) as response:
+            assert response.status_code == 200 and response.headers["x-llorch-provider"] == c_peer
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line.removeprefix("data: "))
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    words.extend(chunk["choices"][0]["delta"]["content"].split())
+                if len(words) >= 5 and frozen_at is None:
+                    slow.popen.send_signal(signal.SIGSTOP)
+                    frozen_at = time.monotonic()
+        assert frozen_at is not None
+        stalled = time.monotonic() - frozen_at
+    finally:
+        slow.stop(signal.SIGKILL)
+    print(f"\nfrozen mid-stream after 5 tokens: the stream ended {stalled:.2f} s later, resumed elsewhere")
+    assert words == [f"w5-{index}" for index in range(40)], words
+    assert stalled <= FROZEN_COST_S_MAX, stalled

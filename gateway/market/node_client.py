@@ -16,6 +16,7 @@ from typing import AsyncIterator
 
 import trio
 from libp2p.custom_types import TProtocol
+from libp2p.host.ping import ID as PING_PROTOCOL_ID, perform_ping_roundtrip
 from libp2p.peer.id import ID
 
 from llorch.gateway import limits
@@ -25,6 +26,7 @@ from llorch.node.wire.frames import Accepted, Busy, Cancel, Error, Final, More, 
 from llorch.node.wire.infer_protocol import INFER_PROTOCOL_ID, InferProtocol, Role
 from llorch.node.p2p import P2P, dial_only_announced
 from llorch.node.stream_io import close_quietly, read_frame, write_frame
+from llorch.ledger.errors import sole_exception
 from llorch.ledger.signing import peer_id_of
 
 log = logging.getLogger("llorch.gateway")
@@ -181,30 +183,57 @@ async def request_inference(p2p: P2P, provider: Attestation, request: Request,
 
     With a ``pool``, a stream opened ahead is used when there is one; if that stream turns out dead before the
     provider answered anything (its connection went away meanwhile), the request goes once more on a new stream:
-    the provider never saw it, so this is not a failure of the provider."""
+    the provider never saw it, so this is not a failure of the provider.
+
+    From the request to the call's end, ``Liveness`` pings a provider that has sent nothing for a moment, and
+    closes the connection of one that does not answer: the read in progress fails at once instead of at its
+    timeout (30 s for admission, 60 s between tokens), and the provider is out of placement until it attests
+    again (gateway/run.py ``Departures``)."""
     peer = ID.from_base58(peer_id_of(provider.provider_key))
-    addrs = list(provider.addrs)
+    liveness = Liveness(p2p, peer)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(liveness.watch)
+            try:
+                async with _admitted(p2p, peer, list(provider.addrs), request, pool, liveness) as call:
+                    yield call
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:              # the caller catches AttemptFailed and the rest by type
+        sole = sole_exception(group)
+        if sole is group:
+            raise
+        if liveness.hung and isinstance(sole, AttemptFailed) and sole.refusal is Refusal.UNREACHABLE:
+            raise AttemptFailed(liveness.hung) from None
+        raise sole from None
+
+
+@asynccontextmanager
+async def _admitted(p2p: P2P, peer: ID, addrs: list[str], request: Request, pool: StreamPool | None,
+                    liveness: Liveness) -> AsyncIterator[InferenceCall]:
     dial_only_announced(p2p, peer, addrs)
     stream = pool.take(peer) if pool is not None else None
     if pool is not None:
         pool.keep_spare(peer, addrs)                  # the next request should not wait for a stream either
     if pool is not None and stream is not None:
-        protocol = InferProtocol(Role.CLIENT)
+        protocol = liveness.protocol = InferProtocol(Role.CLIENT)
         try:
             admission = await _send_request(stream, protocol, request)
         except _DeadBeforeAnswer as exc:
-            log.debug("a pooled stream to %s was dead before any answer (%s): a new one", peer, exc)
             await close_quietly(stream, reset=True)
             pool.forget(peer)
+            if liveness.hung:                         # not a stale stream: the provider stopped answering
+                raise AttemptFailed(liveness.hung) from None
+            log.debug("a pooled stream to %s was dead before any answer (%s): a new one", peer, exc)
             stream = None
     if stream is None:
         stream = await _new_stream(p2p, peer)
-        protocol = InferProtocol(Role.CLIENT)
+        protocol = liveness.protocol = InferProtocol(Role.CLIENT)
         try:
             admission = await _send_request(stream, protocol, request)
         except _DeadBeforeAnswer as exc:
             await close_quietly(stream, reset=True)
-            raise AttemptFailed(str(exc)) from None
+            raise AttemptFailed(liveness.hung or str(exc)) from None
     finished = False
     try:
         if isinstance(admission, Busy):
@@ -220,6 +249,54 @@ async def request_inference(p2p: P2P, provider: Attestation, request: Request,
             pool.give_back(peer, stream)              # the next request to this provider goes on it
         else:
             await close_quietly(stream, reset=not finished)
+
+
+class Liveness:
+    """Whether a provider still answers while it is quiet on a request. Every PROVIDER_QUIET_S that nothing arrived
+    on the request's stream, it pings the provider's host (libp2p's /ipfs/ping/1.0.0, which a node answers from its
+    event loop even while its engine computes a long prompt); no pong within PROVIDER_PING_TIMEOUT_S, and the
+    provider is hung (a frozen machine, or a power cut or a dropped uplink that sent no FIN): every connection to it
+    is closed, which fails the read waiting on it and takes the provider out of placement until it attests again.
+    A node that wakes finds its connection gone, redials and re-announces. Costs nothing while frames flow."""
+
+    def __init__(self, p2p: P2P, peer: ID) -> None:
+        self._p2p, self._peer = p2p, peer
+        self.protocol: InferProtocol | None = None
+        self.hung = ""                                # why the provider was found hung, once it was
+
+    async def watch(self) -> None:
+        seen = 0
+        while True:
+            await trio.sleep(limits.PROVIDER_QUIET_S)
+            received = self.protocol.bytes_received if self.protocol is not None else 0
+            if received != seen or (self.protocol is not None and self.protocol.done):
+                seen = received
+                continue
+            if await self._answers_ping():
+                continue
+            self.hung = (f"{self._peer} sent nothing for {limits.PROVIDER_QUIET_S:g} s and did not answer a ping "
+                         f"within {limits.PROVIDER_PING_TIMEOUT_S:g} s")
+            log.warning("provider %s: closing its connections", self.hung)
+            # Shielded: the request's read fails as the close begins, and its end cancels this task; a close cut
+            # short would never tell the network's notifees (Departures), and the provider would stay placeable.
+            with trio.CancelScope(shield=True), trio.move_on_after(limits.PROVIDER_PING_TIMEOUT_S):
+                await self._p2p.host.get_network().close_peer(self._peer)
+            return
+
+    async def _answers_ping(self) -> bool:
+        with trio.move_on_after(limits.PROVIDER_PING_TIMEOUT_S):
+            stream = None
+            try:
+                stream = await self._p2p.host.new_stream(self._peer, [PING_PROTOCOL_ID])
+                await perform_ping_roundtrip(stream)
+                return True
+            except Exception as exc:  # a broken connection: the request's own read fails on it too
+                log.debug("ping to %s failed: %s: %s", self._peer, type(exc).__name__, exc)
+            finally:
+                if stream is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                        await close_quietly(stream, reset=True)
+        return False
 
 
 class _DeadBeforeAnswer(Exception):
