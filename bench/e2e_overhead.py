@@ -4,13 +4,14 @@ Runs both in one process tree, interleaved round by round so machine noise hits 
 time to first token (TTFT) for each, and their ratios. The in-process engine and the node use the same model file,
 thread count, seed and sampling, so they generate the same tokens.
 
-Cores: one llama.cpp thread by default, and the cores split in two as if the provider's machine were apart from the
-gateway's and the customer's: the node (engine and relay) and the in-process engine run on the provider's share (the
-last core), the gateway and this script's HTTP client on the rest (``--no-pin``: the OS places everything). Unpinned
-on 2 cores, the OS sometimes put the node's engine thread beside the relaying gateway for a whole round, and the
-ratio fell near 0.88-0.91 or near 0.99-1.01 from run to run whatever the code; pinned, both paths get the same core
-and the ratio measures the path (the node's own relaying included). With 2 threads the relaying would steal time
-from a spinning ggml thread and measure the contention, not the path. Floor (the issue's): tokens/s through the
+Cores: one llama.cpp thread by default, and the engine's thread (in-process, and in the node) pinned to a core of
+its own (the last), every other thread (the node's and the gateway's event loops, this script's client) to the rest,
+so the engine computes alone on both paths and the ratio measures what the network path costs it: the hand-off of
+each token to the node's event loop and the GIL that loop holds while it frames, encrypts and sends (``--no-pin``:
+the OS places every thread). Unpinned on 2 cores the OS sometimes left the node's engine thread beside a relaying
+event loop for a whole round, and the ratio fell near 0.88-0.91 or near 0.99-1.01 from run to run whatever the
+code. With 2 threads the relaying would steal time from a spinning ggml thread and measure the contention, not the
+path. Floor (the issue's): tokens/s through the
 network at least 0.97 x in-process, for 256-token outputs.
 
     .venv/bin/python bench/e2e_overhead.py [--rounds 5] [--max-tokens 256] [--threads 1] [--no-pin]
@@ -23,6 +24,7 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import openai
 import trio
@@ -37,18 +39,46 @@ SEED, TEMPERATURE_PPM, TOP_P_PPM = 7, 800_000, 950_000
 FLOOR_RATIO = 0.97
 
 
-def pin(pid: int, cores: set[int]) -> None:
-    """Every thread of process ``pid`` and of its child processes onto ``cores`` (threads started later inherit it
-    from the thread that starts them)."""
+def tasks(pid: int) -> dict[int, tuple[str, int]]:
+    """Every thread of process ``pid`` and of its child processes: tid -> (name, CPU clock ticks used)."""
+    found: dict[int, tuple[str, int]] = {}
     for task in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(task), cores)
-        children = f"/proc/{pid}/task/{task}/children"
-        for child in open(children).read().split() if os.path.exists(children) else []:
-            pin(int(child), cores)
+        try:
+            name = open(f"/proc/{pid}/task/{task}/comm").read().strip()
+            fields = open(f"/proc/{pid}/task/{task}/stat").read().rsplit(")", 1)[1].split()
+            found[int(task)] = (name, int(fields[11]) + int(fields[12]))
+            children = open(f"/proc/{pid}/task/{task}/children").read().split()
+        except OSError:                                 # the thread ended meanwhile
+            continue
+        for child in children:
+            found.update(tasks(int(child)))
+    return found
+
+
+def is_engine(name: str) -> bool:
+    """The engine computes in a trio worker thread (inference/engine.py: ``trio.to_thread``), named so."""
+    return name.startswith("Trio thread")
+
+
+def pin(pid: int, engine_cores: set[int], other_cores: set[int]) -> None:
+    """The engine's threads of process ``pid`` onto ``engine_cores``, its other threads onto ``other_cores``."""
+    for tid, (name, _) in tasks(pid).items():
+        try:
+            os.sched_setaffinity(tid, engine_cores if is_engine(name) else other_cores)
+        except OSError:
+            pass
+
+
+def busiest_on(pid: int, before: dict[int, tuple[str, int]], cores: set[int]) -> bool:
+    """Whether the thread of ``pid`` that used the most CPU since ``before`` (the engine's) ran on ``cores``; False
+    if a thread started meanwhile computed (it inherited its starter's cores, not the engine's)."""
+    after = tasks(pid)
+    busiest = max(after, key=lambda tid: after[tid][1] - before.get(tid, ("", 0))[1])
+    return busiest in before and os.sched_getaffinity(busiest) == cores
 
 
 def core_split(threads: int) -> tuple[set[int], set[int]] | None:
-    """(the provider's cores, the gateway's and the customer's), or None where there are too few to split."""
+    """(the engine's cores, everything else's), or None where there are too few to split."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < threads + 1:
         return None
@@ -102,25 +132,23 @@ def main() -> None:
     path = catalog.fetch(catalog.lookup(MODEL), log=lambda message: None)
     engine = Engine.load(MODEL, path.parent, threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="llorch-bench-") as workdir:
-        network = LocalNetwork(workdir)
+        network = LocalNetwork(Path(workdir))
         try:
             network.start_gateway()
             network.start_node("node1", threads=args.threads)
             network.wait_for_providers(1)
             client = openai.OpenAI(base_url=network.base_url, api_key=network.api_key, max_retries=0, timeout=300)
-            if split is not None:
-                provider, rest = split
-                pin(network.nodes[0].popen.pid, provider)
+            local, remote, off_core = [], [], 0
+            for round in range(args.rounds + 1):       # round 0 warms both paths up (and starts their engine threads)
                 assert network.gateway is not None
-                pin(network.gateway.popen.pid, rest)
-            local, remote = [], []
-            for round in range(args.rounds + 1):       # round 0 warms both paths up
-                if split is not None:
-                    pin(os.getpid(), split[0])         # the in-process engine: the provider's share
+                for pid in (os.getpid(), network.nodes[0].popen.pid, network.gateway.popen.pid):
+                    if split is not None:
+                        pin(pid, *split)
+                before = {pid: tasks(pid) for pid in (os.getpid(), network.nodes[0].popen.pid)}
                 local.append(in_process(engine, args.max_tokens if round else 8))
-                if split is not None:
-                    pin(os.getpid(), split[1])         # the customer's client: the gateway's share
                 remote.append(through_network(client, args.max_tokens if round else 8))
+                if split is not None and round:
+                    off_core += sum(not busiest_on(pid, seen, split[0]) for pid, seen in before.items())
             local, remote = local[1:], remote[1:]
         finally:
             network.stop()
@@ -131,7 +159,10 @@ def main() -> None:
     print(f"request: {local[0][2]} output tokens, seed {SEED}, {args.threads} threads, median of {args.rounds} rounds")
     print("cores: " + ("any, as the OS places them (--no-pin)" if args.no_pin else
                        f"too few to split ({len(os.sched_getaffinity(0))}), as the OS places them" if split is None else
-                       f"node and in-process engine on {sorted(split[0])}, gateway and client on {sorted(split[1])}"))
+                       f"the engine (in-process and the node's) on {sorted(split[0])}, every other thread (the node's "
+                       f"and the gateway's event loops, the client) on {sorted(split[1])}"
+                       + (f"; in {off_core} runs the engine computed on a new thread off its cores" if off_core
+                          else "")))
     print(f"in-process engine        : {local_tps:7.1f} tokens/s   TTFT {local_ttft * 1000:7.1f} ms")
     print(f"gateway → libp2p → node  : {remote_tps:7.1f} tokens/s   TTFT {remote_ttft * 1000:7.1f} ms")
     print(f"throughput ratio (network / in-process): {remote_tps / local_tps:.3f}")

@@ -30,6 +30,12 @@ TOP_K = 40
 MIN_P = 0.05
 REPEAT_PENALTY = 1.0
 
+STOP_POLL_S = 0.05           # the generating thread, waiting for room ahead of emit, checks this often for a stop
+
+
+class GenerationStopped(Exception):
+    """In the generating thread: ``emit`` failed or generation was stopped; no further piece is sent."""
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -192,31 +198,52 @@ class Engine:
     async def generate(self, prepared: Prepared, emit: Emit) -> Generation:
         """Generate, passing each new piece of text (and its token's logprobs entry, when asked) to ``emit`` as it is
         produced; return the whole result."""
-        send, receive = trio.open_memory_channel[Piece](limits.TOKEN_QUEUE_PIECES_MAX)
+        send, receive = trio.open_memory_channel[Piece](limits.TOKEN_PIECES_AHEAD_MAX)
         stop_requested = threading.Event()
+        room = threading.Semaphore(limits.TOKEN_PIECES_AHEAD_MAX)
+        trio_token = trio.lowlevel.current_trio_token()
+        emit_failed = False
+
+        def hand_over(piece: Piece) -> None:             # in trio's thread, as soon as the event loop gets to it
+            try:
+                send.send_nowait(piece)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                stop_requested.set()
 
         def send_piece(piece: Piece) -> None:
-            trio.from_thread.run(send.send, piece)
+            """From the engine's thread: queue ``piece`` for ``emit`` without waiting for the event loop, which may
+            be busy framing and sending the last piece (waiting for it cost every token that hand-off: 3% of the
+            engine's rate on a busy node); wait only while TOKEN_PIECES_AHEAD_MAX pieces are not emitted yet."""
+            while not room.acquire(timeout=STOP_POLL_S):
+                if stop_requested.is_set():
+                    raise GenerationStopped()
+            if stop_requested.is_set():
+                room.release()
+                raise GenerationStopped()
+            trio_token.run_sync_soon(hand_over, piece)
 
         delivered: list[Piece] = []          # the pieces emit took: a cancelled result is exactly these
 
         async def pump() -> None:
-            # If emit fails (the reader is gone), closing the channel makes the thread's next send fail, and the
-            # thread stops before sampling another token; the result then says "cancelled".
+            # If emit fails (the reader is gone), the thread stops before sampling another token (it checks
+            # ``stop_requested`` at every token); the result then says "cancelled".
+            nonlocal emit_failed
             async with receive:
                 async for piece in receive:
                     try:
                         await emit(*piece) if piece[1] is not None else await emit(piece[0])
                     except Exception:
+                        emit_failed = True
                         stop_requested.set()
                         return
                     delivered.append(piece)
+                    room.release()
 
         async def run_thread() -> Generation:
             try:
                 return await trio.to_thread.run_sync(self._generate_blocking, prepared, send_piece, stop_requested)
             finally:
-                await send.aclose()
+                await send.aclose()      # after every piece the thread queued: run_sync_soon keeps their order
 
         result: list[Generation] = []
         try:
@@ -229,9 +256,12 @@ class Engine:
         finally:
             stop_requested.set()
         generation = result[0]
+        if emit_failed and generation.finish_reason != "cancelled":
+            generation = dataclasses.replace(generation, finish_reason="cancelled")    # it ended before it noticed
         if generation.finish_reason == "cancelled":
-            # The thread counted the piece that emit refused: the receipt must cover only what was delivered, one
-            # token per piece, so its output hash matches the frames and its count never exceeds them.
+            # The thread counted the pieces emit never took (the one it refused, and up to TOKEN_PIECES_AHEAD_MAX
+            # queued behind it): the receipt must cover only what was delivered, one token per piece, so its
+            # output hash matches the frames and its count never exceeds them.
             entries = tuple(entry for _, entry in delivered if entry is not None)
             generation = dataclasses.replace(generation, text="".join(text for text, _ in delivered),
                                              tokens_out=min(generation.tokens_out, len(delivered)),

@@ -6,9 +6,10 @@ MAX_TOKENS_CAP = 4096
 CONTEXT_TOKENS_DEFAULT = 2048
 # Prompt evaluation batch (tokens).
 BATCH_TOKENS_DEFAULT = 512
-# Pieces of text buffered between the generating thread and trio. None: the thread never runs ahead of what was
-# sent, so a reader that goes away stops generation within one token.
-TOKEN_QUEUE_PIECES_MAX = 0
+# Pieces of text the generating thread may queue ahead of what ``emit`` took: it never waits for the event loop
+# unless ``emit`` falls this far behind. A reader that goes away still stops generation within a token (the thread
+# checks at every token); the pieces queued behind it are neither delivered nor counted in the receipt.
+TOKEN_PIECES_AHEAD_MAX = 2
 # Chat requests: message count and total text size.
 MESSAGES_MAX = 256
 PROMPT_CHARS_MAX = 200_000

@@ -83,6 +83,25 @@ async def test_generation_stops_when_the_reader_goes_away(engine):
     assert generation.tokens_out == 2 and generation.text == "".join(received[:2])
 
 
+async def test_a_reader_gone_at_the_last_piece_still_makes_a_cancelled_result_of_what_it_took(engine):
+    """The thread queues pieces ahead of emit (it never waits for the event loop while emit keeps up), so it may
+    finish generating before emit refuses the last piece: the result is still "cancelled" and covers only the
+    pieces emit took."""
+    received = []
+
+    async def emit(text):
+        received.append(text)
+        await trio.sleep(0.05)              # slower than the engine: the thread finishes first
+        if len(received) == 4:
+            raise ConnectionError("customer went away")
+
+    prepared = engine.prepare({"messages": [{"role": "user", "content": "Tell me a long story."}]},
+                              Sampling(5, 800_000, 950_000, 4))
+    generation = await engine.generate(prepared, emit)
+    assert generation.finish_reason == "cancelled"
+    assert generation.tokens_out == 3 and generation.text == "".join(received[:3])
+
+
 async def test_generation_runs_off_the_trio_thread(engine):
     ticks = 0
 
