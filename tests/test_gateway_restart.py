@@ -89,6 +89,21 @@ def seconds_until(net: LocalNetwork, providers: int, deadline_s: float) -> float
     return time.monotonic() - started
 
 
+def chat(net: LocalNetwork, content: str, **body) -> httpx.Response:
+    """A 2-token chat request (``body`` adds to it or overrides)."""
+    return httpx.post(f"{net.base_url}/chat/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {net.api_key}"},
+                      json={"model": MODEL_ID, "messages": [{"role": "user", "content": content}], "max_tokens": 2,
+                            **body})
+
+
+def tickets_to(net: LocalNetwork, peer: str, since_ms: int) -> int:
+    """Tickets the gateway wrote to ``peer`` after ``since_ms``."""
+    with sqlite3.connect(net.workdir / "gateway.sqlite") as db:
+        return db.execute("SELECT COUNT(*) FROM tickets WHERE provider_key = ? AND issued_ms > ?",
+                          (public_key_of_peer_id(peer), since_ms)).fetchone()[0]
+
+
 def test_a_killed_node_is_out_of_placement_at_once_and_back_when_restarted(net):
     """Attestations on change plus a slow heartbeat (node.attestation_interval_ms, 30 s by default), and a provider
     that dies is out of placement at once anyway: the gateway takes a provider out when its last libp2p connection
@@ -100,16 +115,8 @@ def test_a_killed_node_is_out_of_placement_at_once_and_back_when_restarted(net):
     killed_at_ms = int(time.time() * 1000)
     next(p for p in net.nodes if p.name == "b").popen.send_signal(signal.SIGKILL)
     out = seconds_until(net, 1, 30)
-    served = 0
-    for seed in range(8):
-        answer = httpx.post(f"{net.base_url}/chat/completions", timeout=30,
-                            headers={"Authorization": f"Bearer {net.api_key}"},
-                            json={"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}],
-                                  "max_tokens": 2, "seed": seed})
-        served += answer.status_code == 200
-    with sqlite3.connect(net.workdir / "gateway.sqlite") as db:
-        tried_dead = db.execute("SELECT COUNT(*) FROM tickets WHERE provider_key = ? AND issued_ms > ?",
-                                (public_key_of_peer_id(b_peer), killed_at_ms)).fetchone()[0]
+    served = sum(chat(net, "hi", seed=seed).status_code == 200 for seed in range(8))
+    tried_dead = tickets_to(net, b_peer, killed_at_ms)
     net.restart_node("b")
     back = seconds_until(net, 2, 30)
     print(f"\nkilled node out of placement after {out:.2f} s; restarted, placed on again after {back:.2f} s")
@@ -135,22 +142,12 @@ def test_a_frozen_node_costs_one_customer_seconds_and_is_out_of_placement_until_
     frozen.popen.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
-        first = httpx.post(f"{net.base_url}/chat/completions", timeout=60,
-                           headers={"Authorization": f"Bearer {net.api_key}"},
-                           json={"model": MODEL_ID, "messages": [{"role": "user", "content": "anyone?"}],
-                                 "max_tokens": 2, "provider": {"order": [b_peer]}})
+        first = chat(net, "anyone?", provider={"order": [b_peer]})
         cost = time.monotonic() - started
         out = seconds_until(net, 1, 10)
-        served = 0
-        for seed in range(6):
-            answer = httpx.post(f"{net.base_url}/chat/completions", timeout=60,
-                                headers={"Authorization": f"Bearer {net.api_key}"},
-                                json={"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}],
-                                      "max_tokens": 2, "seed": seed, "provider": {"order": [b_peer]}})
-            served += answer.status_code == 200 and answer.headers["x-llorch-provider"] != b_peer
-        with sqlite3.connect(net.workdir / "gateway.sqlite") as db:
-            tried_frozen = db.execute("SELECT COUNT(*) FROM tickets WHERE provider_key = ? AND issued_ms > ?",
-                                      (public_key_of_peer_id(b_peer), frozen_at_ms)).fetchone()[0]
+        answers = [chat(net, "hi", seed=seed, provider={"order": [b_peer]}) for seed in range(6)]
+        served = sum(a.status_code == 200 and a.headers["x-llorch-provider"] != b_peer for a in answers)
+        tried_frozen = tickets_to(net, b_peer, frozen_at_ms)
     finally:
         frozen.popen.send_signal(signal.SIGCONT)
     back = seconds_until(net, 2, 30)
